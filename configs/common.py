@@ -1,0 +1,78 @@
+"""Defaults shared by every data set's config. Values follow §4.3 of the paper where it gives
+them; every other choice is explained in docs/model.md."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "synthetic"  # "synthetic" | "prepared" (see mian_jax/data/__init__.py)
+  config.data.prepared_dir = ""  # "" = a cache directory keyed by the data settings
+  config.data.max_seq_len = 30  # T, behaviours per example (§4.3)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "mian"  # a key of mian_jax.models.MODELS
+  config.model.embed_dim = 16  # D, width of one field's embedding (not given in the paper)
+  config.model.num_heads = 8  # Transformer heads (§4.3)
+  config.model.ffn_dim_multiplier = 4  # FFN hidden width = this x model width (eq. 5)
+  config.model.mlp_dims = (32, 8)  # DNN prediction module (§4.3, eq. 16)
+  config.model.dropout_rate = 0.2  # §4.3
+  config.model.init_std = 0.02  # truncated-normal init std of embeddings (§4.3)
+  config.model.dense_init = "lecun_normal"  # dense kernels: "lecun_normal" | "truncated_normal"
+  config.model.transformer = "pre_ln"  # "pre_ln" | "post_ln" | "none" (Table 4)
+  config.model.position_embedding = "learned"  # "learned" (by recency) | "none"
+  config.model.use_ibim = True  # Table 3 ablations: item-behaviours module
+  config.model.use_iuim = True  # item-user module
+  config.model.use_icim = True  # item-context module
+  config.model.use_gim = True  # global module; off = plain concatenation
+  config.model.ibim_score_weights = "shared"  # eq. 8 W_t: "shared" | "per_position"
+  config.model.ibim_score = "additive"  # eq. 8 score: "additive" | "bilinear" (+ e_i^T W h_t)
+  config.model.field_score_weights = "per_field"  # eqs. 10/13 W^j: "per_field" | "shared"
+  config.model.score_activation = "tanh"  # eqs. 8/10/13/15 score: "tanh" | "none"
+  config.model.numeric_embedding = "linear"  # eq. 2 numeric x: "linear" (x*v) | "pad"
+  config.model.gim_combine = "project_sum"  # eq. 15: "project_sum" | "weighted_concat"
+  config.model.gim_dim = 64  # common width of GIM's parts with "project_sum"
+  config.model.gim_behavior = "concat"  # e_b in eq. 14: "concat" | "mean"
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128  # global batch, split over devices (§4.3)
+  config.train.learning_rate = 1e-3  # Adam (§4.3)
+  config.train.adam_b1 = 0.9  # §4.3
+  config.train.adam_b2 = 0.999  # §4.3
+  config.train.adam_eps = 1e-8  # optax default
+  config.train.l2_weight = 1e-3  # §4.3
+  config.train.l2_scope = "batch_embeddings"  # "batch_embeddings" | "all_weights" | "none"
+  config.train.num_epochs = 1.0  # used when num_train_steps == -1
+  config.train.num_train_steps = -1  # a step cap; -1 = num_epochs of the training split
+  config.train.seed = 0  # parameters, data order and dropout
+  config.train.log_every_steps = 100  # progress line and train metrics
+  config.train.eval_every_steps = 1000  # validation during training
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 1024  # global evaluation batch
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 500  # plus one at the end of training
+  config.checkpoint.max_to_keep = 3  # newest checkpoints kept
+  return config
+
+
+def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:
+  """Parses a config argument "key=value,key=value" strictly (big_vision style).
+
+  `allowed` maps each key to its default; values take the default's type. Unknown keys raise.
+  """
+  values = dict(allowed)
+  if not arg:
+    return values
+  for item in arg.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or key not in allowed:
+      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(allowed)}")
+    default = allowed[key]
+    values[key] = type(default)(value) if not isinstance(default, bool) else value == "True"
+  return values

@@ -1,0 +1,46 @@
+"""MIAN on the built-in synthetic data set (no download; see docs/data.md).
+
+  python -m mian_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+  python -m mian_jax.main --config=configs/synthetic.py:model=mian --workdir=runs/synthetic
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {"model": "mian"})
+  config = common.get_base_config()
+  config.model.name = args["model"]
+
+  config.data.source = "synthetic"
+  s = config.data.synthetic = ml_collections.ConfigDict()
+  s.seed = 0  # everything below is drawn from this seed
+  s.num_users = 2000  # users (group_id for gAUC)
+  s.num_items = 500  # candidate / behaviour items
+  s.num_categories = 10  # item categories
+  s.num_occupations = 21  # user occupations (as in MovieLens)
+  s.num_interests = 2  # categories a user is currently interested in (and had before)
+  s.num_train = 400_000  # training examples
+  s.num_valid = 10_000  # validation examples
+  s.num_test = 20_000  # test examples
+  s.min_seq_len = 5  # history length of active users: uniform in [min_seq_len, T]
+  s.short_seq_len = 3  # history length of inactive "short" users: uniform in [0, this]
+  s.inactive_user_share = 0.3  # users whose history is short (half) or only old (half)
+  s.recent_window = 10  # behaviours that reveal current interests (the rest: old interests)
+  s.interest_focus = 0.8  # share of behaviours drawn from interests (else random)
+  s.related_candidate_share = 0.5  # candidates drawn from current interests (else random)
+  s.interaction_rank = 2  # rank of the relevance, occupation and season interaction tables
+  s.recency_decay = 0.8  # weight r^age of a behaviour in the relevance term (a)
+  s.bias = -0.8  # global logit offset
+  s.item_bias_std = 0.3  # per-item popularity logit
+  s.relevance_weight = 1.5  # (a) weight of candidate-to-behaviour relevance
+  s.occupation_weight = 0.8  # (b) weight of occupation x category
+  s.context_weight = 1.0  # (c) weight of hour-of-day x category
+
+  config.train.num_epochs = 1.0
+  config.train.log_every_steps = 200
+  config.train.eval_every_steps = 1000
+  config.checkpoint.every_steps = 1000
+  return config

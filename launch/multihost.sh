@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Launches one training process of a multi-host run on JAX's distributed runtime.
+# Run it on every host with the same arguments except PROCESS_ID:
+#
+#   COORDINATOR=host0:1234 NUM_PROCESSES=4 PROCESS_ID=<0..3> \
+#     launch/multihost.sh --config=configs/synthetic.py --workdir=/shared/runs/x
+#
+# Each process reads only its own slice of every global batch (mian_jax/data/pipeline.py);
+# only process 0 writes metrics and evaluation files; orbax coordinates the checkpoint writes,
+# so --workdir must be on a file system all hosts see. Under SLURM or on Cloud TPU, leave
+# COORDINATOR unset: jax.distributed.initialize() then finds its peers itself.
+set -euo pipefail
+export MIAN_JAX_DISTRIBUTED=1
+if [[ -n "${COORDINATOR:-}" ]]; then
+  export MIAN_JAX_COORDINATOR="$COORDINATOR"
+  export MIAN_JAX_NUM_PROCESSES="${NUM_PROCESSES:?set NUM_PROCESSES}"
+  export MIAN_JAX_PROCESS_ID="${PROCESS_ID:?set PROCESS_ID}"
+fi
+exec python -m mian_jax.main "$@"

@@ -1,0 +1,62 @@
+"""Checks of config values that types alone cannot catch; each failure is one line."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from mian_jax.errors import ConfigError
+
+# key -> allowed values, for every string-valued choice in the configs.
+CHOICES = {
+    "model.transformer": ("pre_ln", "post_ln", "none"),
+    "model.position_embedding": ("learned", "none"),
+    "model.ibim_score_weights": ("shared", "per_position"),
+    "model.ibim_score": ("additive", "bilinear"),
+    "model.field_score_weights": ("per_field", "shared"),
+    "model.score_activation": ("tanh", "none"),
+    "model.numeric_embedding": ("linear", "pad"),
+    "model.dense_init": ("lecun_normal", "truncated_normal"),
+    "model.gim_combine": ("project_sum", "weighted_concat"),
+    "model.gim_behavior": ("concat", "mean"),
+    "train.l2_scope": ("batch_embeddings", "all_weights", "none"),
+}
+POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
+            "train.batch_size", "train.learning_rate", "train.log_every_steps",
+            "train.eval_every_steps", "eval.batch_size", "checkpoint.every_steps",
+            "checkpoint.max_to_keep", "data.max_seq_len")
+NON_NEGATIVE = ("train.l2_weight", "train.num_epochs")
+
+
+def _get(config: ConfigDict, dotted: str):
+  node = config
+  for key in dotted.split("."):
+    node = node[key]
+  return node
+
+
+def check_config(config: ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError for the first out-of-range or inconsistent value."""
+  for key, allowed in CHOICES.items():
+    if key.split(".")[1] in config[key.split(".")[0]]:
+      value = _get(config, key)
+      if value not in allowed:
+        raise ConfigError(f"config.{key}={value!r} is not one of {allowed}")
+  for key in POSITIVE:
+    if _get(config, key) <= 0:
+      raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)!r}")
+  for key in NON_NEGATIVE:
+    if _get(config, key) < 0:
+      raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}")
+  if not 0.0 <= config.model.dropout_rate < 1.0:
+    raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
+  if any(d <= 0 for d in config.model.mlp_dims):
+    raise ConfigError(f"config.model.mlp_dims must be positive, got {config.model.mlp_dims}")
+  steps = config.train.num_train_steps
+  if steps != -1 and steps <= 0:
+    raise ConfigError(f"config.train.num_train_steps must be -1 (use num_epochs) or > 0, got {steps}")
+  if steps == -1 and config.train.num_epochs <= 0:
+    raise ConfigError("config.train.num_epochs must be > 0 when train.num_train_steps=-1")
+  for key in ("train.batch_size", "eval.batch_size"):
+    if _get(config, key) % num_devices:
+      raise ConfigError(f"config.{key}={_get(config, key)} must be divisible by the "
+                        f"{num_devices} devices (the global batch is split over them)")

@@ -1,0 +1,70 @@
+"""Data sources. Each writes the prepared-data format of `schema.py`; training reads only that.
+
+`config.data.source` picks the source:
+  "synthetic"  generated from `config.data.synthetic` (no download);
+  "prepared"   an existing prepared directory given by `config.data.prepared_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+
+from absl import logging
+from ml_collections import ConfigDict
+
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError, DataError
+
+# source name -> module whose `prepare(data_config, directory)` writes the prepared directory
+# (imported on use, so a source's dependencies load only when it is used).
+PREPARERS = {"synthetic": "mian_jax.data.synthetic"}
+
+
+def cache_root() -> str:
+  """Where prepared data sets are cached: $MIAN_JAX_CACHE, else ~/.cache/mian_jax."""
+  default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                         "mian_jax")
+  return os.environ.get("MIAN_JAX_CACHE", default)
+
+
+def settings_key(data_config: ConfigDict) -> str:
+  """A short hash of every data setting except where the result is stored."""
+  settings = {k: v for k, v in data_config.to_dict().items() if k != "prepared_dir"}
+  blob = json.dumps(settings, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepared_dir(data_config: ConfigDict) -> str:
+  if data_config.prepared_dir:
+    return os.path.expanduser(data_config.prepared_dir)
+  if data_config.source == "prepared":
+    raise ConfigError("data.source='prepared' needs --config.data.prepared_dir=<directory>")
+  return os.path.join(cache_root(), "prepared",
+                      f"{data_config.source}-{settings_key(data_config)}")
+
+
+def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
+  """Returns (directory, schema) of the prepared data, preparing it first if needed.
+
+  Raises:
+    DataError / ConfigError with a one-line reason when the data is missing or does not
+    match the config.
+  """
+  directory = prepared_dir(data_config)
+  schema_path = os.path.join(directory, "schema.json")
+  if not os.path.isfile(schema_path):
+    if data_config.source == "prepared":
+      raise DataError(f"no prepared data at {directory} (missing schema.json)")
+    if data_config.source not in PREPARERS:
+      raise ConfigError(f"unknown data.source {data_config.source!r}; "
+                        f"expected one of {sorted(PREPARERS) + ['prepared']}")
+    logging.info("Preparing %s data into %s", data_config.source, directory)
+    importlib.import_module(PREPARERS[data_config.source]).prepare(data_config, directory)
+  schema = schema_lib.read_schema(directory)
+  if schema.features.max_seq_len != data_config.max_seq_len:
+    raise DataError(f"{directory}: prepared with max_seq_len={schema.features.max_seq_len} "
+                    f"but the config says data.max_seq_len={data_config.max_seq_len}")
+  return directory, schema

@@ -1,0 +1,307 @@
+"""The prepared-data format that every data source writes (see docs/data.md).
+
+A prepared data set is a directory:
+
+  schema.json                 the field groups of §3.1, vocabularies, sizes
+  train/<column>.npy          one NumPy array per column (no pickle), mmap-able
+  valid/<column>.npy
+  test/<column>.npy
+
+Columns of every split (N examples, T = max_seq_len):
+
+  item.<name>      [N]    candidate-item field (int32 id, or float32 if numeric)
+  hist.<name>      [N, T] behaviour field, oldest first, padded with id 0 at the end
+  hist_len         [N]    int32, number of valid behaviours (0..T)
+  user.<name>      [N]    user-specific field
+  context.<name>   [N]    context field
+  label            [N]    float32 in {0, 1}
+  group_id         [N]    int64, the user for gAUC (need not be a model field)
+  extra.<name>     [N]    optional float32 side columns (e.g. the synthetic click probability)
+
+Categorical ids: 0 is padding, 1 is the reserved out-of-vocabulary id, real values start at 2;
+`vocab_size` counts both reserved ids. Ids outside [0, vocab_size) are rejected at load time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from mian_jax.errors import DataError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+PAD_ID = 0
+OOV_ID = 1
+NUM_RESERVED_IDS = 2
+GROUPS = ("item", "user", "context")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One fine-grained field x^i of eq. (1)."""
+  name: str
+  kind: str  # "categorical" | "numeric"
+  vocab_size: int = 0  # categorical only; includes the padding and OOV ids
+
+  @property
+  def is_categorical(self) -> bool:
+    return self.kind == "categorical"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """What a model needs to know about its inputs (hashable; a Flax module attribute)."""
+  item_fields: tuple[Field, ...]
+  behavior_fields: tuple[str, ...]  # names of item fields that also form the behaviour sequence
+  user_fields: tuple[Field, ...]
+  context_fields: tuple[Field, ...]
+  max_seq_len: int
+
+  def item_field(self, name: str) -> Field:
+    return next(f for f in self.item_fields if f.name == name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+  """The content of schema.json."""
+  features: FeatureSpec
+  num_examples: tuple[tuple[str, int], ...]  # ((split, N), ...)
+  extra_columns: tuple[str, ...] = ()
+  source: str = ""  # free text: which source and settings produced it
+
+  def size(self, split: str) -> int:
+    return dict(self.num_examples)[split]
+
+  def to_json(self) -> dict[str, Any]:
+    f = self.features
+    fields = lambda group: [dataclasses.asdict(x) for x in group]  # noqa: E731
+    return {
+        "format_version": FORMAT_VERSION,
+        "max_seq_len": f.max_seq_len,
+        "item_fields": fields(f.item_fields),
+        "behavior_fields": list(f.behavior_fields),
+        "user_fields": fields(f.user_fields),
+        "context_fields": fields(f.context_fields),
+        "num_examples": dict(self.num_examples),
+        "extra_columns": list(self.extra_columns),
+        "source": self.source,
+    }
+
+  def fingerprint(self) -> str:
+    """A short hash of the features (not the sizes): checkpoints record it."""
+    blob = json.dumps(
+        {k: v for k, v in self.to_json().items() if k not in ("num_examples", "source")},
+        sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+  def columns(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Column name -> (dtype kind, per-example shape) for every column of a split."""
+    f = self.features
+    cols: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for group, group_fields in (("item", f.item_fields), ("user", f.user_fields),
+                                ("context", f.context_fields)):
+      for x in group_fields:
+        cols[f"{group}.{x.name}"] = ("int32" if x.is_categorical else "float32", ())
+    for name in f.behavior_fields:
+      cols[f"hist.{name}"] = ("int32", (f.max_seq_len,))
+    cols["hist_len"] = ("int32", ())
+    cols["label"] = ("float32", ())
+    cols["group_id"] = ("int64", ())
+    for name in self.extra_columns:
+      cols[f"extra.{name}"] = ("float32", ())
+    return cols
+
+
+def _field_from_json(d: Mapping[str, Any], where: str) -> Field:
+  try:
+    field = Field(name=str(d["name"]), kind=str(d["kind"]), vocab_size=int(d.get("vocab_size", 0)))
+  except (KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{where}: malformed field entry {d!r} ({e})") from None
+  if not _NAME_RE.match(field.name):
+    raise DataError(f"{where}: field name {field.name!r} must match {_NAME_RE.pattern}")
+  if field.kind not in ("categorical", "numeric"):
+    raise DataError(f"{where}: field {field.name!r} has kind {field.kind!r}; "
+                    "expected 'categorical' or 'numeric'")
+  if field.is_categorical and field.vocab_size <= NUM_RESERVED_IDS:
+    raise DataError(f"{where}: categorical field {field.name!r} needs vocab_size > "
+                    f"{NUM_RESERVED_IDS} (ids 0 and 1 are reserved), got {field.vocab_size}")
+  return field
+
+
+def schema_from_json(d: Mapping[str, Any], where: str = "schema.json") -> Schema:
+  """Parses and checks a schema.json dict; raises DataError with a one-line reason."""
+  if d.get("format_version") != FORMAT_VERSION:
+    raise DataError(f"{where}: format_version {d.get('format_version')!r} is not the supported "
+                    f"{FORMAT_VERSION}; prepare the data again")
+  try:
+    groups = {g: tuple(_field_from_json(x, where) for x in d[f"{g}_fields"]) for g in GROUPS}
+    behavior = tuple(str(x) for x in d["behavior_fields"])
+    max_seq_len = int(d["max_seq_len"])
+    num_examples = tuple((s, int(d["num_examples"][s])) for s in SPLITS)
+  except (KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{where}: missing or malformed key {e}") from None
+  if not groups["item"]:
+    raise DataError(f"{where}: at least one candidate-item field is required")
+  item_by_name = {x.name: x for x in groups["item"]}
+  for name in behavior:
+    if name not in item_by_name or not item_by_name[name].is_categorical:
+      raise DataError(f"{where}: behaviour field {name!r} must be a categorical item field "
+                      "(behaviours share the item fields' vocabularies)")
+  if behavior and max_seq_len < 1:
+    raise DataError(f"{where}: max_seq_len must be >= 1, got {max_seq_len}")
+  for g, fs in groups.items():
+    names = [x.name for x in fs]
+    if len(set(names)) != len(names):
+      raise DataError(f"{where}: duplicate field names in {g}_fields: {names}")
+  features = FeatureSpec(item_fields=groups["item"], behavior_fields=behavior,
+                         user_fields=groups["user"], context_fields=groups["context"],
+                         max_seq_len=max_seq_len)
+  return Schema(features=features, num_examples=num_examples,
+                extra_columns=tuple(str(x) for x in d.get("extra_columns", ())),
+                source=str(d.get("source", "")))
+
+
+def read_schema(directory: str) -> Schema:
+  path = os.path.join(directory, "schema.json")
+  if not os.path.isdir(directory):
+    raise DataError(f"prepared data directory not found: {directory}")
+  if not os.path.isfile(path):
+    raise DataError(f"{path} not found: {directory} is not a prepared data directory")
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+  return schema_from_json(d, where=path)
+
+
+def write_prepared(directory: str, schema: Schema,
+                   splits: Mapping[str, Mapping[str, np.ndarray]],
+                   extra_files: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+  """Writes a prepared data set atomically: it appears complete under `directory` or not at all.
+
+  Args:
+    directory: final location; must not exist yet.
+    schema: the schema; its num_examples must agree with the arrays.
+    splits: split -> column -> array, with exactly the columns of `schema.columns()`.
+    extra_files: optional file name -> JSON-able dict written beside schema.json (e.g. stats.json).
+  """
+  for split in SPLITS:
+    validate_columns(schema, split, splits[split])
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+  try:
+    for split in SPLITS:
+      os.makedirs(os.path.join(tmp, split))
+      for name, array in splits[split].items():
+        np.save(os.path.join(tmp, split, name + ".npy"), np.ascontiguousarray(array),
+                allow_pickle=False)
+    for name, content in (extra_files or {}).items():
+      with open(os.path.join(tmp, name), "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+    # schema.json last: a directory without it is never mistaken for prepared data.
+    with open(os.path.join(tmp, "schema.json"), "w") as f:
+      json.dump(schema.to_json(), f, indent=2)
+    try:
+      os.rename(tmp, directory)
+    except OSError:
+      if os.path.isfile(os.path.join(directory, "schema.json")):
+        return  # another process finished the same preparation first; theirs is identical
+      raise
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dataset_checksum(directory: str) -> str:
+  """sha256 over schema.json and every column file of every split, in a fixed order.
+
+  Two preparations with the same checksum hold byte-identical training data.
+  """
+  digest = hashlib.sha256()
+  paths = [os.path.join(directory, "schema.json")]
+  for split in SPLITS:
+    split_dir = os.path.join(directory, split)
+    paths += [os.path.join(split_dir, name) for name in sorted(os.listdir(split_dir))]
+  for path in paths:
+    digest.update(os.path.relpath(path, directory).encode())
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  return digest.hexdigest()
+
+
+def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarray]) -> None:
+  """Checks names, dtypes, shapes and id ranges of one split's columns; raises DataError."""
+  expected = schema.columns()
+  n = schema.size(split)
+  missing = sorted(set(expected) - set(columns))
+  unknown = sorted(set(columns) - set(expected))
+  if missing or unknown:
+    raise DataError(f"split {split!r}: columns do not match the schema "
+                    f"(missing {missing}, unexpected {unknown})")
+  for name, (dtype, shape) in expected.items():
+    a = columns[name]
+    if a.dtype != np.dtype(dtype) or a.shape != (n, *shape):
+      raise DataError(f"split {split!r}, column {name!r}: expected {dtype}{[n, *shape]}, "
+                      f"got {a.dtype}{list(a.shape)}")
+  f = schema.features
+  for group, fields in (("item", f.item_fields), ("user", f.user_fields),
+                        ("context", f.context_fields)):
+    for x in fields:
+      a = columns[f"{group}.{x.name}"]
+      if x.is_categorical:
+        _check_ids(a, 1, x.vocab_size, f"split {split!r}, column '{group}.{x.name}'")
+      elif n and not np.isfinite(a).all():
+        raise DataError(f"split {split!r}, column '{group}.{x.name}': non-finite values")
+  lengths = columns["hist_len"]
+  if n and (lengths.min() < 0 or lengths.max() > f.max_seq_len):
+    raise DataError(f"split {split!r}: hist_len outside [0, {f.max_seq_len}]")
+  valid = np.arange(f.max_seq_len)[None, :] < lengths[:, None]
+  for name in f.behavior_fields:
+    a = columns[f"hist.{name}"]
+    where = f"split {split!r}, column 'hist.{name}'"
+    _check_ids(a, 0, f.item_field(name).vocab_size, where)
+    if np.any((a == PAD_ID) == valid):
+      raise DataError(f"{where}: padding id 0 must fill exactly the positions >= hist_len")
+  labels = columns["label"]
+  if n and not np.isin(labels, (0.0, 1.0)).all():
+    raise DataError(f"split {split!r}: labels must be 0 or 1")
+
+
+def _check_ids(a: np.ndarray, lowest: int, vocab_size: int, where: str) -> None:
+  if a.size and (a.min() < lowest or a.max() >= vocab_size):
+    raise DataError(f"{where}: ids must lie in [{lowest}, {vocab_size}) "
+                    f"but range over [{a.min()}, {a.max()}] (out of vocabulary)")
+
+
+def load_split(directory: str, split: str, schema: Schema | None = None,
+               validate: bool = True) -> dict[str, np.ndarray]:
+  """Memory-maps one split's columns. With `validate`, checks them against the schema."""
+  schema = schema or read_schema(directory)
+  if split not in SPLITS:
+    raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+  columns = {}
+  for name in schema.columns():
+    path = os.path.join(directory, split, name + ".npy")
+    if not os.path.isfile(path):
+      raise DataError(f"{path} is missing: the prepared data is incomplete or from another schema")
+    try:
+      columns[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+      raise DataError(f"{path}: unreadable ({e})") from None
+  if validate:
+    validate_columns(schema, split, columns)
+  return columns

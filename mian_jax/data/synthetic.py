@@ -1,0 +1,193 @@
+"""A synthetic CTR data set with planted structure of the kinds MIAN exists to capture.
+
+Everything is a deterministic function of `config.data.synthetic` (seed included). The click
+probability of an example is known and stored (`extra.click_prob`), so evaluation can report the
+Bayes-oracle AUC beside the model's. See docs/data.md for the full generative story; in short,
+
+  logit = bias + item_bias[i]
+        + relevance_weight  * sum_t r^age(t) R[category(b_t), category(i)] / sum_t r^age(t)  (a)
+        + occupation_weight * A[occupation(u), category(i)]                                (b)
+        + context_weight    * H[hour, category(i)]                                         (c)
+
+where R, A and H are random low-rank interaction tables with unit standard deviation, b_t are
+the behaviours and age(t) = 0 for the most recent one, so (a) is the recency-weighted relevance of
+the candidate to the behaviours. Recent behaviours come from the user's current interests, older
+ones from old interests. (d): a share of users are inactive: their history is either short
+(possibly empty) or stale, i.e. entirely old; a stale history is irrelevant to today's clicks
+(term (a) is 0), and only the context field `days_since_last` (bucketed time since the last
+behaviour) tells stale users apart. Half of all candidates are random items, mostly unrelated to
+any behaviour. The remaining fields (gender, age group, season, weekday) carry no signal and
+must be learned to be ignored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from mian_jax.data import schema as schema_lib
+
+# Sizes of the profile and context vocabularies (values, before the two reserved ids).
+NUM_GENDERS = 2
+NUM_AGE_GROUPS = 7
+NUM_SEASONS = 4
+NUM_HOURS = 24
+NUM_WEEKDAYS = 7
+NUM_RECENCY_BUCKETS = 6  # days_since_last: 0-2 active, 3-5 stale
+
+
+def _low_rank_table(rng: np.random.Generator, rows: int, cols: int, rank: int) -> np.ndarray:
+  """A [rows, cols] table of rank `rank`, standardised to zero mean and unit std."""
+  table = rng.normal(size=(rows, rank)) @ rng.normal(size=(rank, cols))
+  return (table - table.mean()) / table.std()
+
+
+def _draw_from_categories(rng, categories, items_by_category, category_starts, category_counts):
+  """A uniformly random item of each given category. All arrays share a shape."""
+  offsets = (rng.random(categories.shape) * category_counts[categories]).astype(np.int64)
+  return items_by_category[category_starts[categories] + offsets]
+
+
+class _World:
+  """The latent users, items and interaction tables shared by all splits."""
+
+  def __init__(self, c: ConfigDict, rng: np.random.Generator):
+    self.c = c
+    self.item_category = rng.integers(c.num_categories, size=c.num_items)
+    self.item_bias = rng.normal(0.0, c.item_bias_std, size=c.num_items)
+    order = np.argsort(self.item_category, kind="stable")
+    self.items_by_category = order
+    self.category_counts = np.bincount(self.item_category, minlength=c.num_categories)
+    if (self.category_counts == 0).any():
+      raise ValueError("synthetic: every category needs at least one item; "
+                       "raise num_items or lower num_categories")
+    self.category_starts = np.concatenate([[0], np.cumsum(self.category_counts)[:-1]])
+    u = c.num_users
+    self.occupation = rng.integers(c.num_occupations, size=u)
+    self.age_group = rng.integers(NUM_AGE_GROUPS, size=u)
+    self.gender = rng.integers(NUM_GENDERS, size=u)
+    self.current_interest = rng.integers(c.num_categories, size=(u, c.num_interests))
+    self.old_interest = rng.integers(c.num_categories, size=(u, c.num_interests))
+    self.inactive = rng.random(u) < c.inactive_user_share
+    self.occupation_table = _low_rank_table(rng, c.num_occupations, c.num_categories,
+                                            c.interaction_rank)
+    self.hour_table = _low_rank_table(rng, NUM_HOURS, c.num_categories, c.interaction_rank)
+    self.relevance_table = _low_rank_table(rng, c.num_categories, c.num_categories,
+                                           c.interaction_rank)
+
+  def draw_items(self, rng, categories):
+    return _draw_from_categories(rng, categories, self.items_by_category,
+                                 self.category_starts, self.category_counts)
+
+
+def _interest_draw(rng, interests, users, shape, focus):
+  """Categories drawn from the users' interests with prob. `focus`, else uniformly."""
+  c = interests.shape[1]
+  picked = interests[users[:, None], rng.integers(c, size=shape)]
+  uniform = rng.integers(interests.max() + 1, size=shape)
+  return np.where(rng.random(shape) < focus, picked, uniform)
+
+
+def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len: int):
+  c = world.c
+  users = rng.integers(c.num_users, size=n)
+  inactive = world.inactive[users]
+  stale = inactive & (rng.random(n) < 0.5)  # inactive users: half stale, half short histories
+  short = inactive & ~stale
+
+  # Behaviours: position t = 0 is the oldest; age = number of later behaviours.
+  lengths = rng.integers(c.min_seq_len, max_seq_len + 1, size=n)
+  lengths = np.where(short, rng.integers(0, c.short_seq_len + 1, size=n), lengths)
+  t = np.arange(max_seq_len)[None, :]
+  age = lengths[:, None] - 1 - t
+  shape = (n, max_seq_len)
+  recent = _interest_draw(rng, world.current_interest, users, shape, c.interest_focus)
+  old = _interest_draw(rng, world.old_interest, users, shape, c.interest_focus)
+  from_current = (age < c.recent_window) & ~stale[:, None]
+  hist_category = np.where(from_current, recent, old)
+  hist_item = world.draw_items(rng, hist_category)
+  valid = t < lengths[:, None]
+
+  # Candidates: half from the current interests, half uniformly random items.
+  related = rng.random(n) < c.related_candidate_share
+  cand_category = np.where(related,
+                           world.current_interest[users, rng.integers(c.num_interests, size=n)],
+                           rng.integers(c.num_categories, size=n))
+  cand_item = world.draw_items(rng, cand_category)
+
+  season = rng.integers(NUM_SEASONS, size=n)
+  hour = rng.integers(NUM_HOURS, size=n)
+  weekday = rng.integers(NUM_WEEKDAYS, size=n)
+  half = NUM_RECENCY_BUCKETS // 2
+  days_since_last = np.where(stale, rng.integers(half, NUM_RECENCY_BUCKETS, size=n),
+                             rng.integers(0, half, size=n))
+
+  decay = np.where(valid, c.recency_decay ** np.maximum(age, 0), 0.0)
+  kernel = world.relevance_table[hist_category, cand_category[:, None]]
+  relevance = (decay * kernel).sum(1) / np.maximum(decay.sum(1), 1e-12)
+  relevance = np.where(stale | (lengths == 0), 0.0, relevance)
+  logit = (c.bias + world.item_bias[cand_item]
+           + c.relevance_weight * relevance
+           + c.occupation_weight * world.occupation_table[world.occupation[users], cand_category]
+           + c.context_weight * world.hour_table[hour, cand_category])
+  click_prob = 1.0 / (1.0 + np.exp(-logit))
+  label = (rng.random(n) < click_prob).astype(np.float32)
+
+  ids = lambda x: (x + schema_lib.NUM_RESERVED_IDS).astype(np.int32)  # noqa: E731
+  return {
+      "item.item_id": ids(cand_item),
+      "item.category": ids(cand_category),
+      "hist.item_id": np.where(valid, ids(hist_item), schema_lib.PAD_ID).astype(np.int32),
+      "hist.category": np.where(valid, ids(hist_category), schema_lib.PAD_ID).astype(np.int32),
+      "hist_len": lengths.astype(np.int32),
+      "user.gender": ids(world.gender[users]),
+      "user.age_group": ids(world.age_group[users]),
+      "user.occupation": ids(world.occupation[users]),
+      "context.season": ids(season),
+      "context.hour": ids(hour),
+      "context.weekday": ids(weekday),
+      "context.days_since_last": ids(days_since_last),
+      "label": label,
+      "group_id": users.astype(np.int64),
+      "extra.click_prob": click_prob.astype(np.float32),
+  }
+
+
+def make_schema(c: ConfigDict, max_seq_len: int) -> schema_lib.Schema:
+  cat = lambda name, size: schema_lib.Field(name, "categorical",  # noqa: E731
+                                            size + schema_lib.NUM_RESERVED_IDS)
+  features = schema_lib.FeatureSpec(
+      item_fields=(cat("item_id", c.num_items), cat("category", c.num_categories)),
+      behavior_fields=("item_id", "category"),
+      user_fields=(cat("gender", NUM_GENDERS), cat("age_group", NUM_AGE_GROUPS),
+                   cat("occupation", c.num_occupations)),
+      context_fields=(cat("season", NUM_SEASONS), cat("hour", NUM_HOURS),
+                      cat("weekday", NUM_WEEKDAYS),
+                   cat("days_since_last", NUM_RECENCY_BUCKETS)),
+      max_seq_len=max_seq_len)
+  return schema_lib.Schema(
+      features=features,
+      num_examples=(("train", c.num_train), ("valid", c.num_valid), ("test", c.num_test)),
+      extra_columns=("click_prob",),
+      source=f"synthetic(seed={c.seed})")
+
+
+def generate(c: ConfigDict, max_seq_len: int):
+  """Returns (schema, {split: columns}) for the synthetic settings `c`."""
+  rng = np.random.default_rng(c.seed)
+  world = _World(c, rng)
+  splits = {split: _generate_split(world, np.random.default_rng([c.seed, i + 1]),
+                                   c[f"num_{split}"], max_seq_len)
+            for i, split in enumerate(schema_lib.SPLITS)}
+  return make_schema(c, max_seq_len), splits
+
+
+def prepare(data_config: ConfigDict, directory: str) -> None:
+  """Generates the synthetic data set and writes it (atomically) to `directory`."""
+  schema, splits = generate(data_config.synthetic, data_config.max_seq_len)
+  stats = {
+      "source": "synthetic",
+      "num_samples": {s: schema.size(s) for s in schema_lib.SPLITS},
+      "positive_rate": {s: float(splits[s]["label"].mean()) for s in schema_lib.SPLITS},
+  }
+  schema_lib.write_prepared(directory, schema, splits, extra_files={"stats.json": stats})

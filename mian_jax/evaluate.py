@@ -1,0 +1,101 @@
+"""Evaluates a checkpoint of a workdir on one split and writes the metrics (and predictions).
+
+  python -m mian_jax.evaluate --config=configs/synthetic.py --workdir=runs/synthetic \
+      [--step=N] [--split=valid|test] [--predictions]
+
+Writes `<workdir>/eval/<split>_metrics.json` (auc, logloss, gauc, step, num_examples, and
+oracle_auc where the data knows the click probability); with --predictions also
+`<workdir>/eval/<split>_predictions_step<N>.parquet`: one row per example with its score, label,
+group id and the model's attention weights (one list column per attention module).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mian_jax import checkpointing, cli, config_checks, train
+from mian_jax.errors import DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
+flags.DEFINE_bool("predictions", False, "Also write per-example predictions to Parquet.")
+config_flags.DEFINE_config_file("config", None, "Config file used for training.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def write_predictions(path: str, predictions: dict, attention_names: dict[str, tuple]) -> None:
+  """Writes per-example predictions atomically (temporary file, then rename)."""
+  columns = {"score": predictions["prob"], "label": predictions["label"],
+             "group_id": predictions["group_id"]}
+  for key, values in predictions.items():
+    if key.startswith("extra."):
+      columns[key[len("extra."):]] = values
+  table = pa.table(columns)
+  for key, values in predictions.items():
+    if key.startswith("attention."):
+      name = key[len("attention."):]
+      table = table.append_column(f"attention_{name}",
+                                  pa.FixedSizeListArray.from_arrays(values.ravel(),
+                                                                    values.shape[1]))
+  metadata = {f"attention_{k}": ",".join(v) for k, v in attention_names.items()}
+  table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+  tmp = f"{path}.tmp-{os.getpid()}"
+  pq.write_table(table, tmp)
+  os.replace(tmp, path)
+
+
+def evaluate(config, workdir: str, step: int | None, split: str,
+             with_predictions: bool) -> dict:
+  """Restores a checkpoint (latest by default) and evaluates it on `split`."""
+  config_checks.check_config(config, jax.device_count())
+  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+    raise DataError(f"no checkpoints in {workdir} (expected {checkpointing.checkpoint_dir(workdir)})")
+  mesh = train.create_mesh()
+  data_dir, schema, model, state = train.load_model_and_state(config, mesh)
+  manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
+  restored = checkpointing.restore(manager, state, step=step)
+  manager.close()
+  if restored is None:
+    raise DataError(f"no readable checkpoint in {checkpointing.checkpoint_dir(workdir)}")
+  state, meta = restored
+  if meta.get("schema_fingerprint") != schema.fingerprint():
+    raise DataError(f"checkpoint in {workdir} was trained on data with another schema")
+  step = int(state.step)
+  predictions = train.predict_split(state, data_dir, schema, split, config.eval.batch_size,
+                                    mesh, with_attention=with_predictions)
+  result = train.split_metrics(predictions)
+  result["step"] = step
+  out_dir = os.path.join(workdir, "eval")
+  train.write_json_atomic(os.path.join(out_dir, f"{split}_metrics.json"), result)
+  logging.info("%s @ step %d: %s", split, step, result)
+  if with_predictions and jax.process_index() == 0:
+    path = os.path.join(out_dir, f"{split}_predictions_step{step}.parquet")
+    write_predictions(path, predictions, {
+        "gim": getattr(model, "gim_part_names", lambda: ())(),
+        "iuim": tuple(f.name for f in schema.features.user_fields),
+        "icim": tuple(f.name for f in schema.features.context_fields)})
+    logging.info("Wrote predictions to %s", path)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.setup_jax()
+  result = cli.run_or_exit(evaluate, FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.split,
+                           FLAGS.predictions)
+  print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in sorted(result.items())))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,27 @@
+"""Models by name. Each is a Flax module taking (features, **hyper-parameters from config.model)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+from mian_jax.data.schema import FeatureSpec
+from mian_jax.errors import ConfigError
+from mian_jax.models.mian import MIAN
+
+MODELS = {"mian": MIAN}
+
+
+def create_model(model_config: ConfigDict, features: FeatureSpec):
+  """Builds `MODELS[model_config.name]` from the config keys its fields name."""
+  if model_config.name not in MODELS:
+    raise ConfigError(f"unknown model.name {model_config.name!r}; expected one of {sorted(MODELS)}")
+  cls = MODELS[model_config.name]
+  wanted = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name", "features"}
+  missing = sorted(k for k in wanted if k not in model_config)
+  if missing:
+    raise ConfigError(f"config.model lacks {missing}, needed by model {model_config.name!r}")
+  kwargs = {k: model_config[k] for k in wanted}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return cls(features=features, **kwargs)

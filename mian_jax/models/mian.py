@@ -1,0 +1,164 @@
+"""MIAN: Multi-Interactive Attention Network (Zhang et al., WSDM 2021), §3.2.
+
+Shapes: B batch, T behaviours, D embed_dim per field, d_i = D * #item fields (width of e_i),
+d_b = D * #behaviour fields (width of e_b^t), J user fields, K context fields.
+Every reading of an ambiguous equation is recorded in docs/model.md.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mian_jax.data.schema import FeatureSpec
+from mian_jax.models import layers
+
+# Names of the parts r_1..r_7 of eq. (14), in the paper's order.
+GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
+
+
+class MIAN(nn.Module):
+  """The whole model: embedding layer, multi-interactive layer, prediction layer.
+
+  Call with a batch (see mian_jax.data.pipeline.gather_batch); returns
+  (logits [B] float32, aux) where aux holds the attention weights
+  {"ibim": [B, T], "iuim": [B, J], "icim": [B, K], "gim": [B, L]} of the enabled modules (the
+  L parts are named by `gim_part_names()`), and "embedding_sq_norm" [B], the squared norm of
+  the embeddings each example looked up (for the L2 term).
+  """
+  features: FeatureSpec
+  embed_dim: int = 16
+  num_heads: int = 8
+  ffn_dim_multiplier: int = 4
+  mlp_dims: tuple[int, ...] = (32, 8)
+  dropout_rate: float = 0.2
+  init_std: float = 0.02
+  dense_init: str = "lecun_normal"  # "lecun_normal" | "truncated_normal" (std init_std)
+  transformer: str = "pre_ln"  # "pre_ln" | "post_ln" | "none"   (Table 4)
+  position_embedding: str = "learned"  # "learned" | "none"
+  use_ibim: bool = True
+  use_iuim: bool = True
+  use_icim: bool = True
+  use_gim: bool = True
+  ibim_score_weights: str = "shared"  # "shared" | "per_position"   (eq. 8)
+  ibim_score: str = "additive"  # "additive" (eq. 8) | "bilinear" (+ e_i^T W h_t inside tanh)
+  field_score_weights: str = "per_field"  # "per_field" | "shared"   (eqs. 10, 13)
+  score_activation: str = "tanh"  # "tanh" | "none"                 (eqs. 8, 10, 13, 15)
+  numeric_embedding: str = "linear"  # "linear" | "pad"             (eq. 2)
+  gim_combine: str = "project_sum"  # "project_sum" | "weighted_concat"   (eq. 15)
+  gim_dim: int = 64
+  gim_behavior: str = "concat"  # "concat" | "mean": how e_b enters r_g (eq. 14)
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    f = self.features
+    deterministic = not train
+    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
+    emb = lambda fields, name: layers.GroupEmbedding(  # noqa: E731
+        fields, self.embed_dim, self.init_std, self.numeric_embedding, name=name)
+    item_embedding = emb(f.item_fields, "item_embedding")
+
+    # Embedding layer, eqs. (1)-(2).
+    e_i = _flatten_fields(item_embedding(batch["item"]))                   # [B, d_i]
+    hist_mask = jnp.arange(f.max_seq_len)[None, :] < batch["hist_len"][:, None]  # [B, T]
+    has_hist = bool(f.behavior_fields)
+    if has_hist:
+      e_b = _flatten_fields(item_embedding(batch["hist"], f.behavior_fields))  # [B, T, d_b]
+      e_b = e_b * hist_mask[..., None]
+    e_u = (emb(f.user_fields, "user_embedding")(batch["user"])
+           if f.user_fields else None)                                     # [B, J, D]
+    e_c = (emb(f.context_fields, "context_embedding")(batch["context"])
+           if f.context_fields else None)                                  # [B, K, D]
+
+    sq_norm = jnp.sum(e_i**2, -1)
+    for e in (e_b if has_hist else None, e_u, e_c):
+      if e is not None:
+        sq_norm += jnp.sum(e**2, axis=(-2, -1))
+
+    attention, parts = {}, {"e_i": e_i}
+    if e_c is not None:
+      parts["e_c"] = _flatten_fields(e_c)
+    if has_hist:
+      parts["e_b"] = (_flatten_fields(e_b) if self.gim_behavior == "concat"
+                      else _masked_mean(e_b, hist_mask))
+    if e_u is not None:
+      parts["e_u"] = _flatten_fields(e_u)
+
+    # Multi-interactive layer, §3.2.2.
+    if self.use_ibim and has_hist:
+      parts["R_ibim"], attention["ibim"] = self._ibim(e_i, e_b, hist_mask, batch["hist_len"],
+                                                      kernel_init, deterministic)
+    if self.use_iuim and e_u is not None:
+      parts["R_iuim"], attention["iuim"] = self._field_interaction(e_i, e_u, kernel_init, "iuim")
+    if self.use_icim and e_c is not None:
+      parts["R_icim"], attention["icim"] = self._field_interaction(e_i, e_c, kernel_init, "icim")
+
+    names = self.gim_part_names()
+    assert set(names) == set(parts), (names, tuple(parts))
+    if self.use_gim:  # eqs. (14)-(15)
+      r_g, attention["gim"] = layers.GlobalAttention(
+          self.gim_combine, self.gim_dim, kernel_init, self.score_activation,
+          name="gim")([parts[p] for p in names])
+    else:  # ablation: plain concatenation of the same parts
+      r_g = jnp.concatenate([parts[p] for p in names], axis=-1)
+
+    # Prediction layer, eqs. (16)-(17). A 2-way softmax is a sigmoid of one logit.
+    r_h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
+        r_g, deterministic=deterministic)
+    logits = nn.Dense(1, kernel_init=kernel_init,
+                      dtype=jnp.float32, name="logit")(r_h)[:, 0]
+    return logits.astype(jnp.float32), {"attention": attention, "embedding_sq_norm": sq_norm}
+
+  def gim_part_names(self) -> tuple[str, ...]:
+    """Names of the parts of r_g (eq. 14) this configuration builds, in order."""
+    f = self.features
+    present = {"e_i": True, "e_c": bool(f.context_fields), "e_b": bool(f.behavior_fields),
+               "e_u": bool(f.user_fields),
+               "R_ibim": self.use_ibim and bool(f.behavior_fields),
+               "R_iuim": self.use_iuim and bool(f.user_fields),
+               "R_icim": self.use_icim and bool(f.context_fields)}
+    return tuple(p for p in GIM_PARTS if present[p])
+
+  def _ibim(self, e_i, e_b, mask, lengths, kernel_init, deterministic):
+    """IBIM, eqs. (3)-(9). e_i: [B, d_i]; e_b: [B, T, d_b]. Returns (R_ibim, alpha_t [B, T])."""
+    t = e_b.shape[1]
+    h_b = e_b
+    if self.transformer != "none":
+      if self.position_embedding == "learned":
+        # Position = recency (0 = most recent), so a behaviour's position does not depend on
+        # how long the user's history happens to be.
+        recency = jnp.clip(lengths[:, None] - 1 - jnp.arange(t)[None, :], 0, t - 1)
+        table = self.param("position_embedding", layers.truncated_normal(self.init_std),
+                           (t, e_b.shape[-1]))
+        h_b = h_b + table[recency]
+      h_b = layers.TransformerBlock(
+          num_heads=self.num_heads, ffn_dim=self.ffn_dim_multiplier * e_b.shape[-1],
+          dropout_rate=self.dropout_rate, kernel_init=kernel_init, norm=self.transformer,
+          name="transformer")(h_b, mask, deterministic=deterministic)
+    v = jnp.concatenate([jnp.broadcast_to(e_i[:, None, :], (*h_b.shape[:2], e_i.shape[-1])),
+                         h_b], axis=-1)                                   # eq. (6): [B, T, d_i+d_b]
+    bilinear = None
+    if self.ibim_score == "bilinear":  # candidate-behaviour match, see docs/model.md (eq. 8)
+      w = self.param("ibim_bilinear", kernel_init, (e_i.shape[-1], h_b.shape[-1]))
+      bilinear = jnp.einsum("bi,ij,btj->bt", e_i, w, h_b)
+    return layers.AttentionPool(self.ibim_score_weights == "per_position", kernel_init,
+                                self.score_activation, name="ibim_attention")(v, mask, bilinear)
+
+  def _field_interaction(self, e_i, e_fields, kernel_init, name):
+    """IUIM eqs. (10)-(11) / ICIM eqs. (12)-(13). e_fields: [B, J, D] -> ([B, d_i + D], [B, J])."""
+    v = jnp.concatenate(
+        [jnp.broadcast_to(e_i[:, None, :], (*e_fields.shape[:2], e_i.shape[-1])), e_fields], -1)
+    return layers.AttentionPool(self.field_score_weights == "per_field", kernel_init,
+                                self.score_activation, name=f"{name}_attention")(v)
+
+
+def _flatten_fields(x: jax.Array) -> jax.Array:
+  """[..., F, D] -> [..., F * D]: the concatenation [x^1; ...; x^F] of eq. (1)."""
+  return x.reshape(*x.shape[:-2], -1)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, T, d] -> [B, d], the mean over valid positions (zeros for an empty history)."""
+  count = jnp.maximum(mask.sum(-1, keepdims=True), 1)
+  return (x * mask[..., None]).sum(1) / count

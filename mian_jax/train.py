@@ -1,0 +1,350 @@
+"""Training and evaluation: create_train_state, train_step, eval_step, train_and_evaluate.
+
+Data parallelism: `jax.jit` over a 1-D device mesh with axis "data". The global batch is sharded
+along "data" (each device holds batch_size / num_devices rows); parameters and optimizer state are
+replicated. XLA inserts the gradient all-reduce. This is the API the pinned JAX (0.10) recommends
+(pmap is in maintenance mode), and it needs no hand-written collectives, which is where shard_map
+ports go wrong (docs/training.md). In a multi-host run every process builds its part of the
+global batch from its own shard of the data (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state as train_state_lib
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from mian_jax import checkpointing
+from mian_jax import config_checks
+from mian_jax import data as data_lib
+from mian_jax import metrics as metrics_lib
+from mian_jax import models
+from mian_jax import writers
+from mian_jax.data import pipeline
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import DataError, NonFiniteLossError
+
+TrainState = train_state_lib.TrainState
+_NO_DECAY = ("bias", "scale", "score_bias")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def create_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis "data" over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def create_optimizer(train_config: ConfigDict) -> optax.GradientTransformation:
+  """Adam (§4.3). The L2 term is part of the loss (`l2_penalty`), i.e. coupled L2."""
+  return optax.adam(train_config.learning_rate, b1=train_config.adam_b1,
+                    b2=train_config.adam_b2, eps=train_config.adam_eps)
+
+
+def create_train_state(model, tx, batch, rng: jax.Array, mesh) -> TrainState:
+  """Initialises parameters (replicated over the mesh) from `rng` and a sample batch."""
+  replicated = NamedSharding(mesh, P())
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def init(rng):
+    params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  return init(rng)
+
+
+def to_global(batch, mesh):
+  """Assembles this process's part of a batch into global arrays sharded along "data"."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def l2_penalty(params, embedding_sq_norm: jax.Array, weights: jax.Array, scope: str):
+  """The L2 term of §4.3, coefficient applied by the caller (docs/model.md, "L2").
+
+  "batch_embeddings": mean over examples of the squared norm of the embeddings each looked up.
+  "all_weights":      sum of squares of every parameter except biases and LayerNorm scales.
+  """
+  if scope == "batch_embeddings":
+    return jnp.sum(embedding_sq_norm * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  if scope == "all_weights":
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(jnp.sum(x**2) for path, x in leaves if path[-1].key not in _NO_DECAY)
+  return jnp.zeros((), jnp.float32)
+
+
+def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  """Eq. (18), averaged over examples with weight > 0. float32 throughout."""
+  losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2_scope: str):
+  """One optimisation step on a global batch. Pure; jitted once by the caller.
+
+  Dropout masks come from fold_in(rng, step), so a resumed run draws the same masks.
+  Returns (new_state, metrics) with scalar metrics "loss", "bce", "l2".
+  """
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    logits, aux = state.apply_fn({"params": params}, batch, train=True,
+                                 rngs={"dropout": dropout_rng})
+    bce = weighted_bce(logits, batch["label"], batch["weight"])
+    l2 = l2_penalty(params, aux["embedding_sq_norm"], batch["weight"], l2_scope)
+    return bce + l2_weight * l2, (bce, l2)
+
+  (loss, (bce, l2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads), {"loss": loss, "bce": bce, "l2": l2}
+
+
+def eval_step(state: TrainState, batch, *, with_attention: bool):
+  """Click probabilities [B] (and attention weights) for a batch, deterministic."""
+  logits, aux = state.apply_fn({"params": state.params}, batch, train=False)
+  out = {"prob": jax.nn.sigmoid(logits)}
+  if with_attention:
+    out["attention"] = aux["attention"]
+  return out
+
+
+def make_train_step(train_config: ConfigDict, mesh):
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step = functools.partial(train_step, l2_weight=train_config.l2_weight,
+                           l2_scope=train_config.l2_scope)
+  return jax.jit(step, in_shardings=(replicated, data, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(mesh, with_attention: bool = False):
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(functools.partial(eval_step, with_attention=with_attention),
+                 in_shardings=(replicated, data), out_shardings=data)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _to_host(tree):
+  """Global (sharded) arrays -> NumPy on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def predict_split(state, data_dir: str, schema: schema_lib.Schema, split: str,
+                  batch_size: int, mesh, with_attention: bool = False) -> dict[str, Any]:
+  """Runs the model over a whole split; returns NumPy arrays in split order.
+
+  Keys: "prob" [N], "label" [N], "group_id" [N], "extra.<name>" [N], and with
+  `with_attention` "attention.<module>" [N, n] for each enabled attention module.
+  """
+  columns = schema_lib.load_split(data_dir, split, schema)
+  step_fn = make_eval_step(mesh, with_attention)
+  outputs, rows = [], []
+  for batch, batch_rows in pipeline.eval_batches(columns, schema, split, batch_size,
+                                                 jax.process_index(), jax.process_count()):
+    outputs.append(step_fn(state, to_global(batch, mesh)))
+    rows.append(batch_rows)
+  if not outputs:
+    raise DataError(f"split {split!r} of {data_dir} is empty")
+  outputs = _to_host(outputs)
+  rows = np.concatenate(_to_host([to_global(r, mesh) for r in rows]))
+  keep = rows >= 0
+  rows = rows[keep]
+  flat = {"prob": np.concatenate([o["prob"] for o in outputs])[keep]}
+  if with_attention:
+    for name in outputs[0]["attention"]:
+      flat[f"attention.{name}"] = np.concatenate([o["attention"][name] for o in outputs])[keep]
+  order = np.argsort(rows, kind="stable")
+  result = {k: v[order] for k, v in flat.items()}
+  result["label"] = np.asarray(columns["label"])
+  result["group_id"] = np.asarray(columns["group_id"])
+  for name in schema.extra_columns:
+    result[f"extra.{name}"] = np.asarray(columns[f"extra.{name}"])
+  return result
+
+
+def split_metrics(predictions: dict[str, Any]) -> dict[str, float | int]:
+  return metrics_lib.compute_metrics(predictions["label"], predictions["prob"],
+                                     predictions["group_id"],
+                                     click_prob=predictions.get("extra.click_prob"))
+
+
+def write_json_atomic(path: str, content: dict) -> None:
+  """Writes JSON to a temporary file, then renames it: readers never see half a file."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(content, f, indent=2, sort_keys=True, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def load_model_and_state(config: ConfigDict, mesh):
+  """Prepares/loads the data, builds the model and a fresh (replicated) train state."""
+  data_dir, schema = data_lib.ensure_prepared(config.data)
+  model = models.create_model(config.model, schema.features)
+  sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
+  sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
+  state = create_train_state(model, create_optimizer(config.train),
+                             to_global(_local_part(sample), mesh),
+                             jax.random.PRNGKey(config.train.seed), mesh)
+  return data_dir, schema, model, state
+
+
+def _local_part(batch):
+  """This process's rows of a batch built identically on every process."""
+  part = pipeline.local_slice(len(batch["label"]), jax.process_index(), jax.process_count())
+  return jax.tree.map(lambda x: x[part], batch)
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
+
+
+def _check_finite(step: int, history: list[dict[str, float]], last_saved: int | None):
+  for m in history:
+    if not all(math.isfinite(v) for v in m.values()):
+      where = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
+               else "no checkpoint was written")
+      raise NonFiniteLossError(
+          f"non-finite loss {m} by step {step}; training stopped and {where} "
+          "(lower train.learning_rate or check the data for extreme values)")
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns final metrics.
+
+  Returns:
+    {"valid": metrics, "test": metrics} of the final parameters.
+  """
+  config_checks.check_config(config, jax.device_count())
+  workdir = os.path.abspath(workdir)
+  mesh = create_mesh()
+  data_dir, schema, model, state = load_model_and_state(config, mesh)
+  batches = pipeline.TrainBatches(
+      schema_lib.load_split(data_dir, "train", schema), schema, config.train.batch_size,
+      seed=config.train.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  total_steps = (config.train.num_train_steps if config.train.num_train_steps > 0 else
+                 int(config.train.num_epochs * batches.steps_per_epoch))
+
+  manager = checkpointing.create_manager(workdir, config.checkpoint)
+  restored = checkpointing.restore(manager, state, workdir=workdir)
+  meta = {"best_valid_auc": None, "best_step": None}
+  if restored is not None:
+    state, meta = restored
+    if meta.get("schema_fingerprint") != schema.fingerprint():
+      raise DataError(f"the checkpoints in {workdir} were trained on data with another schema "
+                      "(fingerprint differs); use a new --workdir")
+    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  else:
+    logging.info("No checkpoint in %s: starting from scratch (seed %d)", workdir,
+                 config.train.seed)
+  start_step = int(state.step)
+
+  writer = writers.MetricWriter(os.path.join(workdir, "metrics"))
+  if start_step == 0:
+    writer.write_hparams(config.to_dict())
+    logging.info("Model %s: %s parameters", config.model.name,
+                 f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+  write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+  step_fn = make_train_step(config.train, mesh)
+  rng = jax.random.PRNGKey(config.train.seed + 1)
+  last_saved = start_step if restored is not None else None
+  pending: list[dict[str, jax.Array]] = []
+  t_window, steps_window = time.perf_counter(), 0
+
+  def save_checkpoint(step):
+    nonlocal last_saved
+    _check_finite(step, jax.device_get(pending), last_saved)
+    meta.update(step=step, epoch=step // batches.steps_per_epoch,
+                examples_seen=step * config.train.batch_size,
+                schema_fingerprint=schema.fingerprint())
+    checkpointing.save(manager, state, meta)
+    last_saved = step
+
+  logging.info("Training %d -> %d steps (%d per epoch, global batch %d on %d devices)",
+               start_step, total_steps, batches.steps_per_epoch, config.train.batch_size,
+               jax.device_count())
+  for step, batch in zip(range(start_step + 1, total_steps + 1),
+                         batches.iterate(start_step, total_steps)):
+    state, step_metrics = step_fn(state, to_global(batch, mesh), rng)
+    pending.append(step_metrics)
+    steps_window += 1
+    if step % config.train.log_every_steps == 0 or step == total_steps:
+      history = jax.device_get(pending)
+      _check_finite(step, history, last_saved)
+      elapsed = time.perf_counter() - t_window
+      rate = steps_window / max(elapsed, 1e-9)
+      summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+      summary["samples_per_second"] = rate * config.train.batch_size
+      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+      logging.info("step %d/%d | loss %.4f | %.0f samples/s | ETA %s", step, total_steps,
+                   summary["loss"], summary["samples_per_second"],
+                   _format_eta((total_steps - step) / rate))
+      pending, t_window, steps_window = [], time.perf_counter(), 0
+    if step % config.train.eval_every_steps == 0 and step != total_steps:
+      valid = split_metrics(predict_split(state, data_dir, schema, "valid",
+                                          config.eval.batch_size, mesh))
+      _log_eval(writer, step, "valid", valid)
+      if meta["best_valid_auc"] is None or valid["auc"] > meta["best_valid_auc"]:
+        meta.update(best_valid_auc=valid["auc"], best_step=step)
+      t_window = time.perf_counter()  # evaluation time is not training throughput
+    if step % config.checkpoint.every_steps == 0 or step == total_steps:
+      save_checkpoint(step)
+      pending = []
+
+  final_step = int(state.step)
+  results = {}
+  for split in ("valid", "test"):
+    results[split] = split_metrics(predict_split(state, data_dir, schema, split,
+                                                 config.eval.batch_size, mesh))
+    results[split]["step"] = final_step
+    _log_eval(writer, final_step, split, results[split])
+    write_json_atomic(os.path.join(workdir, "eval", f"{split}_metrics.json"), results[split])
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return results
+
+
+def _log_eval(writer, step: int, split: str, result: dict[str, Any]) -> None:
+  scalars = {f"{split}/{k}": v for k, v in result.items()
+             if isinstance(v, (int, float)) and k != "step"}
+  writer.write_scalars(step, scalars)
+  text = ", ".join(f"{k}={v:.4f}" for k, v in result.items()
+                   if isinstance(v, float) and k in ("auc", "gauc", "logloss", "oracle_auc"))
+  logging.info("%s @ step %d: %s (%d examples)", split, step, text, result["num_examples"])

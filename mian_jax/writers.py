@@ -1,0 +1,62 @@
+"""Metric writers: TensorBoard event files plus a machine-readable JSONL file.
+
+clu's `metric_writers` import TensorFlow unconditionally (see docs/toolchain.md), so this small
+writer follows clu's interface (`write_scalars`, `write_hparams`, `flush`, `close`) on top of
+TensorBoard's TF-free `tensorboard.summary.Writer`. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+from tensorboard.summary import Writer as _EventWriter
+
+
+class MetricWriter:
+  """Writes scalars to `<logdir>` (TensorBoard events) and `<logdir>/metrics.jsonl`."""
+
+  def __init__(self, logdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    os.makedirs(logdir, exist_ok=True)
+    self._events = _EventWriter(logdir)
+    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._active:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    for name, value in clean.items():
+      self._events.add_scalar(name, value, step=step)
+    record = {"step": int(step), "time": time.time(),
+              **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+
+  def write_hparams(self, hparams: Mapping[str, object]) -> None:
+    if self._active:
+      with open(os.path.join(os.path.dirname(self._jsonl.name), "hparams.json"), "w") as f:
+        json.dump(dict(hparams), f, indent=2, sort_keys=True, default=str)
+
+  def flush(self) -> None:
+    if self._active:
+      self._events.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._events.close()
+      self._jsonl.close()
+      self._active = False
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Reads back a metrics.jsonl file."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,147 @@
+"""Prepared-data format, synthetic source and batching."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mian_jax import data as data_lib
+from mian_jax.data import pipeline, synthetic
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError, DataError
+from tests.conftest import tiny_config
+
+
+def _prepare(tmp_path, **overrides):
+  config = tiny_config(**overrides)
+  config.data.prepared_dir = str(tmp_path / "prepared")
+  return data_lib.ensure_prepared(config.data)
+
+
+def test_synthetic_is_deterministic_and_valid():
+  c = tiny_config().data
+  schema_a, splits_a = synthetic.generate(c.synthetic, c.max_seq_len)
+  schema_b, splits_b = synthetic.generate(c.synthetic, c.max_seq_len)
+  assert schema_a == schema_b
+  for split in schema_lib.SPLITS:
+    schema_lib.validate_columns(schema_a, split, splits_a[split])
+    for name in splits_a[split]:
+      np.testing.assert_array_equal(splits_a[split][name], splits_b[split][name])
+  c.synthetic.seed = 1
+  _, splits_c = synthetic.generate(c.synthetic, c.max_seq_len)
+  assert not np.array_equal(splits_a["train"]["label"], splits_c["train"]["label"])
+
+
+def test_synthetic_plants_short_histories_and_a_learnable_oracle():
+  c = tiny_config().data
+  c.synthetic.num_train = 20000
+  _, splits = synthetic.generate(c.synthetic, c.max_seq_len)
+  train = splits["train"]
+  assert (train["hist_len"] == 0).any() and (train["hist_len"] == c.max_seq_len).any()
+  from mian_jax import metrics
+  assert metrics.auc(train["label"], train["extra.click_prob"]) > 0.7
+
+
+def test_write_and_load_roundtrip(tmp_path):
+  directory, schema = _prepare(tmp_path)
+  assert os.path.isfile(os.path.join(directory, "stats.json"))
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+  cols = schema_lib.load_split(directory, "train", schema)
+  assert isinstance(cols["label"], np.memmap)
+  assert cols["hist.item_id"].shape == (1024, 6)
+  assert schema_lib.read_schema(directory) == schema
+
+
+def test_out_of_vocabulary_ids_are_rejected(tmp_path):
+  directory, schema = _prepare(tmp_path)
+  path = os.path.join(directory, "valid", "item.category.npy")
+  values = np.load(path)
+  values[3] = schema.features.item_field("category").vocab_size  # one past the end
+  np.save(path, values)
+  with pytest.raises(DataError, match="out of vocabulary"):
+    schema_lib.load_split(directory, "valid", schema)
+
+
+def test_padding_must_match_lengths(tmp_path):
+  directory, schema = _prepare(tmp_path)
+  path = os.path.join(directory, "test", "hist_len.npy")
+  lengths = np.load(path)
+  lengths[lengths < 6][:1] += 1
+  lengths[np.flatnonzero(lengths < 6)[0]] += 1
+  np.save(path, lengths)
+  with pytest.raises(DataError, match="padding id 0"):
+    schema_lib.load_split(directory, "test", schema)
+
+
+def test_missing_directory_and_schema_mismatch(tmp_path):
+  config = tiny_config()
+  config.data.source = "prepared"
+  config.data.prepared_dir = str(tmp_path / "nowhere")
+  with pytest.raises(DataError, match="no prepared data"):
+    data_lib.ensure_prepared(config.data)
+  directory, _ = _prepare(tmp_path)
+  config.data.prepared_dir = directory
+  config.data.max_seq_len = 7
+  with pytest.raises(DataError, match="max_seq_len"):
+    data_lib.ensure_prepared(config.data)
+
+
+def test_malformed_schema_is_one_clear_error(tmp_path):
+  directory, _ = _prepare(tmp_path)
+  path = os.path.join(directory, "schema.json")
+  with open(path) as f:
+    content = json.load(f)
+  content["behavior_fields"] = ["season"]
+  with open(path, "w") as f:
+    json.dump(content, f)
+  with pytest.raises(DataError, match="behaviour field 'season'"):
+    schema_lib.read_schema(directory)
+
+
+def test_cache_key_depends_on_settings_not_location():
+  a, b = tiny_config().data, tiny_config().data
+  assert data_lib.settings_key(a) == data_lib.settings_key(b)
+  b.prepared_dir = "/elsewhere"
+  assert data_lib.settings_key(a) == data_lib.settings_key(b)
+  b.synthetic.seed = 5
+  assert data_lib.settings_key(a) != data_lib.settings_key(b)
+
+
+def test_train_batches_are_a_function_of_step_and_split_by_process(tmp_path):
+  directory, schema = _prepare(tmp_path)
+  cols = schema_lib.load_split(directory, "train", schema)
+  whole = pipeline.TrainBatches(cols, schema, 16, seed=3)
+  again = pipeline.TrainBatches(cols, schema, 16, seed=3)
+  np.testing.assert_array_equal(whole.rows(70), again.rows(70))  # resumable mid-epoch 2
+  epoch = np.concatenate([whole.rows(s) for s in range(whole.steps_per_epoch)])
+  assert len(np.unique(epoch)) == len(epoch) == 1024  # each example once per epoch
+  halves = [pipeline.TrainBatches(cols, schema, 16, seed=3, process_index=p, process_count=2)
+            for p in range(2)]
+  for step in (0, 5, 64):
+    parts = [h.rows(step) for h in halves]
+    assert len(parts[0]) == len(parts[1]) == 8
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), whole.rows(step))
+  with pytest.raises(ConfigError, match="divisible"):
+    pipeline.TrainBatches(cols, schema, 15, seed=3, process_index=0, process_count=2)
+
+
+def test_eval_batches_cover_each_example_once_with_padding(tmp_path):
+  directory, schema = _prepare(tmp_path)
+  cols = schema_lib.load_split(directory, "valid", schema)
+  seen = []
+  for batch, rows in pipeline.eval_batches(cols, schema, "valid", 100):
+    assert batch["label"].shape == (100,)
+    np.testing.assert_array_equal(batch["weight"], rows >= 0)
+    seen.append(rows[rows >= 0])
+  np.testing.assert_array_equal(np.concatenate(seen), np.arange(256))
+
+
+def test_prefetch_reraises_errors():
+  def broken():
+    yield 1
+    raise RuntimeError("boom")
+  it = pipeline.prefetch_iterator(broken(), 2)
+  assert next(it) == 1
+  with pytest.raises(RuntimeError, match="boom"):
+    next(it)

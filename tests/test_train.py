@@ -1,0 +1,123 @@
+"""The training loop: learning, exact resume, device equivalence, NaN and damaged checkpoints."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mian_jax import checkpointing, train
+from mian_jax.data import pipeline
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import NonFiniteLossError
+from tests.conftest import tiny_config
+
+
+def _final_params(config, workdir):
+  mesh = train.create_mesh()
+  _, _, _, state = train.load_model_and_state(config, mesh)
+  manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
+  state, meta = checkpointing.restore(manager, state)
+  manager.close()
+  return jax.device_get(state.params), meta
+
+
+def test_short_run_learns_the_planted_signal(tmp_path):
+  config = tiny_config(**{"data.synthetic.num_train": 12000, "train.batch_size": 64,
+                          "train.num_train_steps": -1, "train.num_epochs": 1.0,
+                          "train.log_every_steps": 50, "train.eval_every_steps": 1000,
+                          "checkpoint.every_steps": 1000, "train.learning_rate": 3e-3})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  test = results["test"]
+  assert test["oracle_auc"] > 0.7
+  assert test["auc"] > 0.62, test  # chance is 0.5
+  with open(tmp_path / "eval" / "test_metrics.json") as f:
+    written = json.load(f)
+  assert written["auc"] == pytest.approx(test["auc"]) and written["step"] == 187
+  assert {"auc", "logloss", "gauc", "step", "num_examples", "oracle_auc"} <= set(written)
+  lines = (tmp_path / "metrics" / "metrics.jsonl").read_text().splitlines()
+  assert any("train/loss" in line for line in lines)
+  assert [p for p in os.listdir(tmp_path / "metrics") if p.startswith("events.out.tfevents")]
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_parameters(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 10}), straight)
+  train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 6}), resumed)
+  first, meta = _final_params(tiny_config(), resumed)
+  assert meta["step"] == 6
+  train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 10}), resumed)
+  a, meta_a = _final_params(tiny_config(), straight)
+  b, meta_b = _final_params(tiny_config(), resumed)
+  assert meta_a["step"] == meta_b["step"] == 10
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  with pytest.raises(AssertionError):
+    jax.tree.map(np.testing.assert_array_equal, first, b)
+
+
+def test_one_and_two_devices_give_the_same_result():
+  assert jax.device_count() == 2, "conftest asks for two simulated devices"
+  config = tiny_config()
+  final = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = train.create_mesh(devices)
+    data_dir, schema, _, state = train.load_model_and_state(config, mesh)
+    batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
+                                    config.train.batch_size, seed=0)
+    step_fn = train.make_train_step(config.train, mesh)
+    for step in range(4):
+      state, _ = step_fn(state, train.to_global(batches.batch(step), mesh),
+                         jax.random.PRNGKey(1))
+    assert state.params["logit"]["kernel"].sharding.mesh.size == len(devices)
+    final.append(jax.device_get(state.params))
+  # The attention key bias shifts every logit of a query equally, so softmax makes its gradient
+  # exactly zero; in float32 it is rounding noise of either sign, which Adam scales up to +-lr.
+  # It is the one parameter whose value depends on the reduction order, so it is left out.
+  for path, a in jax.tree_util.tree_leaves_with_path(final[0]):
+    if "key" in jax.tree_util.keystr(path) and path[-1].key == "bias":
+      continue
+    b = final[1]
+    for key in path:
+      b = b[key.key]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_train_step_is_traced_once(tmp_path, monkeypatch):
+  traces = []
+  original = train.train_step
+
+  def counting(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, "train_step", counting)
+  train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert len(traces) == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 4}), workdir)
+  monkeypatch.setattr(train, "l2_penalty", lambda *a: jnp.float32(jnp.nan))
+  with pytest.raises(NonFiniteLossError, match="last good checkpoint is step 4"):
+    train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 12}), workdir)
+  manager = checkpointing.create_manager(workdir, tiny_config().checkpoint, read_only=True)
+  assert manager.all_steps() == [4]
+  manager.close()
+
+
+def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(), workdir)  # checkpoints at 4 and 8
+  state_dir = os.path.join(workdir, "checkpoints", "8", "state")
+  shutil.rmtree(state_dir)
+  os.makedirs(state_dir)
+  results = train.train_and_evaluate(tiny_config(), workdir)  # resumes from 4, redoes 5-8
+  assert results["test"]["step"] == 8
+  assert any("damaged" in r.getMessage() for r in caplog.records)
+  assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
+  params, meta = _final_params(tiny_config(), workdir)
+  assert meta["step"] == 8
