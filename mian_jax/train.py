@@ -299,52 +299,57 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   logging.info("Training %d -> %d steps (%d per epoch, global batch %d on %d devices)",
                start_step, total_steps, batches.steps_per_epoch, config.train.batch_size,
                jax.device_count())
-  for step, batch in zip(range(start_step + 1, total_steps + 1),
-                         batches.iterate(start_step, total_steps)):
-    state, step_metrics = step_fn(state, to_global(batch, mesh), rng)
-    pending.append(step_metrics)
-    steps_window += 1
-    if step % config.train.log_every_steps == 0 or step == total_steps:
-      history = jax.device_get(pending)
-      _check_finite(step, history, last_saved)
-      elapsed = time.perf_counter() - t_window
-      rate = steps_window / max(elapsed, 1e-9)
-      summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-      summary["samples_per_second"] = rate * config.train.batch_size
-      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-      logging.info("step %d/%d | loss %.4f | %.0f samples/s | ETA %s", step, total_steps,
-                   summary["loss"], summary["samples_per_second"],
-                   _format_eta((total_steps - step) / rate))
-      pending, t_window, steps_window = [], time.perf_counter(), 0
-    if step % config.train.eval_every_steps == 0 and step != total_steps:
-      valid = split_metrics(predict_split(state, data_dir, schema, "valid",
-                                          config.eval.batch_size, mesh))
-      _log_eval(writer, step, "valid", valid)
-      if meta["best_valid_auc"] is None or valid["auc"] > meta["best_valid_auc"]:
-        meta.update(best_valid_auc=valid["auc"], best_step=step)
-      t_window = time.perf_counter()  # evaluation time is not training throughput
-    if step % config.checkpoint.every_steps == 0 or step == total_steps:
-      save_checkpoint(step)
-      pending = []
+  try:
+    for step, batch in zip(range(start_step + 1, total_steps + 1),
+                           batches.iterate(start_step, total_steps)):
+      state, step_metrics = step_fn(state, to_global(batch, mesh), rng)
+      pending.append(step_metrics)
+      steps_window += 1
+      if step % config.train.log_every_steps == 0 or step == total_steps:
+        history = jax.device_get(pending)
+        _check_finite(step, history, last_saved)
+        _log_progress(writer, step, total_steps, history,
+                      steps_window / max(time.perf_counter() - t_window, 1e-9),
+                      config.train.batch_size)
+        pending, t_window, steps_window = [], time.perf_counter(), 0
+      if step % config.train.eval_every_steps == 0 and step != total_steps:
+        valid = evaluate_split(state, data_dir, schema, "valid", config, mesh, writer, step)
+        if meta["best_valid_auc"] is None or valid["auc"] > meta["best_valid_auc"]:
+          meta.update(best_valid_auc=valid["auc"], best_step=step)
+        t_window = time.perf_counter()  # evaluation time is not training throughput
+      if step % config.checkpoint.every_steps == 0 or step == total_steps:
+        save_checkpoint(step)
+        pending = []
 
-  final_step = int(state.step)
-  results = {}
-  for split in ("valid", "test"):
-    results[split] = split_metrics(predict_split(state, data_dir, schema, split,
-                                                 config.eval.batch_size, mesh))
-    results[split]["step"] = final_step
-    _log_eval(writer, final_step, split, results[split])
-    write_json_atomic(os.path.join(workdir, "eval", f"{split}_metrics.json"), results[split])
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
-  return results
+    results = {}
+    for split in ("valid", "test"):
+      results[split] = evaluate_split(state, data_dir, schema, split, config, mesh, writer,
+                                      int(state.step))
+      write_json_atomic(os.path.join(workdir, "eval", f"{split}_metrics.json"), results[split])
+    return results
+  finally:  # an async save in flight must land, also when training stops on an error
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
 
 
-def _log_eval(writer, step: int, split: str, result: dict[str, Any]) -> None:
-  scalars = {f"{split}/{k}": v for k, v in result.items()
-             if isinstance(v, (int, float)) and k != "step"}
-  writer.write_scalars(step, scalars)
-  text = ", ".join(f"{k}={v:.4f}" for k, v in result.items()
-                   if isinstance(v, float) and k in ("auc", "gauc", "logloss", "oracle_auc"))
+def evaluate_split(state, data_dir, schema, split, config, mesh, writer, step):
+  """Exact metrics of `state` on a whole split, logged and written; returns them with "step"."""
+  result = split_metrics(predict_split(state, data_dir, schema, split, config.eval.batch_size,
+                                       mesh))
+  result["step"] = step
+  writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.items()
+                              if isinstance(v, (int, float)) and k != "step"})
+  text = ", ".join(f"{k}={result[k]:.4f}" for k in ("auc", "gauc", "logloss", "oracle_auc")
+                   if k in result)
   logging.info("%s @ step %d: %s (%d examples)", split, step, text, result["num_examples"])
+  return result
+
+
+def _log_progress(writer, step, total_steps, history, steps_per_second, batch_size):
+  summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  summary["samples_per_second"] = steps_per_second * batch_size
+  writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+  logging.info("step %d/%d | loss %.4f | %.0f samples/s | ETA %s", step, total_steps,
+               summary["loss"], summary["samples_per_second"],
+               _format_eta((total_steps - step) / steps_per_second))
