@@ -29,6 +29,7 @@ VARIANTS = {
     "w/o IUIM&ICIM": ["--config.model.use_iuim=False", "--config.model.use_icim=False"],
     "post-LN Transformer": ["--config.model.transformer=post_ln"],
     "no Transformer": ["--config.model.transformer=none"],
+    "bilinear IBIM score": ["--config.model.ibim_score=bilinear"],
 }
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from clu import parameter_overview
 from flax.training import train_state as train_state_lib
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -277,8 +278,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   writer = writers.MetricWriter(os.path.join(workdir, "metrics"))
   if start_step == 0:
     writer.write_hparams(config.to_dict())
-    logging.info("Model %s: %s parameters", config.model.name,
-                 f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+    parameter_overview.log_parameter_overview(state.params, msg=f"Model {config.model.name}")
   write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
   step_fn = make_train_step(config.train, mesh)

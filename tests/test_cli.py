@@ -58,6 +58,7 @@ def test_main_resumes_and_evaluate_restores_its_checkpoint(tmp_path):
     (["--config.trian.batch_size=1"], "unknown config key 'trian'"),
     (["--config.model.num_heads=abc"], "invalid literal for int()"),
     (["--config.model.transformer=postln"], "config.model.transformer='postln' is not one of"),
+    (["--config.model.num_heads=3"], "must divide the behaviour width"),
     (["--config.data.source=prepared", "--config.data.prepared_dir=/nonexistent/dir"],
      "no prepared data at /nonexistent/dir"),
 ])

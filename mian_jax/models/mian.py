@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mian_jax.data.schema import FeatureSpec
+from mian_jax.errors import ConfigError
 from mian_jax.models import layers
 
 # Names of the parts r_1..r_7 of eq. (14), in the paper's order.
@@ -125,6 +126,10 @@ class MIAN(nn.Module):
     t = e_b.shape[1]
     h_b = e_b
     if self.transformer != "none":
+      if e_b.shape[-1] % self.num_heads:
+        raise ConfigError(f"model.num_heads={self.num_heads} must divide the behaviour width "
+                          f"{e_b.shape[-1]} (embed_dim x {len(self.features.behavior_fields)} "
+                          "behaviour fields)")
       if self.position_embedding == "learned":
         # Position = recency (0 = most recent), so a behaviour's position does not depend on
         # how long the user's history happens to be.
