@@ -20,7 +20,8 @@ from mian_jax.errors import ConfigError, DataError
 
 # source name -> module whose `prepare(data_config, directory)` writes the prepared directory
 # (imported on use, so a source's dependencies load only when it is used).
-PREPARERS = {"synthetic": "mian_jax.data.synthetic"}
+PREPARERS = {"synthetic": "mian_jax.data.synthetic", "amazon": "mian_jax.data.amazon",
+             "movielens": "mian_jax.data.movielens", "tabular": "mian_jax.data.tabular"}
 
 
 def cache_root() -> str:

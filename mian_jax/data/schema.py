@@ -188,14 +188,18 @@ def read_schema(directory: str) -> Schema:
 
 def write_prepared(directory: str, schema: Schema,
                    splits: Mapping[str, Mapping[str, np.ndarray]],
-                   extra_files: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                   extra_files: Mapping[str, Mapping[str, Any]] | None = None) -> str:
   """Writes a prepared data set atomically: it appears complete under `directory` or not at all.
 
   Args:
     directory: final location; must not exist yet.
     schema: the schema; its num_examples must agree with the arrays.
     splits: split -> column -> array, with exactly the columns of `schema.columns()`.
-    extra_files: optional file name -> JSON-able dict written beside schema.json (e.g. stats.json).
+    extra_files: optional file name -> JSON-able dict written beside schema.json. "stats.json"
+      is always written, with the key "checksum" set to `dataset_checksum` of the result.
+
+  Returns:
+    The data set's checksum.
   """
   for split in SPLITS:
     validate_columns(schema, split, splits[split])
@@ -208,18 +212,21 @@ def write_prepared(directory: str, schema: Schema,
       for name, array in splits[split].items():
         np.save(os.path.join(tmp, split, name + ".npy"), np.ascontiguousarray(array),
                 allow_pickle=False)
-    for name, content in (extra_files or {}).items():
-      with open(os.path.join(tmp, name), "w") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
-    # schema.json last: a directory without it is never mistaken for prepared data.
     with open(os.path.join(tmp, "schema.json"), "w") as f:
       json.dump(schema.to_json(), f, indent=2)
-    try:
+    checksum = dataset_checksum(tmp)
+    files = dict(extra_files or {})
+    files["stats.json"] = {**files.get("stats.json", {}), "checksum": checksum}
+    for name, content in files.items():
+      with open(os.path.join(tmp, name), "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+    try:  # the rename publishes everything at once
       os.rename(tmp, directory)
     except OSError:
       if os.path.isfile(os.path.join(directory, "schema.json")):
-        return  # another process finished the same preparation first; theirs is identical
+        return checksum  # another process finished the same preparation first (same bytes)
       raise
+    return checksum
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)

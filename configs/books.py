@@ -1,0 +1,33 @@
+"""MIAN on Amazon Books (2014 5-core reviews + metadata; see docs/data_amazon.md).
+
+  python -m mian_jax.main --config=configs/books.py --workdir=runs/books
+  python -m mian_jax.main --config=configs/books.py:protocol=din,model=mian --workdir=runs/b
+
+The raw files are read from --config.data.raw_dir (default: <cache>/raw/amazon) and downloaded
+there from SNAP when missing. Model and training settings are the paper's defaults
+(configs/common.py).
+"""
+
+import ml_collections
+
+from configs import common
+
+DATASET = "books"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {"model": "mian", "protocol": "mian"})
+  if args["protocol"] not in ("mian", "din", "dien"):
+    raise ValueError(f"config argument protocol={args['protocol']!r}: "
+                     "expected mian, din or dien")
+  config = common.get_base_config()
+  config.model.name = args["model"]
+
+  config.data.source = "amazon"
+  config.data.dataset = DATASET  # "books" | "electronics"
+  config.data.protocol = args["protocol"]  # "mian" (§4.1, default) | "din" | "dien"
+  config.data.raw_dir = ""  # "" = <cache>/raw/amazon; files are downloaded there if missing
+  config.data.base_url = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+  config.data.max_bad_row_ratio = 0.01  # fail if more of the lines than this are unusable
+  config.data.seed = 0  # negatives and (dien) the user split
+  return config

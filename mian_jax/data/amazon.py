@@ -1,0 +1,602 @@
+"""Amazon 2014 5-core reviews (Books, Electronics) in the prepared format (docs/data_amazon.md).
+
+Raw files (McAuley et al., SNAP), gzipped or plain, looked up in `config.data.raw_dir` (default
+`cache_root()/raw/amazon`) and downloaded there when missing:
+
+  reviews_<Name>_5.json(.gz)  one JSON object per line: reviewerID, asin, unixReviewTime, ...
+  meta_<Name>.json(.gz)       one Python literal per line: asin, categories (list of paths), ...
+
+Three protocols (`config.data.protocol`), described step by step in docs/data_amazon.md:
+
+  "din"   the DIN reference preprocessing (zhougr1993/DeepInterestNetwork);
+  "dien"  the DIEN reference preprocessing (mouna99/dien);
+  "mian"  the paper's §4.1 statement with a validation split separate from test (default).
+
+All three write the same fields:
+
+  item.item_id, item.category           candidate item (and hist.item_id, hist.category)
+  user.user_id                          the reviewer
+  user.activity                         bucketed number of the user's earlier reviews
+  context.year, .month, .weekday        of the review being predicted (UTC)
+  context.gap                           bucketed days since the user's previous review
+
+Every feature of an example is computed from the target review and the user's earlier reviews
+only (no future leakage); negatives share the positive's user and context features.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import gzip
+import io
+import json
+import os
+import re
+import time
+from array import array
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from mian_jax.data import download as download_lib
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError, DataError
+
+SNAP_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+DATASETS = {"books": "Books", "electronics": "Electronics"}
+PROTOCOLS = ("din", "dien", "mian")
+SECONDS_PER_DAY = 86400
+# user.activity: number k of earlier reviews -> bucket searchsorted(edges, k, "right"):
+# 0 | 1 | 2-3 | 4-7 | 8-15 | 16-31 | 32-63 | 64+
+ACTIVITY_EDGES = np.array([1, 2, 4, 8, 16, 32, 64])
+# context.gap: whole days since the previous review -> 0 | 1 | 2-7 | 8-30 | 31-90 | 91-365 | 366+,
+# and one more bucket (7) for "no previous review".
+GAP_EDGES_DAYS = np.array([1, 2, 8, 31, 91, 366])
+NO_PREVIOUS_GAP = len(GAP_EDGES_DAYS) + 1
+HIST_CHUNK = 1 << 18  # examples per chunk when gathering behaviours (bounds temporary memory)
+
+
+# ----------------------------------------------------------------------------- raw files
+
+
+def raw_file_names(dataset: str) -> tuple[str, str]:
+  """(reviews, metadata) file names of `dataset` ("books" | "electronics"), gzipped."""
+  if dataset not in DATASETS:
+    raise ConfigError(f"data.dataset={dataset!r}: expected one of {sorted(DATASETS)}")
+  name = DATASETS[dataset]
+  return f"reviews_{name}_5.json.gz", f"meta_{name}.json.gz"
+
+
+def default_raw_dir() -> str:
+  from mian_jax.data import cache_root  # pylint: disable=g-import-not-at-top
+  return os.path.join(cache_root(), "raw", "amazon")
+
+
+def locate_raw_files(data_config: ConfigDict) -> tuple[str, str]:
+  """Paths of the (reviews, metadata) files, downloading those that are missing.
+
+  A file counts as present as `<name>.json.gz` or as the uncompressed `<name>.json`.
+  """
+  raw_dir = os.path.expanduser(data_config.raw_dir or default_raw_dir())
+  base_url = data_config.get("base_url", SNAP_URL) or SNAP_URL
+  paths, missing = [], []
+  for name in raw_file_names(data_config.dataset):
+    gz_path = os.path.join(raw_dir, name)
+    plain_path = gz_path[:-len(".gz")]
+    if os.path.isfile(gz_path) or not os.path.isfile(plain_path):
+      paths.append(gz_path)
+      if not os.path.isfile(gz_path):
+        missing.append((base_url.rstrip("/") + "/" + name, gz_path))
+    else:
+      paths.append(plain_path)
+  if missing:
+    logging.info("Amazon raw files missing under %s; downloading %d file(s)", raw_dir,
+                 len(missing))
+    download_lib.ensure_files(missing)
+  return paths[0], paths[1]
+
+
+def open_text(path: str) -> io.TextIOBase:
+  """Opens a text file for reading, gunzipping it if it starts with the gzip magic bytes."""
+  if not os.path.isfile(path):
+    raise DataError(f"raw file not found: {path}")
+  with open(path, "rb") as f:
+    magic = f.read(2)
+  if magic == b"\x1f\x8b":
+    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+  return open(path, encoding="utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+@dataclasses.dataclass
+class RawReviews:
+  """The needed fields of the parsed review lines, in file order (R reviews).
+
+  user, item: [R] int64 indices into user_keys / item_keys (first-seen order).
+  time: [R] int64 unixReviewTime in seconds.
+  """
+  user_keys: list[str]
+  item_keys: list[str]
+  user: np.ndarray
+  item: np.ndarray
+  time: np.ndarray
+  counts: dict[str, int]
+
+
+def parse_reviews(lines: Iterable[str]) -> RawReviews:
+  """Parses JSON review lines; blank lines are skipped, bad lines counted (not fatal here).
+
+  A line is `malformed` if it is not a JSON object, `missing_fields` if reviewerID / asin are
+  not non-empty strings or unixReviewTime is not an integer.
+  """
+  users: dict[str, int] = {}
+  items: dict[str, int] = {}
+  u_ids, i_ids, times = array("q"), array("q"), array("q")
+  lines_total = blank = malformed = missing = 0
+  loads = json.loads
+  for line in lines:
+    lines_total += 1
+    if not line.strip():
+      blank += 1
+      continue
+    try:
+      obj = loads(line)
+      user, item, when = obj["reviewerID"], obj["asin"], obj["unixReviewTime"]
+    except (ValueError, RecursionError):
+      malformed += 1
+      continue
+    except (KeyError, TypeError):  # TypeError: a JSON value that is not an object
+      if isinstance(obj, dict):
+        missing += 1
+      else:
+        malformed += 1
+      continue
+    if (type(user) is not str or type(item) is not str or not user or not item  # noqa: E721
+        or type(when) is not int):  # noqa: E721
+      missing += 1
+      continue
+    u = users.get(user)
+    if u is None:
+      u = users[user] = len(users)
+    i = items.get(item)
+    if i is None:
+      i = items[item] = len(items)
+    u_ids.append(u)
+    i_ids.append(i)
+    times.append(when)
+  counts = {"lines": lines_total, "blank_lines": blank, "malformed_lines": malformed,
+            "missing_fields": missing, "parsed": len(u_ids)}
+  return RawReviews(list(users), list(items), np.frombuffer(u_ids, np.int64).copy(),
+                    np.frombuffer(i_ids, np.int64).copy(), np.frombuffer(times, np.int64).copy(),
+                    counts)
+
+
+# Fast path: most metadata lines are of items that no review mentions. Such a line is skipped
+# without parsing when `_unreviewed_line` proves that, were it a valid literal, its 'asin'
+# would be the unwanted value after the prefix {'asin': '<asin>'. A second key evaluating to
+# 'asin' needs the text 'asin' or "asin" (plain, triple-quoted or u/r-prefixed literals), a
+# backslash escape, or adjacent string literals ('as' 'in'); lines with any of these are parsed
+# in full. So the fast path returns exactly what ast.literal_eval would lead to; the one
+# difference is that a malformed line of an unreviewed item is counted as skipped_unreviewed
+# instead of malformed_lines.
+_ASIN_PREFIX = re.compile(r"\s*\{\s*'asin'\s*:\s*'([^'\\]*)'")
+_ADJACENT_STRINGS = re.compile(r"""['"]\s*[uUrRbBfF]{0,2}['"]""")
+
+
+def _unreviewed_line(line: str, wanted: Mapping[str, int]) -> bool:
+  """True if `line` can only describe an item that is not in `wanted` (see above)."""
+  match = _ASIN_PREFIX.match(line)
+  return (match is not None and match.group(1) not in wanted and "\\" not in line
+          and line.count("'asin'") + line.count('"asin"') == 1
+          and _ADJACENT_STRINGS.search(line) is None)
+
+
+def category_of(categories, protocol: str) -> str | None:
+  """The category string of one item under `protocol`, or None if `categories` is unusable.
+
+  din, mian: the last element of the last category path (DIN: x[-1][-1]).
+  dien: the last element of the first path (DIEN process_data.py: categories[0][-1]).
+  """
+  if not isinstance(categories, list) or not categories:
+    return None
+  path = categories[0] if protocol == "dien" else categories[-1]
+  if not isinstance(path, (list, tuple)) or not path or not isinstance(path[-1], str):
+    return None
+  return path[-1]
+
+
+def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: str):
+  """Category of each wanted asin from Python-literal metadata lines (ast.literal_eval only).
+
+  Args:
+    lines: the metadata lines.
+    wanted: asin -> index, the items that reviews mention.
+    protocol: picks the category rule (`category_of`).
+
+  Returns:
+    (categories, counts): categories is a list, per wanted index, of the category string or
+    None (no usable metadata line); counts the line outcomes. The first line of an asin wins.
+  """
+  categories: list[str | None] = [None] * len(wanted)
+  seen = np.zeros(len(wanted), bool)
+  lines_total = blank = skipped = malformed = missing = duplicate = 0
+  literal_eval = ast.literal_eval
+  for line in lines:
+    lines_total += 1
+    if not line.strip():
+      blank += 1
+      continue
+    if _unreviewed_line(line, wanted):
+      skipped += 1
+      continue
+    try:
+      obj = literal_eval(line.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      malformed += 1
+      continue
+    if not isinstance(obj, dict):
+      malformed += 1
+      continue
+    asin = obj.get("asin")
+    if not isinstance(asin, str):
+      missing += 1
+      continue
+    index = wanted.get(asin)
+    if index is None:
+      skipped += 1
+      continue
+    if seen[index]:
+      duplicate += 1
+      continue
+    category = category_of(obj.get("categories"), protocol)
+    if category is None:
+      missing += 1
+      continue
+    seen[index] = True
+    categories[index] = category
+  counts = {"lines": lines_total, "blank_lines": blank, "skipped_unreviewed": skipped,
+            "malformed_lines": malformed, "missing_fields": missing,
+            "duplicate_asin": duplicate, "items_found": int(seen.sum())}
+  return categories, counts
+
+
+# ----------------------------------------------------------------------------- joined reviews
+
+
+@dataclasses.dataclass
+class Reviews:
+  """Reviews joined with categories, dense ids, sorted by (user, time, file order).
+
+  user [R] in [0, U), item [R] in [0, I), time [R] seconds; item_category [I] in [0, C);
+  start [U] first row of each user; count [U] reviews of each user; pos [R] rank of the review
+  within its user (0 = oldest). Ids are ranks of the sorted reviewerID / asin / category
+  strings (as DIN's remap), so they do not depend on the file order.
+  """
+  user: np.ndarray
+  item: np.ndarray
+  time: np.ndarray
+  item_category: np.ndarray
+  start: np.ndarray
+  count: np.ndarray
+  pos: np.ndarray
+  num_users: int
+  num_items: int
+  num_categories: int
+
+
+def _dense_ranks(keys: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, int]:
+  """Maps indices of `keys` to the ranks of the used keys in sorted order (-1 if unused)."""
+  order = np.argsort(keys, kind="stable")
+  order = order[used[order]]
+  ranks = np.full(len(keys), -1, np.int64)
+  ranks[order] = np.arange(len(order))
+  return ranks, len(order)
+
+
+def join_reviews(raw: RawReviews, categories: list[str | None]) -> tuple[Reviews, int]:
+  """Drops reviews of items without usable metadata; returns (Reviews, reviews dropped)."""
+  has_meta = np.array([c is not None for c in categories], bool)
+  keep = has_meta[raw.item] if len(raw.item) else np.zeros(0, bool)
+  dropped = int((~keep).sum())
+  user_used = np.zeros(len(raw.user_keys), bool)
+  user_used[raw.user[keep]] = True
+  item_used = np.zeros(len(raw.item_keys), bool)
+  item_used[raw.item[keep]] = True
+  user_rank, num_users = _dense_ranks(np.array(raw.user_keys, dtype=str), user_used)
+  item_rank, num_items = _dense_ranks(np.array(raw.item_keys, dtype=str), item_used)
+  used_items = np.flatnonzero(item_used)
+  item_cat_names = np.array([categories[i] for i in used_items], dtype=str)
+  cat_names, cat_index = np.unique(item_cat_names, return_inverse=True)
+  item_category = np.zeros(num_items, np.int64)
+  item_category[item_rank[used_items]] = cat_index
+  user = user_rank[raw.user[keep]]
+  item = item_rank[raw.item[keep]]
+  when = raw.time[keep]
+  order = np.lexsort((np.arange(len(user)), when, user))  # stable: ties keep file order
+  user, item, when = user[order], item[order], when[order]
+  count = np.bincount(user, minlength=num_users).astype(np.int64)
+  start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+  pos = np.arange(len(user), dtype=np.int64) - start[user]
+  return Reviews(user, item, when, item_category, start, count, pos, num_users, num_items,
+                 len(cat_names)), dropped
+
+
+# ----------------------------------------------------------------------------- negatives
+
+
+def uniform_negatives(rng: np.random.Generator, reviews: Reviews, rows: np.ndarray) -> np.ndarray:
+  """For each target row, a uniformly random item that the row's user never reviewed.
+
+  (DIN build_dataset.py gen_neg: randint over all items until not in the user's pos_list.)
+  A user who reviewed every item cannot get a negative: DataError.
+  """
+  positive_keys = np.unique(reviews.user * reviews.num_items + reviews.item)
+  users = reviews.user[rows]
+  if len(rows) and (np.bincount(positive_keys // reviews.num_items) >= reviews.num_items).any():
+    raise DataError("amazon: a user reviewed every item, so no negative item exists")
+  negatives = rng.integers(reviews.num_items, size=len(rows))
+  redo = np.arange(len(rows))
+  while len(redo):
+    keys = users[redo] * reviews.num_items + negatives[redo]
+    at = np.minimum(np.searchsorted(positive_keys, keys), len(positive_keys) - 1)
+    redo = redo[positive_keys[at] == keys]
+    negatives[redo] = rng.integers(reviews.num_items, size=len(redo))
+  return negatives
+
+
+def popularity_negatives(rng: np.random.Generator, reviews: Reviews,
+                         rows: np.ndarray) -> np.ndarray:
+  """For each target row, the item of a uniformly random review row, redrawn while it equals
+  the target item (DIEN manual_join: item_list holds one entry per review, so this is
+  popularity-weighted and may return another item the same user reviewed)."""
+  if len(rows) and np.unique(reviews.item).size < 2:
+    raise DataError("amazon: popularity negatives need at least two distinct items")
+  targets = reviews.item[rows]
+  negatives = reviews.item[rng.integers(len(reviews.item), size=len(rows))]
+  redo = np.flatnonzero(negatives == targets)
+  while len(redo):
+    negatives[redo] = reviews.item[rng.integers(len(reviews.item), size=len(redo))]
+    redo = redo[negatives[redo] == targets[redo]]
+  return negatives
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def protocol_targets(protocol: str, reviews: Reviews,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Sorted row indices of the reviews that are prediction targets, per split.
+
+  din:  train = reviews 1..n-2 of each user, test = review n-1; valid = test (see docs).
+  dien: only review n-1 of each user (with >= 1 earlier review); users go to test with
+        probability 1/10 (split_by_user.py: randint(1, 10) == 2), else train; valid = test.
+  mian: train = reviews 1..n-3, valid = review n-2, test = review n-1 (n = the user's count).
+  """
+  pos, n = reviews.pos, reviews.count[reviews.user]
+  if protocol == "din":
+    train = (pos >= 1) & (pos <= n - 2)
+    test = (pos >= 1) & (pos == n - 1)
+    valid = test
+  elif protocol == "dien":
+    to_test = rng.integers(1, 11, size=reviews.num_users) == 2
+    last = (pos >= 1) & (pos == n - 1)
+    train, test = last & ~to_test[reviews.user], last & to_test[reviews.user]
+    valid = test
+  elif protocol == "mian":
+    train = (pos >= 1) & (pos <= n - 3)
+    valid = (pos >= 1) & (pos == n - 2)
+    test = (pos >= 1) & (pos == n - 1)
+  else:
+    raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
+  return {"train": np.flatnonzero(train), "valid": np.flatnonzero(valid),
+          "test": np.flatnonzero(test)}
+
+
+def draw_negatives(protocol: str, reviews: Reviews, rng: np.random.Generator) -> np.ndarray:
+  """[R] one negative item per review row (drawn for every row, as the references do)."""
+  rows = np.arange(len(reviews.item))
+  if protocol == "dien":
+    return popularity_negatives(rng, reviews, rows)
+  return uniform_negatives(rng, reviews, rows)
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def _ids(x: np.ndarray) -> np.ndarray:
+  return (x + schema_lib.NUM_RESERVED_IDS).astype(np.int32)
+
+
+def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """[M] and [M] -> [2M] as a0, b0, a1, b1, ..."""
+  return np.stack([a, b], axis=1).reshape(-1)
+
+
+def _fill_history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
+                  out_item: np.ndarray, out_cat: np.ndarray) -> None:
+  """Writes the behaviours of each target row into rows 2k and 2k+1 of out_item / out_cat.
+
+  Behaviours of row r: the user's reviews strictly before r, the most recent max_seq_len of
+  them, oldest first, left-aligned, padded with 0. Shapes: rows [M]; outs [2M, T].
+  """
+  t = np.arange(max_seq_len)
+  for lo in range(0, len(rows), HIST_CHUNK):
+    r = rows[lo:lo + HIST_CHUNK]
+    length = np.minimum(reviews.pos[r], max_seq_len)
+    index = (r - length)[:, None] + t[None, :]
+    valid = t[None, :] < length[:, None]
+    index = np.where(valid, index, 0)
+    item = np.where(valid, _ids(reviews.item[index]), schema_lib.PAD_ID)
+    cat = np.where(valid, _ids(reviews.item_category[reviews.item[index]]), schema_lib.PAD_ID)
+    for out, value in ((out_item, item), (out_cat, cat)):
+      pair = out[2 * lo:2 * (lo + len(r))].reshape(len(r), 2, max_seq_len)
+      pair[:, 0] = value
+      pair[:, 1] = value
+
+
+def year_of(seconds: np.ndarray) -> np.ndarray:
+  """[R] UTC calendar year of each unix time."""
+  days = np.floor_divide(seconds, SECONDS_PER_DAY).astype("datetime64[D]")
+  return days.astype("datetime64[Y]").astype(np.int64) + 1970
+
+
+def calendar(seconds: np.ndarray, years: np.ndarray) -> dict[str, np.ndarray]:
+  """0-based year (index into `years`), month 0..11, weekday 0..6 (Monday = 0), all UTC."""
+  days = np.floor_divide(seconds, SECONDS_PER_DAY)
+  date = days.astype("datetime64[D]")
+  year = year_of(seconds)
+  month = date.astype("datetime64[M]").astype(np.int64) % 12
+  weekday = (days + 3) % 7  # 1970-01-01 was a Thursday
+  return {"year": np.searchsorted(years, year), "month": month, "weekday": weekday}
+
+
+def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
+                   max_seq_len: int, years: np.ndarray) -> dict[str, np.ndarray]:
+  """Columns of 2M examples for M target rows: example 2k is the positive (the reviewed item,
+  label 1), 2k+1 the negative (negatives[rows[k]], label 0), both with the same behaviours,
+  user and context features."""
+  m = len(rows)
+  hist_item = np.empty((2 * m, max_seq_len), np.int32)
+  hist_cat = np.empty((2 * m, max_seq_len), np.int32)
+  _fill_history(reviews, rows, max_seq_len, hist_item, hist_cat)
+  pos = reviews.pos[rows]
+  both = lambda x: np.repeat(x, 2)  # noqa: E731
+  cand = _interleave(reviews.item[rows], negatives[rows])
+  has_previous = pos >= 1
+  gap_days = np.where(has_previous,
+                      (reviews.time[rows] - reviews.time[np.maximum(rows - 1, 0)])
+                      // SECONDS_PER_DAY, 0)
+  gap = np.where(has_previous, np.searchsorted(GAP_EDGES_DAYS, gap_days, side="right"),
+                 NO_PREVIOUS_GAP)
+  cal = calendar(reviews.time[rows], years)
+  return {
+      "item.item_id": _ids(cand),
+      "item.category": _ids(reviews.item_category[cand]),
+      "hist.item_id": hist_item,
+      "hist.category": hist_cat,
+      "hist_len": both(np.minimum(pos, max_seq_len)).astype(np.int32),
+      "user.user_id": _ids(both(reviews.user[rows])),
+      "user.activity": _ids(both(np.searchsorted(ACTIVITY_EDGES, pos, side="right"))),
+      "context.year": _ids(both(cal["year"])),
+      "context.month": _ids(both(cal["month"])),
+      "context.weekday": _ids(both(cal["weekday"])),
+      "context.gap": _ids(both(gap)),
+      "label": np.tile(np.array([1.0, 0.0], np.float32), m),
+      "group_id": both(reviews.user[rows]).astype(np.int64),
+  }
+
+
+def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
+                sizes: Mapping[str, int], source: str) -> schema_lib.Schema:
+  cat = lambda name, size: schema_lib.Field(name, "categorical",  # noqa: E731
+                                            size + schema_lib.NUM_RESERVED_IDS)
+  features = schema_lib.FeatureSpec(
+      item_fields=(cat("item_id", reviews.num_items), cat("category", reviews.num_categories)),
+      behavior_fields=("item_id", "category"),
+      user_fields=(cat("user_id", reviews.num_users),
+                   cat("activity", len(ACTIVITY_EDGES) + 1)),
+      context_fields=(cat("year", num_years), cat("month", 12), cat("weekday", 7),
+                      cat("gap", NO_PREVIOUS_GAP + 1)),
+      max_seq_len=max_seq_len)
+  return schema_lib.Schema(features=features,
+                           num_examples=tuple((s, int(sizes[s])) for s in schema_lib.SPLITS),
+                           source=source)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> None:
+  r, m = stats["reviews"], stats["metadata"]
+  review_bad = r["malformed_lines"] + r["missing_fields"] + r["without_metadata"]
+  review_lines = r["lines"] - r["blank_lines"]
+  meta_bad = m["malformed_lines"] + m["missing_fields"]
+  meta_lines = m["lines"] - m["blank_lines"] - m["skipped_unreviewed"]
+  stats["bad_row_ratio"] = {"reviews": review_bad / max(review_lines, 1),
+                            "metadata": meta_bad / max(meta_lines, 1)}
+  if review_lines == 0 or r["parsed"] == 0:
+    raise DataError(f"amazon: no usable review lines in {paths[0]} ({r})")
+  if r["kept"] == 0:
+    raise DataError(f"amazon: no review of {paths[0]} has an item with categories in "
+                    f"{paths[1]} (reviews {r}, metadata {m})")
+  for what, ratio, path in (("reviews", stats["bad_row_ratio"]["reviews"], paths[0]),
+                            ("metadata", stats["bad_row_ratio"]["metadata"], paths[1])):
+    if ratio > max_ratio:
+      raise DataError(f"amazon: {ratio:.2%} of the {what} lines of {path} are bad, above "
+                      f"data.max_bad_row_ratio={max_ratio:g} (reviews {r}, metadata {m})")
+
+
+def load_reviews(reviews_path: str, meta_path: str, protocol: str,
+                 max_bad_row_ratio: float) -> tuple[Reviews, dict]:
+  """Parses and joins the raw files; returns (Reviews, stats) or raises DataError."""
+  started = time.time()
+  with open_text(reviews_path) as f:
+    raw = parse_reviews(f)
+  logging.info("amazon: parsed %s in %.1fs: %s", reviews_path, time.time() - started, raw.counts)
+  started = time.time()
+  wanted = {asin: i for i, asin in enumerate(raw.item_keys)}
+  with open_text(meta_path) as f:
+    categories, meta_counts = parse_metadata(f, wanted, protocol)
+  logging.info("amazon: parsed %s in %.1fs: %s", meta_path, time.time() - started, meta_counts)
+  reviews, dropped = join_reviews(raw, categories)
+  stats = {"reviews": dict(raw.counts, without_metadata=dropped, kept=len(reviews.item)),
+           "metadata": meta_counts}
+  _check_bad_rows(stats, max_bad_row_ratio, (reviews_path, meta_path))
+  return reviews, stats
+
+
+def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: str,
+                       directory: str) -> dict:
+  """Prepares `directory` from the given raw files; returns the stats written to stats.json."""
+  protocol = data_config.protocol
+  if protocol not in PROTOCOLS:
+    raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
+  started = time.time()
+  reviews, stats = load_reviews(reviews_path, meta_path, protocol,
+                                data_config.max_bad_row_ratio)
+  rng = np.random.default_rng(data_config.get("seed", 0))
+  targets = protocol_targets(protocol, reviews, rng)
+  negatives = draw_negatives(protocol, reviews, rng)
+  years = np.unique(year_of(reviews.time))
+  splits = {}
+  for split in ("train", "test", "valid"):
+    if split == "valid" and protocol in ("din", "dien"):
+      splits["valid"] = splits["test"]  # the references select models on test (see docs)
+    else:
+      splits[split] = build_examples(reviews, targets[split], negatives,
+                                     data_config.max_seq_len, years)
+  sizes = {s: len(splits[s]["label"]) for s in schema_lib.SPLITS}
+  for split, size in sizes.items():
+    if size == 0:
+      raise DataError(f"amazon: protocol {protocol!r} produced no {split} examples "
+                      f"({stats['reviews']['kept']} reviews, {reviews.num_users} users)")
+  source = (f"amazon({data_config.dataset}, protocol={protocol}, "
+            f"seed={data_config.get('seed', 0)})")
+  schema = make_schema(reviews, len(years), data_config.max_seq_len, sizes, source)
+  stats.update({
+      "source": "amazon", "dataset": data_config.dataset, "protocol": protocol,
+      "num_users": reviews.num_users, "num_items": reviews.num_items,
+      "num_categories": reviews.num_categories, "num_reviews": int(len(reviews.item)),
+      "num_samples": sizes,
+      "valid_is_test": protocol in ("din", "dien"),
+      "years": [int(y) for y in years],
+      "positive_rate": {s: float(splits[s]["label"].mean()) for s in schema_lib.SPLITS},
+      "raw_files": [reviews_path, meta_path],
+  })
+  stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
+                                                extra_files={"stats.json": stats})
+  logging.info("amazon: prepared %s in %.1fs: %d users, %d items, %d categories, samples %s, "
+               "bad rows %s", directory, time.time() - started, reviews.num_users,
+               reviews.num_items, reviews.num_categories, sizes, stats["bad_row_ratio"])
+  return stats
+
+
+def prepare(data_config: ConfigDict, directory: str) -> None:
+  """Finds (or downloads) the raw files of `data_config.dataset` and prepares `directory`."""
+  reviews_path, meta_path = locate_raw_files(data_config)
+  prepare_from_files(data_config, reviews_path, meta_path, directory)

@@ -1,0 +1,166 @@
+"""Downloads raw data files: progress bar, resume, size and checksum checks (urllib only).
+
+A download writes `<target>.part` and renames it to `<target>` only once it is complete and
+verified, so a file at `target` is always whole. An interrupted download resumes from the
+`.part` file with an HTTP Range request; a server that ignores Range restarts it from zero.
+Without network access the error is one line naming every URL and target path, so a user can
+fetch the files by hand and rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from absl import logging
+
+from mian_jax.errors import DataError
+
+CHUNK_BYTES = 1 << 20
+USER_AGENT = "mian-jax-downloader/1.0"
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _verify(path: str, url: str, size: int | None, sha256: str | None) -> None:
+  """Raises DataError if the file at `path` has the wrong size or checksum."""
+  actual = os.path.getsize(path)
+  if size is not None and actual != size:
+    raise DataError(f"download of {url} to {path}: expected {size} bytes, got {actual}")
+  if sha256 is not None:
+    digest = sha256_of(path)
+    if digest != sha256.lower():
+      raise DataError(f"download of {url} to {path}: sha256 {digest} does not match the "
+                      f"expected {sha256.lower()}; the partial file was removed, retry")
+
+
+def _total_size(response, offset: int) -> int | None:
+  """The full file size from Content-Range ('bytes a-b/total') or Content-Length."""
+  content_range = response.headers.get("Content-Range", "")
+  if "/" in content_range and not content_range.endswith("/*"):
+    return int(content_range.rsplit("/", 1)[1])
+  length = response.headers.get("Content-Length")
+  return int(length) + offset if length is not None else None
+
+
+def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return None
+  return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+              desc=name, disable=not enabled or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def download(url: str, target: str, *, size: int | None = None, sha256: str | None = None,
+             timeout: float = 60.0, progress: bool = True) -> str:
+  """Downloads `url` to `target` (resuming `<target>.part`); returns `target`.
+
+  Args:
+    url: http(s) or file URL.
+    target: final path; its directory is created. An existing file is verified and kept.
+    size: expected size in bytes, if known (else the server's Content-Length is checked).
+    sha256: expected hex digest, if known.
+    timeout: socket timeout in seconds.
+    progress: show a tqdm progress bar on a terminal.
+
+  Raises:
+    DataError: unreachable URL (one line with URL and target), HTTP error, truncated
+      download, size or checksum mismatch.
+  """
+  if os.path.isfile(target):
+    _verify(target, url, size, sha256)
+    return target
+  os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+  part = target + ".part"
+  offset = os.path.getsize(part) if os.path.isfile(part) else 0
+  if size is not None and offset > size:
+    os.remove(part)
+    offset = 0
+  request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+  if offset:
+    request.add_header("Range", f"bytes={offset}-")
+  try:
+    response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
+  except urllib.error.HTTPError as e:
+    if e.code == 416 and offset:  # Range not satisfiable: the .part file is already whole.
+      return _finish(part, target, url, size, sha256)
+    raise DataError(f"download of {url} to {target} failed: HTTP {e.code} {e.reason}") from None
+  except (urllib.error.URLError, OSError) as e:
+    reason = getattr(e, "reason", e)
+    raise DataError(f"cannot download {url} ({reason}); without network access fetch it by "
+                    f"hand to {target} (e.g. curl -L -o {target} {url}) and rerun") from None
+  with response:
+    status = getattr(response, "status", 200)
+    if offset and status != 206:
+      logging.info("%s: the server ignored the Range request; restarting from 0", url)
+      offset = 0
+    total = _total_size(response, offset)
+    if size is not None and total is not None and total != size:
+      raise DataError(f"download of {url} to {target}: the server announces {total} bytes, "
+                      f"expected {size}")
+    logging.info("Downloading %s to %s (%s bytes%s)", url, target, total,
+                 f", resuming at {offset}" if offset else "")
+    bar = _progress_bar(total, offset, os.path.basename(target), progress)
+    try:
+      with open(part, "ab" if offset else "wb") as f:
+        while True:
+          try:
+            block = response.read(CHUNK_BYTES)
+          except OSError as e:
+            raise DataError(f"download of {url} to {target} interrupted after "
+                            f"{f.tell()} bytes ({e}); rerun to resume from {part}") from None
+          if not block:
+            break
+          f.write(block)
+          if bar is not None:
+            bar.update(len(block))
+    finally:
+      if bar is not None:
+        bar.close()
+  received = os.path.getsize(part)
+  if total is not None and received < total:
+    raise DataError(f"download of {url} to {target} stopped at {received} of {total} bytes; "
+                    f"rerun to resume from {part}")
+  return _finish(part, target, url, size if size is not None else total, sha256)
+
+
+def _finish(part: str, target: str, url: str, size: int | None, sha256: str | None) -> str:
+  try:
+    _verify(part, url, size, sha256)
+  except DataError:
+    os.remove(part)
+    raise
+  os.replace(part, target)
+  return target
+
+
+def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> list[str]:
+  """Downloads each missing (url, target); one DataError listing every file that failed.
+
+  Returns the target paths. Files already present are kept (and verified when `kwargs` give a
+  size or checksum, which then applies to every file).
+  """
+  failures = []
+  for url, target in files:
+    try:
+      download(url, target, **kwargs)
+    except DataError as e:
+      failures.append((url, target, str(e)))
+  if failures:
+    if len(failures) == 1:
+      raise DataError(failures[0][2])
+    hand = "; ".join(f"{url} -> {target}" for url, target, _ in failures)
+    raise DataError(f"{len(failures)} downloads failed ({failures[0][2]}). Fetch by hand: {hand}")
+  return [target for _, target in files]
+

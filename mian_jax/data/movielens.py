@@ -1,0 +1,232 @@
+"""MovieLens-100K and MovieLens-1M from their original raw files (docs/data_movielens_tabular.md).
+
+Files, read from `config.data.raw_dir` (or a `ml-100k` / `ml-1m` folder inside it), latin-1:
+
+  100k: u.data  user \\t movie \\t rating \\t timestamp
+        u.user  user|age|gender|occupation|zip
+        u.item  movie|title|release date|video date|url|19 genre flags (u.genre order)
+  1m:   ratings.dat  user::movie::rating::timestamp
+        users.dat    user::gender::age group::occupation code::zip
+        movies.dat   movie::title (year)::genre|genre|...
+
+Every rating is one example:
+
+  label       rating >= data.movielens.click_threshold (default 4) is a click (1), else 0.
+  item        movie_id; genre = the first listed genre (both files list genres alphabetically,
+              100K after "unknown"); release_year = 5-year bucket of the release year (from the
+              release date in 100K, the "(year)" in the title in 1M; "unknown" if absent).
+  behaviours  (movie_id, genre) of the user's ratings with a strictly earlier timestamp (any
+              rating value: having watched a movie is the behaviour), the most recent
+              data.max_seq_len kept, oldest first.
+  user        user_id, age_group (the 1M groups 1/18/25/35/45/50/56; 100K ages are mapped to
+              them), gender, occupation, zip_prefix (first data.movielens.zip_prefix_len chars).
+  context     from the rating's Unix timestamp, in UTC: hour, weekday, month, and
+              time_since_last = bucketed time since the user's previous (strictly earlier)
+              rating: none / < 1 h / < 1 day / < 1 week / < 30 days / longer.
+
+Split: a global time cut. Ratings sorted by time; the last `test_fraction` (default 10%) are
+test, the `valid_fraction` before them valid, the rest train; ratings with the same timestamp
+never straddle a cut. A global cut (rather than per-user leave-last-out) means every training
+example is strictly earlier than every valid/test example, so nothing learned in training (item
+popularity, embeddings) comes from the evaluation period. Behaviours of a valid/test example may
+include the user's earlier training-period ratings (the past), never later ones. User profiles
+are static in MovieLens, so user fields carry no future information. Vocabularies come from the
+training split only; unseen values (e.g. movies first rated in the test period) map to OOV id 1.
+
+Malformed lines (wrong field count, non-integer ids, ratings outside 1..5, unknown users or
+movies, duplicate ids) are counted per file, reported in stats.json["bad_rows"], and above
+data.max_bad_row_ratio the preparation fails with a DataError.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+from ml_collections import ConfigDict
+
+from mian_jax.data import logs
+from mian_jax.errors import DataError
+
+ENV_VAR = "MIAN_JAX_MOVIELENS_DIR"
+URLS = {"100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+        "1m": "https://files.grouplens.org/datasets/movielens/ml-1m.zip"}
+FILES = {"100k": ("u.data", "u.user", "u.item"),
+         "1m": ("ratings.dat", "users.dat", "movies.dat")}
+# u.genre order of the 19 genre flags of u.item.
+GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+               "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+               "Romance", "Sci-Fi", "Thriller", "War", "Western")
+AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)  # ML-1M codes: under 18, 18-24, ..., 56+
+# time_since_last buckets: upper bounds in seconds (last bucket: longer).
+GAP_BOUNDS = (3600, 86400, 7 * 86400, 30 * 86400)
+GAP_NAMES = ("lt_1h", "lt_1d", "lt_1w", "lt_30d", "ge_30d")
+
+SPEC_FIELDS = dict(
+    item_fields=(("movie_id", "categorical"), ("genre", "categorical"),
+                 ("release_year", "categorical")),
+    behavior_fields=("movie_id", "genre"),
+    user_fields=(("user_id", "categorical"), ("age_group", "categorical"),
+                 ("gender", "categorical"), ("occupation", "categorical"),
+                 ("zip_prefix", "categorical")),
+    context_fields=(("hour", "categorical"), ("weekday", "categorical"),
+                    ("month", "categorical"), ("time_since_last", "categorical")))
+
+
+def resolve_raw_dir(data_config: ConfigDict) -> str:
+  """The folder holding the variant's raw files; DataError with instructions if there is none."""
+  variant = data_config.movielens.variant
+  if variant not in FILES:
+    raise DataError(f"data.movielens.variant={variant!r}; expected one of {sorted(FILES)}")
+  raw_dir = data_config.raw_dir or os.environ.get(ENV_VAR, "")
+  hint = (f"download {URLS[variant]}, unzip it, and pass --config.data.raw_dir=<folder with "
+          f"{', '.join(FILES[variant])}> or set {ENV_VAR}")
+  if not raw_dir:
+    raise DataError(f"MovieLens-{variant.upper()}: no raw data folder given; {hint}")
+  raw_dir = os.path.expanduser(raw_dir)
+  for candidate in (raw_dir, os.path.join(raw_dir, f"ml-{variant}")):
+    if all(os.path.isfile(os.path.join(candidate, f)) for f in FILES[variant]):
+      return candidate
+  missing = [f for f in FILES[variant] if not os.path.isfile(os.path.join(raw_dir, f))]
+  raise DataError(f"MovieLens-{variant.upper()}: {', '.join(missing)} not found in {raw_dir}; "
+                  f"{hint}")
+
+
+def age_group(age: np.ndarray) -> np.ndarray:
+  """Raw age (years) -> ML-1M age-group code (1, 18, 25, 35, 45, 50, 56). [N] -> [N]."""
+  bounds = np.asarray(AGE_GROUPS[1:])
+  return np.asarray(AGE_GROUPS)[np.searchsorted(bounds, np.asarray(age), side="right")]
+
+
+def year_bucket(year: pd.Series) -> pd.Series:
+  """Release year (float, NaN if unknown) -> "1990-1994"-style 5-year bucket or "unknown"."""
+  start = (np.floor(year / 5) * 5).astype("Int64")
+  out = start.astype(str) + "-" + (start + 4).astype(str)
+  return out.where(year.notna(), "unknown").astype(object)
+
+
+def gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
+  """Seconds since the previous rating (NaN = none) -> bucket name. [N] -> [N] object."""
+  bucket = np.searchsorted(GAP_BOUNDS, np.nan_to_num(gap_seconds), side="right")
+  names = np.asarray(GAP_NAMES, dtype=object)[bucket]
+  return np.where(np.isnan(gap_seconds), "none", names)
+
+
+def _read_100k(raw_dir: str, bad: logs.BadRows):
+  path = lambda f: os.path.join(raw_dir, f)  # noqa: E731
+  ratings = logs.read_delimited(path("u.data"), "\t", ("user", "movie", "rating", "timestamp"),
+                                bad)
+  users = logs.read_delimited(path("u.user"), "|",
+                              ("user", "age", "gender", "occupation", "zip"), bad)
+  users = logs.to_int(users, ("user", "age"), bad, "u.user", lo=0)
+  users["age_group"] = age_group(users["age"].to_numpy())
+  flags = [f"g{i}" for i in range(len(GENRES_100K))]
+  movies = logs.read_delimited(path("u.item"), "|",
+                               ("movie", "title", "release", "video", "url", *flags), bad)
+  movies = logs.to_int(movies, ("movie", *flags), bad, "u.item", lo=0, hi=None)
+  flag_matrix = movies[flags].to_numpy(np.int64) > 0
+  first = np.argmax(flag_matrix, axis=1)
+  movies["genre"] = np.where(flag_matrix.any(axis=1), np.asarray(GENRES_100K, object)[first],
+                             "unknown")
+  year = pd.to_numeric(movies["release"].str.strip().str[-4:], errors="coerce")
+  movies["year"] = year
+  return ratings, "u.data", users, "u.user", movies, "u.item"
+
+
+def _read_1m(raw_dir: str, bad: logs.BadRows):
+  path = lambda f: os.path.join(raw_dir, f)  # noqa: E731
+  ratings = logs.read_delimited(path("ratings.dat"), "::",
+                                ("user", "movie", "rating", "timestamp"), bad)
+  users = logs.read_delimited(path("users.dat"), "::",
+                              ("user", "gender", "age_group", "occupation", "zip"), bad)
+  users = logs.to_int(users, ("user", "age_group"), bad, "users.dat", lo=0)
+  movies = logs.read_delimited(path("movies.dat"), "::", ("movie", "title", "genres"), bad)
+  movies = logs.to_int(movies, ("movie",), bad, "movies.dat", lo=0)
+  movies["genre"] = movies["genres"].str.split("|", n=1, regex=False).str[0].str.strip()
+  movies["genre"] = movies["genre"].where(movies["genre"] != "", "unknown")
+  movies["year"] = pd.to_numeric(movies["title"].str.extract(r"\((\d{4})\)\s*$")[0],
+                                 errors="coerce")
+  return ratings, "ratings.dat", users, "users.dat", movies, "movies.dat"
+
+
+def read_log(data_config: ConfigDict, bad: logs.BadRows) -> pd.DataFrame:
+  """Reads and joins the raw files into a log (see logs.py), one row per valid rating."""
+  c = data_config.movielens
+  raw_dir = resolve_raw_dir(data_config)
+  reader = _read_100k if c.variant == "100k" else _read_1m
+  ratings, r_name, users, u_name, movies, m_name = reader(raw_dir, bad)
+  users = logs.drop_duplicate_keys(users, "user", bad, u_name)
+  movies = logs.drop_duplicate_keys(movies, "movie", bad, m_name)
+  ratings = logs.to_int(ratings, ("user", "movie", "rating", "timestamp"), bad, r_name, lo=0)
+  lines = ratings["_line"].to_numpy()
+  bad.record(r_name, 0, ~ratings["rating"].between(1, 5).to_numpy(), "rating outside 1..5", lines)
+  bad.record(r_name, 0, ~ratings["user"].isin(users["user"]).to_numpy(), "unknown user", lines)
+  bad.record(r_name, 0, ~ratings["movie"].isin(movies["movie"]).to_numpy(), "unknown movie",
+             lines)
+  ok = (ratings["rating"].between(1, 5) & ratings["user"].isin(users["user"])
+        & ratings["movie"].isin(movies["movie"]))
+  ratings = ratings[ok.to_numpy()].reset_index(drop=True)
+  bad.check()
+
+  r = ratings.merge(users[["user", "age_group", "gender", "occupation", "zip"]], on="user",
+                    how="left", validate="many_to_one")
+  r = r.merge(movies[["movie", "genre", "year"]], on="movie", how="left",
+              validate="many_to_one")
+  when = pd.to_datetime(r["timestamp"], unit="s", utc=True)
+  strip = lambda s: s.astype(str).str.strip()  # noqa: E731
+  return pd.DataFrame({
+      "user": r["user"].to_numpy(),
+      "timestamp": r["timestamp"].to_numpy(np.int64),
+      "label": (r["rating"] >= c.click_threshold).to_numpy(np.float32),
+      "split": logs.time_split(r["timestamp"].to_numpy(), c.valid_fraction, c.test_fraction),
+      "item.movie_id": r["movie"].to_numpy(),
+      "item.genre": r["genre"].to_numpy(),
+      "item.release_year": year_bucket(r["year"]).to_numpy(),
+      "user.user_id": r["user"].to_numpy(),
+      "user.age_group": r["age_group"].to_numpy(),
+      "user.gender": strip(r["gender"]).to_numpy(),
+      "user.occupation": strip(r["occupation"]).to_numpy(),
+      "user.zip_prefix": strip(r["zip"]).str[:c.zip_prefix_len].to_numpy(),
+      "context.hour": when.dt.hour.to_numpy(),
+      "context.weekday": when.dt.day_of_week.to_numpy(),
+      "context.month": when.dt.month.to_numpy(),
+      "context.time_since_last": gap_bucket(
+          logs.previous_time_gap(r["user"].to_numpy(), r["timestamp"].to_numpy())),
+  })
+
+
+def generate(data_config: ConfigDict):
+  """Returns (schema, {split: columns}, stats) for the MovieLens settings in `data_config`."""
+  c = data_config.movielens
+  bad = logs.BadRows(data_config.max_bad_row_ratio)
+  log = read_log(data_config, bad)
+  spec = logs.LogSpec(max_seq_len=data_config.max_seq_len, **SPEC_FIELDS)
+  source = (f"movielens-{c.variant}(click=rating>={c.click_threshold}, global time split "
+            f"valid={c.valid_fraction}, test={c.test_fraction})")
+  schema, splits, info = logs.build_examples(log, spec, source)
+  stats = {
+      "source": f"movielens-{c.variant}",
+      "protocol": (f"label = rating >= {c.click_threshold}; global time split: last "
+                   f"{c.test_fraction:.0%} of ratings by timestamp = test, the "
+                   f"{c.valid_fraction:.0%} before = valid, rest = train; behaviours = the "
+                   f"user's strictly earlier ratings, last {data_config.max_seq_len}; "
+                   "vocabularies from train only"),
+      "num_ratings": len(log),
+      "num_users": int(log["user"].nunique()),
+      "num_items": int(log["item.movie_id"].nunique()),
+      "num_categories": int(log["item.genre"].nunique()),
+      "vocab_sizes": info["vocab_sizes"],
+      "time_range": {s: [int(log["timestamp"][log["split"] == i].min()),
+                         int(log["timestamp"][log["split"] == i].max())]
+                     for i, s in enumerate(("train", "valid", "test"))
+                     if (log["split"] == i).any()},
+      "bad_rows": bad.summary(),
+  }
+  return schema, splits, stats
+
+
+def prepare(data_config: ConfigDict, directory: str) -> None:
+  """Reads the raw MovieLens files and writes the prepared data (atomically) to `directory`."""
+  schema, splits, stats = generate(data_config)
+  logs.write_with_stats(directory, schema, splits, stats)

@@ -1,0 +1,63 @@
+"""Prepares a data set without training; prints its statistics and checksum.
+
+  python -m mian_jax.data.prepare --config=configs/movielens.py \
+      [--config.data.prepared_dir=/data/prepared/ml100k]
+
+The prepared directory (config.data.prepared_dir, default a cache directory keyed by the data
+settings) holds schema.json, the splits and stats.json. An already prepared directory is not
+rebuilt: its checksum is recomputed and must match the one in stats.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mian_jax import cli
+from mian_jax import data as data_lib
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import DataError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/<dataset>.py[:arg]).",
+                                lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def prepare_and_describe(data_config) -> tuple[str, dict]:
+  """Prepares (if needed) and returns (directory, stats); stats.json holds the checksum."""
+  directory, schema = data_lib.ensure_prepared(data_config)
+  path = os.path.join(directory, "stats.json")
+  stats = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      stats = json.load(f)
+  checksum = schema_lib.dataset_checksum(directory)
+  if stats.get("checksum") not in (None, checksum):
+    raise DataError(f"{directory}: the data no longer matches the checksum in stats.json "
+                    f"({stats['checksum']} != {checksum}); delete the directory and prepare again")
+  if "checksum" not in stats:  # sources that do not record it (e.g. synthetic)
+    stats.setdefault("num_samples", {s: schema.size(s) for s in schema_lib.SPLITS})
+    stats["checksum"] = checksum
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(stats, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  return directory, stats
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.setup_jax()
+  directory, stats = cli.run_or_exit(prepare_and_describe, FLAGS.config.data)
+  print(json.dumps(stats, indent=2, sort_keys=True))
+  print(f"prepared directory: {directory}")
+  print(f"checksum: {stats['checksum']}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,430 @@
+"""The Amazon source: parsing, protocols (hand-worked examples), negatives, leakage, errors."""
+
+import ast
+import datetime
+import functools
+import gzip
+import http.server
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from configs import books, electronics
+from mian_jax import data as data_lib
+from mian_jax.data import amazon
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError, DataError
+
+DAY = 86400
+BASE_DAY = (datetime.date(2013, 12, 25) - datetime.date(1970, 1, 1)).days  # a Wednesday
+
+# (reviewer, asin, day offset): the file order is not the time order on purpose.
+GOOD_REVIEWS = [
+    ("uA", "i1", 10), ("uA", "i2", 12), ("uA", "i3", 11), ("uB", "i2", 5),
+    ("uB", "i5", 5), ("uA", "i4", 40), ("uB", "i1", 100), ("uC", "i3", 1), ("uC", "i6", 3),
+]
+NO_META_REVIEW = ("uC", "i9", 2)  # item i9 has no metadata: dropped and counted
+BAD_REVIEW_LINES = ['{"reviewerID": "uX", "asin": ', "[1, 2]",
+                    '{"reviewerID": "uX", "asin": "i1"}']  # malformed, not an object, missing
+
+META_LINES = [
+    "{'asin': 'i1', 'categories': [['Books', 'Fiction'], ['Books', 'Sci']]}",
+    "{'asin': 'i2', 'title': 'Two', 'categories': [['Books', 'Fiction']]}",
+    "{'asin': 'i3', 'categories': [['Books', 'Sci']]}",
+    "{'asin': 'i4', 'title': \"Rock 'n' Roll\", 'categories': [['Books', 'Art']]}",
+    "{'asin': 'i5', 'categories': [['Books', 'Art'], ['Books', 'Fiction']]}",
+    "{'asin': 'i6', oops}",  # malformed, counted; the next line still gives i6 its category
+    "{'asin': 'i6', 'categories': [['Books', 'Sci']]}",
+    "{'asin': 'i7', 'categories': [['Unreviewed']]}",  # skipped without parsing
+    "",
+]
+
+
+def _review_line(user, asin, day):
+  return json.dumps({"reviewerID": user, "asin": asin, "reviewerName": "x",
+                     "helpful": [0, 0], "reviewText": "It's \"fine\".", "overall": 4.0,
+                     "summary": "ok", "unixReviewTime": (BASE_DAY + day) * DAY,
+                     "reviewTime": "01 1, 2014"})
+
+
+def _write(path, lines, gz):
+  text = "\n".join(lines) + "\n"
+  if gz:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      f.write(text)
+  else:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+def write_tiny(directory, gz=True, bad=True):
+  """Writes the tiny Books file pair; returns the raw directory."""
+  os.makedirs(directory, exist_ok=True)
+  reviews = [_review_line(*r) for r in GOOD_REVIEWS]
+  if bad:
+    reviews = reviews[:3] + BAD_REVIEW_LINES + reviews[3:] + [_review_line(*NO_META_REVIEW)]
+  suffix = ".gz" if gz else ""
+  _write(os.path.join(directory, "reviews_Books_5.json" + suffix), reviews, gz)
+  _write(os.path.join(directory, "meta_Books.json" + suffix), META_LINES, gz)
+  return str(directory)
+
+
+def data_config(raw_dir, protocol="mian", max_seq_len=2, max_bad_row_ratio=0.5, seed=0):
+  config = books.get_config(f"protocol={protocol}").data
+  config.raw_dir = str(raw_dir)
+  config.max_seq_len = max_seq_len
+  config.max_bad_row_ratio = max_bad_row_ratio
+  config.seed = seed
+  return config
+
+
+def prepare(tmp_path, **kwargs):
+  raw = write_tiny(tmp_path / "raw", gz=kwargs.pop("gz", True))
+  out = str(tmp_path / "prepared")
+  amazon.prepare(data_config(raw, **kwargs), out)
+  schema = schema_lib.read_schema(out)
+  splits = {s: {k: np.asarray(v) for k, v in schema_lib.load_split(out, s, schema).items()}
+            for s in schema_lib.SPLITS}
+  with open(os.path.join(out, "stats.json")) as f:
+    stats = json.load(f)
+  return schema, splits, stats
+
+
+# Ids: sorted strings from 2. Users uA=2, uB=3, uC=4; items i1..i6 = 2..7;
+# categories (din/mian: last of last path) Art=2, Fiction=3, Sci=4.
+U = {"uA": 2, "uB": 3, "uC": 4}
+I = {f"i{k}": k + 1 for k in range(1, 7)}
+CAT = {"Art": 2, "Fiction": 3, "Sci": 4}
+ITEM_CAT = {"i1": "Sci", "i2": "Fiction", "i3": "Sci", "i4": "Art", "i5": "Fiction", "i6": "Sci"}
+
+
+def _context(day):
+  date = datetime.date(2013, 12, 25) + datetime.timedelta(days=day)
+  return ({2013: 2, 2014: 3}[date.year], date.month - 1 + 2, date.weekday() + 2)
+
+
+def _positives(split):
+  """Rows 0, 2, 4, ... are positives; rows 1, 3, 5, ... their negatives."""
+  return {k: v[0::2] for k, v in split.items()}
+
+
+def test_mian_protocol_hand_worked(tmp_path):
+  schema, splits, stats = prepare(tmp_path, protocol="mian", max_seq_len=2)
+  # Time-ordered: uA i1(10) i3(11) i2(12) i4(40); uB i2(5) i5(5, file order) i1(100);
+  # uC i3(1) i6(3). Train predicts reviews 1..n-3, valid n-2, test n-1 (T = 2).
+  expected = {
+      # split: [(user, target, hist, gap bucket, activity bucket, day)]
+      "train": [("uA", "i3", ["i1"], 1, 1, 11)],
+      "valid": [("uA", "i2", ["i1", "i3"], 1, 2, 12), ("uB", "i5", ["i2"], 0, 1, 5)],
+      "test": [("uA", "i4", ["i3", "i2"], 3, 2, 40), ("uB", "i1", ["i2", "i5"], 5, 2, 100),
+               ("uC", "i6", ["i3"], 2, 1, 3)],
+  }
+  for split, rows in expected.items():
+    p = _positives(splits[split])
+    assert len(splits[split]["label"]) == 2 * len(rows)
+    np.testing.assert_array_equal(splits[split]["label"], np.tile([1.0, 0.0], len(rows)))
+    for k, (user, target, hist, gap, activity, day) in enumerate(rows):
+      assert p["group_id"][k] == U[user] - 2 and p["user.user_id"][k] == U[user]
+      assert p["item.item_id"][k] == I[target]
+      assert p["item.category"][k] == CAT[ITEM_CAT[target]]
+      assert p["hist_len"][k] == len(hist)
+      np.testing.assert_array_equal(p["hist.item_id"][k],
+                                    [I[h] for h in hist] + [0] * (2 - len(hist)))
+      np.testing.assert_array_equal(p["hist.category"][k],
+                                    [CAT[ITEM_CAT[h]] for h in hist] + [0] * (2 - len(hist)))
+      assert p["context.gap"][k] == gap + 2
+      assert p["user.activity"][k] == activity + 2
+      year, month, weekday = _context(day)
+      assert (p["context.year"][k], p["context.month"][k], p["context.weekday"][k]) == (
+          year, month, weekday)
+    # Negatives share everything but the candidate and the label with their positive.
+    for name, column in splits[split].items():
+      if not name.startswith("item.") and name != "label":
+        np.testing.assert_array_equal(column[0::2], column[1::2], err_msg=name)
+  positives = {"uA": {"i1", "i2", "i3", "i4"}, "uB": {"i1", "i2", "i5"}, "uC": {"i3", "i6"}}
+  inverse_item = {v: k for k, v in I.items()}
+  inverse_user = {v: k for k, v in U.items()}
+  for split in schema_lib.SPLITS:
+    neg = splits[split]["item.item_id"][1::2]
+    users = splits[split]["user.user_id"][1::2]
+    for n, u in zip(neg, users):
+      assert inverse_item[n] not in positives[inverse_user[u]]
+    cats = splits[split]["item.category"][1::2]
+    np.testing.assert_array_equal(cats, [CAT[ITEM_CAT[inverse_item[n]]] for n in neg])
+  f = schema.features
+  assert [(x.name, x.vocab_size) for x in f.item_fields] == [("item_id", 8), ("category", 5)]
+  assert [(x.name, x.vocab_size) for x in f.user_fields] == [("user_id", 5), ("activity", 10)]
+  assert [(x.name, x.vocab_size) for x in f.context_fields] == [
+      ("year", 4), ("month", 14), ("weekday", 9), ("gap", 10)]
+  assert stats["num_users"] == 3 and stats["num_items"] == 6 and stats["num_categories"] == 3
+  assert stats["num_samples"] == {"train": 2, "valid": 4, "test": 6}
+  assert stats["protocol"] == "mian" and not stats["valid_is_test"]
+  assert stats["reviews"] == {"lines": 13, "blank_lines": 0, "malformed_lines": 2,
+                              "missing_fields": 1, "parsed": 10, "without_metadata": 1,
+                              "kept": 9}
+  assert stats["metadata"]["malformed_lines"] == 1
+  assert stats["metadata"]["skipped_unreviewed"] == 1
+  assert stats["metadata"]["items_found"] == 6
+  assert stats["bad_row_ratio"]["reviews"] == pytest.approx(4 / 13)
+  assert stats["checksum"] == schema_lib.dataset_checksum(str(tmp_path / "prepared"))
+
+
+def test_din_protocol_hand_worked(tmp_path):
+  _, splits, stats = prepare(tmp_path, protocol="din", max_seq_len=30)
+  # Train: every review 1..n-2; test: review n-1; valid is a copy of test.
+  train = _positives(splits["train"])
+  got = [(u, i, tuple(h[:n])) for u, i, h, n in zip(
+      train["user.user_id"], train["item.item_id"], train["hist.item_id"], train["hist_len"])]
+  assert got == [(U["uA"], I["i3"], (I["i1"],)), (U["uA"], I["i2"], (I["i1"], I["i3"])),
+                 (U["uB"], I["i5"], (I["i2"],))]
+  test = _positives(splits["test"])
+  np.testing.assert_array_equal(test["item.item_id"], [I["i4"], I["i1"], I["i6"]])
+  np.testing.assert_array_equal(test["hist_len"], [3, 2, 1])
+  for name in splits["test"]:
+    np.testing.assert_array_equal(splits["valid"][name], splits["test"][name])
+  # Published Electronics: train rows = 2 (reviews - 2 users), test rows = 2 users.
+  assert stats["num_samples"]["train"] == 2 * (stats["num_reviews"] - 2 * stats["num_users"])
+  assert stats["num_samples"]["test"] == 2 * stats["num_users"] and stats["valid_is_test"]
+
+
+def test_dien_protocol_hand_worked(tmp_path):
+  # seed 2: the first draw default_rng(2).integers(1, 11, size=3) = [9, 3, 2] sends only
+  # uC (the third user) to test. Only each user's last review is a target.
+  _, splits, stats = prepare(tmp_path, protocol="dien", max_seq_len=30, seed=2)
+  dien_cat = dict(ITEM_CAT, i1="Fiction", i5="Art")  # last element of the FIRST path
+  for split, rows in (("train", [("uA", "i4", ["i1", "i3", "i2"]), ("uB", "i1", ["i2", "i5"])]),
+                      ("test", [("uC", "i6", ["i3"])])):
+    p = _positives(splits[split])
+    assert len(splits[split]["label"]) == 2 * len(rows)
+    for k, (user, target, hist) in enumerate(rows):
+      assert p["user.user_id"][k] == U[user] and p["item.item_id"][k] == I[target]
+      assert p["item.category"][k] == CAT[dien_cat[target]]
+      n = p["hist_len"][k]
+      assert list(p["hist.item_id"][k][:n]) == [I[h] for h in hist]
+      assert list(p["hist.category"][k][:n]) == [CAT[dien_cat[h]] for h in hist]
+    negatives = splits[split]["item.item_id"][1::2]
+    assert (negatives != p["item.item_id"]).all()  # only the target itself is excluded
+    assert set(negatives) <= set(I.values())  # drawn from reviewed items
+  for name in splits["test"]:
+    np.testing.assert_array_equal(splits["valid"][name], splits["test"][name])
+  assert stats["num_samples"] == {"train": 4, "valid": 2, "test": 2}
+
+
+def test_dien_category_rule_is_first_path(tmp_path):
+  assert amazon.category_of([["Books", "Art"], ["Books", "Fiction"]], "dien") == "Art"
+  assert amazon.category_of([["Books", "Art"], ["Books", "Fiction"]], "din") == "Fiction"
+  assert amazon.category_of([], "din") is None
+  assert amazon.category_of([[]], "mian") is None
+
+
+def test_metadata_fast_path_matches_literal_eval():
+  wanted = {"i1": 0, "i2": 1, "i3": 2, "i4": 3, "i5": 4}
+  lines = [
+      "{'asin': 'zz', 'related': {'also_bought': ['asin']}, 'categories': [['A']]}",
+      "{'asin': 'zz', 'asin': 'i2', 'categories': [['B']]}",  # the later key wins
+      "{'asin': 'nope', 'description': 'chasing', 'categories': [['C']]}",  # fast path
+      "{\"asin\": \"i1\", 'categories': [['D', \"E'F\"]]}",
+      "{'asin': 'i3', 'categories': __import__('os').getcwd()}",  # never evaluated
+      "{'asin': 'i3', 'categories': 'not a list'}",
+      "{'asin': 'zz', 'as' 'in': 'i4', 'categories': [['G']]}",  # concatenated key
+      "{'asin': 'zz', 'as\\x69n': 'i5', 'categories': [['H']]}",  # escaped key
+  ]
+  cats, counts = amazon.parse_metadata(lines, wanted, "din")
+  assert cats == ["E'F", "B", None, "G", "H"]
+  assert counts["skipped_unreviewed"] == 2 and counts["malformed_lines"] == 1
+  assert counts["missing_fields"] == 1
+  # The same outcome as parsing every line with ast.literal_eval.
+  for line in lines:
+    try:
+      obj = ast.literal_eval(line)
+    except ValueError:
+      continue
+    if obj["asin"] in wanted and isinstance(obj["categories"], list):
+      assert cats[wanted[obj["asin"]]] == obj["categories"][-1][-1]
+
+
+def test_gzip_and_plain_files_give_identical_data(tmp_path):
+  _, _, gz_stats = prepare(tmp_path / "gz", gz=True)
+  _, _, plain_stats = prepare(tmp_path / "plain", gz=False)
+  assert gz_stats["checksum"] == plain_stats["checksum"]
+  assert plain_stats["raw_files"][0].endswith("reviews_Books_5.json")
+
+
+def test_bad_row_ratio_fails_loudly(tmp_path):
+  with pytest.raises(DataError, match="max_bad_row_ratio"):
+    prepare(tmp_path, max_bad_row_ratio=0.1)
+  assert not os.path.exists(tmp_path / "prepared")
+
+
+def test_empty_and_missing_files(tmp_path):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "reviews_Books_5.json").write_text("")
+  (raw / "meta_Books.json").write_text("")
+  with pytest.raises(DataError, match="no usable review lines"):
+    amazon.prepare(data_config(raw), str(tmp_path / "out"))
+  with pytest.raises(DataError, match="not found"):
+    amazon.prepare_from_files(data_config(raw), str(raw / "nope.json"),
+                              str(raw / "meta_Books.json"), str(tmp_path / "out"))
+
+
+def test_unknown_protocol_and_dataset():
+  with pytest.raises(ValueError, match="protocol"):
+    books.get_config("protocol=sasrec")
+  with pytest.raises(ValueError, match="expected key=value"):
+    electronics.get_config("dataset=books")
+  with pytest.raises(ConfigError):
+    amazon.raw_file_names("movies")
+  assert electronics.get_config().data.dataset == "electronics"
+
+
+# ------------------------------------------------------------------- randomized, reference checks
+
+
+def write_random(directory, num_users=150, num_items=60, seed=1):
+  """Random reviews (2-12 per user, with time ties) and metadata, plain text."""
+  rng = np.random.default_rng(seed)
+  reviews = []
+  for u in range(num_users):
+    n = rng.integers(2, 13)
+    for i in rng.choice(num_items, size=n, replace=False):
+      reviews.append((f"U{u:04d}", f"I{i:04d}", int(rng.integers(0, 60))))
+  rng.shuffle(reviews)
+  meta = [repr({"asin": f"I{i:04d}", "title": "it's",
+                "categories": [["Books", f"c{i % 7}"], ["Books", f"d{i % 5}"]]})
+          for i in range(num_items)]
+  os.makedirs(directory, exist_ok=True)
+  _write(os.path.join(directory, "reviews_Books_5.json"),
+         [_review_line(*r) for r in reviews], gz=False)
+  _write(os.path.join(directory, "meta_Books.json"), meta, gz=False)
+  return reviews
+
+
+def _reference_histories(reviews):
+  """user -> list of (asin, day) sorted by time with file order breaking ties (plain Python)."""
+  by_user = {}
+  for user, asin, day in reviews:
+    by_user.setdefault(user, []).append((asin, day))
+  return {u: sorted(v, key=lambda x: x[1]) for u, v in by_user.items()}
+
+
+@pytest.mark.parametrize("protocol", ["mian", "din", "dien"])
+def test_random_data_matches_reference(tmp_path, protocol):
+  reviews = write_random(tmp_path / "raw")
+  t = 4
+  out = str(tmp_path / "prepared")
+  amazon.prepare(data_config(tmp_path / "raw", protocol=protocol, max_seq_len=t), out)
+  histories = _reference_histories(reviews)
+  users = sorted(histories)
+  items = sorted({a for _, a, _ in reviews})
+  seen = {s: set() for s in schema_lib.SPLITS}
+  for split in schema_lib.SPLITS:
+    cols = schema_lib.load_split(out, split)
+    for k in range(0, len(cols["label"]), 2):
+      user = users[cols["group_id"][k]]
+      target = items[cols["item.item_id"][k] - 2]
+      history = [a for a, _ in histories[user]]
+      index = history.index(target)
+      n = len(history)
+      # No leakage: the behaviours are exactly the user's reviews before the target.
+      expected = history[max(0, index - t):index]
+      assert [items[x - 2] for x in cols["hist.item_id"][k][:cols["hist_len"][k]]] == expected
+      assert not cols["hist.item_id"][k][cols["hist_len"][k]:].any()
+      negative = items[cols["item.item_id"][k + 1] - 2]
+      if protocol == "dien":
+        assert negative != target  # popularity negatives only exclude the target itself
+      else:
+        assert negative not in history  # never one of the user's positives
+      split_of = {"mian": {n - 1: "test", n - 2: "valid"},
+                  "din": {n - 1: "test"}, "dien": {n - 1: None}}[protocol]
+      want = split_of.get(index, "train" if protocol != "dien" else "none")
+      if protocol == "dien":
+        assert index == n - 1
+      elif not (protocol == "din" and split == "valid"):
+        assert want == split, (user, target, index, n)
+      seen[split].add((user, target))
+  num_positive = sum(len(v) - 1 for v in histories.values())
+  if protocol == "mian":
+    assert sum(len(s) for s in seen.values()) == num_positive
+  elif protocol == "din":
+    assert len(seen["train"]) + len(seen["test"]) == num_positive
+  else:
+    train_users = {u for u, _ in seen["train"]}
+    test_users = {u for u, _ in seen["test"]}
+    assert not train_users & test_users
+    assert len(train_users | test_users) == len(histories)
+    assert 0 < len(test_users) < 0.3 * len(histories)
+
+
+def test_seeded_negatives_are_reproducible_and_seed_dependent(tmp_path):
+  write_random(tmp_path / "raw")
+  checksums = []
+  for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    out = str(tmp_path / name)
+    checksums.append(amazon.prepare_from_files(
+        data_config(tmp_path / "raw", seed=seed), str(tmp_path / "raw/reviews_Books_5.json"),
+        str(tmp_path / "raw/meta_Books.json"), out)["checksum"])
+    assert checksums[-1] == schema_lib.dataset_checksum(out)
+  assert checksums[0] == checksums[1] != checksums[2]
+
+
+def test_ensure_prepared_downloads_from_base_url(tmp_path):
+  source = write_tiny(tmp_path / "served")
+  handler = type("Quiet", (http.server.SimpleHTTPRequestHandler,),
+                 {"log_message": lambda *a: None})
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                          functools.partial(handler, directory=source))
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  try:
+    config = books.get_config()
+    config.data.raw_dir = str(tmp_path / "raw")
+    config.data.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    config.data.max_bad_row_ratio = 0.5
+    config.data.max_seq_len = 3
+    directory, schema = data_lib.ensure_prepared(config.data)
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+  assert sorted(os.listdir(tmp_path / "raw")) == ["meta_Books.json.gz", "reviews_Books_5.json.gz"]
+  assert schema.size("test") == 6
+  schema_lib.load_split(directory, "train", schema)
+
+
+def test_offline_error_names_urls_and_paths(tmp_path):
+  config = data_config(tmp_path / "nothing_here")
+  config.base_url = "http://127.0.0.1:9/amazon/"  # discard port: connection refused
+  with pytest.raises(DataError) as e:
+    amazon.prepare(config, str(tmp_path / "out"))
+  message = str(e.value)
+  for name in amazon.raw_file_names("books"):
+    assert config.base_url + name in message
+    assert str(tmp_path / "nothing_here" / name) in message
+
+
+def _reviews_of(users, items, num_items):
+  users, items = np.asarray(users), np.asarray(items)
+  count = np.bincount(users)
+  start = np.concatenate([[0], np.cumsum(count)[:-1]])
+  return amazon.Reviews(users, items, np.arange(len(users)), np.zeros(num_items, np.int64),
+                        start, count, np.arange(len(users)) - start[users], len(count),
+                        num_items, 1)
+
+
+def test_negative_samplers_distributions():
+  rng = np.random.default_rng(0)
+  # User 0 reviewed items 0 and 1 of 4; user 1 reviewed item 0 eight times, item 3 once.
+  reviews = _reviews_of([0, 0] + [1] * 9, [0, 1] + [0] * 8 + [3], num_items=4)
+  rows = np.zeros(20000, np.int64)  # targets: row 0 (user 0, item 0)
+  uniform = amazon.uniform_negatives(rng, reviews, rows)
+  assert set(np.unique(uniform)) == {2, 3}  # never a positive of user 0
+  assert abs((uniform == 2).mean() - 0.5) < 0.02
+  popular = amazon.popularity_negatives(rng, reviews, rows)
+  # Review rows hold item 0 nine times, item 1 once, item 3 once; item 0 is the target.
+  assert set(np.unique(popular)) == {1, 3}
+  assert abs((popular == 1).mean() - 0.5) < 0.02
+  popular = amazon.popularity_negatives(rng, reviews, np.full(20000, 10))  # target item 3
+  assert abs((popular == 0).mean() - 9 / 10) < 0.02  # popularity-weighted

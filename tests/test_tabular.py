@@ -1,0 +1,151 @@
+"""Tabular source: a hand-worked CSV log (behaviours from earlier clicks), Parquet list columns
+with pre-split files, bad rows and configuration errors."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from configs import tabular as tabular_config
+from mian_jax import data as data_lib
+from mian_jax.data import schema as schema_lib
+from mian_jax.data import tabular
+from mian_jax.errors import DataError
+
+HEADER = "user_id,ts,clicked,item_id,category,price,age_group,gender,city,hour,device"
+ROWS = ["a,10,1,i1,c1,1.0,20,F,x,9,ios",
+        "a,20,0,i2,c2,3.0,20,F,x,10,ios",
+        "b,15,1,i2,c2,3.0,30,M,y,11,web",
+        "a,30,1,i3,c1,5.0,20,F,x,12,ios",
+        "b,40,1,i4,c3,7.0,30,M,y,13,web",
+        "a,50,0,i1,c1,1.0,20,F,x,14,ios"]
+
+
+def write_csv(path, rows=ROWS, header=HEADER):
+  path.write_text("\n".join([header, *rows]) + "\n")
+  return str(path)
+
+
+def config_for(**tabular_overrides):
+  config = tabular_config.get_config()
+  config.data.max_seq_len = 2
+  config.data.max_bad_row_ratio = 0.0
+  t = config.data.tabular
+  t.valid_fraction, t.test_fraction = 0.2, 0.2
+  for key, value in tabular_overrides.items():
+    t[key] = value
+  return config
+
+
+def test_hand_worked_csv_with_behaviours_from_clicks(tmp_path):
+  config = config_for(path=write_csv(tmp_path / "log.csv"))
+  schema, splits, stats = tabular.generate(config.data)
+  # ts sorted 10,15,20,30,40,50: t_valid = 4th = 30, t_test = 5th = 40.
+  assert schema.num_examples == (("train", 3), ("valid", 1), ("test", 2))
+  assert (stats["num_users"], stats["num_items"], stats["num_categories"]) == (2, 4, 3)
+  tr, va, te = splits["train"], splits["valid"], splits["test"]
+  # Train (chronological): a@10 i1, b@15 i2, a@20 i2; items i1, i2 -> 2, 3; i3, i4 -> OOV 1.
+  np.testing.assert_array_equal(tr["item.item_id"], [2, 3, 3])
+  np.testing.assert_array_equal(tr["label"], [1, 1, 0])
+  # Behaviours = earlier clicks only: a@20 sees i1; a@30 sees i1 (a@20 was not clicked).
+  np.testing.assert_array_equal(tr["hist.item_id"], [[0, 0], [0, 0], [2, 0]])
+  np.testing.assert_array_equal(va["item.item_id"], [1])
+  np.testing.assert_array_equal(va["hist.item_id"], [[2, 0]])
+  # Test: b@40 sees i2; a@50 sees i1, i3 (i3 first seen in valid -> OOV).
+  np.testing.assert_array_equal(te["item.item_id"], [1, 2])
+  np.testing.assert_array_equal(te["hist.item_id"], [[3, 0], [2, 1]])
+  np.testing.assert_array_equal(te["hist.category"], [[3, 0], [2, 2]])
+  np.testing.assert_array_equal(te["hist_len"], [1, 2])
+  # Numeric price standardised with the training mean 7/3 and std sqrt(8/9).
+  np.testing.assert_allclose(tr["item.price"], (np.array([1, 3, 3]) - 7 / 3) / np.sqrt(8 / 9),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(tr["user.city"], [2, 3, 2])
+  np.testing.assert_array_equal(tr["group_id"], [0, 1, 0])
+
+
+def test_all_rows_as_behaviours(tmp_path):
+  config = config_for(path=write_csv(tmp_path / "log.csv"), behavior_rows="all")
+  _, splits, _ = tabular.generate(config.data)
+  # a@30 (valid) now sees i1@10 and i2@20.
+  np.testing.assert_array_equal(splits["valid"]["hist.item_id"], [[2, 3]])
+
+
+def test_parquet_list_columns_and_pre_split_files(tmp_path):
+  def write(name, users, ts, items, hists):
+    table = pa.table({"user_id": users, "ts": ts, "clicked": [1] * len(users), "item_id": items,
+                      "category": ["x"] * len(users), "device": ["ios"] * len(users),
+                      "hist_items": pa.array(hists, pa.list_(pa.string()))})
+    pq.write_table(table, tmp_path / name)
+    return str(tmp_path / name)
+
+  config = config_for(
+      train_path=write("train.parquet", ["u1", "u2"], [1, 2], ["a", "b"], [["c", "b", "a"], []]),
+      valid_path=write("valid.parquet", ["u1"], [3], ["d"], [["a", "d"]]),
+      test_path=write("test.parquet", ["u2"], [4], ["c"], [None]),
+      item_fields="item_id,category", user_fields="", context_fields="device",
+      behavior_fields="item_id", behavior_source="list", behavior_columns="item_id:hist_items")
+  schema, splits, _ = tabular.generate(config.data)
+  assert schema.num_examples == (("train", 2), ("valid", 1), ("test", 1))
+  # Vocabulary: training candidates and training behaviours a, b, c -> 2, 3, 4; d -> OOV.
+  np.testing.assert_array_equal(splits["train"]["hist.item_id"], [[3, 2], [0, 0]])
+  np.testing.assert_array_equal(splits["valid"]["hist.item_id"], [[2, 1]])
+  np.testing.assert_array_equal(splits["valid"]["item.item_id"], [1])
+  np.testing.assert_array_equal(splits["test"]["hist_len"], [0])
+
+
+def test_csv_list_columns(tmp_path):
+  path = write_csv(tmp_path / "log.csv", header="user_id,ts,clicked,item_id,category,hist",
+                   rows=["a,1,1,i1,c,", "a,2,0,i2,c,i1", "b,3,1,i1,c,i2|i1|i2"])
+  config = config_for(path=path, valid_fraction=0.0, test_fraction=0.0,
+                      item_fields="item_id,category", user_fields="", context_fields="",
+                      behavior_fields="item_id", behavior_source="list",
+                      behavior_columns="item_id:hist")
+  _, splits, _ = tabular.generate(config.data)
+  np.testing.assert_array_equal(splits["train"]["hist.item_id"], [[0, 0], [2, 0], [2, 3]])
+
+
+def test_bad_rows_are_counted_and_limited(tmp_path):
+  rows = ROWS + ["a,60,maybe,i1,c1,1.0,20,F,x,9,ios",  # bad label
+                 ",61,1,i1,c1,1.0,20,F,x,9,ios",  # missing user
+                 "a,62,1,i1,c1,cheap,20,F,x,9,ios",  # non-numeric price
+                 "a,63,1,i1,c1,1.0,20,F,x,9,ios,extra"]  # too many fields
+  path = write_csv(tmp_path / "log.csv", rows)
+  _, splits, stats = tabular.generate(_with_ratio(config_for(path=path), 0.5).data)
+  bad = stats["bad_rows"]["log.csv"]
+  assert (bad["rows"], bad["bad"]) == (10, 4)
+  assert sum(len(s["label"]) for s in splits.values()) == 6
+  with pytest.raises(DataError, match=r"log.csv: 4 of 10 rows are malformed"):
+    tabular.generate(_with_ratio(config_for(path=path), 0.1).data)
+
+
+def _with_ratio(config, ratio):
+  config.data.max_bad_row_ratio = ratio
+  return config
+
+
+def test_configuration_and_file_errors(tmp_path):
+  path = write_csv(tmp_path / "log.csv")
+  with pytest.raises(DataError, match=r"'town' \(user_fields\) named"):
+    tabular.generate(config_for(path=path, user_fields="town").data)
+  with pytest.raises(DataError, match="set path"):
+    tabular.generate(config_for().data)
+  with pytest.raises(DataError, match="file not found"):
+    tabular.generate(config_for(path=str(tmp_path / "nope.csv")).data)
+  (tmp_path / "empty.csv").write_text(HEADER + "\n")
+  with pytest.raises(DataError, match="empty"):
+    tabular.generate(config_for(path=str(tmp_path / "empty.csv")).data)
+  with pytest.raises(DataError, match="must be a categorical item field"):
+    tabular.generate(config_for(path=path, behavior_fields="price").data)
+
+
+def test_ensure_prepared_end_to_end(tmp_path):
+  config = config_for(path=write_csv(tmp_path / "log.csv"))
+  config.data.prepared_dir = str(tmp_path / "prepared")
+  directory, schema = data_lib.ensure_prepared(config.data)
+  cols = schema_lib.load_split(directory, "test", schema)
+  assert cols["hist.item_id"].shape == (2, 2)
+  with open(os.path.join(directory, "stats.json")) as f:
+    assert json.load(f)["checksum"] == schema_lib.dataset_checksum(directory)
