@@ -1,4 +1,4 @@
-"""MIAN on Amazon Books (2014 5-core reviews + metadata; see docs/data_amazon.md).
+"""MIAN on Amazon Books (2014 5-core reviews + metadata; see docs/data.md).
 
   python -m mian_jax.main --config=configs/books.py --workdir=runs/books
   python -m mian_jax.main --config=configs/books.py:protocol=din,model=mian --workdir=runs/b

@@ -37,6 +37,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.gim_combine = "project_sum"  # eq. 15: "project_sum" | "weighted_concat"
   config.model.gim_dim = 64  # common width of GIM's parts with "project_sum"
   config.model.gim_behavior = "concat"  # e_b in eq. 14: "concat" | "mean"
+  # Baselines (docs/baselines.md); the keys above that a baseline's fields name apply to it too.
+  config.model.sequence_pooling = "mean"  # lr/wide_deep/dcn/deepfm/xdeepfm behaviours: "mean" | "sum"
+  config.model.cross_layers = 3  # dcn: cross layers (eq. 3)
+  config.model.cin_layer_sizes = (100, 100, 100)  # xdeepfm: feature maps per CIN layer (eq. 6)
+  config.model.attention_mlp_dims = (36,)  # din: local activation unit hidden dims (Fig. 2)
+  config.model.use_dice = False  # din/dien MLP activation: Dice (True) or PReLU (False)
+  config.model.gru_dim = 32  # dien: hidden width of both GRUs
+  config.model.use_aux_loss = True  # dien: auxiliary loss of the interest extractor (eq. 3)
+  config.model.aux_loss_weight = 1.0  # dien: alpha, the auxiliary loss weight (eq. 4)
+  config.model.aux_mlp_dims = (100, 50)  # dien: auxiliary network hidden dims (authors' code)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, split over devices (§4.3)

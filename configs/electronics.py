@@ -1,4 +1,4 @@
-"""MIAN on Amazon Electronics (2014 5-core reviews + metadata; see docs/data_amazon.md).
+"""MIAN on Amazon Electronics (2014 5-core reviews + metadata; see docs/data.md).
 
   python -m mian_jax.main --config=configs/electronics.py --workdir=runs/electronics
   python -m mian_jax.main --config=configs/electronics.py:protocol=din,model=mian --workdir=runs/e

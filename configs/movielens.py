@@ -9,7 +9,7 @@
 Raw files: https://files.grouplens.org/datasets/movielens/ml-100k.zip (u.data, u.user, u.item)
 or ml-1m.zip (ratings.dat, users.dat, movies.dat), unzipped into `data.raw_dir`. An empty
 `data.raw_dir` is filled from $MIAN_JAX_MOVIELENS_DIR when the config loads (so the folder is part
-of the prepared-data cache key). Fields, label and split: docs/data_movielens_tabular.md.
+of the prepared-data cache key). Fields, label and split: docs/data.md.
 
 Argument: "100k" | "1m" | "variant=1m[,model=mian]".
 """

@@ -1,4 +1,4 @@
-"""MIAN on your own logs, CSV or Parquet (fields, label and split: docs/data_movielens_tabular.md).
+"""MIAN on your own logs, CSV or Parquet (fields, label and split: docs/data.md).
 
   python -m mian_jax.data.prepare --config=configs/tabular.py \
       --config.data.tabular.path=/data/my_logs.parquet

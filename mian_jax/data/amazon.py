@@ -1,4 +1,4 @@
-"""Amazon 2014 5-core reviews (Books, Electronics) in the prepared format (docs/data_amazon.md).
+"""Amazon 2014 5-core reviews (Books, Electronics) in the prepared format (docs/data.md).
 
 Raw files (McAuley et al., SNAP), gzipped or plain, looked up in `config.data.raw_dir` (default
 `cache_root()/raw/amazon`) and downloaded there when missing:
@@ -6,7 +6,7 @@ Raw files (McAuley et al., SNAP), gzipped or plain, looked up in `config.data.ra
   reviews_<Name>_5.json(.gz)  one JSON object per line: reviewerID, asin, unixReviewTime, ...
   meta_<Name>.json(.gz)       one Python literal per line: asin, categories (list of paths), ...
 
-Three protocols (`config.data.protocol`), described step by step in docs/data_amazon.md:
+Three protocols (`config.data.protocol`), described step by step in docs/data.md:
 
   "din"   the DIN reference preprocessing (zhougr1993/DeepInterestNetwork);
   "dien"  the DIEN reference preprocessing (mouna99/dien);

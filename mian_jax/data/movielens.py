@@ -1,4 +1,4 @@
-"""MovieLens-100K and MovieLens-1M from their original raw files (docs/data_movielens_tabular.md).
+"""MovieLens-100K and MovieLens-1M from their original raw files (docs/data.md).
 
 Files, read from `config.data.raw_dir` (or a `ml-100k` / `ml-1m` folder inside it), latin-1:
 

@@ -1,4 +1,4 @@
-"""The user's own logs as CSV or Parquet (docs/data_movielens_tabular.md, configs/tabular.py).
+"""The user's own logs as CSV or Parquet (docs/data.md, configs/tabular.py).
 
 One row per example (an impression). `config.data.tabular` names the columns:
 
