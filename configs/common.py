@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.gim_dim = 64  # common width of GIM's parts with "project_sum"
   config.model.gim_behavior = "concat"  # e_b in eq. 14: "concat" | "mean"
   # Baselines (docs/baselines.md); the keys above that a baseline's fields name apply to it too.
-  config.model.sequence_pooling = "mean"  # lr/wide_deep/dcn/deepfm/xdeepfm behaviours: "mean" | "sum"
+  config.model.sequence_pooling = "mean"  # behaviours -> one field (non-DIN/DIEN): "mean" | "sum"
   config.model.cross_layers = 3  # dcn: cross layers (eq. 3)
   config.model.cin_layer_sizes = (100, 100, 100)  # xdeepfm: feature maps per CIN layer (eq. 6)
   config.model.attention_mlp_dims = (36,)  # din: local activation unit hidden dims (Fig. 2)

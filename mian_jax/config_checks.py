@@ -18,6 +18,7 @@ CHOICES = {
     "model.dense_init": ("lecun_normal", "truncated_normal"),
     "model.gim_combine": ("project_sum", "weighted_concat"),
     "model.gim_behavior": ("concat", "mean"),
+    "model.sequence_pooling": ("mean", "sum"),
     "train.l2_scope": ("batch_embeddings", "all_weights", "none"),
 }
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
@@ -25,6 +26,9 @@ POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "m
             "train.eval_every_steps", "eval.batch_size", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "data.max_seq_len")
 NON_NEGATIVE = ("train.l2_weight", "train.num_epochs")
+# The baselines' keys (docs/baselines.md), checked when present (older saved configs lack them).
+BASELINE_POSITIVE = ("gru_dim",)
+BASELINE_NON_NEGATIVE = ("cross_layers", "aux_loss_weight")
 
 
 def _get(config: ConfigDict, dotted: str):
@@ -49,8 +53,15 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
       raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}")
   if not 0.0 <= config.model.dropout_rate < 1.0:
     raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
-  if any(d <= 0 for d in config.model.mlp_dims):
-    raise ConfigError(f"config.model.mlp_dims must be positive, got {config.model.mlp_dims}")
+  for key in BASELINE_POSITIVE:
+    if key in config.model and config.model[key] <= 0:
+      raise ConfigError(f"config.model.{key} must be > 0, got {config.model[key]!r}")
+  for key in BASELINE_NON_NEGATIVE:
+    if key in config.model and config.model[key] < 0:
+      raise ConfigError(f"config.model.{key} must be >= 0, got {config.model[key]!r}")
+  for key in ("mlp_dims", "cin_layer_sizes", "attention_mlp_dims", "aux_mlp_dims"):
+    if key in config.model and any(d <= 0 for d in config.model[key]):
+      raise ConfigError(f"config.model.{key} must be positive, got {config.model[key]}")
   steps = config.train.num_train_steps
   if steps != -1 and steps <= 0:
     raise ConfigError(f"config.train.num_train_steps must be -1 (use num_epochs) or > 0, got {steps}")

@@ -112,7 +112,8 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2
                                  rngs={"dropout": dropout_rng})
     bce = weighted_bce(logits, batch["label"], batch["weight"])
     l2 = l2_penalty(params, aux["embedding_sq_norm"], batch["weight"], l2_scope)
-    return bce + l2_weight * l2, (bce, l2)
+    # aux["aux_loss"]: a model's own extra loss, already weighted (DIEN's alpha * L_aux).
+    return bce + l2_weight * l2 + aux.get("aux_loss", 0.0), (bce, l2)
 
   (loss, (bce, l2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads), {"loss": loss, "bce": bce, "l2": l2}

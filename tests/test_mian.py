@@ -32,7 +32,8 @@ def test_forward_matches_numpy_reference_of_eqs_1_to_17():
   f = schema.features
 
   def embed(group, inputs, names):
-    return np.stack([p[group][f"embed_{n}"]["embedding"][inputs[n]] for n in names], -2)
+    return np.stack([p["embedding"][group][f"embed_{n}"]["embedding"][inputs[n]] for n in names],
+                    -2)
 
   flat = lambda x: x.reshape(*x.shape[:-2], -1)  # noqa: E731
   e_i = flat(embed("item_embedding", batch["item"], [x.name for x in f.item_fields]))

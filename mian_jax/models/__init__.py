@@ -8,9 +8,16 @@ from ml_collections import ConfigDict
 
 from mian_jax.data.schema import FeatureSpec
 from mian_jax.errors import ConfigError
+from mian_jax.models.dcn import DCN
+from mian_jax.models.dien import DIEN
+from mian_jax.models.din import DIN
+from mian_jax.models.fm import DeepFM, XDeepFM
+from mian_jax.models.linear import LR, WideDeep
 from mian_jax.models.mian import MIAN
 
-MODELS = {"mian": MIAN}
+# MIAN and the paper's baselines (docs/baselines.md).
+MODELS = {"mian": MIAN, "lr": LR, "wide_deep": WideDeep, "dcn": DCN, "deepfm": DeepFM,
+          "xdeepfm": XDeepFM, "din": DIN, "dien": DIEN}
 
 
 def create_model(model_config: ConfigDict, features: FeatureSpec):

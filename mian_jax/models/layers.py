@@ -2,17 +2,21 @@
 
 Equation numbers refer to Zhang et al., "Multi-Interactive Attention Network for Fine-grained
 Feature Learning in CTR Prediction", WSDM 2021. Design decisions: docs/model.md.
+The baselines' layers (FM term, cross network, CIN, Dice, local activation unit, GRU/AUGRU,
+field pooling) are at the end; their equations are numbered as in their own papers and their
+readings are in docs/baselines.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mian_jax.data.schema import Field
+from mian_jax.data.schema import FeatureSpec, Field
 
 Array = jax.Array
 
@@ -29,6 +33,11 @@ def dense_initializer(kind: str, init_std: float) -> nn.initializers.Initializer
   if kind == "lecun_normal":
     return nn.initializers.lecun_normal()
   raise ValueError(f"unknown dense initialiser {kind!r}")
+
+
+def flatten_fields(x: Array) -> Array:
+  """[..., F, D] -> [..., F * D]: the concatenation [x^1; ...; x^F] of eq. (1)."""
+  return x.reshape(*x.shape[:-2], -1)
 
 
 def masked_softmax(scores: Array, mask: Array | None) -> Array:
@@ -209,3 +218,258 @@ class TransformerBlock(nn.Module):
       return nn.LayerNorm(name="ln_final")(x)
     x = nn.LayerNorm(name="ln_attention")(x + dropout(attend(x)))
     return nn.LayerNorm(name="ln_ffn")(x + dropout(feed_forward(x)))
+
+
+# ----------------------------------------------------------------------------- baselines
+# Shared pieces of the seven baselines (docs/baselines.md). B batch, T behaviours, F fields,
+# D embed_dim, d any feature width, H hidden width.
+
+PRELU_INIT = 0.25  # initial negative slope of PReLU (He et al. 2015)
+DICE_EPS = 1e-8  # epsilon inside Dice's normalisation (Zhou et al. 2018, eq. 14)
+
+
+class FieldEmbeddings(NamedTuple):
+  """Every field of a batch embedded by `InputEmbedding`."""
+  item: Array  # [B, Fi, D], the candidate item's fields
+  hist: Array | None  # [B, T, Fb, D], behaviour fields, zero at padded positions
+  user: Array | None  # [B, J, D]
+  context: Array | None  # [B, K, D]
+  mask: Array  # [B, T] bool, True at valid behaviours
+  sq_norm: Array  # [B], squared norm of the embeddings each example looked up (no padding)
+
+
+class InputEmbedding(nn.Module):
+  """Eq. (2) for every group of a batch, as MIAN does: the candidate item and the behaviours
+  share the item tables; user and context fields have their own."""
+  features: FeatureSpec
+  embed_dim: int
+  init_std: float
+  numeric_embedding: str = "linear"  # "linear" | "pad"
+
+  @nn.compact
+  def __call__(self, batch) -> FieldEmbeddings:
+    f = self.features
+    group = lambda fields, name: GroupEmbedding(  # noqa: E731
+        fields, self.embed_dim, self.init_std, self.numeric_embedding, name=name)
+    item_embedding = group(f.item_fields, "item_embedding")
+    item = item_embedding(batch["item"])
+    mask = jnp.arange(f.max_seq_len)[None, :] < batch["hist_len"][:, None]
+    hist = (item_embedding(batch["hist"], f.behavior_fields) * mask[..., None, None]
+            if f.behavior_fields else None)
+    user = group(f.user_fields, "user_embedding")(batch["user"]) if f.user_fields else None
+    context = (group(f.context_fields, "context_embedding")(batch["context"])
+               if f.context_fields else None)
+    sq_norm = jnp.sum(item**2, axis=(-2, -1))
+    for e in (hist, user, context):
+      if e is not None:
+        sq_norm += jnp.sum(e.reshape(e.shape[0], -1)**2, axis=-1)
+    return FieldEmbeddings(item, hist, user, context, mask, sq_norm)
+
+
+def pool_sequence(hist: Array, mask: Array, mode: str) -> Array:
+  """Field pooling of a behaviour sequence: [B, T, F, D] -> [B, F, D], over valid positions.
+
+  "mean": sum / number of valid behaviours (zeros for an empty history); "sum": plain sum.
+  `hist` must already be zero at padded positions (as `InputEmbedding` returns it).
+  """
+  total = jnp.sum(hist * mask[:, :, None, None], axis=1)
+  if mode == "sum":
+    return total
+  if mode == "mean":
+    count = jnp.maximum(jnp.sum(mask, axis=1), 1).astype(hist.dtype)
+    return total / count[:, None, None]
+  raise ValueError(f"unknown sequence pooling {mode!r}")
+
+
+def stack_fields(e: FieldEmbeddings, pooling: str) -> Array:
+  """All fields as one field list [B, F, D]: candidate fields, each behaviour field pooled
+  over the sequence into one field (`pool_sequence`), user fields, context fields."""
+  parts = [e.item]
+  if e.hist is not None:
+    parts.append(pool_sequence(e.hist, e.mask, pooling))
+  parts += [x for x in (e.user, e.context) if x is not None]
+  return jnp.concatenate(parts, axis=-2)
+
+
+class LinearTerm(nn.Module):
+  """The first-order / "wide" part: b + sum_f w_f(x_f), one scalar weight per categorical id
+  (a width-1 embedding) and per numeric field (x * w). A behaviour field contributes the
+  `pool_sequence` of its behaviours' weights. Returns (logit part [B], sq_norm [B] of the
+  weights each example looked up)."""
+  features: FeatureSpec
+  init_std: float
+  sequence_pooling: str = "mean"  # "mean" | "sum"
+
+  @nn.compact
+  def __call__(self, batch) -> tuple[Array, Array]:
+    e = InputEmbedding(self.features, 1, self.init_std, "linear", name="weights")(batch)
+    bias = self.param("bias", nn.initializers.zeros, ())
+    return jnp.sum(stack_fields(e, self.sequence_pooling), axis=(-2, -1)) + bias, e.sq_norm
+
+
+def fm_second_order(v: Array) -> Array:
+  """FM's pairwise term (Rendle 2010; DeepFM eq. 2): sum_{i<j} <V_i, V_j> over fields,
+  computed as 0.5 * sum_d [(sum_f v_fd)^2 - sum_f v_fd^2]. v: [B, F, D] -> [B]."""
+  return 0.5 * jnp.sum(jnp.sum(v, axis=-2)**2 - jnp.sum(v**2, axis=-2), axis=-1)
+
+
+class CrossNetwork(nn.Module):
+  """DCN's cross network (Wang et al. 2017, eq. 3), one weight *vector* w_l per layer:
+
+    x_{l+1} = x_0 x_l^T w_l + b_l + x_l,   x_l, w_l, b_l: [d].
+  """
+  num_layers: int
+  kernel_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, x0: Array) -> Array:
+    """x0: [B, d] -> x_L [B, d]."""
+    d = x0.shape[-1]
+    x = x0
+    for l in range(self.num_layers):
+      w = self.param(f"kernel_{l}", self.kernel_init, (d, 1))
+      b = self.param(f"bias_{l}", nn.initializers.zeros, (d,))
+      x = x0 * (x @ w) + b + x
+    return x
+
+
+class CIN(nn.Module):
+  """xDeepFM's Compressed Interaction Network (Lian et al. 2018, eqs. 6, 9):
+
+    X^k_{h,*} = sum_{i=1}^{H_{k-1}} sum_{j=1}^{m} W^{k,h}_{ij} (X^{k-1}_{i,*} o X^0_{j,*}),
+    p^k_h = sum_d X^k_{h,d},   p+ = [p^1; ...; p^K].
+
+  Every feature map of a layer feeds the next (no "split half") and there is no activation,
+  as in the paper (docs/baselines.md).
+  """
+  layer_sizes: tuple[int, ...]
+  kernel_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, x0: Array) -> Array:
+    """x0: [B, m, D] field embeddings -> p+ [B, sum(layer_sizes)]."""
+    b, m, d = x0.shape
+    x, pooled = x0, []
+    for k, size in enumerate(self.layer_sizes):
+      z = jnp.einsum("bhd,bmd->bhmd", x, x0).reshape(b, x.shape[1] * m, d)
+      w = self.param(f"kernel_{k}", self.kernel_init, (z.shape[1], size))
+      x = jnp.einsum("bnd,nh->bhd", z, w)
+      pooled.append(jnp.sum(x, axis=-1))
+    return jnp.concatenate(pooled, axis=-1)
+
+
+class Dice(nn.Module):
+  """DIN's data-adaptive activation (Zhou et al. 2018, eq. 14):
+
+    f(s) = p(s) s + (1 - p(s)) alpha s,   p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps)).
+
+  The paper takes E[s], Var[s] over the mini-batch in training and from moving averages at
+  inference. The train step here carries parameters only (no batch statistics), so E[s] and
+  Var[s] are taken over the H hidden units of each row instead: stateless, and no statistics
+  are shared between the rows of a batch (docs/baselines.md). alpha is learned per unit.
+  """
+
+  @nn.compact
+  def __call__(self, s: Array) -> Array:
+    """s: [..., H] -> [..., H]."""
+    alpha = self.param("alpha", nn.initializers.zeros, (s.shape[-1],))
+    mean = jnp.mean(s, axis=-1, keepdims=True)
+    var = jnp.var(s, axis=-1, keepdims=True)
+    p = jax.nn.sigmoid((s - mean) / jnp.sqrt(var + DICE_EPS))
+    return p * s + (1.0 - p) * alpha * s
+
+
+def din_activation(use_dice: bool, name: str) -> nn.Module:
+  """DIN's hidden activation: Dice or PReLU (one learned slope, initialised as He et al.)."""
+  if use_dice:
+    return Dice(name=name)
+  return nn.PReLU(negative_slope_init=PRELU_INIT, name=name)
+
+
+class ActivationMLP(nn.Module):
+  """DIN/DIEN's MLP: Dense -> PReLU or Dice -> dropout per hidden layer."""
+  dims: tuple[int, ...]
+  dropout_rate: float
+  kernel_init: nn.initializers.Initializer
+  use_dice: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    for i, dim in enumerate(self.dims):
+      x = nn.Dense(dim, kernel_init=self.kernel_init, name=f"Dense_{i}")(x)
+      x = din_activation(self.use_dice, f"activation_{i}")(x)
+      x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return x
+
+
+class LocalActivationUnit(nn.Module):
+  """DIN's local activation unit (Zhou et al. 2018, eq. 3 and Fig. 2):
+
+    a_t = MLP([q; k_t; q - k_t; q * k_t]),   zero at padded t,
+
+  the un-normalised weight of behaviour t given the candidate q (no softmax, as in the paper).
+  """
+  hidden_dims: tuple[int, ...]
+  kernel_init: nn.initializers.Initializer
+  use_dice: bool = False
+
+  @nn.compact
+  def __call__(self, query: Array, keys: Array, mask: Array) -> Array:
+    """query: [B, d]; keys: [B, T, d]; mask: [B, T] bool. Returns weights [B, T]."""
+    q = jnp.broadcast_to(query[:, None, :], keys.shape)
+    x = jnp.concatenate([q, keys, q - keys, q * keys], axis=-1)
+    x = ActivationMLP(self.hidden_dims, 0.0, self.kernel_init, self.use_dice, name="mlp")(
+        x, deterministic=True)
+    score = nn.Dense(1, kernel_init=self.kernel_init, name="score")(x)[..., 0]
+    return jnp.where(mask, score, 0.0)
+
+
+def gru_cell(x_proj: Array, h: Array, recurrent_kernel: Array,
+             attention: Array | None = None) -> Array:
+  """One GRU step (DIEN eq. 1) or, given `attention`, one AUGRU step (DIEN eqs. 6-7).
+
+    u = sigmoid(W^u i + U^u h + b^u),  r = sigmoid(W^r i + U^r h + b^r),
+    h~ = tanh(W^h i + r o (U^h h) + b^h),  u' = a u (AUGRU only),  h' = (1 - u') o h + u' o h~
+
+  x_proj: [B, 3H] = [W^u i + b^u; W^r i + b^r; W^h i + b^h]; h: [B, H];
+  recurrent_kernel: [H, 3H] = [U^u, U^r, U^h]; attention: [B] or None. Returns h' [B, H].
+  """
+  xu, xr, xh = jnp.split(x_proj, 3, axis=-1)
+  hu, hr, hh = jnp.split(h @ recurrent_kernel, 3, axis=-1)
+  u = jax.nn.sigmoid(xu + hu)
+  r = jax.nn.sigmoid(xr + hr)
+  candidate = jnp.tanh(xh + r * hh)
+  if attention is not None:
+    u = attention[:, None] * u
+  return (1.0 - u) * h + u * candidate
+
+
+class GRU(nn.Module):
+  """A GRU over a padded sequence with `jax.lax.scan` (DIEN's interest extractor, eq. 1), or,
+  when called with attention scores, the AUGRU (DIEN's interest evolving layer, eqs. 6-7).
+
+  The state is frozen on padded steps, so the final state is the state after the last valid
+  step and padding never changes any output. Outputs are zero at padded steps.
+  """
+  hidden_dim: int
+  kernel_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, inputs: Array, mask: Array,
+               attention: Array | None = None) -> tuple[Array, Array]:
+    """inputs: [B, T, d]; mask: [B, T] bool; attention: [B, T] or None.
+    Returns (outputs [B, T, H], final state [B, H])."""
+    h_dim = self.hidden_dim
+    x_proj = nn.Dense(3 * h_dim, kernel_init=self.kernel_init, name="input")(inputs)
+    kernel = self.param("recurrent_kernel", self.kernel_init, (h_dim, 3 * h_dim))
+
+    def step(h, xs):
+      x_t, m_t, a_t = xs
+      h = jnp.where(m_t[:, None], gru_cell(x_t, h, kernel, a_t), h)
+      return h, h * m_t[:, None]
+
+    time_major = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # noqa: E731
+    h0 = jnp.zeros((inputs.shape[0], h_dim), x_proj.dtype)
+    final, outputs = jax.lax.scan(step, h0, (time_major(x_proj), time_major(mask),
+                                             time_major(attention)))
+    return jnp.swapaxes(outputs, 0, 1), final

@@ -56,35 +56,24 @@ class MIAN(nn.Module):
     f = self.features
     deterministic = not train
     kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
-    emb = lambda fields, name: layers.GroupEmbedding(  # noqa: E731
-        fields, self.embed_dim, self.init_std, self.numeric_embedding, name=name)
-    item_embedding = emb(f.item_fields, "item_embedding")
-
-    # Embedding layer, eqs. (1)-(2).
-    e_i = _flatten_fields(item_embedding(batch["item"]))                   # [B, d_i]
-    hist_mask = jnp.arange(f.max_seq_len)[None, :] < batch["hist_len"][:, None]  # [B, T]
-    has_hist = bool(f.behavior_fields)
-    if has_hist:
-      e_b = _flatten_fields(item_embedding(batch["hist"], f.behavior_fields))  # [B, T, d_b]
-      e_b = e_b * hist_mask[..., None]
-    e_u = (emb(f.user_fields, "user_embedding")(batch["user"])
-           if f.user_fields else None)                                     # [B, J, D]
-    e_c = (emb(f.context_fields, "context_embedding")(batch["context"])
-           if f.context_fields else None)                                  # [B, K, D]
-
-    sq_norm = jnp.sum(e_i**2, -1)
-    for e in (e_b if has_hist else None, e_u, e_c):
-      if e is not None:
-        sq_norm += jnp.sum(e**2, axis=(-2, -1))
+    # Embedding layer, eqs. (1)-(2); candidate and behaviours share the item tables.
+    e = layers.InputEmbedding(f, self.embed_dim, self.init_std, self.numeric_embedding,
+                              name="embedding")(batch)
+    e_i = layers.flatten_fields(e.item)                                     # [B, d_i]
+    hist_mask = e.mask                                                      # [B, T]
+    has_hist = e.hist is not None
+    e_b = layers.flatten_fields(e.hist) if has_hist else None               # [B, T, d_b]
+    e_u, e_c = e.user, e.context                                            # [B, J|K, D]
+    sq_norm = e.sq_norm
 
     attention, parts = {}, {"e_i": e_i}
     if e_c is not None:
-      parts["e_c"] = _flatten_fields(e_c)
+      parts["e_c"] = layers.flatten_fields(e_c)
     if has_hist:
-      parts["e_b"] = (_flatten_fields(e_b) if self.gim_behavior == "concat"
+      parts["e_b"] = (layers.flatten_fields(e_b) if self.gim_behavior == "concat"
                       else _masked_mean(e_b, hist_mask))
     if e_u is not None:
-      parts["e_u"] = _flatten_fields(e_u)
+      parts["e_u"] = layers.flatten_fields(e_u)
 
     # Multi-interactive layer, §3.2.2.
     if self.use_ibim and has_hist:
@@ -156,11 +145,6 @@ class MIAN(nn.Module):
         [jnp.broadcast_to(e_i[:, None, :], (*e_fields.shape[:2], e_i.shape[-1])), e_fields], -1)
     return layers.AttentionPool(self.field_score_weights == "per_field", kernel_init,
                                 self.score_activation, name=f"{name}_attention")(v)
-
-
-def _flatten_fields(x: jax.Array) -> jax.Array:
-  """[..., F, D] -> [..., F * D]: the concatenation [x^1; ...; x^F] of eq. (1)."""
-  return x.reshape(*x.shape[:-2], -1)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

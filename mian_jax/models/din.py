@@ -1,0 +1,66 @@
+"""Deep Interest Network (Zhou et al. 2018). Readings: docs/baselines.md.
+
+Shapes: B batch, T behaviours, D embed_dim, d_i = D * #item fields, d_b = D * #behaviour
+fields (width of a behaviour, and of the candidate's behaviour fields, the query), J user
+fields, K context fields.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mian_jax.data.schema import FeatureSpec
+from mian_jax.errors import ConfigError
+from mian_jax.models import layers
+
+
+def candidate_query(features: FeatureSpec, item: jax.Array) -> jax.Array:
+  """The candidate's behaviour fields, in behaviour order: [B, Fi, D] -> [B, d_b], so that the
+  query and each behaviour e_b^t have the same layout (DIN's q - k, q * k; DIEN's e_a)."""
+  names = [f.name for f in features.item_fields]
+  return layers.flatten_fields(item[:, [names.index(n) for n in features.behavior_fields]])
+
+
+def require_behaviours(features: FeatureSpec, model: str) -> None:
+  if not features.behavior_fields:
+    raise ConfigError(f"model.name={model!r} needs behaviour fields; this data set has none")
+
+
+class DIN(nn.Module):
+  """User interest v_U = sum_t a(e_b^t, q) e_b^t (eq. 3) with the local activation unit
+  (`layers.LocalActivationUnit`, un-normalised weights, sum pooling), then
+  MLP([e_u; v_U; e_i; e_c]) with PReLU or Dice (Fig. 2) and a logit layer.
+
+  aux["attention"]["din"]: the activation weights [B, T] (zero at padding).
+  """
+  features: FeatureSpec
+  embed_dim: int = 16
+  mlp_dims: tuple[int, ...] = (32, 8)
+  dropout_rate: float = 0.2
+  init_std: float = 0.02
+  dense_init: str = "lecun_normal"
+  numeric_embedding: str = "linear"
+  attention_mlp_dims: tuple[int, ...] = (36,)
+  use_dice: bool = False
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    require_behaviours(self.features, "din")
+    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
+    e = layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
+                              self.numeric_embedding, name="embedding")(batch)
+    keys = layers.flatten_fields(e.hist)                                          # [B, T, d_b]
+    query = candidate_query(self.features, e.item)                         # [B, d_b]
+    weights = layers.LocalActivationUnit(self.attention_mlp_dims, kernel_init, self.use_dice,
+                                         name="activation_unit")(query, keys, e.mask)
+    interest = jnp.einsum("bt,btd->bd", weights, keys)                     # eq. 3
+    parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
+    parts += [interest, layers.flatten_fields(e.item)]
+    parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
+    h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
+                             name="mlp")(jnp.concatenate(parts, -1), deterministic=not train)
+    logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
+    return logits.astype(jnp.float32), {"attention": {"din": weights},
+                                        "embedding_sq_norm": e.sq_norm}

@@ -1,0 +1,63 @@
+"""Logistic regression and Wide & Deep (Cheng et al. 2016). Readings: docs/baselines.md.
+
+Shapes: B batch, F fields (candidate item fields, one pooled field per behaviour field, user
+and context fields), D embed_dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mian_jax.data.schema import FeatureSpec
+from mian_jax.models import layers
+
+
+class LR(nn.Module):
+  """Logistic regression over all fields: logit = b + sum_f w_f(x_f).
+
+  A behaviour field contributes the `sequence_pooling` ("mean" or "sum" over valid behaviours)
+  of its behaviours' weights. Returns (logits [B] float32, aux) like MIAN, with no attention.
+  """
+  features: FeatureSpec
+  init_std: float = 0.02
+  sequence_pooling: str = "mean"  # "mean" | "sum"
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    del train  # no dropout
+    logits, sq_norm = layers.LinearTerm(self.features, self.init_std, self.sequence_pooling,
+                                        name="linear")(batch)
+    return logits.astype(jnp.float32), {"attention": {}, "embedding_sq_norm": sq_norm}
+
+
+class WideDeep(nn.Module):
+  """Wide & Deep (Cheng et al. 2016, eq. 3), both parts trained jointly:
+
+    P(y=1|x) = sigmoid(w_wide^T x + w_deep^T a^(l_f) + b),
+
+  with the wide part the raw fields (`LinearTerm`, no hand-made cross-product transformations)
+  and the deep part an MLP over the concatenated field embeddings (eq. 1).
+  """
+  features: FeatureSpec
+  embed_dim: int = 16
+  mlp_dims: tuple[int, ...] = (32, 8)
+  dropout_rate: float = 0.2
+  init_std: float = 0.02
+  dense_init: str = "lecun_normal"
+  numeric_embedding: str = "linear"
+  sequence_pooling: str = "mean"
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
+    wide, wide_sq = layers.LinearTerm(self.features, self.init_std, self.sequence_pooling,
+                                      name="wide")(batch)
+    e = layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
+                              self.numeric_embedding, name="embedding")(batch)
+    x = layers.stack_fields(e, self.sequence_pooling)                      # [B, F, D]
+    h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
+        x.reshape(x.shape[0], -1), deterministic=not train)
+    deep = nn.Dense(1, use_bias=False, kernel_init=kernel_init, name="deep_logit")(h)[:, 0]
+    return ((wide + deep).astype(jnp.float32),
+            {"attention": {}, "embedding_sq_norm": wide_sq + e.sq_norm})

@@ -1,0 +1,274 @@
+"""The seven baselines (docs/baselines.md): NumPy references of their distinctive layers, shapes,
+padding invariance, row independence, and a few training steps through the real train step."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mian_jax import models, train
+from mian_jax.data import synthetic
+from mian_jax.data.pipeline import gather_batch
+from mian_jax.models import layers
+from tests.conftest import tiny_config
+from tests.test_layers import np_softmax
+
+BASELINES = ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")
+SEQUENCE_MODELS = ("din", "dien")
+INIT = nn.initializers.normal(0.5)  # large enough that every term matters
+SMALL = {"model.cin_layer_sizes": (6, 5), "model.attention_mlp_dims": (8, 4),
+         "model.gru_dim": 6, "model.aux_mlp_dims": (8,)}
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name, **overrides):
+  config = tiny_config(**{"model.name": name, **SMALL, **overrides})
+  schema, splits = synthetic.generate(config.data.synthetic, config.data.max_seq_len)
+  batch = gather_batch(splits["valid"], schema, np.arange(12))
+  model = models.create_model(config.model, schema.features)
+  params = model.init(jax.random.PRNGKey(0), batch, train=False)["params"]
+  return model, params, batch, schema, config
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(model):
+  return jax.jit(lambda params, batch: model.apply({"params": params}, batch, train=False))
+
+
+def _apply(model, params, batch):
+  return jax.device_get(_eval_fn(model)(params, batch))
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_output_shape_finiteness_and_aux(name):
+  model, params, batch, schema, _ = _setup(name)
+  logits, aux = _apply(model, params, batch)
+  assert logits.shape == (12,) and logits.dtype == np.float32 and np.isfinite(logits).all()
+  sq = aux["embedding_sq_norm"]
+  assert sq.shape == (12,) and np.isfinite(sq).all() and (sq > 0).all()
+  assert isinstance(aux["attention"], dict)
+  if name in SEQUENCE_MODELS:
+    (att,) = aux["attention"].values()
+    valid = np.arange(schema.features.max_seq_len)[None] < batch["hist_len"][:, None]
+    assert att.shape == valid.shape and (att[~valid] == 0).all()
+    if name == "dien":  # eq. 5 is a softmax over valid behaviours
+      np.testing.assert_allclose(att.sum(-1), (batch["hist_len"] > 0).astype(float), atol=1e-5)
+  assert models.MODELS[name] is type(model)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_padding_never_changes_the_output(name):
+  model, params, batch, schema, _ = _setup(name)
+  rng = np.random.default_rng(0)
+  noisy = jax.tree.map(np.copy, batch)
+  pad = np.arange(schema.features.max_seq_len)[None] >= batch["hist_len"][:, None]
+  assert pad.any()
+  for field, ids in noisy["hist"].items():  # real ids where padding was
+    ids[pad] = rng.integers(2, schema.features.item_field(field).vocab_size, size=pad.sum())
+  a, a_aux = _apply(model, params, batch)
+  b, b_aux = _apply(model, params, noisy)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a_aux["embedding_sq_norm"], b_aux["embedding_sq_norm"], rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),
+               a_aux["attention"], b_aux["attention"])
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_a_row_does_not_depend_on_the_other_rows_or_labels(name):
+  """A positive and a negative example go through the same function: no statistics are shared
+  between rows in evaluation (no batch norm), and labels are never read."""
+  model, params, batch, _, _ = _setup(name)
+  logits, _ = _apply(model, params, batch)
+  perm = np.random.default_rng(1).permutation(12)
+  shuffled = jax.tree.map(lambda x: x[perm], batch)
+  shuffled["label"] = 1.0 - shuffled["label"]
+  np.testing.assert_allclose(_apply(model, params, shuffled)[0], logits[perm], rtol=1e-5,
+                             atol=1e-6)
+  half = jax.tree.map(lambda x: np.concatenate([x[:6], x[:6]]), batch)  # rows 6.. replaced
+  np.testing.assert_allclose(_apply(model, params, half)[0][:6], logits[:6], rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch(name):
+  model, _, _, schema, config = _setup(name, **{"model.dropout_rate": 0.0,
+                                                "train.learning_rate": 1e-2})
+  _, splits = synthetic.generate(config.data.synthetic, config.data.max_seq_len)
+  batch = gather_batch(splits["train"], schema, np.arange(config.train.batch_size))
+  mesh = train.create_mesh(jax.devices()[:1])
+  state = train.create_train_state(model, train.create_optimizer(config.train), batch,
+                                   jax.random.PRNGKey(0), mesh)
+  step = train.make_train_step(config.train, mesh)
+  losses = []
+  for _ in range(6):
+    state, metrics = step(state, train.to_global(batch, mesh), jax.random.PRNGKey(1))
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+
+
+def test_dien_auxiliary_loss_reaches_the_train_step():
+  model, params, batch, _, config = _setup("dien")
+  batch = dict(batch, weight=np.ones(12, np.float32))
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+
+  @jax.jit
+  def aux_losses(params):
+    run = lambda m, train_: m.apply({"params": params}, batch, train=train_,  # noqa: E731
+                                    rngs=rngs)[1]["aux_loss"]
+    return (run(model, True), run(model, False), run(model.clone(use_aux_loss=False), True),
+            run(model.clone(aux_loss_weight=2.0), True))
+
+  on, evaluating, off, doubled = map(float, aux_losses(params))
+  assert on > 0 and evaluating == 0 and off == 0
+  assert doubled == pytest.approx(2 * on, rel=1e-5)
+  # Through train.train_step: loss = bce + l2_weight * l2 + aux_loss, and the gradient of the
+  # auxiliary loss reaches the interest extractor (through the auxiliary net only).
+  state = train.TrainState.create(apply_fn=model.apply, params=params,
+                                  tx=train.create_optimizer(config.train))
+  step = jax.jit(functools.partial(train.train_step, l2_weight=0.0, l2_scope="none"))
+  _, metrics = step(state, batch, jax.random.PRNGKey(3))
+  assert float(metrics["loss"]) > float(metrics["bce"]) + 1e-4
+  grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, batch, train=True,
+                                                 rngs=rngs)[1]["aux_loss"]))(params)
+  assert np.abs(grads["interest_extractor"]["recurrent_kernel"]).sum() > 0
+  assert np.abs(grads["mlp"]["Dense_0"]["kernel"]).sum() == 0
+
+
+def test_dien_negatives_come_from_other_rows_and_valid_positions():
+  model, params, batch, _, _ = _setup("dien")
+  e = jnp.asarray(np.random.default_rng(0).normal(size=(12, 6, 3)), jnp.float32)
+  mask = np.arange(6)[None] < batch["hist_len"][:, None]
+  neg, usable = model.apply({"params": params}, batch, e, jnp.asarray(mask),
+                            method=lambda m, *a: m._sample_negatives(*a),
+                            rngs={"dropout": jax.random.PRNGKey(0)})
+  flat = np.asarray(e)[mask]  # every valid behaviour of the batch
+  for b, t in zip(*np.nonzero(np.asarray(usable))):
+    matches = np.nonzero((np.abs(np.asarray(e) - np.asarray(neg)[b, t]).sum(-1) < 1e-6)
+                         & mask)
+    assert len(matches[0]) and (matches[0] != b).all()
+  assert flat.size and np.asarray(usable).any()
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def test_fm_second_order_is_the_sum_over_field_pairs():
+  v = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
+  ref = sum((v[:, i] * v[:, j]).sum(-1) for i in range(5) for j in range(i + 1, 5))
+  np.testing.assert_allclose(layers.fm_second_order(jnp.asarray(v)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_network_matches_eq_3():
+  x0 = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+  module = layers.CrossNetwork(3, INIT)
+  params = module.init(jax.random.PRNGKey(0), x0)["params"]
+  x = x0
+  for l in range(3):
+    w, b = np.asarray(params[f"kernel_{l}"])[:, 0], np.asarray(params[f"bias_{l}"])
+    x = x0 * (x @ w)[:, None] + b + x  # x_0 x_l^T w_l + b_l + x_l
+  np.testing.assert_allclose(module.apply({"params": params}, x0), x, rtol=1e-5, atol=1e-5)
+
+
+def test_cin_matches_eqs_6_and_9():
+  x0 = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)  # [B, m, D]
+  module = layers.CIN((5, 2), INIT)
+  params = module.init(jax.random.PRNGKey(0), x0)["params"]
+  b, m, d = x0.shape
+  x, pooled = x0, []
+  for k, size in enumerate((5, 2)):
+    w = np.asarray(params[f"kernel_{k}"]).reshape(x.shape[1], m, size)  # W^{k,h}_{ij}
+    new = np.zeros((b, size, d), np.float32)
+    for h in range(size):
+      for i in range(x.shape[1]):
+        for j in range(m):
+          new[:, h] += w[i, j, h] * x[:, i] * x0[:, j]
+    x = new
+    pooled.append(x.sum(-1))
+  np.testing.assert_allclose(module.apply({"params": params}, x0), np.concatenate(pooled, -1),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_dice", [False, True])
+def test_local_activation_unit_matches_din_eq_3(use_dice):
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(3, 4)).astype(np.float32)
+  k = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
+  module = layers.LocalActivationUnit((6,), INIT, use_dice)
+  params = module.init(jax.random.PRNGKey(0), q, k, mask)["params"]
+  p = jax.tree.map(np.asarray, params)
+  qq = np.repeat(q[:, None], 5, 1)
+  h = np.concatenate([qq, k, qq - k, qq * k], -1) @ p["mlp"]["Dense_0"]["kernel"]
+  h = h + p["mlp"]["Dense_0"]["bias"]
+  if use_dice:
+    alpha = p["mlp"]["activation_0"]["alpha"]
+    gate = _sigmoid((h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True)
+                                                               + layers.DICE_EPS))
+    h = gate * h + (1 - gate) * alpha * h
+  else:
+    slope = p["mlp"]["activation_0"]["negative_slope"]
+    h = np.where(h >= 0, h, slope * h)
+  ref = (h @ p["score"]["kernel"])[..., 0] + p["score"]["bias"][0]
+  out = np.asarray(module.apply({"params": params}, q, k, mask))
+  np.testing.assert_allclose(out, np.where(mask, ref, 0), rtol=1e-4, atol=1e-5)
+  assert not np.allclose(out[1].sum(), 1.0)  # not softmax-normalised
+
+
+def _np_gru(x, mask, p, attention=None):
+  """DIEN eq. 1 (and eqs. 6-7 with attention), step by step, state frozen on padding."""
+  w, bias, u = p["input"]["kernel"], p["input"]["bias"], p["recurrent_kernel"]
+  hd = u.shape[0]
+  h = np.zeros((x.shape[0], hd), np.float32)
+  outs = []
+  for t in range(x.shape[1]):
+    xp = x[:, t] @ w + bias
+    hp = h @ u
+    upd = _sigmoid(xp[:, :hd] + hp[:, :hd])
+    reset = _sigmoid(xp[:, hd:2 * hd] + hp[:, hd:2 * hd])
+    cand = np.tanh(xp[:, 2 * hd:] + reset * hp[:, 2 * hd:])
+    if attention is not None:
+      upd = attention[:, t:t + 1] * upd
+    new = (1 - upd) * h + upd * cand
+    h = np.where(mask[:, t:t + 1], new, h)
+    outs.append(h * mask[:, t:t + 1])
+  return np.stack(outs, 1), h
+
+
+@pytest.mark.parametrize("augru", [False, True])
+def test_gru_and_augru_match_dien_eqs_1_6_7_and_freeze_on_padding(augru):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
+  att = rng.uniform(size=(3, 5)).astype(np.float32) if augru else None
+  module = layers.GRU(6, INIT)
+  params = module.init(jax.random.PRNGKey(0), x, mask, att)["params"]
+  outs, final = module.apply({"params": params}, x, mask, att)
+  ref_outs, ref_final = _np_gru(x, mask, jax.tree.map(np.asarray, params), att)
+  np.testing.assert_allclose(outs, ref_outs, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(final, ref_final, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(final[0], outs[0, 2], rtol=1e-6)  # state at the last valid step
+  np.testing.assert_array_equal(final[2], 0)
+  x2 = x.copy()
+  x2[~mask] = rng.normal(size=(~mask).sum() * 4).reshape(-1, 4)
+  np.testing.assert_allclose(module.apply({"params": params}, x2, mask, att)[1], final,
+                             rtol=1e-6)
+
+
+def test_sequence_pooling_mean_and_sum_over_valid_positions():
+  hist = np.random.default_rng(0).normal(size=(2, 3, 2, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 0], [0, 0, 0]], bool)
+  hist = hist * mask[..., None, None]
+  np.testing.assert_allclose(layers.pool_sequence(hist, mask, "sum"), hist.sum(1), rtol=1e-6)
+  mean = layers.pool_sequence(hist, mask, "mean")
+  np.testing.assert_allclose(mean[0], hist[0, :2].mean(0), rtol=1e-6)
+  np.testing.assert_array_equal(mean[1], 0)
