@@ -10,24 +10,8 @@ there from SNAP when missing. Model and training settings are the paper's defaul
 
 import ml_collections
 
-from configs import common
-
-DATASET = "electronics"
+from configs import books
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"model": "mian", "protocol": "mian"})
-  if args["protocol"] not in ("mian", "din", "dien"):
-    raise ValueError(f"config argument protocol={args['protocol']!r}: "
-                     "expected mian, din or dien")
-  config = common.get_base_config()
-  config.model.name = args["model"]
-
-  config.data.source = "amazon"
-  config.data.dataset = DATASET  # "books" | "electronics"
-  config.data.protocol = args["protocol"]  # "mian" (§4.1, default) | "din" | "dien"
-  config.data.raw_dir = ""  # "" = <cache>/raw/amazon; files are downloaded there if missing
-  config.data.base_url = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
-  config.data.max_bad_row_ratio = 0.01  # fail if more of the lines than this are unusable
-  config.data.seed = 0  # negatives and (dien) the user split
-  return config
+  return books.get_amazon_config("electronics", arg)

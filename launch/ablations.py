@@ -1,6 +1,8 @@
-"""Runs the Table 3 ablations (and any other variants) over seeds; prints and plots the result.
+"""Runs the Table 3 ablations, or Table 2's model comparison, over seeds; prints and plots it.
 
   python launch/ablations.py --config=configs/synthetic.py --seeds=0,1,2 --out=runs/ablations
+  python launch/ablations.py --variants=mian,lr,wide_deep,dcn,deepfm,xdeepfm,din,dien \
+      --config=configs/movielens.py --out=runs/table2_ml100k
 
 Each (variant, seed) is one `python -m mian_jax.main` run in `<out>/<variant>/seed<k>`; a run
 that already finished is not repeated, so the script can be interrupted and restarted. Results:
@@ -31,6 +33,9 @@ VARIANTS = {
     "no Transformer": ["--config.model.transformer=none"],
     "bilinear IBIM score": ["--config.model.ibim_score=bilinear"],
 }
+# Table 2: every model of mian_jax.models.MODELS by name, e.g. --variants=mian,din,dien.
+VARIANTS.update({name: [f"--config.model.name={name}"]
+                 for name in ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")})
 
 
 def build_command(config: str, workdir: str, seed: int, overrides: list[str]) -> list[str]:

@@ -27,3 +27,8 @@ def test_summary_is_relative_to_the_first_variant_and_plots(tmp_path):
   assert summary.loc["mian", "auc_std"] == pytest.approx(0.01414, abs=1e-4)
   ablations.plot(summary, str(tmp_path / "a.png"))
   assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_every_registered_model_is_a_variant():
+  from mian_jax.models import MODELS
+  assert set(MODELS) <= set(ablations.VARIANTS)
