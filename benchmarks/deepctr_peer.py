@@ -1,0 +1,199 @@
+"""Peer runner of benchmarks/compare_deepctr.py: trains one DeepCTR-Torch model, predicts.
+
+Runs under the *peer* interpreter (a separate venv with torch and deepctr-torch, see
+compare_deepctr.py), never under the project venv: it imports only numpy, torch and
+deepctr_torch, not mian_jax or jax. It reads the prepared .npy columns directly.
+
+  /work/venv-torch/bin/python benchmarks/deepctr_peer.py --request=request.json
+
+The request (written by compare_deepctr.py) holds the data directory, the feature-column spec,
+the hyper-parameters and where to write the predictions. The runner writes
+<out_dir>/pred_<split>.npy (float32 click probabilities, split order) and prints one JSON line,
+prefixed with "PEER_RESULT ", on stdout. The metrics are computed by the caller with
+mian_jax.metrics, so both implementations are scored by the same code.
+
+Training loop: that of DeepCTR-Torch's `BaseModel.fit` (binary cross-entropy with
+reduction="sum", plus `model.get_regularization_loss()` and `model.aux_loss`, one Adam step per
+batch), written out here so that it can take exactly the batches mian_jax takes (same
+permutation per epoch, full batches only) and so that `fit`'s per-batch sklearn metrics and
+progress bar do not slow it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+# LeCun-normal as jax.nn.initializers.lecun_normal draws it: a normal truncated at +-2 std,
+# rescaled by this constant so that the variance is exactly 1 / fan_in.
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def build_columns(spec: dict, embed_dim: int):
+  """DeepCTR-Torch feature columns from the spec of compare_deepctr.feature_column_spec."""
+  from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat  # noqa: PLC0415
+  columns = []
+  for c in spec["columns"]:
+    if c["kind"] == "sparse":
+      columns.append(SparseFeat(c["name"], vocabulary_size=c["vocab_size"],
+                                embedding_dim=embed_dim, embedding_name=c["embedding_name"]))
+    elif c["kind"] == "varlen":
+      sparse = SparseFeat(c["name"], vocabulary_size=c["vocab_size"], embedding_dim=embed_dim,
+                          embedding_name=c["embedding_name"])
+      columns.append(VarLenSparseFeat(sparse, maxlen=c["maxlen"], combiner=c["combiner"],
+                                      length_name=c["length_name"]))
+    elif c["kind"] == "dense":
+      columns.append(DenseFeat(c["name"], 1))
+    else:
+      raise ValueError(f"unknown column kind {c['kind']!r}")
+  return columns
+
+
+def build_matrix(data_dir: str, split: str, spec: dict, feature_index) -> np.ndarray:
+  """The float32 input matrix [N, width] DeepCTR-Torch models take, in `feature_index` order."""
+  source = {c["name"]: c["column"] for c in spec["columns"]}
+  source.update({c["length_name"]: spec["length_column"] for c in spec["columns"]
+                 if c.get("length_name")})
+  width = max(end for _, end in feature_index.values())
+  n = None
+  x = None
+  for name, (start, end) in feature_index.items():
+    a = np.load(os.path.join(data_dir, split, source[name] + ".npy"), mmap_mode="r",
+                allow_pickle=False)
+    if x is None:
+      n = a.shape[0]
+      x = np.empty((n, width), np.float32)
+    if a.dtype.kind in "iu" and a.size and int(a.max()) >= 2**24:
+      raise ValueError(f"{source[name]}: ids >= 2**24 are not exact in DeepCTR-Torch's float "
+                       "input matrix")
+    x[:, start:end] = np.asarray(a, np.float32).reshape(n, end - start)
+  return x
+
+
+def lecun_reinit(model) -> int:
+  """Re-initialises every nn.Linear as mian_jax's dense layers: LeCun-normal kernels, zero
+  biases. Returns the number of layers changed."""
+  import torch  # noqa: PLC0415
+  count = 0
+  for module in model.modules():
+    if isinstance(module, torch.nn.Linear):
+      std = math.sqrt(1.0 / module.in_features) / _TRUNCATED_NORMAL_STD
+      torch.nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
+      if module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
+      count += 1
+  return count
+
+
+def build_model(req: dict, columns):
+  from deepctr_torch.models import DIN, DeepFM  # noqa: PLC0415
+  h = req["hparams"]
+  if req["model"] == "din":
+    act = "dice" if h["use_dice"] else "prelu"
+    return DIN(columns, req["spec"]["history_feature_list"], dnn_use_bn=False,
+               dnn_hidden_units=tuple(h["mlp_dims"]), dnn_activation=act,
+               att_hidden_size=tuple(h["attention_mlp_dims"]), att_activation=act,
+               att_weight_normalization=False, l2_reg_dnn=h["l2_reg_dnn"],
+               l2_reg_embedding=h["l2_reg_embedding"], dnn_dropout=h["dropout_rate"],
+               init_std=h["init_std"], seed=req["seed"], task="binary", device="cpu")
+  if req["model"] == "deepfm":
+    return DeepFM(columns, columns, use_fm=True, dnn_hidden_units=tuple(h["mlp_dims"]),
+                  l2_reg_linear=h["l2_reg_linear"], l2_reg_embedding=h["l2_reg_embedding"],
+                  l2_reg_dnn=h["l2_reg_dnn"], init_std=h["init_std"], seed=req["seed"],
+                  dnn_dropout=h["dropout_rate"], dnn_activation="relu", dnn_use_bn=False,
+                  task="binary", device="cpu")
+  raise ValueError(f"model {req['model']!r} is not compared (din, deepfm)")
+
+
+def run(req: dict) -> dict:
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: PLC0415
+  import deepctr_torch  # noqa: PLC0415
+  from deepctr_torch.inputs import build_input_features  # noqa: PLC0415
+
+  threads = req.get("threads") or os.cpu_count() or 1
+  torch.set_num_threads(threads)  # the peer's best settings on this CPU (see --peer_threads)
+  torch.set_flush_denormal(True)
+  torch.manual_seed(req["seed"])
+  h = req["hparams"]
+  columns = build_columns(req["spec"], h["embed_dim"])
+  feature_index = build_input_features(columns)
+  x_train = torch.from_numpy(build_matrix(req["data_dir"], "train", req["spec"], feature_index))
+  y_train = torch.from_numpy(np.asarray(
+      np.load(os.path.join(req["data_dir"], "train", "label.npy"), allow_pickle=False),
+      np.float32))
+  model = build_model(req, columns)
+  reinit = lecun_reinit(model) if req["dense_init"] == "lecun" else 0
+  optim = torch.optim.Adam(model.parameters(), lr=h["learning_rate"],
+                           betas=(h["adam_b1"], h["adam_b2"]), eps=h["adam_eps"])
+  n, batch_size, total_steps = x_train.shape[0], h["batch_size"], req["total_steps"]
+  steps_per_epoch = n // batch_size  # full batches only, as mian_jax's TrainBatches
+  model.train()
+  start = time.perf_counter()
+  perm, perm_epoch, loss_sum = None, -1, 0.0
+  for step in range(total_steps):
+    epoch, b = divmod(step, steps_per_epoch)
+    if epoch != perm_epoch:  # the permutation of mian_jax.data.pipeline.TrainBatches
+      perm = np.random.default_rng([req["seed"], epoch]).permutation(n)
+      perm_epoch = epoch
+    rows = torch.from_numpy(np.sort(perm[b * batch_size:(b + 1) * batch_size]))
+    x, y = x_train[rows], y_train[rows]
+    y_pred = model(x).squeeze(-1)
+    optim.zero_grad()
+    loss = F.binary_cross_entropy(y_pred, y, reduction="sum")  # as BaseModel.fit
+    total = loss + model.get_regularization_loss() + model.aux_loss
+    total.backward()
+    optim.step()
+    loss_sum += loss.detach().item() / len(rows)
+    if not math.isfinite(loss_sum):
+      raise FloatingPointError(f"non-finite loss at step {step}")
+  train_seconds = time.perf_counter() - start
+
+  model.eval()
+  predict_seconds = {}
+  for split in req["predict_splits"]:
+    t0 = time.perf_counter()
+    x_split = torch.from_numpy(build_matrix(req["data_dir"], split, req["spec"], feature_index))
+    parts = []
+    with torch.no_grad():
+      for i in range(0, x_split.shape[0], req["eval_batch_size"]):
+        parts.append(model(x_split[i:i + req["eval_batch_size"]]).squeeze(-1).numpy())
+    np.save(os.path.join(req["out_dir"], f"pred_{split}.npy"),
+            np.concatenate(parts).astype(np.float32), allow_pickle=False)
+    predict_seconds[split] = time.perf_counter() - t0
+  return {
+      "steps": total_steps,
+      "train_seconds": train_seconds,
+      "predict_seconds": predict_seconds,
+      "mean_train_bce": loss_sum / max(total_steps, 1),
+      "num_parameters": int(sum(p.numel() for p in model.parameters())),
+      "torch_version": torch.__version__,
+      "deepctr_torch_version": deepctr_torch.__version__,
+      "torch_threads": torch.get_num_threads(),
+      "flush_denormal": True,
+      "dense_layers_reinitialised": reinit,
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--request", required=True, help="request JSON from compare_deepctr.py")
+  args = parser.parse_args()
+  with open(args.request) as f:
+    req = json.load(f)
+  result = run(req)
+  print("PEER_RESULT " + json.dumps(result), flush=True)
+  sys.stderr.flush()
+  # deepctr_torch starts a non-daemon thread at import that asks PyPI for its latest version;
+  # without network it could keep the process alive, so leave without waiting for it.
+  os._exit(0)
+
+
+if __name__ == "__main__":
+  main()
