@@ -12,8 +12,8 @@ one JSON line per (impl, model, seed) to --out.
 DeepCTR-Torch is *not* a dependency of mian-jax. It runs in its own virtual environment
 (--peer_python), as a subprocess executing benchmarks/deepctr_peer.py:
 
-  python3 -m venv /work/venv-torch
-  /work/venv-torch/bin/pip install torch==2.13.0 deepctr-torch requests
+  python3 -m venv .venv-torch
+  .venv-torch/bin/pip install torch==2.13.0 deepctr-torch requests
 
 (the exact pin picks the CPU wheel; a bare `torch` would fetch a multi-GB CUDA build).
 deepctr-torch 0.3.0 imports `requests` (its PyPI version check) without declaring it, hence
@@ -69,7 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PEER_SCRIPT = os.path.join(ROOT, "benchmarks", "deepctr_peer.py")
-DEFAULT_PEER_PYTHON = "/work/venv-torch/bin/python"
+DEFAULT_PEER_PYTHON = os.environ.get("MIAN_JAX_PEER_PYTHON", ".venv-torch/bin/python")
 MODELS = ("din", "deepfm")
 IMPLS = ("mian_jax", "deepctr_torch")
 LENGTH_NAME = "hist_len"
@@ -350,7 +350,7 @@ def main(argv=None) -> None:
   if "deepctr_torch" in impls and not (os.path.isfile(args.peer_python)
                                        and os.access(args.peer_python, os.X_OK)):
     sys.exit(f"error: --peer_python={args.peer_python} not found; create it with: python3 -m "
-             "venv /work/venv-torch && /work/venv-torch/bin/pip install torch==2.13.0 "
+             "venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 "
              "deepctr-torch requests")
   try:
     config = load_config(args.config, args.set)

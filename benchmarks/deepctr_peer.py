@@ -4,7 +4,7 @@ Runs under the *peer* interpreter (a separate venv with torch and deepctr-torch,
 compare_deepctr.py), never under the project venv: it imports only numpy, torch and
 deepctr_torch, not mian_jax or jax. It reads the prepared .npy columns directly.
 
-  /work/venv-torch/bin/python benchmarks/deepctr_peer.py --request=request.json
+  .venv-torch/bin/python benchmarks/deepctr_peer.py --request=request.json
 
 The request (written by compare_deepctr.py) holds the data directory, the feature-column spec,
 the hyper-parameters and where to write the predictions. The runner writes
