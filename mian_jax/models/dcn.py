@@ -8,29 +8,20 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mian_jax.data.schema import FeatureSpec
-from mian_jax.models import layers
+from mian_jax.models import base, layers
 
 
-class DCN(nn.Module):
+class DCN(base.DeepModel):
   """Embedding and stacking layer x_0 = [x_embed,1; ...; x_embed,F] (eq. 1), a cross network
   (eq. 3, `layers.CrossNetwork`) beside a deep network (eq. 4), and the combination layer
   p = sigmoid(w_logit^T [x_L1; h_L2] + b_logit) (eq. 5)."""
-  features: FeatureSpec
-  embed_dim: int = 16
-  mlp_dims: tuple[int, ...] = (32, 8)
-  dropout_rate: float = 0.2
-  init_std: float = 0.02
-  dense_init: str = "lecun_normal"
-  numeric_embedding: str = "linear"
   sequence_pooling: str = "mean"
   cross_layers: int = 3
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
-    e = layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
-                              self.numeric_embedding, name="embedding")(batch)
+    kernel_init = self.kernel_init()
+    e = self.embed(batch)
     fields = layers.stack_fields(e, self.sequence_pooling)                 # [B, F, D]
     x0 = fields.reshape(fields.shape[0], -1)                               # [B, d]
     cross = layers.CrossNetwork(self.cross_layers, kernel_init, name="cross")(x0)

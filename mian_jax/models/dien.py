@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mian_jax.data.schema import FeatureSpec
-from mian_jax.models import layers
+from mian_jax.models import base, layers
 from mian_jax.models.din import candidate_query, require_behaviours
 
 
-class DIEN(nn.Module):
+class DIEN(base.DeepModel):
   """Interest extractor GRU over the behaviours (eq. 1) with the auxiliary loss (eq. 3),
   attention a_t = softmax_t(h_t W e_a) over valid t (eq. 5), interest evolving AUGRU (eqs. 6-7)
   whose state after the last valid behaviour h'_T joins MLP([e_u; e_i; h'_T; e_c]).
@@ -27,13 +26,6 @@ class DIEN(nn.Module):
   batch (a random other row, then a random valid position of it), dropped if it equals the
   positive; the random numbers come from the "dropout" stream the train step passes.
   """
-  features: FeatureSpec
-  embed_dim: int = 16
-  mlp_dims: tuple[int, ...] = (32, 8)
-  dropout_rate: float = 0.2
-  init_std: float = 0.02
-  dense_init: str = "lecun_normal"
-  numeric_embedding: str = "linear"
   use_dice: bool = False
   gru_dim: int = 32
   use_aux_loss: bool = True
@@ -44,9 +36,8 @@ class DIEN(nn.Module):
   def __call__(self, batch, *, train: bool):
     f = self.features
     require_behaviours(f, "dien")
-    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
-    e = layers.InputEmbedding(f, self.embed_dim, self.init_std, self.numeric_embedding,
-                              name="embedding")(batch)
+    kernel_init = self.kernel_init()
+    e = self.embed(batch)
     behaviours = layers.flatten_fields(e.hist)                                    # [B, T, d_b]
     states, _ = layers.GRU(self.gru_dim, kernel_init, name="interest_extractor")(
         behaviours, e.mask)                                                # eq. 1: [B, T, H]

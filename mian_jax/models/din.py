@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from mian_jax.data.schema import FeatureSpec
 from mian_jax.errors import ConfigError
-from mian_jax.models import layers
+from mian_jax.models import base, layers
 
 
 def candidate_query(features: FeatureSpec, item: jax.Array) -> jax.Array:
@@ -28,29 +28,21 @@ def require_behaviours(features: FeatureSpec, model: str) -> None:
     raise ConfigError(f"model.name={model!r} needs behaviour fields; this data set has none")
 
 
-class DIN(nn.Module):
+class DIN(base.DeepModel):
   """User interest v_U = sum_t a(e_b^t, q) e_b^t (eq. 3) with the local activation unit
   (`layers.LocalActivationUnit`, un-normalised weights, sum pooling), then
   MLP([e_u; v_U; e_i; e_c]) with PReLU or Dice (Fig. 2) and a logit layer.
 
   aux["attention"]["din"]: the activation weights [B, T] (zero at padding).
   """
-  features: FeatureSpec
-  embed_dim: int = 16
-  mlp_dims: tuple[int, ...] = (32, 8)
-  dropout_rate: float = 0.2
-  init_std: float = 0.02
-  dense_init: str = "lecun_normal"
-  numeric_embedding: str = "linear"
   attention_mlp_dims: tuple[int, ...] = (36,)
   use_dice: bool = False
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
     require_behaviours(self.features, "din")
-    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
-    e = layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
-                              self.numeric_embedding, name="embedding")(batch)
+    kernel_init = self.kernel_init()
+    e = self.embed(batch)
     keys = layers.flatten_fields(e.hist)                                          # [B, T, d_b]
     query = candidate_query(self.features, e.item)                         # [B, d_b]
     weights = layers.LocalActivationUnit(self.attention_mlp_dims, kernel_init, self.use_dice,

@@ -8,30 +8,21 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mian_jax.data.schema import FeatureSpec
-from mian_jax.models import layers
+from mian_jax.models import base, layers
 
 
-class DeepFM(nn.Module):
+class DeepFM(base.DeepModel):
   """y = sigmoid(y_FM + y_DNN) (eq. 1). y_FM = <w, x> + sum_{i<j} <V_i, V_j> x_i x_j (eq. 2:
   `LinearTerm` + `layers.fm_second_order`); y_DNN = an MLP over the same field embeddings V
   (eqs. 3-4), which the FM component and the deep component share."""
-  features: FeatureSpec
-  embed_dim: int = 16
-  mlp_dims: tuple[int, ...] = (32, 8)
-  dropout_rate: float = 0.2
-  init_std: float = 0.02
-  dense_init: str = "lecun_normal"
-  numeric_embedding: str = "linear"
   sequence_pooling: str = "mean"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
+    kernel_init = self.kernel_init()
     first, first_sq = layers.LinearTerm(self.features, self.init_std, self.sequence_pooling,
                                         name="linear")(batch)
-    e = layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
-                              self.numeric_embedding, name="embedding")(batch)
+    e = self.embed(batch)
     v = layers.stack_fields(e, self.sequence_pooling)                      # [B, F, D]
     h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
         v.reshape(v.shape[0], -1), deterministic=not train)
@@ -40,27 +31,19 @@ class DeepFM(nn.Module):
     return logits.astype(jnp.float32), {"attention": {}, "embedding_sq_norm": first_sq + e.sq_norm}
 
 
-class XDeepFM(nn.Module):
+class XDeepFM(base.DeepModel):
   """y = sigmoid(w_linear^T a + w_dnn^T x_dnn + w_cin^T p+ + b) (eq. 11): a linear part
   (`LinearTerm`), a plain DNN and a Compressed Interaction Network (`layers.CIN`), the last
   two over the same field embeddings X^0 [B, m, D]."""
-  features: FeatureSpec
-  embed_dim: int = 16
-  mlp_dims: tuple[int, ...] = (32, 8)
-  dropout_rate: float = 0.2
-  init_std: float = 0.02
-  dense_init: str = "lecun_normal"
-  numeric_embedding: str = "linear"
   sequence_pooling: str = "mean"
   cin_layer_sizes: tuple[int, ...] = (100, 100, 100)
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
+    kernel_init = self.kernel_init()
     linear, linear_sq = layers.LinearTerm(self.features, self.init_std, self.sequence_pooling,
                                           name="linear")(batch)
-    e = layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
-                              self.numeric_embedding, name="embedding")(batch)
+    e = self.embed(batch)
     x0 = layers.stack_fields(e, self.sequence_pooling)                     # [B, m, D]
     h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
         x0.reshape(x0.shape[0], -1), deterministic=not train)

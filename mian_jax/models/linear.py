@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mian_jax.data.schema import FeatureSpec
-from mian_jax.models import layers
+from mian_jax.models import base, layers
 
 
 class LR(nn.Module):
@@ -31,7 +31,7 @@ class LR(nn.Module):
     return logits.astype(jnp.float32), {"attention": {}, "embedding_sq_norm": sq_norm}
 
 
-class WideDeep(nn.Module):
+class WideDeep(base.DeepModel):
   """Wide & Deep (Cheng et al. 2016, eq. 3), both parts trained jointly:
 
     P(y=1|x) = sigmoid(w_wide^T x + w_deep^T a^(l_f) + b),
@@ -39,22 +39,14 @@ class WideDeep(nn.Module):
   with the wide part the raw fields (`LinearTerm`, no hand-made cross-product transformations)
   and the deep part an MLP over the concatenated field embeddings (eq. 1).
   """
-  features: FeatureSpec
-  embed_dim: int = 16
-  mlp_dims: tuple[int, ...] = (32, 8)
-  dropout_rate: float = 0.2
-  init_std: float = 0.02
-  dense_init: str = "lecun_normal"
-  numeric_embedding: str = "linear"
   sequence_pooling: str = "mean"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
+    kernel_init = self.kernel_init()
     wide, wide_sq = layers.LinearTerm(self.features, self.init_std, self.sequence_pooling,
                                       name="wide")(batch)
-    e = layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
-                              self.numeric_embedding, name="embedding")(batch)
+    e = self.embed(batch)
     x = layers.stack_fields(e, self.sequence_pooling)                      # [B, F, D]
     h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
         x.reshape(x.shape[0], -1), deterministic=not train)

@@ -11,15 +11,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mian_jax.data.schema import FeatureSpec
 from mian_jax.errors import ConfigError
-from mian_jax.models import layers
+from mian_jax.models import base, layers
 
 # Names of the parts r_1..r_7 of eq. (14), in the paper's order.
 GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
 
 
-class MIAN(nn.Module):
+class MIAN(base.DeepModel):
   """The whole model: embedding layer, multi-interactive layer, prediction layer.
 
   Call with a batch (see mian_jax.data.pipeline.gather_batch); returns
@@ -28,14 +27,8 @@ class MIAN(nn.Module):
   L parts are named by `gim_part_names()`), and "embedding_sq_norm" [B], the squared norm of
   the embeddings each example looked up (for the L2 term).
   """
-  features: FeatureSpec
-  embed_dim: int = 16
   num_heads: int = 8
   ffn_dim_multiplier: int = 4
-  mlp_dims: tuple[int, ...] = (32, 8)
-  dropout_rate: float = 0.2
-  init_std: float = 0.02
-  dense_init: str = "lecun_normal"  # "lecun_normal" | "truncated_normal" (std init_std)
   transformer: str = "pre_ln"  # "pre_ln" | "post_ln" | "none"   (Table 4)
   position_embedding: str = "learned"  # "learned" | "none"
   use_ibim: bool = True
@@ -46,7 +39,6 @@ class MIAN(nn.Module):
   ibim_score: str = "additive"  # "additive" (eq. 8) | "bilinear" (+ e_i^T W h_t inside tanh)
   field_score_weights: str = "per_field"  # "per_field" | "shared"   (eqs. 10, 13)
   score_activation: str = "tanh"  # "tanh" | "none"                 (eqs. 8, 10, 13, 15)
-  numeric_embedding: str = "linear"  # "linear" | "pad"             (eq. 2)
   gim_combine: str = "project_sum"  # "project_sum" | "weighted_concat"   (eq. 15)
   gim_dim: int = 64
   gim_behavior: str = "concat"  # "concat" | "mean": how e_b enters r_g (eq. 14)
@@ -55,10 +47,9 @@ class MIAN(nn.Module):
   def __call__(self, batch, *, train: bool):
     f = self.features
     deterministic = not train
-    kernel_init = layers.dense_initializer(self.dense_init, self.init_std)
+    kernel_init = self.kernel_init()
     # Embedding layer, eqs. (1)-(2); candidate and behaviours share the item tables.
-    e = layers.InputEmbedding(f, self.embed_dim, self.init_std, self.numeric_embedding,
-                              name="embedding")(batch)
+    e = self.embed(batch)
     e_i = layers.flatten_fields(e.item)                                     # [B, d_i]
     hist_mask = e.mask                                                      # [B, T]
     has_hist = e.hist is not None

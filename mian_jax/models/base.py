@@ -1,0 +1,28 @@
+"""What every deep model shares: the hyper-parameters it reads from config.model and its
+embedding layer (eq. 2). Model-specific hyper-parameters are fields of the subclasses."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from mian_jax.data.schema import FeatureSpec
+from mian_jax.models import layers
+
+
+class DeepModel(nn.Module):
+  """Base of the deep models; `models.create_model` fills the fields from config.model."""
+  features: FeatureSpec
+  embed_dim: int = 16
+  mlp_dims: tuple[int, ...] = (32, 8)
+  dropout_rate: float = 0.2
+  init_std: float = 0.02
+  dense_init: str = "lecun_normal"
+  numeric_embedding: str = "linear"
+
+  def kernel_init(self) -> nn.initializers.Initializer:
+    return layers.dense_initializer(self.dense_init, self.init_std)
+
+  def embed(self, batch) -> layers.FieldEmbeddings:
+    """Eq. (2) for every field group; call from a compact method (creates "embedding")."""
+    return layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
+                                 self.numeric_embedding, name="embedding")(batch)
