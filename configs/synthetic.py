@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.num_categories = 10  # item categories
   s.num_occupations = 21  # user occupations (as in MovieLens)
   s.num_interests = 2  # categories a user is currently interested in (and had before)
-  s.num_train = 400_000  # training examples
+  s.num_train = 600_000  # training examples (one epoch = 4,688 steps at batch 128)
   s.num_valid = 10_000  # validation examples
   s.num_test = 20_000  # test examples
   s.min_seq_len = 5  # history length of active users: uniform in [min_seq_len, T]
