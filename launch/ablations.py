@@ -86,7 +86,10 @@ def plot(summary: pd.DataFrame, path: str) -> None:
     ax.axvline(summary.oracle_auc.iloc[0], color="black", ls="--", label="oracle AUC")
     ax.legend(loc="lower right")
   low = (summary.auc_mean - 2 * summary.auc_std.fillna(0)).min()
-  ax.set_xlim(low - 0.01, max(summary.oracle_auc.max(), summary.auc_mean.max()) + 0.01)
+  high = summary.auc_mean.max()
+  if summary.oracle_auc.notna().all():
+    high = max(high, summary.oracle_auc.max())
+  ax.set_xlim(low - 0.01, high + 0.01)
   ax.set_xlabel(f"test AUC (mean ± std over {int(summary.seeds.max())} seeds)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -32,3 +32,10 @@ def test_summary_is_relative_to_the_first_variant_and_plots(tmp_path):
 def test_every_registered_model_is_a_variant():
   from mian_jax.models import MODELS
   assert set(MODELS) <= set(ablations.VARIANTS)
+
+
+def test_plot_without_an_oracle(tmp_path):
+  frame = pd.DataFrame({"variant": ["mian", "lr"], "seed": [0, 0], "auc": [0.7, 0.6],
+                        "gauc": [0.7, 0.6], "logloss": [0.6, 0.7], "oracle_auc": [None, None]})
+  ablations.plot(ablations.summarise(frame), str(tmp_path / "b.png"))
+  assert (tmp_path / "b.png").stat().st_size > 1000
