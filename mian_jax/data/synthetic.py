@@ -6,18 +6,20 @@ Bayes-oracle AUC beside the model's. See docs/data.md for the full generative st
 
   logit = bias + item_bias[i]
         + relevance_weight  * sum_t r^age(t) R[category(b_t), category(i)] / sum_t r^age(t)  (a)
-        + occupation_weight * A[occupation(u), category(i)]                                (b)
-        + context_weight    * H[hour, category(i)]                                         (c)
+        + user_weight       * U_j[u_j, category(i)],  j = user_field_of[category(i)]       (b)
+        + context_weight    * C_k[c_k, category(i)],  k = context_field_of[category(i)]    (c)
 
-where R, A and H are random low-rank interaction tables with unit standard deviation, b_t are
+where R, U_j and C_k are random low-rank interaction tables with unit standard deviation, b_t are
 the behaviours and age(t) = 0 for the most recent one, so (a) is the recency-weighted relevance of
 the candidate to the behaviours. Recent behaviours come from the user's current interests, older
-ones from old interests. (d): a share of users are inactive: their history is either short
+ones from old interests. In (b) and (c) *which* field matters depends on the candidate: each
+category is tied to one of the user fields (gender, age group, occupation) and one of the context
+fields (season, hour, weekday), so a model must select fields per candidate (what IUIM's and
+ICIM's attention of eqs. 10-13 is for), not just learn one fixed field's interaction. (d): a share of users are inactive: their history is either short
 (possibly empty) or stale, i.e. entirely old; a stale history is irrelevant to today's clicks
 (term (a) is 0), and only the context field `days_since_last` (bucketed time since the last
 behaviour) tells stale users apart. Half of all candidates are random items, mostly unrelated to
-any behaviour. The remaining fields (gender, age group, season, weekday) carry no signal and
-must be learned to be ignored.
+any behaviour.
 """
 
 from __future__ import annotations
@@ -69,9 +71,13 @@ class _World:
     self.current_interest = rng.integers(c.num_categories, size=(u, c.num_interests))
     self.old_interest = rng.integers(c.num_categories, size=(u, c.num_interests))
     self.inactive = rng.random(u) < c.inactive_user_share
-    self.occupation_table = _low_rank_table(rng, c.num_occupations, c.num_categories,
-                                            c.interaction_rank)
-    self.hour_table = _low_rank_table(rng, NUM_HOURS, c.num_categories, c.interaction_rank)
+    # (b), (c): one table per user / context field, and which field drives each category.
+    self.user_tables = [_low_rank_table(rng, n, c.num_categories, c.interaction_rank)
+                        for n in (NUM_GENDERS, NUM_AGE_GROUPS, c.num_occupations)]
+    self.context_tables = [_low_rank_table(rng, n, c.num_categories, c.interaction_rank)
+                           for n in (NUM_SEASONS, NUM_HOURS, NUM_WEEKDAYS)]
+    self.user_field_of = rng.integers(3, size=c.num_categories)
+    self.context_field_of = rng.integers(3, size=c.num_categories)
     self.relevance_table = _low_rank_table(rng, c.num_categories, c.num_categories,
                                            c.interaction_rank)
 
@@ -86,6 +92,14 @@ def _interest_draw(rng, interests, users, shape, focus):
   picked = interests[users[:, None], rng.integers(c, size=shape)]
   uniform = rng.integers(interests.max() + 1, size=shape)
   return np.where(rng.random(shape) < focus, picked, uniform)
+
+
+def _selected(tables, which, values, category):
+  """tables[which[n]][values[which[n]][n], category[n]] for every example n."""
+  out = np.zeros(len(category))
+  for j, (table, value) in enumerate(zip(tables, values)):
+    out = np.where(which == j, table[value, category], out)
+  return out
 
 
 def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len: int):
@@ -128,8 +142,12 @@ def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len
   relevance = np.where(stale | (lengths == 0), 0.0, relevance)
   logit = (c.bias + world.item_bias[cand_item]
            + c.relevance_weight * relevance
-           + c.occupation_weight * world.occupation_table[world.occupation[users], cand_category]
-           + c.context_weight * world.hour_table[hour, cand_category])
+           + c.user_weight * _selected(world.user_tables, world.user_field_of[cand_category],
+                                       (world.gender[users], world.age_group[users],
+                                        world.occupation[users]), cand_category)
+           + c.context_weight * _selected(world.context_tables,
+                                          world.context_field_of[cand_category],
+                                          (season, hour, weekday), cand_category))
   click_prob = 1.0 / (1.0 + np.exp(-logit))
   label = (rng.random(n) < click_prob).astype(np.float32)
 
