@@ -1,7 +1,10 @@
 """Data sources. Each writes the prepared-data format of `schema.py`; training reads only that.
 
-`config.data.source` picks the source:
+`config.data.source` picks the source (docs/data.md):
   "synthetic"  generated from `config.data.synthetic` (no download);
+  "amazon"     Amazon Books / Electronics 2014 5-core (downloaded if missing);
+  "movielens"  MovieLens-100K / 1M from their raw files;
+  "tabular"    the user's own CSV / Parquet logs;
   "prepared"   an existing prepared directory given by `config.data.prepared_dir`.
 """
 
