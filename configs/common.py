@@ -51,6 +51,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, split over devices (§4.3)
   config.train.learning_rate = 1e-3  # Adam (§4.3)
+  # "adam": optax Adam over every parameter; "lazy_adam": embedding rows a batch did not use are
+  # left alone, much faster with large vocabularies (mian_jax/optim.py, docs/performance.md).
+  config.train.optimizer = "adam"
   config.train.adam_b1 = 0.9  # §4.3
   config.train.adam_b2 = 0.999  # §4.3
   config.train.adam_eps = 1e-8  # optax default

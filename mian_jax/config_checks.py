@@ -20,6 +20,7 @@ CHOICES = {
     "model.gim_behavior": ("concat", "mean"),
     "model.sequence_pooling": ("mean", "sum"),
     "train.l2_scope": ("batch_embeddings", "all_weights", "none"),
+    "train.optimizer": ("adam", "lazy_adam"),
 }
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
             "train.batch_size", "train.learning_rate", "train.log_every_steps",
@@ -62,6 +63,10 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
   for key in ("mlp_dims", "cin_layer_sizes", "attention_mlp_dims", "aux_mlp_dims"):
     if key in config.model and any(d <= 0 for d in config.model[key]):
       raise ConfigError(f"config.model.{key} must be positive, got {config.model[key]}")
+  if config.train.get("optimizer") == "lazy_adam" and config.train.l2_scope == "all_weights":
+    raise ConfigError("config.train.optimizer='lazy_adam' updates only the embedding rows a batch "
+                      "uses, so it cannot take config.train.l2_scope='all_weights' (use "
+                      "'batch_embeddings' or optimizer='adam')")
   steps = config.train.num_train_steps
   if steps != -1 and steps <= 0:
     raise ConfigError(f"config.train.num_train_steps must be -1 (use num_epochs) or > 0, got {steps}")

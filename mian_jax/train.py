@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import parameter_overview
+from flax import traverse_util
 from flax.training import train_state as train_state_lib
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -33,6 +34,8 @@ from mian_jax import config_checks
 from mian_jax import data as data_lib
 from mian_jax import metrics as metrics_lib
 from mian_jax import models
+from mian_jax import optim
+from mian_jax import sparse
 from mian_jax import writers
 from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
@@ -53,9 +56,8 @@ def create_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def create_optimizer(train_config: ConfigDict) -> optax.GradientTransformation:
-  """Adam (§4.3). The L2 term is part of the loss (`l2_penalty`), i.e. coupled L2."""
-  return optax.adam(train_config.learning_rate, b1=train_config.adam_b1,
-                    b2=train_config.adam_b2, eps=train_config.adam_eps)
+  """Adam (§4.3), dense or lazy (`train.optimizer`); see `mian_jax/optim.py`."""
+  return optim.create_optimizer(train_config)
 
 
 def create_train_state(model, tx, batch, rng: jax.Array, mesh) -> TrainState:
@@ -99,24 +101,57 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> ja
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2_scope: str):
-  """One optimisation step on a global batch. Pure; jitted once by the caller.
+def loss_and_grads(state: TrainState, batch, dropout_rng: jax.Array, *, l2_weight: float,
+                   l2_scope: str, sparse_embeddings: bool = False):
+  """The training loss of eq. (18) plus L2 (and a model's own aux loss), and its gradient.
 
-  Dropout masks come from fold_in(rng, step), so a resumed run draws the same masks.
-  Returns (new_state, metrics) with scalar metrics "loss", "bce", "l2".
+  With `sparse_embeddings` the gradient of each embedding table is `optim.IndexedRows` (the rows
+  the batch looked up, `mian_jax/sparse.py`); loss and every other gradient are unchanged.
+  Returns ((loss, bce, l2), grads with the structure of state.params).
   """
-  dropout_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params):
-    logits, aux = state.apply_fn({"params": params}, batch, train=True,
-                                 rngs={"dropout": dropout_rng})
+  def loss_fn(variables, batch):
+    logits, aux = state.apply_fn(variables, batch, train=True, rngs={"dropout": dropout_rng})
     bce = weighted_bce(logits, batch["label"], batch["weight"])
-    l2 = l2_penalty(params, aux["embedding_sq_norm"], batch["weight"], l2_scope)
+    l2 = l2_penalty(variables["params"], aux["embedding_sq_norm"], batch["weight"], l2_scope)
     # aux["aux_loss"]: a model's own extra loss, already weighted (DIEN's alpha * L_aux).
     return bce + l2_weight * l2 + aux.get("aux_loss", 0.0), (bce, l2)
 
-  (loss, (bce, l2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads), {"loss": loss, "bce": bce, "l2": l2}
+  if not sparse_embeddings:
+    (loss, (bce, l2)), grads = jax.value_and_grad(
+        lambda p: loss_fn({"params": p}, batch), has_aux=True)(state.params)
+    return (loss, bce, l2), grads
+
+  tables = sparse.find_tables(state.params)
+  dense, table_params = sparse.split_params(state.params, tables)
+  local_batch, distinct = sparse.localize_ids(batch, sparse.table_fields(tables, table_params))
+  rows = sparse.gather_rows(table_params, tables, distinct)
+
+  def sparse_loss_fn(dense, rows):
+    params = traverse_util.unflatten_dict({**dense, **table_params})  # the tables go unread
+    return loss_fn({"params": params, sparse.SPARSE_ROWS: sparse.rows_collection(rows)},
+                   local_batch)
+
+  (loss, (bce, l2)), (dense_grads, row_grads) = jax.value_and_grad(
+      sparse_loss_fn, argnums=(0, 1), has_aux=True)(dense, rows)
+  return (loss, bce, l2), sparse.merge_grads(dense_grads, row_grads, tables, distinct)
+
+
+def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2_scope: str,
+               sparse_embeddings: bool = False):
+  """One optimisation step on a global batch. Pure; jitted once by the caller.
+
+  Dropout masks come from fold_in(rng, step), so a resumed run draws the same masks. With
+  `sparse_embeddings`, `state.tx` must accept row-sparse gradients (`optim.lazy_adam`).
+  Returns (new_state, metrics) with scalar metrics "loss", "bce", "l2".
+  """
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  (loss, bce, l2), grads = loss_and_grads(state, batch, dropout_rng, l2_weight=l2_weight,
+                                          l2_scope=l2_scope, sparse_embeddings=sparse_embeddings)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optim.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  return new_state, {"loss": loss, "bce": bce, "l2": l2}
 
 
 def eval_step(state: TrainState, batch, *, with_attention: bool):
@@ -131,7 +166,8 @@ def eval_step(state: TrainState, batch, *, with_attention: bool):
 def make_train_step(train_config: ConfigDict, mesh):
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   step = functools.partial(train_step, l2_weight=train_config.l2_weight,
-                           l2_scope=train_config.l2_scope)
+                           l2_scope=train_config.l2_scope,
+                           sparse_embeddings=train_config.get("optimizer", "adam") == "lazy_adam")
   return jax.jit(step, in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 

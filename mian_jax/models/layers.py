@@ -57,6 +57,9 @@ def masked_softmax(scores: Array, mask: Array | None) -> Array:
   return weights / jnp.where(total > 0, total, 1.0)
 
 
+SPARSE_ROWS = "sparse_rows"  # collection of row tables, see mian_jax/sparse.py
+
+
 class GroupEmbedding(nn.Module):
   """Eq. (2): one embedding per field of a group.
 
@@ -88,7 +91,10 @@ class GroupEmbedding(nn.Module):
     out = []
     for name in names if names is not None else [f.name for f in self.fields]:
       x = inputs[name]
-      if by_name[name].is_categorical:
+      if by_name[name].is_categorical and self.has_variable(SPARSE_ROWS, f"embed_{name}"):
+        # Row-sparse training (mian_jax/sparse.py): ids are positions in the batch's rows.
+        out.append(jnp.take(self.get_variable(SPARSE_ROWS, f"embed_{name}"), x, axis=0))
+      elif by_name[name].is_categorical:
         out.append(self.tables[name](x))
       elif self.numeric_embedding == "linear":
         out.append(x.astype(jnp.float32)[..., None] * self.numeric[name])

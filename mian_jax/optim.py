@@ -1,0 +1,104 @@
+"""Optimisers: optax Adam (§4.3) and a lazy Adam for row-sparse embedding gradients.
+
+Dense Adam reads and writes every row of every embedding table and of its two moments at every
+step, whatever rows the batch used: at Amazon-Books size (≈1 M rows x 16) that is hundreds of MB
+per step, far more than the model's arithmetic. `lazy_adam` takes the gradient of a table as
+`IndexedRows` (the rows a batch looked up and their gradients, see `mian_jax/sparse.py`) and
+updates only those rows of the table and of its moments, as TensorFlow's LazyAdam and PyTorch's
+SparseAdam do. Dense leaves get exactly optax's Adam.
+
+How it differs from dense Adam (docs/performance.md, "Lazy Adam"): a row the batch did not use
+keeps its parameters and moments unchanged, whereas dense Adam keeps moving it by its decaying
+first moment (m_t = b1 m_{t-1}, an update of -lr m̂/(√v̂ + eps) with a zero gradient) and decays
+its second moment. The bias correction uses the global step count for every row, as both
+reference implementations do. A row used at every step therefore follows dense Adam exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+
+class IndexedRows(NamedTuple):
+  """A row-sparse array: `values[n]` belongs to row `indices[n]` of a [V, D] array.
+
+  indices: [N] int32, distinct; an index >= V marks an unused slot (dropped on scatter).
+  values:  [N, D].
+  """
+  indices: jax.Array
+  values: jax.Array
+
+
+def _is_rows(x) -> bool:
+  return isinstance(x, IndexedRows)
+
+
+class LazyAdamState(NamedTuple):
+  count: jax.Array  # [] int32, steps taken
+  mu: Any  # first moments, the structure of params (dense)
+  nu: Any  # second moments
+
+
+def lazy_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8) -> optax.GradientTransformation:
+  """Adam that updates only the rows present in `IndexedRows` gradients (module docstring).
+
+  `update(grads, state, params)` takes the structure of params with any leaf either a dense
+  gradient (plain Adam) or `IndexedRows` (lazy rows); it returns updates of the same kinds,
+  to be applied with `apply_updates`.
+  """
+
+  def init(params):
+    zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
+    return LazyAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                         jax.tree.map(zeros, params))
+
+  def update(grads, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    c1 = 1.0 - b1 ** count.astype(jnp.float32)
+    c2 = 1.0 - b2 ** count.astype(jnp.float32)
+
+    def step(m, v, g):
+      m = b1 * m + (1.0 - b1) * g
+      v = b2 * v + (1.0 - b2) * g * g
+      return m, v, -learning_rate * (m / c1) / (jnp.sqrt(v / c2) + eps)
+
+    def leaf(g, mu, nu):
+      if not _is_rows(g):
+        return step(mu, nu, g)
+      m, v, u = step(mu.at[g.indices].get(mode="fill", fill_value=0),
+                     nu.at[g.indices].get(mode="fill", fill_value=0), g.values)
+      return (mu.at[g.indices].set(m, mode="drop"), nu.at[g.indices].set(v, mode="drop"),
+              IndexedRows(g.indices, u))
+
+    out = jax.tree.map(leaf, grads, state.mu, state.nu, is_leaf=_is_rows)
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out, is_leaf=_is_rows)  # noqa: E731
+    return pick(2), LazyAdamState(count, pick(0), pick(1))
+
+  return optax.GradientTransformation(init, update)
+
+
+def apply_updates(params, updates):
+  """`optax.apply_updates` that also adds `IndexedRows` updates to their rows."""
+
+  def leaf(p, u):
+    if _is_rows(u):
+      return p.at[u.indices].add(u.values.astype(p.dtype), mode="drop")
+    return (p + u).astype(p.dtype)
+
+  return jax.tree.map(leaf, params, updates, is_leaf=_is_rows)
+
+
+def create_optimizer(train_config: ConfigDict) -> optax.GradientTransformation:
+  """Adam (§4.3), dense ("adam") or row-sparse ("lazy_adam"). The L2 term is part of the loss
+  (coupled L2, `train.l2_penalty`), not of the optimiser."""
+  kwargs = dict(b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
+  if train_config.get("optimizer", "adam") == "lazy_adam":
+    return lazy_adam(train_config.learning_rate, **kwargs)
+  return optax.adam(train_config.learning_rate, **kwargs)

@@ -1,0 +1,114 @@
+"""Row-sparse embedding gradients: the gradient of each embedding table as the rows a batch
+looked up (`optim.IndexedRows`), never as a dense [V, D] array.
+
+For each categorical field the train step
+1. collects every id the global batch looks up in it (candidate field, and the behaviour
+   sequence for an item field) and takes the distinct ones, padded to a static size N with the
+   out-of-range id V (`localize_ids`);
+2. gathers those rows of every table the field indexes into small [N, D] "row tables", and
+   replaces each id in the batch by its position among the distinct ids;
+3. runs the model with the row tables in the "sparse_rows" collection, which
+   `layers.GroupEmbedding` looks ids up in instead of its full tables, and differentiates with
+   respect to the row tables, not the full ones.
+The forward pass is unchanged (same rows, same order of operations on them), and the gradient
+of a row table is exactly the dense gradient's rows at the distinct ids (tests/test_sparse.py).
+
+Which ids index which table follows the layout of `layers.InputEmbedding`: a table at
+`.../<group>_embedding/embed_<field>/embedding` is indexed by `batch[<group>][<field>]` and, for
+an item field that is also a behaviour field, by `batch["hist"][<field>]`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from mian_jax.models.layers import SPARSE_ROWS
+from mian_jax.optim import IndexedRows
+_GROUPS = ("item", "user", "context")
+
+Path = tuple[str, ...]
+
+
+class Table(NamedTuple):
+  path: Path  # key of the table in the flattened params, ends with "embedding"
+  group: str  # "item" | "user" | "context"
+  field: str
+
+
+def find_tables(params) -> list[Table]:
+  """Every embedding table of `params` that `InputEmbedding` looks batch ids up in."""
+  tables = []
+  for path in traverse_util.flatten_dict(params):
+    if (len(path) >= 3 and path[-1] == "embedding" and path[-2].startswith("embed_")
+        and path[-3] in tuple(f"{g}_embedding" for g in _GROUPS)):
+      tables.append(Table(path, path[-3][:-len("_embedding")], path[-2][len("embed_"):]))
+  return tables
+
+
+def _id_arrays(batch, group: str, field: str) -> list[tuple[str, str]]:
+  keys = [(group, field)]
+  if group == "item" and field in batch.get("hist", {}):
+    keys.append(("hist", field))
+  return keys
+
+
+def localize_ids(batch, fields: dict[tuple[str, str], int]):
+  """Distinct ids per field and the batch with ids replaced by their positions among them.
+
+  Args:
+    batch: a model batch (see `pipeline.gather_batch`).
+    fields: {(group, field): vocabulary size V} of the fields to localise.
+  Returns:
+    (batch with local ids, {(group, field): distinct ids [N] int32, padded with V}).
+  """
+  new = {k: (dict(v) if isinstance(v, dict) else v) for k, v in batch.items()}
+  distinct = {}
+  for (group, field), vocab_size in fields.items():
+    keys = _id_arrays(batch, group, field)
+    arrays = [batch[g][f] for g, f in keys]
+    flat = jnp.concatenate([a.reshape(-1) for a in arrays])
+    ids, inverse = jnp.unique(flat, return_inverse=True, size=flat.size, fill_value=vocab_size)
+    inverse = inverse.reshape(-1)
+    start = 0
+    for (g, f), a in zip(keys, arrays):
+      new[g][f] = inverse[start:start + a.size].reshape(a.shape).astype(a.dtype)
+      start += a.size
+    distinct[(group, field)] = ids.astype(jnp.int32)
+  return new, distinct
+
+
+def split_params(params, tables: list[Table]):
+  """(the params without the tables as a flat dict, the tables as a flat dict)."""
+  flat = traverse_util.flatten_dict(params)
+  paths = {t.path for t in tables}
+  return ({k: v for k, v in flat.items() if k not in paths},
+          {k: v for k, v in flat.items() if k in paths})
+
+
+def gather_rows(table_params: dict[Path, jax.Array], tables: list[Table], distinct):
+  """{table path: its rows at the field's distinct ids [N, D]} (zeros at padding slots)."""
+  return {t.path: table_params[t.path].at[distinct[(t.group, t.field)]].get(
+      mode="fill", fill_value=0) for t in tables}
+
+
+def rows_collection(rows: dict[Path, jax.Array]):
+  """The "sparse_rows" variables: each row table stored under its `embed_<field>` module path."""
+  return traverse_util.unflatten_dict({path[:-1]: r for path, r in rows.items()})
+
+
+def merge_grads(dense_grads: dict[Path, jax.Array], row_grads: dict[Path, jax.Array],
+                tables: list[Table], distinct):
+  """The gradient tree of the full params: dense leaves, and `IndexedRows` for the tables."""
+  flat = dict(dense_grads)
+  for t in tables:
+    flat[t.path] = IndexedRows(distinct[(t.group, t.field)], row_grads[t.path])
+  return traverse_util.unflatten_dict(flat)
+
+
+def table_fields(tables: list[Table], table_params) -> dict[tuple[str, str], int]:
+  """{(group, field): vocabulary size} over `tables` (tables of one field share it)."""
+  return {(t.group, t.field): table_params[t.path].shape[0] for t in tables}
