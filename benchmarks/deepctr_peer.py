@@ -1,4 +1,4 @@
-"""Peer runner of benchmarks/compare_deepctr.py: trains one DeepCTR-Torch model, predicts.
+"""Peer runner of benchmarks/compare_deepctr.py and benchmarks/throughput.py: DeepCTR-Torch side.
 
 Runs under the *peer* interpreter (a separate venv with torch and deepctr-torch, see
 compare_deepctr.py), never under the project venv: it imports only numpy, torch and
@@ -6,11 +6,14 @@ deepctr_torch, not mian_jax or jax. It reads the prepared .npy columns directly.
 
   .venv-torch/bin/python benchmarks/deepctr_peer.py --request=request.json
 
-The request (written by compare_deepctr.py) holds the data directory, the feature-column spec,
-the hyper-parameters and where to write the predictions. The runner writes
-<out_dir>/pred_<split>.npy (float32 click probabilities, split order) and prints one JSON line,
-prefixed with "PEER_RESULT ", on stdout. The metrics are computed by the caller with
-mian_jax.metrics, so both implementations are scored by the same code.
+The request holds the data directory, the feature-column spec and the hyper-parameters. Its
+"mode" picks what runs; either way one JSON line, prefixed with "PEER_RESULT ", goes to stdout.
+
+- "train" (the default; written by compare_deepctr.py): trains one model for "total_steps",
+  then writes <out_dir>/pred_<split>.npy (float32 click probabilities, split order). The metrics
+  are computed by the caller with mian_jax.metrics, so both implementations are scored by the
+  same code.
+- "throughput" (written by throughput.py --peer): speed only, see `run_throughput`.
 
 Training loop: that of DeepCTR-Torch's `BaseModel.fit` (binary cross-entropy with
 reduction="sum", plus `model.get_regularization_loss()` and `model.aux_loss`, one Adam step per
@@ -92,6 +95,7 @@ def lecun_reinit(model) -> int:
 
 
 def build_model(req: dict, columns):
+  """DeepCTR-Torch's DIN or DeepFM with the request's hyper-parameters (CPU, binary task)."""
   from deepctr_torch.models import DIN, DeepFM  # noqa: PLC0415
   h = req["hparams"]
   if req["model"] == "din":
@@ -111,15 +115,22 @@ def build_model(req: dict, columns):
   raise ValueError(f"model {req['model']!r} is not compared (din, deepfm)")
 
 
-def run(req: dict) -> dict:
+def setup(req: dict) -> dict:
+  """The peer's best CPU settings, the training arrays, the model and its Adam.
+
+  Sets torch.set_num_threads(req["threads"] or os.cpu_count()) and torch.set_flush_denormal
+  (without it DeepCTR-Torch's Adam over the embedding tables slows down on denormal moments).
+
+  Returns:
+    {"model", "optim", "feature_index", "x_train", "y_train", "reinit" (dense layers
+    re-initialised), "flush_denormal" (whether the CPU supports it)}.
+  """
   import torch  # noqa: PLC0415
-  import torch.nn.functional as F  # noqa: PLC0415
-  import deepctr_torch  # noqa: PLC0415
   from deepctr_torch.inputs import build_input_features  # noqa: PLC0415
 
   threads = req.get("threads") or os.cpu_count() or 1
   torch.set_num_threads(threads)  # the peer's best settings on this CPU (see --peer_threads)
-  torch.set_flush_denormal(True)
+  flush_denormal = torch.set_flush_denormal(True)
   torch.manual_seed(req["seed"])
   h = req["hparams"]
   columns = build_columns(req["spec"], h["embed_dim"])
@@ -129,9 +140,48 @@ def run(req: dict) -> dict:
       np.load(os.path.join(req["data_dir"], "train", "label.npy"), allow_pickle=False),
       np.float32))
   model = build_model(req, columns)
-  reinit = lecun_reinit(model) if req["dense_init"] == "lecun" else 0
+  reinit = lecun_reinit(model) if req.get("dense_init", "deepctr") == "lecun" else 0
   optim = torch.optim.Adam(model.parameters(), lr=h["learning_rate"],
                            betas=(h["adam_b1"], h["adam_b2"]), eps=h["adam_eps"])
+  return {"model": model, "optim": optim, "feature_index": feature_index, "x_train": x_train,
+          "y_train": y_train, "reinit": reinit, "flush_denormal": bool(flush_denormal)}
+
+
+def train_step(model, optim, x, y):
+  """One step of DeepCTR-Torch's `BaseModel.fit`; returns the summed BCE (a tensor)."""
+  import torch.nn.functional as F  # noqa: PLC0415
+  y_pred = model(x).squeeze(-1)
+  optim.zero_grad()
+  loss = F.binary_cross_entropy(y_pred, y, reduction="sum")  # as BaseModel.fit
+  total = loss + model.get_regularization_loss() + model.aux_loss
+  total.backward()
+  optim.step()
+  return loss
+
+
+def batch_rows(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Rows of training batch `step`: those of mian_jax.data.pipeline.TrainBatches."""
+  epoch, b = divmod(step, n // batch_size)
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  return np.sort(perm[b * batch_size:(b + 1) * batch_size])
+
+
+def versions() -> dict:
+  """torch and deepctr-torch versions, and the torch threads in use."""
+  import torch  # noqa: PLC0415
+  import deepctr_torch  # noqa: PLC0415
+  return {"torch_version": torch.__version__,
+          "deepctr_torch_version": deepctr_torch.__version__,
+          "torch_threads": torch.get_num_threads()}
+
+
+def run(req: dict) -> dict:
+  """Mode "train": trains for req["total_steps"] steps, then writes the predictions."""
+  import torch  # noqa: PLC0415
+
+  s = setup(req)
+  model, optim, x_train, y_train = s["model"], s["optim"], s["x_train"], s["y_train"]
+  h = req["hparams"]
   n, batch_size, total_steps = x_train.shape[0], h["batch_size"], req["total_steps"]
   steps_per_epoch = n // batch_size  # full batches only, as mian_jax's TrainBatches
   model.train()
@@ -143,13 +193,7 @@ def run(req: dict) -> dict:
       perm = np.random.default_rng([req["seed"], epoch]).permutation(n)
       perm_epoch = epoch
     rows = torch.from_numpy(np.sort(perm[b * batch_size:(b + 1) * batch_size]))
-    x, y = x_train[rows], y_train[rows]
-    y_pred = model(x).squeeze(-1)
-    optim.zero_grad()
-    loss = F.binary_cross_entropy(y_pred, y, reduction="sum")  # as BaseModel.fit
-    total = loss + model.get_regularization_loss() + model.aux_loss
-    total.backward()
-    optim.step()
+    loss = train_step(model, optim, x_train[rows], y_train[rows])
     loss_sum += loss.detach().item() / len(rows)
     if not math.isfinite(loss_sum):
       raise FloatingPointError(f"non-finite loss at step {step}")
@@ -159,7 +203,8 @@ def run(req: dict) -> dict:
   predict_seconds = {}
   for split in req["predict_splits"]:
     t0 = time.perf_counter()
-    x_split = torch.from_numpy(build_matrix(req["data_dir"], split, req["spec"], feature_index))
+    x_split = torch.from_numpy(build_matrix(req["data_dir"], split, req["spec"],
+                                            s["feature_index"]))
     parts = []
     with torch.no_grad():
       for i in range(0, x_split.shape[0], req["eval_batch_size"]):
@@ -173,21 +218,86 @@ def run(req: dict) -> dict:
       "predict_seconds": predict_seconds,
       "mean_train_bce": loss_sum / max(total_steps, 1),
       "num_parameters": int(sum(p.numel() for p in model.parameters())),
-      "torch_version": torch.__version__,
-      "deepctr_torch_version": deepctr_torch.__version__,
-      "torch_threads": torch.get_num_threads(),
-      "flush_denormal": True,
-      "dense_layers_reinitialised": reinit,
+      **versions(),
+      "flush_denormal": s["flush_denormal"],
+      "dense_layers_reinitialised": s["reinit"],
   }
+
+
+def run_throughput(req: dict) -> dict:
+  """Mode "throughput": the measurements of throughput.py's `measure`, for DeepCTR-Torch.
+
+  Batches are those mian_jax takes (`batch_rows`, hparams.batch_size): step 0 for the first
+  step, steps 1..8 (gathered beforehand, as mian_jax's device batches) in turn after it.
+
+  - compile_s: the first training step. Torch compiles nothing; this is its first-call cost
+    (lazy allocations, Adam's state), comparable to mian_jax's trace + compile + first run;
+  - train_samples_per_s: steady state over req["seconds"] of `train_step`s (forward, BCE with
+    reduction="sum" + regularisation loss + aux loss, backward, Adam step);
+  - eval_samples_per_s: model.eval() forward passes under torch.no_grad() over
+    req["eval_seconds"], after one untimed pass;
+  - peak_rss_mb: this process's peak resident memory.
+  """
+  import resource  # noqa: PLC0415
+
+  import torch  # noqa: PLC0415
+
+  s = setup(req)
+  model, optim, x_train, y_train = s["model"], s["optim"], s["x_train"], s["y_train"]
+  n, batch_size, seed = x_train.shape[0], req["hparams"]["batch_size"], req["seed"]
+  if n // batch_size == 0:
+    raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+  batches = []
+  for step in range(9):
+    rows = torch.from_numpy(batch_rows(n, batch_size, seed, step))
+    batches.append((x_train[rows], y_train[rows]))
+
+  model.train()
+  start = time.perf_counter()
+  loss = train_step(model, optim, *batches[0])
+  compile_s = time.perf_counter() - start
+
+  steps, start = 0, time.perf_counter()
+  while time.perf_counter() - start < req["seconds"]:
+    loss = train_step(model, optim, *batches[1 + steps % 8])
+    steps += 1
+  train_rate = steps * batch_size / (time.perf_counter() - start)
+  if not math.isfinite(loss.item()):
+    raise FloatingPointError("non-finite training loss")
+
+  model.eval()
+  with torch.no_grad():
+    model(batches[0][0])
+    evaluated, start = 0, time.perf_counter()
+    while time.perf_counter() - start < req["eval_seconds"]:
+      model(batches[1 + evaluated % 8][0])
+      evaluated += 1
+    eval_rate = evaluated * batch_size / (time.perf_counter() - start)
+
+  return {"impl": "deepctr_torch", "model": req["model"], "batch_size": batch_size,
+          "optimizer": "torch.optim.Adam", "cpu_count": os.cpu_count(),
+          "train_samples_per_s": train_rate, "eval_samples_per_s": eval_rate,
+          "compile_s": compile_s, "train_steps": steps,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "num_parameters": int(sum(p.numel() for p in model.parameters())),
+          **versions(), "flush_denormal": s["flush_denormal"],
+          "dense_layers_reinitialised": s["reinit"]}
+
+
+MODES = {"train": run, "throughput": run_throughput}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--request", required=True, help="request JSON from compare_deepctr.py")
+  parser.add_argument("--request", required=True,
+                      help="request JSON from compare_deepctr.py or throughput.py")
   args = parser.parse_args()
   with open(args.request) as f:
     req = json.load(f)
-  result = run(req)
+  mode = req.get("mode", "train")
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+  result = MODES[mode](req)
   print("PEER_RESULT " + json.dumps(result), flush=True)
   sys.stderr.flush()
   # deepctr_torch starts a non-daemon thread at import that asks PyPI for its latest version;

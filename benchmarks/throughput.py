@@ -1,7 +1,15 @@
-"""Training and evaluation throughput of our models on Amazon-sized vocabularies (synthetic ids).
+"""Training and evaluation throughput of our models on Amazon-sized vocabularies (synthetic ids),
+optionally beside DeepCTR-Torch's DIN and DeepFM on the same arrays (--peer).
 
   python benchmarks/throughput.py --models=mian,din --batch_sizes=128,1024 \
-      --vocab=electronics --out=runs/throughput.jsonl
+      --vocab=electronics --out=runs/throughput.jsonl [--optimizer=lazy_adam] \
+      [--peer [--repeats=3] [--peer_threads=N] [--peer_python=.venv-torch/bin/python]]
+
+--vocab: "electronics" (~63 k items, 801 categories, ~192 k users) or "books" (~368 k items,
+1.6 k categories, ~604 k users), the sizes of Table 1 of the paper; 30 behaviours per example;
+"tiny" is for smoke tests. The models use configs/common.py's base config (§4.3 settings) with
+train.batch_size = the batch size and train.optimizer = --optimizer ("adam": optax Adam over
+every parameter; "lazy_adam": our row-sparse lazy Adam, mian_jax/optim.py).
 
 Each (model, batch size) runs in its own process, so peak RSS is that pair's own. Measured:
 - compile_s: the first train step (trace, lower, compile, run);
@@ -11,29 +19,61 @@ Each (model, batch size) runs in its own process, so peak RSS is that pair's own
   the device), i.e. what the pipeline could feed; its share of a step is reported too;
 - eval_samples_per_s: the jitted forward pass;
 - peak_rss_mb: the process's peak resident memory.
-Results print as a table and append one JSON object per pair to --out.
+Results print as a table and append one JSON object per pair to --out (keys "impl": "mian_jax",
+"model", "batch_size", "optimizer", the measurements above, "devices", "backend", "cpu_count").
+
+--peer: the arrays are written once to a temporary prepared directory (removed at the end) that
+both implementations read. For each model DeepCTR-Torch has (din, deepfm; other models are
+measured on our side only) and each batch size, ours and theirs run alternately, --repeats
+times; each pair reports the median per implementation. The peer is benchmarks/deepctr_peer.py
+in mode "throughput", run by --peer_python (a separate venv with torch and deepctr-torch; see
+compare_deepctr.py for how to create it). It builds the model of compare_deepctr.py with the
+same hyper-parameters (embedding width, MLP and attention widths, dropout, init std, learning
+rate and Adam betas / eps, L2 mapped as compare_deepctr's "matched" --peer_l2) and takes the
+same batches; it trains with torch.optim.Adam over every parameter (as DeepCTR-Torch's `fit`)
+whatever --optimizer says. Its measurements are those above except input_samples_per_s, with
+one difference: torch compiles nothing, so its compile_s is the time of its first training
+step. The peer gets its best settings on a CPU: torch.set_num_threads(--peer_threads, default
+os.cpu_count()) and torch.set_flush_denormal(True) (about 1.45x faster for its DIN: its Adam
+update over the embedding tables slows down on denormal moments); its row records them
+("torch_threads", "flush_denormal") and the torch and deepctr-torch versions. Its rows have
+"impl": "deepctr_torch"; our row of the same pair gets "ratio_train_vs_peer" and
+"ratio_eval_vs_peer" (ours / theirs samples/s), and a summary table of the ratios ends the run.
+With 2 busy cores, fewer peer threads can be much faster (see compare_deepctr.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+import compare_deepctr
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (items, categories, users): Amazon 5-core sizes of Table 1 of the paper.
-VOCABS = {"electronics": (63_001, 801, 192_403), "books": (367_982, 1_600, 603_668)}
+# (items, categories, users): Amazon 5-core sizes of Table 1 of the paper; "tiny": smoke tests.
+VOCABS = {"electronics": (63_001, 801, 192_403), "books": (367_982, 1_600, 603_668),
+          "tiny": (500, 20, 300)}
 NUM_EXAMPLES = 65_536  # rows of the synthetic arrays batches are drawn from
 MAX_SEQ_LEN = 30
+OPTIMIZERS = ("adam", "lazy_adam")
+PEER_MODELS = compare_deepctr.MODELS  # the models DeepCTR-Torch has
+# The measurements taken as the median over --repeats runs.
+METRICS = ("train_samples_per_s", "eval_samples_per_s", "input_samples_per_s",
+           "input_share_of_step", "compile_s", "peak_rss_mb")
 
 
-def make_data(vocab: str, seed: int = 0):
+def make_data(vocab: str, seed: int = 0, num_examples: int = NUM_EXAMPLES):
   """Random prepared-format columns with Amazon-sized vocabularies; returns (schema, columns)."""
   sys.path.insert(0, REPO)
   from mian_jax.data import schema as schema_lib  # noqa: PLC0415
@@ -46,7 +86,7 @@ def make_data(vocab: str, seed: int = 0):
       user_fields=(cat("user_id", users), cat("activity", 8)),
       context_fields=(cat("month", 12), cat("weekday", 7), cat("gap", 6)),
       max_seq_len=MAX_SEQ_LEN)
-  n = NUM_EXAMPLES
+  n = num_examples
   schema = schema_lib.Schema(features, (("train", n), ("valid", n), ("test", n)))
   rng = np.random.default_rng(seed)
   ids = lambda size, shape: (rng.integers(0, size, shape) + reserved).astype(np.int32)  # noqa
@@ -64,18 +104,50 @@ def make_data(vocab: str, seed: int = 0):
   return schema, columns
 
 
-def measure(model_name: str, batch_size: int, vocab: str, seconds: float) -> dict:
-  """Measures one (model, batch size) pair in this process."""
-  sys.path.insert(0, REPO)
-  import jax  # noqa: PLC0415
-  from configs import common  # noqa: PLC0415
-  from mian_jax import models, train  # noqa: PLC0415
-  from mian_jax.data import pipeline  # noqa: PLC0415
+def write_shared_data(directory: str, schema, columns) -> None:
+  """Writes the train arrays as a prepared directory that both implementations read.
 
-  schema, columns = make_data(vocab)
+  Valid and test (read by neither) are the first rows of train, to keep the directory small.
+  """
+  sys.path.insert(0, REPO)
+  from mian_jax.data import schema as schema_lib  # noqa: PLC0415
+  n = schema.size("train")
+  k = min(n, 1024)
+  head = {name: a[:k] for name, a in columns.items()}
+  schema = dataclasses.replace(schema, num_examples=(("train", n), ("valid", k), ("test", k)))
+  schema_lib.write_prepared(directory, schema, {"train": columns, "valid": head, "test": head})
+
+
+def load_shared_data(directory: str):
+  """The (schema, train columns in memory) of a directory written by `write_shared_data`."""
+  sys.path.insert(0, REPO)
+  from mian_jax.data import schema as schema_lib  # noqa: PLC0415
+  schema = schema_lib.read_schema(directory)
+  split = schema_lib.load_split(directory, "train", schema)
+  return schema, {name: np.array(a) for name, a in split.items()}
+
+
+def make_config(model_name: str, batch_size: int, optimizer: str = "adam"):
+  """configs/common.py's base config for one model, batch size and optimizer."""
+  sys.path.insert(0, REPO)
+  from configs import common  # noqa: PLC0415
   config = common.get_base_config()
   config.model.name = model_name
   config.train.batch_size = batch_size
+  config.train.optimizer = optimizer
+  return config
+
+
+def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
+            optimizer: str = "adam", data_dir: str = "") -> dict:
+  """Measures one (model, batch size) pair in this process (on `data_dir`'s arrays if given)."""
+  sys.path.insert(0, REPO)
+  import jax  # noqa: PLC0415
+  from mian_jax import models, train  # noqa: PLC0415
+  from mian_jax.data import pipeline  # noqa: PLC0415
+
+  schema, columns = load_shared_data(data_dir) if data_dir else make_data(vocab)
+  config = make_config(model_name, batch_size, optimizer)
   mesh = train.create_mesh()
   model = models.create_model(config.model, schema.features)
   batches = pipeline.TrainBatches(columns, schema, batch_size, seed=0)
@@ -114,44 +186,249 @@ def measure(model_name: str, batch_size: int, vocab: str, seconds: float) -> dic
   eval_rate = evaluated * batch_size / (time.perf_counter() - start)
 
   return {"impl": "mian_jax", "model": model_name, "batch_size": batch_size, "vocab": vocab,
-          "devices": jax.device_count(), "backend": jax.default_backend(),
+          "optimizer": optimizer, "devices": jax.device_count(),
+          "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
           "train_samples_per_s": train_rate, "eval_samples_per_s": eval_rate,
           "input_samples_per_s": input_rate, "input_share_of_step": train_rate / input_rate,
           "compile_s": compile_s,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def main():
+def run_ours(model: str, batch: int, args: argparse.Namespace, data_dir: str = "") -> dict:
+  """`measure` in a child process (so that peak RSS is the pair's own)."""
+  command = [sys.executable, os.path.abspath(__file__), f"--single={model},{batch}",
+             f"--vocab={args.vocab}", f"--seconds={args.seconds}",
+             f"--optimizer={args.optimizer}"]
+  if data_dir:
+    command.append(f"--data_dir={data_dir}")
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    sys.exit(f"error: {model} at batch {batch} failed:\n{result.stderr[-2000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the peer
+
+
+def peer_request(config, schema, columns, data_dir: str, seconds: float, threads: int,
+                 l2_mode: str = "matched", seed: int = 0) -> dict:
+  """The request of benchmarks/deepctr_peer.py's "throughput" mode for `config`'s model.
+
+  Args:
+    config: the config of our side (`make_config`): model, batch size, hyper-parameters.
+    schema, columns: the data (`make_data`); `data_dir` holds them (`write_shared_data`).
+    seconds: steady-state training time; evaluation runs min(seconds, 5).
+    threads: torch.set_num_threads of the peer.
+    l2_mode: compare_deepctr's --peer_l2.
+    seed: the seed of the batches (ours use 0) and of the peer's initialisation.
+
+  Returns:
+    A JSON-able dict: mode, model, seed, data_dir, spec (compare_deepctr.feature_column_spec),
+    seconds, eval_seconds, threads, dense_init ("deepctr": its own), hparams (as
+    compare_deepctr.py passes them, L2 included).
+  """
+  m, t = config.model, config.train
+  lookups = compare_deepctr.lookups_per_example(schema, np.asarray(columns["hist_len"]))
+  l2 = compare_deepctr.peer_l2(l2_mode, t.l2_weight, t.l2_scope, t.batch_size, lookups,
+                               compare_deepctr.table_rows(schema))
+  return {
+      "mode": "throughput", "model": m.name, "seed": seed, "data_dir": data_dir,
+      "spec": compare_deepctr.feature_column_spec(schema, m.sequence_pooling),
+      "seconds": seconds, "eval_seconds": min(seconds, 5.0), "threads": threads,
+      "dense_init": "deepctr",
+      "hparams": {"embed_dim": m.embed_dim, "mlp_dims": list(m.mlp_dims),
+                  "attention_mlp_dims": list(m.attention_mlp_dims), "use_dice": m.use_dice,
+                  "dropout_rate": m.dropout_rate, "init_std": m.init_std,
+                  "batch_size": t.batch_size, "learning_rate": t.learning_rate,
+                  "adam_b1": t.adam_b1, "adam_b2": t.adam_b2, "adam_eps": t.adam_eps, **l2},
+  }
+
+
+def run_peer(request: dict, peer_python: str, timeout: float) -> dict:
+  """Runs deepctr_peer.py on `request` with `peer_python`; returns its result row."""
+  with tempfile.TemporaryDirectory(prefix="throughput-peer-") as tmp:
+    path = os.path.join(tmp, "request.json")
+    with open(path, "w") as f:
+      json.dump(request, f)
+    proc = subprocess.run([peer_python, compare_deepctr.PEER_SCRIPT, f"--request={path}"],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+  lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT ")]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+    raise RuntimeError(f"DeepCTR-Torch peer failed ({request['model']}, batch "
+                       f"{request['hparams']['batch_size']}, exit {proc.returncode}): {tail}")
+  return json.loads(lines[-1][len("PEER_RESULT "):])
+
+
+def check_peer_python(peer_python: str) -> None:
+  """Exits with compare_deepctr.py's message when `peer_python` is not an executable."""
+  if not (os.path.isfile(peer_python) and os.access(peer_python, os.X_OK)):
+    sys.exit(f"error: --peer_python={peer_python} not found; create it with: python3 -m "
+             "venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 "
+             "deepctr-torch requests")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def median_row(runs: list[dict]) -> dict:
+  """The first run's row with each measurement replaced by its median over `runs` (the values
+  of every run kept under "<key>_runs" when there are several)."""
+  row = dict(runs[0])
+  for key in METRICS:
+    if key in row:
+      values = [r[key] for r in runs]
+      row[key] = statistics.median(values)
+      if len(runs) > 1:
+        row[key + "_runs"] = values
+  row["repeats"] = len(runs)
+  return row
+
+
+def add_ratios(ours: dict, theirs: dict) -> None:
+  """Puts ours / theirs train and eval samples/s into our row."""
+  ours["ratio_train_vs_peer"] = ours["train_samples_per_s"] / theirs["train_samples_per_s"]
+  ours["ratio_eval_vs_peer"] = ours["eval_samples_per_s"] / theirs["eval_samples_per_s"]
+
+
+def format_row(row: dict, label: str = "") -> str:
+  """One table line of a measured row (input "-" where not measured)."""
+  input_rate = row.get("input_samples_per_s")
+  input_text = f"{input_rate:>9.0f}/s" if input_rate is not None else f"{'-':>9}  "
+  line = (f"{row['model']:>10} batch {row['batch_size']:>5}: "
+          f"train {row['train_samples_per_s']:>9.0f}/s  eval {row['eval_samples_per_s']:>9.0f}/s"
+          f"  input {input_text}  compile {row['compile_s']:5.1f}s"
+          f"  peak RSS {row['peak_rss_mb']:6.0f} MB")
+  return f"{line}  {label}" if label else line
+
+
+def format_summary(rows: list[dict]) -> str:
+  """Per (model, batch size): both implementations' samples/s and ours / theirs."""
+  header = (f"{'model':>10} {'batch':>6} {'train ours/s':>13} {'theirs/s':>10} {'ratio':>7} "
+            f"{'eval ours/s':>12} {'theirs/s':>10} {'ratio':>7} {'compile s ours/theirs':>22}")
+  lines = [header, "-" * len(header)]
+  for ours in (r for r in rows if r["impl"] == "mian_jax"):
+    theirs = next((r for r in rows if r["impl"] == "deepctr_torch"
+                   and (r["model"], r["batch_size"]) == (ours["model"], ours["batch_size"])),
+                  None)
+    if theirs is None:
+      lines.append(f"{ours['model']:>10} {ours['batch_size']:>6} "
+                   f"{ours['train_samples_per_s']:>13.0f} {'-':>10} {'-':>7} "
+                   f"{ours['eval_samples_per_s']:>12.0f} {'-':>10} {'-':>7} "
+                   f"{ours['compile_s']:>12.2f} / -")
+      continue
+    lines.append(f"{ours['model']:>10} {ours['batch_size']:>6} "
+                 f"{ours['train_samples_per_s']:>13.0f} {theirs['train_samples_per_s']:>10.0f} "
+                 f"{ours['ratio_train_vs_peer']:>6.2f}x "
+                 f"{ours['eval_samples_per_s']:>12.0f} {theirs['eval_samples_per_s']:>10.0f} "
+                 f"{ours['ratio_eval_vs_peer']:>6.2f}x "
+                 f"{ours['compile_s']:>12.2f} / {theirs['compile_s']:.2f}")
+  return "\n".join(lines)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default="mian,din")
   parser.add_argument("--batch_sizes", default="128,1024")
   parser.add_argument("--vocab", default="electronics", choices=sorted(VOCABS))
   parser.add_argument("--seconds", type=float, default=20.0, help="steady-state time per pair")
+  parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                      help="config.train.optimizer of our models")
   parser.add_argument("--out", default="runs/throughput.jsonl")
+  parser.add_argument("--peer", action="store_true",
+                      help="also measure DeepCTR-Torch's DIN / DeepFM, alternating with ours")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="runs per implementation and pair (alternating); medians reported")
+  parser.add_argument("--peer_python", default=compare_deepctr.DEFAULT_PEER_PYTHON,
+                      help="python of the venv with torch and deepctr-torch")
+  parser.add_argument("--peer_threads", type=int, default=0,
+                      help="torch.set_num_threads for the peer; 0 = os.cpu_count()")
   parser.add_argument("--single", default="", help=argparse.SUPPRESS)  # model,batch: child mode
-  args = parser.parse_args()
+  parser.add_argument("--data_dir", default="", help=argparse.SUPPRESS)  # child: shared arrays
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f"--repeats={args.repeats}: expected at least 1")
+  return args
+
+
+def measure_pair(model: str, batch: int, args, data: dict | None) -> list[dict]:
+  """Ours (and, with `data`, theirs) alternately, --repeats times; the median rows."""
+  runs: dict[str, list[dict]] = {"mian_jax": [], "deepctr_torch": []}
+  for repeat in range(args.repeats):
+    label = f"run {repeat + 1}/{args.repeats}" if args.repeats > 1 else ""
+    runs["mian_jax"].append(run_ours(model, batch, args, data["dir"] if data else ""))
+    if args.repeats > 1:
+      print(format_row(runs["mian_jax"][-1], f"mian_jax {label}"), flush=True)
+    if data:
+      request = peer_request(make_config(model, batch, args.optimizer), data["schema"],
+                             data["columns"], data["dir"], args.seconds, data["threads"])
+      try:
+        runs["deepctr_torch"].append(run_peer(request, args.peer_python,
+                                              timeout=600 + 3 * args.seconds))
+      except (RuntimeError, subprocess.TimeoutExpired) as e:
+        sys.exit(f"error: {' '.join(str(e).split())}")
+      runs["deepctr_torch"][-1]["vocab"] = args.vocab
+      if args.repeats > 1:
+        print(format_row(runs["deepctr_torch"][-1], f"deepctr_torch {label}"), flush=True)
+  rows = [median_row(runs[impl]) for impl in runs if runs[impl]]
+  if len(rows) == 2:
+    add_ratios(*rows)
+  return rows
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
   if args.single:
     model, batch = args.single.split(",")
-    print(json.dumps(measure(model, int(batch), args.vocab, args.seconds)))
+    print(json.dumps(measure(model, int(batch), args.vocab, args.seconds, args.optimizer,
+                             args.data_dir)))
     return
-  rows = []
-  for model in args.models.split(","):
-    for batch in args.batch_sizes.split(","):
-      result = subprocess.run([sys.executable, __file__, f"--single={model},{batch}",
-                               f"--vocab={args.vocab}", f"--seconds={args.seconds}"],
-                              capture_output=True, text=True)
-      if result.returncode:
-        sys.exit(f"error: {model} at batch {batch} failed:\n{result.stderr[-2000:]}")
-      row = json.loads(result.stdout.strip().splitlines()[-1])
-      rows.append(row)
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
-      print(f"{row['model']:>10} batch {row['batch_size']:>5}: "
-            f"train {row['train_samples_per_s']:>9.0f}/s  eval {row['eval_samples_per_s']:>9.0f}/s"
-            f"  input {row['input_samples_per_s']:>9.0f}/s  compile {row['compile_s']:5.1f}s"
-            f"  peak RSS {row['peak_rss_mb']:6.0f} MB", flush=True)
+  if args.peer:
+    check_peer_python(args.peer_python)
+  tmp = tempfile.mkdtemp(prefix="throughput-") if args.peer else ""
+  try:
+    data = None
+    if args.peer:
+      schema, columns = make_data(args.vocab)
+      data = {"dir": os.path.join(tmp, "data"), "schema": schema, "columns": columns,
+              "threads": args.peer_threads or os.cpu_count() or 1}
+      write_shared_data(data["dir"], schema, columns)
+      print(f"data: vocab {args.vocab!r}, {schema.size('train')} rows in {data['dir']} "
+            f"(read by both); ours: optimizer {args.optimizer!r}; peer: {args.peer_python}, "
+            f"torch.set_num_threads({data['threads']}), torch.set_flush_denormal(True), "
+            f"torch.optim.Adam, L2 'matched'; {args.repeats} run(s) each, alternating",
+            flush=True)
+    rows = []
+    for model in args.models.split(","):
+      if args.peer and model not in PEER_MODELS:
+        print(f"note: DeepCTR-Torch has no {model!r} (only {', '.join(PEER_MODELS)}): "
+              "measuring mian_jax only", flush=True)
+      for batch in args.batch_sizes.split(","):
+        pair = measure_pair(model, int(batch), args,
+                            data if args.peer and model in PEER_MODELS else None)
+        for row in pair:
+          rows.append(row)
+          append_jsonl(args.out, row)
+          label = row["impl"] + (" median" if args.repeats > 1 else "")
+          print(format_row(row, label if args.peer else ""), flush=True)
+    if args.peer:
+      print()
+      print(format_summary(rows))
+      print("ratio: mian_jax / deepctr_torch samples/s; compile s of deepctr_torch = its first "
+            f"step. Results appended to {args.out}")
+  finally:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""The benchmark scripts' data builders (no timing here: speed targets live in the scripts)."""
+"""The benchmark scripts' data builders, flags and peer requests (no timing here: speed targets
+live in the scripts). Nothing here imports torch; the one test that runs the DeepCTR-Torch peer
+uses its own venv and is skipped without it."""
 
+import json
 import os
 import sys
 
 import numpy as np
+import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import throughput  # noqa: E402
+
+PEER_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
 
 
 def test_throughput_data_has_amazon_vocabularies_and_valid_columns():
@@ -17,3 +24,101 @@ def test_throughput_data_has_amazon_vocabularies_and_valid_columns():
   assert columns["hist.item_id"].shape == (throughput.NUM_EXAMPLES, 30)
   assert columns["user.user_id"].max() < 192_403 + 2
   assert np.isin(columns["label"], (0, 1)).all()
+
+
+def test_throughput_flags_parse():
+  args = throughput.parse_args(["--models=din", "--batch_sizes=128", "--vocab=books", "--peer",
+                                "--optimizer=lazy_adam", "--repeats=3", "--peer_threads=1"])
+  assert (args.models, args.batch_sizes, args.vocab) == ("din", "128", "books")
+  assert args.peer and args.optimizer == "lazy_adam" and args.repeats == 3
+  assert args.peer_threads == 1
+  assert args.peer_python == throughput.compare_deepctr.DEFAULT_PEER_PYTHON
+  defaults = throughput.parse_args([])
+  assert not defaults.peer and defaults.optimizer == "adam" and defaults.repeats == 1
+
+
+def test_throughput_rejects_unknown_optimizer_and_zero_repeats():
+  for argv in (["--optimizer=sgd"], ["--repeats=0"]):
+    with pytest.raises(SystemExit):
+      throughput.parse_args(argv)
+
+
+def test_throughput_config_takes_model_batch_and_optimizer():
+  config = throughput.make_config("din", 1024, "lazy_adam")
+  assert (config.model.name, config.train.batch_size) == ("din", 1024)
+  assert config.train.optimizer == "lazy_adam"
+
+
+def test_peer_request_carries_our_hyperparameters_and_the_schema_columns():
+  schema, columns = throughput.make_data("tiny", num_examples=256)
+  config = throughput.make_config("din", 64)
+  req = throughput.peer_request(config, schema, columns, "/data", seconds=7.0, threads=2)
+  assert (req["mode"], req["model"], req["data_dir"], req["threads"]) == (
+      "throughput", "din", "/data", 2)
+  assert (req["seconds"], req["eval_seconds"]) == (7.0, 5.0)
+  m, t, h = config.model, config.train, req["hparams"]
+  assert h["embed_dim"] == m.embed_dim and h["mlp_dims"] == list(m.mlp_dims)
+  assert h["attention_mlp_dims"] == list(m.attention_mlp_dims)
+  assert (h["dropout_rate"], h["init_std"], h["use_dice"]) == (
+      m.dropout_rate, m.init_std, m.use_dice)
+  assert (h["batch_size"], h["learning_rate"]) == (64, t.learning_rate)
+  assert (h["adam_b1"], h["adam_b2"], h["adam_eps"]) == (t.adam_b1, t.adam_b2, t.adam_eps)
+  cd = throughput.compare_deepctr
+  l2 = cd.peer_l2("matched", t.l2_weight, t.l2_scope, 64,
+                  cd.lookups_per_example(schema, columns["hist_len"]), cd.table_rows(schema))
+  assert l2["l2_reg_embedding"] > 0
+  assert {k: h[k] for k in l2} == l2
+  assert req["spec"] == cd.feature_column_spec(schema, m.sequence_pooling)
+  assert {c["column"] for c in req["spec"]["columns"]} == {
+      name for name in schema.columns() if name.split(".")[0] in ("item", "hist", "user",
+                                                                   "context")}
+  json.dumps(req)  # JSON-able
+
+
+def test_shared_data_round_trips(tmp_path):
+  schema, columns = throughput.make_data("tiny", num_examples=256)
+  throughput.write_shared_data(str(tmp_path / "data"), schema, columns)
+  read_schema, read_columns = throughput.load_shared_data(str(tmp_path / "data"))
+  assert read_schema.features == schema.features and read_schema.size("train") == 256
+  for name, a in columns.items():
+    np.testing.assert_array_equal(read_columns[name], a)
+
+
+def test_median_rows_and_ratios():
+  runs = [{"impl": "mian_jax", "model": "din", "batch_size": 8, "train_samples_per_s": x,
+           "eval_samples_per_s": 2 * x, "compile_s": 1.0, "peak_rss_mb": 10.0}
+          for x in (30.0, 10.0, 20.0)]
+  ours = throughput.median_row(runs)
+  assert ours["train_samples_per_s"] == 20.0 and ours["train_samples_per_s_runs"] == [30, 10, 20]
+  assert ours["repeats"] == 3
+  theirs = throughput.median_row([{**runs[0], "impl": "deepctr_torch",
+                                   "train_samples_per_s": 5.0, "eval_samples_per_s": 8.0}])
+  assert "train_samples_per_s_runs" not in theirs
+  throughput.add_ratios(ours, theirs)
+  assert (ours["ratio_train_vs_peer"], ours["ratio_eval_vs_peer"]) == (4.0, 5.0)
+  summary = throughput.format_summary([ours, theirs])
+  assert "4.00x" in summary and "5.00x" in summary
+
+
+def test_missing_peer_python_exits_with_instructions(tmp_path):
+  with pytest.raises(SystemExit, match="pip install torch"):
+    throughput.main(["--peer", f"--peer_python={tmp_path / 'nope'}", "--models=din",
+                     f"--out={tmp_path / 'out.jsonl'}"])
+  assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.skipif(not os.access(PEER_PYTHON, os.X_OK),
+                    reason=f"no DeepCTR-Torch venv at {PEER_PYTHON} (see compare_deepctr.py)")
+def test_peer_throughput_mode_returns_a_row(tmp_path):
+  schema, columns = throughput.make_data("tiny", num_examples=256)
+  data_dir = str(tmp_path / "data")
+  throughput.write_shared_data(data_dir, schema, columns)
+  req = throughput.peer_request(throughput.make_config("din", 16), schema, columns, data_dir,
+                                seconds=1.0, threads=1)
+  row = throughput.run_peer(req, PEER_PYTHON, timeout=300)
+  assert {"impl", "model", "batch_size", "train_samples_per_s", "eval_samples_per_s",
+          "compile_s", "peak_rss_mb", "torch_threads", "flush_denormal", "torch_version",
+          "deepctr_torch_version"} <= set(row)
+  assert (row["impl"], row["model"], row["batch_size"]) == ("deepctr_torch", "din", 16)
+  assert row["torch_threads"] == 1
+  assert row["train_samples_per_s"] > 0 and row["eval_samples_per_s"] > 0
