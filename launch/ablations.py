@@ -103,7 +103,8 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"comma-separated subset of: {', '.join(VARIANTS)}")
   parser.add_argument("--out", default="runs/ablations")
-  parser.add_argument("overrides", nargs="*", help="extra --config.* overrides for every run")
+  parser.add_argument("overrides", nargs="*", help="extra --config.* overrides for every run, after a `--`, e.g. "
+                           "`-- --config.train.optimizer=lazy_adam`")
   args = parser.parse_args()
   variants = [v.strip() for v in args.variants.split(",")]
   unknown = [v for v in variants if v not in VARIANTS]

@@ -337,9 +337,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
                start_step, total_steps, batches.steps_per_epoch, config.train.batch_size,
                jax.device_count())
   try:
-    for step, batch in zip(range(start_step + 1, total_steps + 1),
-                           batches.iterate(start_step, total_steps)):
-      state, step_metrics = step_fn(state, to_global(batch, mesh), rng)
+    device_batches = batches.iterate(start_step, total_steps,
+                                     transform=lambda batch: to_global(batch, mesh))
+    for step, batch in zip(range(start_step + 1, total_steps + 1), device_batches):
+      state, step_metrics = step_fn(state, batch, rng)
       pending.append(step_metrics)
       steps_window += 1
       if step % config.train.log_every_steps == 0 or step == total_steps:

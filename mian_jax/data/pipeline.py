@@ -77,9 +77,16 @@ class TrainBatches:
   def batch(self, step: int) -> Batch:
     return gather_batch(self._columns, self._schema, self.rows(step))
 
-  def iterate(self, start_step: int, end_step: int, prefetch: int = 2) -> Iterator[Batch]:
-    """Batches for steps [start_step, end_step), read ahead in a background thread."""
-    return prefetch_iterator((self.batch(s) for s in range(start_step, end_step)), prefetch)
+  def iterate(self, start_step: int, end_step: int, prefetch: int = 2,
+              transform=None) -> Iterator[Batch]:
+    """Batches for steps [start_step, end_step), read ahead in a background thread.
+
+    `transform` (e.g. the copy to the devices) runs in that thread too, so that a step's
+    batch is on the device before the step asks for it.
+    """
+    transform = transform or (lambda batch: batch)
+    return prefetch_iterator((transform(self.batch(s)) for s in range(start_step, end_step)),
+                             prefetch)
 
 
 def eval_batches(columns: Mapping[str, np.ndarray], schema: Schema, split: str,
