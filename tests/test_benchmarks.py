@@ -122,3 +122,15 @@ def test_peer_throughput_mode_returns_a_row(tmp_path):
   assert (row["impl"], row["model"], row["batch_size"]) == ("deepctr_torch", "din", 16)
   assert row["torch_threads"] == 1
   assert row["train_samples_per_s"] > 0 and row["eval_samples_per_s"] > 0
+
+
+def test_accelerator_script_measures_and_derives_the_books_epoch(tmp_path, capsys):
+  import accelerator  # noqa: PLC0415
+  out = tmp_path / "acc.jsonl"
+  accelerator.main(["--batch_sizes=16", "--optimizers=lazy_adam", "--vocab=tiny",
+                    "--seconds=0.2", f"--out={out}"])
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (row["model"], row["batch_size"], row["optimizer"]) == ("mian", 16, "lazy_adam")
+  assert row["books_epoch_s"] == pytest.approx(
+      accelerator.BOOKS_EPOCH_SAMPLES / row["train_samples_per_s"])
+  assert "Books epoch" in capsys.readouterr().out
