@@ -134,3 +134,13 @@ def test_accelerator_script_measures_and_derives_the_books_epoch(tmp_path, capsy
   assert row["books_epoch_s"] == pytest.approx(
       accelerator.BOOKS_EPOCH_SAMPLES / row["train_samples_per_s"])
   assert "Books epoch" in capsys.readouterr().out
+
+
+def test_roofline_counts_flops_and_the_dense_adam_bytes(tmp_path):
+  import roofline  # noqa: PLC0415
+  row = roofline.model_costs("din", "tiny", 16)
+  items, categories, users = throughput.VOCABS["tiny"]
+  rows = items + categories + users + 8 + 12 + 7 + 6 + 7 * 2  # every table, reserved ids too
+  assert row["table_mb"] == pytest.approx(rows * 16 * 4 / 1e6)
+  assert row["dense_adam_mb_per_step"] == pytest.approx(roofline.ADAM_PASSES * row["table_mb"])
+  assert 0 < row["eval_mflop_per_sample"] < row["train_mflop_per_sample"]
