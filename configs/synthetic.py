@@ -36,8 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.bias = -0.8  # global logit offset
   s.item_bias_std = 0.3  # per-item popularity logit
   s.relevance_weight = 1.5  # (a) weight of candidate-to-behaviour relevance
-  s.user_weight = 0.8  # (b) weight of candidate x user field (the field depends on the category)
-  s.context_weight = 1.0  # (c) weight of candidate x context field (likewise)
+  s.user_weight = 1.5  # (b) weight of candidate x user field (the field depends on the category)
+  s.context_weight = 1.5  # (c) weight of candidate x context field (likewise)
 
   config.train.num_epochs = 1.0
   # One epoch is only 3,125 steps; at the paper's 1e-3 the model is still far from converged
