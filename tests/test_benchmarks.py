@@ -144,3 +144,17 @@ def test_roofline_counts_flops_and_the_dense_adam_bytes(tmp_path):
   assert row["table_mb"] == pytest.approx(rows * 16 * 4 / 1e6)
   assert row["dense_adam_mb_per_step"] == pytest.approx(roofline.ADAM_PASSES * row["table_mb"])
   assert 0 < row["eval_mflop_per_sample"] < row["train_mflop_per_sample"]
+
+
+def test_profile_step_groups_op_time_by_module(tmp_path, capsys):
+  import profile_step  # noqa: PLC0415
+  hlo = ('  %fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, '
+         'metadata={op_name="jit(train_step)/jvp(MIAN)/MIAN._ibim/transformer/attention/mul"}\n'
+         '  ROOT %dot.1 = f32[8]{0} dot(%a, %b), metadata={op_name="jit(train_step)/mlp/dot"}')
+  sources = profile_step.op_sources(hlo)
+  assert sources == {"fusion.3": "jit(train_step)/jvp(MIAN)/MIAN._ibim/transformer/attention/mul",
+                     "dot.1": "jit(train_step)/mlp/dot"}
+  assert profile_step.group_name(sources["fusion.3"], 2) == "jvp(MIAN)/MIAN._ibim"
+  profile_step.main(["--model=lr", "--batch_size=16", "--vocab=tiny", "--steps=2",
+                     f"--trace_dir={tmp_path}"])
+  assert "ms per step wall" in capsys.readouterr().out

@@ -1,0 +1,121 @@
+"""Where a train step's time goes, by model module: the JAX profiler, grouped by source.
+
+  python benchmarks/profile_step.py --model=mian --batch_size=128 --optimizer=lazy_adam \
+      [--vocab=electronics] [--depth=4] [--steps=20] [--trace_dir=/tmp/profile]
+
+Runs the train step of benchmarks/throughput.py's data and config, records `--steps` steps
+with `jax.profiler.trace` (a Perfetto trace, also viewable in TensorBoard / Perfetto UI), and
+sums the device time of every XLA operation of the step by the Flax module that emitted it
+(the op's `op_name` metadata, cut to `--depth` path components: e.g.
+"jvp(MIAN)/MIAN._ibim/transformer/attention" is the forward pass of IBIM's attention, and
+"transpose(jvp(MIAN))/..." its backward pass). Prints the top groups in ms per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402
+
+_OP_NAME = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"")
+
+
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """{HLO instruction name: its op_name metadata} of a compiled module's text."""
+  sources = {}
+  for line in hlo_text.splitlines():
+    match = _OP_NAME.match(line)
+    if match:
+      sources.setdefault(match.group(1), match.group(2))
+  return sources
+
+
+def group_name(op_name: str, depth: int) -> str:
+  """The first `depth` components of an op_name, without the jit(...) prefix."""
+  parts = [p for p in op_name.split("/") if not p.startswith("jit(train_step)")]
+  return "/".join(parts[:depth]) or "(top level)"
+
+
+def op_times(trace_file: str, module: str) -> collections.Counter:
+  """{HLO op: total microseconds} over the trace's events of compiled module `module`."""
+  with gzip.open(trace_file) as f:
+    events = json.load(f)["traceEvents"]
+  times = collections.Counter()
+  for e in events:
+    args = e.get("args", {})
+    if e.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
+      times[args["hlo_op"]] += e.get("dur", 0)
+  return times
+
+
+def profile(model: str, batch_size: int, optimizer: str, vocab: str, steps: int,
+            trace_dir: str) -> tuple[float, collections.Counter]:
+  """(wall ms per step, {module group: device ms per step}) of `steps` train steps."""
+  import jax  # noqa: PLC0415
+  from mian_jax import models, train  # noqa: PLC0415
+  from mian_jax.data import pipeline  # noqa: PLC0415
+  schema, columns = throughput.make_data(vocab, num_examples=max(16 * batch_size, 4096))
+  config = throughput.make_config(model, batch_size, optimizer)
+  mesh = train.create_mesh()
+  batches = pipeline.TrainBatches(columns, schema, batch_size, seed=0)
+  device_batches = [train.to_global(batches.batch(s), mesh) for s in range(8)]
+  state = train.create_train_state(models.create_model(config.model, schema.features),
+                                   train.create_optimizer(config.train), device_batches[0],
+                                   jax.random.PRNGKey(0), mesh)
+  step_fn = train.make_train_step(config.train, mesh)
+  rng = jax.random.PRNGKey(1)
+  sources = op_sources(step_fn.lower(state, device_batches[0], rng).compile().as_text())
+  for i in range(5):  # compile and warm up
+    state, metrics = step_fn(state, device_batches[i % 8], rng)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for i in range(steps):
+      state, metrics = step_fn(state, device_batches[i % 8], rng)
+    jax.block_until_ready(metrics)
+  wall_ms = (time.perf_counter() - start) / steps * 1e3
+  trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  if not trace:
+    sys.exit(f"error: the profiler wrote no trace under {trace_dir}")
+  return wall_ms, sources, op_times(trace[-1], "jit_train_step")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="mian")
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--optimizer", default="lazy_adam", choices=throughput.OPTIMIZERS)
+  parser.add_argument("--vocab", default="electronics", choices=sorted(throughput.VOCABS))
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--depth", type=int, default=4, help="op_name components per group")
+  parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--trace_dir", default="", help="default: a new temporary directory")
+  args = parser.parse_args(argv)
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile-step-")
+  wall_ms, sources, times = profile(args.model, args.batch_size, args.optimizer, args.vocab,
+                                    args.steps, trace_dir)
+  groups = collections.Counter()
+  for op, us in times.items():
+    groups[group_name(sources.get(op, "(no metadata)"), args.depth)] += us / args.steps / 1e3
+  total = sum(groups.values())
+  print(f"{args.model}, batch {args.batch_size}, {args.optimizer}, {args.vocab}: "
+        f"{wall_ms:.2f} ms per step wall; {total:.2f} ms of XLA ops per step "
+        f"(ops of one step can overlap on several threads). Trace: {trace_dir}")
+  print(f"{'ms/step':>8} {'share':>6}  module")
+  for name, ms in groups.most_common(args.top):
+    print(f"{ms:8.2f} {ms / total:6.1%}  {name}")
+
+
+if __name__ == "__main__":
+  main()
