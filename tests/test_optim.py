@@ -145,3 +145,16 @@ def test_lazy_adam_gives_the_same_result_on_one_and_two_devices():
       state, _ = step_fn(state, train.to_global(batches.batch(step), mesh), jax.random.PRNGKey(1))
     final.append(jax.device_get(state.params["embedding"]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *final)
+
+
+def test_a_lazy_adam_run_resumes_exactly(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  lazy = {"train.optimizer": "lazy_adam"}
+  train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 8}), straight)
+  train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 4}), resumed)
+  train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 8}), resumed)
+  from tests.test_train import _final_params  # noqa: PLC0415
+  a, _ = _final_params(tiny_config(**lazy), straight)
+  b, meta = _final_params(tiny_config(**lazy), resumed)
+  assert meta["step"] == 8
+  jax.tree.map(np.testing.assert_array_equal, a, b)
