@@ -2,11 +2,12 @@
 looked up (`optim.IndexedRows`), never as a dense [V, D] array.
 
 For each categorical field the train step
-1. collects every id the global batch looks up in it (candidate field, and the behaviour
-   sequence for an item field) and takes the distinct ones, padded to a static size N with the
-   out-of-range id V (`localize_ids`);
-2. gathers those rows of every table the field indexes into small [N, D] "row tables", and
-   replaces each id in the batch by its position among the distinct ids;
+1. collects the N ids the global batch looks up in it (candidate field, and the behaviour
+   sequence for an item field) and numbers the distinct ones in order of first occurrence,
+   without sorting; a field with vocabulary V gets min(N, V) slots, the unused ones marked with
+   the out-of-range id V (`localize_ids`);
+2. gathers those rows of every table the field indexes into small "row tables", and
+   replaces each id in the batch by the slot of its first occurrence;
 3. runs the model with the row tables in the "sparse_rows" collection, which
    `layers.GroupEmbedding` looks ids up in instead of its full tables, and differentiates with
    respect to the row tables, not the full ones.
@@ -56,28 +57,50 @@ def _id_arrays(batch, group: str, field: str) -> list[tuple[str, str]]:
   return keys
 
 
+def first_occurrence(ids: jax.Array, vocab_size: int) -> jax.Array:
+  """For each position n of `ids` [N], the first position m with ids[m] == ids[n]; [N] int32.
+
+  Uses a [vocab_size] scatter-min instead of a sort: on CPU, XLA's sort of the B·(T+1) ids of a
+  batch cost more than the rest of DIN's step at batch 1024 (docs/performance.md). The
+  scatter-min is deterministic on every backend.
+  """
+  n = ids.shape[0]
+  positions = jnp.arange(n, dtype=jnp.int32)
+  first = jnp.full((vocab_size,), n, jnp.int32).at[ids].min(positions, mode="drop")
+  return first[ids]
+
+
 def localize_ids(batch, fields: dict[tuple[str, str], int]):
-  """Distinct ids per field and the batch with ids replaced by their positions among them.
+  """The ids each field looks up, deduplicated, and the batch with ids replaced by slots.
+
+  Every id array of a field is flattened into one list of N ids. The distinct ids get slots
+  0, 1, ... in order of first occurrence; the row table has min(N, V) slots (static), and the
+  slots past the number of distinct ids are unused.
 
   Args:
     batch: a model batch (see `pipeline.gather_batch`).
     fields: {(group, field): vocabulary size V} of the fields to localise.
   Returns:
-    (batch with local ids, {(group, field): distinct ids [N] int32, padded with V}).
+    (batch with each id replaced by the slot of its first occurrence,
+     {(group, field): the id of each slot [min(N, V)] int32, V at unused slots}).
   """
   new = {k: (dict(v) if isinstance(v, dict) else v) for k, v in batch.items()}
   distinct = {}
   for (group, field), vocab_size in fields.items():
     keys = _id_arrays(batch, group, field)
     arrays = [batch[g][f] for g, f in keys]
-    flat = jnp.concatenate([a.reshape(-1) for a in arrays])
-    ids, inverse = jnp.unique(flat, return_inverse=True, size=flat.size, fill_value=vocab_size)
-    inverse = inverse.reshape(-1)
+    flat = jnp.concatenate([a.reshape(-1) for a in arrays]).astype(jnp.int32)
+    first = first_occurrence(flat, vocab_size)
+    is_first = first == jnp.arange(flat.shape[0], dtype=jnp.int32)
+    rank = jnp.cumsum(is_first, dtype=jnp.int32) - 1  # slot of each first occurrence
+    slots = rank[first]
+    size = min(flat.shape[0], vocab_size)  # static: at most this many distinct ids
     start = 0
     for (g, f), a in zip(keys, arrays):
-      new[g][f] = inverse[start:start + a.size].reshape(a.shape).astype(a.dtype)
+      new[g][f] = slots[start:start + a.size].reshape(a.shape).astype(a.dtype)
       start += a.size
-    distinct[(group, field)] = ids.astype(jnp.int32)
+    distinct[(group, field)] = jnp.full((size,), vocab_size, jnp.int32).at[
+        jnp.where(is_first, rank, size)].set(flat, mode="drop")
   return new, distinct
 
 
@@ -90,7 +113,7 @@ def split_params(params, tables: list[Table]):
 
 
 def gather_rows(table_params: dict[Path, jax.Array], tables: list[Table], distinct):
-  """{table path: its rows at the field's distinct ids [N, D]} (zeros at padding slots)."""
+  """{table path: its rows at the field's slot ids [min(N, V), D]} (zeros at unused slots)."""
   return {t.path: table_params[t.path].at[distinct[(t.group, t.field)]].get(
       mode="fill", fill_value=0) for t in tables}
 

@@ -158,3 +158,10 @@ def test_a_lazy_adam_run_resumes_exactly(tmp_path):
   b, meta = _final_params(tiny_config(**lazy), resumed)
   assert meta["step"] == 8
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_first_occurrence_matches_numpy():
+  ids = np.random.default_rng(4).integers(0, 9, 50).astype(np.int32)
+  _, first_index, inverse = np.unique(ids, return_index=True, return_inverse=True)
+  np.testing.assert_array_equal(sparse.first_occurrence(jnp.asarray(ids), 9),
+                                first_index[inverse])
