@@ -73,8 +73,15 @@ def create_train_state(model, tx, batch, rng: jax.Array, mesh) -> TrainState:
 
 
 def to_global(batch, mesh):
-  """Assembles this process's part of a batch into global arrays sharded along "data"."""
+  """Assembles this process's part of a batch into global arrays sharded along "data".
+
+  With one process the batch is the global batch, and one `jax.device_put` of the whole tree
+  costs about half of a `make_array_from_process_local_data` per leaf (CPU, batch 128:
+  ~340 µs against ~610 µs; docs/performance.md).
+  """
   sharding = NamedSharding(mesh, P("data"))
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
