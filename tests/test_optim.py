@@ -133,17 +133,10 @@ def test_lazy_adam_with_l2_on_all_weights_is_refused():
 
 
 def test_lazy_adam_gives_the_same_result_on_one_and_two_devices():
+  from tests.test_train import train_on_devices  # noqa: PLC0415
   config = tiny_config(**{"train.optimizer": "lazy_adam"})
-  final = []
-  for devices in (jax.devices()[:1], jax.devices()[:2]):
-    mesh = train.create_mesh(devices)
-    data_dir, schema, _, state = train.load_model_and_state(config, mesh)
-    batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
-                                    config.train.batch_size, seed=0)
-    step_fn = train.make_train_step(config.train, mesh)
-    for step in range(3):
-      state, _ = step_fn(state, train.to_global(batches.batch(step), mesh), jax.random.PRNGKey(1))
-    final.append(jax.device_get(state.params["embedding"]))
+  final = [jax.device_get(train_on_devices(config, devices, steps=3).params["embedding"])
+           for devices in (jax.devices()[:1], jax.devices()[:2])]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *final)
 
 

@@ -58,19 +58,23 @@ def test_interrupted_and_resumed_run_ends_with_identical_parameters(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, first, b)
 
 
+def train_on_devices(config, devices, steps):
+  """The state after `steps` train steps of `config` on a mesh over `devices`."""
+  mesh = train.create_mesh(devices)
+  data_dir, schema, _, state = train.load_model_and_state(config, mesh)
+  batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
+                                  config.train.batch_size, seed=0)
+  step_fn = train.make_train_step(config.train, mesh)
+  for step in range(steps):
+    state, _ = step_fn(state, train.to_global(batches.batch(step), mesh), jax.random.PRNGKey(1))
+  return state
+
+
 def test_one_and_two_devices_give_the_same_result():
   assert jax.device_count() == 2, "conftest asks for two simulated devices"
-  config = tiny_config()
   final = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = train.create_mesh(devices)
-    data_dir, schema, _, state = train.load_model_and_state(config, mesh)
-    batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
-                                    config.train.batch_size, seed=0)
-    step_fn = train.make_train_step(config.train, mesh)
-    for step in range(4):
-      state, _ = step_fn(state, train.to_global(batches.batch(step), mesh),
-                         jax.random.PRNGKey(1))
+    state = train_on_devices(tiny_config(), devices, steps=4)
     assert state.params["logit"]["kernel"].sharding.mesh.size == len(devices)
     final.append(jax.device_get(state.params))
   # The attention key bias shifts every logit of a query equally, so softmax makes its gradient
