@@ -157,25 +157,27 @@ def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
   step_fn = train.make_train_step(config.train, mesh)
   rng = jax.random.PRNGKey(1)
 
+  # The train loop's form of a batch: one packed array per batch (train.pack_to_global).
   start = time.perf_counter()
-  state, metrics = step_fn(state, sample, rng)
+  state, metrics = step_fn(state, train.pack_to_global(batches.batch(0), mesh), rng)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
 
-  device_batches = [train.to_global(batches.batch(s), mesh) for s in range(1, 9)]
+  packed_batches = [train.pack_to_global(batches.batch(s), mesh) for s in range(1, 9)]
   steps, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
-    state, metrics = step_fn(state, device_batches[steps % len(device_batches)], rng)
+    state, metrics = step_fn(state, packed_batches[steps % len(packed_batches)], rng)
     steps += 1
   jax.block_until_ready(metrics)
   train_rate = steps * batch_size / (time.perf_counter() - start)
 
   fed, start = 0, time.perf_counter()
   while time.perf_counter() - start < min(seconds, 5.0):
-    jax.block_until_ready(train.to_global(batches.batch(fed), mesh))
+    jax.block_until_ready(train.pack_to_global(batches.batch(fed), mesh).packed)
     fed += 1
   input_rate = fed * batch_size / (time.perf_counter() - start)
 
+  device_batches = [train.to_global(batches.batch(s), mesh) for s in range(1, 9)]
   eval_fn = train.make_eval_step(mesh)
   jax.block_until_ready(eval_fn(state, sample))
   evaluated, start = 0, time.perf_counter()

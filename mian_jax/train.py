@@ -85,6 +85,53 @@ def to_global(batch, mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+@jax.tree_util.register_pytree_node_class
+class PackedBatch:
+  """A batch whose leaves travel as one [B, K] int32 array (`pack_to_global`).
+
+  Every leaf [B, ...] of 4-byte values is viewed as int32 columns; `layout` (static) records each
+  leaf's trailing shape and dtype. `unpack()` restores the nested batch inside a jitted step, so
+  the split costs no extra dispatch. One host-to-device copy instead of one per leaf: on CPU a
+  batch of 128 goes to the device in ~60 µs instead of ~340 µs (docs/performance.md).
+  """
+
+  def __init__(self, packed, layout, treedef):
+    self.packed, self.layout, self.treedef = packed, layout, treedef
+
+  def tree_flatten(self):
+    return (self.packed,), (self.layout, self.treedef)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], *aux)
+
+  def unpack(self):
+    leaves, start = [], 0
+    for shape, dtype in self.layout:
+      width = math.prod(shape)
+      column = self.packed[:, start:start + width]
+      leaves.append(jax.lax.bitcast_convert_type(column, jnp.dtype(dtype)).reshape(
+          (self.packed.shape[0],) + shape))
+      start += width
+    return jax.tree.unflatten(self.treedef, leaves)
+
+
+def pack_to_global(batch, mesh):
+  """This process's part of a batch as a global `PackedBatch` sharded along "data" (or, if a
+  leaf is not 4 bytes wide, as `to_global` returns it)."""
+  leaves, treedef = jax.tree.flatten(batch)
+  if not leaves or not all(x.dtype.itemsize == 4 and x.ndim >= 1 for x in leaves):
+    return to_global(batch, mesh)
+  rows = leaves[0].shape[0]
+  packed = np.concatenate([np.ascontiguousarray(x).reshape(rows, -1).view(np.int32)
+                           for x in leaves], axis=1)
+  layout = tuple((tuple(x.shape[1:]), x.dtype.name) for x in leaves)
+  sharding = NamedSharding(mesh, P("data"))
+  if jax.process_count() == 1:
+    return PackedBatch(jax.device_put(packed, sharding), layout, treedef)
+  return PackedBatch(jax.make_array_from_process_local_data(sharding, packed), layout, treedef)
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -150,8 +197,11 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2
 
   Dropout masks come from fold_in(rng, step), so a resumed run draws the same masks. With
   `sparse_embeddings`, `state.tx` must accept row-sparse gradients (`optim.lazy_adam`).
+  `batch` is a nested batch or a `PackedBatch` of one.
   Returns (new_state, metrics) with scalar metrics "loss", "bce", "l2".
   """
+  if isinstance(batch, PackedBatch):
+    batch = batch.unpack()
   dropout_rng = jax.random.fold_in(rng, state.step)
   (loss, bce, l2), grads = loss_and_grads(state, batch, dropout_rng, l2_weight=l2_weight,
                                           l2_scope=l2_scope, sparse_embeddings=sparse_embeddings)
@@ -345,7 +395,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
                jax.device_count())
   try:
     device_batches = batches.iterate(start_step, total_steps,
-                                     transform=lambda batch: to_global(batch, mesh))
+                                     transform=lambda batch: pack_to_global(batch, mesh))
     for step, batch in zip(range(start_step + 1, total_steps + 1), device_batches):
       state, step_metrics = step_fn(state, batch, rng)
       pending.append(step_metrics)

@@ -125,3 +125,23 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
   params, meta = _final_params(tiny_config(), workdir)
   assert meta["step"] == 8
+
+
+def test_a_packed_batch_unpacks_exactly_and_trains_like_the_nested_one():
+  config = tiny_config()
+  mesh = train.create_mesh()
+  data_dir, schema, _, state = train.load_model_and_state(config, mesh)
+  batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
+                                  config.train.batch_size, seed=0)
+  host = batches.batch(0)
+  packed = train.pack_to_global(host, mesh)
+  assert isinstance(packed, train.PackedBatch) and packed.packed.ndim == 2
+  unpacked = jax.device_get(jax.jit(lambda p: p.unpack())(packed))
+  jax.tree.map(lambda a, b: (np.testing.assert_array_equal(a, b), a.dtype == b.dtype), host,
+               unpacked)
+  assert unpacked["label"].dtype == np.float32 and unpacked["hist"]["item_id"].dtype == np.int32
+  step_fn = train.make_train_step(config.train, mesh)
+  rng = jax.random.PRNGKey(1)
+  _, nested_metrics = step_fn(jax.tree.map(jnp.copy, state), train.to_global(host, mesh), rng)
+  _, packed_metrics = step_fn(state, packed, rng)
+  assert float(nested_metrics["loss"]) == float(packed_metrics["loss"])
