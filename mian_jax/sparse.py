@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from mian_jax.models.layers import SPARSE_ROWS
 from mian_jax.optim import IndexedRows
+
 _GROUPS = ("item", "user", "context")
 
 Path = tuple[str, ...]
