@@ -4,6 +4,7 @@ embedding layer (eq. 2). Model-specific hyper-parameters are fields of the subcl
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from mian_jax.data.schema import FeatureSpec
 from mian_jax.models import layers
@@ -26,3 +27,10 @@ class DeepModel(nn.Module):
     """Eq. (2) for every field group; call from a compact method (creates "embedding")."""
     return layers.InputEmbedding(self.features, self.embed_dim, self.init_std,
                                  self.numeric_embedding, name="embedding")(batch)
+
+  def deep_logit(self, fields: jax.Array, *, train: bool) -> jax.Array:
+    """The deep part of Wide&Deep, DeepFM and xDeepFM: MLP over the flattened fields
+    [B, F, D], then a bias-free logit [B]; call from a compact method ("mlp", "deep_logit")."""
+    h = layers.MLP(self.mlp_dims, self.dropout_rate, self.kernel_init(), name="mlp")(
+        fields.reshape(fields.shape[0], -1), deterministic=not train)
+    return nn.Dense(1, use_bias=False, kernel_init=self.kernel_init(), name="deep_logit")(h)[:, 0]

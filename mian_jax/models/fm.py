@@ -19,14 +19,11 @@ class DeepFM(base.DeepModel):
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    kernel_init = self.kernel_init()
     first, first_sq = layers.LinearTerm(self.features, self.init_std, self.sequence_pooling,
                                         name="linear")(batch)
     e = self.embed(batch)
     v = layers.stack_fields(e, self.sequence_pooling)                      # [B, F, D]
-    h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
-        v.reshape(v.shape[0], -1), deterministic=not train)
-    deep = nn.Dense(1, use_bias=False, kernel_init=kernel_init, name="deep_logit")(h)[:, 0]
+    deep = self.deep_logit(v, train=train)
     logits = first + layers.fm_second_order(v) + deep
     return logits.astype(jnp.float32), {"attention": {}, "embedding_sq_norm": first_sq + e.sq_norm}
 
@@ -45,9 +42,7 @@ class XDeepFM(base.DeepModel):
                                           name="linear")(batch)
     e = self.embed(batch)
     x0 = layers.stack_fields(e, self.sequence_pooling)                     # [B, m, D]
-    h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
-        x0.reshape(x0.shape[0], -1), deterministic=not train)
-    deep = nn.Dense(1, use_bias=False, kernel_init=kernel_init, name="deep_logit")(h)[:, 0]
+    deep = self.deep_logit(x0, train=train)
     p_plus = layers.CIN(self.cin_layer_sizes, kernel_init, name="cin")(x0)
     cin = nn.Dense(1, use_bias=False, kernel_init=kernel_init, name="cin_logit")(p_plus)[:, 0]
     logits = linear + deep + cin

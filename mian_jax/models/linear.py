@@ -43,13 +43,10 @@ class WideDeep(base.DeepModel):
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    kernel_init = self.kernel_init()
     wide, wide_sq = layers.LinearTerm(self.features, self.init_std, self.sequence_pooling,
                                       name="wide")(batch)
     e = self.embed(batch)
     x = layers.stack_fields(e, self.sequence_pooling)                      # [B, F, D]
-    h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
-        x.reshape(x.shape[0], -1), deterministic=not train)
-    deep = nn.Dense(1, use_bias=False, kernel_init=kernel_init, name="deep_logit")(h)[:, 0]
+    deep = self.deep_logit(x, train=train)
     return ((wide + deep).astype(jnp.float32),
             {"attention": {}, "embedding_sq_norm": wide_sq + e.sq_norm})
