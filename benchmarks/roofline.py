@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_deepctr  # noqa: E402
 import throughput  # noqa: E402
 
 # Passes over a table per dense Adam step: gradient (written, read), parameter, first and second
@@ -66,13 +67,6 @@ def table_bytes(params) -> int:
              for k, v in traverse_util.flatten_dict(params).items() if k[-1] == "embedding")
 
 
-def lookups_per_example(columns) -> float:
-  """Table rows one example looks up: its candidate, behaviour, user and context ids."""
-  hist = sum(1 for k in columns if k.startswith("hist.") and k != "hist_len")
-  scalar = sum(1 for k in columns if k.split(".")[0] in ("item", "user", "context"))
-  return scalar + hist * float(np.mean(columns["hist_len"]))
-
-
 def model_costs(model_name: str, vocab: str, batch_size: int) -> dict:
   import jax  # noqa: PLC0415
   from mian_jax import models, train  # noqa: PLC0415
@@ -95,8 +89,9 @@ def model_costs(model_name: str, vocab: str, batch_size: int) -> dict:
           "eval_mflop_per_sample": eval_flops / batch_size / 1e6,
           "table_mb": tables / 1e6,
           "dense_adam_mb_per_step": ADAM_PASSES * tables / 1e6,
-          "lazy_adam_mb_per_step_max": ADAM_PASSES * batch_size * lookups_per_example(columns)
-                                       * row_bytes / 1e6}
+          "lazy_adam_mb_per_step_max": ADAM_PASSES * batch_size * row_bytes / 1e6
+                                       * compare_deepctr.lookups_per_example(
+                                           schema, np.asarray(columns["hist_len"]))}
 
 
 def main(argv=None) -> None:
