@@ -21,6 +21,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.ffn_dim_multiplier = 4  # FFN hidden width = this x model width (eq. 5)
   config.model.mlp_dims = (32, 8)  # DNN prediction module (§4.3, eq. 16)
   config.model.dropout_rate = 0.2  # §4.3
+  # Random bits of dropout: "hash" (a counter-based hash, fused and cheap) or "threefry" (JAX's
+  # default generator, bit-identical to flax's nn.Dropout). Same distribution; see
+  # docs/performance.md. Runs reported before 2026-11-28 used "threefry".
+  config.model.dropout_rng = "hash"
   config.model.init_std = 0.02  # truncated-normal init std of embeddings (§4.3)
   config.model.dense_init = "lecun_normal"  # dense kernels: "lecun_normal" | "truncated_normal"
   config.model.transformer = "pre_ln"  # "pre_ln" | "post_ln" | "none" (Table 4)

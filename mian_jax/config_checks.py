@@ -9,6 +9,7 @@ from mian_jax.errors import ConfigError
 # key -> allowed values, for every string-valued choice in the configs.
 CHOICES = {
     "model.transformer": ("pre_ln", "post_ln", "none"),
+    "model.dropout_rng": ("hash", "threefry"),
     "model.position_embedding": ("learned", "none"),
     "model.ibim_score_weights": ("shared", "per_position"),
     "model.ibim_score": ("additive", "bilinear"),

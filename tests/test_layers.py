@@ -144,3 +144,66 @@ def test_group_embedding_numeric_modes():
       np.testing.assert_allclose(out[:, 1], np.array([[1.5], [-2.0]]) * v, rtol=1e-6)
     else:
       np.testing.assert_allclose(out[:, 1], [[1.5, 0, 0], [-2.0, 0, 0]])
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def _drop(rate, rng_impl, x, seed, deterministic=False):
+  return np.asarray(layers.Dropout(rate, rng_impl).apply(
+      {}, x, deterministic=deterministic, rngs={"dropout": jax.random.PRNGKey(seed)}))
+
+
+def test_threefry_dropout_is_flax_dropout_bit_for_bit():
+  x = np.random.default_rng(0).normal(size=(64, 33)).astype(np.float32)
+  ours = _drop(0.3, "threefry", x, 5)
+  flax = nn.Dropout(0.3).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(5)})
+  np.testing.assert_array_equal(ours, np.asarray(flax))
+  assert layers.attention_with_dropout("threefry") is nn.dot_product_attention
+
+
+@pytest.mark.parametrize("rng_impl", layers.DROPOUT_RNGS)
+def test_dropout_keeps_one_minus_rate_scaled_and_is_keyed_by_the_rng(rng_impl):
+  x = np.ones((1000, 1000), np.float32)
+  a, b = _drop(0.2, rng_impl, x, 0), _drop(0.2, rng_impl, x, 1)
+  kept = a != 0
+  assert set(np.unique(a)) == {0.0, np.float32(1 / 0.8)}
+  # 1e6 Bernoulli(0.8) draws: standard error 4e-4.
+  assert abs(kept.mean() - 0.8) < 0.002
+  assert abs(a.mean() - 1.0) < 0.0025  # unbiased: E[dropout(x)] = x
+  np.testing.assert_array_equal(a, _drop(0.2, rng_impl, x, 0))  # same key, same mask
+  assert not np.array_equal(a, b)
+  corr = lambda u, v: np.corrcoef(u.ravel(), v.ravel())[0, 1]  # noqa: E731
+  # No correlation (standard error 1e-3): between keys, and between neighbouring elements
+  # along rows, along columns and in flat order.
+  assert abs(corr(kept, b != 0)) < 0.005
+  assert abs(corr(kept[:, 1:], kept[:, :-1])) < 0.005
+  assert abs(corr(kept[1:], kept[:-1])) < 0.005
+  assert abs(corr(kept.ravel()[1:], kept.ravel()[:-1])) < 0.005
+  np.testing.assert_array_equal(_drop(0.2, rng_impl, x, 0, deterministic=True), x)
+  np.testing.assert_array_equal(_drop(0.0, rng_impl, x, 0), x)
+  np.testing.assert_array_equal(_drop(1.0, rng_impl, x[:3], 0), np.zeros_like(x[:3]))
+
+
+def test_hash_bits_are_balanced_and_distinct_within_a_call():
+  bits = np.asarray(layers.hash_bits(jax.random.PRNGKey(7), (1 << 20,)))
+  assert len(np.unique(bits)) == bits.size  # a bijection of the counter
+  per_bit = ((bits[:, None] >> np.arange(32, dtype=np.uint32)) & 1).mean(0)
+  # 2^20 fair bits per position: standard error 5e-4.
+  assert np.all(np.abs(per_bit - 0.5) < 0.003), per_bit
+
+
+def test_hash_attention_dropout_masks_weights_shared_over_batch_and_heads():
+  rng = np.random.default_rng(4)
+  q, k, v = (rng.normal(size=(3, 5, 2, 4)).astype(np.float32) for _ in range(3))
+  mask = np.ones((3, 1, 5, 5), bool)
+  mask[0, :, :, 3:] = False
+  attend = layers.attention_with_dropout("hash")
+  np.testing.assert_allclose(attend(q, k, v, mask=mask, deterministic=True),
+                             nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
+  key = jax.random.PRNGKey(9)
+  out = attend(q, k, v, mask=mask, dropout_rng=key, dropout_rate=0.5, deterministic=False)
+  keep = np.asarray(layers.keep_mask(key, (5, 5), 0.5, "hash"))
+  weights = np.asarray(nn.dot_product_attention_weights(q, k, mask=mask)) * keep / 0.5
+  np.testing.assert_allclose(out, np.einsum("bhqk,bkhd->bqhd", weights, v), rtol=1e-5,
+                             atol=1e-6)
+  assert 0 < keep.sum() < keep.size

@@ -16,6 +16,7 @@ class DeepModel(nn.Module):
   embed_dim: int = 16
   mlp_dims: tuple[int, ...] = (32, 8)
   dropout_rate: float = 0.2
+  dropout_rng: str = "hash"  # random bits of dropout: layers.DROPOUT_RNGS
   init_std: float = 0.02
   dense_init: str = "lecun_normal"
   numeric_embedding: str = "linear"
@@ -31,6 +32,6 @@ class DeepModel(nn.Module):
   def deep_logit(self, fields: jax.Array, *, train: bool) -> jax.Array:
     """The deep part of Wide&Deep, DeepFM and xDeepFM: MLP over the flattened fields
     [B, F, D], then a bias-free logit [B]; call from a compact method ("mlp", "deep_logit")."""
-    h = layers.MLP(self.mlp_dims, self.dropout_rate, self.kernel_init(), name="mlp")(
-        fields.reshape(fields.shape[0], -1), deterministic=not train)
+    h = layers.MLP(self.mlp_dims, self.dropout_rate, self.kernel_init(), self.dropout_rng,
+                   name="mlp")(fields.reshape(fields.shape[0], -1), deterministic=not train)
     return nn.Dense(1, use_bias=False, kernel_init=self.kernel_init(), name="deep_logit")(h)[:, 0]

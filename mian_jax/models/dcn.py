@@ -25,8 +25,8 @@ class DCN(base.DeepModel):
     fields = layers.stack_fields(e, self.sequence_pooling)                 # [B, F, D]
     x0 = fields.reshape(fields.shape[0], -1)                               # [B, d]
     cross = layers.CrossNetwork(self.cross_layers, kernel_init, name="cross")(x0)
-    deep = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
-        x0, deterministic=not train)
+    deep = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, self.dropout_rng,
+                      name="mlp")(x0, deterministic=not train)
     logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(
         jnp.concatenate([cross, deep], axis=-1))[:, 0]
     return logits.astype(jnp.float32), {"attention": {}, "embedding_sq_norm": e.sq_norm}

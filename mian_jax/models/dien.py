@@ -53,7 +53,7 @@ class DIEN(base.DeepModel):
     parts += [layers.flatten_fields(e.item), interest]
     parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
     h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
-                             name="mlp")(jnp.concatenate(parts, -1), deterministic=not train)
+                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1), deterministic=not train)
     logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
 
     aux_loss = jnp.zeros((), jnp.float32)

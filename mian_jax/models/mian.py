@@ -85,7 +85,7 @@ class MIAN(base.DeepModel):
       r_g = jnp.concatenate([parts[p] for p in names], axis=-1)
 
     # Prediction layer, eqs. (16)-(17). A 2-way softmax is a sigmoid of one logit.
-    r_h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, name="mlp")(
+    r_h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, self.dropout_rng, name="mlp")(
         r_g, deterministic=deterministic)
     logits = nn.Dense(1, kernel_init=kernel_init,
                       dtype=jnp.float32, name="logit")(r_h)[:, 0]
@@ -120,6 +120,7 @@ class MIAN(base.DeepModel):
       h_b = layers.TransformerBlock(
           num_heads=self.num_heads, ffn_dim=self.ffn_dim_multiplier * e_b.shape[-1],
           dropout_rate=self.dropout_rate, kernel_init=kernel_init, norm=self.transformer,
+          dropout_rng=self.dropout_rng,
           name="transformer")(h_b, mask, deterministic=deterministic)
     v = jnp.concatenate([jnp.broadcast_to(e_i[:, None, :], (*h_b.shape[:2], e_i.shape[-1])),
                          h_b], axis=-1)                                   # eq. (6): [B, T, d_i+d_b]
