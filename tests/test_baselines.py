@@ -244,13 +244,14 @@ def _np_gru(x, mask, p, attention=None):
   return np.stack(outs, 1), h
 
 
+@pytest.mark.parametrize("unroll", [False, True])
 @pytest.mark.parametrize("augru", [False, True])
-def test_gru_and_augru_match_dien_eqs_1_6_7_and_freeze_on_padding(augru):
+def test_gru_and_augru_match_dien_eqs_1_6_7_and_freeze_on_padding(augru, unroll):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 5, 4)).astype(np.float32)
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
   att = rng.uniform(size=(3, 5)).astype(np.float32) if augru else None
-  module = layers.GRU(6, INIT)
+  module = layers.GRU(6, INIT, unroll=unroll)
   params = module.init(jax.random.PRNGKey(0), x, mask, att)["params"]
   outs, final = module.apply({"params": params}, x, mask, att)
   ref_outs, ref_final = _np_gru(x, mask, jax.tree.map(np.asarray, params), att)

@@ -39,21 +39,25 @@ class DIEN(base.DeepModel):
     kernel_init = self.kernel_init()
     e = self.embed(batch)
     behaviours = layers.flatten_fields(e.hist)                                    # [B, T, d_b]
-    states, _ = layers.GRU(self.gru_dim, kernel_init, name="interest_extractor")(
+    # Inference unrolls both GRUs over time: same result, a much faster forward pass on a CPU.
+    states, _ = layers.GRU(self.gru_dim, kernel_init, unroll=not train,
+                           name="interest_extractor")(
         behaviours, e.mask)                                                # eq. 1: [B, T, H]
 
     e_a = candidate_query(f, e.item)                                       # [B, d_b]
     w = self.param("attention_kernel", kernel_init, (self.gru_dim, e_a.shape[-1]))
     attention = layers.masked_softmax(jnp.einsum("bth,hd,bd->bt", states, w, e_a),
                                       e.mask)                              # eq. 5
-    _, interest = layers.GRU(self.gru_dim, kernel_init, name="interest_evolving")(
+    _, interest = layers.GRU(self.gru_dim, kernel_init, unroll=not train,
+                             name="interest_evolving")(
         states, e.mask, attention)                                         # eqs. 6-7: [B, H]
 
     parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
     parts += [layers.flatten_fields(e.item), interest]
     parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
     h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
-                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1), deterministic=not train)
+                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
+                                                           deterministic=not train)
     logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
 
     aux_loss = jnp.zeros((), jnp.float32)

@@ -52,7 +52,8 @@ class DIN(base.DeepModel):
     parts += [interest, layers.flatten_fields(e.item)]
     parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
     h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
-                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1), deterministic=not train)
+                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
+                                                           deterministic=not train)
     logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
     return logits.astype(jnp.float32), {"attention": {"din": weights},
                                         "embedding_sq_norm": e.sq_norm}
