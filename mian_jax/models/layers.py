@@ -362,7 +362,10 @@ def pool_sequence(hist: Array, mask: Array, mode: str) -> Array:
   "mean": sum / number of valid behaviours (zeros for an empty history); "sum": plain sum.
   `hist` must already be zero at padded positions (as `InputEmbedding` returns it).
   """
-  total = jnp.sum(hist * mask[:, :, None, None], axis=1)
+  # A contraction, not a masked jnp.sum: XLA's CPU backend lowers the product-and-reduce to a
+  # slow YNNPACK reduction, and this form to a fast batched product (DeepFM's whole
+  # forward pass 3x faster; docs/performance.md).
+  total = jnp.einsum("btfd,bt->bfd", hist, mask.astype(hist.dtype))
   if mode == "sum":
     return total
   if mode == "mean":
