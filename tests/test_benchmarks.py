@@ -158,3 +158,37 @@ def test_profile_step_groups_op_time_by_module(tmp_path, capsys):
   profile_step.main(["--model=lr", "--batch_size=16", "--vocab=tiny", "--steps=2",
                      f"--trace_dir={tmp_path}"])
   assert "ms per step wall" in capsys.readouterr().out
+
+
+def test_ab_step_parses_variants_and_rejects_bad_ones():
+  import ab_step  # noqa: PLC0415
+  assert ab_step.parse_variant("base:") == ("base", {})
+  assert ab_step.parse_variant("x:model.dropout_rate=0.0;model.dropout_rng=threefry") == (
+      "x", {"model.dropout_rate": 0.0, "model.dropout_rng": "threefry"})
+  config = ab_step.variant_config("din", 64, "adam", {"model.mlp_dims": [16, 4],
+                                                      "train.learning_rate": 1})
+  assert config.model.mlp_dims == (16, 4) and config.train.learning_rate == 1.0
+  for bad, message in [({"model.dropout_rnq": "hash"}, "unknown config key"),
+                       ({"model.num_heads": "8"}, "expected type int"),
+                       ({"model.dropout_rng": "philox"}, "is not one of")]:
+    with pytest.raises(ValueError, match=message):
+      ab_step.variant_config("mian", 64, "adam", bad)
+  with pytest.raises(ValueError, match="expected 'name:"):
+    ab_step.parse_variant("no colon")
+  with pytest.raises(SystemExit, match="unknown config key"):
+    ab_step.main(["--model=lr", "--vocab=tiny", "--variant=a:", "--variant=b:train.lr=1"])
+
+
+def test_ab_step_times_each_variant_in_alternating_rounds(tmp_path, capsys):
+  import ab_step  # noqa: PLC0415
+  out = tmp_path / "ab.jsonl"
+  ab_step.main(["--model=deepfm", "--batch_size=16", "--vocab=tiny", "--rounds=2", "--steps=2",
+                "--variant=hash:", "--variant=threefry:model.dropout_rng=threefry",
+                f"--out={out}"])
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["variant"] for r in rows] == ["hash", "threefry"]
+  assert all(len(r["rounds"]) == 2 and r["min"] <= r["train_samples_per_s"] <= r["max"]
+             for r in rows)
+  assert rows[0]["ratio_to_first"] == 1.0
+  assert rows[1]["overrides"] == {"model.dropout_rng": "'threefry'"}
+  assert "threefry" in capsys.readouterr().out
