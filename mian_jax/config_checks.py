@@ -5,11 +5,12 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from mian_jax.errors import ConfigError
+from mian_jax.models.layers import DROPOUT_RNGS
 
 # key -> allowed values, for every string-valued choice in the configs.
 CHOICES = {
     "model.transformer": ("pre_ln", "post_ln", "none"),
-    "model.dropout_rng": ("hash", "threefry"),
+    "model.dropout_rng": DROPOUT_RNGS,
     "model.position_embedding": ("learned", "none"),
     "model.ibim_score_weights": ("shared", "per_position"),
     "model.ibim_score": ("additive", "bilinear"),
