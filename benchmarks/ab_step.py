@@ -46,20 +46,18 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
 
 
 def variant_config(model: str, batch_size: int, optimizer: str, overrides: dict[str, object]):
-  """throughput.make_config's config with `overrides` applied; unknown keys and values of the
-  wrong type are errors, and the result passes config_checks."""
+  """throughput.make_config's config with `overrides` applied by ml_collections (locked, so an
+  unknown key is an error; values must have the field's type); the result passes config_checks."""
   from mian_jax import config_checks  # noqa: PLC0415
   config = throughput.make_config(model, batch_size, optimizer)
+  config.lock()
   for key, value in overrides.items():
-    section, _, name = key.partition(".")
-    if section not in config or name not in config[section]:
-      raise ValueError(f"unknown config key {key!r}")
-    old = config[section][name]
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    if type(value) is not type(old) and not (isinstance(old, tuple) and isinstance(value, list)):
-      raise ValueError(f"{key}={value!r}: expected type {type(old).__name__}")
-    config[section][name] = tuple(value) if isinstance(value, list) else value
+    try:
+      config.update_from_flattened_dict({key: value})
+    except KeyError:
+      raise ValueError(f"unknown config key {key!r}") from None
+    except TypeError as e:
+      raise ValueError(f"{key}={value!r}: {e}") from None
   config_checks.check_config(config)
   return config
 

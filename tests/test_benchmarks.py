@@ -169,7 +169,7 @@ def test_ab_step_parses_variants_and_rejects_bad_ones():
                                                       "train.learning_rate": 1})
   assert config.model.mlp_dims == (16, 4) and config.train.learning_rate == 1.0
   for bad, message in [({"model.dropout_rnq": "hash"}, "unknown config key"),
-                       ({"model.num_heads": "8"}, "expected type int"),
+                       ({"model.num_heads": "8"}, "cannot be casted"),
                        ({"model.dropout_rng": "philox"}, "is not one of")]:
     with pytest.raises(ValueError, match=message):
       ab_step.variant_config("mian", 64, "adam", bad)
