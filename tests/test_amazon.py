@@ -131,10 +131,11 @@ def test_mian_protocol_hand_worked(tmp_path):
       assert p["item.item_id"][k] == I[target]
       assert p["item.category"][k] == CAT[ITEM_CAT[target]]
       assert p["hist_len"][k] == len(hist)
+      # `hist` is written oldest first; the prepared format stores it newest first.
       np.testing.assert_array_equal(p["hist.item_id"][k],
-                                    [I[h] for h in hist] + [0] * (2 - len(hist)))
+                                    [I[h] for h in hist[::-1]] + [0] * (2 - len(hist)))
       np.testing.assert_array_equal(p["hist.category"][k],
-                                    [CAT[ITEM_CAT[h]] for h in hist] + [0] * (2 - len(hist)))
+                                    [CAT[ITEM_CAT[h]] for h in hist[::-1]] + [0] * (2 - len(hist)))
       assert p["context.gap"][k] == gap + 2
       assert p["user.activity"][k] == activity + 2
       year, month, weekday = _context(day)
@@ -178,7 +179,7 @@ def test_din_protocol_hand_worked(tmp_path):
   train = _positives(splits["train"])
   got = [(u, i, tuple(h[:n])) for u, i, h, n in zip(
       train["user.user_id"], train["item.item_id"], train["hist.item_id"], train["hist_len"])]
-  assert got == [(U["uA"], I["i3"], (I["i1"],)), (U["uA"], I["i2"], (I["i1"], I["i3"])),
+  assert got == [(U["uA"], I["i3"], (I["i1"],)), (U["uA"], I["i2"], (I["i3"], I["i1"])),
                  (U["uB"], I["i5"], (I["i2"],))]
   test = _positives(splits["test"])
   np.testing.assert_array_equal(test["item.item_id"], [I["i4"], I["i1"], I["i6"]])
@@ -203,8 +204,8 @@ def test_dien_protocol_hand_worked(tmp_path):
       assert p["user.user_id"][k] == U[user] and p["item.item_id"][k] == I[target]
       assert p["item.category"][k] == CAT[dien_cat[target]]
       n = p["hist_len"][k]
-      assert list(p["hist.item_id"][k][:n]) == [I[h] for h in hist]
-      assert list(p["hist.category"][k][:n]) == [CAT[dien_cat[h]] for h in hist]
+      assert list(p["hist.item_id"][k][:n]) == [I[h] for h in hist[::-1]]  # newest first
+      assert list(p["hist.category"][k][:n]) == [CAT[dien_cat[h]] for h in hist[::-1]]
     negatives = splits[split]["item.item_id"][1::2]
     assert (negatives != p["item.item_id"]).all()  # only the target itself is excluded
     assert set(negatives) <= set(I.values())  # drawn from reviewed items
@@ -330,7 +331,7 @@ def test_random_data_matches_reference(tmp_path, protocol):
       index = history.index(target)
       n = len(history)
       # No leakage: the behaviours are exactly the user's reviews before the target.
-      expected = history[max(0, index - t):index]
+      expected = history[max(0, index - t):index][::-1]  # newest first
       assert [items[x - 2] for x in cols["hist.item_id"][k][:cols["hist_len"][k]]] == expected
       assert not cols["hist.item_id"][k][cols["hist_len"][k]:].any()
       negative = items[cols["item.item_id"][k + 1] - 2]

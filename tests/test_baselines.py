@@ -273,3 +273,28 @@ def test_sequence_pooling_mean_and_sum_over_valid_positions():
   mean = layers.pool_sequence(hist, mask, "mean")
   np.testing.assert_allclose(mean[0], hist[0, :2].mean(0), rtol=1e-6)
   np.testing.assert_array_equal(mean[1], 0)
+
+
+def test_dien_runs_its_grus_from_the_oldest_to_the_newest_behaviour():
+  model, params, batch, schema, _ = _setup("dien")
+  _, state = model.apply({"params": params}, batch, train=False, capture_intermediates=True,
+                         mutable=["intermediates"])
+  states = np.asarray(state["intermediates"]["interest_extractor"]["__call__"][0][0])
+  p = jax.tree.map(np.asarray, params)
+  f = schema.features
+  lengths = np.asarray(batch["hist_len"])
+  mask = np.arange(f.max_seq_len)[None] < lengths[:, None]
+  assert (lengths >= 2).any()
+  tables = p["embedding"]["item_embedding"]
+
+  def behaviours(order):  # [B, T, d_b] with each row's valid behaviours in `order`
+    ids = {n: np.asarray(batch["hist"][n]) for n in f.behavior_fields}
+    if order == "oldest_first":  # stored newest first (docs/data.md)
+      ids = {n: np.asarray(layers.reverse_valid(jnp.asarray(v), lengths)) for n, v in ids.items()}
+    e = np.concatenate([tables[f"embed_{n}"]["embedding"][ids[n]] for n in f.behavior_fields], -1)
+    return e * mask[..., None]
+
+  gru = layers.GRU(SMALL["model.gru_dim"], INIT, unroll=True)
+  run = lambda x: np.asarray(gru.apply({"params": params["interest_extractor"]}, x, mask)[0])  # noqa: E731
+  np.testing.assert_allclose(states, run(behaviours("oldest_first")), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(states, run(behaviours("newest_first")), atol=1e-4)

@@ -145,3 +145,31 @@ def test_prefetch_reraises_errors():
   assert next(it) == 1
   with pytest.raises(RuntimeError, match="boom"):
     next(it)
+
+
+def test_behaviours_are_stored_newest_first():
+  hist = np.array([[5, 6, 7, 0], [8, 0, 0, 0], [0, 0, 0, 0], [2, 3, 4, 9]], np.int32)
+  lengths = np.array([3, 1, 0, 4])
+  np.testing.assert_array_equal(schema_lib.newest_first(hist, lengths),
+                                [[7, 6, 5, 0], [8, 0, 0, 0], [0, 0, 0, 0], [9, 4, 3, 2]])
+  assert "newest first" in schema_lib.__doc__
+
+
+def test_a_prepared_directory_of_an_older_format_says_how_to_prepare_again(tmp_path):
+  directory, _ = _prepare(tmp_path)
+  path = os.path.join(directory, "schema.json")
+  with open(path) as f:
+    content = json.load(f)
+  content["format_version"] = 1
+  with open(path, "w") as f:
+    json.dump(content, f)
+  with pytest.raises(DataError, match="format_version 1 .*newest first.*mian_jax.data.prepare") as e:
+    schema_lib.read_schema(directory)
+  assert "\n" not in str(e.value)
+
+
+def test_the_cache_key_changes_with_the_format_version(monkeypatch):
+  config = tiny_config().data
+  before = data_lib.settings_key(config)
+  monkeypatch.setattr(schema_lib, "FORMAT_VERSION", schema_lib.FORMAT_VERSION + 1)
+  assert data_lib.settings_key(config) != before

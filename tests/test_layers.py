@@ -207,3 +207,14 @@ def test_hash_attention_dropout_masks_weights_shared_over_batch_and_heads():
   np.testing.assert_allclose(out, np.einsum("bhqk,bkhd->bqhd", weights, v), rtol=1e-5,
                              atol=1e-6)
   assert 0 < keep.sum() < keep.size
+
+
+def test_reverse_valid_reverses_each_rows_valid_prefix_and_is_its_own_inverse():
+  x = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+  lengths = jnp.array([3, 0])
+  out = np.asarray(layers.reverse_valid(jnp.asarray(x), lengths))
+  np.testing.assert_array_equal(out[0], x[0][[2, 1, 0, 3]])
+  np.testing.assert_array_equal(out[1], x[1])
+  np.testing.assert_array_equal(layers.reverse_valid(jnp.asarray(out), lengths), x)
+  ids = jnp.array([[4, 5, 0], [6, 7, 8]])
+  np.testing.assert_array_equal(layers.reverse_valid(ids, jnp.array([2, 3])), [[5, 4, 0], [8, 7, 6]])

@@ -69,15 +69,16 @@ def test_hand_worked_example(tmp_path):
   np.testing.assert_array_equal(tr["hist_len"], [0, 1, 1, 0, 1, 0])
   # Genres (train vocab "Action","Animation","unknown" -> 2,3,4; Drama -> OOV 1).
   np.testing.assert_array_equal(tr["item.genre"], [3, 2, 4, 2, 3, 3])
-  # Valid: u1m4 @50h sees m1,m2,m3 -> last two (m2, m3); u2m4 @60h sees m2, m1.
+  # Valid: u1m4 @50h sees m1,m2,m3 -> last two, newest first (m3, m2); u2m4 @60h sees m2, m1
+  # -> (m1, m2).
   np.testing.assert_array_equal(va["item.movie_id"], [1, 1])
-  np.testing.assert_array_equal(va["hist.movie_id"], [[3, 4], [3, 2]])
-  np.testing.assert_array_equal(va["hist.genre"], [[2, 4], [2, 3]])
+  np.testing.assert_array_equal(va["hist.movie_id"], [[4, 3], [2, 3]])
+  np.testing.assert_array_equal(va["hist.genre"], [[4, 2], [3, 2]])
   np.testing.assert_array_equal(va["label"], [0, 1])
-  # Test: u2m3 @70h sees m2,m1,m4 -> (m1, m4=OOV); u3m4 @80h sees m1.
+  # Test: u2m3 @70h sees m2,m1,m4 -> newest first (m4=OOV, m1); u3m4 @80h sees m1.
   np.testing.assert_array_equal(te["item.movie_id"], [4, 1])
-  np.testing.assert_array_equal(te["hist.movie_id"], [[2, 1], [2, 0]])
-  np.testing.assert_array_equal(te["hist.genre"], [[3, 1], [3, 0]])
+  np.testing.assert_array_equal(te["hist.movie_id"], [[1, 2], [2, 0]])
+  np.testing.assert_array_equal(te["hist.genre"], [[1, 3], [3, 0]])
   np.testing.assert_array_equal(te["hist_len"], [2, 1])
   # Age groups 24 -> 18, 53 -> 50, 17 -> 1; tokens "1","18","50" -> 2,3,4.
   np.testing.assert_array_equal(tr["user.age_group"], [3, 3, 3, 4, 4, 2])
@@ -159,7 +160,7 @@ def test_movielens_1m_files(tmp_path):
   np.testing.assert_array_equal(tr["item.genre"], [2, 3, 3, 2])  # Adventure=2, Animation=3
   np.testing.assert_array_equal(tr["hist.movie_id"], [[0, 0], [0, 0], [3, 0], [2, 0]])
   np.testing.assert_array_equal(tr["user.age_group"], [3, 2, 3, 2])  # "1"=2, "56"=3
-  np.testing.assert_array_equal(splits["test"]["hist.movie_id"], [[2, 3]])
+  np.testing.assert_array_equal(splits["test"]["hist.movie_id"], [[3, 2]])  # newest first
 
 
 def test_config_arguments():

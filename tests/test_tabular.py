@@ -54,9 +54,9 @@ def test_hand_worked_csv_with_behaviours_from_clicks(tmp_path):
   np.testing.assert_array_equal(tr["hist.item_id"], [[0, 0], [0, 0], [2, 0]])
   np.testing.assert_array_equal(va["item.item_id"], [1])
   np.testing.assert_array_equal(va["hist.item_id"], [[2, 0]])
-  # Test: b@40 sees i2; a@50 sees i1, i3 (i3 first seen in valid -> OOV).
+  # Test: b@40 sees i2; a@50 sees i1, i3 (i3 first seen in valid -> OOV), newest first.
   np.testing.assert_array_equal(te["item.item_id"], [1, 2])
-  np.testing.assert_array_equal(te["hist.item_id"], [[3, 0], [2, 1]])
+  np.testing.assert_array_equal(te["hist.item_id"], [[3, 0], [1, 2]])
   np.testing.assert_array_equal(te["hist.category"], [[3, 0], [2, 2]])
   np.testing.assert_array_equal(te["hist_len"], [1, 2])
   # Numeric price standardised with the training mean 7/3 and std sqrt(8/9).
@@ -69,8 +69,8 @@ def test_hand_worked_csv_with_behaviours_from_clicks(tmp_path):
 def test_all_rows_as_behaviours(tmp_path):
   config = config_for(path=write_csv(tmp_path / "log.csv"), behavior_rows="all")
   _, splits, _ = tabular.generate(config.data)
-  # a@30 (valid) now sees i1@10 and i2@20.
-  np.testing.assert_array_equal(splits["valid"]["hist.item_id"], [[2, 3]])
+  # a@30 (valid) now sees i1@10 and i2@20 (stored newest first).
+  np.testing.assert_array_equal(splits["valid"]["hist.item_id"], [[3, 2]])
 
 
 def test_parquet_list_columns_and_pre_split_files(tmp_path):
@@ -90,8 +90,9 @@ def test_parquet_list_columns_and_pre_split_files(tmp_path):
   schema, splits, _ = tabular.generate(config.data)
   assert schema.num_examples == (("train", 2), ("valid", 1), ("test", 1))
   # Vocabulary: training candidates and training behaviours a, b, c -> 2, 3, 4; d -> OOV.
-  np.testing.assert_array_equal(splits["train"]["hist.item_id"], [[3, 2], [0, 0]])
-  np.testing.assert_array_equal(splits["valid"]["hist.item_id"], [[2, 1]])
+  # Lists are given oldest first and stored newest first (the last T = 2 of them).
+  np.testing.assert_array_equal(splits["train"]["hist.item_id"], [[2, 3], [0, 0]])
+  np.testing.assert_array_equal(splits["valid"]["hist.item_id"], [[1, 2]])
   np.testing.assert_array_equal(splits["valid"]["item.item_id"], [1])
   np.testing.assert_array_equal(splits["test"]["hist_len"], [0])
 
@@ -104,7 +105,7 @@ def test_csv_list_columns(tmp_path):
                       behavior_fields="item_id", behavior_source="list",
                       behavior_columns="item_id:hist")
   _, splits, _ = tabular.generate(config.data)
-  np.testing.assert_array_equal(splits["train"]["hist.item_id"], [[0, 0], [2, 0], [2, 3]])
+  np.testing.assert_array_equal(splits["train"]["hist.item_id"], [[0, 0], [2, 0], [3, 2]])
 
 
 def test_bad_rows_are_counted_and_limited(tmp_path):

@@ -37,6 +37,7 @@ def cache_root() -> str:
 def settings_key(data_config: ConfigDict) -> str:
   """A short hash of every data setting except where the result is stored."""
   settings = {k: v for k, v in data_config.to_dict().items() if k != "prepared_dir"}
+  settings["format_version"] = schema_lib.FORMAT_VERSION  # a new format is prepared anew
   blob = json.dumps(settings, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -422,13 +422,14 @@ def _fill_history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
   """Writes the behaviours of each target row into rows 2k and 2k+1 of out_item / out_cat.
 
   Behaviours of row r: the user's reviews strictly before r, the most recent max_seq_len of
-  them, oldest first, left-aligned, padded with 0. Shapes: rows [M]; outs [2M, T].
+  them, newest first (slot t = the (t+1)-th most recent), left-aligned, padded with 0.
+  Shapes: rows [M]; outs [2M, T].
   """
   t = np.arange(max_seq_len)
   for lo in range(0, len(rows), HIST_CHUNK):
     r = rows[lo:lo + HIST_CHUNK]
     length = np.minimum(reviews.pos[r], max_seq_len)
-    index = (r - length)[:, None] + t[None, :]
+    index = (r - 1)[:, None] - t[None, :]
     valid = t[None, :] < length[:, None]
     index = np.where(valid, index, 0)
     item = np.where(valid, _ids(reviews.item[index]), schema_lib.PAD_ID)

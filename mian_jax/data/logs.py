@@ -11,7 +11,8 @@ A *log* is a pandas DataFrame with one row per example (an impression or a ratin
 Behaviours of an example are the same user's *behaviour rows* (all rows, or only those marked,
 e.g. clicks) whose timestamp is strictly smaller than the example's: rows with an equal timestamp
 are simultaneous and never see each other, so no example ever sees its own label or anything later.
-The most recent `max_seq_len` are kept, oldest first, left-aligned and padded with id 0.
+The most recent `max_seq_len` are kept, newest first (slot 0 = the most recent), left-aligned
+and padded with id 0.
 
 Vocabularies of categorical fields are built from the training split only (candidate values, plus
 behaviour values from list columns); values unseen there, and missing values, map to OOV id 1.
@@ -250,7 +251,7 @@ def _history_from_log(u, t, behaviour_mask, max_seq_len):
   """For rows sorted by (user, time): behaviour-row indices [N, T] and lengths [N].
 
   Behaviours of row i: rows j of the same user with t[j] < t[i] and behaviour_mask[j];
-  the last `max_seq_len` of them, oldest first. Unused positions hold index -1.
+  the last `max_seq_len` of them, newest first. Unused positions hold index -1.
   """
   n = len(u)
   user_start, group_start = _run_starts(u, t)
@@ -259,17 +260,18 @@ def _history_from_log(u, t, behaviour_mask, max_seq_len):
   end = cum[group_start]  # behaviours strictly before this row's timestamp (global rank)
   begin = cum[user_start]
   lengths = np.minimum(end - begin, max_seq_len)
-  pos = (end - lengths)[:, None] + np.arange(max_seq_len)[None, :]
+  pos = (end - 1)[:, None] - np.arange(max_seq_len)[None, :]
   valid = np.arange(max_seq_len)[None, :] < lengths[:, None]
   rows = np.where(valid, beh_rows[np.where(valid, pos, 0)] if len(beh_rows) else -1, -1)
   return rows.reshape(n, max_seq_len), lengths.astype(np.int32)
 
 
 def _history_from_lists(lists: ListBehaviours, max_seq_len):
-  """Flat-value indices [N, T] (-1 = padding) and lengths [N]: the last T of each row's list."""
+  """Flat-value indices [N, T] (-1 = padding) and lengths [N]: the last T of each row's list
+  (lists are given oldest first), newest first."""
   off = lists.offsets
   lengths = np.minimum(np.diff(off), max_seq_len)
-  pos = (off[1:] - lengths)[:, None] + np.arange(max_seq_len)[None, :]
+  pos = (off[1:] - 1)[:, None] - np.arange(max_seq_len)[None, :]
   valid = np.arange(max_seq_len)[None, :] < lengths[:, None]
   return np.where(valid, pos, -1), lengths.astype(np.int32)
 

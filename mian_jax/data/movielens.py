@@ -17,7 +17,7 @@ Every rating is one example:
               release date in 100K, the "(year)" in the title in 1M; "unknown" if absent).
   behaviours  (movie_id, genre) of the user's ratings with a strictly earlier timestamp (any
               rating value: having watched a movie is the behaviour), the most recent
-              data.max_seq_len kept, oldest first.
+              data.max_seq_len kept, newest first.
   user        user_id, age_group (the 1M groups 1/18/25/35/45/50/56; 100K ages are mapped to
               them), gender, occupation, zip_prefix (first data.movielens.zip_prefix_len chars).
   context     from the rating's Unix timestamp, in UTC: hour, weekday, month, and

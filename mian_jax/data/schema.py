@@ -10,7 +10,9 @@ A prepared data set is a directory:
 Columns of every split (N examples, T = max_seq_len):
 
   item.<name>      [N]    candidate-item field (int32 id, or float32 if numeric)
-  hist.<name>      [N, T] behaviour field, oldest first, padded with id 0 at the end
+  hist.<name>      [N, T] behaviour field, newest first (slot t = the (t+1)-th most recent
+                          behaviour, so a slot means one recency for every user), padded with
+                          id 0 at the end
   hist_len         [N]    int32, number of valid behaviours (0..T)
   user.<name>      [N]    user-specific field
   context.<name>   [N]    context field
@@ -38,7 +40,9 @@ import numpy as np
 
 from mian_jax.errors import DataError
 
-FORMAT_VERSION = 1
+# 2: behaviours newest first (version 1 stored them oldest first, so slot t meant a different
+# recency for every user).
+FORMAT_VERSION = 2
 SPLITS = ("train", "valid", "test")
 PAD_ID = 0
 OOV_ID = 1
@@ -142,8 +146,10 @@ def _field_from_json(d: Mapping[str, Any], where: str) -> Field:
 def schema_from_json(d: Mapping[str, Any], where: str = "schema.json") -> Schema:
   """Parses and checks a schema.json dict; raises DataError with a one-line reason."""
   if d.get("format_version") != FORMAT_VERSION:
-    raise DataError(f"{where}: format_version {d.get('format_version')!r} is not the supported "
-                    f"{FORMAT_VERSION}; prepare the data again")
+    raise DataError(f"{where}: prepared-data format_version {d.get('format_version')!r} is not "
+                    f"the supported {FORMAT_VERSION} (version 2 stores behaviours newest first); "
+                    "prepare it again: python -m mian_jax.data.prepare --config=<your config> "
+                    "--config.data.prepared_dir=<a new directory>")
   try:
     groups = {g: tuple(_field_from_json(x, where) for x in d[f"{g}_fields"]) for g in GROUPS}
     behavior = tuple(str(x) for x in d["behavior_fields"])
@@ -286,6 +292,15 @@ def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarra
   labels = columns["label"]
   if n and not np.isin(labels, (0.0, 1.0)).all():
     raise DataError(f"split {split!r}: labels must be 0 or 1")
+
+
+def newest_first(hist: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """Reverses the valid prefix of each row: [N, T] oldest first -> newest first (padding stays
+  at the end). lengths: [N]."""
+  t = np.arange(hist.shape[1])[None, :]
+  valid = t < lengths[:, None]
+  index = np.where(valid, lengths[:, None] - 1 - t, t)
+  return np.take_along_axis(hist, index, axis=1)
 
 
 def _check_ids(a: np.ndarray, lowest: int, vocab_size: int, where: str) -> None:

@@ -109,7 +109,8 @@ def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len
   stale = inactive & (rng.random(n) < 0.5)  # inactive users: half stale, half short histories
   short = inactive & ~stale
 
-  # Behaviours: position t = 0 is the oldest; age = number of later behaviours.
+  # Behaviours are drawn with position t = 0 the oldest (age = number of later behaviours) and
+  # stored newest first (schema.newest_first) at the end.
   lengths = rng.integers(c.min_seq_len, max_seq_len + 1, size=n)
   lengths = np.where(short, rng.integers(0, c.short_seq_len + 1, size=n), lengths)
   t = np.arange(max_seq_len)[None, :]
@@ -155,8 +156,10 @@ def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len
   return {
       "item.item_id": ids(cand_item),
       "item.category": ids(cand_category),
-      "hist.item_id": np.where(valid, ids(hist_item), schema_lib.PAD_ID).astype(np.int32),
-      "hist.category": np.where(valid, ids(hist_category), schema_lib.PAD_ID).astype(np.int32),
+      "hist.item_id": schema_lib.newest_first(
+          np.where(valid, ids(hist_item), schema_lib.PAD_ID).astype(np.int32), lengths),
+      "hist.category": schema_lib.newest_first(
+          np.where(valid, ids(hist_category), schema_lib.PAD_ID).astype(np.int32), lengths),
       "hist_len": lengths.astype(np.int32),
       "user.gender": ids(world.gender[users]),
       "user.age_group": ids(world.age_group[users]),

@@ -37,6 +37,9 @@ class DIEN(base.DeepModel):
     f = self.features
     require_behaviours(f, "dien")
     kernel_init = self.kernel_init()
+    # The GRUs read behaviours in time order; they are stored newest first (docs/data.md).
+    batch = {**batch, "hist": {k: layers.reverse_valid(v, batch["hist_len"])
+                               for k, v in batch["hist"].items()}}
     e = self.embed(batch)
     behaviours = layers.flatten_fields(e.hist)                                    # [B, T, d_b]
     # Inference unrolls both GRUs over time: same result, a much faster forward pass on a CPU.
@@ -63,6 +66,7 @@ class DIEN(base.DeepModel):
     aux_loss = jnp.zeros((), jnp.float32)
     if self.use_aux_loss and (train or self.is_initializing()):
       aux_loss = self._aux_loss(batch, states, behaviours, e.mask, kernel_init, train)
+    attention = layers.reverse_valid(attention, batch["hist_len"])  # back to storage order
     return logits.astype(jnp.float32), {"attention": {"dien": attention},
                                         "embedding_sq_norm": e.sq_norm,
                                         "aux_loss": self.aux_loss_weight * aux_loss}

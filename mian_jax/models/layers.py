@@ -41,6 +41,14 @@ def flatten_fields(x: Array) -> Array:
   return x.reshape(*x.shape[:-2], -1)
 
 
+def reverse_valid(x: Array, lengths: Array) -> Array:
+  """Reverses the first lengths[b] entries of each row along axis 1, leaving padding in place:
+  behaviours stored newest first -> oldest first, and back. x: [B, T, ...]; lengths: [B]."""
+  t = jnp.arange(x.shape[1])[None, :]
+  index = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def masked_softmax(scores: Array, mask: Array | None) -> Array:
   """Softmax over the last axis restricted to `mask`; all-masked rows give all zeros.
 
