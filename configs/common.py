@@ -34,7 +34,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.use_icim = True  # item-context module
   config.model.use_gim = True  # global module; off = plain concatenation
   config.model.ibim_score_weights = "shared"  # eq. 8 W_t: "shared" | "per_position"
-  config.model.ibim_score = "additive"  # eq. 8 score: "additive" | "bilinear" (+ e_i^T W h_t)
+  # eq. 8 score: "additive" | "bilinear" (+ e_i^T M h_t) | "din" (+ DIN's activation unit)
+  config.model.ibim_score = "additive"
+  # Values of IBIM/IUIM/ICIM: "concat" (eqs. 6, 10, 12) | "concat_product" (+ candidate * other)
+  config.model.interaction_values = "concat"
   config.model.field_score_weights = "per_field"  # eqs. 10/13 W^j: "per_field" | "shared"
   config.model.score_activation = "tanh"  # eqs. 8/10/13/15 score: "tanh" | "none"
   config.model.numeric_embedding = "linear"  # eq. 2 numeric x: "linear" (x*v) | "pad"
@@ -45,7 +48,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.sequence_pooling = "mean"  # behaviours -> one field (non-DIN/DIEN): "mean" | "sum"
   config.model.cross_layers = 3  # dcn: cross layers (eq. 3)
   config.model.cin_layer_sizes = (100, 100, 100)  # xdeepfm: feature maps per CIN layer (eq. 6)
-  config.model.attention_mlp_dims = (36,)  # din: local activation unit hidden dims (Fig. 2)
+  config.model.attention_mlp_dims = (36,)  # din (and mian's ibim_score="din"): activation unit
   config.model.use_dice = False  # din/dien MLP activation: Dice (True) or PReLU (False)
   config.model.gru_dim = 32  # dien: hidden width of both GRUs
   config.model.use_aux_loss = True  # dien: auxiliary loss of the interest extractor (eq. 3)
@@ -61,6 +64,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.adam_b1 = 0.9  # §4.3
   config.train.adam_b2 = 0.999  # §4.3
   config.train.adam_eps = 1e-8  # optax default
+  config.train.warmup_steps = 0  # learning rate rises linearly over these steps (0: none)
+  config.train.grad_clip_norm = 0.0  # clip the gradient's global norm to this (0: no clipping)
   config.train.l2_weight = 1e-3  # §4.3
   config.train.l2_scope = "batch_embeddings"  # "batch_embeddings" | "all_weights" | "none"
   config.train.num_epochs = 1.0  # used when num_train_steps == -1

@@ -13,7 +13,8 @@ CHOICES = {
     "model.dropout_rng": DROPOUT_RNGS,
     "model.position_embedding": ("learned", "none"),
     "model.ibim_score_weights": ("shared", "per_position"),
-    "model.ibim_score": ("additive", "bilinear"),
+    "model.ibim_score": ("additive", "bilinear", "din"),
+    "model.interaction_values": ("concat", "concat_product"),
     "model.field_score_weights": ("per_field", "shared"),
     "model.score_activation": ("tanh", "none"),
     "model.numeric_embedding": ("linear", "pad"),
@@ -28,7 +29,8 @@ POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "m
             "train.batch_size", "train.learning_rate", "train.log_every_steps",
             "train.eval_every_steps", "eval.batch_size", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "data.max_seq_len")
-NON_NEGATIVE = ("train.l2_weight", "train.num_epochs")
+NON_NEGATIVE = ("train.l2_weight", "train.num_epochs", "train.warmup_steps",
+                "train.grad_clip_norm")
 # The baselines' keys (docs/baselines.md), checked when present (older saved configs lack them).
 BASELINE_POSITIVE = ("gru_dim",)
 BASELINE_NON_NEGATIVE = ("cross_layers", "aux_loss_weight")

@@ -44,7 +44,7 @@ class LazyAdamState(NamedTuple):
   nu: Any  # second moments
 
 
-def lazy_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
+def lazy_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8) -> optax.GradientTransformation:
   """Adam that updates only the rows present in `IndexedRows` gradients (module docstring).
 
@@ -60,6 +60,7 @@ def lazy_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
 
   def update(grads, state, params=None):
     del params
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     count = optax.safe_increment(state.count)
     c1 = 1.0 - b1 ** count.astype(jnp.float32)
     c2 = 1.0 - b2 ** count.astype(jnp.float32)
@@ -67,7 +68,7 @@ def lazy_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
     def step(m, v, g):
       m = b1 * m + (1.0 - b1) * g
       v = b2 * v + (1.0 - b2) * g * g
-      return m, v, -learning_rate * (m / c1) / (jnp.sqrt(v / c2) + eps)
+      return m, v, -lr * (m / c1) / (jnp.sqrt(v / c2) + eps)
 
     def leaf(g, mu, nu):
       if not _is_rows(g):
@@ -95,10 +96,43 @@ def apply_updates(params, updates):
   return jax.tree.map(leaf, params, updates, is_leaf=_is_rows)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm that also takes `IndexedRows` leaves (their rows are distinct,
+  so the norm of their values is the norm of the dense gradient they stand for)."""
+
+  def update(grads, state, params=None):
+    del params
+    values = lambda g: g.values if _is_rows(g) else g  # noqa: E731
+    norm = optax.tree.norm(jax.tree.map(values, grads, is_leaf=_is_rows))
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+
+    def leaf(g):
+      if _is_rows(g):
+        return IndexedRows(g.indices, (g.values * scale).astype(g.values.dtype))
+      return (g * scale).astype(g.dtype)
+
+    return jax.tree.map(leaf, grads, is_leaf=_is_rows), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def learning_rate_schedule(train_config: ConfigDict) -> float | optax.Schedule:
+  """`train.learning_rate`, reached linearly over `train.warmup_steps` (0: constant)."""
+  lr, warmup = train_config.learning_rate, train_config.get("warmup_steps", 0)
+  if not warmup:
+    return lr
+  return lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup)  # step k uses count = k - 1
+
+
 def create_optimizer(train_config: ConfigDict) -> optax.GradientTransformation:
-  """Adam (§4.3), dense ("adam") or row-sparse ("lazy_adam"). The L2 term is part of the loss
-  (coupled L2, `train.l2_penalty`), not of the optimiser."""
+  """Adam (§4.3), dense ("adam") or row-sparse ("lazy_adam"), with the optional warm-up and
+  gradient clipping of `train.warmup_steps` / `train.grad_clip_norm`. The L2 term is part of
+  the loss (coupled L2, `train.l2_penalty`), not of the optimiser."""
   kwargs = dict(b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
+  lr = learning_rate_schedule(train_config)
   if train_config.get("optimizer", "adam") == "lazy_adam":
-    return lazy_adam(train_config.learning_rate, **kwargs)
-  return optax.adam(train_config.learning_rate, **kwargs)
+    adam = lazy_adam(lr, **kwargs)
+  else:
+    adam = optax.adam(lr, **kwargs)
+  clip = train_config.get("grad_clip_norm", 0.0)
+  return optax.chain(clip_by_global_norm(clip), adam) if clip else adam

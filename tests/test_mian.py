@@ -25,8 +25,21 @@ def _apply(model, params, batch):
   return model.apply({"params": params}, batch, train=False)
 
 
-def test_forward_matches_numpy_reference_of_eqs_1_to_17():
-  model, params, batch, schema = _setup(**{"model.transformer": "none"})
+def _np_activation_unit(q, keys, mask, p):
+  """DIN's local activation unit: Dense -> PReLU -> Dense over [q; k; q - k; q * k]."""
+  q = np.broadcast_to(q[:, None], keys.shape)
+  x = np.concatenate([q, keys, q - keys, q * keys], -1)
+  x = x @ p["mlp"]["Dense_0"]["kernel"] + p["mlp"]["Dense_0"]["bias"]
+  x = np.where(x >= 0, x, p["mlp"]["activation_0"]["negative_slope"] * x)
+  return np.where(mask, x @ p["score"]["kernel"][:, 0] + p["score"]["bias"][0], 0.0)
+
+
+@pytest.mark.parametrize("ibim_score,values", [("additive", "concat"),
+                                               ("din", "concat_product")])
+def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values):
+  model, params, batch, schema = _setup(**{"model.transformer": "none",
+                                           "model.ibim_score": ibim_score,
+                                           "model.interaction_values": values})
   logits, aux = _apply(model, params, batch)
   p = jax.tree.map(np.asarray, params)
   f = schema.features
@@ -42,19 +55,28 @@ def test_forward_matches_numpy_reference_of_eqs_1_to_17():
   e_u = embed("user_embedding", batch["user"], [x.name for x in f.user_fields])
   e_c = embed("context_embedding", batch["context"], [x.name for x in f.context_fields])
 
-  def pool(values, q, valid=None, per_slot=False):  # eqs. 7-9, 10-11, 13
+  def pool(values, q, valid=None, per_slot=False, extra=0.0):  # eqs. 7-9, 10-11, 13
     w, b = q["score_kernel"], q["score_bias"]
     s = np.einsum("bnd,nd->bn", values, w) + b if per_slot else values @ w[:, 0] + b
-    alpha = np_softmax(np.tanh(s), valid)
+    alpha = np_softmax(np.tanh(s + extra), valid)
     return np.einsum("bn,bnd->bd", alpha, values), alpha
 
   tile = lambda n: np.repeat(e_i[:, None], n, 1)  # noqa: E731
-  r_ibim, a_ibim = pool(np.concatenate([tile(f.max_seq_len), e_b], -1), p["ibim_attention"],
-                        mask)                                                  # eq. 6
-  r_iuim, _ = pool(np.concatenate([tile(e_u.shape[1]), e_u], -1), p["iuim_attention"],
-                   per_slot=True)
-  r_icim, _ = pool(np.concatenate([tile(e_c.shape[1]), e_c], -1), p["icim_attention"],
-                   per_slot=True)
+  query = flat(embed("item_embedding", batch["item"], f.behavior_fields))  # candidate's e_b
+  product = values == "concat_product"
+  v_b = [tile(f.max_seq_len), e_b] + ([query[:, None] * e_b] if product else [])
+  extra = (_np_activation_unit(query, e_b, mask, p["ibim_activation_unit"])
+           if ibim_score == "din" else 0.0)
+  r_ibim, a_ibim = pool(np.concatenate(v_b, -1), p["ibim_attention"], mask,
+                        extra=extra)                                           # eq. 6
+
+  def fields(e, name):  # eqs. 10-13, with (e_i P) * e^j under "concat_product"
+    v = [tile(e.shape[1]), e]
+    if product:
+      v.append((e_i @ p[f"{name}_candidate_projection"]["kernel"])[:, None] * e)
+    return pool(np.concatenate(v, -1), p[f"{name}_attention"], per_slot=True)[0]
+
+  r_iuim, r_icim = fields(e_u, "iuim"), fields(e_c, "icim")
   parts = [e_i, flat(e_c), flat(e_b), flat(e_u), r_ibim, r_iuim, r_icim]      # eq. 14
   g = p["gim"]
   s = np.stack([r @ g[f"score_{l}"]["kernel"][:, 0] + g[f"score_{l}"]["bias"][0]
@@ -131,6 +153,7 @@ def test_transformer_variants_change_the_parameter_tree():
     {"model.gim_combine": "weighted_concat"}, {"model.gim_behavior": "mean"},
     {"model.ibim_score": "bilinear"}, {"model.position_embedding": "none"},
     {"model.dense_init": "truncated_normal"}, {"model.score_activation": "none"},
+    {"model.ibim_score": "din"}, {"model.interaction_values": "concat_product"},
 ])
 def test_alternative_readings_run_and_differ(override):
   model, params, batch, _ = _setup()

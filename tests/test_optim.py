@@ -158,3 +158,40 @@ def test_first_occurrence_matches_numpy():
   _, first_index, inverse = np.unique(ids, return_index=True, return_inverse=True)
   np.testing.assert_array_equal(sparse.first_occurrence(jnp.asarray(ids), 9),
                                 first_index[inverse])
+
+
+def test_clipping_takes_row_sparse_leaves_like_their_dense_gradient():
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(5, 3)).astype(np.float32)
+  rows = np.array([3, 0, 7])  # 7 >= V: an unused slot with a zero gradient
+  values = np.zeros((3, 3), np.float32)
+  values[:2] = table[[3, 0]]
+  dense_grad = np.zeros((5, 3), np.float32)
+  dense_grad[[3, 0]] = table[[3, 0]]
+  w = rng.normal(size=(4,)).astype(np.float32)
+  clip = optim.clip_by_global_norm(0.5)
+  ours, _ = clip.update({"t": optim.IndexedRows(jnp.asarray(rows), jnp.asarray(values)), "w": w},
+                        clip.init(None))
+  ref, _ = optax.clip_by_global_norm(0.5).update({"t": dense_grad, "w": w}, None)
+  np.testing.assert_allclose(np.asarray(ours["t"].values)[:2], np.asarray(ref["t"])[[3, 0]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(ours["w"], ref["w"], rtol=1e-6)
+  small, _ = clip.update({"w": w * 1e-3}, clip.init(None))  # under the norm: unchanged
+  np.testing.assert_allclose(small["w"], w * 1e-3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam", "lazy_adam"])
+def test_warmup_scales_the_first_updates_and_then_reaches_the_learning_rate(name):
+  config = tiny_config(**{"train.optimizer": name, "train.warmup_steps": 4,
+                          "train.learning_rate": LR})
+  tx = optim.create_optimizer(config.train)
+  schedule = optim.learning_rate_schedule(config.train)
+  np.testing.assert_allclose([schedule(i) for i in range(6)],
+                             [LR / 4, LR / 2, 3 * LR / 4, LR, LR, LR], rtol=1e-6)
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  sizes = []
+  for _ in range(6):  # a constant gradient: Adam's step is then the learning rate itself
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    sizes.append(float(-updates["w"][0]))
+  np.testing.assert_allclose(sizes, [LR / 4, LR / 2, 3 * LR / 4, LR, LR, LR], rtol=1e-4)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
+from mian_jax.models.din import candidate_query
 
 # Names of the parts r_1..r_7 of eq. (14), in the paper's order.
 GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
@@ -36,7 +37,13 @@ class MIAN(base.DeepModel):
   use_icim: bool = True
   use_gim: bool = True
   ibim_score_weights: str = "shared"  # "shared" | "per_position"   (eq. 8)
-  ibim_score: str = "additive"  # "additive" (eq. 8) | "bilinear" (+ e_i^T W h_t inside tanh)
+  # eq. 8's score: "additive" (the paper) | "bilinear" (+ e_i^T M h_t) | "din" (+ DIN's
+  # activation unit over [q; h_t; q - h_t; q * h_t]), the extra terms inside the activation.
+  ibim_score: str = "additive"
+  attention_mlp_dims: tuple[int, ...] = (36,)  # hidden widths of the "din" score
+  # Values pooled by IBIM/IUIM/ICIM: "concat" (eqs. 6, 10, 12) | "concat_product" (+ the
+  # element-wise product of the candidate with the behaviour / field, see docs/model.md).
+  interaction_values: str = "concat"
   field_score_weights: str = "per_field"  # "per_field" | "shared"   (eqs. 10, 13)
   score_activation: str = "tanh"  # "tanh" | "none"                 (eqs. 8, 10, 13, 15)
   gim_combine: str = "project_sum"  # "project_sum" | "weighted_concat"   (eq. 15)
@@ -68,8 +75,8 @@ class MIAN(base.DeepModel):
 
     # Multi-interactive layer, §3.2.2.
     if self.use_ibim and has_hist:
-      parts["R_ibim"], attention["ibim"] = self._ibim(e_i, e_b, hist_mask, batch["hist_len"],
-                                                      kernel_init, deterministic)
+      parts["R_ibim"], attention["ibim"] = self._ibim(
+          e_i, candidate_query(f, e.item), e_b, hist_mask, kernel_init, deterministic)
     if self.use_iuim and e_u is not None:
       parts["R_iuim"], attention["iuim"] = self._field_interaction(e_i, e_u, kernel_init, "iuim")
     if self.use_icim and e_c is not None:
@@ -101,8 +108,9 @@ class MIAN(base.DeepModel):
                "R_icim": self.use_icim and bool(f.context_fields)}
     return tuple(p for p in GIM_PARTS if present[p])
 
-  def _ibim(self, e_i, e_b, mask, lengths, kernel_init, deterministic):
-    """IBIM, eqs. (3)-(9). e_i: [B, d_i]; e_b: [B, T, d_b]. Returns (R_ibim, alpha_t [B, T])."""
+  def _ibim(self, e_i, query, e_b, mask, kernel_init, deterministic):
+    """IBIM, eqs. (3)-(9). e_i: [B, d_i]; query: [B, d_b], the candidate's behaviour fields;
+    e_b: [B, T, d_b], newest first. Returns (R_ibim, alpha_t [B, T])."""
     t = e_b.shape[1]
     h_b = e_b
     if self.transformer != "none":
@@ -111,32 +119,42 @@ class MIAN(base.DeepModel):
                           f"{e_b.shape[-1]} (embed_dim x {len(self.features.behavior_fields)} "
                           "behaviour fields)")
       if self.position_embedding == "learned":
-        # Position = recency (0 = most recent), so a behaviour's position does not depend on
-        # how long the user's history happens to be.
-        recency = jnp.clip(lengths[:, None] - 1 - jnp.arange(t)[None, :], 0, t - 1)
+        # Behaviours are stored newest first, so slot t is recency t (0 = most recent) for
+        # every user, whatever the length of the history.
         table = self.param("position_embedding", layers.truncated_normal(self.init_std),
                            (t, e_b.shape[-1]))
-        h_b = h_b + table[recency]
+        h_b = h_b + table[None]
       h_b = layers.TransformerBlock(
           num_heads=self.num_heads, ffn_dim=self.ffn_dim_multiplier * e_b.shape[-1],
           dropout_rate=self.dropout_rate, kernel_init=kernel_init, norm=self.transformer,
           dropout_rng=self.dropout_rng,
           name="transformer")(h_b, mask, deterministic=deterministic)
-    v = jnp.concatenate([jnp.broadcast_to(e_i[:, None, :], (*h_b.shape[:2], e_i.shape[-1])),
-                         h_b], axis=-1)                                   # eq. (6): [B, T, d_i+d_b]
-    bilinear = None
-    if self.ibim_score == "bilinear":  # candidate-behaviour match, see docs/model.md (eq. 8)
+    parts = [jnp.broadcast_to(e_i[:, None, :], (*h_b.shape[:2], e_i.shape[-1])), h_b]
+    if self.interaction_values == "concat_product":
+      parts.append(query[:, None, :] * h_b)
+    v = jnp.concatenate(parts, axis=-1)                                 # eq. (6): [B, T, d_v]
+    match = None  # a candidate-behaviour match term inside eq. 8's activation (docs/model.md)
+    if self.ibim_score == "bilinear":
       w = self.param("ibim_bilinear", kernel_init, (e_i.shape[-1], h_b.shape[-1]))
-      bilinear = jnp.einsum("bi,ij,btj->bt", e_i, w, h_b)
+      match = jnp.einsum("bi,ij,btj->bt", e_i, w, h_b)
+    elif self.ibim_score == "din":
+      match = layers.LocalActivationUnit(self.attention_mlp_dims, kernel_init,
+                                         name="ibim_activation_unit")(query, h_b, mask)
     return layers.AttentionPool(self.ibim_score_weights == "per_position", kernel_init,
-                                self.score_activation, name="ibim_attention")(v, mask, bilinear)
+                                self.score_activation, name="ibim_attention")(v, mask, match)
 
   def _field_interaction(self, e_i, e_fields, kernel_init, name):
-    """IUIM eqs. (10)-(11) / ICIM eqs. (12)-(13). e_fields: [B, J, D] -> ([B, d_i + D], [B, J])."""
-    v = jnp.concatenate(
-        [jnp.broadcast_to(e_i[:, None, :], (*e_fields.shape[:2], e_i.shape[-1])), e_fields], -1)
+    """IUIM eqs. (10)-(11) / ICIM eqs. (12)-(13). e_fields: [B, J, D] -> ([B, d_v], [B, J]),
+    d_v = d_i + D, or d_i + 2D with "concat_product" (+ (e_i P) * e^j, P: [d_i, D] learned)."""
+    shape = (*e_fields.shape[:2], e_i.shape[-1])
+    parts = [jnp.broadcast_to(e_i[:, None, :], shape), e_fields]
+    if self.interaction_values == "concat_product":
+      projected = nn.Dense(e_fields.shape[-1], use_bias=False, kernel_init=kernel_init,
+                           name=f"{name}_candidate_projection")(e_i)
+      parts.append(projected[:, None, :] * e_fields)
     return layers.AttentionPool(self.field_score_weights == "per_field", kernel_init,
-                                self.score_activation, name=f"{name}_attention")(v)
+                                self.score_activation, name=f"{name}_attention")(
+                                    jnp.concatenate(parts, -1))
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
