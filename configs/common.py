@@ -44,6 +44,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.gim_combine = "project_sum"  # eq. 15: "project_sum" | "weighted_concat"
   config.model.gim_dim = 64  # common width of GIM's parts with "project_sum"
   config.model.gim_behavior = "concat"  # e_b in eq. 14: "concat" | "mean"
+  # Behaviour slots as MIAN sees them: "newest_first" (slot = recency) | "oldest_first" (the
+  # left-aligned layout of prepared-data format 1, kept for the controlled comparison)
+  config.model.history_layout = "newest_first"
   # Baselines (docs/baselines.md); the keys above that a baseline's fields name apply to it too.
   config.model.sequence_pooling = "mean"  # behaviours -> one field (non-DIN/DIEN): "mean" | "sum"
   config.model.cross_layers = 3  # dcn: cross layers (eq. 3)

@@ -15,6 +15,7 @@ CHOICES = {
     "model.ibim_score_weights": ("shared", "per_position"),
     "model.ibim_score": ("additive", "bilinear", "din"),
     "model.interaction_values": ("concat", "concat_product"),
+    "model.history_layout": ("newest_first", "oldest_first"),
     "model.field_score_weights": ("per_field", "shared"),
     "model.score_activation": ("tanh", "none"),
     "model.numeric_embedding": ("linear", "pad"),

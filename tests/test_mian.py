@@ -172,3 +172,26 @@ def test_dropout_only_in_training_and_keyed_by_rng():
   assert not np.allclose(run(0), run(1))
   np.testing.assert_array_equal(run(0), run(0))
   np.testing.assert_array_equal(_apply(model, params, batch)[0], _apply(model, params, batch)[0])
+
+
+
+@pytest.mark.parametrize("transformer", ["pre_ln", "none"])
+def test_history_layout_moves_slots_but_keeps_each_behaviours_recency(transformer):
+  """The Transformer (with its position embedding by recency) and the shared eq. 8 score do not
+  depend on the slot order, so with e_b entering GIM as a mean the two layouts are the same
+  function; with e_b concatenated (eq. 14) they differ, which is what the layout changes."""
+  outputs = {}
+  for behavior in ("mean", "concat"):
+    for layout in ("newest_first", "oldest_first"):
+      model, params, batch, _ = _setup(**{"model.transformer": transformer,
+                                          "model.gim_behavior": behavior,
+                                          "model.history_layout": layout})
+      outputs[behavior, layout] = _apply(model, params, batch)
+  assert (np.asarray(_setup()[2]["hist_len"]) >= 2).any()
+  for layout in ("newest_first", "oldest_first"):  # weights reported in storage order
+    np.testing.assert_allclose(outputs["mean", layout][1]["attention"]["ibim"],
+                               outputs["mean", "newest_first"][1]["attention"]["ibim"], atol=1e-6)
+  np.testing.assert_allclose(outputs["mean", "oldest_first"][0],
+                             outputs["mean", "newest_first"][0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(outputs["concat", "oldest_first"][0],
+                         outputs["concat", "newest_first"][0], atol=1e-5)

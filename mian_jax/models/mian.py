@@ -49,12 +49,18 @@ class MIAN(base.DeepModel):
   gim_combine: str = "project_sum"  # "project_sum" | "weighted_concat"   (eq. 15)
   gim_dim: int = 64
   gim_behavior: str = "concat"  # "concat" | "mean": how e_b enters r_g (eq. 14)
+  # Slot order the model sees: "newest_first" (as stored: slot t = recency t) | "oldest_first"
+  # (left-aligned, the layout before prepared-data format 2; for the controlled comparison).
+  history_layout: str = "newest_first"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
     f = self.features
     deterministic = not train
     kernel_init = self.kernel_init()
+    if self.history_layout == "oldest_first":
+      batch = {**batch, "hist": {k: layers.reverse_valid(v, batch["hist_len"])
+                                 for k, v in batch["hist"].items()}}
     # Embedding layer, eqs. (1)-(2); candidate and behaviours share the item tables.
     e = self.embed(batch)
     e_i = layers.flatten_fields(e.item)                                     # [B, d_i]
@@ -76,7 +82,10 @@ class MIAN(base.DeepModel):
     # Multi-interactive layer, §3.2.2.
     if self.use_ibim and has_hist:
       parts["R_ibim"], attention["ibim"] = self._ibim(
-          e_i, candidate_query(f, e.item), e_b, hist_mask, kernel_init, deterministic)
+          e_i, candidate_query(f, e.item), e_b, hist_mask, batch["hist_len"], kernel_init,
+          deterministic)
+      if self.history_layout == "oldest_first":  # report weights in storage order
+        attention["ibim"] = layers.reverse_valid(attention["ibim"], batch["hist_len"])
     if self.use_iuim and e_u is not None:
       parts["R_iuim"], attention["iuim"] = self._field_interaction(e_i, e_u, kernel_init, "iuim")
     if self.use_icim and e_c is not None:
@@ -108,9 +117,9 @@ class MIAN(base.DeepModel):
                "R_icim": self.use_icim and bool(f.context_fields)}
     return tuple(p for p in GIM_PARTS if present[p])
 
-  def _ibim(self, e_i, query, e_b, mask, kernel_init, deterministic):
+  def _ibim(self, e_i, query, e_b, mask, lengths, kernel_init, deterministic):
     """IBIM, eqs. (3)-(9). e_i: [B, d_i]; query: [B, d_b], the candidate's behaviour fields;
-    e_b: [B, T, d_b], newest first. Returns (R_ibim, alpha_t [B, T])."""
+    e_b: [B, T, d_b] in `history_layout` order; lengths: [B]. Returns (R_ibim, alpha_t [B, T])."""
     t = e_b.shape[1]
     h_b = e_b
     if self.transformer != "none":
@@ -119,11 +128,15 @@ class MIAN(base.DeepModel):
                           f"{e_b.shape[-1]} (embed_dim x {len(self.features.behavior_fields)} "
                           "behaviour fields)")
       if self.position_embedding == "learned":
-        # Behaviours are stored newest first, so slot t is recency t (0 = most recent) for
-        # every user, whatever the length of the history.
+        # Indexed by recency (0 = most recent), whatever the length of the history: with
+        # newest-first storage, slot t is recency t.
         table = self.param("position_embedding", layers.truncated_normal(self.init_std),
                            (t, e_b.shape[-1]))
-        h_b = h_b + table[None]
+        if self.history_layout == "oldest_first":
+          recency = jnp.clip(lengths[:, None] - 1 - jnp.arange(t)[None, :], 0, t - 1)
+          h_b = h_b + table[recency]
+        else:
+          h_b = h_b + table[None]
       h_b = layers.TransformerBlock(
           num_heads=self.num_heads, ffn_dim=self.ffn_dim_multiplier * e_b.shape[-1],
           dropout_rate=self.dropout_rate, kernel_init=kernel_init, norm=self.transformer,
