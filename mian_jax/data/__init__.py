@@ -3,6 +3,7 @@
 `config.data.source` picks the source (docs/data.md):
   "synthetic"  generated from `config.data.synthetic` (no download);
   "amazon"     Amazon Books / Electronics 2014 5-core (downloaded if missing);
+  "amazon_like" generated shopping histories in the Amazon format, with the true probabilities;
   "movielens"  MovieLens-100K / 1M from their raw files;
   "tabular"    the user's own CSV / Parquet logs;
   "prepared"   an existing prepared directory given by `config.data.prepared_dir`.
@@ -24,6 +25,7 @@ from mian_jax.errors import ConfigError, DataError
 # source name -> module whose `prepare(data_config, directory)` writes the prepared directory
 # (imported on use, so a source's dependencies load only when it is used).
 PREPARERS = {"synthetic": "mian_jax.data.synthetic", "amazon": "mian_jax.data.amazon",
+             "amazon_like": "mian_jax.data.amazon_like",
              "movielens": "mian_jax.data.movielens", "tabular": "mian_jax.data.tabular"}
 
 

@@ -35,7 +35,7 @@ import os
 import re
 import time
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from absl import logging
@@ -275,7 +275,8 @@ class Reviews:
   user [R] in [0, U), item [R] in [0, I), time [R] seconds; item_category [I] in [0, C);
   start [U] first row of each user; count [U] reviews of each user; pos [R] rank of the review
   within its user (0 = oldest). Ids are ranks of the sorted reviewerID / asin / category
-  strings (as DIN's remap), so they do not depend on the file order.
+  strings (as DIN's remap), so they do not depend on the file order; user_keys [U] and
+  item_keys [I] hold those sorted strings (the reviewerID / asin of each id).
   """
   user: np.ndarray
   item: np.ndarray
@@ -287,6 +288,8 @@ class Reviews:
   num_users: int
   num_items: int
   num_categories: int
+  user_keys: np.ndarray | None = None
+  item_keys: np.ndarray | None = None
 
 
 def _dense_ranks(keys: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, int]:
@@ -307,8 +310,14 @@ def join_reviews(raw: RawReviews, categories: list[str | None]) -> tuple[Reviews
   user_used[raw.user[keep]] = True
   item_used = np.zeros(len(raw.item_keys), bool)
   item_used[raw.item[keep]] = True
-  user_rank, num_users = _dense_ranks(np.array(raw.user_keys, dtype=str), user_used)
-  item_rank, num_items = _dense_ranks(np.array(raw.item_keys, dtype=str), item_used)
+  user_names = np.array(raw.user_keys, dtype=str)
+  item_names = np.array(raw.item_keys, dtype=str)
+  user_rank, num_users = _dense_ranks(user_names, user_used)
+  item_rank, num_items = _dense_ranks(item_names, item_used)
+  user_keys = np.empty(num_users, user_names.dtype)
+  user_keys[user_rank[user_used]] = user_names[user_used]
+  item_keys = np.empty(num_items, item_names.dtype)
+  item_keys[item_rank[item_used]] = item_names[item_used]
   used_items = np.flatnonzero(item_used)
   item_cat_names = np.array([categories[i] for i in used_items], dtype=str)
   cat_names, cat_index = np.unique(item_cat_names, return_inverse=True)
@@ -323,7 +332,7 @@ def join_reviews(raw: RawReviews, categories: list[str | None]) -> tuple[Reviews
   start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
   pos = np.arange(len(user), dtype=np.int64) - start[user]
   return Reviews(user, item, when, item_category, start, count, pos, num_users, num_items,
-                 len(cat_names)), dropped
+                 len(cat_names), user_keys, item_keys), dropped
 
 
 # ----------------------------------------------------------------------------- negatives
@@ -493,7 +502,8 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
 
 
 def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
-                sizes: Mapping[str, int], source: str) -> schema_lib.Schema:
+                sizes: Mapping[str, int], source: str,
+                extra_columns: tuple[str, ...] = ()) -> schema_lib.Schema:
   cat = lambda name, size: schema_lib.Field(name, "categorical",  # noqa: E731
                                             size + schema_lib.NUM_RESERVED_IDS)
   features = schema_lib.FeatureSpec(
@@ -506,7 +516,7 @@ def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
       max_seq_len=max_seq_len)
   return schema_lib.Schema(features=features,
                            num_examples=tuple((s, int(sizes[s])) for s in schema_lib.SPLITS),
-                           source=source)
+                           extra_columns=extra_columns, source=source)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -551,9 +561,17 @@ def load_reviews(reviews_path: str, meta_path: str, protocol: str,
   return reviews, stats
 
 
+# f(reviews, rows [M], negatives [M]) -> {"extra.<name>": [2M] float32}: side columns of the
+# examples of target rows `rows`, in build_examples' order (2k positive, 2k+1 its negative).
+ExtraColumns = Callable[[Reviews, np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
 def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: str,
-                       directory: str) -> dict:
-  """Prepares `directory` from the given raw files; returns the stats written to stats.json."""
+                       directory: str, extra_columns: ExtraColumns | None = None) -> dict:
+  """Prepares `directory` from the given raw files; returns the stats written to stats.json.
+
+  extra_columns, if given, adds its columns to every split (e.g. amazon_like's click_prob).
+  """
   protocol = data_config.protocol
   if protocol not in PROTOCOLS:
     raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
@@ -571,6 +589,9 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
     else:
       splits[split] = build_examples(reviews, targets[split], negatives,
                                      data_config.max_seq_len, years)
+      if extra_columns is not None:
+        rows = targets[split]
+        splits[split].update(extra_columns(reviews, rows, negatives[rows]))
   sizes = {s: len(splits[s]["label"]) for s in schema_lib.SPLITS}
   for split, size in sizes.items():
     if size == 0:
@@ -578,7 +599,10 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
                       f"({stats['reviews']['kept']} reviews, {reviews.num_users} users)")
   source = (f"amazon({data_config.dataset}, protocol={protocol}, "
             f"seed={data_config.get('seed', 0)})")
-  schema = make_schema(reviews, len(years), data_config.max_seq_len, sizes, source)
+  extra_names = tuple(sorted(k.split(".", 1)[1] for k in splits["train"]
+                             if k.startswith("extra.")))
+  schema = make_schema(reviews, len(years), data_config.max_seq_len, sizes, source,
+                       extra_names)
   stats.update({
       "source": "amazon", "dataset": data_config.dataset, "protocol": protocol,
       "num_users": reviews.num_users, "num_items": reviews.num_items,
