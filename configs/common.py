@@ -76,9 +76,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.seed = 0  # parameters, data order and dropout
   config.train.log_every_steps = 100  # progress line and train metrics
   config.train.eval_every_steps = 1000  # validation during training
+  config.train.early_stopping_patience = 0  # stop after N validations with no better AUC (0: off)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1024  # global evaluation batch
+  config.eval.report_step = "best"  # final metrics of the "best" validation step | the "last" step
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # plus one at the end of training

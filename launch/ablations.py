@@ -4,22 +4,26 @@
   python launch/ablations.py --variants=mian,lr,wide_deep,dcn,deepfm,xdeepfm,din,dien \
       --config=configs/movielens.py --out=runs/table2_ml100k
 
-Each (variant, seed) is one `python -m mian_jax.main` run in `<out>/<variant>/seed<k>`; a run
-that already finished is not repeated, so the script can be interrupted and restarted. Results:
-`<out>/results.csv` (one row per run), `<out>/summary.md` (mean and spread per variant, the
-oracle AUC beside them when the data knows it) and `<out>/ablations.png`.
+Run it from the repository root, like `python -m mian_jax.main`. Each (variant, seed) is one
+`python -m mian_jax.main` run in `<out>/<variant>/seed<k>`, with its output in `log.txt` there.
+A finished run is reused only when its recorded config is the requested one, so the script can
+be interrupted and restarted; a changed config stops it with the keys that differ
+(--rerun_changed moves the old run aside). The machinery is launch/runner.py, shared with
+launch/sweep.py, which also searches a grid per model. Results: `<out>/results.csv` (one row
+per run), `<out>/summary.md` (a Markdown table: test AUC mean ± std per variant, its difference
+to the first, the oracle AUC when the data knows it) and `<out>/ablations.png`. Each run's
+metrics are those of its best validation step (`eval.report_step`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 import pandas as pd
+
+import runner
 
 # variant name -> config overrides (Table 3 of the paper, plus Table 4's Transformer variants).
 VARIANTS = {
@@ -38,61 +42,50 @@ VARIANTS.update({name: [f"--config.model.name={name}"]
                  for name in ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")})
 
 
-def build_command(config: str, workdir: str, seed: int, overrides: list[str]) -> list[str]:
-  return [sys.executable, "-m", "mian_jax.main", f"--config={config}", f"--workdir={workdir}",
-          f"--config.train.seed={seed}", *overrides]
-
-
-def run_all(config, variants, seeds, out, extra):
-  rows = []
+def plan(variants, seeds, out, extra) -> list[runner.Run]:
   for name in variants:
-    for seed in seeds:
-      workdir = os.path.join(out, name.replace("/", "_").replace(" ", "_"), f"seed{seed}")
-      metrics_path = os.path.join(workdir, "eval", "test_metrics.json")
-      if not os.path.isfile(metrics_path):
-        start = time.time()
-        print(f"[{name} seed {seed}] running ...", flush=True)
-        result = subprocess.run(build_command(config, workdir, seed, VARIANTS[name] + extra),
-                                capture_output=True, text=True)
-        if result.returncode:
-          sys.exit(f"{name} seed {seed} failed:\n{result.stderr[-3000:]}")
-        print(f"[{name} seed {seed}] done in {time.time() - start:.0f}s", flush=True)
-      with open(metrics_path) as f:
-        test = json.load(f)
-      rows.append({"variant": name, "seed": seed, **{k: test.get(k) for k in
-                                                     ("auc", "gauc", "logloss", "oracle_auc")}})
-  return pd.DataFrame(rows)
+    runner.check_no_key_twice({f"{name!r}": VARIANTS[name], "the overrides after --": extra,
+                               "--seeds": ["--config.train.seed=0"]})
+  return [runner.Run(name, (), seed,
+                     os.path.abspath(os.path.join(out, runner.slug(name), f"seed{seed}")),
+                     tuple(VARIANTS[name] + list(extra)))
+          for name in variants for seed in seeds]
+
+
+def run_all(config, variants, seeds, out, extra, rerun_changed=False) -> pd.DataFrame:
+  """Runs (or reuses) every (variant, seed); one row per run."""
+  rows = runner.run_all(plan(variants, seeds, out, extra), config, rerun_changed)
+  return pd.DataFrame(rows).rename(columns={"name": "variant"})
 
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+  """Per variant (in the order run): test AUC mean and std over seeds, and the rest; delta_auc
+  is the difference of mean test AUC to the first variant."""
   order = list(dict.fromkeys(frame.variant))
   summary = frame.groupby("variant").agg(
-      auc_mean=("auc", "mean"), auc_std=("auc", "std"), gauc_mean=("gauc", "mean"),
-      logloss_mean=("logloss", "mean"), oracle_auc=("oracle_auc", "mean"),
+      valid_auc_mean=("valid_auc", "mean"), auc_mean=("test_auc", "mean"),
+      auc_std=("test_auc", "std"), gauc_mean=("test_gauc", "mean"),
+      logloss_mean=("test_logloss", "mean"), oracle_auc=("oracle_auc", "mean"),
       seeds=("seed", "count")).loc[order]
-  base = summary.loc[order[0], "auc_mean"]
-  summary["delta_auc"] = summary.auc_mean - base
+  summary["delta_auc"] = summary.auc_mean - summary.loc[order[0], "auc_mean"]
   return summary
 
 
-def plot(summary: pd.DataFrame, path: str) -> None:
-  import matplotlib  # noqa: PLC0415 - only needed here
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-  fig, ax = plt.subplots(figsize=(8, 0.5 * len(summary) + 1.5))
-  ax.barh(summary.index[::-1], summary.auc_mean[::-1], xerr=summary.auc_std[::-1].fillna(0),
-          color="tab:blue", alpha=0.8)
-  if summary.oracle_auc.notna().all():
-    ax.axvline(summary.oracle_auc.iloc[0], color="black", ls="--", label="oracle AUC")
-    ax.legend(loc="lower right")
-  low = (summary.auc_mean - 2 * summary.auc_std.fillna(0)).min()
-  high = summary.auc_mean.max()
-  if summary.oracle_auc.notna().all():
-    high = max(high, summary.oracle_auc.max())
-  ax.set_xlim(low - 0.01, high + 0.01)
-  ax.set_xlabel(f"test AUC (mean ± std over {int(summary.seeds.max())} seeds)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+def summary_markdown(summary: pd.DataFrame) -> str:
+  first = summary.index[0]
+  rows = [[name, runner.mean_std(r.auc_mean, r.auc_std), f"{r.delta_auc:+.4f}", r.gauc_mean,
+           r.logloss_mean, r.valid_auc_mean, r.oracle_auc, int(r.seeds)]
+          for name, r in summary.iterrows()]
+  return runner.markdown_table(
+      ["variant", "test AUC (mean ± std)", f"Δ AUC vs {first}", "test gAUC", "test logloss",
+       "valid AUC", "oracle AUC", "seeds"], rows, [False] + [True] * 7)
+
+
+def plot(summary: pd.DataFrame, path: str, title: str = "Test AUC per variant") -> None:
+  oracle = summary.oracle_auc.dropna()
+  runner.plot_bars(list(summary.index), summary.auc_mean, summary.auc_std, path, title,
+                   f"test AUC (mean ± std over {runner.plural(int(summary.seeds.max()), 'seed')})",
+                   oracle=float(oracle.iloc[0]) if len(oracle) else None)
 
 
 def main():
@@ -103,7 +96,10 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"comma-separated subset of: {', '.join(VARIANTS)}")
   parser.add_argument("--out", default="runs/ablations")
-  parser.add_argument("overrides", nargs="*", help="extra --config.* overrides for every run, after a `--`, e.g. "
+  parser.add_argument("--rerun_changed", action="store_true",
+                      help="move a workdir whose recorded config differs aside and rerun it")
+  parser.add_argument("overrides", nargs="*",
+                      help="extra --config.* overrides for every run, after a `--`, e.g. "
                            "`-- --config.train.optimizer=lazy_adam`")
   args = parser.parse_args()
   variants = [v.strip() for v in args.variants.split(",")]
@@ -111,22 +107,22 @@ def main():
   if unknown:
     sys.exit(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
+  # The runs are `python -m mian_jax.main` in this directory, which imports configs/ from here;
+  # the configs are resolved here the same way.
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
   os.makedirs(args.out, exist_ok=True)
-  frame = run_all(args.config, variants, seeds, args.out, args.overrides)
+  try:
+    frame = run_all(args.config, variants, seeds, args.out, args.overrides, args.rerun_changed)
+  except runner.LaunchError as e:
+    sys.exit(f"error: {e}")
   frame.to_csv(os.path.join(args.out, "results.csv"), index=False)
   summary = summarise(frame)
-  with open(os.path.join(args.out, "summary.md"), "w") as f:
-    f.write(summary.to_markdown(floatfmt=".4f") if _has_tabulate() else summary.to_string())
-  print(summary.to_string(float_format=lambda x: f"{x:.4f}"))
-  plot(summary, os.path.join(args.out, "ablations.png"))
-
-
-def _has_tabulate() -> bool:
-  try:
-    import tabulate  # noqa: F401, PLC0415
-    return True
-  except ImportError:
-    return False
+  title = f"Test AUC per variant: {args.config}, {runner.plural(len(seeds), 'seed')}"
+  table = summary_markdown(summary)
+  runner.write_text(os.path.join(args.out, "summary.md"), f"# {title}\n\n{table}")
+  print(table)
+  plot(summary, os.path.join(args.out, "ablations.png"), title)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Resume order (written here once): the newest readable checkpoint in the workdir,
 readable one (an unreadable newer one is moved to `<workdir>/checkpoints_damaged/` with a
 warning), else a fresh start from the config's seed.
 
+Beside the newest `checkpoint.max_to_keep`, `<workdir>/checkpoints_best/` holds one checkpoint:
+the step with the best validation AUC so far, so that the rotation never deletes it. The resumed
+`meta` is the record of which step that is; `reconcile_best` makes the directory agree with it.
+
 A checkpoint holds two items: `state` (params, optimizer state, step) and `meta`, a small JSON of
 progress (epoch, examples seen, best validation metric, the data schema's fingerprint). The data
 position is a pure function of the step (see mian_jax.data.pipeline), so nothing else is needed
@@ -29,17 +33,30 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def create_manager(workdir: str, checkpoint_config: ConfigDict,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def best_checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints_best")
+
+
+def _manager(directory: str, max_to_keep: int, read_only: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=checkpoint_config.max_to_keep,
+      max_to_keep=max_to_keep,
       create=not read_only,
       read_only=read_only,
       # A process killed mid-save leaves `<step>.orbax-checkpoint-tmp*`; remove it on start.
       cleanup_tmp_directories=not read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "meta"))
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def create_manager(workdir: str, checkpoint_config: ConfigDict,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """The newest `checkpoint.max_to_keep` checkpoints, `<workdir>/checkpoints`."""
+  return _manager(checkpoint_dir(workdir), checkpoint_config.max_to_keep, read_only)
+
+
+def create_best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
+  """The checkpoint of the best validation AUC, `<workdir>/checkpoints_best` (one step)."""
+  return _manager(best_checkpoint_dir(workdir), 1, read_only)
 
 
 def _state_tree(state) -> dict[str, Any]:
@@ -52,6 +69,33 @@ def save(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
                force=True)
+
+
+def reconcile_best(best_manager: ocp.CheckpointManager, state,
+                   meta: dict[str, Any]) -> dict[str, Any]:
+  """Makes `checkpoints_best` hold exactly the step that the resumed `meta` calls best.
+
+  A best checkpoint newer than the resumed one was saved after the last regular checkpoint;
+  training redoes those steps (identically) and saves it again, so it is deleted here. A
+  missing best step is saved from `state` when that is the resumed step; otherwise it cannot
+  be recovered (a workdir from before `checkpoints_best`): the best so far is forgotten with a
+  warning, and selection starts again from the next validation.
+
+  Returns `meta`, with `best_valid_auc` and `best_step` set to None in that last case.
+  """
+  best_step = meta.get("best_step")
+  for step in best_manager.all_steps():
+    if step != best_step:
+      best_manager.delete(step)
+  if best_step is None or best_step in best_manager.all_steps():
+    return meta
+  if best_step == int(state.step):
+    save(best_manager, state, meta)
+    return meta
+  logging.warning("The best checkpoint (step %d, validation AUC %s) is not in %s; selection "
+                  "starts again from the next validation", best_step, meta.get("best_valid_auc"),
+                  best_manager.directory)
+  return {**meta, "best_valid_auc": None, "best_step": None}
 
 
 def _restore_step(manager, step: int, state):

@@ -25,13 +25,14 @@ CHOICES = {
     "model.sequence_pooling": ("mean", "sum"),
     "train.l2_scope": ("batch_embeddings", "all_weights", "none"),
     "train.optimizer": ("adam", "lazy_adam"),
+    "eval.report_step": ("best", "last"),
 }
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
             "train.batch_size", "train.learning_rate", "train.log_every_steps",
             "train.eval_every_steps", "eval.batch_size", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "data.max_seq_len")
 NON_NEGATIVE = ("train.l2_weight", "train.num_epochs", "train.warmup_steps",
-                "train.grad_clip_norm")
+                "train.grad_clip_norm", "train.early_stopping_patience")
 # The baselines' keys (docs/baselines.md), checked when present (older saved configs lack them).
 BASELINE_POSITIVE = ("gru_dim",)
 BASELINE_NON_NEGATIVE = ("cross_layers", "aux_loss_weight")

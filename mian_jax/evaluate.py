@@ -1,10 +1,13 @@
 """Evaluates a checkpoint of a workdir on one split and writes the metrics (and predictions).
 
   python -m mian_jax.evaluate --config=configs/synthetic.py --workdir=runs/synthetic \
-      [--step=N] [--split=valid|test] [--predictions]
+      [--step=latest|best|N] [--split=valid|test] [--predictions]
 
-Writes `<workdir>/eval/<split>_metrics.json` (auc, logloss, gauc, step, num_examples, and
-oracle_auc where the data knows the click probability); with --predictions also
+`--step=best` restores `<workdir>/checkpoints_best` (the step of the best validation AUC),
+`latest` (the default) the newest checkpoint, N that step. Writes
+`<workdir>/eval/<split>_metrics_step<N>.json` (auc, logloss, gauc, step, num_examples, and
+oracle_auc where the data knows the click probability), so the `<split>_metrics.json` that
+training reported is never overwritten; with --predictions also
 `<workdir>/eval/<split>_predictions_step<N>.parquet`: one row per example with its score, label,
 group id and the model's attention weights (one list column per attention module).
 """
@@ -20,11 +23,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mian_jax import checkpointing, cli, config_checks, train
-from mian_jax.errors import DataError
+from mian_jax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
-flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, best (of validation AUC) "
+                    "or a step number.")
 flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
 flags.DEFINE_bool("predictions", False, "Also write per-example predictions to Parquet.")
 config_flags.DEFINE_config_file("config", None, "Config file used for training.",
@@ -53,32 +57,52 @@ def write_predictions(path: str, predictions: dict, attention_names: dict[str, t
   os.replace(tmp, path)
 
 
-def evaluate(config, workdir: str, step: int | None, split: str,
+def parse_step(text: str) -> int | str:
+  """"latest", "best" or a step number (an int)."""
+  if text in ("latest", "best"):
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise ConfigError(f"--step={text!r}: expected latest, best or a step number") from None
+
+
+def evaluate(config, workdir: str, step: int | str | None, split: str,
              with_predictions: bool) -> dict:
-  """Restores a checkpoint (latest by default) and evaluates it on `split`."""
+  """Restores a checkpoint and evaluates it on `split`.
+
+  Args:
+    step: "latest" (or None), "best" (from `checkpoints_best`) or a step number.
+  """
   config_checks.check_config(config, jax.device_count())
-  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
-    raise DataError(f"no checkpoints in {workdir} (expected {checkpointing.checkpoint_dir(workdir)})")
+  step = "latest" if step is None else step
+  directory = (checkpointing.best_checkpoint_dir(workdir) if step == "best" else
+               checkpointing.checkpoint_dir(workdir))
+  if not os.path.isdir(directory):
+    raise DataError(f"no checkpoints in {workdir} (expected {directory})")
   mesh = train.create_mesh()
   data_dir, schema, model, state = train.load_model_and_state(config, mesh)
-  manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
-  restored = checkpointing.restore(manager, state, step=step)
+  manager = (checkpointing.create_best_manager(workdir, read_only=True) if step == "best" else
+             checkpointing.create_manager(workdir, config.checkpoint, read_only=True))
+  restored = checkpointing.restore(manager, state,
+                                   step=step if isinstance(step, int) else None)
   manager.close()
   if restored is None:
-    raise DataError(f"no readable checkpoint in {checkpointing.checkpoint_dir(workdir)}")
+    raise DataError(f"no readable checkpoint in {directory}")
   state, meta = restored
   if meta.get("schema_fingerprint") != schema.fingerprint():
     raise DataError(f"checkpoint in {workdir} was trained on data with another schema")
-  step = int(state.step)
   predictions = train.predict_split(state, data_dir, schema, split, config.eval.batch_size,
                                     mesh, with_attention=with_predictions)
   result = train.split_metrics(predictions)
-  result["step"] = step
-  out_dir = os.path.join(workdir, "eval")
-  train.write_json_atomic(os.path.join(out_dir, f"{split}_metrics.json"), result)
-  logging.info("%s @ step %d: %s", split, step, result)
+  result["step"] = int(state.step)
+  if step == "best":
+    result.update(selected="best", best_step=meta.get("best_step"),
+                  best_valid_auc=meta.get("best_valid_auc"))
+  train.write_metrics(workdir, split, result, final=False)
+  logging.info("%s @ step %d: %s", split, result["step"], result)
   if with_predictions and jax.process_index() == 0:
-    path = os.path.join(out_dir, f"{split}_predictions_step{step}.parquet")
+    path = os.path.join(workdir, "eval", f"{split}_predictions_step{result['step']}.parquet")
     write_predictions(path, predictions, {
         "gim": getattr(model, "gim_part_names", lambda: ())(),
         "iuim": tuple(f.name for f in schema.features.user_fields),
@@ -91,8 +115,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_jax()
-  result = cli.run_or_exit(evaluate, FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.split,
-                           FLAGS.predictions)
+  result = cli.run_or_exit(lambda: evaluate(FLAGS.config, FLAGS.workdir,
+                                            parse_step(FLAGS.step), FLAGS.split,
+                                            FLAGS.predictions))
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in sorted(result.items())))
 

@@ -339,11 +339,28 @@ def _check_finite(step: int, history: list[dict[str, float]], last_saved: int | 
           "(lower train.learning_rate or check the data for extreme values)")
 
 
+def improves(auc: float, best: float | None) -> bool:
+  """Whether a validation AUC beats the best so far (strictly: a tie keeps the earlier step;
+  an undefined AUC, NaN, never does)."""
+  return math.isfinite(auc) and (best is None or auc > best)
+
+
+def stopped_early(meta: dict[str, Any], patience: int) -> bool:
+  """Whether `patience` validations in a row brought no better AUC (patience 0: never)."""
+  return patience > 0 and meta.get("evals_since_best", 0) >= patience
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns final metrics.
 
+  Validation runs every `train.eval_every_steps` and at the last step; each better AUC is saved
+  to `<workdir>/checkpoints_best`. With `train.early_stopping_patience` > 0, training stops
+  after that many validations without a better AUC. The reported parameters are those of the
+  best validation step (`eval.report_step="best"`) or of the last step ("last").
+
   Returns:
-    {"valid": metrics, "test": metrics} of the final parameters.
+    {"valid": metrics, "test": metrics} of the reported parameters; each also carries
+    "step", "selected", "best_step", "best_valid_auc" and "last_step".
   """
   config_checks.check_config(config, jax.device_count())
   workdir = os.path.abspath(workdir)
@@ -357,10 +374,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
                  int(config.train.num_epochs * batches.steps_per_epoch))
 
   manager = checkpointing.create_manager(workdir, config.checkpoint)
+  best_manager = checkpointing.create_best_manager(workdir)
   restored = checkpointing.restore(manager, state, workdir=workdir)
-  meta = {"best_valid_auc": None, "best_step": None}
+  meta = {"best_valid_auc": None, "best_step": None, "evals_since_best": 0}
   if restored is not None:
-    state, meta = restored
+    state, restored_meta = restored
+    meta.update(restored_meta)
     if meta.get("schema_fingerprint") != schema.fingerprint():
       raise DataError(f"the checkpoints in {workdir} were trained on data with another schema "
                       "(fingerprint differs); use a new --workdir")
@@ -368,7 +387,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   else:
     logging.info("No checkpoint in %s: starting from scratch (seed %d)", workdir,
                  config.train.seed)
+  meta.update(checkpointing.reconcile_best(best_manager, state, meta))
   start_step = int(state.step)
+  patience = config.train.early_stopping_patience
+  if stopped_early(meta, patience):
+    logging.info("Stopped early at step %d (best validation AUC %s at step %s); not training "
+                 "further", start_step, meta["best_valid_auc"], meta["best_step"])
+    total_steps = min(total_steps, start_step)
 
   writer = writers.MetricWriter(os.path.join(workdir, "metrics"))
   if start_step == 0:
@@ -382,18 +407,34 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   pending: list[dict[str, jax.Array]] = []
   t_window, steps_window = time.perf_counter(), 0
 
+  def progress(step):
+    return dict(step=step, epoch=step // batches.steps_per_epoch,
+                examples_seen=step * config.train.batch_size,
+                schema_fingerprint=schema.fingerprint())
+
   def save_checkpoint(step):
     nonlocal last_saved
     _check_finite(step, jax.device_get(pending), last_saved)
-    meta.update(step=step, epoch=step // batches.steps_per_epoch,
-                examples_seen=step * config.train.batch_size,
-                schema_fingerprint=schema.fingerprint())
+    meta.update(progress(step))
+    # The best checkpoint lands first, so no saved meta names a best step that is not on disk.
+    best_manager.wait_until_finished()
     checkpointing.save(manager, state, meta)
     last_saved = step
+
+  def validate(step):
+    _check_finite(step, jax.device_get(pending), last_saved)  # never save a non-finite best
+    valid = evaluate_split(state, data_dir, schema, "valid", config, mesh, writer, step)
+    if improves(valid["auc"], meta["best_valid_auc"]):
+      meta.update(best_valid_auc=valid["auc"], best_step=step, evals_since_best=0)
+      checkpointing.save(best_manager, state, {**meta, **progress(step)})
+    else:
+      meta["evals_since_best"] += 1
+    return valid
 
   logging.info("Training %d -> %d steps (%d per epoch, global batch %d on %d devices)",
                start_step, total_steps, batches.steps_per_epoch, config.train.batch_size,
                jax.device_count())
+  last_valid = None
   try:
     device_batches = batches.iterate(start_step, total_steps,
                                      transform=lambda batch: pack_to_global(batch, mesh))
@@ -408,34 +449,81 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
                       steps_window / max(time.perf_counter() - t_window, 1e-9),
                       config.train.batch_size)
         pending, t_window, steps_window = [], time.perf_counter(), 0
-      if step % config.train.eval_every_steps == 0 and step != total_steps:
-        valid = evaluate_split(state, data_dir, schema, "valid", config, mesh, writer, step)
-        if meta["best_valid_auc"] is None or valid["auc"] > meta["best_valid_auc"]:
-          meta.update(best_valid_auc=valid["auc"], best_step=step)
+      if step % config.train.eval_every_steps == 0 or step == total_steps:
+        last_valid = validate(step)
         t_window = time.perf_counter()  # evaluation time is not training throughput
-      if step % config.checkpoint.every_steps == 0 or step == total_steps:
+      stop = stopped_early(meta, patience)
+      if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
         save_checkpoint(step)
         pending = []
+      if stop:
+        logging.info("Early stopping at step %d: no better validation AUC in %d evaluations "
+                     "(best %s at step %s)", step, patience, meta["best_valid_auc"],
+                     meta["best_step"])
+        break
 
+    final_step = int(state.step)
+    if meta["best_step"] is None and (last_valid is None or last_valid["step"] != final_step):
+      last_valid = validate(final_step)  # a workdir whose best step is unknown
+    report_state, selection = select_reported_state(state, meta, config.eval.report_step,
+                                                    best_manager)
+    step = int(report_state.step)
     results = {}
     for split in ("valid", "test"):
-      results[split] = evaluate_split(state, data_dir, schema, split, config, mesh, writer,
-                                      int(state.step))
-      write_json_atomic(os.path.join(workdir, "eval", f"{split}_metrics.json"), results[split])
+      if split == "valid" and last_valid is not None and last_valid["step"] == step:
+        result = last_valid
+      else:  # valid scalars of this step were written when it was validated
+        result = evaluate_split(report_state, data_dir, schema, split, config, mesh,
+                                writer if split == "test" else None, step)
+      results[split] = {**result, **selection}
+      write_metrics(workdir, split, results[split], final=True)
     return results
   finally:  # an async save in flight must land, also when training stops on an error
-    manager.wait_until_finished()
-    manager.close()
+    for m in (manager, best_manager):
+      m.wait_until_finished()
+      m.close()
     writer.close()
 
 
+def select_reported_state(state, meta: dict[str, Any], report_step: str, best_manager):
+  """The parameters to report: `state` (the last step) or, with `report_step="best"`, those of
+  the best validation step (restored from `best_manager` unless that is the last step).
+
+  Returns (state, selection) where selection is {"selected", "best_step", "best_valid_auc",
+  "last_step"}, written beside the metrics.
+  """
+  last_step = int(state.step)
+  selected = report_step
+  if selected == "best" and meta["best_step"] is None:
+    logging.warning("No validation AUC was ever defined; reporting the last step")
+    selected = "last"
+  if selected == "best" and meta["best_step"] != last_step:
+    best_manager.wait_until_finished()
+    state, _ = checkpointing.restore(best_manager, state, step=meta["best_step"])
+  logging.info("Reporting step %d (%s; best validation AUC %s at step %s)", int(state.step),
+               selected, meta["best_valid_auc"], meta["best_step"])
+  return state, {"selected": selected, "best_step": meta["best_step"],
+                 "best_valid_auc": meta["best_valid_auc"], "last_step": last_step}
+
+
+def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool) -> None:
+  """Writes `eval/<split>_metrics_step<N>.json` and, if `final`, `eval/<split>_metrics.json`
+  (the run's reported result)."""
+  eval_dir = os.path.join(workdir, "eval")
+  write_json_atomic(os.path.join(eval_dir, f"{split}_metrics_step{result['step']}.json"), result)
+  if final:
+    write_json_atomic(os.path.join(eval_dir, f"{split}_metrics.json"), result)
+
+
 def evaluate_split(state, data_dir, schema, split, config, mesh, writer, step):
-  """Exact metrics of `state` on a whole split, logged and written; returns them with "step"."""
+  """Exact metrics of `state` on a whole split, logged (and written to `writer` unless it is
+  None); returns them with "step"."""
   result = split_metrics(predict_split(state, data_dir, schema, split, config.eval.batch_size,
                                        mesh))
   result["step"] = step
-  writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.items()
-                              if isinstance(v, (int, float)) and k != "step"})
+  if writer is not None:
+    writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.items()
+                                if isinstance(v, (int, float)) and k != "step"})
   text = ", ".join(f"{k}={result[k]:.4f}" for k in ("auc", "gauc", "logloss", "oracle_auc")
                    if k in result)
   logging.info("%s @ step %d: %s (%d examples)", split, step, text, result["num_examples"])

@@ -40,10 +40,12 @@ def test_main_resumes_and_evaluate_restores_its_checkpoint(tmp_path):
   assert "Resumed from step 8" in second.stderr
   assert "Training 8 -> 12 steps" in second.stderr
 
+  reported = (tmp_path / "run" / "eval" / "valid_metrics.json").read_text()
   evaluated = run("mian_jax.evaluate", workdir, *TINY, "--step=8", "--split=valid",
                   "--predictions", tmp_path=tmp_path)
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-  with open(tmp_path / "run" / "eval" / "valid_metrics.json") as f:
+  assert (tmp_path / "run" / "eval" / "valid_metrics.json").read_text() == reported
+  with open(tmp_path / "run" / "eval" / "valid_metrics_step8.json") as f:
     metrics = json.load(f)
   assert metrics["step"] == 8 and metrics["num_examples"] == 256
   assert {"auc", "logloss", "gauc", "oracle_auc"} <= set(metrics)

@@ -120,7 +120,7 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
   shutil.rmtree(state_dir)
   os.makedirs(state_dir)
   results = train.train_and_evaluate(tiny_config(), workdir)  # resumes from 4, redoes 5-8
-  assert results["test"]["step"] == 8
+  assert results["test"]["last_step"] == 8
   assert any("damaged" in r.getMessage() for r in caplog.records)
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
   params, meta = _final_params(tiny_config(), workdir)

@@ -1,0 +1,285 @@
+"""What launch/sweep.py and launch/ablations.py share: runs, their reuse, their logs, and tables.
+
+A run is one `python -m mian_jax.main --config=<file> --workdir=<dir> <overrides>` in its own
+workdir. Before anything trains, every run's config is resolved here exactly as main resolves it
+(the config file plus the overrides, locked). A run whose workdir already holds a `config.json`
+is reused (finished) or resumed (unfinished) only when that recorded config equals the requested
+one; otherwise the tool stops with one line naming the keys that differ, or, when asked, moves
+the old workdir aside and runs again. Each run's output goes to `<workdir>/log.txt`.
+
+The results of a run are its `eval/valid_metrics.json` and `eval/test_metrics.json`: metrics of
+the parameters `eval.report_step` selects (by default the run's best validation step), so a
+test number is never chosen on test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from mian_jax import config_checks
+from mian_jax.errors import ConfigError
+
+
+class LaunchError(Exception):
+  """A problem the user fixes (a changed config, a failed run); printed as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: a model or variant (`name`), a grid point, a seed and its workdir."""
+  name: str
+  point: tuple[tuple[str, str], ...]  # ((config key, value as typed), ...); () without a grid
+  seed: int
+  workdir: str
+  overrides: tuple[str, ...]  # every --config.* flag except the seed
+
+  @property
+  def label(self) -> str:
+    return " ".join([self.name, *(f"{k}={v}" for k, v in self.point), f"seed {self.seed}"])
+
+  def flags(self) -> list[str]:
+    """The config flags of this run, as main receives them."""
+    return [f"--config.train.seed={self.seed}", *self.overrides]
+
+
+def slug(text: str) -> str:
+  """A directory name for a variant or a grid point (as launch/ablations.py always named them)."""
+  return text.replace("/", "_").replace(" ", "_")
+
+
+def build_command(config: str, workdir: str, seed: int, overrides: Sequence[str]) -> list[str]:
+  return [sys.executable, "-m", "mian_jax.main", f"--config={config}", f"--workdir={workdir}",
+          f"--config.train.seed={seed}", *overrides]
+
+
+def override_key(flag: str) -> str:
+  """"--config.train.learning_rate=1e-3" -> "train.learning_rate"."""
+  if not flag.startswith("--config.") or "=" not in flag:
+    raise LaunchError(f"{flag!r} is not a config override (--config.<key>=<value>)")
+  return flag[len("--config."):].split("=", 1)[0]
+
+
+def check_no_key_twice(sources: dict[str, Sequence[str]]) -> None:
+  """Raises if two sources of overrides (e.g. the grid and the extra flags) set one key."""
+  owner = {}
+  for source, overrides in sources.items():
+    for flag in overrides:
+      key = override_key(flag)
+      if key in owner and owner[key] != source:
+        raise LaunchError(f"config key {key} is set by both {owner[key]} and {source}")
+      owner[key] = source
+
+
+def resolve_config(config_file: str, overrides: Sequence[str]) -> dict:
+  """The config `python -m mian_jax.main` builds from these flags, as JSON-like data (the form
+  of the `config.json` it writes). Raises LaunchError for a bad key, value or config file."""
+  argv = ["main", f"--config={config_file}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    flag_values(argv)
+    config = flag_values.config
+    config_checks.check_config(config)
+  except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError,
+          SyntaxError, ConfigError) as e:
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    raise LaunchError(f"{config_file} {' '.join(overrides)}: {' '.join(text.split())}") from None
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_differences(recorded: dict, requested: dict) -> list[str]:
+  """"key: recorded -> requested" for every key whose value differs (or exists in one only)."""
+  a, b = _flatten(recorded), _flatten(requested)
+  missing = "(absent)"
+  return [f"{k}: {a.get(k, missing)} -> {b.get(k, missing)}"
+          for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def is_finished(workdir: str) -> bool:
+  return os.path.isfile(os.path.join(workdir, "eval", "test_metrics.json"))
+
+
+def check_workdirs(runs: Sequence[Run], configs: Sequence[dict], rerun_changed: bool,
+                   echo: Callable[[str], None] = print) -> None:
+  """Stops (LaunchError, one line) on the first workdir whose recorded config is not the
+  requested one, or with `rerun_changed` moves every such workdir aside."""
+  for run, requested in zip(runs, configs):
+    path = os.path.join(run.workdir, "config.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        differences = config_differences(json.load(f), requested)
+    elif is_finished(run.workdir):
+      differences = ["config.json missing"]
+    else:
+      continue
+    if not differences:
+      continue
+    if rerun_changed:
+      aside = f"{run.workdir}.changed-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.rename(run.workdir, aside)
+      echo(f"{run.label}: config changed ({'; '.join(differences)}); moved to {aside}")
+      continue
+    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more"
+                                          if len(differences) > 4 else "")
+    raise LaunchError(f"{run.workdir} was run with another config ({shown}); pass "
+                      "--rerun_changed to move it aside and run again, or use another --out")
+
+
+def _hms(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
+
+
+def launch(command: Sequence[str], log_path: str) -> int:
+  """Runs `command`, appending its stdout and stderr to `log_path`; returns the exit code."""
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  with open(log_path, "a") as log:
+    log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+    log.flush()
+    return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def read_result(run: Run) -> dict:
+  """The reported metrics of a finished run, as one results.csv row (without name and point)."""
+  metrics = {}
+  for split in ("valid", "test"):
+    with open(os.path.join(run.workdir, "eval", f"{split}_metrics.json")) as f:
+      metrics[split] = json.load(f)
+  valid, test = metrics["valid"], metrics["test"]
+  return {"seed": run.seed, "valid_auc": valid["auc"], "test_auc": test["auc"],
+          "test_logloss": test["logloss"], "test_gauc": test.get("gauc", np.nan),
+          "best_step": test.get("best_step", np.nan), "step": test["step"],
+          "oracle_auc": test.get("oracle_auc", np.nan)}
+
+
+def run_all(runs: Sequence[Run], config_file: str, rerun_changed: bool = False,
+            echo: Callable[[str], None] = print) -> list[dict]:
+  """Resolves and checks every run, trains those not finished, returns their results in order.
+
+  Progress: one line per run ("run k/n ... reused" or "... done in T | ETA"), where the ETA is
+  the mean time of the runs trained so far times the number still to train.
+  """
+  configs = [resolve_config(config_file, run.flags()) for run in runs]
+  check_workdirs(runs, configs, rerun_changed, echo)
+  to_train = sum(not is_finished(run.workdir) for run in runs)
+  durations, rows = [], []
+  for k, run in enumerate(runs, 1):
+    head = f"run {k}/{len(runs)} {run.label}"
+    if is_finished(run.workdir):
+      result = read_result(run)
+      echo(f"{head}: reused (finished, same config)")
+    else:
+      log_path = os.path.join(run.workdir, "log.txt")
+      echo(f"{head}: training, log in {log_path}")
+      start = time.time()
+      code = launch(build_command(config_file, run.workdir, run.seed, run.overrides), log_path)
+      if code or not is_finished(run.workdir):
+        with open(log_path) as f:
+          tail = f.readlines()[-15:]
+        echo("".join(tail).rstrip())
+        raise LaunchError(f"{run.label} failed (exit code {code}); its log is {log_path}")
+      durations.append(time.time() - start)
+      eta = np.mean(durations) * (to_train - len(durations))
+      result = read_result(run)
+      echo(f"{head}: done in {_hms(durations[-1])}, valid AUC {result['valid_auc']:.4f} at "
+           f"step {result['step']} | ETA {_hms(eta)}")
+    rows.append({"name": run.name, **dict(run.point), **result})
+  return rows
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def plural(count: int, noun: str) -> str:
+  return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def mean_std(mean: float, std: float) -> str:
+  """"0.7123 ± 0.0040" ("0.7123" with one seed, "" without a value)."""
+  if mean is None or not math.isfinite(mean):
+    return ""
+  return f"{mean:.4f}" if std is None or not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                   numeric: Sequence[bool] | None = None) -> str:
+  """A GitHub-flavoured Markdown table; `numeric` columns are right-aligned."""
+  numeric = numeric or [False] * len(headers)
+
+  def cell(value):
+    if isinstance(value, float):
+      value = "" if not math.isfinite(value) else f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+  lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+           "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def plot_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[float], path: str,
+              title: str, xlabel: str, oracle: float | None = None) -> None:
+  """Horizontal bars (first label on top) with error bars and value labels, the x-axis zoomed
+  to the differences. The oracle is a labelled line when it fits without squashing the bars
+  (within one more spread of them), else a note."""
+  import matplotlib  # noqa: PLC0415 - only the plots need it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  means = np.asarray(means, float)
+  stds = np.nan_to_num(np.asarray(stds, float))
+  low, high = float(np.min(means - stds)), float(np.max(means + stds))
+  spread = max(high - low, 0.002)
+  left, right = low - 0.3 * spread, high + 0.6 * spread  # room for the value labels
+  y = np.arange(len(means))[::-1]
+  fig, ax = plt.subplots(figsize=(8, 0.55 * len(means) + 1.6))
+  ax.barh(y, means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3, height=0.6)
+  for yi, mean, std in zip(y, means, stds):
+    ax.text(mean + std + 0.02 * spread, yi, mean_std(mean, std if std else None),
+            va="center", fontsize=8)
+  has_oracle = oracle is not None and math.isfinite(oracle)
+  if has_oracle and oracle <= high + spread:
+    right = max(right, oracle + 0.15 * spread)
+    ax.axvline(oracle, color="black", ls="--", lw=1, label=f"oracle AUC {oracle:.4f}")
+    ax.legend(loc="lower right", fontsize=8)
+  elif has_oracle:
+    ax.text(0.99, 0.01, f"oracle AUC {oracle:.4f} (off the axis)", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=8)
+  ax.set_xlim(left, right)
+  ax.set_yticks(y, labels)
+  ax.set_xlabel(xlabel)
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
