@@ -81,8 +81,8 @@ def get_generator(size: str = "default") -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"model": "mian", "protocol": "mian", "size": "default"})
-  config = books.get_amazon_config("books", f"model={args['model']},protocol={args['protocol']}")
+  args = common.parse_arg(arg, {"protocol": "mian", "size": "default"})
+  config = books.get_amazon_config("books", args)
   config.data.source = "amazon_like"
   config.data.dataset = "amazon_like"  # recorded in stats.json and the schema's source
   del config.data.base_url  # nothing is downloaded

@@ -15,13 +15,12 @@ from configs import common
 PROTOCOLS = ("mian", "din", "dien")
 
 
-def get_amazon_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The config of an Amazon data set ("books" | "electronics"); also used by electronics.py."""
-  args = common.parse_arg(arg, {"model": "mian", "protocol": "mian"})
+def get_amazon_config(dataset: str, args: dict[str, object]) -> ml_collections.ConfigDict:
+  """The config of an Amazon data set ("books" | "electronics") from parsed config arguments
+  (model, reading, protocol); also used by electronics.py and amazon_like.py."""
   if args["protocol"] not in PROTOCOLS:
     raise ValueError(f"config argument protocol={args['protocol']!r}: expected one of {PROTOCOLS}")
-  config = common.get_base_config()
-  config.model.name = args["model"]
+  config = common.get_config_from_args(args)
 
   config.data.source = "amazon"
   config.data.dataset = dataset  # "books" | "electronics"
@@ -34,4 +33,4 @@ def get_amazon_config(dataset: str, arg: str | None) -> ml_collections.ConfigDic
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return get_amazon_config("books", arg)
+  return get_amazon_config("books", common.parse_arg(arg, {"protocol": "mian"}))

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from mian_jax.models.mian import PAPER_LITERAL
 
-def get_base_config() -> ml_collections.ConfigDict:
+# config argument `reading`: "default" | "paper_literal" (MIAN's departures from the text,
+# mian_jax.models.mian.PAPER_LITERAL, undone; docs/model.md "Departures from the text").
+READINGS = ("default", "paper_literal")
+
+
+def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
+  if reading not in READINGS:
+    raise ValueError(f"config argument reading={reading!r}: expected one of {READINGS}")
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()
@@ -36,14 +44,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.ibim_score_weights = "shared"  # eq. 8 W_t: "shared" | "per_position"
   # eq. 8 score: "additive" | "bilinear" (+ e_i^T M h_t) | "din" (+ DIN's activation unit)
   config.model.ibim_score = "additive"
-  # Values of IBIM/IUIM/ICIM: "concat" (eqs. 6, 10, 12) | "concat_product" (+ candidate * other)
-  config.model.interaction_values = "concat"
+  # Values of IBIM/IUIM/ICIM: "concat_product" (+ candidate * other) | "concat" (eqs. 6, 10, 12)
+  config.model.interaction_values = "concat_product"
   config.model.field_score_weights = "per_field"  # eqs. 10/13 W^j: "per_field" | "shared"
   config.model.score_activation = "tanh"  # eqs. 8/10/13/15 score: "tanh" | "none"
   config.model.numeric_embedding = "linear"  # eq. 2 numeric x: "linear" (x*v) | "pad"
   config.model.gim_combine = "project_sum"  # eq. 15: "project_sum" | "weighted_concat"
   config.model.gim_dim = 64  # common width of GIM's parts with "project_sum"
-  config.model.gim_behavior = "concat"  # e_b in eq. 14: "concat" | "mean"
+  config.model.gim_behavior = "mean"  # e_b in eq. 14: "mean" over valid slots | "concat" (eq. 14)
   # Behaviour slots as MIAN sees them: "newest_first" (slot = recency) | "oldest_first" (the
   # left-aligned layout of prepared-data format 1, kept for the controlled comparison)
   config.model.history_layout = "newest_first"
@@ -85,6 +93,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # plus one at the end of training
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept
+  if reading == "paper_literal":
+    config.model.update(PAPER_LITERAL)
   return config
 
 
@@ -92,7 +102,9 @@ def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:
   """Parses a config argument "key=value,key=value" strictly (big_vision style).
 
   `allowed` maps each key to its default; values take the default's type. Unknown keys raise.
+  Every config also takes `model` (default "mian") and `reading` ("default" | "paper_literal").
   """
+  allowed = {"model": "mian", "reading": "default", **allowed}
   values = dict(allowed)
   if not arg:
     return values
@@ -103,3 +115,10 @@ def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:
     default = allowed[key]
     values[key] = type(default)(value) if not isinstance(default, bool) else value == "True"
   return values
+
+
+def get_config_from_args(args: dict[str, object]) -> ml_collections.ConfigDict:
+  """The base config of the `reading` named in parsed config arguments, for model `model`."""
+  config = get_base_config(args["reading"])
+  config.model.name = args["model"]
+  return config

@@ -11,7 +11,8 @@ there from SNAP when missing. Model and training settings are the paper's defaul
 import ml_collections
 
 from configs import books
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return books.get_amazon_config("electronics", arg)
+  return books.get_amazon_config("electronics", common.parse_arg(arg, {"protocol": "mian"}))

@@ -11,7 +11,7 @@ or ml-1m.zip (ratings.dat, users.dat, movies.dat), unzipped into `data.raw_dir`.
 `data.raw_dir` is filled from $MIAN_JAX_MOVIELENS_DIR when the config loads (so the folder is part
 of the prepared-data cache key). Fields, label and split: docs/data.md.
 
-Argument: "100k" | "1m" | "variant=1m[,model=mian]".
+Argument: "100k" | "1m" | "variant=1m[,model=mian][,reading=paper_literal]".
 """
 
 import os
@@ -26,11 +26,10 @@ VARIANTS = ("100k", "1m")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg in VARIANTS:
     arg = f"variant={arg}"
-  args = common.parse_arg(arg, {"variant": "100k", "model": "mian"})
+  args = common.parse_arg(arg, {"variant": "100k"})
   if args["variant"] not in VARIANTS:
     raise ValueError(f"config argument variant={args['variant']!r}: expected one of {VARIANTS}")
-  config = common.get_base_config()
-  config.model.name = args["model"]
+  config = common.get_config_from_args(args)
 
   config.data.source = "movielens"
   config.data.raw_dir = os.environ.get("MIAN_JAX_MOVIELENS_DIR", "")  # folder with the raw files

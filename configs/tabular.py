@@ -22,9 +22,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"model": "mian"})
-  config = common.get_base_config()
-  config.model.name = args["model"]
+  config = common.get_config_from_args(common.parse_arg(arg, {}))
 
   config.data.source = "tabular"
   config.data.max_bad_row_ratio = 0.001  # malformed rows tolerated per file, else fail

@@ -24,6 +24,7 @@ import sys
 import pandas as pd
 
 import runner
+from mian_jax.models.mian import PAPER_LITERAL
 
 # variant name -> config overrides (Table 3 of the paper, plus Table 4's Transformer variants).
 VARIANTS = {
@@ -36,6 +37,17 @@ VARIANTS = {
     "post-LN Transformer": ["--config.model.transformer=post_ln"],
     "no Transformer": ["--config.model.transformer=none"],
     "bilinear IBIM score": ["--config.model.ibim_score=bilinear"],
+    # The readings of issue 10's diagnosis (docs/experiments.md); one departure undone each.
+    "DIN IBIM score": ["--config.model.ibim_score=din"],
+    "linear scores": ["--config.model.score_activation=none"],
+    "concat values": ["--config.model.interaction_values=concat"],
+    "concat e_b in GIM": ["--config.model.gim_behavior=concat"],
+    "oldest-first slots": ["--config.model.history_layout=oldest_first"],
+    # MIAN as the paper's equations read literally (configs/common.py DEPARTURES undone).
+    "paper literal": [f"--config.model.{key}={value}" for key, value in PAPER_LITERAL.items()],
+    "paper literal, oldest-first slots": [
+        *(f"--config.model.{key}={value}" for key, value in PAPER_LITERAL.items()),
+        "--config.model.history_layout=oldest_first"],
 }
 # Table 2: every model of mian_jax.models.MODELS by name, e.g. --variants=mian,din,dien.
 VARIANTS.update({name: [f"--config.model.name={name}"]

@@ -34,12 +34,13 @@ def _np_activation_unit(q, keys, mask, p):
   return np.where(mask, x @ p["score"]["kernel"][:, 0] + p["score"]["bias"][0], 0.0)
 
 
-@pytest.mark.parametrize("ibim_score,values", [("additive", "concat"),
-                                               ("din", "concat_product")])
-def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values):
+@pytest.mark.parametrize("ibim_score,values,behavior", [("additive", "concat", "concat"),
+                                                        ("din", "concat_product", "mean")])
+def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values, behavior):
   model, params, batch, schema = _setup(**{"model.transformer": "none",
                                            "model.ibim_score": ibim_score,
-                                           "model.interaction_values": values})
+                                           "model.interaction_values": values,
+                                           "model.gim_behavior": behavior})
   logits, aux = _apply(model, params, batch)
   p = jax.tree.map(np.asarray, params)
   f = schema.features
@@ -77,7 +78,9 @@ def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values):
     return pool(np.concatenate(v, -1), p[f"{name}_attention"], per_slot=True)[0]
 
   r_iuim, r_icim = fields(e_u, "iuim"), fields(e_c, "icim")
-  parts = [e_i, flat(e_c), flat(e_b), flat(e_u), r_ibim, r_iuim, r_icim]      # eq. 14
+  e_b_part = (flat(e_b) if behavior == "concat"
+              else e_b.sum(1) / np.maximum(mask.sum(1, keepdims=True), 1))
+  parts = [e_i, flat(e_c), e_b_part, flat(e_u), r_ibim, r_iuim, r_icim]      # eq. 14
   g = p["gim"]
   s = np.stack([r @ g[f"score_{l}"]["kernel"][:, 0] + g[f"score_{l}"]["bias"][0]
                 for l, r in enumerate(parts)], -1)
@@ -125,8 +128,8 @@ def test_attention_weights_sum_to_one_over_valid_positions():
 
 @pytest.mark.parametrize("switch,absent,parts", [
     ("use_ibim", {"ibim_attention", "transformer", "position_embedding"}, 6),
-    ("use_iuim", {"iuim_attention"}, 6),
-    ("use_icim", {"icim_attention"}, 6),
+    ("use_iuim", {"iuim_attention", "iuim_candidate_projection"}, 6),
+    ("use_icim", {"icim_attention", "icim_candidate_projection"}, 6),
     ("use_gim", {"gim"}, None),
 ])
 def test_each_ablation_switch_removes_its_module(switch, absent, parts):
@@ -150,10 +153,10 @@ def test_transformer_variants_change_the_parameter_tree():
 
 @pytest.mark.parametrize("override", [
     {"model.ibim_score_weights": "per_position"}, {"model.field_score_weights": "shared"},
-    {"model.gim_combine": "weighted_concat"}, {"model.gim_behavior": "mean"},
+    {"model.gim_combine": "weighted_concat"}, {"model.gim_behavior": "concat"},
     {"model.ibim_score": "bilinear"}, {"model.position_embedding": "none"},
     {"model.dense_init": "truncated_normal"}, {"model.score_activation": "none"},
-    {"model.ibim_score": "din"}, {"model.interaction_values": "concat_product"},
+    {"model.ibim_score": "din"}, {"model.interaction_values": "concat"},
 ])
 def test_alternative_readings_run_and_differ(override):
   model, params, batch, _ = _setup()
@@ -195,3 +198,25 @@ def test_history_layout_moves_slots_but_keeps_each_behaviours_recency(transforme
                              outputs["mean", "newest_first"][0], rtol=1e-5, atol=1e-6)
   assert not np.allclose(outputs["concat", "oldest_first"][0],
                          outputs["concat", "newest_first"][0], atol=1e-5)
+
+
+def test_ibim_product_term_uses_the_behaviour_embeddings_not_the_transformer_output():
+  """With "concat_product", the last d_b entries of R_ibim are sum_t alpha_t (q * e_b^t): the
+  candidate meets each behaviour in the embedding space they share, whatever h_t is."""
+  model, params, batch, schema = _setup(**{"model.transformer": "pre_ln",
+                                           "model.interaction_values": "concat_product"})
+  _, state = model.apply({"params": params}, batch, train=False, capture_intermediates=True,
+                         mutable=["intermediates"])
+  r_ibim, alpha = state["intermediates"]["ibim_attention"]["__call__"][0]
+  f = schema.features
+  tables = jax.tree.map(np.asarray, params)["embedding"]["item_embedding"]
+  flat = lambda x: x.reshape(*x.shape[:-2], -1)  # noqa: E731
+  embed = lambda ids: flat(np.stack([tables[f"embed_{n}"]["embedding"][ids[n]]  # noqa: E731
+                                     for n in f.behavior_fields], -2))
+  mask = np.arange(f.max_seq_len)[None] < batch["hist_len"][:, None]
+  e_b = embed(batch["hist"]) * mask[..., None]
+  q = embed(batch["item"])
+  d_b = e_b.shape[-1]
+  np.testing.assert_allclose(np.asarray(r_ibim)[:, -d_b:],
+                             np.einsum("bt,btd->bd", np.asarray(alpha), q[:, None] * e_b),
+                             rtol=1e-4, atol=1e-7)

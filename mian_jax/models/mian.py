@@ -15,6 +15,12 @@ from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
 from mian_jax.models.din import candidate_query
 
+# The paper's literal reading of the switches whose defaults (configs/common.py) depart from the
+# text, each departure chosen on validation data (docs/model.md, "Departures from the text").
+PAPER_LITERAL = {
+    "interaction_values": "concat",  # eqs. 6, 10, 12 pool [e_i; x] only
+    "gim_behavior": "concat",  # eq. 14 concatenates all T behaviours into r_g
+}
 # Names of the parts r_1..r_7 of eq. (14), in the paper's order.
 GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
 
@@ -144,7 +150,8 @@ class MIAN(base.DeepModel):
           name="transformer")(h_b, mask, deterministic=deterministic)
     parts = [jnp.broadcast_to(e_i[:, None, :], (*h_b.shape[:2], e_i.shape[-1])), h_b]
     if self.interaction_values == "concat_product":
-      parts.append(query[:, None, :] * h_b)
+      # In the embedding space the candidate shares with its behaviours (h_t is normalised).
+      parts.append(query[:, None, :] * e_b)
     v = jnp.concatenate(parts, axis=-1)                                 # eq. (6): [B, T, d_v]
     match = None  # a candidate-behaviour match term inside eq. 8's activation (docs/model.md)
     if self.ibim_score == "bilinear":
