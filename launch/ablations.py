@@ -40,6 +40,8 @@ VARIANTS = {
     # The readings of issue 10's diagnosis (docs/experiments.md); one departure undone each.
     "DIN IBIM score": ["--config.model.ibim_score=din"],
     "linear scores": ["--config.model.score_activation=none"],
+    "per-position IBIM weights": ["--config.model.ibim_score_weights=per_position"],
+    "GIM weighted concat": ["--config.model.gim_combine=weighted_concat"],
     "concat values": ["--config.model.interaction_values=concat"],
     "concat e_b in GIM": ["--config.model.gim_behavior=concat"],
     "oldest-first slots": ["--config.model.history_layout=oldest_first"],
