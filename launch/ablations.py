@@ -17,7 +17,6 @@ metrics are those of its best validation step (`eval.report_step`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -103,28 +102,16 @@ def plot(summary: pd.DataFrame, path: str, title: str = "Test AUC per variant") 
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/synthetic.py")
-  parser.add_argument("--seeds", default="0,1,2")
+  parser = runner.launch_parser(__doc__, out="runs/ablations")
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"comma-separated subset of: {', '.join(VARIANTS)}")
-  parser.add_argument("--out", default="runs/ablations")
-  parser.add_argument("--rerun_changed", action="store_true",
-                      help="move a workdir whose recorded config differs aside and rerun it")
-  parser.add_argument("overrides", nargs="*",
-                      help="extra --config.* overrides for every run, after a `--`, e.g. "
-                           "`-- --config.train.optimizer=lazy_adam`")
   args = parser.parse_args()
   variants = [v.strip() for v in args.variants.split(",")]
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     sys.exit(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  # The runs are `python -m mian_jax.main` in this directory, which imports configs/ from here;
-  # the configs are resolved here the same way.
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+  runner.import_configs_from_cwd()
   os.makedirs(args.out, exist_ok=True)
   try:
     frame = run_all(args.config, variants, seeds, args.out, args.overrides, args.rerun_changed)

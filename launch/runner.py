@@ -14,6 +14,7 @@ test number is never chosen on test.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -52,6 +53,29 @@ class Run:
   def flags(self) -> list[str]:
     """The config flags of this run, as main receives them."""
     return [f"--config.train.seed={self.seed}", *self.overrides]
+
+
+def launch_parser(description: str, out: str) -> argparse.ArgumentParser:
+  """An argument parser with the flags every launch tool shares: --config, --seeds, --out
+  (default `out`), --rerun_changed, and --config.* overrides for every run after a `--`."""
+  parser = argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/synthetic.py")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--out", default=out)
+  parser.add_argument("--rerun_changed", action="store_true",
+                      help="move a workdir whose recorded config differs aside and rerun it")
+  parser.add_argument("overrides", nargs="*",
+                      help="extra --config.* overrides for every run, after a `--`, e.g. "
+                           "`-- --config.train.optimizer=lazy_adam`")
+  return parser
+
+
+def import_configs_from_cwd() -> None:
+  """The runs are `python -m mian_jax.main` in this directory, which imports configs/ from here;
+  a launch tool resolves the configs the same way."""
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
 
 
 def slug(text: str) -> str:

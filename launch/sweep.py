@@ -161,30 +161,19 @@ def write_outputs(frame: pd.DataFrame, keys: Sequence[str], out: str, title: str
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/synthetic.py")
+  parser = runner.launch_parser(__doc__, out="runs/sweep")
   parser.add_argument("--models", default=",".join(MODELS),
                       help="comma-separated models (default: all eight)")
   parser.add_argument("--variants", default="",
                       help=f"comma-separated extra entries of ablations.VARIANTS: "
                            f"{', '.join(ablations.VARIANTS)}")
   parser.add_argument("--grid", default="", help="'key=v1,v2;key2=w1,w2' (default: no grid)")
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--out", default="runs/sweep")
-  parser.add_argument("--rerun_changed", action="store_true",
-                      help="move a workdir whose recorded config differs aside and rerun it")
-  parser.add_argument("overrides", nargs="*",
-                      help="--config.* overrides for every run, after a `--`")
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
   args = parse_args(argv)
-  # The runs are `python -m mian_jax.main` in this directory, which imports configs/ from here;
-  # the configs are resolved here the same way.
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+  runner.import_configs_from_cwd()
   entries = list(dict.fromkeys(n.strip() for n in f"{args.models},{args.variants}".split(",")
                                if n.strip()))
   seeds = [int(s) for s in args.seeds.split(",")]

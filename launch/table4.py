@@ -113,24 +113,12 @@ def write_outputs(frame: pd.DataFrame, out: str, title: str) -> pd.DataFrame:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/synthetic.py")
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--out", default="runs/table4")
-  parser.add_argument("--rerun_changed", action="store_true",
-                      help="move a workdir whose recorded config differs aside and rerun it")
-  parser.add_argument("overrides", nargs="*",
-                      help="--config.* overrides for every run, after a `--`")
-  return parser.parse_args(argv)
+  return runner.launch_parser(__doc__, out="runs/table4").parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
   args = parse_args(argv)
-  # The runs are `python -m mian_jax.main` in this directory, which imports configs/ from here;
-  # the configs are resolved here the same way.
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+  runner.import_configs_from_cwd()
   seeds = [int(s) for s in args.seeds.split(",")]
   try:
     for flag in args.overrides:
