@@ -7,6 +7,8 @@ import gzip
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -164,8 +166,8 @@ def test_mian_protocol_hand_worked(tmp_path):
   assert stats["num_samples"] == {"train": 2, "valid": 4, "test": 6}
   assert stats["protocol"] == "mian" and not stats["valid_is_test"]
   assert stats["reviews"] == {"lines": 13, "blank_lines": 0, "malformed_lines": 2,
-                              "missing_fields": 1, "parsed": 10, "without_metadata": 1,
-                              "kept": 9}
+                              "missing_fields": 1, "bad_time": 0, "parsed": 10,
+                              "duplicate_reviews": 0, "without_metadata": 1, "kept": 9}
   assert stats["metadata"]["malformed_lines"] == 1
   assert stats["metadata"]["skipped_unreviewed"] == 1
   assert stats["metadata"]["items_found"] == 6
@@ -429,3 +431,129 @@ def test_negative_samplers_distributions():
   assert abs((popular == 1).mean() - 0.5) < 0.02
   popular = amazon.popularity_negatives(rng, reviews, np.full(20000, 10))  # target item 3
   assert abs((popular == 0).mean() - 9 / 10) < 0.02  # popularity-weighted
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def _review_at(user, asin, seconds):
+  return json.dumps({"reviewerID": user, "asin": asin, "unixReviewTime": seconds})
+
+
+def _write_plain(directory, reviews, meta=META_LINES):
+  """Plain raw files from lines (str, or bytes for undecodable text); returns the directory."""
+  os.makedirs(directory, exist_ok=True)
+  for name, lines in (("reviews_Books_5.json", reviews), ("meta_Books.json", meta)):
+    with open(os.path.join(directory, name), "wb") as f:
+      f.write(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
+  return str(directory)
+
+
+def _prepare_raw(raw, out, **kwargs):
+  config = data_config(raw, **kwargs)
+  return amazon.prepare_from_files(config, os.path.join(raw, "reviews_Books_5.json"),
+                                   os.path.join(raw, "meta_Books.json"), str(out))
+
+
+def _leaks(directory):
+  """Positives whose target item is among their own behaviours."""
+  leaks = 0
+  for split in schema_lib.SPLITS:
+    cols = schema_lib.load_split(directory, split)
+    item, hist, n = (cols[k][0::2] for k in ("item.item_id", "hist.item_id", "hist_len"))
+    leaks += sum(item[k] in hist[k][:n[k]] for k in range(len(item)))
+  return leaks
+
+
+def test_repeated_reviews_are_dropped_counted_and_cannot_leak_the_label(tmp_path):
+  lines = [_review_line(*r) for r in GOOD_REVIEWS]
+  clean = _prepare_raw(_write_plain(tmp_path / "clean", lines), tmp_path / "a", max_seq_len=4)
+  # uA's test target i4 repeated, i1 repeated, and i1 reviewed again later (the earliest wins).
+  repeated = lines + [lines[5], lines[0], _review_line("uA", "i1", 50)]
+  raw = _write_plain(tmp_path / "repeated", repeated)
+  stats = _prepare_raw(raw, tmp_path / "b", max_seq_len=4)
+  assert stats["checksum"] == clean["checksum"]  # exactly the data without the repeats
+  assert stats["reviews"]["duplicate_reviews"] == 3
+  assert stats["reviews"]["kept"] == len(GOOD_REVIEWS)
+  assert stats["first_skipped"]["reviews"]["duplicate_reviews"].startswith(
+      "line 10: reviewer 'uA' reviewed asin 'i4' before")
+  assert _leaks(str(tmp_path / "b")) == 0
+  config = data_config(raw, max_seq_len=4)
+  config.drop_duplicate_reviews = False  # the switch: keep them (the label then leaks)
+  amazon.prepare_from_files(config, os.path.join(raw, "reviews_Books_5.json"),
+                            os.path.join(raw, "meta_Books.json"), str(tmp_path / "c"))
+  assert _leaks(str(tmp_path / "c")) > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_gzip"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_damaged_gzip_files_are_one_line_errors(tmp_path, damage, which):
+  raw = write_tiny(tmp_path / "raw", gz=True)
+  path = os.path.join(raw, amazon.raw_file_names("books")[which])
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2] if damage == "truncated" else b"\x1f\x8b" + b"junk" * 50)
+  with pytest.raises(DataError) as e:
+    amazon.prepare(data_config(raw), str(tmp_path / "out"))
+  message = str(e.value)
+  assert path in message and "download it again" in message and "\n" not in message
+  assert ("truncated" if damage == "truncated" else "not a valid gzip file") in message
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_implausible_review_times_are_skipped_and_reported(tmp_path):
+  lines = [_review_line(*r) for r in GOOD_REVIEWS]
+  clean = _prepare_raw(_write_plain(tmp_path / "clean", lines), tmp_path / "a")
+  day = (BASE_DAY + 7) * DAY
+  bad_times = [10**20, 2**62, -DAY, day * 1000]  # overflow, "year 146 billion", 1969, ms
+  raw = _write_plain(tmp_path / "bad", lines + [_review_at("uA", "i5", t) for t in bad_times])
+  stats = _prepare_raw(raw, tmp_path / "b", max_bad_row_ratio=0.5)
+  assert stats["reviews"]["bad_time"] == 4
+  assert stats["years"] == [2013, 2014]  # no new "years"
+  assert stats["checksum"] == clean["checksum"]
+  assert stats["first_skipped"]["reviews"]["bad_time"] == (
+      f"line 10: unixReviewTime {10**20} is not Unix seconds in 1970..2099")
+  # All times in milliseconds: an error that says so, naming the first line.
+  raw = _write_plain(tmp_path / "ms", [_review_at(u, a, (BASE_DAY + d) * DAY * 1000)
+                                       for u, a, d in GOOD_REVIEWS])
+  with pytest.raises(DataError, match=r"line 1: unixReviewTime \d+ is not Unix seconds in "
+                     r"1970..2099; it looks like milliseconds \(divide by 1000\)") as e:
+    _prepare_raw(raw, tmp_path / "c")
+  assert "\n" not in str(e.value)
+
+
+def test_ids_that_differ_only_in_undecodable_bytes_stay_distinct(tmp_path):
+  # Latin-1 bytes in a UTF-8 file: "U\xe9" and "U\xe8" are two users, "j\xe9" and "j\xe8"
+  # two items with their own categories (with errors="replace" each pair read as one).
+  undecodable = lambda text: text.encode().replace(b"<E9>", b"\xe9").replace(  # noqa: E731
+      b"<E8>", b"\xe8")
+  extra = [("U<E9>", "i1", 1), ("U<E9>", "j<E9>", 2), ("U<E9>", "i2", 3),
+           ("U<E8>", "i3", 1), ("U<E8>", "j<E8>", 2), ("U<E8>", "i4", 3)]
+  reviews = [_review_line(*r) for r in GOOD_REVIEWS] + [undecodable(_review_line(*r))
+                                                        for r in extra]
+  meta = META_LINES + [undecodable("{'asin': 'j<E9>', 'categories': [['Books', 'Poetry']]}"),
+                       undecodable("{'asin': 'j<E8>', 'categories': [['Books', 'Drama']]}")]
+  stats = _prepare_raw(_write_plain(tmp_path / "raw", reviews, meta), tmp_path / "out")
+  assert (stats["num_users"], stats["num_items"], stats["num_categories"]) == (5, 8, 5)
+  assert stats["metadata"]["items_found"] == 8
+  assert stats["reviews"]["kept"] == len(GOOD_REVIEWS) + len(extra)
+
+
+def test_prepare_cli_reports_a_truncated_download_in_one_line(tmp_path):
+  raw = write_tiny(tmp_path / "raw", gz=True)
+  path = os.path.join(raw, "reviews_Books_5.json.gz")
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:-20])
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"))
+  out = subprocess.run([sys.executable, "-m", "mian_jax.data.prepare", "--config=configs/books.py",
+                        f"--config.data.raw_dir={raw}"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: amazon: {path} ends before its gzip stream does (a truncated download?); delete "
+      "it and rerun to download it again, or replace it with a complete copy")

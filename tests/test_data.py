@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -173,3 +176,79 @@ def test_the_cache_key_changes_with_the_format_version(monkeypatch):
   before = data_lib.settings_key(config)
   monkeypatch.setattr(schema_lib, "FORMAT_VERSION", schema_lib.FORMAT_VERSION + 1)
   assert data_lib.settings_key(config) != before
+
+
+# ------------------------------------------------------------------- damaged data, bad settings
+
+
+def test_an_empty_column_file_is_a_clear_error(tmp_path):
+  directory, schema = _prepare(tmp_path)
+  path = os.path.join(directory, "train", "label.npy")
+  open(path, "wb").close()
+  with pytest.raises(DataError) as e:
+    schema_lib.load_split(directory, "train", schema)
+  assert str(e.value) == (f"{path}: an empty file, so the prepared data in {directory} is "
+                          "damaged; delete the directory and prepare it again")
+
+
+def test_a_cache_entry_without_schema_json_is_prepared_again(tmp_path, monkeypatch):
+  monkeypatch.setenv("MIAN_JAX_CACHE", str(tmp_path / "cache"))
+  config = tiny_config().data
+  directory, schema = data_lib.ensure_prepared(config)
+  checksum = schema_lib.dataset_checksum(directory)
+  os.remove(os.path.join(directory, "schema.json"))
+  assert data_lib.ensure_prepared(config) == (directory, schema)
+  assert schema_lib.dataset_checksum(directory) == checksum
+  assert os.listdir(tmp_path / "cache" / "prepared") == [os.path.basename(directory)]
+  # A directory the user named is never deleted: it must be empty or prepared.
+  config.prepared_dir = str(tmp_path / "mine")
+  os.makedirs(tmp_path / "mine" / "train")
+  with pytest.raises(DataError, match=r"mine holds files but no schema.json.*delete it"):
+    data_lib.ensure_prepared(config)
+  os.rmdir(tmp_path / "mine" / "train")
+  assert data_lib.ensure_prepared(config)[1] == schema
+
+
+def test_a_dead_preparations_temporary_directory_is_removed(tmp_path):
+  source, schema = _prepare(tmp_path)
+  target = str(tmp_path / "target")
+  # A preparation killed while writing leaves its temporary directory behind.
+  killed = ("import os, sys, numpy as np\n"
+            "from mian_jax.data import schema as s\n"
+            "splits = {x: s.load_split(sys.argv[1], x) for x in s.SPLITS}\n"
+            "np.save = lambda *a, **k: os._exit(9)\n"
+            "s.write_prepared(sys.argv[2], s.read_schema(sys.argv[1]), splits)\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert subprocess.run([sys.executable, "-c", killed, source, target], cwd=repo,
+                        timeout=60).returncode == 9
+  left = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-target-")]
+  assert len(left) == 1
+  (tmp_path / left[0].replace("-target-", "-other-", 1)).mkdir()  # the same dead owner
+  # Beside it: one of a live preparation (this process), an old-style one (no owner in the
+  # name) idle for two hours and a fresh old-style one, which might be live.
+  live = tmp_path / (schema_lib._tmp_prefix(target) + "live0000")
+  old, fresh = tmp_path / ".tmp-target-abcd1234", tmp_path / ".tmp-target-efgh5678"
+  two_hours_ago = time.time() - 7200
+  for d in (live, old, fresh):
+    (d / "train").mkdir(parents=True)
+    if d != fresh:
+      for path in (d / "train", d):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+  splits = {s: schema_lib.load_split(source, s, schema) for s in schema_lib.SPLITS}
+  schema_lib.write_prepared(target, schema, splits)
+  assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".tmp-")) == sorted(
+      [live.name, fresh.name])
+  assert schema_lib.dataset_checksum(target) == schema_lib.dataset_checksum(source)
+
+
+def test_synthetic_history_lengths_above_max_seq_len_are_a_config_error(tmp_path):
+  with pytest.raises(ConfigError) as e:
+    _prepare(tmp_path, **{"data.max_seq_len": 1})
+  assert str(e.value) == (
+      "data.synthetic: min_seq_len=2 must lie in [0, data.max_seq_len=1] (history lengths are "
+      "drawn up to max_seq_len); lower them, e.g. --config.data.synthetic.min_seq_len=1 "
+      "--config.data.synthetic.short_seq_len=1, or raise data.max_seq_len")
+  directory, schema = _prepare(tmp_path, **{"data.max_seq_len": 1,
+                                            "data.synthetic.min_seq_len": 1})
+  assert schema.features.max_seq_len == 1
+  assert schema_lib.load_split(directory, "train", schema)["hist.item_id"].shape == (1024, 1)

@@ -216,14 +216,33 @@ def test_prepare_cli_prints_stats_and_checksum(tmp_path):
   assert '"num_users": 3' in out.stdout
 
 
-@pytest.mark.skipif(not os.environ.get("MIAN_JAX_ML100K_DIR"),
-                    reason="set MIAN_JAX_ML100K_DIR to the unzipped ml-100k folder to run")
+@pytest.mark.skipif(not os.environ.get("MIAN_JAX_MOVIELENS_DIR"),
+                    reason="set MIAN_JAX_MOVIELENS_DIR to the unzipped ml-100k folder to run")
 def test_real_movielens_100k():
-  config = movielens_config.get_config("100k")
-  config.data.raw_dir = os.environ["MIAN_JAX_ML100K_DIR"]
+  config = movielens_config.get_config("100k")  # data.raw_dir = $MIAN_JAX_MOVIELENS_DIR
+  assert config.data.raw_dir == os.environ["MIAN_JAX_MOVIELENS_DIR"]
   schema, splits, stats = movielens.generate(config.data)
   assert stats["num_ratings"] == 100_000
   assert (stats["num_users"], stats["num_items"], stats["num_categories"]) == (943, 1682, 19)
   assert sum(schema.size(s) for s in schema_lib.SPLITS) == 100_000
   assert stats["bad_rows"]["u.data"]["bad"] == 0
   assert splits["train"]["label"].mean() == pytest.approx(0.55, abs=0.05)
+
+
+def test_implausible_timestamps_are_counted_with_their_unit(tmp_path):
+  ms = 893_286_638_000  # 1998-04-22 in milliseconds
+  raw = write_100k(tmp_path / "raw", extra_data_lines=[f"1\t4\t4\t{ms}", f"2\t1\t4\t{2**62}",
+                                                       f"3\t2\t4\t{10**20}", "3\t3\t4\t-5"])
+  _, _, stats = movielens.generate(config_for(raw, max_bad_row_ratio=0.5).data)
+  bad = stats["bad_rows"]["u.data"]
+  assert bad["reasons"] == {
+      "timestamp is not an integer in [0, None]": 2,  # 10**20 overflows int64; -5
+      "timestamp is not Unix seconds in 1970..2099": 1,  # 2**62
+      "timestamp is not Unix seconds in 1970..2099; it looks like milliseconds (divide by "
+      "1000)": 1}
+  assert stats["time_range"]["test"][1] == 80 * H  # no rating dated in the far future
+  assert stats["num_ratings"] == len(RATINGS)
+  with pytest.raises(DataError, match=r"u.data: 4 of 14 rows are malformed.*first: line 13 "
+                     r"\(timestamp is not an integer") as e:
+    movielens.generate(config_for(raw).data)
+  assert "looks like milliseconds" in str(e.value) and "\n" not in str(e.value)

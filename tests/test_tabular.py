@@ -150,3 +150,69 @@ def test_ensure_prepared_end_to_end(tmp_path):
   assert cols["hist.item_id"].shape == (2, 2)
   with open(os.path.join(directory, "stats.json")) as f:
     assert json.load(f)["checksum"] == schema_lib.dataset_checksum(directory)
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_ids_stay_strings_and_a_byte_order_mark_is_dropped(tmp_path):
+  # "00194" and "194" are two users, "007" and "7" two items (sorted as a, b and i1, i2 were).
+  users, items = {"a": "00194", "b": "194"}, {"i1": "007", "i2": "7"}
+  rows = []
+  for row in ROWS:
+    fields = row.split(",")
+    fields[0], fields[3] = users[fields[0]], items.get(fields[3], fields[3])
+    rows.append(",".join(fields))
+  path = tmp_path / "bom.csv"
+  path.write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8-sig")
+  _, splits, stats = tabular.generate(config_for(path=str(path)).data)
+  assert (stats["num_users"], stats["num_items"]) == (2, 4)
+  _, expected, _ = tabular.generate(config_for(path=write_csv(tmp_path / "log.csv")).data)
+  for split in splits:
+    for name, column in expected[split].items():
+      np.testing.assert_array_equal(splits[split][name], column, err_msg=f"{split} {name}")
+
+
+@pytest.mark.parametrize("value,line", [("1e200", 3), ("1e308", 5), ("1e40", 7)])
+def test_numeric_values_too_large_to_standardise_are_one_clear_error(tmp_path, value, line):
+  # Line 3 and 5 are training rows (the variance overflows), line 7 a test row (float32 does).
+  rows = list(ROWS)
+  fields = rows[line - 2].split(",")
+  fields[5] = value
+  rows[line - 2] = ",".join(fields)
+  with pytest.raises(DataError) as e:
+    tabular.generate(config_for(path=write_csv(tmp_path / "log.csv", rows)).data)
+  message = str(e.value)
+  assert f"numeric field 'item.price': value {float(value):g} (log.csv line {line}) is too large" \
+      in message
+  assert "rescale the column" in message and "non-finite" not in message and "\n" not in message
+
+
+def test_a_few_dates_among_unix_seconds_are_the_bad_rows(tmp_path):
+  rows = [f"u{k % 4},{1_400_000_000 + 3600 * k},{k % 2},i{k % 5},c{k % 3},1.0,20,F,x,9,ios"
+          for k in range(40)]
+  for k in (9, 19, 29):  # file lines 11, 21, 31
+    rows[k] = rows[k].replace(f",{1_400_000_000 + 3600 * k},", f",2014-05-{k // 10 + 1:02d},")
+  path = write_csv(tmp_path / "log.csv", rows)
+  with pytest.raises(DataError, match=r"log.csv: 3 of 40 rows are malformed .*first: line 11 "
+                     r"\(timestamp 'ts' is not a number like most rows\) '2014-05-01'"):
+    tabular.generate(config_for(path=path).data)
+  _, _, stats = tabular.generate(_with_ratio(config_for(path=path), 0.1).data)
+  assert stats["num_rows"] == 37 and stats["bad_rows"]["log.csv"]["bad"] == 3
+
+
+def test_ragged_lines_name_their_file_line(tmp_path):
+  ragged = "a,63,1,i1,c1,1.0,20,F,x,9,ios,extra"
+  path = write_csv(tmp_path / "plain.csv", ROWS[:2] + [ragged] + ROWS[2:])
+  with pytest.raises(DataError, match=r"first: line 4 \(wrong number of fields\) 'a,63,1"):
+    tabular.generate(config_for(path=path).data)
+  # A blank line and a quoted value spanning two lines come before it: still its file line.
+  rows = [ROWS[0], "", ROWS[1], 'b,15,1,i2,c2,3.0,30,M,"y\nz",11,web', ragged, *ROWS[3:]]
+  path = write_csv(tmp_path / "tricky.csv", rows)
+  with pytest.raises(DataError, match=r"first: line 7 \(wrong number of fields\) 'a,63,1"):
+    tabular.generate(config_for(path=path).data)
+  # Other bad rows are named by their file line too, with the bad value.
+  rows[4] = "a,70,maybe,i1,c1,1.0,20,F,x,9,ios"
+  path = write_csv(tmp_path / "label.csv", rows)
+  with pytest.raises(DataError, match=r"first: line 7 \(label 'clicked' is not 0/1\) 'maybe'"):
+    tabular.generate(config_for(path=path).data)

@@ -53,6 +53,24 @@ def prepared_dir(data_config: ConfigDict) -> str:
                       f"{data_config.source}-{settings_key(data_config)}")
 
 
+def _clear_damaged(directory: str, in_cache: bool) -> None:
+  """Makes room for preparing `directory`, which has no schema.json, so holds no prepared data.
+
+  Nothing to do if it is absent or empty. A damaged cache entry (e.g. schema.json deleted) is
+  removed and prepared again; a directory the user named is never deleted: DataError.
+  """
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    return
+  if not in_cache:
+    raise DataError(f"data.prepared_dir={directory} holds files but no schema.json, so it is no "
+                    "(complete) prepared data set; delete it to prepare it there again, or "
+                    "choose another directory")
+  if os.path.isfile(os.path.join(directory, "schema.json")):  # prepared meanwhile by another
+    return
+  logging.warning("%s has no schema.json (a damaged cache entry); preparing it again", directory)
+  schema_lib.discard(directory)
+
+
 def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
   """Returns (directory, schema) of the prepared data, preparing it first if needed.
 
@@ -68,6 +86,7 @@ def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
     if data_config.source not in PREPARERS:
       raise ConfigError(f"unknown data.source {data_config.source!r}; "
                         f"expected one of {sorted(PREPARERS) + ['prepared']}")
+    _clear_damaged(directory, in_cache=not data_config.prepared_dir)
     logging.info("Preparing %s data into %s", data_config.source, directory)
     importlib.import_module(PREPARERS[data_config.source]).prepare(data_config, directory)
   schema = schema_lib.read_schema(directory)

@@ -21,7 +21,9 @@ All three write the same fields:
   context.gap                           bucketed days since the user's previous review
 
 Every feature of an example is computed from the target review and the user's earlier reviews
-only (no future leakage); negatives share the positive's user and context features.
+only (no future leakage); negatives share the positive's user and context features. Of repeated
+reviews of one item by one reviewer only the earliest is kept (`data.drop_duplicate_reviews`,
+default True), so a target is never among its own behaviours.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import os
 import re
 import time
+import zlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 
@@ -43,6 +46,7 @@ from ml_collections import ConfigDict
 
 from mian_jax.data import download as download_lib
 from mian_jax.data import schema as schema_lib
+from mian_jax.data import timestamps
 from mian_jax.errors import ConfigError, DataError
 
 SNAP_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
@@ -100,14 +104,32 @@ def locate_raw_files(data_config: ConfigDict) -> tuple[str, str]:
 
 
 def open_text(path: str) -> io.TextIOBase:
-  """Opens a text file for reading, gunzipping it if it starts with the gzip magic bytes."""
+  """Opens a text file for reading, gunzipping it if it starts with the gzip magic bytes.
+
+  Bytes that are not UTF-8 decode to lone surrogates (errors="surrogateescape"), so two ids
+  that differ only there stay two ids (with errors="replace" both would read as U+FFFD).
+  """
   if not os.path.isfile(path):
     raise DataError(f"raw file not found: {path}")
   with open(path, "rb") as f:
     magic = f.read(2)
   if magic == b"\x1f\x8b":
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-  return open(path, encoding="utf-8", errors="replace")
+    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
+  return open(path, encoding="utf-8", errors="surrogateescape")
+
+
+def parse_file(path: str, parse: Callable[[io.TextIOBase], object]):
+  """parse(<the opened file>); a damaged file is a DataError naming it and what to do."""
+  try:
+    with open_text(path) as f:
+      return parse(f)
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated / corrupt gzip stream
+    problem = ("ends before its gzip stream does (a truncated download?)"
+               if isinstance(e, EOFError) else f"is not a valid gzip file ({e})")
+    raise DataError(f"amazon: {path} {problem}; delete it and rerun to download it again, or "
+                    "replace it with a complete copy") from None
+  except OSError as e:
+    raise DataError(f"amazon: cannot read {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -119,6 +141,8 @@ class RawReviews:
 
   user, item: [R] int64 indices into user_keys / item_keys (first-seen order).
   time: [R] int64 unixReviewTime in seconds.
+  line: [R] int64 1-based line number of each review in its file.
+  first_skipped: the first skipped line of each kind (a key of `counts`): "line N: <what>".
   """
   user_keys: list[str]
   item_keys: list[str]
@@ -126,19 +150,24 @@ class RawReviews:
   item: np.ndarray
   time: np.ndarray
   counts: dict[str, int]
+  line: np.ndarray | None = None
+  first_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def parse_reviews(lines: Iterable[str]) -> RawReviews:
   """Parses JSON review lines; blank lines are skipped, bad lines counted (not fatal here).
 
   A line is `malformed` if it is not a JSON object, `missing_fields` if reviewerID / asin are
-  not non-empty strings or unixReviewTime is not an integer.
+  not non-empty strings or unixReviewTime is not an integer, `bad_time` if unixReviewTime is
+  not a Unix time in seconds between 1970 and 2099 (timestamps.py: negative, milliseconds, ...).
   """
   users: dict[str, int] = {}
   items: dict[str, int] = {}
-  u_ids, i_ids, times = array("q"), array("q"), array("q")
-  lines_total = blank = malformed = missing = 0
+  u_ids, i_ids, times, line_of = array("q"), array("q"), array("q"), array("q")
+  lines_total = blank = malformed = missing = bad_time = 0
+  first: dict[str, str] = {}
   loads = json.loads
+  lo, hi = timestamps.MIN_SECONDS, timestamps.MAX_SECONDS
   for line in lines:
     lines_total += 1
     if not line.strip():
@@ -149,16 +178,25 @@ def parse_reviews(lines: Iterable[str]) -> RawReviews:
       user, item, when = obj["reviewerID"], obj["asin"], obj["unixReviewTime"]
     except (ValueError, RecursionError):
       malformed += 1
+      first.setdefault("malformed_lines", f"line {lines_total}: {line[:80]!r}")
       continue
     except (KeyError, TypeError):  # TypeError: a JSON value that is not an object
       if isinstance(obj, dict):
         missing += 1
+        first.setdefault("missing_fields", f"line {lines_total}: {line[:80]!r}")
       else:
         malformed += 1
+        first.setdefault("malformed_lines", f"line {lines_total}: {line[:80]!r}")
       continue
     if (type(user) is not str or type(item) is not str or not user or not item  # noqa: E721
         or type(when) is not int):  # noqa: E721
       missing += 1
+      first.setdefault("missing_fields", f"line {lines_total}: {line[:80]!r}")
+      continue
+    if not lo <= when < hi:
+      bad_time += 1
+      first.setdefault("bad_time", f"line {lines_total}: "
+                       + timestamps.describe(when, "unixReviewTime"))
       continue
     u = users.get(user)
     if u is None:
@@ -169,11 +207,39 @@ def parse_reviews(lines: Iterable[str]) -> RawReviews:
     u_ids.append(u)
     i_ids.append(i)
     times.append(when)
+    line_of.append(lines_total)
   counts = {"lines": lines_total, "blank_lines": blank, "malformed_lines": malformed,
-            "missing_fields": missing, "parsed": len(u_ids)}
-  return RawReviews(list(users), list(items), np.frombuffer(u_ids, np.int64).copy(),
-                    np.frombuffer(i_ids, np.int64).copy(), np.frombuffer(times, np.int64).copy(),
-                    counts)
+            "missing_fields": missing, "bad_time": bad_time, "parsed": len(u_ids)}
+  as_array = lambda a: np.frombuffer(a, np.int64).copy()  # noqa: E731
+  return RawReviews(list(users), list(items), as_array(u_ids), as_array(i_ids), as_array(times),
+                    counts, as_array(line_of), first)
+
+
+def drop_duplicate_reviews(raw: RawReviews) -> tuple[RawReviews, int]:
+  """Keeps the earliest review of each (reviewer, asin) pair, ties in file order.
+
+  A repeated review would make the target of one example a behaviour of its own history (the
+  label leaks). Returns (the reviews without repeats, the number dropped); the first dropped
+  line goes to first_skipped["duplicate_reviews"].
+  """
+  key = raw.user * max(len(raw.item_keys), 1) + raw.item
+  sorted_key = np.sort(key)
+  if not (sorted_key[1:] == sorted_key[:-1]).any():
+    return raw, 0
+  order = np.lexsort((raw.time, key))  # stable: equal (pair, time) keep file order
+  duplicate = np.zeros(len(key), bool)
+  duplicate[order[1:]] = key[order[1:]] == key[order[:-1]]
+  keep = ~duplicate
+  first = int(np.flatnonzero(duplicate)[0])
+  first_skipped = dict(raw.first_skipped)
+  where = f"line {raw.line[first]}" if raw.line is not None else f"review {first + 1}"
+  first_skipped["duplicate_reviews"] = (
+      f"{where}: reviewer {raw.user_keys[raw.user[first]]!r} reviewed asin "
+      f"{raw.item_keys[raw.item[first]]!r} before")
+  return dataclasses.replace(
+      raw, user=raw.user[keep], item=raw.item[keep], time=raw.time[keep],
+      line=raw.line[keep] if raw.line is not None else None,
+      first_skipped=first_skipped), int(duplicate.sum())
 
 
 # Fast path: most metadata lines are of items that no review mentions. Such a line is skipped
@@ -186,6 +252,25 @@ def parse_reviews(lines: Iterable[str]) -> RawReviews:
 # instead of malformed_lines.
 _ASIN_PREFIX = re.compile(r"\s*\{\s*'asin'\s*:\s*'([^'\\]*)'")
 _ADJACENT_STRINGS = re.compile(r"""['"]\s*[uUrRbBfF]{0,2}['"]""")
+# Undecodable bytes (lone surrogates, see open_text) written as the escape \udcXX that a Python
+# string literal turns back into the same character.
+_SURROGATE_ESCAPES = {0xDC00 + b: f"\\udc{b:02x}" for b in range(0x80, 0x100)}
+_LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
+
+
+def _literal_eval_line(text: str):
+  """ast.literal_eval(text), or None if malformed. compile() cannot take lone surrogates, so a
+  line with undecodable bytes is parsed with them escaped (the asin then matches the one that
+  parse_reviews read from the same bytes)."""
+  try:
+    return ast.literal_eval(text)
+  except UnicodeEncodeError:
+    try:
+      return ast.literal_eval(text.translate(_SURROGATE_ESCAPES))
+    except _LITERAL_ERRORS:
+      return None
+  except _LITERAL_ERRORS:
+    return None
 
 
 def _unreviewed_line(line: str, wanted: Mapping[str, int]) -> bool:
@@ -225,7 +310,6 @@ def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: st
   categories: list[str | None] = [None] * len(wanted)
   seen = np.zeros(len(wanted), bool)
   lines_total = blank = skipped = malformed = missing = duplicate = 0
-  literal_eval = ast.literal_eval
   for line in lines:
     lines_total += 1
     if not line.strip():
@@ -234,11 +318,7 @@ def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: st
     if _unreviewed_line(line, wanted):
       skipped += 1
       continue
-    try:
-      obj = literal_eval(line.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-      malformed += 1
-      continue
+    obj = _literal_eval_line(line.strip())
     if not isinstance(obj, dict):
       malformed += 1
       continue
@@ -522,16 +602,25 @@ def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
 # ----------------------------------------------------------------------------- entry points
 
 
+def _first_skipped_text(first_skipped: Mapping[str, str]) -> str:
+  """"; first skipped: bad_time at line 3: ..." (empty if nothing was skipped)."""
+  if not first_skipped:
+    return ""
+  return "; first skipped: " + "; ".join(f"{k} at {v}" for k, v in first_skipped.items())
+
+
 def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> None:
   r, m = stats["reviews"], stats["metadata"]
-  review_bad = r["malformed_lines"] + r["missing_fields"] + r["without_metadata"]
+  review_bad = (r["malformed_lines"] + r["missing_fields"] + r["bad_time"]
+                + r["without_metadata"])
   review_lines = r["lines"] - r["blank_lines"]
   meta_bad = m["malformed_lines"] + m["missing_fields"]
   meta_lines = m["lines"] - m["blank_lines"] - m["skipped_unreviewed"]
   stats["bad_row_ratio"] = {"reviews": review_bad / max(review_lines, 1),
                             "metadata": meta_bad / max(meta_lines, 1)}
+  first = _first_skipped_text(stats["first_skipped"]["reviews"])
   if review_lines == 0 or r["parsed"] == 0:
-    raise DataError(f"amazon: no usable review lines in {paths[0]} ({r})")
+    raise DataError(f"amazon: no usable review lines in {paths[0]} ({r}){first}")
   if r["kept"] == 0:
     raise DataError(f"amazon: no review of {paths[0]} has an item with categories in "
                     f"{paths[1]} (reviews {r}, metadata {m})")
@@ -539,25 +628,38 @@ def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> No
                             ("metadata", stats["bad_row_ratio"]["metadata"], paths[1])):
     if ratio > max_ratio:
       raise DataError(f"amazon: {ratio:.2%} of the {what} lines of {path} are bad, above "
-                      f"data.max_bad_row_ratio={max_ratio:g} (reviews {r}, metadata {m})")
+                      f"data.max_bad_row_ratio={max_ratio:g} (reviews {r}, metadata {m})"
+                      + (first if what == "reviews" else ""))
 
 
-def load_reviews(reviews_path: str, meta_path: str, protocol: str,
-                 max_bad_row_ratio: float) -> tuple[Reviews, dict]:
-  """Parses and joins the raw files; returns (Reviews, stats) or raises DataError."""
+def load_reviews(reviews_path: str, meta_path: str, protocol: str, max_bad_row_ratio: float,
+                 drop_duplicates: bool = True) -> tuple[Reviews, dict]:
+  """Parses and joins the raw files; returns (Reviews, stats) or raises DataError.
+
+  drop_duplicates: keep only the earliest review of each (reviewer, asin) pair
+  (`drop_duplicate_reviews`); the number dropped is stats["reviews"]["duplicate_reviews"].
+  """
   started = time.time()
-  with open_text(reviews_path) as f:
-    raw = parse_reviews(f)
+  raw = parse_file(reviews_path, parse_reviews)
   logging.info("amazon: parsed %s in %.1fs: %s", reviews_path, time.time() - started, raw.counts)
+  duplicates = 0
+  if drop_duplicates:
+    raw, duplicates = drop_duplicate_reviews(raw)
   started = time.time()
   wanted = {asin: i for i, asin in enumerate(raw.item_keys)}
-  with open_text(meta_path) as f:
-    categories, meta_counts = parse_metadata(f, wanted, protocol)
+  categories, meta_counts = parse_file(meta_path,
+                                       lambda f: parse_metadata(f, wanted, protocol))
   logging.info("amazon: parsed %s in %.1fs: %s", meta_path, time.time() - started, meta_counts)
   reviews, dropped = join_reviews(raw, categories)
-  stats = {"reviews": dict(raw.counts, without_metadata=dropped, kept=len(reviews.item)),
-           "metadata": meta_counts}
+  stats = {"reviews": dict(raw.counts, duplicate_reviews=duplicates, without_metadata=dropped,
+                           kept=len(reviews.item)),
+           "metadata": meta_counts, "first_skipped": {"reviews": raw.first_skipped}}
   _check_bad_rows(stats, max_bad_row_ratio, (reviews_path, meta_path))
+  r = stats["reviews"]
+  if r["bad_time"] or duplicates:
+    logging.warning("amazon: %s: skipped %d review(s) with an implausible unixReviewTime and %d "
+                    "repeated (reviewer, asin) review(s) (the earliest kept)%s", reviews_path,
+                    r["bad_time"], duplicates, _first_skipped_text(raw.first_skipped))
   return reviews, stats
 
 
@@ -577,7 +679,8 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
     raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
   started = time.time()
   reviews, stats = load_reviews(reviews_path, meta_path, protocol,
-                                data_config.max_bad_row_ratio)
+                                data_config.max_bad_row_ratio,
+                                data_config.get("drop_duplicate_reviews", True))
   rng = np.random.default_rng(data_config.get("seed", 0))
   targets = protocol_targets(protocol, reviews, rng)
   negatives = draw_negatives(protocol, reviews, rng)
@@ -616,8 +719,9 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
   stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
                                                 extra_files={"stats.json": stats})
   logging.info("amazon: prepared %s in %.1fs: %d users, %d items, %d categories, samples %s, "
-               "bad rows %s", directory, time.time() - started, reviews.num_users,
-               reviews.num_items, reviews.num_categories, sizes, stats["bad_row_ratio"])
+               "bad rows %s, repeated reviews dropped %d", directory, time.time() - started,
+               reviews.num_users, reviews.num_items, reviews.num_categories, sizes,
+               stats["bad_row_ratio"], stats["reviews"]["duplicate_reviews"])
   return stats
 
 

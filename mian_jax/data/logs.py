@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,8 +63,13 @@ class BadRows:
     self.files: dict[str, dict[str, Any]] = {}
 
   def record(self, name: str, total: int, bad: np.ndarray, reason: str,
-             line_numbers: np.ndarray | None = None, lines: Sequence[str] | None = None) -> None:
-    """Adds the rows flagged in the boolean mask `bad` ([total]) under `reason`."""
+             line_numbers: Sequence[int] | None = None, lines: Sequence | None = None) -> None:
+    """Adds the rows flagged in the boolean mask `bad` ([total]) under `reason`.
+
+    line_numbers[i] is the 1-based file line of row i (anything indexable; only the first bad
+    row's is looked up), else rows are named by position; lines[i] is the text or value shown
+    for it.
+    """
     entry = self.files.setdefault(name, {"rows": int(total), "bad": 0, "reasons": {},
                                          "first_bad": None})
     count = int(np.count_nonzero(bad))
@@ -74,9 +79,9 @@ class BadRows:
     entry["reasons"][reason] = entry["reasons"].get(reason, 0) + count
     if entry["first_bad"] is None:
       i = int(np.flatnonzero(bad)[0])
-      where = int(line_numbers[i]) if line_numbers is not None else i + 1
-      text = f" {lines[i][:80]!r}" if lines is not None else ""
-      entry["first_bad"] = f"row {where} ({reason}){text}"
+      where = f"line {int(line_numbers[i])}" if line_numbers is not None else f"row {i + 1}"
+      text = f" {_shown(lines[i])}" if lines is not None else ""
+      entry["first_bad"] = f"{where} ({reason}){text}"
 
   def check(self) -> None:
     """Raises DataError if any file's share of bad rows exceeds `max_ratio`."""
@@ -89,6 +94,13 @@ class BadRows:
 
   def summary(self) -> dict[str, Any]:
     return {name: dict(e) for name, e in self.files.items()}
+
+
+def _shown(value) -> str:
+  """A raw value as quoted in messages: repr, at most 80 characters of a string."""
+  if isinstance(value, np.generic):
+    value = value.item()
+  return repr(value[:80] if isinstance(value, str) else value)
 
 
 def read_delimited(path: str, sep: str, names: Sequence[str], bad: BadRows,
@@ -134,7 +146,7 @@ def to_int(frame: pd.DataFrame, columns: Sequence[str], bad: BadRows, name: str,
   ok = np.ones(len(frame), bool)
   for c in columns:
     v = parsed[c].to_numpy(dtype=np.float64, na_value=np.nan)
-    good = np.isfinite(v) & (v == np.round(v))
+    good = np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0**63)  # fits int64
     if lo is not None:
       good &= v >= lo
     if hi is not None:
@@ -276,9 +288,30 @@ def _history_from_lists(lists: ListBehaviours, max_seq_len):
   return np.where(valid, pos, -1), lengths.astype(np.int32)
 
 
+def standardise(values: np.ndarray, train: np.ndarray, where: str,
+                describe_row: Callable[[int], str] | None = None):
+  """(values - mean) / std with the training rows' mean and std, as float32; (column, mean, std).
+
+  Raises DataError naming the largest value if that overflows: a value near 1e154 or above
+  squares to infinity in the variance (float64), and a standardised value must fit float32.
+  """
+  with np.errstate(over="ignore", invalid="ignore"):
+    mean, std = float(values[train].mean()), float(values[train].std())
+    std = std if std > 0 else 1.0
+    column = ((values - mean) / std).astype(np.float32)
+  if not (np.isfinite(mean) and np.isfinite(std) and np.isfinite(column).all()):
+    i = int(np.argmax(np.abs(values)))
+    row = describe_row(i) if describe_row is not None else f"row {i + 1} of the log"
+    raise DataError(f"{where}: value {values[i]:g} ({row}) is too large to standardise (the "
+                    f"training variance or the standardised value overflows: mean {mean:g}, std "
+                    f"{std:g}); rescale the column (e.g. log or other units) or fix the value")
+  return column, mean, std
+
+
 def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
                    behaviour_mask: np.ndarray | None = None,
-                   lists: ListBehaviours | None = None):
+                   lists: ListBehaviours | None = None,
+                   describe_row: Callable[[int], str] | None = None):
   """Turns a log into prepared columns.
 
   Args:
@@ -288,6 +321,7 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
     behaviour_mask: [N] bool, which rows count as behaviours (default: all rows). Ignored when
       `lists` is given.
     lists: behaviours given per row instead of built from the log (rows in `log` order).
+    describe_row: where log row i comes from (e.g. "log.csv line 7"), for error messages.
 
   Returns:
     (schema, {split: columns}, info) with columns in the order (timestamp, user, log row) and
@@ -349,9 +383,8 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
         values = pd.to_numeric(log[col], errors="coerce").to_numpy(np.float64)
         if not np.isfinite(values).all():
           raise DataError(f"{source}: numeric field {col!r} has missing or non-finite values")
-        mean, std = float(values[train].mean()), float(values[train].std())
-        std = std if std > 0 else 1.0
-        columns[col] = ((values - mean) / std).astype(np.float32)
+        columns[col], mean, std = standardise(values, train,
+                                              f"{source}: numeric field {col!r}", describe_row)
         info["numeric"][col] = {"mean": mean, "std": std}
         made.append(schema_lib.Field(name, "numeric"))
     fields[group] = tuple(made)

@@ -34,7 +34,8 @@ are static in MovieLens, so user fields carry no future information. Vocabularie
 training split only; unseen values (e.g. movies first rated in the test period) map to OOV id 1.
 
 Malformed lines (wrong field count, non-integer ids, ratings outside 1..5, unknown users or
-movies, duplicate ids) are counted per file, reported in stats.json["bad_rows"], and above
+movies, duplicate ids, timestamps that are not Unix seconds of 1970..2099, e.g. milliseconds)
+are counted per file, reported in stats.json["bad_rows"], and above
 data.max_bad_row_ratio the preparation fails with a DataError.
 """
 
@@ -46,7 +47,7 @@ import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict
 
-from mian_jax.data import logs
+from mian_jax.data import logs, timestamps
 from mian_jax.errors import DataError
 
 ENV_VAR = "MIAN_JAX_MOVIELENS_DIR"
@@ -165,8 +166,16 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows) -> pd.DataFrame:
   bad.record(r_name, 0, ~ratings["movie"].isin(movies["movie"]).to_numpy(), "unknown movie",
              lines)
   ok = (ratings["rating"].between(1, 5) & ratings["user"].isin(users["user"])
-        & ratings["movie"].isin(movies["movie"]))
-  ratings = ratings[ok.to_numpy()].reset_index(drop=True)
+        & ratings["movie"].isin(movies["movie"])).to_numpy()
+  seconds = ratings["timestamp"].to_numpy()
+  implausible = ok & ~timestamps.plausible(seconds)
+  hints = np.array([timestamps.unit_hint(v) for v in seconds[implausible]], dtype=object)
+  for hint in sorted(set(hints)):  # one reason per apparent unit (milliseconds, ...)
+    mask = implausible.copy()
+    mask[implausible] = hints == hint
+    bad.record(r_name, 0, mask, f"timestamp is not {timestamps.RANGE_TEXT}{hint}", lines,
+               seconds)
+  ratings = ratings[ok & ~implausible].reset_index(drop=True)
   bad.check()
 
   r = ratings.merge(users[["user", "age_group", "gender", "occupation", "zip"]], on="user",

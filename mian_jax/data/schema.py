@@ -32,7 +32,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +52,11 @@ OOV_ID = 1
 NUM_RESERVED_IDS = 2
 GROUPS = ("item", "user", "context")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+# Data are written to a temporary sibling `.tmp-<name>-<host>-<pid>-<random>` first. One whose
+# owner died is removed by the next preparation in that parent directory: at once if the owner ran
+# on this host (its pid is gone); a `.tmp-<name>-*` of another host, or of older versions (no
+# owner in the name), once nothing was written to it for this long.
+STALE_TMP_SECONDS = 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +219,8 @@ def write_prepared(directory: str, schema: Schema,
     validate_columns(schema, split, splits[split])
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+  remove_stale_tmp(directory)
+  tmp = tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=parent)
   try:
     for split in SPLITS:
       os.makedirs(os.path.join(tmp, split))
@@ -228,14 +237,86 @@ def write_prepared(directory: str, schema: Schema,
         json.dump(content, f, indent=2, sort_keys=True)
     try:  # the rename publishes everything at once
       os.rename(tmp, directory)
-    except OSError:
+    except OSError as e:
       if os.path.isfile(os.path.join(directory, "schema.json")):
         return checksum  # another process finished the same preparation first (same bytes)
-      raise
+      raise DataError(f"cannot move the prepared data to {directory} ({e.strerror}); if it "
+                      "exists, delete or move it, or choose another data.prepared_dir") from None
     return checksum
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host() -> str:
+  return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_prefix(directory: str) -> str:
+  """`.tmp-<name>-<host>-<pid>-`: names the temporary sibling's owner (see STALE_TMP_SECONDS)."""
+  return f".tmp-{os.path.basename(os.path.abspath(directory))}-{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # e.g. PermissionError: it exists, under another user
+    return True
+  return True
+
+
+def _last_write(path: str) -> float:
+  """Newest modification time of `path` and the entries directly inside it."""
+  times = [os.path.getmtime(path)]
+  with os.scandir(path) as entries:
+    times += [e.stat(follow_symlinks=False).st_mtime for e in entries]
+  return max(times)
+
+
+def remove_stale_tmp(directory: str) -> list[str]:
+  """Removes temporary directories that dead preparations left beside `directory`; returns them.
+
+  Any `.tmp-*-<host>-<pid>-<random>` of this host whose process `pid` is gone, and any other
+  `.tmp-<name>-*` of this directory's name (another host's, or of older versions) to which
+  nothing was written for STALE_TMP_SECONDS. A live preparation's directory is never touched.
+  """
+  parent = os.path.dirname(os.path.abspath(directory))
+  same_name = f".tmp-{os.path.basename(os.path.abspath(directory))}-"
+  this_host = re.compile(rf"\.tmp-.+-{re.escape(_host())}-(\d+)-[a-z0-9_]{{8}}")
+  removed = []
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return removed
+  for name in names:
+    path = os.path.join(parent, name)
+    owner = this_host.fullmatch(name)
+    if (not (owner or name.startswith(same_name)) or not os.path.isdir(path)
+        or os.path.islink(path)):
+      continue
+    try:
+      stale = (not _pid_alive(int(owner.group(1))) if owner
+               else time.time() - _last_write(path) > STALE_TMP_SECONDS)
+    except OSError:  # removed meanwhile by its owner or another cleaner
+      continue
+    if stale:
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
+
+
+def discard(directory: str) -> None:
+  """Removes `directory` by first renaming it to a temporary sibling of this process, so a
+  half-finished removal is cleaned up like a dead preparation's (`remove_stale_tmp`)."""
+  trash = os.path.join(os.path.dirname(os.path.abspath(directory)),
+                       _tmp_prefix(directory) + uuid.uuid4().hex[:8])
+  try:
+    os.rename(directory, trash)
+  except FileNotFoundError:  # another process moved it first
+    return
+  shutil.rmtree(trash, ignore_errors=True)
 
 
 def dataset_checksum(directory: str) -> str:
@@ -254,6 +335,26 @@ def dataset_checksum(directory: str) -> str:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
   return digest.hexdigest()
+
+
+def verify_dataset_checksum(directory: str) -> str:
+  """Re-hashes a prepared directory and checks it against the checksum its preparation
+  recorded in stats.json; returns the checksum (the data's identity, which runs record).
+
+  Raises DataError if the files changed since preparation. A directory without a recorded
+  checksum (hand-made, or older) is accepted as it is.
+  """
+  checksum = dataset_checksum(directory)
+  try:
+    with open(os.path.join(directory, "stats.json")) as f:
+      recorded = json.load(f).get("checksum")
+  except (OSError, ValueError, AttributeError):
+    recorded = None
+  if recorded is not None and recorded != checksum:
+    raise DataError(f"the prepared data in {directory} changed after it was prepared (checksum "
+                    f"{checksum[:12]}, recorded {recorded[:12]}); delete the directory and "
+                    "prepare it again")
+  return checksum
 
 
 def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarray]) -> None:
@@ -322,8 +423,10 @@ def load_split(directory: str, split: str, schema: Schema | None = None,
       raise DataError(f"{path} is missing: the prepared data is incomplete or from another schema")
     try:
       columns[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-      raise DataError(f"{path}: unreadable ({e})") from None
+    except (ValueError, EOFError, OSError) as e:  # e.g. an empty or truncated file
+      problem = "an empty file" if os.path.getsize(path) == 0 else f"unreadable ({e})"
+      raise DataError(f"{path}: {problem}, so the prepared data in {directory} is damaged; "
+                      "delete the directory and prepare it again") from None
   if validate:
     validate_columns(schema, split, columns)
   return columns

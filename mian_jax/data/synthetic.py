@@ -28,6 +28,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError
 
 # Sizes of the profile and context vocabularies (values, before the two reserved ids).
 NUM_GENDERS = 2
@@ -61,8 +62,8 @@ class _World:
     self.items_by_category = order
     self.category_counts = np.bincount(self.item_category, minlength=c.num_categories)
     if (self.category_counts == 0).any():
-      raise ValueError("synthetic: every category needs at least one item; "
-                       "raise num_items or lower num_categories")
+      raise ConfigError("data.synthetic: every category needs at least one item; "
+                        "raise num_items or lower num_categories")
     self.category_starts = np.concatenate([[0], np.cumsum(self.category_counts)[:-1]])
     u = c.num_users
     self.occupation = rng.integers(c.num_occupations, size=u)
@@ -193,8 +194,21 @@ def make_schema(c: ConfigDict, max_seq_len: int) -> schema_lib.Schema:
       source=f"synthetic(seed={c.seed})")
 
 
+def check_settings(c: ConfigDict, max_seq_len: int) -> None:
+  """Raises ConfigError (one line) if the history lengths cannot be drawn: active users get
+  [min_seq_len, max_seq_len] behaviours, inactive "short" ones [0, short_seq_len]."""
+  problems = [f"{key}={c[key]} must lie in [0, data.max_seq_len={max_seq_len}]"
+              for key in ("min_seq_len", "short_seq_len") if not 0 <= c[key] <= max_seq_len]
+  if problems:
+    raise ConfigError(f"data.synthetic: {' and '.join(problems)} (history lengths are drawn up "
+                      f"to max_seq_len); lower them, e.g. --config.data.synthetic.min_seq_len="
+                      f"{max_seq_len} --config.data.synthetic.short_seq_len="
+                      f"{min(c.short_seq_len, max_seq_len)}, or raise data.max_seq_len")
+
+
 def generate(c: ConfigDict, max_seq_len: int):
   """Returns (schema, {split: columns}) for the synthetic settings `c`."""
+  check_settings(c, max_seq_len)
   rng = np.random.default_rng(c.seed)
   world = _World(c, rng)
   splits = {split: _generate_split(world, np.random.default_rng([c.seed, i + 1]),

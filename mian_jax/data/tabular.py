@@ -19,11 +19,15 @@ One row per example (an impression). `config.data.tabular` names the columns:
 Splits: `path` = one file cut by time (the last `test_fraction` of rows by timestamp = test, the
 `valid_fraction` before = valid), or `train_path`, `valid_path`, `test_path` = pre-split files.
 
-Bad rows (counted per file, in stats.json["bad_rows"]; above data.max_bad_row_ratio the
-preparation fails): CSV lines with too many fields, a missing or unparsable label, user id,
-timestamp or item id, a non-numeric numeric field, behaviour list columns of unequal length.
-A missing categorical value maps to the OOV id 1. A named column absent from the file, a missing
-or empty file: DataError.
+Bad rows (counted per file, in stats.json["bad_rows"] with the file line of the first; above
+data.max_bad_row_ratio the preparation fails): CSV lines with too many fields, a missing or
+unparsable label, user id, timestamp or item id, a timestamp of the minority kind (a date among
+numbers, or a number among dates), a non-numeric numeric field, behaviour list columns of unequal
+length. A missing categorical value maps to the OOV id 1. A named column absent from the file, a
+missing or empty file, a numeric value too large to standardise: DataError.
+
+CSV columns are read as strings (ids such as "00194" and "194" stay distinct); a UTF-8
+byte-order mark before the header is dropped.
 """
 
 from __future__ import annotations
@@ -54,9 +58,66 @@ def _file_format(path: str, fmt: str) -> str:
   return "parquet" if path.lower().endswith((".parquet", ".pq")) else "csv"
 
 
-def read_table(path: str, c: ConfigDict, bad: logs.BadRows) -> pa.Table:
+class CsvLines:
+  """The 1-based file line on which each CSV record starts (record 1 = the header line).
+
+  pyarrow numbers records, skipping blank lines; a quoted value may span lines. Without either,
+  record r is line r, which `_same_as_records` checks by counting line breaks; otherwise the file
+  is scanned once. Both happen only when a line is asked for (messages about bad rows).
+  """
+
+  def __init__(self, path: str, encoding: str, num_records: int):
+    self.path, self.encoding, self.num_records = path, encoding, num_records
+    self._starts: np.ndarray | None = None  # starts[r - 1] = line of record r
+
+  def line(self, record: int) -> int:
+    if self._starts is None:
+      self._starts = (np.arange(1, self.num_records + 1) if self._same_as_records()
+                      else self._scan())
+    return int(self._starts[record - 1]) if record <= len(self._starts) else record
+
+  def rows(self, records: np.ndarray) -> "_RowLines":
+    """Indexable: the file line of row i, whose record number is records[i]."""
+    return _RowLines(self, records)
+
+  def _same_as_records(self) -> bool:
+    if "\n".encode(self.encoding) != b"\n":  # not ASCII-compatible (e.g. UTF-16): scan
+      return False
+    breaks, last = 0, b""
+    with open(self.path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 24), b""):
+        breaks += block.count(b"\n")
+        last = block[-1:]
+    return breaks + (last not in (b"", b"\n")) == self.num_records
+
+  def _scan(self) -> np.ndarray:
+    starts, inside = [], False
+    with open(self.path, encoding=self.encoding, newline="") as f:
+      for number, text in enumerate(f, 1):
+        if not inside and text not in ("\n", "\r\n", "\r"):
+          starts.append(number)
+        if text.count('"') % 2:  # an odd number of quotes opens or closes a quoted value
+          inside = not inside
+    return np.asarray(starts, np.int64)
+
+
+class _RowLines:
+  """rows[i] -> the file line of row i (see CsvLines.rows)."""
+
+  def __init__(self, lines: CsvLines, records: np.ndarray):
+    self.lines, self.records = lines, records
+
+  def __getitem__(self, i) -> int:
+    return self.lines.line(int(self.records[i]))
+
+
+def read_table(path: str, c: ConfigDict, bad: logs.BadRows):
   """Reads one CSV (all columns as strings) or Parquet file; counts CSV lines with too many or
-  too few fields as malformed."""
+  too few fields as malformed.
+
+  Returns:
+    (table, lines): lines[i] is the file line of table row i (CSV), None for Parquet.
+  """
   if not os.path.isfile(path):
     raise DataError(f"file not found: {path}")
   name = os.path.basename(path)
@@ -69,8 +130,9 @@ def read_table(path: str, c: ConfigDict, bad: logs.BadRows) -> pa.Table:
         header = next(csv.reader(f, delimiter=c.csv_sep), None)
       if not header:
         raise DataError(f"{path} is empty (no header line)")
+      header[0] = header[0].removeprefix("\ufeff")  # pyarrow drops a byte-order mark too
       invalid = []
-      handler = lambda row: invalid.append(row.text) or "skip"  # noqa: E731
+      handler = lambda row: invalid.append((row.number, row.text)) or "skip"  # noqa: E731
       table = pa_csv.read_csv(
           path, read_options=pa_csv.ReadOptions(encoding=c.encoding, use_threads=False),
           parse_options=pa_csv.ParseOptions(delimiter=c.csv_sep, invalid_row_handler=handler),
@@ -81,22 +143,36 @@ def read_table(path: str, c: ConfigDict, bad: logs.BadRows) -> pa.Table:
   total = table.num_rows + len(invalid)
   if total == 0:
     raise DataError(f"{path} is empty (no data rows)")
-  bad.record(name, total, np.arange(total) >= table.num_rows, "wrong number of fields",
-             lines=[""] * table.num_rows + invalid)
-  return table
+  if _file_format(path, c.format) == "parquet":
+    return table, None
+  # Records 2 .. total + 1 follow the header; pyarrow names the skipped ones.
+  records = np.arange(2, total + 2)
+  skipped = np.zeros(total, bool)
+  skipped[[number - 2 for number, _ in invalid if number]] = True
+  lines = CsvLines(path, c.encoding, total + 1)
+  bad.record(name, total, skipped, "wrong number of fields", lines.rows(records),
+             {int(number) - 2: text for number, text in invalid if number})
+  return table, lines.rows(records[~skipped])
 
 
-def _timestamps(col: pa.ChunkedArray) -> np.ndarray:
-  """Seconds as float64 (NaN = unparsable) from numbers, numeric strings, dates or timestamps."""
+def _timestamps(col: pa.ChunkedArray) -> tuple[np.ndarray, str]:
+  """Seconds as float64 (NaN = missing or unparsable) from numbers, numeric strings, dates or
+  timestamps, and what a present value must be ("a number" | "a date-time").
+
+  A string column is read as numbers if most of its present values are numbers, else as
+  date-times; the minority kind is then unparsable (bad rows), never the majority.
+  """
   if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
     s = pd.to_datetime(col.to_pandas(), utc=True, errors="coerce")
-    return (s.astype("int64") / 1e9).where(s.notna()).to_numpy(np.float64, na_value=np.nan)
+    seconds = (s.astype("int64") / 1e9).where(s.notna())
+    return seconds.to_numpy(np.float64, na_value=np.nan), "a date-time"
   s = col.to_pandas()
   num = pd.to_numeric(s, errors="coerce")
-  if num.notna().sum() >= s.notna().sum():  # all present values are numbers
-    return num.to_numpy(np.float64, na_value=np.nan)
+  if 2 * num.notna().sum() >= s.notna().sum():  # most present values are numbers
+    return num.to_numpy(np.float64, na_value=np.nan), "a number"
   when = pd.to_datetime(s.astype(object), utc=True, errors="coerce", format="mixed")
-  return (when.astype("int64") / 1e9).where(when.notna()).to_numpy(np.float64, na_value=np.nan)
+  seconds = (when.astype("int64") / 1e9).where(when.notna())
+  return seconds.to_numpy(np.float64, na_value=np.nan), "a date-time"
 
 
 def _labels(col: pa.ChunkedArray) -> np.ndarray:
@@ -148,8 +224,9 @@ def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
 
 
 def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigDict, groups,
-                  behavior, bad: logs.BadRows):
-  """One file's rows -> (log frame, {field: ListArray} or None); bad rows counted and dropped."""
+                  behavior, bad: logs.BadRows, lines=None):
+  """One file's rows -> (log frame, {field: ListArray} or None, kept table rows); bad rows
+  counted (lines[i]: the file line of row i, if known) and dropped."""
   needed = {c.label: "label", c.user_id: "user_id", c.timestamp: "timestamp"}
   for g, fields in groups.items():
     needed.update({f: f"{g}_fields" for f, _ in fields})
@@ -162,17 +239,23 @@ def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigD
   n = table.num_rows
   ok = np.ones(n, bool)
 
-  def flag(mask, reason):
+  def flag(mask, reason, column=None):
+    """Counts the rows in `mask` not flagged before; shows the first one's `column` value."""
     nonlocal ok
-    bad.record(name, 0, ok & mask, reason)
+    mask = ok & mask
+    if mask.any():
+      shown = table[column].to_pandas().to_numpy() if column is not None else None
+      bad.record(name, 0, mask, reason, lines, shown)
     ok &= ~mask
 
   label = _labels(table[c.label])
-  flag(np.isnan(label), f"label {c.label!r} is not 0/1")
+  flag(np.isnan(label), f"label {c.label!r} is not 0/1", c.label)
   user = table[c.user_id].to_pandas()
   flag(user.isna().to_numpy(), f"user id {c.user_id!r} missing")
-  ts = _timestamps(table[c.timestamp])
-  flag(~np.isfinite(ts), f"timestamp {c.timestamp!r} missing or unparsable")
+  ts, kind = _timestamps(table[c.timestamp])
+  present = table[c.timestamp].is_valid().to_numpy(zero_copy_only=False)
+  flag(~present, f"timestamp {c.timestamp!r} missing")
+  flag(~np.isfinite(ts), f"timestamp {c.timestamp!r} is not {kind} like most rows", c.timestamp)
   item_id = groups["item"][0][0]
   flag(table[item_id].to_pandas().isna().to_numpy(), f"item id {item_id!r} missing")
   frame = {}
@@ -182,7 +265,7 @@ def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigD
       if kind == "numeric":
         values = pd.to_numeric(values, errors="coerce")
         flag(~np.isfinite(values.to_numpy(np.float64, na_value=np.nan)),
-             f"numeric field {f!r} missing or not a number")
+             f"numeric field {f!r} missing or not a number", f)
       frame[f"{g}.{f}"] = values
   lists = None
   if list_cols:
@@ -194,11 +277,26 @@ def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigD
   keep = pa.array(ok)
   if lists is not None:
     lists = {b: a.filter(keep) for b, a in lists.items()}
-  return log[ok].reset_index(drop=True), lists
+  return log[ok].reset_index(drop=True), lists, np.flatnonzero(ok)
+
+
+def _row_describer(sources):
+  """describe(i) -> where row i of the concatenated log comes from, e.g. "log.csv line 7".
+
+  sources: per file, in log order, (name, lines or None, kept table rows).
+  """
+  offsets = np.cumsum([0] + [len(kept) for _, _, kept in sources])
+
+  def describe(i: int) -> str:
+    part = int(np.searchsorted(offsets, i, side="right")) - 1
+    name, lines, kept = sources[part]
+    row = int(kept[i - offsets[part]])
+    return f"{name} line {lines[row]}" if lines is not None else f"{name} row {row + 1}"
+  return describe
 
 
 def read_log(data_config: ConfigDict, bad: logs.BadRows):
-  """All files -> (log, ListBehaviours or None)."""
+  """All files -> (log, groups, behavior, ListBehaviours or None, describe_row)."""
   c = data_config.tabular
   groups, behavior = _field_columns(c)
   _check_config(c, groups, behavior)
@@ -213,10 +311,13 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows):
   else:
     raise DataError("data.tabular: set path (one file, split by time) or all of train_path, "
                     "valid_path and test_path")
-  parts = []
+  parts, sources = [], []
   for path, code in files:
-    table = read_table(path, c, bad)
-    parts.append(_table_to_log(table, os.path.basename(path), code, c, groups, behavior, bad))
+    table, lines = read_table(path, c, bad)
+    name = os.path.basename(path)
+    log, lists, kept = _table_to_log(table, name, code, c, groups, behavior, bad, lines)
+    parts.append((log, lists))
+    sources.append((name, lines, kept))
   bad.check()
   log = pd.concat([p[0] for p in parts], ignore_index=True)
   if c.path:
@@ -233,20 +334,21 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows):
       values = pa.concat_arrays([pc.list_flatten(a).cast(pa.string()) for a in arrays])
       flat[b] = pd.Series(values.to_pandas(), dtype=object).str.strip()
     lists = logs.ListBehaviours(flat=flat, offsets=offsets)
-  return log, groups, behavior, lists
+  return log, groups, behavior, lists, _row_describer(sources)
 
 
 def generate(data_config: ConfigDict):
   """Returns (schema, {split: columns}, stats) for the tabular settings in `data_config`."""
   c = data_config.tabular
   bad = logs.BadRows(data_config.max_bad_row_ratio)
-  log, groups, behavior, lists = read_log(data_config, bad)
+  log, groups, behavior, lists, describe_row = read_log(data_config, bad)
   spec = logs.LogSpec(item_fields=groups["item"], behavior_fields=behavior,
                       user_fields=groups["user"], context_fields=groups["context"],
                       max_seq_len=data_config.max_seq_len)
   mask = (log["label"].to_numpy() == 1) if c.behavior_rows == "clicks" else None
   source = f"tabular({c.path or c.train_path})"
-  schema, splits, info = logs.build_examples(log, spec, source, behaviour_mask=mask, lists=lists)
+  schema, splits, info = logs.build_examples(log, spec, source, behaviour_mask=mask, lists=lists,
+                                             describe_row=describe_row)
   if c.path:
     split_text = (f"global time split: last {c.test_fraction:.0%} of rows by timestamp = test, "
                   f"the {c.valid_fraction:.0%} before = valid")
