@@ -4,9 +4,9 @@
       --variant="hash:" --variant="threefry:model.dropout_rng=threefry" \
       [--variant="no dropout:model.dropout_rate=0.0"] [--rounds=5] [--steps=40] [--out=FILE]
 
-Each --variant is "name:key=value;key=value" (config keys of configs/common.py's base config,
-as throughput.py builds it; values are Python literals or plain strings; "name:" is the base
-config). Every variant's train step is built and compiled first; then `--rounds` rounds time
+Each --variant is "name:key=value;key=value" (config keys of mian_jax/config_defaults.py's base
+config, as throughput.py builds it; values are Python literals or plain strings; "name:" is the
+base config). Every variant's train step is built and compiled first; then `--rounds` rounds time
 `--steps` steps of each variant in turn, on the same packed batches already on the device.
 On a shared machine whose speed drifts, alternating rounds keep the comparison fair where
 separate runs would not (docs/performance.md). Prints per variant the median, min and max

@@ -7,9 +7,9 @@ optionally beside DeepCTR-Torch's DIN and DeepFM on the same arrays (--peer).
 
 --vocab: "electronics" (~63 k items, 801 categories, ~192 k users) or "books" (~368 k items,
 1.6 k categories, ~604 k users), the sizes of Table 1 of the paper; 30 behaviours per example;
-"tiny" is for smoke tests. The models use configs/common.py's base config (§4.3 settings) with
-train.batch_size = the batch size and train.optimizer = --optimizer ("adam": optax Adam over
-every parameter; "lazy_adam": our row-sparse lazy Adam, mian_jax/optim.py).
+"tiny" is for smoke tests. The models use mian_jax/config_defaults.py's base config (§4.3
+settings) with train.batch_size = the batch size and train.optimizer = --optimizer ("adam": optax
+Adam over every parameter; "lazy_adam": our row-sparse lazy Adam, mian_jax/optim.py).
 
 Each (model, batch size) runs in its own process, so peak RSS is that pair's own. Measured:
 - compile_s: the first train step (trace, lower, compile, run);
@@ -128,10 +128,9 @@ def load_shared_data(directory: str):
 
 
 def make_config(model_name: str, batch_size: int, optimizer: str = "adam"):
-  """configs/common.py's base config for one model, batch size and optimizer."""
-  sys.path.insert(0, REPO)
-  from configs import common  # noqa: PLC0415
-  config = common.get_base_config()
+  """mian_jax/config_defaults.py's base config for one model, batch size and optimizer."""
+  from mian_jax import config_defaults  # noqa: PLC0415
+  config = config_defaults.get_base_config()
   config.model.name = model_name
   config.train.batch_size = batch_size
   config.train.optimizer = optimizer

@@ -14,8 +14,7 @@ of Amazon Books, ~8.9M reviews, minutes to generate). The raw files are generate
 
 import ml_collections
 
-from configs import books
-from configs import common
+from mian_jax import config_defaults
 
 SIZES = ("default", "small", "books")
 
@@ -81,8 +80,8 @@ def get_generator(size: str = "default") -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"protocol": "mian", "size": "default"})
-  config = books.get_amazon_config("books", args)
+  args = config_defaults.parse_arg(arg, {"protocol": "mian", "size": "default"})
+  config = config_defaults.get_amazon_config("books", args)
   config.data.source = "amazon_like"
   config.data.dataset = "amazon_like"  # recorded in stats.json and the schema's source
   del config.data.base_url  # nothing is downloaded

@@ -5,14 +5,14 @@
 
 The raw files are read from --config.data.raw_dir (default: <cache>/raw/amazon) and downloaded
 there from SNAP when missing. Model and training settings are the paper's defaults
-(configs/common.py).
+(mian_jax/config_defaults.py).
 """
 
 import ml_collections
 
-from configs import books
-from configs import common
+from mian_jax import config_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return books.get_amazon_config("electronics", common.parse_arg(arg, {"protocol": "mian"}))
+  return config_defaults.get_amazon_config(
+      "electronics", config_defaults.parse_arg(arg, {"protocol": "mian"}))

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from configs import common
+from mian_jax import config_defaults
 
 VARIANTS = ("100k", "1m")
 
@@ -26,10 +26,10 @@ VARIANTS = ("100k", "1m")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg in VARIANTS:
     arg = f"variant={arg}"
-  args = common.parse_arg(arg, {"variant": "100k"})
+  args = config_defaults.parse_arg(arg, {"variant": "100k"})
   if args["variant"] not in VARIANTS:
     raise ValueError(f"config argument variant={args['variant']!r}: expected one of {VARIANTS}")
-  config = common.get_config_from_args(args)
+  config = config_defaults.get_config_from_args(args)
 
   config.data.source = "movielens"
   config.data.raw_dir = os.environ.get("MIAN_JAX_MOVIELENS_DIR", "")  # folder with the raw files

@@ -6,11 +6,11 @@
 
 import ml_collections
 
-from configs import common
+from mian_jax import config_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = common.get_config_from_args(common.parse_arg(arg, {}))
+  config = config_defaults.get_config_from_args(config_defaults.parse_arg(arg, {}))
 
   config.data.source = "synthetic"
   s = config.data.synthetic = ml_collections.ConfigDict()

@@ -18,11 +18,11 @@ Override any key on the command line, e.g. --config.data.tabular.user_fields=age
 
 import ml_collections
 
-from configs import common
+from mian_jax import config_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = common.get_config_from_args(common.parse_arg(arg, {}))
+  config = config_defaults.get_config_from_args(config_defaults.parse_arg(arg, {}))
 
   config.data.source = "tabular"
   config.data.max_bad_row_ratio = 0.001  # malformed rows tolerated per file, else fail

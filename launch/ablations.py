@@ -44,7 +44,7 @@ VARIANTS = {
     "concat values": ["--config.model.interaction_values=concat"],
     "concat e_b in GIM": ["--config.model.gim_behavior=concat"],
     "oldest-first slots": ["--config.model.history_layout=oldest_first"],
-    # MIAN as the paper's equations read literally (configs/common.py DEPARTURES undone).
+    # MIAN as the paper's equations read literally (mian_jax/config_defaults.py DEPARTURES undone).
     "paper literal": [f"--config.model.{key}={value}" for key, value in PAPER_LITERAL.items()],
     "paper literal, oldest-first slots": [
         *(f"--config.model.{key}={value}" for key, value in PAPER_LITERAL.items()),

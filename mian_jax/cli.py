@@ -1,14 +1,30 @@
-"""What the entry points share: one-line errors for bad flags and bad input, JAX setup."""
+"""What the entry points share: one-line errors for bad flags and bad input, --show_config,
+JAX setup."""
 
 from __future__ import annotations
 
+import ast
+import difflib
+import io
+import logging as py_logging
 import os
+import re
 import sys
+import tokenize
+from collections.abc import Sequence
 
 import jax
 from absl import flags, logging
+from ml_collections import ConfigDict
 
+from mian_jax import config_defaults
 from mian_jax.errors import MianError
+
+flags.DEFINE_bool(
+    "show_config", False,
+    "Print every config key with its value and its comment from the config source, then exit "
+    "without running. Any key can be set with --config.<key>=<value> (e.g. "
+    "--config.train.batch_size=256); such overrides are applied before printing.")
 
 
 def _one_line(e: BaseException) -> str:
@@ -17,26 +33,234 @@ def _one_line(e: BaseException) -> str:
   return " ".join(text.split())
 
 
+def _fail(message: str) -> None:
+  """Exits with `error: <message>` on one line and status 2 (a usage error)."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser that reports bad flags and config overrides in one line (exit 2)."""
+  """absl flags parser that reports bad flags and config overrides in one line (exit 2), and
+  answers --show_config (exit 0)."""
+  # --help lists the main module's key flags; make --show_config one of them.
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["show_config"])
   try:
-    argv = flags.FLAGS(argv)
-    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+    try:
+      argv = flags.FLAGS(argv)
+    except flags.IllegalFlagValueError:
+      # All flags were parsed and a validator failed (a required --workdir left out): that is
+      # no obstacle to showing the config.
+      if not (flags.FLAGS.is_parsed() and flags.FLAGS.show_config and _has_config()):
+        raise
+    if _has_config():
       flags.FLAGS.config.keys()  # a config file that failed to load raises here
-    return argv
   except flags.Error as e:
     text = str(e)
     if "Traceback" in text:  # an exception inside get_config(arg): keep flag and last line
       lines = [line.strip() for line in text.splitlines() if line.strip()]
       text = f"{text.split(': ', 1)[0]}: {lines[-1]}"
-    sys.exit(f"error: {' '.join(text.split())}")
+    _fail(text)
   except (KeyError, AttributeError) as e:  # misspelt --config.<key>
-    sys.exit(f"error: unknown config key {_one_line(e)}")
+    _fail(_unknown_key_message(argv) or f"unknown config key {_one_line(e)}")
   except OSError as e:  # config file missing or broken
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    sys.exit(f"error: cannot load the config file: {lines[-1] if lines else e}")
+    _fail(f"cannot load the config file: {lines[-1] if lines else e}")
   except (ValueError, TypeError, SyntaxError) as e:  # get_config(arg) rejected its argument
-    sys.exit(f"error: {type(e).__name__}: {_one_line(e)}")
+    _fail(f"{type(e).__name__}: {_one_line(e)}")
+  if flags.FLAGS.show_config:
+    if not _has_config():
+      _fail("--show_config needs --config=<config file>")
+    name = flags.FLAGS["config"].config_filename  # path[:arg]
+    _print_and_exit(describe_config(flags.FLAGS.config, name,
+                                    [config_defaults.__file__, name.split(":", 1)[0]]))
+  return argv
+
+
+def _has_config() -> bool:
+  return ("config" in flags.FLAGS and flags.FLAGS["config"].present
+          and flags.FLAGS["config"].value is not None)
+
+
+def _print_and_exit(text: str) -> None:
+  try:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+  except BrokenPipeError:  # `--show_config | head`
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  sys.exit(0)
+
+
+# ------------------------------------------------------------------ misspelt --config.<key>
+
+
+def _unknown_key_message(argv: Sequence[str]) -> str | None:
+  """'unknown config key a.b (did you mean a.c?)' for the first --config.<key> that the
+  config lacks; None if the config cannot be loaded again or has every key."""
+  args = flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)
+  config_arg, keys = None, []
+  for i, arg in enumerate(args):
+    if match := re.fullmatch(r"--?config(=(.*))?", arg):
+      config_arg = match.group(2) if match.group(1) else next(iter(args[i + 1:i + 2]), None)
+    elif match := re.match(r"--?(?:no)?config\.([^=]+)", arg):
+      keys.append(match.group(1))
+  if config_arg is None:
+    return None
+  try:
+    config = flags.FLAGS["config"].parser.parse(config_arg)
+  except Exception:  # noqa: BLE001 - only the original error is worth reporting
+    return None
+  for key in keys:
+    if not _has_key(config, key.split(".")):
+      suggestion = _closest_key(config, key.split("."))
+      return f"unknown config key {key}" + (f" (did you mean {suggestion}?)" if suggestion else "")
+  return None
+
+
+def _has_key(config: ConfigDict, parts: list[str]) -> bool:
+  node = config
+  for part in parts:
+    if not isinstance(node, ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _closest_key(config, parts: list[str]) -> str | None:
+  """The existing dotted key nearest to `parts`, part by part; None if a part has no match."""
+  node, found = config, []
+  for part in parts:
+    if not isinstance(node, ConfigDict):
+      return None
+    if part not in node:
+      close = difflib.get_close_matches(part, list(node.keys()), n=1)
+      if not close:
+        return None
+      part = close[0]
+    found.append(part)
+    node = node[part]
+  return ".".join(found)
+
+
+# -------------------------------------------------------------------------- --show_config
+
+
+def describe_config(config: ConfigDict, name: str, sources: Sequence[str]) -> str:
+  """Every key of `config` (loaded from `name`) with its value and comment, one aligned line
+  each.
+
+  A key's comment is the trailing `# ...` of the line that sets it in one of the `sources`
+  (Python files read with tokenize and ast, never run), or else the comment lines right above
+  that line; a later source's comment wins (the data set's config over the defaults).
+  """
+  comments = {}
+  for path in sources:
+    if path.endswith(".py") and os.path.isfile(path):
+      comments.update(config_comments(path))
+  rows = [(key, repr(value), comments.get(key, "")) for key, value in _leaves(config)]
+  key_width = max((len(key) for key, _, _ in rows), default=0)
+  value_width = max((len(value) for _, value, _ in rows if len(value) <= 20), default=0)
+  lines = [f"# {name}: {len(rows)} keys; set one with --config.<key>=<value>"]
+  for i, (key, value, comment) in enumerate(rows):
+    if i and key.split(".")[0] != rows[i - 1][0].split(".")[0]:
+      lines.append("")
+    line = f"{key:<{key_width}}  {value:<{value_width}}"
+    lines.append(f"{line}  # {comment}" if comment else line.rstrip())
+  return "\n".join(lines) + "\n"
+
+
+def _leaves(config: ConfigDict, prefix: str = ""):
+  for key, value in config.items():
+    if isinstance(value, ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def config_comments(path: str) -> dict[str, str]:
+  """Dotted config key -> comment, from the assignments `<config>.a.b = ...` in a config file.
+
+  The names that hold a config are followed through each function: the name it returns, and
+  a parameter named `config`, stand for the config it builds or fills;
+  `s = config.data.synthetic = ConfigDict()` makes `s` stand for `data.synthetic`;
+  `config.data.generator = get_generator()` puts the keys that get_generator sets under
+  `data.generator`.
+  """
+  with tokenize.open(path) as f:
+    source = f.read()
+  trailing, above = {}, {}
+  block: list[str] = []
+  for token in tokenize.generate_tokens(io.StringIO(source).readline):
+    if token.type == tokenize.COMMENT:
+      text = token.string.lstrip("#").strip()
+      if token.line[:token.start[1]].strip():
+        trailing[token.start[0]] = text
+      else:
+        block.append(text)
+    elif token.type == tokenize.NL and not token.line.strip():
+      block = []  # a blank line ends a comment block
+    elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+      if block:
+        above[token.start[0]] = " ".join(block)
+      block = []
+
+  functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
+  prefixes: dict[str, str] = {}  # function -> where its returned config lands
+  calls = []  # (caller, callee, key under the caller's config)
+  assignments = []  # (function, key under its config, first line, last line)
+  for function in functions:
+    statements = [n for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.AnnAssign))]
+    names = {n.value.id: "" for n in ast.walk(function)
+             if isinstance(n, ast.Return) and isinstance(n.value, ast.Name)}
+    if "config" in [a.arg for a in function.args.args]:
+      names["config"] = ""
+    for _ in range(3):  # aliases of aliases
+      for statement in statements:
+        targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+        keys = [_key(t, names) for t in [*targets, statement.value]]
+        key = next((k for k in keys if k is not None), None)
+        if key is not None:
+          for target in targets:
+            if isinstance(target, ast.Name):
+              names.setdefault(target.id, key)
+    for statement in statements:
+      targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+      for target in targets:
+        key = _key(target, names)
+        if key:
+          assignments.append((function.name, key, statement.lineno, statement.end_lineno))
+          if isinstance(statement.value, ast.Call):
+            callee = statement.value.func
+            name = callee.id if isinstance(callee, ast.Name) else getattr(callee, "attr", None)
+            if name in {f.name for f in functions}:
+              calls.append((function.name, name, key))
+  for _ in range(3):  # nested builders
+    for caller, callee, key in calls:
+      prefixes[callee] = _join(prefixes.get(caller, ""), key)
+
+  found: dict[str, tuple[int, str]] = {}  # key -> (rank: trailing 0, above 1; comment)
+  for function, key, first, last in assignments:
+    key = _join(prefixes.get(function, ""), key)
+    comment = next((trailing[i] for i in range(first, last + 1) if i in trailing), None)
+    candidate = (0, comment) if comment else (1, above.get(first)) if first in above else None
+    if candidate and (key not in found or candidate[0] < found[key][0]):
+      found[key] = candidate
+  return {key: comment for key, (_, comment) in found.items()}
+
+
+def _key(node: ast.expr, names: dict[str, str]) -> str | None:
+  """'a.b' for `<name>.a.b` where `names` maps <name> to the key it stands for; '' for the
+  name itself; None otherwise."""
+  attributes = []
+  while isinstance(node, ast.Attribute):
+    attributes.append(node.attr)
+    node = node.value
+  if not isinstance(node, ast.Name) or node.id not in names:
+    return None
+  return _join(names[node.id], ".".join(reversed(attributes)))
+
+
+def _join(prefix: str, key: str) -> str:
+  return f"{prefix}.{key}" if prefix and key else prefix or key
 
 
 def run_or_exit(fn, *args):
@@ -55,9 +279,23 @@ class _QuietLibraries:
     return record.levelno > 20 or "/orbax/" not in record.pathname
 
 
+class _NoBackendProbes:
+  """Drops JAX's INFO lines about backends it probed and skipped ("Unable to initialize backend
+  'tpu': ... libtpu.so ..." on every machine without a TPU). A backend that was asked for
+  (JAX_PLATFORMS) still raises, and a GPU that is present but unusable is still a warning."""
+
+  def filter(self, record) -> bool:
+    return not (record.levelno <= py_logging.INFO
+                and record.getMessage().startswith("Unable to initialize backend"))
+
+
+_NO_BACKEND_PROBES = _NoBackendProbes()
+
+
 def setup_jax() -> None:
   """Process-wide JAX and logging settings; entry points call this, library modules never do."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  py_logging.getLogger("jax._src.xla_bridge").addFilter(_NO_BACKEND_PROBES)
   if os.environ.get("MIAN_JAX_DISTRIBUTED") == "1":  # multi-host, see launch/multihost.sh
     kwargs = {}
     if "MIAN_JAX_COORDINATOR" in os.environ:

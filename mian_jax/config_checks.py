@@ -5,6 +5,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from mian_jax.errors import ConfigError
+from mian_jax.models import MODELS
 from mian_jax.models.layers import DROPOUT_RNGS
 
 # key -> allowed values, for every string-valued choice in the configs.
@@ -45,8 +46,23 @@ def _get(config: ConfigDict, dotted: str):
   return node
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seeds(config: ConfigDict, prefix: str = ""):
+  """(dotted key, value) of every key named `seed`, at any depth."""
+  for key, value in config.items():
+    if isinstance(value, ConfigDict):
+      yield from _seeds(value, f"{prefix}{key}.")
+    elif key == "seed":
+      yield f"{prefix}{key}", value
+
+
 def check_config(config: ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError for the first out-of-range or inconsistent value."""
+  if config.model.name not in MODELS:
+    raise ConfigError(f"config.model.name={config.model.name!r} is not one of {sorted(MODELS)}")
   for key, allowed in CHOICES.items():
     if key.split(".")[1] in config[key.split(".")[0]]:
       value = _get(config, key)
@@ -58,6 +74,9 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
   for key in NON_NEGATIVE:
     if _get(config, key) < 0:
       raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}")
+  for key, value in _seeds(config):  # numpy and JAX take only non-negative seeds
+    if not _is_int(value) or value < 0:
+      raise ConfigError(f"config.{key} must be an integer >= 0, got {value!r}")
   if not 0.0 <= config.model.dropout_rate < 1.0:
     raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
   for key in BASELINE_POSITIVE:
@@ -67,8 +86,9 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     if key in config.model and config.model[key] < 0:
       raise ConfigError(f"config.model.{key} must be >= 0, got {config.model[key]!r}")
   for key in ("mlp_dims", "cin_layer_sizes", "attention_mlp_dims", "aux_mlp_dims"):
-    if key in config.model and any(d <= 0 for d in config.model[key]):
-      raise ConfigError(f"config.model.{key} must be positive, got {config.model[key]}")
+    if key in config.model and not all(_is_int(d) and d > 0 for d in config.model[key]):
+      raise ConfigError(f"config.model.{key} must be positive integers, e.g. (32, 8), got "
+                        f"{config.model[key]!r}")
   if config.train.get("optimizer") == "lazy_adam" and config.train.l2_scope == "all_weights":
     raise ConfigError("config.train.optimizer='lazy_adam' updates only the embedding rows a batch "
                       "uses, so it cannot take config.train.l2_scope='all_weights' (use "

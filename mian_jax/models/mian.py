@@ -15,7 +15,7 @@ from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
 from mian_jax.models.din import candidate_query
 
-# The paper's literal reading of the switches whose defaults (configs/common.py) depart from the
+# The paper's literal reading of the switches whose defaults (mian_jax/config_defaults.py) depart from the
 # text, each departure chosen on validation data (docs/model.md, "Departures from the text").
 PAPER_LITERAL = {
     "interaction_values": "concat",  # eqs. 6, 10, 12 pool [e_i; x] only

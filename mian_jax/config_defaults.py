@@ -1,5 +1,21 @@
 """Defaults shared by every data set's config. Values follow §4.3 of the paper where it gives
-them; every other choice is explained in docs/model.md."""
+them; every other choice is explained in docs/model.md.
+
+The repository's configs/<dataset>.py build on these, and so can a config file in any folder:
+
+  # /tmp/myexp/my_config.py
+  from mian_jax import config_defaults
+
+  def get_config(arg=None):
+    config = config_defaults.get_config_from_args(config_defaults.parse_arg(arg, {}))
+    config.model.embed_dim = 32  # a trailing comment is shown by --show_config
+    return config
+
+  python -m mian_jax.main --config=/tmp/myexp/my_config.py --workdir=runs/mine --show_config
+
+`--show_config` lists every key with its value and its comment from this file or the config
+file; README.md, "Configuration".
+"""
 
 from __future__ import annotations
 
@@ -18,7 +34,7 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"  # "synthetic" | "prepared" (see mian_jax/data/__init__.py)
+  config.data.source = "synthetic"  # a source listed in mian_jax/data/__init__.py, or "prepared"
   config.data.prepared_dir = ""  # "" = a cache directory keyed by the data settings
   config.data.max_seq_len = 30  # T, behaviours per example (§4.3)
 
@@ -79,6 +95,9 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.train.grad_clip_norm = 0.0  # clip the gradient's global norm to this (0: no clipping)
   config.train.l2_weight = 1e-3  # §4.3
   config.train.l2_scope = "batch_embeddings"  # "batch_embeddings" | "all_weights" | "none"
+  # A logged cross-entropy above this stops the run as diverged (a sane model starts near
+  # ln 2 = 0.69; only huge logits reach 100). Its predictions would all saturate.
+  config.train.max_bce = 100.0
   config.train.num_epochs = 1.0  # used when num_train_steps == -1
   config.train.num_train_steps = -1  # a step cap; -1 = num_epochs of the training split
   config.train.seed = 0  # parameters, data order and dropout
@@ -121,4 +140,27 @@ def get_config_from_args(args: dict[str, object]) -> ml_collections.ConfigDict:
   """The base config of the `reading` named in parsed config arguments, for model `model`."""
   config = get_base_config(args["reading"])
   config.model.name = args["model"]
+  return config
+
+
+# config argument `protocol` of the Amazon data sets (docs/data.md); "mian" is §4.1's.
+AMAZON_PROTOCOLS = ("mian", "din", "dien")
+
+
+def get_amazon_config(dataset: str, args: dict[str, object]) -> ml_collections.ConfigDict:
+  """The config of an Amazon data set ("books" | "electronics") from parsed config arguments
+  (model, reading, protocol); configs/books.py, electronics.py and amazon_like.py build on it."""
+  if args["protocol"] not in AMAZON_PROTOCOLS:
+    raise ValueError(f"config argument protocol={args['protocol']!r}: expected one of "
+                     f"{AMAZON_PROTOCOLS}")
+  config = get_config_from_args(args)
+
+  config.data.source = "amazon"
+  config.data.dataset = dataset  # "books" | "electronics"
+  config.data.protocol = args["protocol"]  # "mian" (§4.1, default) | "din" | "dien"
+  config.data.raw_dir = ""  # "" = <cache>/raw/amazon; files are downloaded there if missing
+  config.data.base_url = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+  config.data.max_bad_row_ratio = 0.01  # fail if more of the lines than this are unusable
+  config.data.drop_duplicate_reviews = True  # keep only the earliest review of a (reviewer, item) pair
+  config.data.seed = 0  # negatives and (dien) the user split
   return config

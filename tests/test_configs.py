@@ -1,0 +1,154 @@
+"""Configs: the repository's keep their values, a user's builds on mian_jax.config_defaults from
+any folder, and --show_config finds each key's comment in the sources."""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mian_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every key's repr, per config and argument, recorded from configs/*.py before the defaults
+# moved from configs/common.py to mian_jax/config_defaults.py. A change of a default that is
+# meant is recorded anew with `python -m tests.test_configs` (review the diff).
+VALUES = os.path.join(REPO, "tests", "config_values.json")
+with open(VALUES) as f:
+  RECORDED = json.load(f)
+
+
+def flat_reprs(tree: dict, prefix: str = "") -> dict[str, str]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flat_reprs(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = repr(value)
+  return out
+
+
+def config_values(case: str) -> dict[str, str]:
+  """The flat key -> repr of a case "<name>.py[:arg]" of configs/."""
+  name, _, arg = case.removesuffix(".py").partition(".py:")
+  module = importlib.import_module(f"configs.{name}")
+  return flat_reprs((module.get_config(arg) if arg else module.get_config()).to_dict())
+
+
+@pytest.mark.parametrize("case", sorted(RECORDED))
+def test_configs_keep_their_recorded_values(case, monkeypatch):
+  monkeypatch.delenv("MIAN_JAX_MOVIELENS_DIR", raising=False)
+  assert config_values(case) == RECORDED[case]
+
+
+def show_config(config_arg: str, *overrides: str, cwd: str) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k != "MIAN_JAX_MOVIELENS_DIR"}
+  return subprocess.run([sys.executable, "-m", "mian_jax.main", f"--config={config_arg}",
+                         "--show_config", *overrides],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def listed(stdout: str) -> dict[str, tuple[str, str]]:
+  """key -> (value, comment) from a --show_config listing."""
+  rows = {}
+  for line in stdout.splitlines():
+    if line and not line.startswith("#"):
+      key, rest = line.split(None, 1)
+      value, _, comment = rest.partition("  # ")
+      rows[key] = (value.strip(), comment)
+  return rows
+
+
+def test_a_config_in_any_folder_builds_on_config_defaults(tmp_path):
+  (tmp_path / "myexp").mkdir()
+  (tmp_path / "myexp" / "my_config.py").write_text(textwrap.dedent('''\
+      from mian_jax import config_defaults
+
+
+      def get_config(arg=None):
+        config = config_defaults.get_config_from_args(config_defaults.parse_arg(arg, {}))
+        config.model.embed_dim = 32  # wider embeddings for my data
+        return config
+      '''))
+  result = show_config("myexp/my_config.py:model=din", "--config.train.batch_size=256",
+                       cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = listed(result.stdout)
+  assert rows["model.embed_dim"] == ("32", "wider embeddings for my data")
+  assert rows["model.name"] == ("'din'", "a key of mian_jax.models.MODELS")
+  assert rows["train.batch_size"] == ("256", "global batch, split over devices (§4.3)")
+
+
+@pytest.mark.parametrize("name", ["electronics", "amazon_like"])
+def test_repository_configs_load_from_another_directory(tmp_path, name):
+  """electronics.py and amazon_like.py build on the Amazon defaults (mian_jax.config_defaults),
+  not on a sibling module that only the repository root can import."""
+  result = show_config(os.path.join(REPO, "configs", f"{name}.py"), cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert listed(result.stdout)["data.protocol"] == (
+      "'mian'", '"mian" (§4.1, default) | "din" | "dien"')
+
+
+def test_config_comments_follow_the_names_that_hold_the_config(tmp_path):
+  path = tmp_path / "config.py"
+  path.write_text(textwrap.dedent('''\
+      import ml_collections
+
+      from mian_jax import config_defaults
+
+
+      def get_parts():
+        p = ml_collections.ConfigDict()
+        p.size = 3  # parts per widget
+        # Two lines of comment
+        # right above the key.
+        p.colour = "red"
+        return p
+
+
+      def set_model(config):
+        config.model.embed_dim = 8  # a helper that fills the config it is given
+
+
+      def get_config(arg=None):
+        config = config_defaults.get_base_config()
+        set_model(config)
+        s = config.data.mine = ml_collections.ConfigDict()
+        s.seed = 0  # my seed
+        s.plain = 1
+        # a comment separated by a blank line belongs to nothing
+
+        config.data.parts = get_parts()
+        config.train.learning_rate = (
+            0.1)  # the trailing comment of a two-line statement
+        args = {"x": 1}  # not a config
+        return config
+      '''))
+  assert cli.config_comments(str(path)) == {
+      "data.mine.seed": "my seed",
+      "data.parts.size": "parts per widget",
+      "data.parts.colour": "Two lines of comment right above the key.",
+      "train.learning_rate": "the trailing comment of a two-line statement",
+      "model.embed_dim": "a helper that fills the config it is given",
+  }
+
+
+def test_the_movielens_folder_variable_has_one_name():
+  """configs/movielens.py reads it; the README and docs name it; the real-data test skips,
+  saying which variable to set, unless it is set."""
+  names = {}
+  for path in ("configs/movielens.py", "README.md", "docs/data.md", "tests/test_movielens.py"):
+    with open(os.path.join(REPO, path)) as f:
+      names[path] = set(re.findall(r"MIAN_JAX_\w+_DIR", f.read()))
+  assert names == {path: {"MIAN_JAX_MOVIELENS_DIR"} for path in names}
+
+
+if __name__ == "__main__":  # records the values anew: python -m tests.test_configs
+  os.environ.pop("MIAN_JAX_MOVIELENS_DIR", None)
+  with open(VALUES, "w") as f:
+    json.dump({case: config_values(case) for case in RECORDED}, f, indent=1)
+  print(f"wrote {VALUES}")
