@@ -7,7 +7,7 @@
 predictions Parquet of `python -m mian_jax.evaluate --predictions` for that checkpoint,
 `<workdir>/eval/<split>_predictions_step<N>.parquet` (its `attention_gim` column, the part names
 in its metadata): when the file is not there yet, evaluate is run first, with the config the run
-recorded (launch/recorded_config.py), its output in `<workdir>/eval/evaluate_log.txt`. A rerun
+recorded (`evaluate` reads it from the workdir), its output in `<workdir>/eval/evaluate_log.txt`. A rerun
 reuses the file. `--step=best` (the default) is the checkpoint of the best validation AUC.
 
 Writes `<workdir>/figure6.png`: a heat map of the weights (GIM's parts as rows, as in the paper;
@@ -35,7 +35,6 @@ import runner
 PART_MEANINGS = {"e_i": "candidate item", "e_c": "context fields", "e_b": "behaviours",
                  "e_u": "user profile", "R_ibim": "item × behaviours (IBIM)",
                  "R_iuim": "item × user (IUIM)", "R_icim": "item × context (ICIM)"}
-RECORDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded_config.py")
 
 
 def check_run(workdir: str) -> dict:
@@ -82,12 +81,9 @@ def ensure_predictions(workdir: str, split: str, step: str) -> str:
   path = os.path.join(workdir, "eval", f"{split}_predictions_step{number}.parquet")
   if os.path.isfile(path):
     return path
-  if ":" in workdir:
-    raise runner.LaunchError(f"{workdir}: a workdir with ':' in its path cannot be passed to "
-                             "the config flag; evaluate it by hand with --predictions")
   log_path = os.path.join(workdir, "eval", "evaluate_log.txt")
   print(f"{workdir}: evaluating step {number} on {split} with --predictions, log in {log_path}")
-  command = [sys.executable, "-m", "mian_jax.evaluate", f"--config={RECORDED_CONFIG}:{workdir}",
+  command = [sys.executable, "-m", "mian_jax.evaluate",
              f"--workdir={workdir}", f"--step={step}", f"--split={split}", "--predictions"]
   start = os.path.getsize(log_path) if os.path.isfile(log_path) else 0
   code = runner.launch(command, log_path)

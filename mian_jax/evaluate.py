@@ -1,7 +1,11 @@
 """Evaluates a checkpoint of a workdir on one split and writes the metrics (and predictions).
 
-  python -m mian_jax.evaluate --config=configs/synthetic.py --workdir=runs/synthetic \
-      [--step=latest|best|N] [--split=valid|test] [--predictions]
+  python -m mian_jax.evaluate --workdir=runs/synthetic [--step=latest|best|N] \
+      [--split=valid|test] [--predictions] [--config=configs/synthetic.py] [--config.k=v ...]
+
+The config is the workdir's recorded one (config.json) unless --config is given; either way
+it must agree with the recorded config on every key that shapes the run
+(`mian_jax.workdir.check_rerun`); `eval.batch_size` may differ.
 
 `--step=best` restores `<workdir>/checkpoints_best` (the step of the best validation AUC),
 `latest` (the default) the newest checkpoint, N that step. Writes
@@ -23,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mian_jax import checkpointing, cli, config_checks, train
+from mian_jax import workdir as workdir_lib
 from mian_jax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -31,8 +36,8 @@ flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, best (of 
                     "or a step number.")
 flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
 flags.DEFINE_bool("predictions", False, "Also write per-example predictions to Parquet.")
-config_flags.DEFINE_config_file("config", None, "Config file used for training.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file used for training; default: the "
+                                "--workdir's recorded config.json.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -75,6 +80,8 @@ def evaluate(config, workdir: str, step: int | str | None, split: str,
     step: "latest" (or None), "best" (from `checkpoints_best`) or a step number.
   """
   config_checks.check_config(config, jax.device_count())
+  workdir_lib.check_workdir_path(workdir)
+  workdir_lib.check_rerun(workdir, config.to_dict())
   step = "latest" if step is None else step
   directory = (checkpointing.best_checkpoint_dir(workdir) if step == "best" else
                checkpointing.checkpoint_dir(workdir))
@@ -122,5 +129,9 @@ def main(argv):
                  for k, v in sorted(result.items())))
 
 
+def parse_flags(argv):
+  return cli.parse_flags(workdir_lib.with_recorded_config(argv))
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -22,6 +22,9 @@ def _as_arrays(labels, scores, weights=None):
   scores = np.asarray(scores, np.float64).ravel()
   if labels.shape != scores.shape:
     raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in shape")
+  bad = int(np.sum(~np.isfinite(scores)))
+  if bad:  # a NaN has no rank: AUC and gAUC would come out silently wrong (even negative)
+    raise ValueError(f"{bad} of {scores.size} scores are not finite")
   if weights is not None:
     keep = np.asarray(weights).ravel() > 0
     labels, scores = labels[keep], scores[keep]

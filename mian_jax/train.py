@@ -14,6 +14,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -36,10 +38,12 @@ from mian_jax import metrics as metrics_lib
 from mian_jax import models
 from mian_jax import optim
 from mian_jax import sparse
+from mian_jax import workdir as workdir_lib
+from mian_jax import workdir_lock
 from mian_jax import writers
 from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
-from mian_jax.errors import DataError, NonFiniteLossError
+from mian_jax.errors import ConfigError, DataError, NonFiniteLossError, Preempted
 
 TrainState = train_state_lib.TrainState
 _NO_DECAY = ("bias", "scale", "score_bias")
@@ -280,26 +284,46 @@ def predict_split(state, data_dir: str, schema: schema_lib.Schema, split: str,
 
 
 def split_metrics(predictions: dict[str, Any]) -> dict[str, float | int]:
+  """Exact metrics of a split's predictions; NonFiniteLossError if a score is not finite."""
+  bad = int(np.sum(~np.isfinite(predictions["prob"])))
+  if bad:
+    raise NonFiniteLossError(f"the model predicts non-finite scores for {bad} of "
+                             f"{predictions['prob'].size} examples: its parameters are broken")
   return metrics_lib.compute_metrics(predictions["label"], predictions["prob"],
                                      predictions["group_id"],
                                      click_prob=predictions.get("extra.click_prob"))
 
 
-def write_json_atomic(path: str, content: dict) -> None:
-  """Writes JSON to a temporary file, then renames it: readers never see half a file."""
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes a file on process 0 through a temporary file and a rename: readers never see half
+  a file, and the other processes of a multi-process run write nothing."""
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(content, f, indent=2, sort_keys=True, default=_json_default)
+    f.write(text)
   os.replace(tmp, path)
 
 
-def _json_default(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
+def write_json_atomic(path: str, content: dict) -> None:
+  """Writes strict JSON atomically (`write_text_atomic`). A non-finite number, which JSON
+  cannot hold, is written as null with a warning naming it."""
+  write_text_atomic(path, json.dumps(_finite_or_null(content, path), indent=2, sort_keys=True,
+                                     allow_nan=False))
+
+
+def _finite_or_null(value, path: str, key: str = ""):
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v, path, key) for v in value]
+  if isinstance(value, (np.floating, np.integer)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    logging.warning("%s: %s is %s, written as null", path, key, value)
+    return None
+  return value
 
 
 # ----------------------------------------------------------------------------- loop
@@ -329,14 +353,21 @@ def _format_eta(seconds: float) -> str:
   return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
 
 
-def _check_finite(step: int, history: list[dict[str, float]], last_saved: int | None):
+def check_loss(step: int, history: list[dict[str, float]], last_saved: int | None,
+               max_bce: float) -> None:
+  """Raises NonFiniteLossError if a logged loss is non-finite or its cross-entropy exceeds
+  `max_bce` (a diverged run: its logits are huge, so every later prediction saturates)."""
   for m in history:
-    if not all(math.isfinite(v) for v in m.values()):
-      where = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
-               else "no checkpoint was written")
-      raise NonFiniteLossError(
-          f"non-finite loss {m} by step {step}; training stopped and {where} "
-          "(lower train.learning_rate or check the data for extreme values)")
+    finite = all(math.isfinite(v) for v in m.values())
+    if finite and m["bce"] <= max_bce:
+      continue
+    where = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
+             else "no checkpoint was written")
+    what = (f"non-finite loss {m}" if not finite else
+            f"cross-entropy {m['bce']:.4g} above train.max_bce={max_bce:g} (diverged)")
+    raise NonFiniteLossError(
+        f"{what} by step {step}; training stopped and {where} "
+        "(lower train.learning_rate or check the data for extreme values)")
 
 
 def improves(auc: float, best: float | None) -> bool:
@@ -350,13 +381,103 @@ def stopped_early(meta: dict[str, Any], patience: int) -> bool:
   return patience > 0 and meta.get("evals_since_best", 0) >= patience
 
 
+class StopSignals:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+  Schedulers and preemptible machines send SIGTERM before they kill; the loop then saves a
+  checkpoint at the step it reached and raises `Preempted`. A second signal gets the previous
+  handler (a second Ctrl-C interrupts at once). In a multi-process run the processes agree
+  every `sync_every` steps (a tiny all-gather), so all save the same step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, sync_every: int):
+    self.sync_every = sync_every
+    self.signum = 0
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    logging.warning("Received %s: saving a checkpoint after this step, then stopping",
+                    signal.Signals(signum).name)
+
+  def requested(self, step: int) -> int:
+    """The signal number to stop for (0: none), the same on every process."""
+    if jax.process_count() == 1:
+      return self.signum
+    if step % self.sync_every:
+      return 0
+    return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
+
+
+def run_header(config: ConfigDict, workdir: str, data_dir: str, schema, state, start_step: int,
+               total_steps: int, steps_per_epoch: int) -> str:
+  """The few lines a run logs before its first progress line (the full config is in
+  `<workdir>/config.json`, the parameter table in `<workdir>/parameters.txt`)."""
+  num_params = parameter_overview.count_parameters(state.params)
+  examples = ", ".join(f"{s} {n:,}" for s, n in schema.num_examples)
+  if start_step >= total_steps > 0 and start_step:
+    steps = (f"already at step {start_step:,}, at or past the budget of {total_steps:,} steps: "
+             "nothing to train, evaluating")
+  else:
+    steps = (f"steps {start_step:,} -> {total_steps:,} ({total_steps / steps_per_epoch:.3g} "
+             f"epochs of {steps_per_epoch:,})")
+  return "\n".join([
+      f"Run in {workdir} ({'resumed' if start_step else 'new'}); config: "
+      f"{workdir_lib.config_path(workdir)}",
+      f"  model {config.model.name}: {num_params:,} parameters (table: "
+      f"{os.path.join(workdir, 'parameters.txt')})",
+      f"  data {config.data.source}: {data_dir} ({examples} examples)",
+      f"  train {steps}; global batch {config.train.batch_size} on {jax.device_count()} "
+      f"device(s); validation every {config.train.eval_every_steps}, checkpoint every "
+      f"{config.checkpoint.every_steps} steps",
+  ])
+
+
+def closing_line(workdir: str, results: dict[str, dict[str, Any]]) -> str:
+  test = results["test"]
+  return (f"Done: test AUC {test['auc']:.4f} at step {test['step']} ({test['selected']}). "
+          f"Metrics: {os.path.join(workdir, 'eval')}; checkpoints: "
+          f"{checkpointing.checkpoint_dir(workdir)} (best: "
+          f"{checkpointing.best_checkpoint_dir(workdir)}); TensorBoard: "
+          f"{os.path.join(workdir, 'metrics')}; predictions: python -m mian_jax.evaluate "
+          f"--workdir={workdir} --step=best --predictions")
+
+
+def total_train_steps(train_config: ConfigDict, steps_per_epoch: int) -> int:
+  """The step budget: `train.num_train_steps`, or `train.num_epochs` of the training split.
+  Raises ConfigError if that is no step at all."""
+  if train_config.num_train_steps > 0:
+    return train_config.num_train_steps
+  total = int(train_config.num_epochs * steps_per_epoch)
+  if total < 1:
+    raise ConfigError(f"config.train.num_epochs={train_config.num_epochs:g} of "
+                      f"{steps_per_epoch} steps per epoch is 0 steps; train at least one step")
+  return total
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns final metrics.
 
   Validation runs every `train.eval_every_steps` and at the last step; each better AUC is saved
   to `<workdir>/checkpoints_best`. With `train.early_stopping_patience` > 0, training stops
   after that many validations without a better AUC. The reported parameters are those of the
-  best validation step (`eval.report_step="best"`) or of the last step ("last").
+  best validation step (`eval.report_step="best"`) or of the last step ("last"). SIGTERM or
+  SIGINT saves a checkpoint at the step reached and raises `Preempted`; a rerun resumes there.
 
   Returns:
     {"valid": metrics, "test": metrics} of the reported parameters; each also carries
@@ -364,14 +485,25 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   """
   config_checks.check_config(config, jax.device_count())
   workdir = os.path.abspath(workdir)
+  workdir_lib.check_workdir_path(workdir)
+  # The lock covers the checkpoint managers too: a second run's manager would delete the
+  # first one's save in flight as a leftover temporary directory.
+  with workdir_lock.hold(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
+  workdir_lib.check_rerun(workdir, config.to_dict())
   mesh = create_mesh()
   data_dir, schema, model, state = load_model_and_state(config, mesh)
+  data_checksum = schema_lib.verify_dataset_checksum(data_dir)
+  for split in ("valid", "test"):  # a corrupt evaluation split fails now, not after training
+    schema_lib.load_split(data_dir, split, schema)
   batches = pipeline.TrainBatches(
       schema_lib.load_split(data_dir, "train", schema), schema, config.train.batch_size,
       seed=config.train.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  total_steps = (config.train.num_train_steps if config.train.num_train_steps > 0 else
-                 int(config.train.num_epochs * batches.steps_per_epoch))
+  total_steps = total_train_steps(config.train, batches.steps_per_epoch)
 
   manager = checkpointing.create_manager(workdir, config.checkpoint)
   best_manager = checkpointing.create_best_manager(workdir)
@@ -383,46 +515,50 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     if meta.get("schema_fingerprint") != schema.fingerprint():
       raise DataError(f"the checkpoints in {workdir} were trained on data with another schema "
                       "(fingerprint differs); use a new --workdir")
-    logging.info("Resumed from step %d in %s", int(state.step), workdir)
-  else:
-    logging.info("No checkpoint in %s: starting from scratch (seed %d)", workdir,
-                 config.train.seed)
+    if meta.get("data_checksum", data_checksum) != data_checksum:
+      raise DataError(f"the checkpoints in {workdir} were trained on other data ({data_dir} "
+                      f"has checksum {data_checksum[:12]}, the run recorded "
+                      f"{meta['data_checksum'][:12]}); use a new --workdir")
   meta.update(checkpointing.reconcile_best(best_manager, state, meta))
   start_step = int(state.step)
   patience = config.train.early_stopping_patience
   if stopped_early(meta, patience):
     logging.info("Stopped early at step %d (best validation AUC %s at step %s); not training "
-                 "further", start_step, meta["best_valid_auc"], meta["best_step"])
+                  "further", start_step, meta["best_valid_auc"], meta["best_step"])
     total_steps = min(total_steps, start_step)
 
-  writer = writers.MetricWriter(os.path.join(workdir, "metrics"))
+  writer = writers.MetricWriter(os.path.join(workdir, "metrics"), resume_step=start_step)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
-    parameter_overview.log_parameter_overview(state.params, msg=f"Model {config.model.name}")
-  write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+  write_text_atomic(os.path.join(workdir, "parameters.txt"),
+                    parameter_overview.get_parameter_overview(state.params) + "\n")
+  write_json_atomic(workdir_lib.config_path(workdir), config.to_dict())
+  logging.info("%s", run_header(config, workdir, data_dir, schema, state, start_step,
+                                total_steps, batches.steps_per_epoch))
 
   step_fn = make_train_step(config.train, mesh)
   rng = jax.random.PRNGKey(config.train.seed + 1)
   last_saved = start_step if restored is not None else None
   pending: list[dict[str, jax.Array]] = []
   t_window, steps_window = time.perf_counter(), 0
+  max_bce = config.train.max_bce
 
   def progress(step):
     return dict(step=step, epoch=step // batches.steps_per_epoch,
                 examples_seen=step * config.train.batch_size,
-                schema_fingerprint=schema.fingerprint())
+                schema_fingerprint=schema.fingerprint(), data_checksum=data_checksum)
 
   def save_checkpoint(step):
     nonlocal last_saved
-    _check_finite(step, jax.device_get(pending), last_saved)
+    check_loss(step, jax.device_get(pending), last_saved, max_bce)
     meta.update(progress(step))
     # The best checkpoint lands first, so no saved meta names a best step that is not on disk.
-    best_manager.wait_until_finished()
+    checkpointing.finalize(best_manager)
     checkpointing.save(manager, state, meta)
     last_saved = step
 
   def validate(step):
-    _check_finite(step, jax.device_get(pending), last_saved)  # never save a non-finite best
+    check_loss(step, jax.device_get(pending), last_saved, max_bce)  # never save a bad best
     valid = evaluate_split(state, data_dir, schema, "valid", config, mesh, writer, step)
     if improves(valid["auc"], meta["best_valid_auc"]):
       meta.update(best_valid_auc=valid["auc"], best_step=step, evals_since_best=0)
@@ -431,36 +567,38 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
       meta["evals_since_best"] += 1
     return valid
 
-  logging.info("Training %d -> %d steps (%d per epoch, global batch %d on %d devices)",
-               start_step, total_steps, batches.steps_per_epoch, config.train.batch_size,
-               jax.device_count())
   last_valid = None
   try:
-    device_batches = batches.iterate(start_step, total_steps,
-                                     transform=lambda batch: pack_to_global(batch, mesh))
-    for step, batch in zip(range(start_step + 1, total_steps + 1), device_batches):
-      state, step_metrics = step_fn(state, batch, rng)
-      pending.append(step_metrics)
-      steps_window += 1
-      if step % config.train.log_every_steps == 0 or step == total_steps:
-        history = jax.device_get(pending)
-        _check_finite(step, history, last_saved)
-        _log_progress(writer, step, total_steps, history,
-                      steps_window / max(time.perf_counter() - t_window, 1e-9),
-                      config.train.batch_size)
-        pending, t_window, steps_window = [], time.perf_counter(), 0
-      if step % config.train.eval_every_steps == 0 or step == total_steps:
-        last_valid = validate(step)
-        t_window = time.perf_counter()  # evaluation time is not training throughput
-      stop = stopped_early(meta, patience)
-      if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
-        save_checkpoint(step)
-        pending = []
-      if stop:
-        logging.info("Early stopping at step %d: no better validation AUC in %d evaluations "
-                     "(best %s at step %s)", step, patience, meta["best_valid_auc"],
-                     meta["best_step"])
-        break
+    with StopSignals(sync_every=config.train.log_every_steps) as signals:
+      device_batches = batches.iterate(start_step, total_steps,
+                                       transform=lambda batch: pack_to_global(batch, mesh))
+      for step, batch in zip(range(start_step + 1, total_steps + 1), device_batches):
+        state, step_metrics = step_fn(state, batch, rng)
+        pending.append(step_metrics)
+        steps_window += 1
+        if step % config.train.log_every_steps == 0 or step == total_steps:
+          history = jax.device_get(pending)
+          check_loss(step, history, last_saved, max_bce)
+          _log_progress(writer, step, total_steps, history,
+                        steps_window / max(time.perf_counter() - t_window, 1e-9),
+                        config.train.batch_size)
+          pending, t_window, steps_window = [], time.perf_counter(), 0
+        if step % config.train.eval_every_steps == 0 or step == total_steps:
+          last_valid = validate(step)
+          t_window = time.perf_counter()  # evaluation time is not training throughput
+        stop = stopped_early(meta, patience)
+        signum = signals.requested(step)
+        if (step % config.checkpoint.every_steps == 0 or step == total_steps or stop or
+            signum):
+          save_checkpoint(step)
+        if signum:
+          manager.wait_until_finished()
+          raise Preempted(signum, step, workdir)
+        if stop:
+          logging.info("Early stopping at step %d: no better validation AUC in %d evaluations "
+                       "(best %s at step %s)", step, patience, meta["best_valid_auc"],
+                       meta["best_step"])
+          break
 
     final_step = int(state.step)
     if meta["best_step"] is None and (last_valid is None or last_valid["step"] != final_step):
@@ -477,11 +615,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
                                 writer if split == "test" else None, step)
       results[split] = {**result, **selection}
       write_metrics(workdir, split, results[split], final=True)
+    logging.info("%s", closing_line(workdir, results))
     return results
   finally:  # an async save in flight must land, also when training stops on an error
     for m in (manager, best_manager):
-      m.wait_until_finished()
-      m.close()
+      checkpointing.close(m)  # also writes the checksums of its last saves
     writer.close()
 
 

@@ -18,15 +18,24 @@ from tensorboard.summary import Writer as _EventWriter
 
 
 class MetricWriter:
-  """Writes scalars to `<logdir>` (TensorBoard events) and `<logdir>/metrics.jsonl`."""
+  """Writes scalars to `<logdir>` (TensorBoard events) and `<logdir>/metrics.jsonl`.
 
-  def __init__(self, logdir: str):
+  A resumed run passes the step it resumes from: rows of later steps (written before an
+  interruption, and about to be written again) and the earlier final report's test rows (the
+  run reports again when it ends) are dropped from metrics.jsonl first, so no row appears
+  twice. TensorBoard shows the newest event of a step.
+  """
+
+  def __init__(self, logdir: str, resume_step: int | None = None):
     self._active = jax.process_index() == 0
     if not self._active:
       return
     os.makedirs(logdir, exist_ok=True)
+    path = os.path.join(logdir, "metrics.jsonl")
+    if resume_step is not None and os.path.isfile(path):
+      drop_rows_after(path, resume_step)
     self._events = _EventWriter(logdir)
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    self._jsonl = open(path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
@@ -54,6 +63,27 @@ class MetricWriter:
       self._events.close()
       self._jsonl.close()
       self._active = False
+
+
+def drop_rows_after(path: str, step: int, drop_prefix: str = "test/") -> int:
+  """Rewrites a metrics.jsonl without the rows of steps after `step`, the rows with a key
+  starting with `drop_prefix`, and a torn last line; atomic. Returns how many were dropped."""
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+      if row["step"] <= step and not any(k.startswith(drop_prefix) for k in row):
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      continue  # a line torn by a kill mid-write
+  if len(kept) != len(lines):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
 
 
 def read_jsonl(path: str) -> list[dict]:

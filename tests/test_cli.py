@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 
 import pandas as pd
 import pytest
@@ -22,9 +24,10 @@ TINY = [  # the tests' tiny_config, as command-line overrides
 ]
 
 
-def run(module, *args, tmp_path):
+def run(module, *args, tmp_path, config="configs/synthetic.py"):
   env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"))
-  return subprocess.run([sys.executable, "-m", module, "--config=configs/synthetic.py", *args],
+  flags = [f"--config={config}"] if config else []
+  return subprocess.run([sys.executable, "-m", module, *flags, *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -33,16 +36,17 @@ def test_main_resumes_and_evaluate_restores_its_checkpoint(tmp_path):
   first = run("mian_jax.main", workdir, *TINY, "--config.train.num_train_steps=8",
               tmp_path=tmp_path)
   assert first.returncode == 0, first.stderr[-2000:]
-  assert "starting from scratch" in first.stderr and "samples/s" in first.stderr
-  second = run("mian_jax.main", workdir, *TINY, "--config.train.num_train_steps=12",
-               tmp_path=tmp_path)
+  assert "(new)" in first.stderr and "samples/s" in first.stderr
+  # Resume and evaluate without --config: the workdir's config.json (issue 11, problem 5).
+  second = run("mian_jax.main", workdir, "--config.train.num_train_steps=12",
+               tmp_path=tmp_path, config=None)
   assert second.returncode == 0, second.stderr[-2000:]
-  assert "Resumed from step 8" in second.stderr
-  assert "Training 8 -> 12 steps" in second.stderr
+  assert "(resumed)" in second.stderr and "steps 8 -> 12" in second.stderr
+  assert "Done: test AUC" in second.stderr.strip().splitlines()[-1]
 
   reported = (tmp_path / "run" / "eval" / "valid_metrics.json").read_text()
-  evaluated = run("mian_jax.evaluate", workdir, *TINY, "--step=8", "--split=valid",
-                  "--predictions", tmp_path=tmp_path)
+  evaluated = run("mian_jax.evaluate", workdir, "--step=8", "--split=valid", "--predictions",
+                  tmp_path=tmp_path, config=None)
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
   assert (tmp_path / "run" / "eval" / "valid_metrics.json").read_text() == reported
   with open(tmp_path / "run" / "eval" / "valid_metrics_step8.json") as f:
@@ -54,10 +58,17 @@ def test_main_resumes_and_evaluate_restores_its_checkpoint(tmp_path):
   assert {"score", "label", "group_id", "attention_ibim", "attention_gim"} <= set(frame)
   assert len(frame["attention_gim"][0]) == 7
   assert frame["score"].between(0, 1).all()
+  # A config that shapes another run is refused, naming the key, with or without --config.
+  for config in ("configs/synthetic.py", None):
+    mismatch = run("mian_jax.evaluate", workdir, *(TINY if config else []),
+                   "--config.model.num_heads=4", tmp_path=tmp_path, config=config)
+    assert mismatch.returncode == 1 and "Traceback" not in mismatch.stderr
+    last = mismatch.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "model.num_heads: 2 -> 4" in last, last
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.trian.batch_size=1"], "unknown config key 'trian'"),
+    (["--config.trian.batch_size=1"], "unknown config key trian.batch_size"),
     (["--config.model.num_heads=abc"], "invalid literal for int()"),
     (["--config.model.transformer=postln"], "config.model.transformer='postln' is not one of"),
     (["--config.model.num_heads=3"], "must divide the behaviour width"),
@@ -78,3 +89,102 @@ def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path):
   result = run("mian_jax.evaluate", f"--workdir={tmp_path / 'empty'}", *TINY, tmp_path=tmp_path)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith("error: no checkpoints in")
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--config.train.batchsize=1",
+     "error: unknown config key train.batchsize (did you mean train.batch_size?)"),
+    ("--config.trian.batch_size=1",
+     "error: unknown config key trian.batch_size (did you mean train.batch_size?)"),
+    ("--config.trian.batchsize=1",
+     "error: unknown config key trian.batchsize (did you mean train.batch_size?)"),
+    ("--noconfig.model.use_gimm", "error: unknown config key model.use_gimm (did you mean "
+     "model.use_gim?)"),
+    ("--config.model.xyzzy=1", "error: unknown config key model.xyzzy"),
+])
+def test_a_misspelt_key_is_named_in_full_on_one_line(tmp_path, arg, message):
+  result = run("mian_jax.main", f"--workdir={tmp_path / 'bad'}", arg, tmp_path=tmp_path)
+  assert (result.returncode, result.stderr.strip()) == (2, message)
+  assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--config.model.mlp_dims=abc",
+     "error: config.model.mlp_dims must be positive integers, e.g. (32, 8), got ('abc',)"),
+    ("--config.train.seed=-1", "error: config.train.seed must be an integer >= 0, got -1"),
+    ("--config.data.synthetic.seed=-2",
+     "error: config.data.synthetic.seed must be an integer >= 0, got -2"),
+])
+def test_a_wrong_value_is_one_line_before_training(tmp_path, arg, message):
+  result = run("mian_jax.main", f"--workdir={tmp_path / 'bad'}", arg, tmp_path=tmp_path)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == message, result.stderr[-1500:]
+  assert "Traceback" not in result.stderr
+
+
+def test_help_names_show_config_and_the_override_syntax(tmp_path):
+  result = run("mian_jax.main", "--help", tmp_path=tmp_path)
+  assert "--[no]show_config" in result.stdout
+  assert "--config.<key>=<value>" in result.stdout
+
+
+@pytest.mark.parametrize("module", ["mian_jax.main", "mian_jax.evaluate",
+                                    "mian_jax.data.prepare"])
+def test_show_config_lists_every_key_with_its_value_and_comment(tmp_path, module):
+  from configs import synthetic  # noqa: PLC0415
+
+  result = run(module, "--config.train.batch_size=256", "--show_config", tmp_path=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [line for line in result.stdout.splitlines() if line and not line.startswith("#")]
+  keys = [line.split()[0] for line in lines]
+  expected = synthetic.get_config()
+  flat = {}
+  stack = [("", expected)]
+  while stack:
+    prefix, node = stack.pop()
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        stack.append((f"{prefix}{key}.", value))
+      else:
+        flat[f"{prefix}{key}"] = value
+  assert sorted(keys) == sorted(flat)
+  rows = {line.split()[0]: line for line in lines}
+  # overrides applied; comments from the defaults (mian_jax/config_defaults.py) and from
+  # configs/synthetic.py; values and comments start in one column each.
+  assert re.fullmatch(r"train\.batch_size +256 +# global batch, split over devices \(§4\.3\)",
+                      rows["train.batch_size"])
+  assert rows["data.synthetic.num_users"].endswith("# users (group_id for gAUC)")
+  assert re.fullmatch(r"train\.log_every_steps +200 +# progress line and train metrics",
+                      rows["train.log_every_steps"])
+  assert rows["model.mlp_dims"].split("#")[0].split(None, 1)[1].strip() == "(32, 8)"
+  assert len({line.index(line.split()[1], len(line.split()[0])) for line in lines}) == 1
+  assert len({line.index("  # ") for line in lines if "  # " in line
+              and len(line.split()[1]) <= 20}) == 1
+  assert not (tmp_path / "cache").exists()  # nothing prepared, nothing trained
+
+
+def test_jax_backend_probes_are_not_logged(tmp_path):
+  """On a machine without a TPU, JAX's 'Unable to initialize backend 'tpu'' probe line is
+  dropped; JAX's warnings still come through."""
+  script = textwrap.dedent("""\
+      import logging
+      import jax
+      from absl import app
+      from mian_jax import cli
+
+      def main(argv):
+        cli.setup_jax()
+        print(jax.devices())
+        logging.getLogger("jax._src.xla_bridge").warning("CUDA backend failed to initialize")
+        logging.getLogger("jax._src.xla_bridge").info("Initializing something else")
+
+      app.run(main, flags_parser=cli.parse_flags)
+      """)
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env.update(MIAN_JAX_COMPILATION_CACHE="", JAX_PLATFORMS="")
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Unable to initialize backend" not in result.stderr
+  assert "CUDA backend failed to initialize" in result.stderr
+  assert "Initializing something else" in result.stderr

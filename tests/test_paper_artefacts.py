@@ -12,14 +12,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mian_jax import writers
+from mian_jax import recorded_config, writers
 from tests.test_cli import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import figure5  # noqa: E402
 import figure6  # noqa: E402
-import recorded_config  # noqa: E402
 import runner  # noqa: E402
 import table4  # noqa: E402
 
