@@ -428,14 +428,15 @@ def run_header(config: ConfigDict, workdir: str, data_dir: str, schema, state, s
                total_steps: int, steps_per_epoch: int) -> str:
   """The few lines a run logs before its first progress line (the full config is in
   `<workdir>/config.json`, the parameter table in `<workdir>/parameters.txt`)."""
-  num_params = parameter_overview.count_parameters(state.params)
+  num_params = int(parameter_overview.count_parameters(state.params))
   examples = ", ".join(f"{s} {n:,}" for s, n in schema.num_examples)
   if start_step >= total_steps > 0 and start_step:
     steps = (f"already at step {start_step:,}, at or past the budget of {total_steps:,} steps: "
              "nothing to train, evaluating")
   else:
-    steps = (f"steps {start_step:,} -> {total_steps:,} ({total_steps / steps_per_epoch:.3g} "
-             f"epochs of {steps_per_epoch:,})")
+    epochs = total_steps / steps_per_epoch
+    steps = (f"steps {start_step:,} -> {total_steps:,} ({epochs:.3g} "
+             f"epoch{'' if epochs == 1 else 's'} of {steps_per_epoch:,})")
   return "\n".join([
       f"Run in {workdir} ({'resumed' if start_step else 'new'}); config: "
       f"{workdir_lib.config_path(workdir)}",
