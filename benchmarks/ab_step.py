@@ -63,24 +63,24 @@ def variant_config(model: str, batch_size: int, optimizer: str, overrides: dict[
 
 
 def run(model: str, batch_size: int, vocab: str, optimizer: str,
-        variants: list[tuple[str, dict]], rounds: int, steps: int) -> list[dict]:
+        variants: list[tuple[str, dict]], rounds: int, num_steps: int) -> list[dict]:
   """Builds every variant, then times them in alternating rounds; one row per variant."""
   import jax  # noqa: PLC0415
-  from mian_jax import models, train  # noqa: PLC0415
+  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
   from mian_jax.data import pipeline  # noqa: PLC0415
 
   schema, columns = throughput.make_data(vocab, num_examples=max(16 * batch_size, 4096))
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   batches = pipeline.TrainBatches(columns, schema, batch_size, seed=0)
-  packed = [train.pack_to_global(batches.batch(s), mesh) for s in range(8)]
-  sample = train.to_global(batches.batch(0), mesh)
+  packed = [sharding.pack_to_global(batches.batch(s), mesh) for s in range(8)]
+  sample = sharding.to_global(batches.batch(0), mesh)
   built = []
   for name, overrides in variants:
     config = variant_config(model, batch_size, optimizer, overrides)
-    state = train.create_train_state(models.create_model(config.model, schema.features),
-                                     train.create_optimizer(config.train), sample,
+    state = steps.create_train_state(models.create_model(config.model, schema.features),
+                                     optim.create_optimizer(config.train), sample,
                                      jax.random.PRNGKey(0), mesh)
-    step = train.make_train_step(config.train, mesh)
+    step = steps.make_train_step(config.train, mesh)
     state, metrics = step(state, packed[0], jax.random.PRNGKey(1))  # compile
     jax.block_until_ready(metrics)
     built.append([name, overrides, step, state, []])
@@ -88,10 +88,10 @@ def run(model: str, batch_size: int, vocab: str, optimizer: str,
     for entry in built:
       _, _, step, state, rates = entry
       start = time.perf_counter()
-      for i in range(steps):
+      for i in range(num_steps):
         state, metrics = step(state, packed[i % len(packed)], jax.random.PRNGKey(i))
       jax.block_until_ready(metrics)
-      rates.append(steps * batch_size / (time.perf_counter() - start))
+      rates.append(num_steps * batch_size / (time.perf_counter() - start))
       entry[3] = state
   base = statistics.median(built[0][4])
   return [{"model": model, "batch_size": batch_size, "vocab": vocab, "optimizer": optimizer,

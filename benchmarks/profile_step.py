@@ -58,21 +58,21 @@ def op_times(trace_file: str, module: str) -> collections.Counter:
   return times
 
 
-def profile(model: str, batch_size: int, optimizer: str, vocab: str, steps: int,
+def profile(model: str, batch_size: int, optimizer: str, vocab: str, num_steps: int,
             trace_dir: str) -> tuple[float, dict[str, str], collections.Counter]:
   """(wall ms per step, `op_sources` of the step, {HLO op: device µs} over `steps` steps)."""
   import jax  # noqa: PLC0415
-  from mian_jax import models, train  # noqa: PLC0415
+  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
   from mian_jax.data import pipeline  # noqa: PLC0415
   schema, columns = throughput.make_data(vocab, num_examples=max(16 * batch_size, 4096))
   config = throughput.make_config(model, batch_size, optimizer)
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   batches = pipeline.TrainBatches(columns, schema, batch_size, seed=0)
-  device_batches = [train.to_global(batches.batch(s), mesh) for s in range(8)]
-  state = train.create_train_state(models.create_model(config.model, schema.features),
-                                   train.create_optimizer(config.train), device_batches[0],
+  device_batches = [sharding.to_global(batches.batch(s), mesh) for s in range(8)]
+  state = steps.create_train_state(models.create_model(config.model, schema.features),
+                                   optim.create_optimizer(config.train), device_batches[0],
                                    jax.random.PRNGKey(0), mesh)
-  step_fn = train.make_train_step(config.train, mesh)
+  step_fn = steps.make_train_step(config.train, mesh)
   rng = jax.random.PRNGKey(1)
   sources = op_sources(step_fn.lower(state, device_batches[0], rng).compile().as_text())
   for i in range(5):  # compile and warm up
@@ -80,10 +80,10 @@ def profile(model: str, batch_size: int, optimizer: str, vocab: str, steps: int,
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for i in range(steps):
+    for i in range(num_steps):
       state, metrics = step_fn(state, device_batches[i % 8], rng)
     jax.block_until_ready(metrics)
-  wall_ms = (time.perf_counter() - start) / steps * 1e3
+  wall_ms = (time.perf_counter() - start) / num_steps * 1e3
   trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
   if not trace:
     sys.exit(f"error: the profiler wrote no trace under {trace_dir}")

@@ -69,19 +69,19 @@ def table_bytes(params) -> int:
 
 def model_costs(model_name: str, vocab: str, batch_size: int) -> dict:
   import jax  # noqa: PLC0415
-  from mian_jax import models, train  # noqa: PLC0415
+  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
   from mian_jax.data import pipeline  # noqa: PLC0415
   schema, columns = throughput.make_data(vocab, num_examples=max(4 * batch_size, 1024))
   config = throughput.make_config(model_name, batch_size, "adam")
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model = models.create_model(config.model, schema.features)
-  sample = train.to_global(pipeline.TrainBatches(columns, schema, batch_size, 0).batch(0), mesh)
-  state = train.create_train_state(model, train.create_optimizer(config.train), sample,
+  sample = sharding.to_global(pipeline.TrainBatches(columns, schema, batch_size, 0).batch(0), mesh)
+  state = steps.create_train_state(model, optim.create_optimizer(config.train), sample,
                                    jax.random.PRNGKey(0), mesh)
   cost = lambda c: (c[0] if isinstance(c, list) else c)["flops"]  # noqa: E731
-  train_flops = cost(train.make_train_step(config.train, mesh).lower(
+  train_flops = cost(steps.make_train_step(config.train, mesh).lower(
       state, sample, jax.random.PRNGKey(1)).compile().cost_analysis())
-  eval_flops = cost(train.make_eval_step(mesh).lower(state, sample).compile().cost_analysis())
+  eval_flops = cost(steps.make_eval_step(mesh).lower(state, sample).compile().cost_analysis())
   tables = table_bytes(state.params)
   row_bytes = config.model.embed_dim * 4
   return {"model": model_name, "vocab": vocab, "batch_size": batch_size,

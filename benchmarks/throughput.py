@@ -142,42 +142,42 @@ def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
   """Measures one (model, batch size) pair in this process (on `data_dir`'s arrays if given)."""
   sys.path.insert(0, REPO)
   import jax  # noqa: PLC0415
-  from mian_jax import models, train  # noqa: PLC0415
+  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
   from mian_jax.data import pipeline  # noqa: PLC0415
 
   schema, columns = load_shared_data(data_dir) if data_dir else make_data(vocab)
   config = make_config(model_name, batch_size, optimizer)
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model = models.create_model(config.model, schema.features)
   batches = pipeline.TrainBatches(columns, schema, batch_size, seed=0)
-  sample = train.to_global(batches.batch(0), mesh)
-  state = train.create_train_state(model, train.create_optimizer(config.train), sample,
+  sample = sharding.to_global(batches.batch(0), mesh)
+  state = steps.create_train_state(model, optim.create_optimizer(config.train), sample,
                                    jax.random.PRNGKey(0), mesh)
-  step_fn = train.make_train_step(config.train, mesh)
+  step_fn = steps.make_train_step(config.train, mesh)
   rng = jax.random.PRNGKey(1)
 
-  # The train loop's form of a batch: one packed array per batch (train.pack_to_global).
+  # The train loop's form of a batch: one packed array per batch (sharding.pack_to_global).
   start = time.perf_counter()
-  state, metrics = step_fn(state, train.pack_to_global(batches.batch(0), mesh), rng)
+  state, metrics = step_fn(state, sharding.pack_to_global(batches.batch(0), mesh), rng)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
 
-  packed_batches = [train.pack_to_global(batches.batch(s), mesh) for s in range(1, 9)]
-  steps, start = 0, time.perf_counter()
+  packed_batches = [sharding.pack_to_global(batches.batch(s), mesh) for s in range(1, 9)]
+  trained, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
-    state, metrics = step_fn(state, packed_batches[steps % len(packed_batches)], rng)
-    steps += 1
+    state, metrics = step_fn(state, packed_batches[trained % len(packed_batches)], rng)
+    trained += 1
   jax.block_until_ready(metrics)
-  train_rate = steps * batch_size / (time.perf_counter() - start)
+  train_rate = trained * batch_size / (time.perf_counter() - start)
 
   fed, start = 0, time.perf_counter()
   while time.perf_counter() - start < min(seconds, 5.0):
-    jax.block_until_ready(train.pack_to_global(batches.batch(fed), mesh).packed)
+    jax.block_until_ready(sharding.pack_to_global(batches.batch(fed), mesh).packed)
     fed += 1
   input_rate = fed * batch_size / (time.perf_counter() - start)
 
-  device_batches = [train.to_global(batches.batch(s), mesh) for s in range(1, 9)]
-  eval_fn = train.make_eval_step(mesh)
+  device_batches = [sharding.to_global(batches.batch(s), mesh) for s in range(1, 9)]
+  eval_fn = steps.make_eval_step(mesh)
   jax.block_until_ready(eval_fn(state, sample))
   evaluated, start = 0, time.perf_counter()
   while time.perf_counter() - start < min(seconds, 5.0):

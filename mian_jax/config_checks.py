@@ -4,28 +4,17 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from mian_jax.errors import ConfigError
+from mian_jax import models, optim
+from mian_jax.errors import ConfigError, check_choice
 from mian_jax.models import MODELS
-from mian_jax.models.layers import DROPOUT_RNGS
 
-# key -> allowed values, for every string-valued choice in the configs.
+# key -> allowed values, for every string-valued choice in the configs: the models' (the Literal
+# types of their fields, mian_jax.models.CHOICES), the optimiser's (optim.OPTIMIZERS), and two
+# that the train loop reads (steps.l2_penalty, train.select_reported_state).
 CHOICES = {
-    "model.transformer": ("pre_ln", "post_ln", "none"),
-    "model.dropout_rng": DROPOUT_RNGS,
-    "model.position_embedding": ("learned", "none"),
-    "model.ibim_score_weights": ("shared", "per_position"),
-    "model.ibim_score": ("additive", "bilinear", "din"),
-    "model.interaction_values": ("concat", "concat_product"),
-    "model.history_layout": ("newest_first", "oldest_first"),
-    "model.field_score_weights": ("per_field", "shared"),
-    "model.score_activation": ("tanh", "none"),
-    "model.numeric_embedding": ("linear", "pad"),
-    "model.dense_init": ("lecun_normal", "truncated_normal"),
-    "model.gim_combine": ("project_sum", "weighted_concat"),
-    "model.gim_behavior": ("concat", "mean"),
-    "model.sequence_pooling": ("mean", "sum"),
+    **models.CHOICES,
     "train.l2_scope": ("batch_embeddings", "all_weights", "none"),
-    "train.optimizer": ("adam", "lazy_adam"),
+    "train.optimizer": optim.OPTIMIZERS,
     "eval.report_step": ("best", "last"),
 }
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
@@ -65,9 +54,7 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f"config.model.name={config.model.name!r} is not one of {sorted(MODELS)}")
   for key, allowed in CHOICES.items():
     if key.split(".")[1] in config[key.split(".")[0]]:
-      value = _get(config, key)
-      if value not in allowed:
-        raise ConfigError(f"config.{key}={value!r} is not one of {allowed}")
+      check_choice(key, _get(config, key), allowed)
   for key in POSITIVE:
     if _get(config, key) <= 0:
       raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)!r}")

@@ -11,6 +11,13 @@ class ConfigError(MianError, ValueError):
   """A config value that is out of range or inconsistent with the data."""
 
 
+def check_choice(key: str, value, allowed: tuple) -> None:
+  """Raises ConfigError, in the one line the CLI prints, unless `value` is one of `allowed`;
+  `key` is the dotted config key ("model.transformer")."""
+  if value not in allowed:
+    raise ConfigError(f"config.{key}={value!r} is not one of {allowed}")
+
+
 class DataError(MianError, ValueError):
   """Missing, malformed or inconsistent prepared data."""
 

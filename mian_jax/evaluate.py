@@ -1,4 +1,8 @@
-"""Evaluates a checkpoint of a workdir on one split and writes the metrics (and predictions).
+"""Evaluation: predictions and exact metrics of a split, and the evaluation of a saved checkpoint.
+
+As a library: `predict_split`, `split_metrics`, `evaluate_split`, `write_metrics`,
+`write_predictions` (training validates and reports with them) and `evaluate_checkpoint`.
+As a command:
 
   python -m mian_jax.evaluate --workdir=runs/synthetic [--step=latest|best|N] \
       [--split=valid|test] [--predictions] [--config=configs/synthetic.py] [--config.k=v ...]
@@ -19,26 +23,89 @@ group id and the model's attention weights (one list column per attention module
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mian_jax import checkpointing, cli, config_checks, train
+from mian_jax import checkpointing, cli, config_checks, sharding, steps, writers
+from mian_jax import metrics as metrics_lib
 from mian_jax import workdir as workdir_lib
-from mian_jax.errors import ConfigError, DataError
+from mian_jax.data import pipeline
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError, DataError, NonFiniteLossError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
-flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, best (of validation AUC) "
-                    "or a step number.")
-flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
-flags.DEFINE_bool("predictions", False, "Also write per-example predictions to Parquet.")
-config_flags.DEFINE_config_file("config", None, "Config file used for training; default: the "
-                                "--workdir's recorded config.json.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+
+def predict_split(state, eval_step, data_dir: str, schema: schema_lib.Schema, split: str,
+                  batch_size: int, mesh, with_attention: bool = False) -> dict[str, Any]:
+  """Runs the model over a whole split; returns NumPy arrays in split order.
+
+  `eval_step` is `steps.make_eval_step(mesh, with_attention)` (a `Run`'s `eval_step` has no
+  attention). Keys: "prob" [N], "label" [N], "group_id" [N], "extra.<name>" [N], and with
+  `with_attention` "attention.<module>" [N, n] for each enabled attention module.
+  """
+  columns = schema_lib.load_split(data_dir, split, schema)
+  outputs, rows = [], []
+  for batch, batch_rows in pipeline.eval_batches(columns, schema, split, batch_size,
+                                                 jax.process_index(), jax.process_count()):
+    outputs.append(eval_step(state, sharding.to_global(batch, mesh)))
+    rows.append(batch_rows)
+  if not outputs:
+    raise DataError(f"split {split!r} of {data_dir} is empty")
+  outputs = sharding.to_host(outputs)
+  rows = np.concatenate(sharding.to_host([sharding.to_global(r, mesh) for r in rows]))
+  keep = rows >= 0
+  rows = rows[keep]
+  flat = {"prob": np.concatenate([o["prob"] for o in outputs])[keep]}
+  if with_attention:
+    for name in outputs[0]["attention"]:
+      flat[f"attention.{name}"] = np.concatenate([o["attention"][name] for o in outputs])[keep]
+  order = np.argsort(rows, kind="stable")
+  result = {k: v[order] for k, v in flat.items()}
+  result["label"] = np.asarray(columns["label"])
+  result["group_id"] = np.asarray(columns["group_id"])
+  for name in schema.extra_columns:
+    result[f"extra.{name}"] = np.asarray(columns[f"extra.{name}"])
+  return result
+
+
+def split_metrics(predictions: dict[str, Any]) -> dict[str, float | int]:
+  """Exact metrics of a split's predictions; NonFiniteLossError if a score is not finite."""
+  bad = int(np.sum(~np.isfinite(predictions["prob"])))
+  if bad:
+    raise NonFiniteLossError(f"the model predicts non-finite scores for {bad} of "
+                             f"{predictions['prob'].size} examples: its parameters are broken")
+  return metrics_lib.compute_metrics(predictions["label"], predictions["prob"],
+                                     predictions["group_id"],
+                                     click_prob=predictions.get("extra.click_prob"))
+
+
+def evaluate_split(run: steps.Run, state, split: str, step: int, writer=None) -> dict[str, Any]:
+  """Exact metrics of `state` on a whole split, logged (and written to `writer` unless it is
+  None); returns them with "step"."""
+  result = split_metrics(predict_split(state, run.eval_step, run.data_dir, run.schema, split,
+                                       run.config.eval.batch_size, run.mesh))
+  result["step"] = step
+  if writer is not None:
+    writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.items()
+                                if isinstance(v, (int, float)) and k != "step"})
+  text = ", ".join(f"{k}={result[k]:.4f}" for k in ("auc", "gauc", "logloss", "oracle_auc")
+                   if k in result)
+  logging.info("%s @ step %d: %s (%d examples)", split, step, text, result["num_examples"])
+  return result
+
+
+def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool) -> None:
+  """Writes `eval/<split>_metrics_step<N>.json` and, if `final`, `eval/<split>_metrics.json`
+  (the run's reported result)."""
+  eval_dir = os.path.join(workdir, "eval")
+  writers.write_json_atomic(os.path.join(eval_dir, f"{split}_metrics_step{result['step']}.json"), result)
+  if final:
+    writers.write_json_atomic(os.path.join(eval_dir, f"{split}_metrics.json"), result)
 
 
 def write_predictions(path: str, predictions: dict, attention_names: dict[str, tuple]) -> None:
@@ -72,9 +139,21 @@ def parse_step(text: str) -> int | str:
     raise ConfigError(f"--step={text!r}: expected latest, best or a step number") from None
 
 
-def evaluate(config, workdir: str, step: int | str | None, split: str,
-             with_predictions: bool) -> dict:
-  """Restores a checkpoint and evaluates it on `split`.
+def attention_names(run: steps.Run) -> dict[str, tuple[str, ...]]:
+  """What each attention module's weights are over, for the predictions' metadata: GIM's parts
+  (the model's `gim_part_names`, if it has a GIM), IUIM's user fields, ICIM's context fields."""
+  names = {}
+  if hasattr(run.model, "gim_part_names"):
+    names["gim"] = run.model.gim_part_names()
+  names["iuim"] = tuple(f.name for f in run.schema.features.user_fields)
+  names["icim"] = tuple(f.name for f in run.schema.features.context_fields)
+  return names
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str,
+                        with_predictions: bool) -> dict:
+  """Restores a checkpoint of `workdir` and evaluates it on `split`; writes its metrics (and,
+  with `with_predictions`, its per-example predictions).
 
   Args:
     step: "latest" (or None), "best" (from `checkpoints_best`) or a step number.
@@ -87,44 +166,57 @@ def evaluate(config, workdir: str, step: int | str | None, split: str,
                checkpointing.checkpoint_dir(workdir))
   if not os.path.isdir(directory):
     raise DataError(f"no checkpoints in {workdir} (expected {directory})")
-  mesh = train.create_mesh()
-  data_dir, schema, model, state = train.load_model_and_state(config, mesh)
+  run = steps.setup(config)
   manager = (checkpointing.create_best_manager(workdir, read_only=True) if step == "best" else
              checkpointing.create_manager(workdir, config.checkpoint, read_only=True))
-  restored = checkpointing.restore(manager, state,
+  restored = checkpointing.restore(manager, run.state,
                                    step=step if isinstance(step, int) else None)
   manager.close()
   if restored is None:
     raise DataError(f"no readable checkpoint in {directory}")
   state, meta = restored
-  if meta.get("schema_fingerprint") != schema.fingerprint():
+  if meta.get("schema_fingerprint") != run.schema.fingerprint():
     raise DataError(f"checkpoint in {workdir} was trained on data with another schema")
-  predictions = train.predict_split(state, data_dir, schema, split, config.eval.batch_size,
-                                    mesh, with_attention=with_predictions)
-  result = train.split_metrics(predictions)
+  if meta.get("data_checksum", run.data_checksum) != run.data_checksum:
+    raise DataError(f"checkpoint in {workdir} was trained on other data than {run.data_dir}")
+  eval_step = steps.make_eval_step(run.mesh, with_attention=with_predictions)
+  predictions = predict_split(state, eval_step, run.data_dir, run.schema, split,
+                              config.eval.batch_size, run.mesh, with_attention=with_predictions)
+  result = split_metrics(predictions)
   result["step"] = int(state.step)
   if step == "best":
     result.update(selected="best", best_step=meta.get("best_step"),
                   best_valid_auc=meta.get("best_valid_auc"))
-  train.write_metrics(workdir, split, result, final=False)
+  write_metrics(workdir, split, result, final=False)
   logging.info("%s @ step %d: %s", split, result["step"], result)
   if with_predictions and jax.process_index() == 0:
     path = os.path.join(workdir, "eval", f"{split}_predictions_step{result['step']}.parquet")
-    write_predictions(path, predictions, {
-        "gim": getattr(model, "gim_part_names", lambda: ())(),
-        "iuim": tuple(f.name for f in schema.features.user_fields),
-        "icim": tuple(f.name for f in schema.features.context_fields)})
+    write_predictions(path, predictions, attention_names(run))
     logging.info("Wrote predictions to %s", path)
   return result
+
+
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a command, since training imports this
+  module as a library."""
+  flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
+  flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, best (of validation "
+                      "AUC) or a step number.")
+  flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
+  flags.DEFINE_bool("predictions", False, "Also write per-example predictions to Parquet.")
+  config_flags.DEFINE_config_file("config", None, "Config file used for training; default: the "
+                                  "--workdir's recorded config.json.", lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_jax()
-  result = cli.run_or_exit(lambda: evaluate(FLAGS.config, FLAGS.workdir,
-                                            parse_step(FLAGS.step), FLAGS.split,
-                                            FLAGS.predictions))
+  flag = flags.FLAGS
+  result = cli.run_or_exit(lambda: evaluate_checkpoint(flag.config, flag.workdir,
+                                                       parse_step(flag.step), flag.split,
+                                                       flag.predictions))
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in sorted(result.items())))
 
@@ -134,4 +226,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=parse_flags)

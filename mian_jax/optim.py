@@ -124,10 +124,13 @@ def learning_rate_schedule(train_config: ConfigDict) -> float | optax.Schedule:
   return lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup)  # step k uses count = k - 1
 
 
+OPTIMIZERS = ("adam", "lazy_adam")  # config.train.optimizer, read by `create_optimizer`
+
+
 def create_optimizer(train_config: ConfigDict) -> optax.GradientTransformation:
   """Adam (§4.3), dense ("adam") or row-sparse ("lazy_adam"), with the optional warm-up and
   gradient clipping of `train.warmup_steps` / `train.grad_clip_norm`. The L2 term is part of
-  the loss (coupled L2, `train.l2_penalty`), not of the optimiser."""
+  the loss (coupled L2, `steps.l2_penalty`), not of the optimiser."""
   kwargs = dict(b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
   lr = learning_rate_schedule(train_config)
   if train_config.get("optimizer", "adam") == "lazy_adam":

@@ -12,7 +12,8 @@ For each categorical field the train step
    `layers.GroupEmbedding` looks ids up in instead of its full tables, and differentiates with
    respect to the row tables, not the full ones.
 The forward pass is unchanged (same rows, same order of operations on them), and the gradient
-of a row table is exactly the dense gradient's rows at the distinct ids (tests/test_sparse.py).
+of a row table is exactly the dense gradient's rows at the distinct ids
+(tests/test_optim.py, test_row_sparse_gradients_are_the_dense_gradients_rows).
 
 Which ids index which table follows the layout of `layers.InputEmbedding`: a table at
 `.../<group>_embedding/embed_<field>/embedding` is indexed by `batch[<group>][<field>]` and, for
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mian_jax.models.layers import SPARSE_ROWS
+from mian_jax.models.layers import SPARSE_ROWS  # noqa: F401  (re-exported for the train step)
 from mian_jax.optim import IndexedRows
 
 _GROUPS = ("item", "user", "context")

@@ -1,17 +1,14 @@
-"""Training and evaluation: create_train_state, train_step, eval_step, train_and_evaluate.
+"""The training loop: `train_and_evaluate(config, workdir)`, which trains (or resumes) a run,
+validates it, keeps its best step and reports it.
 
-Data parallelism: `jax.jit` over a 1-D device mesh with axis "data". The global batch is sharded
-along "data" (each device holds batch_size / num_devices rows); parameters and optimizer state are
-replicated. XLA inserts the gradient all-reduce. This is the API the pinned JAX (0.10) recommends
-(pmap is in maintenance mode), and it needs no hand-written collectives, which is where shard_map
-ports go wrong (docs/training.md). In a multi-host run every process builds its part of the
-global batch from its own shard of the data (`jax.make_array_from_process_local_data`).
+The model, state and jitted steps come from `steps.setup`; batches are placed on the mesh by
+`sharding`; validation and the final report use `evaluate`; checkpoints `checkpointing`; what a
+workdir records and accepts on a rerun `workdir`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import dataclasses
 import math
 import os
 import signal
@@ -20,331 +17,23 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
-from flax import traverse_util
-from flax.training import train_state as train_state_lib
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from mian_jax import checkpointing
 from mian_jax import config_checks
-from mian_jax import data as data_lib
-from mian_jax import metrics as metrics_lib
-from mian_jax import models
-from mian_jax import optim
-from mian_jax import sparse
+from mian_jax import evaluate
+from mian_jax import sharding
+from mian_jax import steps
 from mian_jax import workdir as workdir_lib
 from mian_jax import workdir_lock
 from mian_jax import writers
-from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError, NonFiniteLossError, Preempted
-
-TrainState = train_state_lib.TrainState
-_NO_DECAY = ("bias", "scale", "score_bias")
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def create_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis "data" over `devices` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def create_optimizer(train_config: ConfigDict) -> optax.GradientTransformation:
-  """Adam (§4.3), dense or lazy (`train.optimizer`); see `mian_jax/optim.py`."""
-  return optim.create_optimizer(train_config)
-
-
-def create_train_state(model, tx, batch, rng: jax.Array, mesh) -> TrainState:
-  """Initialises parameters (replicated over the mesh) from `rng` and a sample batch."""
-  replicated = NamedSharding(mesh, P())
-
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def init(rng):
-    params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
-  return init(rng)
-
-
-def to_global(batch, mesh):
-  """Assembles this process's part of a batch into global arrays sharded along "data".
-
-  With one process the batch is the global batch, and one `jax.device_put` of the whole tree
-  costs about half of a `make_array_from_process_local_data` per leaf (CPU, batch 128:
-  ~340 µs against ~610 µs; docs/performance.md).
-  """
-  sharding = NamedSharding(mesh, P("data"))
-  if jax.process_count() == 1:
-    return jax.device_put(batch, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-@jax.tree_util.register_pytree_node_class
-class PackedBatch:
-  """A batch whose leaves travel as one [B, K] int32 array (`pack_to_global`).
-
-  Every leaf [B, ...] of 4-byte values is viewed as int32 columns; `layout` (static) records each
-  leaf's trailing shape and dtype. `unpack()` restores the nested batch inside a jitted step, so
-  the split costs no extra dispatch. One host-to-device copy instead of one per leaf: on CPU a
-  batch of 128 goes to the device in ~60 µs instead of ~340 µs (docs/performance.md).
-  """
-
-  def __init__(self, packed, layout, treedef):
-    self.packed, self.layout, self.treedef = packed, layout, treedef
-
-  def tree_flatten(self):
-    return (self.packed,), (self.layout, self.treedef)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return cls(children[0], *aux)
-
-  def unpack(self):
-    leaves, start = [], 0
-    for shape, dtype in self.layout:
-      width = math.prod(shape)
-      column = self.packed[:, start:start + width]
-      leaves.append(jax.lax.bitcast_convert_type(column, jnp.dtype(dtype)).reshape(
-          (self.packed.shape[0],) + shape))
-      start += width
-    return jax.tree.unflatten(self.treedef, leaves)
-
-
-def pack_to_global(batch, mesh):
-  """This process's part of a batch as a global `PackedBatch` sharded along "data" (or, if a
-  leaf is not 4 bytes wide, as `to_global` returns it)."""
-  leaves, treedef = jax.tree.flatten(batch)
-  if not leaves or not all(x.dtype.itemsize == 4 and x.ndim >= 1 for x in leaves):
-    return to_global(batch, mesh)
-  rows = leaves[0].shape[0]
-  packed = np.concatenate([np.ascontiguousarray(x).reshape(rows, -1).view(np.int32)
-                           for x in leaves], axis=1)
-  # dtype.str, not dtype.name: numpy builds .name anew on every access (~2 µs a leaf).
-  layout = tuple((tuple(x.shape[1:]), x.dtype.str) for x in leaves)
-  sharding = NamedSharding(mesh, P("data"))
-  if jax.process_count() == 1:
-    return PackedBatch(jax.device_put(packed, sharding), layout, treedef)
-  return PackedBatch(jax.make_array_from_process_local_data(sharding, packed), layout, treedef)
-
-
-# ----------------------------------------------------------------------------- steps
-
-
-def l2_penalty(params, embedding_sq_norm: jax.Array, weights: jax.Array, scope: str):
-  """The L2 term of §4.3, coefficient applied by the caller (docs/model.md, "L2").
-
-  "batch_embeddings": mean over examples of the squared norm of the embeddings each looked up.
-  "all_weights":      sum of squares of every parameter except biases and LayerNorm scales.
-  """
-  if scope == "batch_embeddings":
-    return jnp.sum(embedding_sq_norm * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-  if scope == "all_weights":
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return sum(jnp.sum(x**2) for path, x in leaves if path[-1].key not in _NO_DECAY)
-  return jnp.zeros((), jnp.float32)
-
-
-def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-  """Eq. (18), averaged over examples with weight > 0. float32 throughout."""
-  losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def loss_and_grads(state: TrainState, batch, dropout_rng: jax.Array, *, l2_weight: float,
-                   l2_scope: str, sparse_embeddings: bool = False):
-  """The training loss of eq. (18) plus L2 (and a model's own aux loss), and its gradient.
-
-  With `sparse_embeddings` the gradient of each embedding table is `optim.IndexedRows` (the rows
-  the batch looked up, `mian_jax/sparse.py`); loss and every other gradient are unchanged.
-  Returns ((loss, bce, l2), grads with the structure of state.params).
-  """
-
-  def loss_fn(variables, batch):
-    logits, aux = state.apply_fn(variables, batch, train=True, rngs={"dropout": dropout_rng})
-    bce = weighted_bce(logits, batch["label"], batch["weight"])
-    l2 = l2_penalty(variables["params"], aux["embedding_sq_norm"], batch["weight"], l2_scope)
-    # aux["aux_loss"]: a model's own extra loss, already weighted (DIEN's alpha * L_aux).
-    return bce + l2_weight * l2 + aux.get("aux_loss", 0.0), (bce, l2)
-
-  if not sparse_embeddings:
-    (loss, (bce, l2)), grads = jax.value_and_grad(
-        lambda p: loss_fn({"params": p}, batch), has_aux=True)(state.params)
-    return (loss, bce, l2), grads
-
-  tables = sparse.find_tables(state.params)
-  dense, table_params = sparse.split_params(state.params, tables)
-  local_batch, distinct = sparse.localize_ids(batch, sparse.table_fields(tables, table_params))
-  rows = sparse.gather_rows(table_params, tables, distinct)
-
-  def sparse_loss_fn(dense, rows):
-    params = traverse_util.unflatten_dict({**dense, **table_params})  # the tables go unread
-    return loss_fn({"params": params, sparse.SPARSE_ROWS: sparse.rows_collection(rows)},
-                   local_batch)
-
-  (loss, (bce, l2)), (dense_grads, row_grads) = jax.value_and_grad(
-      sparse_loss_fn, argnums=(0, 1), has_aux=True)(dense, rows)
-  return (loss, bce, l2), sparse.merge_grads(dense_grads, row_grads, tables, distinct)
-
-
-def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2_scope: str,
-               sparse_embeddings: bool = False):
-  """One optimisation step on a global batch. Pure; jitted once by the caller.
-
-  Dropout masks come from fold_in(rng, step), so a resumed run draws the same masks. With
-  `sparse_embeddings`, `state.tx` must accept row-sparse gradients (`optim.lazy_adam`).
-  `batch` is a nested batch or a `PackedBatch` of one.
-  Returns (new_state, metrics) with scalar metrics "loss", "bce", "l2".
-  """
-  if isinstance(batch, PackedBatch):
-    batch = batch.unpack()
-  dropout_rng = jax.random.fold_in(rng, state.step)
-  (loss, bce, l2), grads = loss_and_grads(state, batch, dropout_rng, l2_weight=l2_weight,
-                                          l2_scope=l2_scope, sparse_embeddings=sparse_embeddings)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optim.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-  return new_state, {"loss": loss, "bce": bce, "l2": l2}
-
-
-def eval_step(state: TrainState, batch, *, with_attention: bool):
-  """Click probabilities [B] (and attention weights) for a batch, deterministic."""
-  logits, aux = state.apply_fn({"params": state.params}, batch, train=False)
-  out = {"prob": jax.nn.sigmoid(logits)}
-  if with_attention:
-    out["attention"] = aux["attention"]
-  return out
-
-
-def make_train_step(train_config: ConfigDict, mesh):
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step = functools.partial(train_step, l2_weight=train_config.l2_weight,
-                           l2_scope=train_config.l2_scope,
-                           sparse_embeddings=train_config.get("optimizer", "adam") == "lazy_adam")
-  return jax.jit(step, in_shardings=(replicated, data, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-
-def make_eval_step(mesh, with_attention: bool = False):
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(functools.partial(eval_step, with_attention=with_attention),
-                 in_shardings=(replicated, data), out_shardings=data)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _to_host(tree):
-  """Global (sharded) arrays -> NumPy on every process."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def predict_split(state, data_dir: str, schema: schema_lib.Schema, split: str,
-                  batch_size: int, mesh, with_attention: bool = False) -> dict[str, Any]:
-  """Runs the model over a whole split; returns NumPy arrays in split order.
-
-  Keys: "prob" [N], "label" [N], "group_id" [N], "extra.<name>" [N], and with
-  `with_attention` "attention.<module>" [N, n] for each enabled attention module.
-  """
-  columns = schema_lib.load_split(data_dir, split, schema)
-  step_fn = make_eval_step(mesh, with_attention)
-  outputs, rows = [], []
-  for batch, batch_rows in pipeline.eval_batches(columns, schema, split, batch_size,
-                                                 jax.process_index(), jax.process_count()):
-    outputs.append(step_fn(state, to_global(batch, mesh)))
-    rows.append(batch_rows)
-  if not outputs:
-    raise DataError(f"split {split!r} of {data_dir} is empty")
-  outputs = _to_host(outputs)
-  rows = np.concatenate(_to_host([to_global(r, mesh) for r in rows]))
-  keep = rows >= 0
-  rows = rows[keep]
-  flat = {"prob": np.concatenate([o["prob"] for o in outputs])[keep]}
-  if with_attention:
-    for name in outputs[0]["attention"]:
-      flat[f"attention.{name}"] = np.concatenate([o["attention"][name] for o in outputs])[keep]
-  order = np.argsort(rows, kind="stable")
-  result = {k: v[order] for k, v in flat.items()}
-  result["label"] = np.asarray(columns["label"])
-  result["group_id"] = np.asarray(columns["group_id"])
-  for name in schema.extra_columns:
-    result[f"extra.{name}"] = np.asarray(columns[f"extra.{name}"])
-  return result
-
-
-def split_metrics(predictions: dict[str, Any]) -> dict[str, float | int]:
-  """Exact metrics of a split's predictions; NonFiniteLossError if a score is not finite."""
-  bad = int(np.sum(~np.isfinite(predictions["prob"])))
-  if bad:
-    raise NonFiniteLossError(f"the model predicts non-finite scores for {bad} of "
-                             f"{predictions['prob'].size} examples: its parameters are broken")
-  return metrics_lib.compute_metrics(predictions["label"], predictions["prob"],
-                                     predictions["group_id"],
-                                     click_prob=predictions.get("extra.click_prob"))
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes a file on process 0 through a temporary file and a rename: readers never see half
-  a file, and the other processes of a multi-process run write nothing."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, content: dict) -> None:
-  """Writes strict JSON atomically (`write_text_atomic`). A non-finite number, which JSON
-  cannot hold, is written as null with a warning naming it."""
-  write_text_atomic(path, json.dumps(_finite_or_null(content, path), indent=2, sort_keys=True,
-                                     allow_nan=False))
-
-
-def _finite_or_null(value, path: str, key: str = ""):
-  if isinstance(value, dict):
-    return {k: _finite_or_null(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite_or_null(v, path, key) for v in value]
-  if isinstance(value, (np.floating, np.integer)):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    logging.warning("%s: %s is %s, written as null", path, key, value)
-    return None
-  return value
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def load_model_and_state(config: ConfigDict, mesh):
-  """Prepares/loads the data, builds the model and a fresh (replicated) train state."""
-  data_dir, schema = data_lib.ensure_prepared(config.data)
-  model = models.create_model(config.model, schema.features)
-  sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
-  sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
-  state = create_train_state(model, create_optimizer(config.train),
-                             to_global(_local_part(sample), mesh),
-                             jax.random.PRNGKey(config.train.seed), mesh)
-  return data_dir, schema, model, state
-
-
-def _local_part(batch):
-  """This process's rows of a batch built identically on every process."""
-  part = pipeline.local_slice(len(batch["label"]), jax.process_index(), jax.process_count())
-  return jax.tree.map(lambda x: x[part], batch)
 
 
 def _format_eta(seconds: float) -> str:
@@ -490,138 +179,180 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   # The lock covers the checkpoint managers too: a second run's manager would delete the
   # first one's save in flight as a leftover temporary directory.
   with workdir_lock.hold(workdir):
-    return _train_and_evaluate(config, workdir)
+    workdir_lib.check_rerun(workdir, config.to_dict())
+    run = steps.setup(config)
+    for split in ("valid", "test"):  # a corrupt evaluation split fails now, not after training
+      schema_lib.load_split(run.data_dir, split, run.schema)
+    loop = Loop(run, workdir)
+    try:
+      return loop.train_and_report()
+    finally:  # an async save in flight must land, also when training stops on an error
+      loop.close()
 
 
-def _train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
-  workdir_lib.check_rerun(workdir, config.to_dict())
-  mesh = create_mesh()
-  data_dir, schema, model, state = load_model_and_state(config, mesh)
-  data_checksum = schema_lib.verify_dataset_checksum(data_dir)
-  for split in ("valid", "test"):  # a corrupt evaluation split fails now, not after training
-    schema_lib.load_split(data_dir, split, schema)
-  batches = pipeline.TrainBatches(
-      schema_lib.load_split(data_dir, "train", schema), schema, config.train.batch_size,
-      seed=config.train.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  total_steps = total_train_steps(config.train, batches.steps_per_epoch)
+@dataclasses.dataclass
+class Loop:
+  """One run of the training loop over a `steps.Run`, in `workdir`.
 
-  manager = checkpointing.create_manager(workdir, config.checkpoint)
-  best_manager = checkpointing.create_best_manager(workdir)
-  restored = checkpointing.restore(manager, state, workdir=workdir)
-  meta = {"best_valid_auc": None, "best_step": None, "evals_since_best": 0}
-  if restored is not None:
-    state, restored_meta = restored
-    meta.update(restored_meta)
-    if meta.get("schema_fingerprint") != schema.fingerprint():
-      raise DataError(f"the checkpoints in {workdir} were trained on data with another schema "
-                      "(fingerprint differs); use a new --workdir")
-    if meta.get("data_checksum", data_checksum) != data_checksum:
-      raise DataError(f"the checkpoints in {workdir} were trained on other data ({data_dir} "
-                      f"has checksum {data_checksum[:12]}, the run recorded "
-                      f"{meta['data_checksum'][:12]}); use a new --workdir")
-  meta.update(checkpointing.reconcile_best(best_manager, state, meta))
-  start_step = int(state.step)
-  patience = config.train.early_stopping_patience
-  if stopped_early(meta, patience):
-    logging.info("Stopped early at step %d (best validation AUC %s at step %s); not training "
-                  "further", start_step, meta["best_valid_auc"], meta["best_step"])
-    total_steps = min(total_steps, start_step)
+  Its fields are the loop's whole state: `meta` (saved in every checkpoint: progress, the best
+  validation step and its AUC, the data's identity), `last_saved` (the newest good checkpoint
+  of this run) and `pending` (train metrics of the steps since the last log line).
+  """
 
-  writer = writers.MetricWriter(os.path.join(workdir, "metrics"), resume_step=start_step)
-  if start_step == 0:
-    writer.write_hparams(config.to_dict())
-  write_text_atomic(os.path.join(workdir, "parameters.txt"),
-                    parameter_overview.get_parameter_overview(state.params) + "\n")
-  write_json_atomic(workdir_lib.config_path(workdir), config.to_dict())
-  logging.info("%s", run_header(config, workdir, data_dir, schema, state, start_step,
-                                total_steps, batches.steps_per_epoch))
+  run: steps.Run
+  workdir: str
+  manager: ocp.CheckpointManager = dataclasses.field(init=False)
+  best_manager: ocp.CheckpointManager = dataclasses.field(init=False)
+  writer: writers.MetricWriter | None = dataclasses.field(init=False, default=None)
+  meta: dict[str, Any] = dataclasses.field(init=False)
+  last_saved: int | None = dataclasses.field(init=False, default=None)
+  pending: list[dict[str, jax.Array]] = dataclasses.field(init=False, default_factory=list)
 
-  step_fn = make_train_step(config.train, mesh)
-  rng = jax.random.PRNGKey(config.train.seed + 1)
-  last_saved = start_step if restored is not None else None
-  pending: list[dict[str, jax.Array]] = []
-  t_window, steps_window = time.perf_counter(), 0
-  max_bce = config.train.max_bce
+  def __post_init__(self):
+    self.manager = checkpointing.create_manager(self.workdir, self.run.config.checkpoint)
+    self.best_manager = checkpointing.create_best_manager(self.workdir)
+    self.meta = {"best_valid_auc": None, "best_step": None, "evals_since_best": 0}
 
-  def progress(step):
-    return dict(step=step, epoch=step // batches.steps_per_epoch,
-                examples_seen=step * config.train.batch_size,
-                schema_fingerprint=schema.fingerprint(), data_checksum=data_checksum)
+  def close(self) -> None:
+    for manager in (self.manager, self.best_manager):
+      checkpointing.close(manager)  # also writes the checksums of its last saves
+    if self.writer is not None:
+      self.writer.close()
 
-  def save_checkpoint(step):
-    nonlocal last_saved
-    check_loss(step, jax.device_get(pending), last_saved, max_bce)
-    meta.update(progress(step))
+  # --------------------------------------------------------------------------- resume
+
+  def restore(self):
+    """The state to start from: the newest good checkpoint of the workdir, else the fresh one;
+    `meta` becomes the checkpoint's, checked against the data."""
+    run, state = self.run, self.run.state
+    restored = checkpointing.restore(self.manager, state, workdir=self.workdir)
+    if restored is not None:
+      state, restored_meta = restored
+      self.meta.update(restored_meta)
+      if self.meta.get("schema_fingerprint") != run.schema.fingerprint():
+        raise DataError(f"the checkpoints in {self.workdir} were trained on data with another "
+                        "schema (fingerprint differs); use a new --workdir")
+      recorded = self.meta.get("data_checksum", run.data_checksum)
+      if recorded != run.data_checksum:
+        raise DataError(f"the checkpoints in {self.workdir} were trained on other data "
+                        f"({run.data_dir} has checksum {run.data_checksum[:12]}, the run "
+                        f"recorded {recorded[:12]}); use a new --workdir")
+      self.last_saved = int(state.step)
+    self.meta.update(checkpointing.reconcile_best(self.best_manager, state, self.meta))
+    return state
+
+  # --------------------------------------------------------------------------- saving
+
+  def progress(self, step: int, steps_per_epoch: int) -> dict[str, Any]:
+    run = self.run
+    return dict(step=step, epoch=step // steps_per_epoch,
+                examples_seen=step * run.config.train.batch_size,
+                schema_fingerprint=run.schema.fingerprint(), data_checksum=run.data_checksum)
+
+  def check_pending(self, step: int) -> None:
+    check_loss(step, jax.device_get(self.pending), self.last_saved,
+               self.run.config.train.max_bce)
+
+  def save(self, state, step: int, steps_per_epoch: int) -> None:
+    self.check_pending(step)
+    self.meta.update(self.progress(step, steps_per_epoch))
     # The best checkpoint lands first, so no saved meta names a best step that is not on disk.
-    checkpointing.finalize(best_manager)
-    checkpointing.save(manager, state, meta)
-    last_saved = step
+    checkpointing.finalize(self.best_manager)
+    checkpointing.save(self.manager, state, self.meta)
+    self.last_saved = step
 
-  def validate(step):
-    check_loss(step, jax.device_get(pending), last_saved, max_bce)  # never save a bad best
-    valid = evaluate_split(state, data_dir, schema, "valid", config, mesh, writer, step)
-    if improves(valid["auc"], meta["best_valid_auc"]):
-      meta.update(best_valid_auc=valid["auc"], best_step=step, evals_since_best=0)
-      checkpointing.save(best_manager, state, {**meta, **progress(step)})
+  def validate(self, state, step: int, steps_per_epoch: int) -> dict[str, Any]:
+    self.check_pending(step)  # never save a bad best
+    valid = evaluate.evaluate_split(self.run, state, "valid", step, self.writer)
+    if improves(valid["auc"], self.meta["best_valid_auc"]):
+      self.meta.update(best_valid_auc=valid["auc"], best_step=step, evals_since_best=0)
+      checkpointing.save(self.best_manager, state,
+                         {**self.meta, **self.progress(step, steps_per_epoch)})
     else:
-      meta["evals_since_best"] += 1
+      self.meta["evals_since_best"] += 1
     return valid
 
-  last_valid = None
-  try:
+  # --------------------------------------------------------------------------- the loop
+
+  def train_and_report(self) -> dict[str, dict[str, Any]]:
+    run, config, workdir = self.run, self.run.config, self.workdir
+    batches = run.train_batches()
+    per_epoch = batches.steps_per_epoch
+    total_steps = total_train_steps(config.train, per_epoch)
+    state = self.restore()
+    start_step = int(state.step)
+    patience = config.train.early_stopping_patience
+    if stopped_early(self.meta, patience):
+      logging.info("Stopped early at step %d (best validation AUC %s at step %s); not "
+                   "training further", start_step, self.meta["best_valid_auc"],
+                   self.meta["best_step"])
+      total_steps = min(total_steps, start_step)
+
+    self.writer = writers.MetricWriter(os.path.join(workdir, "metrics"), resume_step=start_step)
+    if start_step == 0:
+      self.writer.write_hparams(config.to_dict())
+    writers.write_text_atomic(os.path.join(workdir, "parameters.txt"),
+                              parameter_overview.get_parameter_overview(state.params) + "\n")
+    writers.write_json_atomic(workdir_lib.config_path(workdir), config.to_dict())
+    logging.info("%s", run_header(config, workdir, run.data_dir, run.schema, state, start_step,
+                                  total_steps, per_epoch))
+
+    rng = jax.random.PRNGKey(config.train.seed + 1)
+    t_window, steps_window = time.perf_counter(), 0
+    last_valid = None
     with StopSignals(sync_every=config.train.log_every_steps) as signals:
-      device_batches = batches.iterate(start_step, total_steps,
-                                       transform=lambda batch: pack_to_global(batch, mesh))
+      device_batches = batches.iterate(
+          start_step, total_steps, transform=lambda b: sharding.pack_to_global(b, run.mesh))
       for step, batch in zip(range(start_step + 1, total_steps + 1), device_batches):
-        state, step_metrics = step_fn(state, batch, rng)
-        pending.append(step_metrics)
+        state, step_metrics = run.train_step(state, batch, rng)
+        self.pending.append(step_metrics)
         steps_window += 1
         if step % config.train.log_every_steps == 0 or step == total_steps:
-          history = jax.device_get(pending)
-          check_loss(step, history, last_saved, max_bce)
-          _log_progress(writer, step, total_steps, history,
+          history = jax.device_get(self.pending)
+          check_loss(step, history, self.last_saved, config.train.max_bce)
+          _log_progress(self.writer, step, total_steps, history,
                         steps_window / max(time.perf_counter() - t_window, 1e-9),
                         config.train.batch_size)
-          pending, t_window, steps_window = [], time.perf_counter(), 0
+          self.pending, t_window, steps_window = [], time.perf_counter(), 0
         if step % config.train.eval_every_steps == 0 or step == total_steps:
-          last_valid = validate(step)
+          last_valid = self.validate(state, step, per_epoch)
           t_window = time.perf_counter()  # evaluation time is not training throughput
-        stop = stopped_early(meta, patience)
+        stop = stopped_early(self.meta, patience)
         signum = signals.requested(step)
         if (step % config.checkpoint.every_steps == 0 or step == total_steps or stop or
             signum):
-          save_checkpoint(step)
+          self.save(state, step, per_epoch)
         if signum:
-          manager.wait_until_finished()
+          checkpointing.finalize(self.manager)
           raise Preempted(signum, step, workdir)
         if stop:
-          logging.info("Early stopping at step %d: no better validation AUC in %d evaluations "
-                       "(best %s at step %s)", step, patience, meta["best_valid_auc"],
-                       meta["best_step"])
+          logging.info("Early stopping at step %d: no better validation AUC in %d "
+                       "evaluations (best %s at step %s)", step, patience,
+                       self.meta["best_valid_auc"], self.meta["best_step"])
           break
 
     final_step = int(state.step)
-    if meta["best_step"] is None and (last_valid is None or last_valid["step"] != final_step):
-      last_valid = validate(final_step)  # a workdir whose best step is unknown
-    report_state, selection = select_reported_state(state, meta, config.eval.report_step,
-                                                    best_manager)
+    if self.meta["best_step"] is None and (last_valid is None or
+                                           last_valid["step"] != final_step):
+      last_valid = self.validate(state, final_step, per_epoch)  # best step unknown so far
+    return self.report(state, last_valid)
+
+  def report(self, state, last_valid) -> dict[str, dict[str, Any]]:
+    """Evaluates the reported step on valid and test and writes `eval/<split>_metrics.json`."""
+    report_state, selection = select_reported_state(
+        state, self.meta, self.run.config.eval.report_step, self.best_manager)
     step = int(report_state.step)
     results = {}
     for split in ("valid", "test"):
       if split == "valid" and last_valid is not None and last_valid["step"] == step:
         result = last_valid
       else:  # valid scalars of this step were written when it was validated
-        result = evaluate_split(report_state, data_dir, schema, split, config, mesh,
-                                writer if split == "test" else None, step)
+        result = evaluate.evaluate_split(self.run, report_state, split, step,
+                                         self.writer if split == "test" else None)
       results[split] = {**result, **selection}
-      write_metrics(workdir, split, results[split], final=True)
-    logging.info("%s", closing_line(workdir, results))
+      evaluate.write_metrics(self.workdir, split, results[split], final=True)
+    logging.info("%s", closing_line(self.workdir, results))
     return results
-  finally:  # an async save in flight must land, also when training stops on an error
-    for m in (manager, best_manager):
-      checkpointing.close(m)  # also writes the checksums of its last saves
-    writer.close()
 
 
 def select_reported_state(state, meta: dict[str, Any], report_step: str, best_manager):
@@ -637,36 +368,12 @@ def select_reported_state(state, meta: dict[str, Any], report_step: str, best_ma
     logging.warning("No validation AUC was ever defined; reporting the last step")
     selected = "last"
   if selected == "best" and meta["best_step"] != last_step:
-    best_manager.wait_until_finished()
+    checkpointing.finalize(best_manager)
     state, _ = checkpointing.restore(best_manager, state, step=meta["best_step"])
   logging.info("Reporting step %d (%s; best validation AUC %s at step %s)", int(state.step),
                selected, meta["best_valid_auc"], meta["best_step"])
   return state, {"selected": selected, "best_step": meta["best_step"],
                  "best_valid_auc": meta["best_valid_auc"], "last_step": last_step}
-
-
-def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool) -> None:
-  """Writes `eval/<split>_metrics_step<N>.json` and, if `final`, `eval/<split>_metrics.json`
-  (the run's reported result)."""
-  eval_dir = os.path.join(workdir, "eval")
-  write_json_atomic(os.path.join(eval_dir, f"{split}_metrics_step{result['step']}.json"), result)
-  if final:
-    write_json_atomic(os.path.join(eval_dir, f"{split}_metrics.json"), result)
-
-
-def evaluate_split(state, data_dir, schema, split, config, mesh, writer, step):
-  """Exact metrics of `state` on a whole split, logged (and written to `writer` unless it is
-  None); returns them with "step"."""
-  result = split_metrics(predict_split(state, data_dir, schema, split, config.eval.batch_size,
-                                       mesh))
-  result["step"] = step
-  if writer is not None:
-    writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.items()
-                                if isinstance(v, (int, float)) and k != "step"})
-  text = ", ".join(f"{k}={result[k]:.4f}" for k in ("auc", "gauc", "logloss", "oracle_auc")
-                   if k in result)
-  logging.info("%s @ step %d: %s (%d examples)", split, step, text, result["num_examples"])
-  return result
 
 
 def _log_progress(writer, step, total_steps, history, steps_per_second, batch_size):

@@ -1,4 +1,5 @@
-"""Metric writers: TensorBoard event files plus a machine-readable JSONL file.
+"""Metric writers (TensorBoard event files plus a machine-readable JSONL file) and the atomic
+file writes every command uses (`write_text_atomic`, `write_json_atomic`).
 
 clu's `metric_writers` import TensorFlow unconditionally (see docs/toolchain.md), so this small
 writer follows clu's interface (`write_scalars`, `write_hparams`, `flush`, `close`) on top of
@@ -14,6 +15,8 @@ import time
 from collections.abc import Mapping
 
 import jax
+import numpy as np
+from absl import logging
 from tensorboard.summary import Writer as _EventWriter
 
 
@@ -90,3 +93,35 @@ def read_jsonl(path: str) -> list[dict]:
   """Reads back a metrics.jsonl file."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes a file on process 0 through a temporary file and a rename: readers never see half
+  a file, and the other processes of a multi-process run write nothing."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, content: dict) -> None:
+  """Writes strict JSON atomically (`write_text_atomic`). A non-finite number, which JSON
+  cannot hold, is written as null with a warning naming it."""
+  write_text_atomic(path, json.dumps(_finite_or_null(content, path), indent=2, sort_keys=True,
+                                     allow_nan=False))
+
+
+def _finite_or_null(value, path: str, key: str = ""):
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v, path, key) for v in value]
+  if isinstance(value, (np.floating, np.integer)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    logging.warning("%s: %s is %s, written as null", path, key, value)
+    return None
+  return value

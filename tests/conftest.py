@@ -50,7 +50,3 @@ def tiny_config(**overrides):
     node[leaf] = value
   return config
 
-
-@pytest.fixture
-def make_config():
-  return tiny_config

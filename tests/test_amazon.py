@@ -216,7 +216,7 @@ def test_dien_protocol_hand_worked(tmp_path):
   assert stats["num_samples"] == {"train": 4, "valid": 2, "test": 2}
 
 
-def test_dien_category_rule_is_first_path(tmp_path):
+def test_dien_category_rule_is_first_path():
   assert amazon.category_of([["Books", "Art"], ["Books", "Fiction"]], "dien") == "Art"
   assert amazon.category_of([["Books", "Art"], ["Books", "Fiction"]], "din") == "Fiction"
   assert amazon.category_of([], "din") is None

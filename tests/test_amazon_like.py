@@ -273,7 +273,7 @@ def test_click_prob_is_the_posterior_of_the_pair(generated):
         reviewed[test["item.item_id"][row] - schema_lib.NUM_RESERVED_IDS]]
 
 
-def test_dien_protocol_through_the_source_registry(tmp_path):
+def test_dien_protocol_through_the_source_registry():
   """data.source="amazon_like" with the default raw_dir (the private test cache)."""
   config = data_config("", protocol="dien", num_users=300, num_items=120,
                        max_reviews_per_user=40)

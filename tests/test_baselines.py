@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mian_jax import models, train
+from mian_jax import models, optim, sharding, steps
 from mian_jax.data import synthetic
 from mian_jax.data.pipeline import gather_batch
 from mian_jax.models import layers
 from tests.conftest import tiny_config
-from tests.test_layers import np_softmax
 
 BASELINES = ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")
 SEQUENCE_MODELS = ("din", "dien")
@@ -105,13 +104,13 @@ def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch(name):
                                                 "train.learning_rate": 1e-2})
   _, splits = synthetic.generate(config.data.synthetic, config.data.max_seq_len)
   batch = gather_batch(splits["train"], schema, np.arange(config.train.batch_size))
-  mesh = train.create_mesh(jax.devices()[:1])
-  state = train.create_train_state(model, train.create_optimizer(config.train), batch,
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  state = steps.create_train_state(model, optim.create_optimizer(config.train), batch,
                                    jax.random.PRNGKey(0), mesh)
-  step = train.make_train_step(config.train, mesh)
+  step = steps.make_train_step(config.train, mesh)
   losses = []
   for _ in range(6):
-    state, metrics = step(state, train.to_global(batch, mesh), jax.random.PRNGKey(1))
+    state, metrics = step(state, sharding.to_global(batch, mesh), jax.random.PRNGKey(1))
     losses.append(float(metrics["loss"]))
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
@@ -131,11 +130,11 @@ def test_dien_auxiliary_loss_reaches_the_train_step():
   on, evaluating, off, doubled = map(float, aux_losses(params))
   assert on > 0 and evaluating == 0 and off == 0
   assert doubled == pytest.approx(2 * on, rel=1e-5)
-  # Through train.train_step: loss = bce + l2_weight * l2 + aux_loss, and the gradient of the
+  # Through steps.train_step: loss = bce + l2_weight * l2 + aux_loss, and the gradient of the
   # auxiliary loss reaches the interest extractor (through the auxiliary net only).
-  state = train.TrainState.create(apply_fn=model.apply, params=params,
-                                  tx=train.create_optimizer(config.train))
-  step = jax.jit(functools.partial(train.train_step, l2_weight=0.0, l2_scope="none"))
+  state = steps.TrainState.create(apply_fn=model.apply, params=params,
+                                  tx=optim.create_optimizer(config.train))
+  step = jax.jit(functools.partial(steps.train_step, l2_weight=0.0, l2_scope="none"))
   _, metrics = step(state, batch, jax.random.PRNGKey(3))
   assert float(metrics["loss"]) > float(metrics["bce"]) + 1e-4
   grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, batch, train=True,

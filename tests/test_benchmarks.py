@@ -26,15 +26,33 @@ def test_throughput_data_has_amazon_vocabularies_and_valid_columns():
   assert np.isin(columns["label"], (0, 1)).all()
 
 
-def test_throughput_flags_parse():
-  args = throughput.parse_args(["--models=din", "--batch_sizes=128", "--vocab=books", "--peer",
-                                "--optimizer=lazy_adam", "--repeats=3", "--peer_threads=1"])
-  assert (args.models, args.batch_sizes, args.vocab) == ("din", "128", "books")
-  assert args.peer and args.optimizer == "lazy_adam" and args.repeats == 3
-  assert args.peer_threads == 1
-  assert args.peer_python == throughput.compare_deepctr.DEFAULT_PEER_PYTHON
-  defaults = throughput.parse_args([])
-  assert not defaults.peer and defaults.optimizer == "adam" and defaults.repeats == 1
+def test_throughput_measures_each_pair_repeats_times_and_appends_the_medians(tmp_path,
+                                                                              monkeypatch):
+  """Without --peer, main measures every (model, batch size) --repeats times, each in a child
+  with the --vocab, --seconds and --optimizer given, and appends one median row per pair."""
+  calls = []
+
+  def fake_run_ours(model, batch, args, data_dir=""):
+    calls.append((model, batch, args.vocab, args.seconds, args.optimizer, data_dir))
+    rate = 100.0 * len(calls)
+    return {"impl": "mian_jax", "model": model, "batch_size": batch,
+            "train_samples_per_s": rate, "eval_samples_per_s": 2 * rate, "compile_s": 1.0,
+            "peak_rss_mb": 10.0}
+
+  monkeypatch.setattr(throughput, "run_ours", fake_run_ours)
+  out = tmp_path / "out.jsonl"
+  out.write_text('{"earlier": "row"}\n')
+  throughput.main(["--models=lr,din", "--batch_sizes=8,16", "--vocab=tiny", "--seconds=0.5",
+                   "--optimizer=lazy_adam", "--repeats=3", f"--out={out}"])
+  pairs = [("lr", 8), ("lr", 16), ("din", 8), ("din", 16)]
+  assert calls == [(m, b, "tiny", 0.5, "lazy_adam", "") for m, b in pairs for _ in range(3)]
+  earlier, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert earlier == {"earlier": "row"}  # appended, not overwritten
+  assert [(r["model"], r["batch_size"], r["repeats"]) for r in rows] == [
+      (m, b, 3) for m, b in pairs]
+  for i, row in enumerate(rows):  # the i-th pair's runs were calls 3i+1..3i+3
+    runs = [100.0 * (3 * i + k) for k in (1, 2, 3)]
+    assert row["train_samples_per_s_runs"] == runs and row["train_samples_per_s"] == runs[1]
 
 
 def test_throughput_rejects_unknown_optimizer_and_zero_repeats():
@@ -136,7 +154,7 @@ def test_accelerator_script_measures_and_derives_the_books_epoch(tmp_path, capsy
   assert "Books epoch" in capsys.readouterr().out
 
 
-def test_roofline_counts_flops_and_the_dense_adam_bytes(tmp_path):
+def test_roofline_counts_flops_and_the_dense_adam_bytes():
   import roofline  # noqa: PLC0415
   row = roofline.model_costs("din", "tiny", 16)
   items, categories, users = throughput.VOCABS["tiny"]

@@ -55,7 +55,7 @@ def test_best_step_is_the_argmax_of_validation_and_evaluate_reproduces_its_test_
   assert valid["auc"] == best_auc  # the reported validation AUC is the one selection saw
   assert _read(workdir, f"test_metrics_step{best_step}.json") == test
 
-  again = evaluate.evaluate(config, workdir, "best", "test", with_predictions=False)
+  again = evaluate.evaluate_checkpoint(config, workdir, "best", "test", with_predictions=False)
   assert {k: again[k] for k in METRIC_KEYS} == {k: test[k] for k in METRIC_KEYS}
   assert _read(workdir, "test_metrics.json") == test  # evaluate wrote its own step-stamped file
 

@@ -163,7 +163,7 @@ def test_show_config_lists_every_key_with_its_value_and_comment(tmp_path, module
   assert not (tmp_path / "cache").exists()  # nothing prepared, nothing trained
 
 
-def test_jax_backend_probes_are_not_logged(tmp_path):
+def test_jax_backend_probes_are_not_logged():
   """On a machine without a TPU, JAX's 'Unable to initialize backend 'tpu'' probe line is
   dropped; JAX's warnings still come through."""
   script = textwrap.dedent("""\

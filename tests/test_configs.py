@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-from mian_jax import cli
+from mian_jax import cli, config_checks, config_defaults, models
+from mian_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every key's repr, per config and argument, recorded from configs/*.py before the defaults
@@ -145,6 +146,41 @@ def test_the_movielens_folder_variable_has_one_name():
     with open(os.path.join(REPO, path)) as f:
       names[path] = set(re.findall(r"MIAN_JAX_\w+_DIR", f.read()))
   assert names == {path: {"MIAN_JAX_MOVIELENS_DIR"} for path in names}
+
+
+def test_each_model_choice_is_declared_once_by_a_model_fields_type():
+  """Every string-valued key of config.model but its name is a Literal-typed field of the models
+  (mian_jax.models.CHOICES), with the same choices in every model that has it, and
+  config_checks checks exactly those plus the train and eval choices."""
+  model_config = config_defaults.get_base_config().model
+  strings = {f"model.{k}" for k, v in model_config.items() if isinstance(v, str)}
+  assert strings - {"model.name"} == set(models.CHOICES)
+  for key, allowed in models.CHOICES.items():
+    for cls in models.MODELS.values():
+      assert models.literal_fields(cls).get(key.removeprefix("model."), allowed) == allowed
+    assert model_config[key.removeprefix("model.")] in allowed
+  assert config_checks.CHOICES.keys() - models.CHOICES.keys() == {
+      "train.l2_scope", "train.optimizer", "eval.report_step"}
+
+
+def test_the_defaults_comments_name_exactly_the_allowed_values():
+  """The comments --show_config prints for a choice list its values; they are checked against
+  the declaration, so that they cannot drift from it."""
+  comments = cli.config_comments(os.path.join(REPO, "mian_jax", "config_defaults.py"))
+  for key, allowed in config_checks.CHOICES.items():
+    assert set(re.findall(r'"(\w+)"', comments[key])) == set(allowed), (key, comments[key])
+
+
+def test_a_model_built_without_config_checks_refuses_a_bad_choice():
+  """The benchmarks build models straight from a config: create_model checks the choices of
+  the model's fields itself, with the same one line."""
+  config = config_defaults.get_base_config()
+  config.model.name, config.model.sequence_pooling = "deepfm", "max"
+  with pytest.raises(ConfigError, match=r"^config\.model\.sequence_pooling='max' is not one "
+                                        r"of \('mean', 'sum'\)$"):
+    models.create_model(config.model, features=None)
+  config.model.sequence_pooling, config.model.transformer = "sum", "postln"
+  models.create_model(config.model, features=None)  # deepfm has no Transformer
 
 
 if __name__ == "__main__":  # records the values anew: python -m tests.test_configs

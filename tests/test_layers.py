@@ -1,5 +1,7 @@
 """Shared layers against NumPy references of the paper's equations."""
 
+import typing
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,7 +79,7 @@ def test_global_attention_matches_eqs_14_15(combine):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def np_attention(x, mask, p, num_heads):
+def np_attention(x, mask, p):
   """Eq. (4) with padded keys masked, in NumPy, using Flax's parameter layout."""
   q, k, v = (np.einsum("btd,dhk->bthk", x, p[n]["kernel"]) + p[n]["bias"]
              for n in ("query", "key", "value"))
@@ -104,7 +106,7 @@ def test_transformer_block_matches_eqs_3_to_5(norm):
   params = block.init(jax.random.PRNGKey(2), x, mask, deterministic=True)
   out = np.asarray(block.apply(params, x, mask, deterministic=True))
   p = jax.tree.map(np.asarray, params["params"])
-  attention = lambda y: np_attention(y, mask, p["attention"], 2)  # noqa: E731
+  attention = lambda y: np_attention(y, mask, p["attention"])  # noqa: E731
   if norm == "pre_ln":
     h = x + attention(np_layer_norm(x, p["ln_attention"]))
     h = h + np_ffn(np_layer_norm(h, p["ln_ffn"]), p)
@@ -161,7 +163,7 @@ def test_threefry_dropout_is_flax_dropout_bit_for_bit():
   assert layers.attention_with_dropout("threefry") is nn.dot_product_attention
 
 
-@pytest.mark.parametrize("rng_impl", layers.DROPOUT_RNGS)
+@pytest.mark.parametrize("rng_impl", typing.get_args(layers.DropoutRng))
 def test_dropout_keeps_one_minus_rate_scaled_and_is_keyed_by_the_rng(rng_impl):
   x = np.ones((1000, 1000), np.float32)
   a, b = _drop(0.2, rng_impl, x, 0), _drop(0.2, rng_impl, x, 1)

@@ -1,7 +1,6 @@
 """MIAN end to end: a NumPy reference of §3.2, padding invariance, ablation switches."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,13 +33,17 @@ def _np_activation_unit(q, keys, mask, p):
   return np.where(mask, x @ p["score"]["kernel"][:, 0] + p["score"]["bias"][0], 0.0)
 
 
-@pytest.mark.parametrize("ibim_score,values,behavior", [("additive", "concat", "concat"),
-                                                        ("din", "concat_product", "mean")])
-def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values, behavior):
+@pytest.mark.parametrize("ibim_score,values,behavior,combine", [
+    ("additive", "concat", "concat", "project_sum"),
+    ("din", "concat_product", "mean", "project_sum"),
+    ("bilinear", "concat", "mean", "weighted_concat"),
+])
+def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values, behavior, combine):
   model, params, batch, schema = _setup(**{"model.transformer": "none",
                                            "model.ibim_score": ibim_score,
                                            "model.interaction_values": values,
-                                           "model.gim_behavior": behavior})
+                                           "model.gim_behavior": behavior,
+                                           "model.gim_combine": combine})
   logits, aux = _apply(model, params, batch)
   p = jax.tree.map(np.asarray, params)
   f = schema.features
@@ -66,8 +69,10 @@ def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values, beha
   query = flat(embed("item_embedding", batch["item"], f.behavior_fields))  # candidate's e_b
   product = values == "concat_product"
   v_b = [tile(f.max_seq_len), e_b] + ([query[:, None] * e_b] if product else [])
-  extra = (_np_activation_unit(query, e_b, mask, p["ibim_activation_unit"])
-           if ibim_score == "din" else 0.0)
+  extra = {"additive": lambda: 0.0,                                          # eq. 8
+           "bilinear": lambda: np.einsum("bi,ij,btj->bt", e_i, p["ibim_bilinear"], e_b),
+           "din": lambda: _np_activation_unit(query, e_b, mask, p["ibim_activation_unit"]),
+           }[ibim_score]()
   r_ibim, a_ibim = pool(np.concatenate(v_b, -1), p["ibim_attention"], mask,
                         extra=extra)                                           # eq. 6
 
@@ -85,7 +90,11 @@ def test_forward_matches_numpy_reference_of_eqs_1_to_17(ibim_score, values, beha
   s = np.stack([r @ g[f"score_{l}"]["kernel"][:, 0] + g[f"score_{l}"]["bias"][0]
                 for l, r in enumerate(parts)], -1)
   alpha = np_softmax(np.tanh(s))
-  r_g = sum(alpha[:, l:l + 1] * (r @ g[f"project_{l}"]["kernel"]) for l, r in enumerate(parts))
+  if combine == "project_sum":                                                # eq. 15
+    r_g = sum(alpha[:, l:l + 1] * (r @ g[f"project_{l}"]["kernel"]) for l, r in enumerate(parts))
+  else:
+    assert not any(k.startswith("project_") for k in g)
+    r_g = np.concatenate([alpha[:, l:l + 1] * r for l, r in enumerate(parts)], -1)
   h = r_g
   for name in ("Dense_0", "Dense_1"):                                         # eq. 16
     h = np.maximum(0, h @ p["mlp"][name]["kernel"] + p["mlp"][name]["bias"])
@@ -153,10 +162,9 @@ def test_transformer_variants_change_the_parameter_tree():
 
 @pytest.mark.parametrize("override", [
     {"model.ibim_score_weights": "per_position"}, {"model.field_score_weights": "shared"},
-    {"model.gim_combine": "weighted_concat"}, {"model.gim_behavior": "concat"},
-    {"model.ibim_score": "bilinear"}, {"model.position_embedding": "none"},
-    {"model.dense_init": "truncated_normal"}, {"model.score_activation": "none"},
-    {"model.ibim_score": "din"}, {"model.interaction_values": "concat"},
+    {"model.gim_behavior": "concat"}, {"model.dense_init": "truncated_normal"},
+    {"model.score_activation": "none"}, {"model.ibim_score": "din"},
+    {"model.interaction_values": "concat"},
 ])
 def test_alternative_readings_run_and_differ(override):
   model, params, batch, _ = _setup()
@@ -166,6 +174,62 @@ def test_alternative_readings_run_and_differ(override):
   assert np.isfinite(b).all()
   differs = jax.tree.structure(params) != jax.tree.structure(alt_params) or not np.allclose(a, b)
   assert differs
+
+
+def test_bilinear_score_is_the_additive_score_plus_e_i_M_h_t():
+  """"bilinear" only adds e_i^T M h_t inside eq. 8's tanh: it adds M and nothing else, and with
+  M = 0 it is the additive model with the same parameters (here with the Transformer on; the
+  NumPy reference above checks the term itself)."""
+  model, params, batch, _ = _setup()
+  bilinear, bilinear_params, _, _ = _setup(**{"model.ibim_score": "bilinear"})
+  m = bilinear_params["ibim_bilinear"]
+  assert set(bilinear_params) - set(params) == {"ibim_bilinear"}
+  assert jax.tree.structure({**params, "ibim_bilinear": m}) == jax.tree.structure(bilinear_params)
+  additive_logits, additive_aux = _apply(model, params, batch)
+  zero_m, zero_aux = _apply(bilinear, {**params, "ibim_bilinear": np.zeros_like(m)}, batch)
+  np.testing.assert_allclose(zero_m, additive_logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(zero_aux["attention"]["ibim"], additive_aux["attention"]["ibim"],
+                             atol=1e-7)
+  with_m, with_aux = _apply(bilinear, {**params, "ibim_bilinear": m}, batch)
+  assert not np.allclose(with_aux["attention"]["ibim"], additive_aux["attention"]["ibim"],
+                         atol=1e-4)
+  assert not np.allclose(with_m, additive_logits, atol=1e-5)
+
+
+def _permute_valid_behaviours(batch, seed):
+  """Each row's valid behaviours in a random order (the same for every field), padding kept."""
+  rng = np.random.default_rng(seed)
+  order = np.tile(np.arange(batch["hist"]["item_id"].shape[1]), (len(batch["hist_len"]), 1))
+  for row, length in enumerate(batch["hist_len"]):
+    order[row, :length] = rng.permutation(length)
+  hist = {k: np.take_along_axis(np.asarray(v), order, 1) for k, v in batch["hist"].items()}
+  return {**batch, "hist": hist}, order
+
+
+def test_position_embedding_none_is_order_blind_and_learned_is_not():
+  """docs/model.md: without a position embedding self-attention is order-blind. With "none"
+  there is no table, and shuffling a user's behaviours only shuffles the IBIM weights (e_b
+  enters GIM as a mean, eq. 8's weights are shared); "learned" is "none" plus the table."""
+  learned, learned_params, batch, _ = _setup()
+  none, none_params, _, _ = _setup(**{"model.position_embedding": "none"})
+  assert "position_embedding" in learned_params and "position_embedding" not in none_params
+  assert set(learned_params) - set(none_params) == {"position_embedding"}
+  shuffled, order = _permute_valid_behaviours(batch, seed=1)
+  assert any((order[r, :n] != np.arange(n)).any() and
+             len(set(np.asarray(batch["hist"]["item_id"])[r, :n])) > 1
+             for r, n in enumerate(batch["hist_len"]))
+  logits, aux = _apply(none, none_params, batch)
+  shuffled_logits, shuffled_aux = _apply(none, none_params, shuffled)
+  np.testing.assert_allclose(shuffled_logits, logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(shuffled_aux["attention"]["ibim"],
+                             np.take_along_axis(np.asarray(aux["attention"]["ibim"]), order, 1),
+                             atol=1e-6)
+  with_table = {**none_params, "position_embedding": learned_params["position_embedding"]}
+  assert not np.allclose(_apply(learned, with_table, shuffled)[0],
+                         _apply(learned, with_table, batch)[0], atol=1e-5)
+  zero_table = {**none_params,
+                "position_embedding": np.zeros_like(learned_params["position_embedding"])}
+  np.testing.assert_allclose(_apply(learned, zero_table, batch)[0], logits, rtol=1e-6, atol=1e-6)
 
 
 def test_dropout_only_in_training_and_keyed_by_rng():

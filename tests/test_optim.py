@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from mian_jax import config_checks, models, optim, sparse, train
+from mian_jax import config_checks, optim, sharding, sparse, steps, train
 from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError
@@ -64,13 +64,14 @@ def test_lazy_adam_updates_exactly_the_rows_given():
 
 def _state_and_batch(model_name, optimizer="adam"):
   config = tiny_config(**{"model.name": model_name, "train.optimizer": optimizer})
-  mesh = train.create_mesh(jax.devices()[:1])
-  data_dir, schema, _, state = train.load_model_and_state(config, mesh)
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  run = steps.setup(config, mesh)
+  data_dir, schema, state = run.data_dir, run.schema, run.state
   columns = schema_lib.load_split(data_dir, "train", schema)
   batch = pipeline.TrainBatches(columns, schema, config.train.batch_size, seed=0).batch(0)
   # Some behaviours repeat the candidate, so one row is reached through both id arrays.
   batch["hist"]["item_id"][:4, 0] = batch["item"]["item_id"][:4]
-  return config, state, train.to_global(batch, mesh)
+  return config, state, sharding.to_global(batch, mesh)
 
 
 @pytest.mark.parametrize("model_name", ["mian", "deepfm", "din", "dien"])
@@ -78,9 +79,9 @@ def test_row_sparse_gradients_are_the_dense_gradients_rows(model_name):
   config, state, batch = _state_and_batch(model_name)
   kwargs = dict(l2_weight=config.train.l2_weight, l2_scope=config.train.l2_scope)
   rng = jax.random.PRNGKey(3)
-  (loss, _, _), dense = jax.jit(lambda s, b: train.loss_and_grads(s, b, rng, **kwargs))(
+  (loss, _, _), dense = jax.jit(lambda s, b: steps.loss_and_grads(s, b, rng, **kwargs))(
       state, batch)
-  (loss_s, _, _), rows = jax.jit(lambda s, b: train.loss_and_grads(
+  (loss_s, _, _), rows = jax.jit(lambda s, b: steps.loss_and_grads(
       s, b, rng, sparse_embeddings=True, **kwargs))(state, batch)
   assert float(loss_s) == pytest.approx(float(loss), rel=1e-6)
   tables = {t.path for t in sparse.find_tables(state.params)}
@@ -102,9 +103,9 @@ def test_row_sparse_gradients_are_the_dense_gradients_rows(model_name):
 
 def test_lazy_adam_train_step_moves_only_the_rows_in_the_batch():
   config, state, batch = _state_and_batch("mian", "lazy_adam")
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = sharding.create_mesh(jax.devices()[:1])
   before = jax.device_get(state.params)
-  state, metrics = train.make_train_step(config.train, mesh)(state, batch, jax.random.PRNGKey(1))
+  state, metrics = steps.make_train_step(config.train, mesh)(state, batch, jax.random.PRNGKey(1))
   assert np.isfinite(float(metrics["loss"]))
   after = jax.device_get(state.params)
   get = lambda tree: tree["embedding"]["item_embedding"]["embed_item_id"]["embedding"]  # noqa
@@ -135,7 +136,7 @@ def test_lazy_adam_with_l2_on_all_weights_is_refused():
 def test_lazy_adam_gives_the_same_result_on_one_and_two_devices():
   from tests.test_train import train_on_devices  # noqa: PLC0415
   config = tiny_config(**{"train.optimizer": "lazy_adam"})
-  final = [jax.device_get(train_on_devices(config, devices, steps=3).params["embedding"])
+  final = [jax.device_get(train_on_devices(config, devices, num_steps=3).params["embedding"])
            for devices in (jax.devices()[:1], jax.devices()[:2])]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *final)
 

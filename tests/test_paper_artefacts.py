@@ -81,7 +81,7 @@ def test_table4_runs_the_three_variants_writes_its_table_and_reuses_them(
     ("--config.model.name=din", "'mian' resolves to model.name=din"),
     ("--config.eval.report_step=last", "eval.report_step=last; Table 4 needs mian, pre_ln, best"),
 ])
-def test_table4_refuses_overrides_that_change_what_it_compares(tmp_path, monkeypatch, capsys,
+def test_table4_refuses_overrides_that_change_what_it_compares(tmp_path, monkeypatch,
                                                                 override, message):
   monkeypatch.chdir(REPO)
   with pytest.raises(SystemExit) as stopped:

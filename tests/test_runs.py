@@ -62,7 +62,7 @@ def test_a_rerun_with_another_model_stops_and_moves_nothing(tmp_path):
   with pytest.raises(ConfigError, match=r"model\.num_heads: 2 -> 4"):
     train.train_and_evaluate(tiny_config(**{"model.name": "din", "model.num_heads": 4}), workdir)
   with pytest.raises(ConfigError, match="model.name"):
-    evaluate.evaluate(tiny_config(), workdir, "latest", "test", False)
+    evaluate.evaluate_checkpoint(tiny_config(), workdir, "latest", "test", False)
   assert not os.path.exists(tmp_path / "din" / "checkpoints_damaged")
   assert _steps(checkpointing.checkpoint_dir(workdir)) == [4, 8]
   for name, content in before.items():
@@ -179,7 +179,7 @@ def test_flipped_bytes_in_the_newest_checkpoint_resume_from_the_older_one(tmp_pa
 
 def test_metrics_files_are_strict_json(tmp_path):
   path = str(tmp_path / "m.json")
-  train.write_json_atomic(path, {"auc": float("nan"), "step": np.int64(3),
+  writers.write_json_atomic(path, {"auc": float("nan"), "step": np.int64(3),
                                  "nested": {"x": np.float32("inf")}})
   with open(path) as f:
     assert json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {
@@ -190,7 +190,7 @@ def test_non_finite_scores_are_refused_by_the_metrics():
   predictions = {"prob": np.array([0.2, np.nan, 0.7]), "label": np.array([0, 1, 1]),
                  "group_id": np.array([1, 1, 1])}
   with pytest.raises(NonFiniteLossError, match="1 of 3 examples"):
-    train.split_metrics(predictions)
+    evaluate.split_metrics(predictions)
 
 
 # ----------------------------------------------------------------------------- logs (7)

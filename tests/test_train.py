@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mian_jax import checkpointing, train
+from mian_jax import checkpointing, sharding, steps, train
 from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import NonFiniteLossError
@@ -17,8 +17,8 @@ from tests.conftest import tiny_config
 
 
 def _final_params(config, workdir):
-  mesh = train.create_mesh()
-  _, _, _, state = train.load_model_and_state(config, mesh)
+  mesh = sharding.create_mesh()
+  state = steps.setup(config, mesh).state
   manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
   state, meta = checkpointing.restore(manager, state)
   manager.close()
@@ -58,15 +58,13 @@ def test_interrupted_and_resumed_run_ends_with_identical_parameters(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, first, b)
 
 
-def train_on_devices(config, devices, steps):
-  """The state after `steps` train steps of `config` on a mesh over `devices`."""
-  mesh = train.create_mesh(devices)
-  data_dir, schema, _, state = train.load_model_and_state(config, mesh)
-  batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
-                                  config.train.batch_size, seed=0)
-  step_fn = train.make_train_step(config.train, mesh)
-  for step in range(steps):
-    state, _ = step_fn(state, train.to_global(batches.batch(step), mesh), jax.random.PRNGKey(1))
+def train_on_devices(config, devices, num_steps):
+  """The state after `num_steps` train steps of `config` on a mesh over `devices`."""
+  run = steps.setup(config, sharding.create_mesh(devices))
+  batches, state = run.train_batches(), run.state
+  for step in range(num_steps):
+    state, _ = run.train_step(state, sharding.to_global(batches.batch(step), run.mesh),
+                              jax.random.PRNGKey(1))
   return state
 
 
@@ -74,7 +72,7 @@ def test_one_and_two_devices_give_the_same_result():
   assert jax.device_count() == 2, "conftest asks for two simulated devices"
   final = []
   for devices in (jax.devices()[:1], jax.devices()):
-    state = train_on_devices(tiny_config(), devices, steps=4)
+    state = train_on_devices(tiny_config(), devices, num_steps=4)
     assert state.params["logit"]["kernel"].sharding.mesh.size == len(devices)
     final.append(jax.device_get(state.params))
   # The attention key bias shifts every logit of a query equally, so softmax makes its gradient
@@ -91,13 +89,13 @@ def test_one_and_two_devices_give_the_same_result():
 
 def test_train_step_is_traced_once(tmp_path, monkeypatch):
   traces = []
-  original = train.train_step
+  original = steps.train_step
 
   def counting(*args, **kwargs):
     traces.append(1)
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(train, "train_step", counting)
+  monkeypatch.setattr(steps, "train_step", counting)
   train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert len(traces) == 1
 
@@ -105,7 +103,7 @@ def test_train_step_is_traced_once(tmp_path, monkeypatch):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 4}), workdir)
-  monkeypatch.setattr(train, "l2_penalty", lambda *a: jnp.float32(jnp.nan))
+  monkeypatch.setattr(steps, "l2_penalty", lambda *a: jnp.float32(jnp.nan))
   with pytest.raises(NonFiniteLossError, match="last good checkpoint is step 4"):
     train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 12}), workdir)
   manager = checkpointing.create_manager(workdir, tiny_config().checkpoint, read_only=True)
@@ -129,19 +127,24 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
 
 def test_a_packed_batch_unpacks_exactly_and_trains_like_the_nested_one():
   config = tiny_config()
-  mesh = train.create_mesh()
-  data_dir, schema, _, state = train.load_model_and_state(config, mesh)
+  mesh = sharding.create_mesh()
+  run = steps.setup(config, mesh)
+  data_dir, schema, state = run.data_dir, run.schema, run.state
   batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
                                   config.train.batch_size, seed=0)
   host = batches.batch(0)
-  packed = train.pack_to_global(host, mesh)
-  assert isinstance(packed, train.PackedBatch) and packed.packed.ndim == 2
+  packed = sharding.pack_to_global(host, mesh)
+  assert isinstance(packed, sharding.PackedBatch) and packed.packed.ndim == 2
   unpacked = jax.device_get(jax.jit(lambda p: p.unpack())(packed))
-  jax.tree.map(lambda a, b: (np.testing.assert_array_equal(a, b), a.dtype == b.dtype), host,
-               unpacked)
+
+  def assert_same(a, b):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+
+  jax.tree.map(assert_same, host, unpacked)
   assert unpacked["label"].dtype == np.float32 and unpacked["hist"]["item_id"].dtype == np.int32
-  step_fn = train.make_train_step(config.train, mesh)
+  step_fn = steps.make_train_step(config.train, mesh)
   rng = jax.random.PRNGKey(1)
-  _, nested_metrics = step_fn(jax.tree.map(jnp.copy, state), train.to_global(host, mesh), rng)
+  _, nested_metrics = step_fn(jax.tree.map(jnp.copy, state), sharding.to_global(host, mesh), rng)
   _, packed_metrics = step_fn(state, packed, rng)
   assert float(nested_metrics["loss"]) == float(packed_metrics["loss"])

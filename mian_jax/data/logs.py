@@ -23,7 +23,6 @@ Everything is vectorised (numpy/pandas); there is no per-row Python loop.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence

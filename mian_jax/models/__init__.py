@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 from ml_collections import ConfigDict
 
 from mian_jax.data.schema import FeatureSpec
-from mian_jax.errors import ConfigError
+from mian_jax.errors import ConfigError, check_choice
 from mian_jax.models.dcn import DCN
 from mian_jax.models.dien import DIEN
 from mian_jax.models.din import DIN
@@ -18,6 +19,18 @@ from mian_jax.models.mian import MIAN
 # MIAN and the paper's baselines (docs/baselines.md).
 MODELS = {"mian": MIAN, "lr": LR, "wide_deep": WideDeep, "dcn": DCN, "deepfm": DeepFM,
           "xdeepfm": XDeepFM, "din": DIN, "dien": DIEN}
+
+
+def literal_fields(cls) -> dict[str, tuple[str, ...]]:
+  """Field -> allowed values, for each field of model class `cls` typed `Literal[...]`."""
+  return {name: typing.get_args(hint) for name, hint in typing.get_type_hints(cls).items()
+          if typing.get_origin(hint) is typing.Literal}
+
+
+# "model.<field>" -> allowed values of every string choice of the models: declared once, by
+# the Literal types of their fields (a field shared by several models has one type).
+CHOICES = {f"model.{name}": allowed
+           for cls in MODELS.values() for name, allowed in literal_fields(cls).items()}
 
 
 def create_model(model_config: ConfigDict, features: FeatureSpec):
@@ -31,4 +44,6 @@ def create_model(model_config: ConfigDict, features: FeatureSpec):
     raise ConfigError(f"config.model lacks {missing}, needed by model {model_config.name!r}")
   kwargs = {k: model_config[k] for k in wanted}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  for name, allowed in literal_fields(cls).items():  # also for callers without config_checks
+    check_choice(f"model.{name}", kwargs[name], allowed)
   return cls(features=features, **kwargs)

@@ -16,10 +16,10 @@ class DeepModel(nn.Module):
   embed_dim: int = 16
   mlp_dims: tuple[int, ...] = (32, 8)
   dropout_rate: float = 0.2
-  dropout_rng: str = "hash"  # random bits of dropout: layers.DROPOUT_RNGS
+  dropout_rng: layers.DropoutRng = "hash"
   init_std: float = 0.02
-  dense_init: str = "lecun_normal"
-  numeric_embedding: str = "linear"
+  dense_init: layers.DenseInit = "lecun_normal"
+  numeric_embedding: layers.NumericEmbedding = "linear"
 
   def kernel_init(self) -> nn.initializers.Initializer:
     return layers.dense_initializer(self.dense_init, self.init_std)

@@ -15,7 +15,7 @@ class DCN(base.DeepModel):
   """Embedding and stacking layer x_0 = [x_embed,1; ...; x_embed,F] (eq. 1), a cross network
   (eq. 3, `layers.CrossNetwork`) beside a deep network (eq. 4), and the combination layer
   p = sigmoid(w_logit^T [x_L1; h_L2] + b_logit) (eq. 5)."""
-  sequence_pooling: str = "mean"
+  sequence_pooling: layers.SequencePooling = "mean"
   cross_layers: int = 3
 
   @nn.compact

@@ -15,7 +15,7 @@ class DeepFM(base.DeepModel):
   """y = sigmoid(y_FM + y_DNN) (eq. 1). y_FM = <w, x> + sum_{i<j} <V_i, V_j> x_i x_j (eq. 2:
   `LinearTerm` + `layers.fm_second_order`); y_DNN = an MLP over the same field embeddings V
   (eqs. 3-4), which the FM component and the deep component share."""
-  sequence_pooling: str = "mean"
+  sequence_pooling: layers.SequencePooling = "mean"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
@@ -32,7 +32,7 @@ class XDeepFM(base.DeepModel):
   """y = sigmoid(w_linear^T a + w_dnn^T x_dnn + w_cin^T p+ + b) (eq. 11): a linear part
   (`LinearTerm`), a plain DNN and a Compressed Interaction Network (`layers.CIN`), the last
   two over the same field embeddings X^0 [B, m, D]."""
-  sequence_pooling: str = "mean"
+  sequence_pooling: layers.SequencePooling = "mean"
   cin_layer_sizes: tuple[int, ...] = (100, 100, 100)
 
   @nn.compact

@@ -10,7 +10,7 @@ readings are in docs/baselines.md.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,19 +21,28 @@ from mian_jax.data.schema import FeatureSpec, Field
 
 Array = jax.Array
 
+# The string choices of these layers, each declared once here. A model field that passes one on
+# is typed with the same alias; mian_jax.models.CHOICES collects them from the models' fields
+# and config_checks checks a config against them.
+DenseInit = Literal["lecun_normal", "truncated_normal"]
+DropoutRng = Literal["hash", "threefry"]  # where dropout's random bits come from, see below
+NumericEmbedding = Literal["linear", "pad"]
+ScoreActivation = Literal["tanh", "none"]
+GimCombine = Literal["project_sum", "weighted_concat"]
+TransformerNorm = Literal["pre_ln", "post_ln"]
+SequencePooling = Literal["mean", "sum"]
+
 
 def truncated_normal(stddev: float) -> nn.initializers.Initializer:
   return nn.initializers.truncated_normal(stddev=stddev)
 
 
-def dense_initializer(kind: str, init_std: float) -> nn.initializers.Initializer:
+def dense_initializer(kind: DenseInit, init_std: float) -> nn.initializers.Initializer:
   """Initialiser of dense kernels: "truncated_normal" (std `init_std`, §4.3 read literally) or
   "lecun_normal" (std 1/sqrt(fan_in), which keeps activations at unit scale; docs/model.md)."""
   if kind == "truncated_normal":
     return truncated_normal(init_std)
-  if kind == "lecun_normal":
-    return nn.initializers.lecun_normal()
-  raise ValueError(f"unknown dense initialiser {kind!r}")
+  return nn.initializers.lecun_normal()
 
 
 def flatten_fields(x: Array) -> Array:
@@ -67,13 +76,13 @@ def masked_softmax(scores: Array, mask: Array | None) -> Array:
 
 
 # ----------------------------------------------------------------------------- dropout
-# Where the random bits of dropout come from (config.model.dropout_rng; docs/performance.md):
+# Where the random bits of dropout come from (`DropoutRng`, config.model.dropout_rng;
+# docs/performance.md):
 #   "hash":     a counter-based hash keyed by 64 random bits from the "dropout" stream. All
 #               element-wise, so XLA fuses it into the op that applies the mask; on a CPU the
 #               MIAN train step is about 1.7-1.9x faster than with "threefry".
 #   "threefry": jax.random.bernoulli, JAX's default generator: bit-identical to flax's
 #               nn.Dropout (the runs reported before the switch used it).
-DROPOUT_RNGS = ("hash", "threefry")
 
 
 def mix32(x: Array) -> Array:
@@ -97,14 +106,12 @@ def hash_bits(rng: Array, shape: tuple[int, ...]) -> Array:
   return mix32(mix32(counter ^ seed[0]) ^ seed[1])
 
 
-def keep_mask(rng: Array, shape: tuple[int, ...], rate: float, rng_impl: str) -> Array:
-  """bool [*shape], each element True with probability 1 - rate (see DROPOUT_RNGS)."""
+def keep_mask(rng: Array, shape: tuple[int, ...], rate: float, rng_impl: DropoutRng) -> Array:
+  """bool [*shape], each element True with probability 1 - rate (see `DropoutRng`)."""
   if rng_impl == "threefry":
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
-  if rng_impl == "hash":
-    threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
-    return hash_bits(rng, shape) >= jnp.uint32(threshold)
-  raise ValueError(f"unknown dropout rng {rng_impl!r}; expected one of {DROPOUT_RNGS}")
+  threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
+  return hash_bits(rng, shape) >= jnp.uint32(threshold)
 
 
 class Dropout(nn.Module):
@@ -114,7 +121,7 @@ class Dropout(nn.Module):
   "threefry" it is bit-identical to nn.Dropout under the same "dropout" stream and module path.
   """
   rate: float
-  rng_impl: str = "hash"
+  rng_impl: DropoutRng = "hash"
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
@@ -126,7 +133,7 @@ class Dropout(nn.Module):
     return jax.lax.select(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
-def attention_with_dropout(rng_impl: str):
+def attention_with_dropout(rng_impl: DropoutRng):
   """An `attention_fn` for nn.MultiHeadDotProductAttention: nn.dot_product_attention whose
   dropout of the attention weights draws its bits with `rng_impl`. As flax's default
   (broadcast_dropout=True), one [q_len, k_len] mask is shared by all examples and heads."""
@@ -161,7 +168,7 @@ class GroupEmbedding(nn.Module):
   fields: tuple[Field, ...]
   embed_dim: int
   init_std: float
-  numeric_embedding: str = "linear"  # "linear" | "pad"
+  numeric_embedding: NumericEmbedding = "linear"
 
   def setup(self):
     init = truncated_normal(self.init_std)
@@ -197,7 +204,7 @@ class MLP(nn.Module):
   dims: tuple[int, ...]
   dropout_rate: float
   kernel_init: nn.initializers.Initializer
-  dropout_rng: str = "hash"  # see DROPOUT_RNGS
+  dropout_rng: DropoutRng = "hash"
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
@@ -217,7 +224,7 @@ class AttentionPool(nn.Module):
   """
   per_slot: bool
   kernel_init: nn.initializers.Initializer
-  score_activation: str = "tanh"  # "tanh" | "none"
+  score_activation: ScoreActivation = "tanh"
 
   @nn.compact
   def __call__(self, values: Array, mask: Array | None = None,
@@ -252,10 +259,10 @@ class GlobalAttention(nn.Module):
                                                        once the parts share a width)
     "weighted_concat":  R_g = [alpha_1 r_1; ...; alpha_L r_L]
   """
-  combine: str  # "project_sum" | "weighted_concat"
+  combine: GimCombine
   dim: int
   kernel_init: nn.initializers.Initializer
-  score_activation: str = "tanh"
+  score_activation: ScoreActivation = "tanh"
 
   @nn.compact
   def __call__(self, parts: Sequence[Array]) -> tuple[Array, Array]:
@@ -288,8 +295,8 @@ class TransformerBlock(nn.Module):
   ffn_dim: int
   dropout_rate: float
   kernel_init: nn.initializers.Initializer
-  norm: str = "pre_ln"  # "pre_ln" | "post_ln"
-  dropout_rng: str = "hash"  # see DROPOUT_RNGS
+  norm: TransformerNorm = "pre_ln"
+  dropout_rng: DropoutRng = "hash"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, *, deterministic: bool) -> Array:
@@ -342,7 +349,7 @@ class InputEmbedding(nn.Module):
   features: FeatureSpec
   embed_dim: int
   init_std: float
-  numeric_embedding: str = "linear"  # "linear" | "pad"
+  numeric_embedding: NumericEmbedding = "linear"
 
   @nn.compact
   def __call__(self, batch) -> FieldEmbeddings:
@@ -364,7 +371,7 @@ class InputEmbedding(nn.Module):
     return FieldEmbeddings(item, hist, user, context, mask, sq_norm)
 
 
-def pool_sequence(hist: Array, mask: Array, mode: str) -> Array:
+def pool_sequence(hist: Array, mask: Array, mode: SequencePooling) -> Array:
   """Field pooling of a behaviour sequence: [B, T, F, D] -> [B, F, D], over valid positions.
 
   "mean": sum / number of valid behaviours (zeros for an empty history); "sum": plain sum.
@@ -376,13 +383,11 @@ def pool_sequence(hist: Array, mask: Array, mode: str) -> Array:
   total = jnp.einsum("btfd,bt->bfd", hist, mask.astype(hist.dtype))
   if mode == "sum":
     return total
-  if mode == "mean":
-    count = jnp.maximum(jnp.sum(mask, axis=1), 1).astype(hist.dtype)
-    return total / count[:, None, None]
-  raise ValueError(f"unknown sequence pooling {mode!r}")
+  count = jnp.maximum(jnp.sum(mask, axis=1), 1).astype(hist.dtype)
+  return total / count[:, None, None]
 
 
-def stack_fields(e: FieldEmbeddings, pooling: str) -> Array:
+def stack_fields(e: FieldEmbeddings, pooling: SequencePooling) -> Array:
   """All fields as one field list [B, F, D]: candidate fields, each behaviour field pooled
   over the sequence into one field (`pool_sequence`), user fields, context fields."""
   parts = [e.item]
@@ -399,7 +404,7 @@ class LinearTerm(nn.Module):
   weights each example looked up)."""
   features: FeatureSpec
   init_std: float
-  sequence_pooling: str = "mean"  # "mean" | "sum"
+  sequence_pooling: SequencePooling = "mean"
 
   @nn.compact
   def __call__(self, batch) -> tuple[Array, Array]:
@@ -493,7 +498,7 @@ class ActivationMLP(nn.Module):
   dropout_rate: float
   kernel_init: nn.initializers.Initializer
   use_dice: bool = False
-  dropout_rng: str = "hash"  # see DROPOUT_RNGS
+  dropout_rng: DropoutRng = "hash"
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:

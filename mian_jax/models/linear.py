@@ -21,7 +21,7 @@ class LR(nn.Module):
   """
   features: FeatureSpec
   init_std: float = 0.02
-  sequence_pooling: str = "mean"  # "mean" | "sum"
+  sequence_pooling: layers.SequencePooling = "mean"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
@@ -39,7 +39,7 @@ class WideDeep(base.DeepModel):
   with the wide part the raw fields (`LinearTerm`, no hand-made cross-product transformations)
   and the deep part an MLP over the concatenated field embeddings (eq. 1).
   """
-  sequence_pooling: str = "mean"
+  sequence_pooling: layers.SequencePooling = "mean"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):

@@ -7,6 +7,8 @@ Every reading of an ambiguous equation is recorded in docs/model.md.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,28 +38,28 @@ class MIAN(base.DeepModel):
   """
   num_heads: int = 8
   ffn_dim_multiplier: int = 4
-  transformer: str = "pre_ln"  # "pre_ln" | "post_ln" | "none"   (Table 4)
-  position_embedding: str = "learned"  # "learned" | "none"
+  transformer: Literal[layers.TransformerNorm, "none"] = "pre_ln"  # Table 4
+  position_embedding: Literal["learned", "none"] = "learned"  # by recency; "none": no table
   use_ibim: bool = True
   use_iuim: bool = True
   use_icim: bool = True
   use_gim: bool = True
-  ibim_score_weights: str = "shared"  # "shared" | "per_position"   (eq. 8)
+  ibim_score_weights: Literal["shared", "per_position"] = "shared"  # W_t of eq. 8
   # eq. 8's score: "additive" (the paper) | "bilinear" (+ e_i^T M h_t) | "din" (+ DIN's
   # activation unit over [q; h_t; q - h_t; q * h_t]), the extra terms inside the activation.
-  ibim_score: str = "additive"
+  ibim_score: Literal["additive", "bilinear", "din"] = "additive"
   attention_mlp_dims: tuple[int, ...] = (36,)  # hidden widths of the "din" score
   # Values pooled by IBIM/IUIM/ICIM: "concat" (eqs. 6, 10, 12) | "concat_product" (+ the
   # element-wise product of the candidate with the behaviour / field, see docs/model.md).
-  interaction_values: str = "concat"
-  field_score_weights: str = "per_field"  # "per_field" | "shared"   (eqs. 10, 13)
-  score_activation: str = "tanh"  # "tanh" | "none"                 (eqs. 8, 10, 13, 15)
-  gim_combine: str = "project_sum"  # "project_sum" | "weighted_concat"   (eq. 15)
+  interaction_values: Literal["concat", "concat_product"] = "concat"
+  field_score_weights: Literal["per_field", "shared"] = "per_field"  # W^j of eqs. 10, 13
+  score_activation: layers.ScoreActivation = "tanh"  # eqs. 8, 10, 13, 15
+  gim_combine: layers.GimCombine = "project_sum"  # eq. 15
   gim_dim: int = 64
-  gim_behavior: str = "concat"  # "concat" | "mean": how e_b enters r_g (eq. 14)
+  gim_behavior: Literal["concat", "mean"] = "concat"  # how e_b enters r_g (eq. 14)
   # Slot order the model sees: "newest_first" (as stored: slot t = recency t) | "oldest_first"
   # (left-aligned, the layout before prepared-data format 2; for the controlled comparison).
-  history_layout: str = "newest_first"
+  history_layout: Literal["newest_first", "oldest_first"] = "newest_first"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):

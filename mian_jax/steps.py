@@ -1,0 +1,204 @@
+"""The model, its train state and its jitted steps for a config: `setup`, and what it builds.
+
+`setup(config)` is the one place a command (training, evaluation, a benchmark, a test) turns a
+config into data, a model, a fresh replicated train state and the jitted train and eval steps.
+The loss is eq. (18) plus the L2 term of §4.3 (docs/model.md, "L2"); the optimiser is Adam
+(`mian_jax/optim.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from flax.training import train_state as train_state_lib
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from mian_jax import data as data_lib
+from mian_jax import models
+from mian_jax import optim
+from mian_jax import sharding
+from mian_jax import sparse
+from mian_jax.data import pipeline
+from mian_jax.data import schema as schema_lib
+
+TrainState = train_state_lib.TrainState
+_NO_DECAY = ("bias", "scale", "score_bias")
+
+
+def l2_penalty(params, embedding_sq_norm: jax.Array, weights: jax.Array, scope: str):
+  """The L2 term of §4.3, coefficient applied by the caller (docs/model.md, "L2").
+
+  "batch_embeddings": mean over examples of the squared norm of the embeddings each looked up.
+  "all_weights":      sum of squares of every parameter except biases and LayerNorm scales.
+  """
+  if scope == "batch_embeddings":
+    return jnp.sum(embedding_sq_norm * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  if scope == "all_weights":
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(jnp.sum(x**2) for path, x in leaves if path[-1].key not in _NO_DECAY)
+  return jnp.zeros((), jnp.float32)
+
+
+def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  """Eq. (18), averaged over examples with weight > 0. float32 throughout."""
+  losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def loss_and_grads(state: TrainState, batch, dropout_rng: jax.Array, *, l2_weight: float,
+                   l2_scope: str, sparse_embeddings: bool = False):
+  """The training loss of eq. (18) plus L2 (and a model's own aux loss), and its gradient.
+
+  With `sparse_embeddings` the gradient of each embedding table is `optim.IndexedRows` (the rows
+  the batch looked up, `mian_jax/sparse.py`); loss and every other gradient are unchanged.
+  Returns ((loss, bce, l2), grads with the structure of state.params).
+  """
+
+  def loss_fn(variables, batch):
+    logits, aux = state.apply_fn(variables, batch, train=True, rngs={"dropout": dropout_rng})
+    bce = weighted_bce(logits, batch["label"], batch["weight"])
+    l2 = l2_penalty(variables["params"], aux["embedding_sq_norm"], batch["weight"], l2_scope)
+    # aux["aux_loss"]: a model's own extra loss, already weighted (DIEN's alpha * L_aux).
+    return bce + l2_weight * l2 + aux.get("aux_loss", 0.0), (bce, l2)
+
+  if not sparse_embeddings:
+    (loss, (bce, l2)), grads = jax.value_and_grad(
+        lambda p: loss_fn({"params": p}, batch), has_aux=True)(state.params)
+    return (loss, bce, l2), grads
+
+  tables = sparse.find_tables(state.params)
+  dense, table_params = sparse.split_params(state.params, tables)
+  local_batch, distinct = sparse.localize_ids(batch, sparse.table_fields(tables, table_params))
+  rows = sparse.gather_rows(table_params, tables, distinct)
+
+  def sparse_loss_fn(dense, rows):
+    params = traverse_util.unflatten_dict({**dense, **table_params})  # the tables go unread
+    return loss_fn({"params": params, sparse.SPARSE_ROWS: sparse.rows_collection(rows)},
+                   local_batch)
+
+  (loss, (bce, l2)), (dense_grads, row_grads) = jax.value_and_grad(
+      sparse_loss_fn, argnums=(0, 1), has_aux=True)(dense, rows)
+  return (loss, bce, l2), sparse.merge_grads(dense_grads, row_grads, tables, distinct)
+
+
+def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2_scope: str,
+               sparse_embeddings: bool = False):
+  """One optimisation step on a global batch. Pure; jitted once by the caller.
+
+  Dropout masks come from fold_in(rng, step), so a resumed run draws the same masks. With
+  `sparse_embeddings`, `state.tx` must accept row-sparse gradients (`optim.lazy_adam`).
+  `batch` is a nested batch or a `PackedBatch` of one.
+  Returns (new_state, metrics) with scalar metrics "loss", "bce", "l2".
+  """
+  if isinstance(batch, sharding.PackedBatch):
+    batch = batch.unpack()
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  (loss, bce, l2), grads = loss_and_grads(state, batch, dropout_rng, l2_weight=l2_weight,
+                                          l2_scope=l2_scope, sparse_embeddings=sparse_embeddings)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optim.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  return new_state, {"loss": loss, "bce": bce, "l2": l2}
+
+
+def eval_step(state: TrainState, batch, *, with_attention: bool):
+  """Click probabilities [B] (and attention weights) for a batch, deterministic."""
+  logits, aux = state.apply_fn({"params": state.params}, batch, train=False)
+  out = {"prob": jax.nn.sigmoid(logits)}
+  if with_attention:
+    out["attention"] = aux["attention"]
+  return out
+
+
+def create_train_state(model, tx, batch, rng: jax.Array, mesh) -> TrainState:
+  """Initialises parameters (replicated over the mesh) from `rng` and a sample batch."""
+  replicated = NamedSharding(mesh, P())
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def init(rng):
+    params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  return init(rng)
+
+
+def make_train_step(train_config: ConfigDict, mesh):
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step = functools.partial(train_step, l2_weight=train_config.l2_weight,
+                           l2_scope=train_config.l2_scope,
+                           sparse_embeddings=train_config.get("optimizer", "adam") == "lazy_adam")
+  return jax.jit(step, in_shardings=(replicated, data, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(mesh, with_attention: bool = False):
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(functools.partial(eval_step, with_attention=with_attention),
+                 in_shardings=(replicated, data), out_shardings=data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What `setup` builds from a config.
+
+  Attributes:
+    config: the config it was built from.
+    mesh: the 1-D "data" mesh the state and batches live on.
+    data_dir, schema: the prepared data (`mian_jax.data.ensure_prepared`).
+    data_checksum: the prepared data's SHA-256, verified against the one recorded at
+      preparation (empty when `setup(verify_data=False)`).
+    model: the Flax module.
+    state: a fresh train state (replicated), initialised from `train.seed`.
+    train_step: jitted (state, batch, rng) -> (state, {"loss", "bce", "l2"}); donates state.
+    eval_step: jitted (state, batch) -> {"prob": [B]}.
+  """
+
+  config: ConfigDict
+  mesh: jax.sharding.Mesh
+  data_dir: str
+  schema: schema_lib.Schema
+  data_checksum: str
+  model: Any
+  state: TrainState
+  train_step: Callable
+  eval_step: Callable
+
+  def train_batches(self) -> pipeline.TrainBatches:
+    """This process's batches of the training split, in the order of `train.seed`."""
+    return pipeline.TrainBatches(
+        schema_lib.load_split(self.data_dir, "train", self.schema), self.schema,
+        self.config.train.batch_size, seed=self.config.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def setup(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
+          verify_data: bool = True) -> Run:
+  """Prepares (or finds) the data, builds the model, a fresh state and the jitted steps.
+
+  Args:
+    config: a full config (configs/<dataset>.py), already checked (`config_checks`).
+    mesh: default `sharding.create_mesh()` (every device of every process).
+    verify_data: re-hash the prepared data against its recorded checksum (about 0.3 s per
+      200 MB); DataError if it changed since preparation.
+  """
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  data_dir, schema = data_lib.ensure_prepared(config.data)
+  checksum = schema_lib.verify_dataset_checksum(data_dir) if verify_data else ""
+  model = models.create_model(config.model, schema.features)
+  sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
+  sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
+  state = create_train_state(model, optim.create_optimizer(config.train),
+                             sharding.to_global(sharding.local_part(sample), mesh),
+                             jax.random.PRNGKey(config.train.seed), mesh)
+  return Run(config=config, mesh=mesh, data_dir=data_dir, schema=schema,
+             data_checksum=checksum, model=model, state=state,
+             train_step=make_train_step(config.train, mesh), eval_step=make_eval_step(mesh))
