@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from mian_jax import models, optim
+from mian_jax import models, optim, steps
 from mian_jax.errors import ConfigError, check_choice
 from mian_jax.models import MODELS
 
+# The step whose metrics a run reports (read by train.select_reported_state).
+REPORT_STEPS = ("best", "last")
 # key -> allowed values, for every string-valued choice in the configs: the models' (the Literal
-# types of their fields, mian_jax.models.CHOICES), the optimiser's (optim.OPTIMIZERS), and two
-# that the train loop reads (steps.l2_penalty, train.select_reported_state).
+# types of their fields, mian_jax.models.CHOICES), the optimiser's (optim.OPTIMIZERS), the L2
+# term's (steps.L2_SCOPES) and the reported step's.
 CHOICES = {
     **models.CHOICES,
-    "train.l2_scope": ("batch_embeddings", "all_weights", "none"),
+    "train.l2_scope": steps.L2_SCOPES,
     "train.optimizer": optim.OPTIMIZERS,
-    "eval.report_step": ("best", "last"),
+    "eval.report_step": REPORT_STEPS,
 }
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
             "train.batch_size", "train.learning_rate", "train.log_every_steps",

@@ -32,6 +32,7 @@ from mian_jax.data import schema as schema_lib
 
 TrainState = train_state_lib.TrainState
 _NO_DECAY = ("bias", "scale", "score_bias")
+L2_SCOPES = ("batch_embeddings", "all_weights", "none")  # config.train.l2_scope (`l2_penalty`)
 
 
 def l2_penalty(params, embedding_sq_norm: jax.Array, weights: jax.Array, scope: str):
