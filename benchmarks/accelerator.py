@@ -1,7 +1,7 @@
 """MIAN's training throughput on an accelerator across batch sizes, and what a Books epoch costs.
 
-  python benchmarks/accelerator.py --out=runs/accelerator.jsonl            # GPU/TPU, < 5 min
-  python benchmarks/accelerator.py --batch_sizes=128,256 --vocab=tiny --seconds=2  # CPU smoke
+  python -m benchmarks.accelerator --out=runs/accelerator.jsonl            # GPU/TPU, < 5 min
+  python -m benchmarks.accelerator --batch_sizes=128,256 --vocab=tiny --seconds=2  # CPU smoke
 
 For each batch size (default 128 to 16,384) and optimizer (dense optax Adam and our lazy Adam,
 mian_jax/optim.py) it measures, in this one process, MIAN's steady-state training samples/s on
@@ -15,13 +15,10 @@ Results print as a table and append one JSON object per pair to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import throughput  # noqa: E402
+from benchmarks import common, throughput
+from mian_jax import writers
 
 BOOKS_EPOCH_SAMPLES = 8_900_000  # Amazon Books training samples per epoch (issue text, ~8.9 M)
 PAPER_BOOKS_EPOCH_S = 3_700  # MIAN, 4 K80 GPUs (§4.3 of the paper)
@@ -49,7 +46,7 @@ def main(argv=None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch_sizes", default=DEFAULT_BATCH_SIZES)
   parser.add_argument("--optimizers", default="lazy_adam,adam")
-  parser.add_argument("--vocab", default="books", choices=sorted(throughput.VOCABS))
+  parser.add_argument("--vocab", default="books", choices=sorted(common.VOCABS))
   parser.add_argument("--seconds", type=float, default=5.0, help="steady-state time per pair")
   parser.add_argument("--model", default="mian")
   parser.add_argument("--out", default="runs/accelerator.jsonl")
@@ -64,9 +61,7 @@ def main(argv=None) -> None:
       row["books_epoch_s"] = epoch_seconds(row["train_samples_per_s"])
       row["device_kind"] = jax.devices()[0].device_kind
       rows.append(row)
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      writers.append_jsonl(args.out, [row])
       print(format_table([row]).splitlines()[-1], f"({time.perf_counter() - start:.0f}s)",
             flush=True)
   print()

@@ -6,11 +6,14 @@ size, learning rate and Adam settings, the same number of steps and even the sam
 scores both with mian_jax.metrics on the test split, prints a mean +- std table and appends
 one JSON line per (impl, model, seed) to --out.
 
-  python benchmarks/compare_deepctr.py --config=configs/synthetic.py --models=din,deepfm \
-      --seeds=0,1,2 --out=runs/compare.jsonl [--set train.num_epochs=2 --set ...]
+  python -m benchmarks.compare_deepctr --config=configs/synthetic.py --models=din,deepfm \
+      --seeds=0,1,2 --out=runs/compare.jsonl [--config.train.num_epochs=2 --config.x=y ...]
+
+Any key of the config can be set with `--config.<key>=<value>`, as for `python -m
+mian_jax.main` (types from the config; an unknown key is an error).
 
 DeepCTR-Torch is *not* a dependency of mian-jax. It runs in its own virtual environment
-(--peer_python), as a subprocess executing benchmarks/deepctr_peer.py:
+(--peer_python), as a subprocess running `-m benchmarks.deepctr_peer` from the repository root:
 
   python3 -m venv .venv-torch
   .venv-torch/bin/pip install torch==2.13.0 deepctr-torch requests
@@ -49,9 +52,7 @@ How the settings are matched (details and the remaining differences: docs/baseli
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -65,11 +66,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks import common
 
-PEER_SCRIPT = os.path.join(ROOT, "benchmarks", "deepctr_peer.py")
-DEFAULT_PEER_PYTHON = os.environ.get("MIAN_JAX_PEER_PYTHON", ".venv-torch/bin/python")
 MODELS = ("din", "deepfm")
 IMPLS = ("mian_jax", "deepctr_torch")
 LENGTH_NAME = "hist_len"
@@ -201,55 +199,6 @@ def format_table(records: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def parse_override(config, item: str) -> None:
-  """Applies one --set key=value to an ml_collections config; the value takes the type of the
-  current value (tuples and lists via Python literals, e.g. --set model.mlp_dims=(64,16))."""
-  key, sep, text = item.partition("=")
-  if not sep:
-    raise ValueError(f"--set {item!r}: expected key=value")
-  *path, leaf = key.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  if leaf not in node:
-    raise KeyError(f"--set {item!r}: unknown config key {key!r}")
-  old = node[leaf]
-  if isinstance(old, bool):
-    if text not in ("True", "False", "true", "false", "1", "0"):
-      raise ValueError(f"--set {item!r}: expected a boolean")
-    value = text in ("True", "true", "1")
-  elif isinstance(old, (tuple, list)):
-    value = type(old)(ast.literal_eval(text if text.strip() else "()"))
-  elif isinstance(old, int):
-    value = int(text)
-  elif isinstance(old, float):
-    value = float(text)
-  else:
-    value = text
-  node[leaf] = value
-
-
-def load_config(path: str, overrides: Sequence[str] = ()):
-  """Loads configs/<x>.py[:arg] as mian_jax.main does, then applies --set overrides."""
-  file, _, arg = path.partition(":")
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"config file not found: {file}")
-  spec = importlib.util.spec_from_file_location("_compare_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None) if arg else module.get_config()
-  for item in overrides:
-    parse_override(config, item)
-  return config
-
-
-def train_steps(config, num_train: int) -> int:
-  """mian_jax's step count: num_train_steps, else num_epochs x full batches per epoch."""
-  if config.train.num_train_steps > 0:
-    return int(config.train.num_train_steps)
-  return int(config.train.num_epochs * (num_train // config.train.batch_size))
-
-
 # ----------------------------------------------------------------------------- the two runs
 
 
@@ -275,32 +224,17 @@ def run_theirs(config, model: str, seed: int, data_dir: str, spec: dict, steps: 
                timeout: float) -> dict[str, Any]:
   from mian_jax import metrics  # noqa: PLC0415
   from mian_jax.data import schema as schema_lib  # noqa: PLC0415
-  m, t = config.model, config.train
   out_dir = tempfile.mkdtemp(prefix=f"compare-peer-{model}-{seed}-")
   try:
     request = {
         "model": model, "seed": seed, "data_dir": data_dir, "spec": spec, "total_steps": steps,
         "out_dir": out_dir, "predict_splits": ["valid", "test"],
         "eval_batch_size": config.eval.batch_size, "dense_init": dense_init, "threads": threads,
-        "hparams": {"embed_dim": m.embed_dim, "mlp_dims": list(m.mlp_dims),
-                    "attention_mlp_dims": list(m.attention_mlp_dims), "use_dice": m.use_dice,
-                    "dropout_rate": m.dropout_rate, "init_std": m.init_std,
-                    "batch_size": t.batch_size, "learning_rate": t.learning_rate,
-                    "adam_b1": t.adam_b1, "adam_b2": t.adam_b2, "adam_eps": t.adam_eps, **l2},
+        "hparams": common.peer_hparams(config, l2),
     }
-    path = os.path.join(out_dir, "request.json")
-    with open(path, "w") as f:
-      json.dump(request, f)
     start = time.perf_counter()
-    proc = subprocess.run([peer_python, PEER_SCRIPT, f"--request={path}"], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    peer = common.run_peer(request, peer_python, timeout)
     wall = time.perf_counter() - start
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT ")]
-    if proc.returncode != 0 or not lines:
-      tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-      raise RuntimeError(f"DeepCTR-Torch peer failed ({model}, seed {seed}, exit "
-                         f"{proc.returncode}): {tail}")
-    peer = json.loads(lines[-1][len("PEER_RESULT "):])
     result = {"steps": peer["steps"], "train_seconds": peer["train_seconds"],
               "wall_seconds": wall, "peer": peer}
     for split in ("valid", "test"):
@@ -317,14 +251,14 @@ def run_theirs(config, model: str, seed: int, data_dir: str, spec: dict, steps: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  """The flags; the `--config.<key>=<value>` overrides end up in `overrides`."""
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              epilog="Config overrides: --config.<key>=<value> (repeatable).")
   p.add_argument("--config", required=True, help="configs/<dataset>.py[:arg]")
   p.add_argument("--models", default="din,deepfm", help=f"comma list of {MODELS}")
   p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
   p.add_argument("--out", default="runs/compare.jsonl", help="JSONL file results are appended to")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override, e.g. --set train.num_epochs=2 (repeatable)")
-  p.add_argument("--peer_python", default=DEFAULT_PEER_PYTHON,
+  p.add_argument("--peer_python", default=common.DEFAULT_PEER_PYTHON,
                  help="python of the venv with torch and deepctr-torch")
   p.add_argument("--peer_l2", default="matched", help="'matched' | 'literal' | a number")
   p.add_argument("--peer_dense_init", default="deepctr", choices=("deepctr", "lecun"),
@@ -333,7 +267,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="torch.set_num_threads for the peer; 0 = os.cpu_count() (see the docstring)")
   p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
   p.add_argument("--peer_timeout", type=float, default=3600.0, help="seconds per peer run")
-  return p.parse_args(argv)
+  args, overrides = p.parse_known_args(argv)
+  unknown = [x for x in overrides if not x.startswith("--config.")]
+  if unknown:
+    p.error(f"unrecognized arguments: {' '.join(unknown)}")
+  args.overrides = overrides
+  return args
 
 
 def main(argv=None) -> None:
@@ -347,31 +286,32 @@ def main(argv=None) -> None:
     seeds = [int(x) for x in args.seeds.split(",") if x]
   except ValueError:
     sys.exit(f"error: --seeds={args.seeds!r}: expected comma-separated integers")
-  if "deepctr_torch" in impls and not (os.path.isfile(args.peer_python)
-                                       and os.access(args.peer_python, os.X_OK)):
-    sys.exit(f"error: --peer_python={args.peer_python} not found; create it with: python3 -m "
-             "venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 "
-             "deepctr-torch requests")
+  if "deepctr_torch" in impls:
+    common.check_peer_python(args.peer_python)
   try:
-    config = load_config(args.config, args.set)
-  except (OSError, KeyError, ValueError, SyntaxError, TypeError) as e:
-    sys.exit(f"error: {' '.join(str(e).split())}")
+    config = common.load_config(args.config, args.overrides)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
 
-  from mian_jax import cli, data  # noqa: PLC0415
+  from mian_jax import cli, data, train  # noqa: PLC0415
+  from mian_jax.data import pipeline  # noqa: PLC0415
   from mian_jax.data import schema as schema_lib  # noqa: PLC0415
+  from mian_jax import writers  # noqa: PLC0415
   from mian_jax.errors import MianError  # noqa: PLC0415
   cli.setup_jax()
   try:
     data_dir, schema = data.ensure_prepared(config.data)
+    train_columns = schema_lib.load_split(data_dir, "train", schema, validate=False)
+    per_epoch = pipeline.TrainBatches(train_columns, schema, config.train.batch_size,
+                                      seed=config.train.seed).steps_per_epoch
+    steps = train.total_train_steps(config.train, per_epoch)  # the steps ours will take
   except MianError as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
   spec = feature_column_spec(schema, config.model.sequence_pooling)
-  train_columns = schema_lib.load_split(data_dir, "train", schema, validate=False)
   hist_len = np.asarray(train_columns["hist_len"])
   lookups, rows = lookups_per_example(schema, hist_len), table_rows(schema)
   l2 = peer_l2(args.peer_l2, config.train.l2_weight, config.train.l2_scope,
                config.train.batch_size, lookups, rows)
-  steps = train_steps(config, schema.size("train"))
   peer_threads = args.peer_threads or os.cpu_count() or 1
   checksum = ""
   stats_path = os.path.join(data_dir, "stats.json")
@@ -393,7 +333,6 @@ def main(argv=None) -> None:
         f"L2 {args.peer_l2!r} -> {json.dumps(l2)} "
         f"(L={lookups:.1f} lookups/example, V={rows} table rows)", flush=True)
 
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   records = []
   for model in models:
     for seed in seeds:
@@ -407,17 +346,15 @@ def main(argv=None) -> None:
                                 args.peer_timeout)
         except (MianError, RuntimeError, subprocess.TimeoutExpired) as e:
           sys.exit(f"error: {' '.join(str(e).split())}")
-        record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                      timespec="seconds"),
+        record = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "impl": impl, "model": model, "seed": seed, "config": args.config,
-                  "overrides": args.set, "data_dir": data_dir, "data_checksum": checksum,
+                  "overrides": args.overrides, "data_dir": data_dir, "data_checksum": checksum,
                   "settings": settings, **result}
         if impl == "deepctr_torch":
           record.update(peer_l2=l2, peer_dense_init=args.peer_dense_init,
                         peer_threads=peer_threads)
         records.append(record)
-        with open(args.out, "a") as f:
-          f.write(json.dumps(record, sort_keys=True) + "\n")
+        writers.append_jsonl(args.out, [record])
         print(f"{model} {impl} seed {seed}: test AUC {record['test_auc']:.4f}, logloss "
               f"{record['test_logloss']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
   print()

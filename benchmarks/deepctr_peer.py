@@ -4,7 +4,7 @@ Runs under the *peer* interpreter (a separate venv with torch and deepctr-torch,
 compare_deepctr.py), never under the project venv: it imports only numpy, torch and
 deepctr_torch, not mian_jax or jax. It reads the prepared .npy columns directly.
 
-  .venv-torch/bin/python benchmarks/deepctr_peer.py --request=request.json
+  .venv-torch/bin/python -m benchmarks.deepctr_peer --request=request.json  # repository root
 
 The request holds the data directory, the feature-column spec and the hyper-parameters. Its
 "mode" picks what runs; either way one JSON line, prefixed with "PEER_RESULT ", goes to stdout.

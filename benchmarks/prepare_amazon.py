@@ -6,8 +6,8 @@ the real Books 5-core sizes at --scale=1 (~603k users, ~368k reviewed items, 1,6
 prepares them in a child process and reports its wall time and peak RSS as a table and one
 JSON line.
 
-  python benchmarks/prepare_amazon.py --dir=/tmp/amazon_bench --scale=0.05
-  python benchmarks/prepare_amazon.py --dir=/tmp/amazon_bench --scale=1 --protocol=mian
+  python -m benchmarks.prepare_amazon --dir=/tmp/amazon_bench --scale=0.05
+  python -m benchmarks.prepare_amazon --dir=/tmp/amazon_bench --scale=1 --protocol=mian
 
 Target at --scale=1: <= 5 min and <= 8 GB peak RSS on 2 cores.
 """
@@ -27,8 +27,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks import common
 
 BOOKS_USERS = 603_668
 BOOKS_ITEMS = 367_982
@@ -38,8 +37,8 @@ CHUNK = 500_000
 
 
 def _time_range() -> tuple[int, int]:
-  start = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
-  end = datetime.datetime(2014, 7, 23, tzinfo=datetime.timezone.utc).timestamp()
+  start = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC).timestamp()
+  end = datetime.datetime(2014, 7, 23, tzinfo=datetime.UTC).timestamp()
   return int(start) // 86400, int(end) // 86400
 
 
@@ -99,9 +98,10 @@ def generate(directory: str, scale: float, text_chars: int = 5, seed: int = 0) -
 
 def prepare_child(directory: str, protocol: str) -> dict:
   """Runs the preparation in this process; returns wall time and peak RSS."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from configs import books  # pylint: disable=g-import-not-at-top
-  from mian_jax.data import amazon  # pylint: disable=g-import-not-at-top
+  from absl import logging  # noqa: PLC0415 - the parent process needs none of these
+
+  from configs import books  # noqa: PLC0415
+  from mian_jax.data import amazon  # noqa: PLC0415
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
   config = books.get_config(f"protocol={protocol}").data
@@ -141,9 +141,10 @@ def main():
     generated = generate(args.dir, args.scale, args.text_chars)
     generated["generate_s"] = round(time.time() - started, 1)
     print("generated " + json.dumps(generated), flush=True)
-  child = subprocess.run([sys.executable, os.path.abspath(__file__), "--dir", args.dir,
-                          "--protocol", args.protocol, "--child"],
-                         stdout=subprocess.PIPE, text=True, check=True)
+  child = subprocess.run([sys.executable, "-m", "benchmarks.prepare_amazon",
+                          "--dir", os.path.abspath(args.dir), "--protocol", args.protocol,
+                          "--child"], cwd=common.ROOT, stdout=subprocess.PIPE, text=True,
+                         check=True)
   lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
   kept = ("reviews_gz_mb", "meta_gz_mb", "generate_s", "text_chars")
   result = dict(json.loads(lines[-1][len("RESULT "):]), scale=args.scale,

@@ -1,9 +1,9 @@
 """Where a train step's time goes, by model module: the JAX profiler, grouped by source.
 
-  python benchmarks/profile_step.py --model=mian --batch_size=128 --optimizer=lazy_adam \
+  python -m benchmarks.profile_step --model=mian --batch_size=128 --optimizer=lazy_adam \
       [--vocab=electronics] [--depth=4] [--steps=20] [--trace_dir=/tmp/profile]
 
-Runs the train step of benchmarks/throughput.py's data and config, records `--steps` steps
+Runs the train step of benchmarks/common.py's data and config, records `--steps` steps
 with `jax.profiler.trace` (a Perfetto trace, also viewable in TensorBoard / Perfetto UI), and
 sums the device time of every XLA operation of the step by the Flax module that emitted it
 (the op's `op_name` metadata, cut to `--depth` path components: e.g.
@@ -24,8 +24,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import throughput  # noqa: E402
+from benchmarks import common
 
 _OP_NAME = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"")
 
@@ -62,17 +61,12 @@ def profile(model: str, batch_size: int, optimizer: str, vocab: str, num_steps: 
             trace_dir: str) -> tuple[float, dict[str, str], collections.Counter]:
   """(wall ms per step, `op_sources` of the step, {HLO op: device µs} over `steps` steps)."""
   import jax  # noqa: PLC0415
-  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
-  from mian_jax.data import pipeline  # noqa: PLC0415
-  schema, columns = throughput.make_data(vocab, num_examples=max(16 * batch_size, 4096))
-  config = throughput.make_config(model, batch_size, optimizer)
-  mesh = sharding.create_mesh()
-  batches = pipeline.TrainBatches(columns, schema, batch_size, seed=0)
-  device_batches = [sharding.to_global(batches.batch(s), mesh) for s in range(8)]
-  state = steps.create_train_state(models.create_model(config.model, schema.features),
-                                   optim.create_optimizer(config.train), device_batches[0],
-                                   jax.random.PRNGKey(0), mesh)
-  step_fn = steps.make_train_step(config.train, mesh)
+
+  from mian_jax import sharding  # noqa: PLC0415
+  schema, columns = common.make_data(vocab, num_examples=max(16 * batch_size, 4096))
+  setup = common.setup_arrays(common.make_config(model, batch_size, optimizer), schema, columns)
+  device_batches = [sharding.to_global(setup.batches.batch(s), setup.mesh) for s in range(8)]
+  state, step_fn = setup.state, setup.train_step
   rng = jax.random.PRNGKey(1)
   sources = op_sources(step_fn.lower(state, device_batches[0], rng).compile().as_text())
   for i in range(5):  # compile and warm up
@@ -95,8 +89,8 @@ def main(argv=None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="mian")
   parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--optimizer", default="lazy_adam", choices=throughput.OPTIMIZERS)
-  parser.add_argument("--vocab", default="electronics", choices=sorted(throughput.VOCABS))
+  parser.add_argument("--optimizer", default="lazy_adam", choices=common.OPTIMIZERS)
+  parser.add_argument("--vocab", default="electronics", choices=sorted(common.VOCABS))
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--depth", type=int, default=4, help="op_name components per group")
   parser.add_argument("--top", type=int, default=25)

@@ -1,8 +1,8 @@
 """Where the time must go: FLOPs and bytes per step of each model, and this machine's ceilings.
 
-  python benchmarks/roofline.py --models=mian,din,dien,deepfm --vocab=electronics --batch_size=128
+  python -m benchmarks.roofline --models=mian,din,dien,deepfm --vocab=electronics --batch_size=128
 
-Per model (benchmarks/throughput.py's data and configs):
+Per model (benchmarks/common.py's data and configs):
 - train / eval FLOPs per sample: XLA's own count for the compiled train step (forward, backward,
   optimiser) and eval step (`Compiled.cost_analysis()["flops"]`, the dense-Adam step);
 - embedding bytes of a dense Adam step: every row of every table is read or written
@@ -17,16 +17,12 @@ of a large element-wise read+write (GB/s). Prints a markdown table and appends J
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare_deepctr  # noqa: E402
-import throughput  # noqa: E402
+from benchmarks import common, compare_deepctr
+from mian_jax import writers
 
 # Passes over a table per dense Adam step: gradient (written, read), parameter, first and second
 # moment (each read and written).
@@ -69,19 +65,14 @@ def table_bytes(params) -> int:
 
 def model_costs(model_name: str, vocab: str, batch_size: int) -> dict:
   import jax  # noqa: PLC0415
-  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
-  from mian_jax.data import pipeline  # noqa: PLC0415
-  schema, columns = throughput.make_data(vocab, num_examples=max(4 * batch_size, 1024))
-  config = throughput.make_config(model_name, batch_size, "adam")
-  mesh = sharding.create_mesh()
-  model = models.create_model(config.model, schema.features)
-  sample = sharding.to_global(pipeline.TrainBatches(columns, schema, batch_size, 0).batch(0), mesh)
-  state = steps.create_train_state(model, optim.create_optimizer(config.train), sample,
-                                   jax.random.PRNGKey(0), mesh)
+  schema, columns = common.make_data(vocab, num_examples=max(4 * batch_size, 1024))
+  config = common.make_config(model_name, batch_size, "adam")
+  setup = common.setup_arrays(config, schema, columns)
+  state, sample = setup.state, setup.sample
   cost = lambda c: (c[0] if isinstance(c, list) else c)["flops"]  # noqa: E731
-  train_flops = cost(steps.make_train_step(config.train, mesh).lower(
+  train_flops = cost(setup.train_step.lower(
       state, sample, jax.random.PRNGKey(1)).compile().cost_analysis())
-  eval_flops = cost(steps.make_eval_step(mesh).lower(state, sample).compile().cost_analysis())
+  eval_flops = cost(setup.eval_step.lower(state, sample).compile().cost_analysis())
   tables = table_bytes(state.params)
   row_bytes = config.model.embed_dim * 4
   return {"model": model_name, "vocab": vocab, "batch_size": batch_size,
@@ -98,7 +89,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default="mian,din,dien,deepfm,xdeepfm,dcn,wide_deep,lr")
-  parser.add_argument("--vocab", default="electronics", choices=sorted(throughput.VOCABS))
+  parser.add_argument("--vocab", default="electronics", choices=sorted(common.VOCABS))
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--out", default="runs/roofline.jsonl")
   args = parser.parse_args(argv)
@@ -118,9 +109,7 @@ def main(argv=None) -> None:
           f"| {row['table_mb']:.1f} | {row['dense_adam_mb_per_step']:.0f} "
           f"| {row['lazy_adam_mb_per_step_max']:.1f} | {row['flop_bound_ms']:.2f} "
           f"| {row['dense_adam_bound_ms']:.1f} |", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    writers.append_jsonl(args.out, [row])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training and evaluation throughput of our models on Amazon-sized vocabularies (synthetic ids),
 optionally beside DeepCTR-Torch's DIN and DeepFM on the same arrays (--peer).
 
-  python benchmarks/throughput.py --models=mian,din --batch_sizes=128,1024 \
+  python -m benchmarks.throughput --models=mian,din --batch_sizes=128,1024 \
       --vocab=electronics --out=runs/throughput.jsonl [--optimizer=lazy_adam] \
       [--peer [--repeats=3] [--peer_threads=N] [--peer_python=.venv-torch/bin/python]]
 
@@ -58,50 +58,13 @@ import time
 
 import numpy as np
 
-import compare_deepctr
+from benchmarks import common, compare_deepctr
+from mian_jax import writers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (items, categories, users): Amazon 5-core sizes of Table 1 of the paper; "tiny": smoke tests.
-VOCABS = {"electronics": (63_001, 801, 192_403), "books": (367_982, 1_600, 603_668),
-          "tiny": (500, 20, 300)}
-NUM_EXAMPLES = 65_536  # rows of the synthetic arrays batches are drawn from
-MAX_SEQ_LEN = 30
-OPTIMIZERS = ("adam", "lazy_adam")
 PEER_MODELS = compare_deepctr.MODELS  # the models DeepCTR-Torch has
 # The measurements taken as the median over --repeats runs.
 METRICS = ("train_samples_per_s", "eval_samples_per_s", "input_samples_per_s",
            "input_share_of_step", "compile_s", "peak_rss_mb")
-
-
-def make_data(vocab: str, seed: int = 0, num_examples: int = NUM_EXAMPLES):
-  """Random prepared-format columns with Amazon-sized vocabularies; returns (schema, columns)."""
-  sys.path.insert(0, REPO)
-  from mian_jax.data import schema as schema_lib  # noqa: PLC0415
-  items, categories, users = VOCABS[vocab]
-  reserved = schema_lib.NUM_RESERVED_IDS
-  cat = lambda name, n: schema_lib.Field(name, "categorical", n + reserved)  # noqa: E731
-  features = schema_lib.FeatureSpec(
-      item_fields=(cat("item_id", items), cat("category", categories)),
-      behavior_fields=("item_id", "category"),
-      user_fields=(cat("user_id", users), cat("activity", 8)),
-      context_fields=(cat("month", 12), cat("weekday", 7), cat("gap", 6)),
-      max_seq_len=MAX_SEQ_LEN)
-  n = num_examples
-  schema = schema_lib.Schema(features, (("train", n), ("valid", n), ("test", n)))
-  rng = np.random.default_rng(seed)
-  ids = lambda size, shape: (rng.integers(0, size, shape) + reserved).astype(np.int32)  # noqa
-  lengths = rng.integers(1, MAX_SEQ_LEN + 1, n).astype(np.int32)
-  valid = np.arange(MAX_SEQ_LEN)[None] < lengths[:, None]
-  columns = {"item.item_id": ids(items, n), "item.category": ids(categories, n),
-             "hist.item_id": np.where(valid, ids(items, (n, MAX_SEQ_LEN)), 0).astype(np.int32),
-             "hist.category": np.where(valid, ids(categories, (n, MAX_SEQ_LEN)), 0
-                                       ).astype(np.int32),
-             "hist_len": lengths, "user.user_id": ids(users, n), "user.activity": ids(8, n),
-             "context.month": ids(12, n), "context.weekday": ids(7, n), "context.gap": ids(6, n),
-             "label": rng.integers(0, 2, n).astype(np.float32),
-             "group_id": rng.integers(0, users, n).astype(np.int64)}
-  schema_lib.validate_columns(schema, "train", columns)
-  return schema, columns
 
 
 def write_shared_data(directory: str, schema, columns) -> None:
@@ -109,7 +72,6 @@ def write_shared_data(directory: str, schema, columns) -> None:
 
   Valid and test (read by neither) are the first rows of train, to keep the directory small.
   """
-  sys.path.insert(0, REPO)
   from mian_jax.data import schema as schema_lib  # noqa: PLC0415
   n = schema.size("train")
   k = min(n, 1024)
@@ -120,40 +82,23 @@ def write_shared_data(directory: str, schema, columns) -> None:
 
 def load_shared_data(directory: str):
   """The (schema, train columns in memory) of a directory written by `write_shared_data`."""
-  sys.path.insert(0, REPO)
   from mian_jax.data import schema as schema_lib  # noqa: PLC0415
   schema = schema_lib.read_schema(directory)
   split = schema_lib.load_split(directory, "train", schema)
   return schema, {name: np.array(a) for name, a in split.items()}
 
 
-def make_config(model_name: str, batch_size: int, optimizer: str = "adam"):
-  """mian_jax/config_defaults.py's base config for one model, batch size and optimizer."""
-  from mian_jax import config_defaults  # noqa: PLC0415
-  config = config_defaults.get_base_config()
-  config.model.name = model_name
-  config.train.batch_size = batch_size
-  config.train.optimizer = optimizer
-  return config
-
-
 def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
             optimizer: str = "adam", data_dir: str = "") -> dict:
   """Measures one (model, batch size) pair in this process (on `data_dir`'s arrays if given)."""
-  sys.path.insert(0, REPO)
   import jax  # noqa: PLC0415
-  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
-  from mian_jax.data import pipeline  # noqa: PLC0415
 
-  schema, columns = load_shared_data(data_dir) if data_dir else make_data(vocab)
-  config = make_config(model_name, batch_size, optimizer)
-  mesh = sharding.create_mesh()
-  model = models.create_model(config.model, schema.features)
-  batches = pipeline.TrainBatches(columns, schema, batch_size, seed=0)
-  sample = sharding.to_global(batches.batch(0), mesh)
-  state = steps.create_train_state(model, optim.create_optimizer(config.train), sample,
-                                   jax.random.PRNGKey(0), mesh)
-  step_fn = steps.make_train_step(config.train, mesh)
+  from mian_jax import sharding  # noqa: PLC0415
+
+  schema, columns = load_shared_data(data_dir) if data_dir else common.make_data(vocab)
+  run = common.setup_arrays(common.make_config(model_name, batch_size, optimizer), schema,
+                            columns)
+  mesh, batches, state, step_fn = run.mesh, run.batches, run.state, run.train_step
   rng = jax.random.PRNGKey(1)
 
   # The train loop's form of a batch: one packed array per batch (sharding.pack_to_global).
@@ -177,8 +122,8 @@ def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
   input_rate = fed * batch_size / (time.perf_counter() - start)
 
   device_batches = [sharding.to_global(batches.batch(s), mesh) for s in range(1, 9)]
-  eval_fn = steps.make_eval_step(mesh)
-  jax.block_until_ready(eval_fn(state, sample))
+  eval_fn = run.eval_step
+  jax.block_until_ready(eval_fn(state, run.sample))
   evaluated, start = 0, time.perf_counter()
   while time.perf_counter() - start < min(seconds, 5.0):
     out = eval_fn(state, device_batches[evaluated % len(device_batches)])
@@ -197,12 +142,12 @@ def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
 
 def run_ours(model: str, batch: int, args: argparse.Namespace, data_dir: str = "") -> dict:
   """`measure` in a child process (so that peak RSS is the pair's own)."""
-  command = [sys.executable, os.path.abspath(__file__), f"--single={model},{batch}",
+  command = [sys.executable, "-m", "benchmarks.throughput", f"--single={model},{batch}",
              f"--vocab={args.vocab}", f"--seconds={args.seconds}",
              f"--optimizer={args.optimizer}"]
   if data_dir:
     command.append(f"--data_dir={data_dir}")
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  result = subprocess.run(command, cwd=common.ROOT, capture_output=True, text=True, check=False)
   if result.returncode:
     sys.exit(f"error: {model} at batch {batch} failed:\n{result.stderr[-2000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -216,8 +161,8 @@ def peer_request(config, schema, columns, data_dir: str, seconds: float, threads
   """The request of benchmarks/deepctr_peer.py's "throughput" mode for `config`'s model.
 
   Args:
-    config: the config of our side (`make_config`): model, batch size, hyper-parameters.
-    schema, columns: the data (`make_data`); `data_dir` holds them (`write_shared_data`).
+    config: the config of our side (`common.make_config`): model, batch size, hyper-parameters.
+    schema, columns: the data (`common.make_data`); `data_dir` holds them (`write_shared_data`).
     seconds: steady-state training time; evaluation runs min(seconds, 5).
     threads: torch.set_num_threads of the peer.
     l2_mode: compare_deepctr's --peer_l2.
@@ -236,37 +181,8 @@ def peer_request(config, schema, columns, data_dir: str, seconds: float, threads
       "mode": "throughput", "model": m.name, "seed": seed, "data_dir": data_dir,
       "spec": compare_deepctr.feature_column_spec(schema, m.sequence_pooling),
       "seconds": seconds, "eval_seconds": min(seconds, 5.0), "threads": threads,
-      "dense_init": "deepctr",
-      "hparams": {"embed_dim": m.embed_dim, "mlp_dims": list(m.mlp_dims),
-                  "attention_mlp_dims": list(m.attention_mlp_dims), "use_dice": m.use_dice,
-                  "dropout_rate": m.dropout_rate, "init_std": m.init_std,
-                  "batch_size": t.batch_size, "learning_rate": t.learning_rate,
-                  "adam_b1": t.adam_b1, "adam_b2": t.adam_b2, "adam_eps": t.adam_eps, **l2},
+      "dense_init": "deepctr", "hparams": common.peer_hparams(config, l2),
   }
-
-
-def run_peer(request: dict, peer_python: str, timeout: float) -> dict:
-  """Runs deepctr_peer.py on `request` with `peer_python`; returns its result row."""
-  with tempfile.TemporaryDirectory(prefix="throughput-peer-") as tmp:
-    path = os.path.join(tmp, "request.json")
-    with open(path, "w") as f:
-      json.dump(request, f)
-    proc = subprocess.run([peer_python, compare_deepctr.PEER_SCRIPT, f"--request={path}"],
-                          capture_output=True, text=True, timeout=timeout, check=False)
-  lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT ")]
-  if proc.returncode != 0 or not lines:
-    tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-    raise RuntimeError(f"DeepCTR-Torch peer failed ({request['model']}, batch "
-                       f"{request['hparams']['batch_size']}, exit {proc.returncode}): {tail}")
-  return json.loads(lines[-1][len("PEER_RESULT "):])
-
-
-def check_peer_python(peer_python: str) -> None:
-  """Exits with compare_deepctr.py's message when `peer_python` is not an executable."""
-  if not (os.path.isfile(peer_python) and os.access(peer_python, os.X_OK)):
-    sys.exit(f"error: --peer_python={peer_python} not found; create it with: python3 -m "
-             "venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 "
-             "deepctr-torch requests")
 
 
 # ----------------------------------------------------------------------------- results
@@ -327,12 +243,6 @@ def format_summary(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def append_jsonl(path: str, row: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "a") as f:
-    f.write(json.dumps(row) + "\n")
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -341,16 +251,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default="mian,din")
   parser.add_argument("--batch_sizes", default="128,1024")
-  parser.add_argument("--vocab", default="electronics", choices=sorted(VOCABS))
+  parser.add_argument("--vocab", default="electronics", choices=sorted(common.VOCABS))
   parser.add_argument("--seconds", type=float, default=20.0, help="steady-state time per pair")
-  parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+  parser.add_argument("--optimizer", default="adam", choices=common.OPTIMIZERS,
                       help="config.train.optimizer of our models")
   parser.add_argument("--out", default="runs/throughput.jsonl")
   parser.add_argument("--peer", action="store_true",
                       help="also measure DeepCTR-Torch's DIN / DeepFM, alternating with ours")
   parser.add_argument("--repeats", type=int, default=1,
                       help="runs per implementation and pair (alternating); medians reported")
-  parser.add_argument("--peer_python", default=compare_deepctr.DEFAULT_PEER_PYTHON,
+  parser.add_argument("--peer_python", default=common.DEFAULT_PEER_PYTHON,
                       help="python of the venv with torch and deepctr-torch")
   parser.add_argument("--peer_threads", type=int, default=0,
                       help="torch.set_num_threads for the peer; 0 = os.cpu_count()")
@@ -371,11 +281,11 @@ def measure_pair(model: str, batch: int, args, data: dict | None) -> list[dict]:
     if args.repeats > 1:
       print(format_row(runs["mian_jax"][-1], f"mian_jax {label}"), flush=True)
     if data:
-      request = peer_request(make_config(model, batch, args.optimizer), data["schema"],
+      request = peer_request(common.make_config(model, batch, args.optimizer), data["schema"],
                              data["columns"], data["dir"], args.seconds, data["threads"])
       try:
-        runs["deepctr_torch"].append(run_peer(request, args.peer_python,
-                                              timeout=600 + 3 * args.seconds))
+        runs["deepctr_torch"].append(common.run_peer(request, args.peer_python,
+                                                     timeout=600 + 3 * args.seconds))
       except (RuntimeError, subprocess.TimeoutExpired) as e:
         sys.exit(f"error: {' '.join(str(e).split())}")
       runs["deepctr_torch"][-1]["vocab"] = args.vocab
@@ -395,12 +305,12 @@ def main(argv=None) -> None:
                              args.data_dir)))
     return
   if args.peer:
-    check_peer_python(args.peer_python)
+    common.check_peer_python(args.peer_python)
   tmp = tempfile.mkdtemp(prefix="throughput-") if args.peer else ""
   try:
     data = None
     if args.peer:
-      schema, columns = make_data(args.vocab)
+      schema, columns = common.make_data(args.vocab)
       data = {"dir": os.path.join(tmp, "data"), "schema": schema, "columns": columns,
               "threads": args.peer_threads or os.cpu_count() or 1}
       write_shared_data(data["dir"], schema, columns)
@@ -419,7 +329,7 @@ def main(argv=None) -> None:
                             data if args.peer and model in PEER_MODELS else None)
         for row in pair:
           rows.append(row)
-          append_jsonl(args.out, row)
+          writers.append_jsonl(args.out, [row])
           label = row["impl"] + (" median" if args.repeats > 1 else "")
           print(format_row(row, label if args.peer else ""), flush=True)
     if args.peer:

@@ -1,7 +1,7 @@
 """Runs the Table 3 ablations, or Table 2's model comparison, over seeds; prints and plots it.
 
-  python launch/ablations.py --config=configs/synthetic.py --seeds=0,1,2 --out=runs/ablations
-  python launch/ablations.py --variants=mian,lr,wide_deep,dcn,deepfm,xdeepfm,din,dien \
+  python -m launch.ablations --config=configs/synthetic.py --seeds=0,1,2 --out=runs/ablations
+  python -m launch.ablations --variants=mian,lr,wide_deep,dcn,deepfm,xdeepfm,din,dien \
       --config=configs/movielens.py --out=runs/table2_ml100k
 
 Run it from the repository root, like `python -m mian_jax.main`. Each (variant, seed) is one
@@ -22,7 +22,8 @@ import sys
 
 import pandas as pd
 
-import runner
+from launch import runner
+from mian_jax import writers
 from mian_jax.models.mian import PAPER_LITERAL
 
 # variant name -> config overrides (Table 3 of the paper, plus Table 4's Transformer variants).
@@ -111,7 +112,6 @@ def main():
   if unknown:
     sys.exit(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  runner.import_configs_from_cwd()
   os.makedirs(args.out, exist_ok=True)
   try:
     frame = run_all(args.config, variants, seeds, args.out, args.overrides, args.rerun_changed)
@@ -121,7 +121,7 @@ def main():
   summary = summarise(frame)
   title = f"Test AUC per variant: {args.config}, {runner.plural(len(seeds), 'seed')}"
   table = summary_markdown(summary)
-  runner.write_text(os.path.join(args.out, "summary.md"), f"# {title}\n\n{table}")
+  writers.write_text_atomic(os.path.join(args.out, "summary.md"), f"# {title}\n\n{table}")
   print(table)
   plot(summary, os.path.join(args.out, "ablations.png"), title)
 

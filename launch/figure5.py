@@ -1,6 +1,6 @@
 """Figure 5 of the paper: training loss and validation AUC of Table 4's variants over training.
 
-  python launch/figure5.py --runs=runs/table4 [--loss_key=train/loss] [--smooth_window=5]
+  python -m launch.figure5 --runs=runs/table4 [--loss_key=train/loss] [--smooth_window=5]
 
 --runs is the --out directory of launch/table4.py (or of launch/ablations.py with those
 variants): `<runs>/<variant>/seed<k>/metrics/metrics.jsonl` as training writes it. Nothing is
@@ -25,8 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-import runner
-import table4
+from launch import runner, table4
 from mian_jax import writers
 
 COLORS = {"mian": "black", "post-LN Transformer": "tab:blue", "no Transformer": "tab:orange"}
@@ -196,22 +195,23 @@ def draw(runs: str, loss_key: str = "train/loss", window: int = 5) -> pd.DataFra
   if not valid and not raw_loss:
     names = ", ".join(runner.slug(n) for n, _, _ in table4.VARIANTS)
     raise runner.LaunchError(f"no <variant>/seed<k>/metrics/metrics.jsonl in {runs} "
-                             f"(variants: {names}); run launch/table4.py --out={runs} first")
+                             f"(variants: {names}); run `python -m launch.table4 "
+                             f"--out={runs}` first")
   loss = {name: frame.apply(lambda s: smooth(s, window)) for name, frame in raw_loss.items()}
   title = f"Figure 5: MIAN's Transformer variants over training ({os.path.normpath(runs)})"
   plot(loss, raw_loss, valid, os.path.join(runs, "figure5.png"), title, loss_key, window)
   best = best_validation(valid)
   note = ("Validation AUC is computed on the whole validation split at every "
           "`train.eval_every_steps`; the seed mean is taken at each validation step.")
-  runner.write_text(os.path.join(runs, "figure5.md"),
-                    f"# {title}\n\n{best_markdown(best) if len(best) else ''}\n{note}\n")
+  writers.write_text_atomic(os.path.join(runs, "figure5.md"),
+                            f"# {title}\n\n{best_markdown(best) if len(best) else ''}\n{note}\n")
   return best
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--runs", default="runs/table4", help="the --out of launch/table4.py")
+  parser.add_argument("--runs", default="runs/table4", help="the --out of python -m launch.table4")
   parser.add_argument("--loss_key", default="train/loss",
                       help="the logged training scalar to draw (train/loss, train/bce)")
   parser.add_argument("--smooth_window", type=int, default=5,

@@ -1,14 +1,15 @@
 """Figure 6 of the paper: GIM's attention weights over its parts for a random sample of cases.
 
-  python launch/figure6.py --workdir=runs/table4/mian/seed0 [--cases=14] [--seed=0] \
+  python -m launch.figure6 --workdir=runs/table4/mian/seed0 [--cases=14] [--seed=0] \
       [--split=test] [--step=best|latest|N]
 
 --workdir is a finished or interrupted MIAN training run with GIM on. The weights come from the
 predictions Parquet of `python -m mian_jax.evaluate --predictions` for that checkpoint,
 `<workdir>/eval/<split>_predictions_step<N>.parquet` (its `attention_gim` column, the part names
 in its metadata): when the file is not there yet, evaluate is run first, with the config the run
-recorded (`evaluate` reads it from the workdir), its output in `<workdir>/eval/evaluate_log.txt`. A rerun
-reuses the file. `--step=best` (the default) is the checkpoint of the best validation AUC.
+recorded (`evaluate` reads it from the workdir), its output in
+`<workdir>/eval/evaluate_log.txt`. A rerun reuses the file. `--step=best` (the default) is the
+checkpoint of the best validation AUC.
 
 Writes `<workdir>/figure6.png`: a heat map of the weights (GIM's parts as rows, as in the paper;
 `--cases` examples drawn at random with `--seed` as columns, labelled with their row in the
@@ -29,7 +30,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-import runner
+from launch import runner
+from mian_jax import writers
 
 # The parts of r_g (eq. 14), as MIAN.gim_part_names() names them.
 PART_MEANINGS = {"e_i": "candidate item", "e_c": "context fields", "e_b": "behaviours",
@@ -184,7 +186,7 @@ def draw(workdir: str, cases: int = 14, seed: int = 0, split: str = "test",
            f"(seed {seed})\n{run}, {which}")
   plot(weights, parts, rows, frame, os.path.join(workdir, "figure6.png"), title)
   text = f"# {' · '.join(title.splitlines())}\n\n{summary_markdown(weights, parts, rows)}"
-  runner.write_text(os.path.join(workdir, "figure6.md"), text)
+  writers.write_text_atomic(os.path.join(workdir, "figure6.md"), text)
   return text
 
 

@@ -1,4 +1,5 @@
-"""What launch/sweep.py and launch/ablations.py share: runs, their reuse, their logs, and tables.
+"""What the launch tools (sweep, ablations, table4, ...) share: runs, their reuse, their logs,
+and tables.
 
 A run is one `python -m mian_jax.main --config=<file> --workdir=<dir> <overrides>` in its own
 workdir. Before anything trains, every run's config is resolved here exactly as main resolves it
@@ -69,13 +70,6 @@ def launch_parser(description: str, out: str) -> argparse.ArgumentParser:
                       help="extra --config.* overrides for every run, after a `--`, e.g. "
                            "`-- --config.train.optimizer=lazy_adam`")
   return parser
-
-
-def import_configs_from_cwd() -> None:
-  """The runs are `python -m mian_jax.main` in this directory, which imports configs/ from here;
-  a launch tool resolves the configs the same way."""
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
 
 
 def slug(text: str) -> str:
@@ -263,13 +257,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
            "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
   lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
   return "\n".join(lines) + "\n"
-
-
-def write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def plot_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[float], path: str,

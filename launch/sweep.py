@@ -1,6 +1,6 @@
 """The same small grid search for every model, each selected on validation AUC (Table 2).
 
-  python launch/sweep.py --config=configs/synthetic.py --models=mian,lr,din \
+  python -m launch.sweep --config=configs/synthetic.py --models=mian,lr,din \
       --grid='train.learning_rate=1e-3,3e-3;model.embed_dim=8,16' --seeds=0,1,2 \
       --out=runs/sweep_synthetic [--variants='w/o IBIM'] [--rerun_changed] \
       [-- --config.train.num_epochs=0.5]
@@ -34,8 +34,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-import ablations
-import runner
+from launch import ablations, runner
+from mian_jax import writers
 
 MODELS = ("mian", "lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")
 
@@ -147,8 +147,9 @@ def write_outputs(frame: pd.DataFrame, keys: Sequence[str], out: str, title: str
   """Writes results.csv, grid.md, summary.md, summary.csv and summary.png; returns the summary."""
   frame.to_csv(os.path.join(out, "results.csv"), index=False)
   grid, summary = select(frame, keys)
-  runner.write_text(os.path.join(out, "grid.md"), grid_markdown(grid, keys))
-  runner.write_text(os.path.join(out, "summary.md"), summary_markdown(summary, keys, title))
+  writers.write_text_atomic(os.path.join(out, "grid.md"), grid_markdown(grid, keys))
+  writers.write_text_atomic(os.path.join(out, "summary.md"),
+                            summary_markdown(summary, keys, title))
   summary.to_csv(os.path.join(out, "summary.csv"))
   labels = [model + "".join(f"\n{k.split('.')[-1]}={r[k]}" for k in keys)
             for model, r in summary.iterrows()]
@@ -173,7 +174,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
   args = parse_args(argv)
-  runner.import_configs_from_cwd()
   entries = list(dict.fromkeys(n.strip() for n in f"{args.models},{args.variants}".split(",")
                                if n.strip()))
   seeds = [int(s) for s in args.seeds.split(",")]

@@ -1,8 +1,8 @@
 """Table 4 of the paper: MIAN with a pre-LN, a post-LN or no Transformer in IBIM, over seeds.
 
-  python launch/table4.py --config=configs/synthetic.py --seeds=0,1,2 --out=runs/table4 \
+  python -m launch.table4 --config=configs/synthetic.py --seeds=0,1,2 --out=runs/table4 \
       [--rerun_changed] [-- --config.train.num_epochs=0.5 ...]
-  python launch/figure5.py --runs=runs/table4     # Figure 5 from the same runs
+  python -m launch.figure5 --runs=runs/table4     # Figure 5 from the same runs
 
 Run it from the repository root, like `python -m mian_jax.main`. The three variants are entries
 of launch/ablations.py's VARIANTS ("mian", "post-LN Transformer", "no Transformer"), run in the
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-import ablations
-import runner
+from launch import ablations, runner
+from mian_jax import writers
 
 # Table 4's rows: (entry of ablations.VARIANTS, label, the model.transformer it must resolve to).
 VARIANTS = (("mian", "MIAN (pre-LN Transformer)", "pre_ln"),
@@ -101,8 +101,8 @@ def write_outputs(frame: pd.DataFrame, out: str, title: str) -> pd.DataFrame:
   note = ("Each run's metrics are those of its best validation step; ± is the standard "
           "deviation over training seeds. The paper's Table 4 (test AUC / logloss on its "
           f"non-public commercial data set): {paper}.")
-  runner.write_text(os.path.join(out, "table4.md"),
-                    f"# {title}\n\n{table_markdown(summary)}\n{note}\n")
+  writers.write_text_atomic(os.path.join(out, "table4.md"),
+                            f"# {title}\n\n{table_markdown(summary)}\n{note}\n")
   oracle = summary.oracle_auc.dropna()
   runner.plot_bars([LABELS[n] for n in summary.index], summary.auc_mean, summary.auc_std,
                    os.path.join(out, "table4.png"), title,
@@ -118,7 +118,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
   args = parse_args(argv)
-  runner.import_configs_from_cwd()
   seeds = [int(s) for s in args.seeds.split(",")]
   try:
     for flag in args.overrides:

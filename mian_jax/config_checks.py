@@ -67,7 +67,8 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     if not _is_int(value) or value < 0:
       raise ConfigError(f"config.{key} must be an integer >= 0, got {value!r}")
   if not 0.0 <= config.model.dropout_rate < 1.0:
-    raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
+    raise ConfigError("config.model.dropout_rate must be in [0, 1), got "
+                      f"{config.model.dropout_rate}")
   for key in BASELINE_POSITIVE:
     if key in config.model and config.model[key] <= 0:
       raise ConfigError(f"config.model.{key} must be > 0, got {config.model[key]!r}")
@@ -84,7 +85,8 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
                       "'batch_embeddings' or optimizer='adam')")
   steps = config.train.num_train_steps
   if steps != -1 and steps <= 0:
-    raise ConfigError(f"config.train.num_train_steps must be -1 (use num_epochs) or > 0, got {steps}")
+    raise ConfigError("config.train.num_train_steps must be -1 (use num_epochs) or > 0, got "
+                      f"{steps}")
   if steps == -1 and config.train.num_epochs <= 0:
     raise ConfigError("config.train.num_epochs must be > 0 when train.num_train_steps=-1")
   for key in ("train.batch_size", "eval.batch_size"):

@@ -130,7 +130,8 @@ def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:
   for item in arg.split(","):
     key, sep, value = item.partition("=")
     if not sep or key not in allowed:
-      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(allowed)}")
+      raise ValueError(f"config argument {item!r}: expected key=value with key in "
+                       f"{sorted(allowed)}")
     default = allowed[key]
     values[key] = type(default)(value) if not isinstance(default, bool) else value == "True"
   return values
@@ -161,6 +162,6 @@ def get_amazon_config(dataset: str, args: dict[str, object]) -> ml_collections.C
   config.data.raw_dir = ""  # "" = <cache>/raw/amazon; files are downloaded there if missing
   config.data.base_url = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
   config.data.max_bad_row_ratio = 0.01  # fail if more of the lines than this are unusable
-  config.data.drop_duplicate_reviews = True  # keep only the earliest review of a (reviewer, item) pair
+  config.data.drop_duplicate_reviews = True  # keep only the earliest review of a (user, item) pair
   config.data.seed = 0  # negatives and (dien) the user split
   return config

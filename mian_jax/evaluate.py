@@ -103,7 +103,8 @@ def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool)
   """Writes `eval/<split>_metrics_step<N>.json` and, if `final`, `eval/<split>_metrics.json`
   (the run's reported result)."""
   eval_dir = os.path.join(workdir, "eval")
-  writers.write_json_atomic(os.path.join(eval_dir, f"{split}_metrics_step{result['step']}.json"), result)
+  writers.write_json_atomic(
+      os.path.join(eval_dir, f"{split}_metrics_step{result['step']}.json"), result)
   if final:
     writers.write_json_atomic(os.path.join(eval_dir, f"{split}_metrics.json"), result)
 
@@ -150,13 +151,18 @@ def attention_names(run: steps.Run) -> dict[str, tuple[str, ...]]:
   return names
 
 
-def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str,
-                        with_predictions: bool) -> dict:
-  """Restores a checkpoint of `workdir` and evaluates it on `split`; writes its metrics (and,
-  with `with_predictions`, its per-example predictions).
+def restore_checkpoint(config, workdir: str, step: int | str | None = "latest"):
+  """`steps.setup(config)` and one checkpoint of `workdir` restored into its state.
 
   Args:
     step: "latest" (or None), "best" (from `checkpoints_best`) or a step number.
+
+  Returns:
+    (steps.Run, the restored TrainState, the checkpoint's meta).
+
+  Raises:
+    ConfigError: `config` does not mean the workdir's run (`workdir.check_rerun`).
+    DataError: no (readable) checkpoint, or one trained on other data.
   """
   config_checks.check_config(config, jax.device_count())
   workdir_lib.check_workdir_path(workdir)
@@ -164,7 +170,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
   step = "latest" if step is None else step
   directory = (checkpointing.best_checkpoint_dir(workdir) if step == "best" else
                checkpointing.checkpoint_dir(workdir))
-  if not os.path.isdir(directory):
+  if not os.path.isdir(directory) or not os.listdir(directory):
     raise DataError(f"no checkpoints in {workdir} (expected {directory})")
   run = steps.setup(config)
   manager = (checkpointing.create_best_manager(workdir, read_only=True) if step == "best" else
@@ -179,6 +185,14 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
     raise DataError(f"checkpoint in {workdir} was trained on data with another schema")
   if meta.get("data_checksum", run.data_checksum) != run.data_checksum:
     raise DataError(f"checkpoint in {workdir} was trained on other data than {run.data_dir}")
+  return run, state, meta
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str,
+                        with_predictions: bool) -> dict:
+  """Restores a checkpoint of `workdir` (`restore_checkpoint`) and evaluates it on `split`;
+  writes its metrics (and, with `with_predictions`, its per-example predictions)."""
+  run, state, meta = restore_checkpoint(config, workdir, step)
   eval_step = steps.make_eval_step(run.mesh, with_attention=with_predictions)
   predictions = predict_split(state, eval_step, run.data_dir, run.schema, split,
                               config.eval.batch_size, run.mesh, with_attention=with_predictions)

@@ -1,5 +1,6 @@
-"""Metric writers (TensorBoard event files plus a machine-readable JSONL file) and the atomic
-file writes every command uses (`write_text_atomic`, `write_json_atomic`).
+"""Metric writers (TensorBoard event files plus a machine-readable JSONL file), the atomic
+file writes every command uses (`write_text_atomic`, `write_json_atomic`) and the JSONL
+appending of the benchmarks (`append_jsonl`).
 
 clu's `metric_writers` import TensorFlow unconditionally (see docs/toolchain.md), so this small
 writer follows clu's interface (`write_scalars`, `write_hparams`, `flush`, `close`) on top of
@@ -12,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -93,6 +94,14 @@ def read_jsonl(path: str) -> list[dict]:
   """Reads back a metrics.jsonl file."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path: str, rows: Iterable[Mapping]) -> None:
+  """Appends one JSON object per row, one a line, to `path` (its directory created if need be).
+  Rows already there are kept: a results file collects the rows of many runs."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    f.writelines(json.dumps(dict(row)) + "\n" for row in rows)
 
 
 def write_text_atomic(path: str, text: str) -> None:

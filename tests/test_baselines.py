@@ -13,7 +13,7 @@ from mian_jax import models, optim, sharding, steps
 from mian_jax.data import synthetic
 from mian_jax.data.pipeline import gather_batch
 from mian_jax.models import layers
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 BASELINES = ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")
 SEQUENCE_MODELS = ("din", "dien")
@@ -26,7 +26,7 @@ def _sigmoid(x):
   return 1 / (1 + np.exp(-x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(name, **overrides):
   config = tiny_config(**{"model.name": name, **SMALL, **overrides})
   schema, splits = synthetic.generate(config.data.synthetic, config.data.max_seq_len)
@@ -36,7 +36,7 @@ def _setup(name, **overrides):
   return model, params, batch, schema, config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_fn(model):
   return jax.jit(lambda params, batch: model.apply({"params": params}, batch, train=False))
 
@@ -100,17 +100,13 @@ def test_a_row_does_not_depend_on_the_other_rows_or_labels(name):
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch(name):
-  model, _, _, schema, config = _setup(name, **{"model.dropout_rate": 0.0,
-                                                "train.learning_rate": 1e-2})
-  _, splits = synthetic.generate(config.data.synthetic, config.data.max_seq_len)
-  batch = gather_batch(splits["train"], schema, np.arange(config.train.batch_size))
-  mesh = sharding.create_mesh(jax.devices()[:1])
-  state = steps.create_train_state(model, optim.create_optimizer(config.train), batch,
-                                   jax.random.PRNGKey(0), mesh)
-  step = steps.make_train_step(config.train, mesh)
-  losses = []
+  config = tiny_config(**{"model.name": name, **SMALL, "model.dropout_rate": 0.0,
+                          "train.learning_rate": 1e-2})
+  run = steps.setup(config, sharding.create_mesh(jax.devices()[:1]))
+  batch = sharding.to_global(run.train_batches().batch(0), run.mesh)
+  state, losses = run.state, []
   for _ in range(6):
-    state, metrics = step(state, sharding.to_global(batch, mesh), jax.random.PRNGKey(1))
+    state, metrics = run.train_step(state, batch, jax.random.PRNGKey(1))
     losses.append(float(metrics["loss"]))
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 

@@ -4,24 +4,23 @@ uses its own venv and is skipped without it."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import throughput  # noqa: E402
+from benchmarks import (ab_step, accelerator, common, compare_deepctr, profile_step, roofline,
+                        throughput)
+from tests.helpers import REPO
 
-PEER_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
+PEER_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
 
 
 def test_throughput_data_has_amazon_vocabularies_and_valid_columns():
-  schema, columns = throughput.make_data("electronics")  # validates the columns itself
+  schema, columns = common.make_data("electronics")  # validates the columns itself
   f = schema.features
   assert f.item_field("item_id").vocab_size == 63_001 + 2
   assert f.item_field("category").vocab_size == 801 + 2
-  assert columns["hist.item_id"].shape == (throughput.NUM_EXAMPLES, 30)
+  assert columns["hist.item_id"].shape == (common.NUM_EXAMPLES, 30)
   assert columns["user.user_id"].max() < 192_403 + 2
   assert np.isin(columns["label"], (0, 1)).all()
 
@@ -62,14 +61,14 @@ def test_throughput_rejects_unknown_optimizer_and_zero_repeats():
 
 
 def test_throughput_config_takes_model_batch_and_optimizer():
-  config = throughput.make_config("din", 1024, "lazy_adam")
+  config = common.make_config("din", 1024, "lazy_adam")
   assert (config.model.name, config.train.batch_size) == ("din", 1024)
   assert config.train.optimizer == "lazy_adam"
 
 
 def test_peer_request_carries_our_hyperparameters_and_the_schema_columns():
-  schema, columns = throughput.make_data("tiny", num_examples=256)
-  config = throughput.make_config("din", 64)
+  schema, columns = common.make_data("tiny", num_examples=256)
+  config = common.make_config("din", 64)
   req = throughput.peer_request(config, schema, columns, "/data", seconds=7.0, threads=2)
   assert (req["mode"], req["model"], req["data_dir"], req["threads"]) == (
       "throughput", "din", "/data", 2)
@@ -81,7 +80,7 @@ def test_peer_request_carries_our_hyperparameters_and_the_schema_columns():
       m.dropout_rate, m.init_std, m.use_dice)
   assert (h["batch_size"], h["learning_rate"]) == (64, t.learning_rate)
   assert (h["adam_b1"], h["adam_b2"], h["adam_eps"]) == (t.adam_b1, t.adam_b2, t.adam_eps)
-  cd = throughput.compare_deepctr
+  cd = compare_deepctr
   l2 = cd.peer_l2("matched", t.l2_weight, t.l2_scope, 64,
                   cd.lookups_per_example(schema, columns["hist_len"]), cd.table_rows(schema))
   assert l2["l2_reg_embedding"] > 0
@@ -94,7 +93,7 @@ def test_peer_request_carries_our_hyperparameters_and_the_schema_columns():
 
 
 def test_shared_data_round_trips(tmp_path):
-  schema, columns = throughput.make_data("tiny", num_examples=256)
+  schema, columns = common.make_data("tiny", num_examples=256)
   throughput.write_shared_data(str(tmp_path / "data"), schema, columns)
   read_schema, read_columns = throughput.load_shared_data(str(tmp_path / "data"))
   assert read_schema.features == schema.features and read_schema.size("train") == 256
@@ -128,12 +127,12 @@ def test_missing_peer_python_exits_with_instructions(tmp_path):
 @pytest.mark.skipif(not os.access(PEER_PYTHON, os.X_OK),
                     reason=f"no DeepCTR-Torch venv at {PEER_PYTHON} (see compare_deepctr.py)")
 def test_peer_throughput_mode_returns_a_row(tmp_path):
-  schema, columns = throughput.make_data("tiny", num_examples=256)
+  schema, columns = common.make_data("tiny", num_examples=256)
   data_dir = str(tmp_path / "data")
   throughput.write_shared_data(data_dir, schema, columns)
-  req = throughput.peer_request(throughput.make_config("din", 16), schema, columns, data_dir,
+  req = throughput.peer_request(common.make_config("din", 16), schema, columns, data_dir,
                                 seconds=1.0, threads=1)
-  row = throughput.run_peer(req, PEER_PYTHON, timeout=300)
+  row = common.run_peer(req, PEER_PYTHON, timeout=300)
   assert {"impl", "model", "batch_size", "train_samples_per_s", "eval_samples_per_s",
           "compile_s", "peak_rss_mb", "torch_threads", "flush_denormal", "torch_version",
           "deepctr_torch_version"} <= set(row)
@@ -143,7 +142,6 @@ def test_peer_throughput_mode_returns_a_row(tmp_path):
 
 
 def test_accelerator_script_measures_and_derives_the_books_epoch(tmp_path, capsys):
-  import accelerator  # noqa: PLC0415
   out = tmp_path / "acc.jsonl"
   accelerator.main(["--batch_sizes=16", "--optimizers=lazy_adam", "--vocab=tiny",
                     "--seconds=0.2", f"--out={out}"])
@@ -155,9 +153,8 @@ def test_accelerator_script_measures_and_derives_the_books_epoch(tmp_path, capsy
 
 
 def test_roofline_counts_flops_and_the_dense_adam_bytes():
-  import roofline  # noqa: PLC0415
   row = roofline.model_costs("din", "tiny", 16)
-  items, categories, users = throughput.VOCABS["tiny"]
+  items, categories, users = common.VOCABS["tiny"]
   rows = items + categories + users + 8 + 12 + 7 + 6 + 7 * 2  # every table, reserved ids too
   assert row["table_mb"] == pytest.approx(rows * 16 * 4 / 1e6)
   assert row["dense_adam_mb_per_step"] == pytest.approx(roofline.ADAM_PASSES * row["table_mb"])
@@ -165,7 +162,6 @@ def test_roofline_counts_flops_and_the_dense_adam_bytes():
 
 
 def test_profile_step_groups_op_time_by_module(tmp_path, capsys):
-  import profile_step  # noqa: PLC0415
   hlo = ('  %fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, '
          'metadata={op_name="jit(train_step)/jvp(MIAN)/MIAN._ibim/transformer/attention/mul"}\n'
          '  ROOT %dot.1 = f32[8]{0} dot(%a, %b), metadata={op_name="jit(train_step)/mlp/dot"}')
@@ -179,34 +175,37 @@ def test_profile_step_groups_op_time_by_module(tmp_path, capsys):
 
 
 def test_ab_step_parses_variants_and_rejects_bad_ones():
-  import ab_step  # noqa: PLC0415
-  assert ab_step.parse_variant("base:") == ("base", {})
-  assert ab_step.parse_variant("x:model.dropout_rate=0.0;model.dropout_rng=threefry") == (
-      "x", {"model.dropout_rate": 0.0, "model.dropout_rng": "threefry"})
-  config = ab_step.variant_config("din", 64, "adam", {"model.mlp_dims": [16, 4],
-                                                      "train.learning_rate": 1})
+  assert ab_step.parse_variant("base") == ("base", [])
+  assert ab_step.parse_variant("x: --config.model.dropout_rate=0.0 "
+                               "--config.model.dropout_rng=threefry") == (
+      "x", ["--config.model.dropout_rate=0.0", "--config.model.dropout_rng=threefry"])
+  assert ab_step.parse_variant("two words: --config.model.mlp_dims='(16, 4)'") == (
+      "two words", ["--config.model.mlp_dims=(16, 4)"])
+  config = ab_step.variant_config("din", 64, "adam", ["--config.model.mlp_dims=(16,4)",
+                                                      "--config.train.learning_rate=1"])
   assert config.model.mlp_dims == (16, 4) and config.train.learning_rate == 1.0
-  for bad, message in [({"model.dropout_rnq": "hash"}, "unknown config key"),
-                       ({"model.num_heads": "8"}, "cannot be casted"),
-                       ({"model.dropout_rng": "philox"}, "is not one of")]:
+  assert (config.model.name, config.train.batch_size) == ("din", 64)
+  for bad, message in [(["--config.model.dropout_rnq=hash"], "unknown config key"),
+                       (["--config.model.num_heads=8x"], "invalid literal"),
+                       (["--config.model.dropout_rng=philox"], "is not one of"),
+                       (["model.dropout_rate=0.0"], "is not a config override")]:
     with pytest.raises(ValueError, match=message):
       ab_step.variant_config("mian", 64, "adam", bad)
-  with pytest.raises(ValueError, match="expected 'name:"):
-    ab_step.parse_variant("no colon")
-  with pytest.raises(SystemExit, match="unknown config key"):
-    ab_step.main(["--model=lr", "--vocab=tiny", "--variant=a:", "--variant=b:train.lr=1"])
+  with pytest.raises(ValueError, match="expected 'name'"):
+    ab_step.parse_variant(": --config.model.dropout_rate=0.0")
+  with pytest.raises(SystemExit, match="variant 'b': unknown config key"):
+    ab_step.main(["--model=lr", "--vocab=tiny", "--variant=a", "--variant=b: --config.train.lr=1"])
 
 
 def test_ab_step_times_each_variant_in_alternating_rounds(tmp_path, capsys):
-  import ab_step  # noqa: PLC0415
   out = tmp_path / "ab.jsonl"
   ab_step.main(["--model=deepfm", "--batch_size=16", "--vocab=tiny", "--rounds=2", "--steps=2",
-                "--variant=hash:", "--variant=threefry:model.dropout_rng=threefry",
+                "--variant=hash", "--variant=threefry: --config.model.dropout_rng=threefry",
                 f"--out={out}"])
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["variant"] for r in rows] == ["hash", "threefry"]
   assert all(len(r["rounds"]) == 2 and r["min"] <= r["train_samples_per_s"] <= r["max"]
              for r in rows)
   assert rows[0]["ratio_to_first"] == 1.0
-  assert rows[1]["overrides"] == {"model.dropout_rng": "'threefry'"}
+  assert rows[1]["overrides"] == ["--config.model.dropout_rng=threefry"]
   assert "threefry" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 
 from mian_jax import checkpointing, config_checks, evaluate, train, writers
 from mian_jax.errors import ConfigError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 METRIC_KEYS = ("auc", "gauc", "logloss", "oracle_auc", "num_examples", "step")
 

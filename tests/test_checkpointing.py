@@ -18,9 +18,7 @@ from ml_collections import ConfigDict
 
 from mian_jax import checkpointing, train, workdir_lock
 from mian_jax.errors import DataError, NonFiniteLossError, NonFiniteStateError, WorkdirBusyError
-from tests.conftest import tiny_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, tiny_config
 
 
 def _state(value: float, step: int = 0) -> TrainState:

@@ -10,18 +10,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [  # the tests' tiny_config, as command-line overrides
-    "--config.data.synthetic.num_users=60", "--config.data.synthetic.num_items=40",
-    "--config.data.synthetic.num_categories=5", "--config.data.synthetic.num_occupations=6",
-    "--config.data.synthetic.num_train=1024", "--config.data.synthetic.num_valid=256",
-    "--config.data.synthetic.num_test=256", "--config.data.synthetic.min_seq_len=2",
-    "--config.data.synthetic.short_seq_len=1", "--config.data.synthetic.recent_window=3",
-    "--config.data.max_seq_len=6", "--config.model.embed_dim=4", "--config.model.num_heads=2",
-    "--config.model.gim_dim=8", "--config.model.mlp_dims=(8,4)", "--config.train.batch_size=16",
-    "--config.train.log_every_steps=4", "--config.train.eval_every_steps=4",
-    "--config.eval.batch_size=64", "--config.checkpoint.every_steps=4",
-]
+from tests.helpers import REPO, TINY
 
 
 def run(module, *args, tmp_path, config="configs/synthetic.py"):

@@ -10,12 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-import compare_deepctr  # noqa: E402
-
-from mian_jax.data import schema as schema_lib  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import common, compare_deepctr
+from mian_jax.data import schema as schema_lib
+from tests.helpers import REPO
 
 
 def tiny_schema(numeric_user_field: bool = False) -> schema_lib.Schema:
@@ -103,19 +100,34 @@ def test_mean_std():
   assert (mean, std) == (2.0, pytest.approx(np.sqrt(2.0)))
 
 
-def test_load_config_with_overrides():
-  config = compare_deepctr.load_config(
-      os.path.join(ROOT, "configs", "synthetic.py"),
-      ["data.synthetic.num_train=4000", "train.num_epochs=2", "model.mlp_dims=(64, 16)",
-       "model.use_dice=True", "train.l2_scope=none"])
+def test_config_overrides_are_config_flags():
+  args = compare_deepctr.parse_args(
+      ["--config=configs/synthetic.py", "--models=din", "--config.train.num_epochs=2",
+       "--config.model.mlp_dims=(64, 16)"])
+  assert args.models == "din"
+  assert args.overrides == ["--config.train.num_epochs=2", "--config.model.mlp_dims=(64, 16)"]
+  with pytest.raises(SystemExit):
+    compare_deepctr.parse_args(["--config=configs/synthetic.py", "--set", "train.num_epochs=2"])
+  config = common.load_config(
+      os.path.join(REPO, "configs", "synthetic.py"),
+      ["--config.data.synthetic.num_train=4000", "--config.train.num_epochs=2",
+       "--config.model.mlp_dims=(64, 16)", "--config.model.use_dice=True",
+       "--config.train.l2_scope=none"])
   assert config.data.synthetic.num_train == 4000
   assert config.train.num_epochs == 2.0 and isinstance(config.train.num_epochs, float)
   assert tuple(config.model.mlp_dims) == (64, 16)
   assert config.model.use_dice is True and config.train.l2_scope == "none"
-  assert compare_deepctr.train_steps(config, 1000) == 2 * (1000 // config.train.batch_size)
-  with pytest.raises(KeyError, match="unknown config key"):
-    compare_deepctr.load_config(os.path.join(ROOT, "configs", "synthetic.py"),
-                                ["train.no_such_key=1"])
+  with pytest.raises(ValueError, match="unknown config key"):
+    common.load_config(os.path.join(REPO, "configs", "synthetic.py"),
+                       ["--config.train.no_such_key=1"])
+
+
+def test_a_bad_override_is_a_one_line_error():
+  with pytest.raises(SystemExit) as e:
+    compare_deepctr.main(["--config=configs/synthetic.py", "--impls=mian_jax",
+                          "--config.train.l2_scope=everything"])
+  message = str(e.value)
+  assert message.startswith("error: ") and "l2_scope" in message and "\n" not in message
 
 
 def test_missing_peer_python_is_a_one_line_error():

@@ -13,8 +13,8 @@ import pytest
 
 from mian_jax import cli, config_checks, config_defaults, models
 from mian_jax.errors import ConfigError
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every key's repr, per config and argument, recorded from configs/*.py before the defaults
 # moved from configs/common.py to mian_jax/config_defaults.py. A change of a default that is
 # meant is recorded anew with `python -m tests.test_configs` (review the diff).

@@ -1,4 +1,5 @@
-"""launch/diagnose_split.py on a tiny hand-built prepared data set (numbers worked out by hand)."""
+"""mian_jax/diagnose.py and its launcher `python -m launch.diagnose_split` on a tiny hand-built
+prepared data set (numbers worked out by hand)."""
 
 import json
 import os
@@ -10,12 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mian_jax import diagnose
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import DataError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import diagnose_split  # noqa: E402
+from tests.helpers import REPO
 
 SEQ = 6
 # (user, item, label, hist_len); item 1 is the OOV id, item 5 is never a train candidate.
@@ -59,7 +58,7 @@ def _write_predictions(path, scores, labels):
 
 
 def test_cold_shares_and_train_only_baselines(prepared):
-  report = diagnose_split.diagnose(*prepared)
+  report = diagnose.diagnose(*prepared)
   test = report["splits"]["test"]
   assert (test["examples"], test["users"], test["items"]) == (8, 4, 5)
   assert test["positive_rate"] == 0.5
@@ -81,7 +80,7 @@ def test_cold_shares_and_train_only_baselines(prepared):
 
 def test_smoothed_ctr_shrinks_toward_the_train_rate():
   keys, labels = np.array([7, 7, 8]), np.array([1.0, 1.0, 0.0])
-  ctr = diagnose_split.smoothed_ctr(keys, labels, np.array([7, 8, 9]), smoothing=3.0)
+  ctr = diagnose.smoothed_ctr(keys, labels, np.array([7, 8, 9]), smoothing=3.0)
   np.testing.assert_allclose(ctr, [(2 + 2) / 5, (0 + 2) / 4, 2 / 3])
 
 
@@ -89,7 +88,7 @@ def test_predictions_by_subset_and_written_outputs(prepared, tmp_path):
   labels = [row[2] for row in TEST]
   path = str(tmp_path / "perfect.parquet")
   _write_predictions(path, labels, labels)
-  report = diagnose_split.diagnose(*prepared, predictions=[("perfect", path)])
+  report = diagnose.diagnose(*prepared, predictions=[("perfect", path)])
   subsets = report["predictions"]["subsets"]
   assert {k: v["examples"] for k, v in subsets.items()} == {
       "all": 8, "warm user & warm item": 2, "cold user": 4, "cold item": 3}
@@ -101,7 +100,7 @@ def test_predictions_by_subset_and_written_outputs(prepared, tmp_path):
   assert subsets["cold user"]["gauc"]["item CTR"] == pytest.approx(0.5)
   # The warm/warm pair: item 2 (click) above item 3 (no click).
   assert subsets["warm user & warm item"]["auc"]["bias-only (item + user logit)"] == 1.0
-  text = diagnose_split.to_markdown(report)
+  text = diagnose.to_markdown(report)
   assert "| cold-user share | 0.5000 | 0.5000 |" in text
   assert "| warm user & warm item | 2 | 0.5000 | 1.0000 | 1.0000 | 1.0000 |" in text
 
@@ -110,13 +109,13 @@ def test_predictions_file_errors(prepared, tmp_path):
   short = str(tmp_path / "short.parquet")
   _write_predictions(short, np.zeros(7), np.zeros(7))
   with pytest.raises(DataError, match="has 7 rows but the test split has 8 examples"):
-    diagnose_split.diagnose(*prepared, predictions=[("short", short)])
+    diagnose.diagnose(*prepared, predictions=[("short", short)])
   with pytest.raises(DataError, match="predictions file not found"):
-    diagnose_split.diagnose(*prepared, predictions=[("x", str(tmp_path / "none.parquet"))])
+    diagnose.diagnose(*prepared, predictions=[("x", str(tmp_path / "none.parquet"))])
   shuffled = str(tmp_path / "shuffled.parquet")
   _write_predictions(shuffled, np.zeros(8), [1 - row[2] for row in TEST])
   with pytest.raises(DataError, match="labels differ"):
-    diagnose_split.diagnose(*prepared, predictions=[("s", shuffled)])
+    diagnose.diagnose(*prepared, predictions=[("s", shuffled)])
 
 
 def test_command_line_writes_outputs_and_reports_errors_in_one_line(prepared, tmp_path):
@@ -124,7 +123,7 @@ def test_command_line_writes_outputs_and_reports_errors_in_one_line(prepared, tm
   labels = [row[2] for row in TEST]
   path = str(tmp_path / "p.parquet")
   _write_predictions(path, labels, labels)
-  base = [sys.executable, "launch/diagnose_split.py", "--config=configs/synthetic.py",
+  base = [sys.executable, "-m", "launch.diagnose_split", "--config=configs/synthetic.py",
           "--config.data.source=prepared", f"--config.data.prepared_dir={directory}",
           f"--config.data.max_seq_len={SEQ}"]
   ok = subprocess.run([*base, f"--predictions=model={path}", f"--out={tmp_path / 'out'}"],

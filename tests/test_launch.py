@@ -2,33 +2,17 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.test_cli import TINY
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import ablations  # noqa: E402
-import runner  # noqa: E402
-import sweep  # noqa: E402
+from launch import ablations, runner, sweep
+from tests.helpers import REPO, TINY, markdown_rows
 
 # The tiny config as overrides, validated every 2 of 6 steps.
 SWEEP_TINY = [f for f in TINY if not f.startswith("--config.train.eval_every_steps=")] + [
     "--config.train.num_train_steps=6", "--config.train.eval_every_steps=2"]
-
-
-def _table(text):
-  """The rows of the first Markdown table in `text`, checked to be one."""
-  lines = [line for line in text.splitlines() if line.startswith("|")]
-  assert len(lines) >= 3, text
-  width = lines[0].count("|")
-  assert all(line.count("|") - line.count("\\|") == width for line in lines), text
-  assert set(lines[1].replace("|", "").replace("-", "").replace(":", "")) == set(), lines[1]
-  return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
 def test_a_sweep_selects_on_validation_reuses_its_runs_and_refuses_a_changed_config(
@@ -48,7 +32,7 @@ def test_a_sweep_selects_on_validation_reuses_its_runs_and_refuses_a_changed_con
           "test_gauc", "best_step", "oracle_auc"} <= set(results)
   means = results.groupby(["model", "train.learning_rate"]).valid_auc.mean()
   summary = pd.read_csv(out / "summary.csv", index_col="model")
-  rows = {row[0]: row for row in _table((out / "summary.md").read_text())}
+  rows = {row[0]: row for row in markdown_rows((out / "summary.md").read_text())}
   assert set(rows) == {"lr", "wide_deep"}
   for model in ("lr", "wide_deep"):
     best_lr = means[model].idxmax()
@@ -56,7 +40,7 @@ def test_a_sweep_selects_on_validation_reuses_its_runs_and_refuses_a_changed_con
     chosen = results[(results.model == model) & (results["train.learning_rate"] == best_lr)]
     assert rows[model][2] == f"{chosen.valid_auc.mean():.4f} ± {chosen.valid_auc.std():.4f}"
     assert rows[model][3] == f"{chosen.test_auc.mean():.4f} ± {chosen.test_auc.std():.4f}"
-  assert len(_table((out / "grid.md").read_text())) == 4
+  assert len(markdown_rows((out / "grid.md").read_text())) == 4
   assert (out / "summary.png").stat().st_size > 1000
   workdir = out / "lr" / "train.learning_rate=1e-3" / "seed0"
   assert "mian_jax.main" in (workdir / "log.txt").read_text()
@@ -87,7 +71,7 @@ def test_selection_uses_mean_validation_auc_never_test():
   assert summary.loc["mian", "lr"] == "b" and summary.loc["lr", "lr"] == "a"
   assert summary.loc["lr", "delta_test_auc"] == pytest.approx(0.67 - 0.71)
   assert grid.selected.tolist() == [False, True, True, False]
-  assert _table(sweep.summary_markdown(summary, ["lr"], "t"))[0][:4] == [
+  assert markdown_rows(sweep.summary_markdown(summary, ["lr"], "t"))[0][:4] == [
       "mian", "b", "0.8000 ± 0.0000", "0.7100 ± 0.0141"]
 
 
@@ -146,7 +130,7 @@ def test_ablation_summary_is_relative_to_the_first_variant_a_table_and_a_plot(tm
   assert list(summary.index) == ["mian", "w/o IBIM"]
   assert summary.loc["w/o IBIM", "delta_auc"] == pytest.approx(-0.10)
   assert summary.loc["mian", "auc_std"] == pytest.approx(0.01414, abs=1e-4)
-  rows = _table(ablations.summary_markdown(summary))
+  rows = markdown_rows(ablations.summary_markdown(summary))
   assert rows[1][:3] == ["w/o IBIM", "0.7100 ± 0.0141", "-0.1000"]
   ablations.plot(summary, str(tmp_path / "a.png"))
   assert (tmp_path / "a.png").stat().st_size > 1000

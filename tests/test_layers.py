@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 
 from mian_jax.models import layers
+from tests.helpers import np_softmax
 
 INIT = nn.initializers.normal(0.5)  # large enough that every term matters
-
-
-def np_softmax(x, mask=None):
-  x = np.where(mask, x, -np.inf) if mask is not None else x
-  peak = np.max(x, -1, keepdims=True)
-  peak = np.where(np.isfinite(peak), peak, 0)
-  e = np.where(mask, np.exp(x - peak), 0) if mask is not None else np.exp(x - peak)
-  s = e.sum(-1, keepdims=True)
-  return e / np.where(s > 0, s, 1)
 
 
 def np_layer_norm(x, p, eps=1e-6):
@@ -219,4 +211,5 @@ def test_reverse_valid_reverses_each_rows_valid_prefix_and_is_its_own_inverse():
   np.testing.assert_array_equal(out[1], x[1])
   np.testing.assert_array_equal(layers.reverse_valid(jnp.asarray(out), lengths), x)
   ids = jnp.array([[4, 5, 0], [6, 7, 8]])
-  np.testing.assert_array_equal(layers.reverse_valid(ids, jnp.array([2, 3])), [[5, 4, 0], [8, 7, 6]])
+  np.testing.assert_array_equal(layers.reverse_valid(ids, jnp.array([2, 3])),
+                                [[5, 4, 0], [8, 7, 6]])

@@ -7,8 +7,7 @@ import pytest
 from mian_jax import models
 from mian_jax.data import synthetic
 from mian_jax.data.pipeline import gather_batch
-from tests.conftest import tiny_config
-from tests.test_layers import np_softmax
+from tests.helpers import np_softmax, tiny_config
 
 
 def _setup(**overrides):

@@ -7,10 +7,8 @@ import optax
 import pytest
 
 from mian_jax import config_checks, optim, sharding, sparse, steps, train
-from mian_jax.data import pipeline
-from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError
-from tests.conftest import tiny_config
+from tests.helpers import final_params, tiny_config, train_on_devices
 
 LR, B1, B2, EPS = 1e-2, 0.9, 0.999, 1e-8
 
@@ -66,9 +64,7 @@ def _state_and_batch(model_name, optimizer="adam"):
   config = tiny_config(**{"model.name": model_name, "train.optimizer": optimizer})
   mesh = sharding.create_mesh(jax.devices()[:1])
   run = steps.setup(config, mesh)
-  data_dir, schema, state = run.data_dir, run.schema, run.state
-  columns = schema_lib.load_split(data_dir, "train", schema)
-  batch = pipeline.TrainBatches(columns, schema, config.train.batch_size, seed=0).batch(0)
+  state, batch = run.state, run.train_batches().batch(0)
   # Some behaviours repeat the candidate, so one row is reached through both id arrays.
   batch["hist"]["item_id"][:4, 0] = batch["item"]["item_id"][:4]
   return config, state, sharding.to_global(batch, mesh)
@@ -134,7 +130,6 @@ def test_lazy_adam_with_l2_on_all_weights_is_refused():
 
 
 def test_lazy_adam_gives_the_same_result_on_one_and_two_devices():
-  from tests.test_train import train_on_devices  # noqa: PLC0415
   config = tiny_config(**{"train.optimizer": "lazy_adam"})
   final = [jax.device_get(train_on_devices(config, devices, num_steps=3).params["embedding"])
            for devices in (jax.devices()[:1], jax.devices()[:2])]
@@ -147,9 +142,8 @@ def test_a_lazy_adam_run_resumes_exactly(tmp_path):
   train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 8}), straight)
   train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 4}), resumed)
   train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 8}), resumed)
-  from tests.test_train import _final_params  # noqa: PLC0415
-  a, _ = _final_params(tiny_config(**lazy), straight)
-  b, meta = _final_params(tiny_config(**lazy), resumed)
+  a, _ = final_params(tiny_config(**lazy), straight)
+  b, meta = final_params(tiny_config(**lazy), resumed)
   assert meta["step"] == 8
   jax.tree.map(np.testing.assert_array_equal, a, b)
 

@@ -5,33 +5,17 @@ import contextlib
 import io
 import json
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from launch import figure5, figure6, runner, table4
 from mian_jax import recorded_config, writers
-from tests.test_cli import TINY
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import figure5  # noqa: E402
-import figure6  # noqa: E402
-import runner  # noqa: E402
-import table4  # noqa: E402
+from tests.helpers import REPO, TINY, markdown_rows
 
 RUN_TINY = [*TINY, "--config.train.num_train_steps=8"]  # validated at steps 4 and 8
-
-
-def _table(text):
-  """The rows of the first Markdown table in `text`, checked to be one."""
-  lines = [line for line in text.splitlines() if line.startswith("|")]
-  assert len(lines) >= 3, text
-  width = lines[0].count("|")
-  assert all(line.count("|") - line.count("\\|") == width for line in lines), text
-  return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +40,7 @@ def test_table4_runs_the_three_variants_writes_its_table_and_reuses_them(
                             ("no_Transformer", "none")):
     with open(out / slug / "seed0" / "config.json") as f:
       assert json.load(f)["model"]["transformer"] == transformer
-  rows = _table((out / "table4.md").read_text())
+  rows = markdown_rows((out / "table4.md").read_text())
   assert [r[0] for r in rows] == ["1) MIAN (pre-LN Transformer)", "2) post-LN Transformer",
                                   "3) no Transformer"]
   frame = pd.read_csv(out / "table4.csv")
@@ -101,7 +85,7 @@ def test_table4_differences_are_paired_by_seed():
   # post-LN is 0.02 below on seed 0 and 0.01 below on seed 1.
   assert summary.loc["post-LN Transformer", "delta_auc"] == pytest.approx(-0.015)
   assert summary.loc["post-LN Transformer", "delta_auc_std"] == pytest.approx(0.00707, abs=1e-5)
-  rows = _table(table4.table_markdown(summary))
+  rows = markdown_rows(table4.table_markdown(summary))
   assert rows[2][:4] == ["3) no Transformer", "0.8000 ± 0.0000", "0.7300 ± 0.0424",
                          "-0.0900 ± 0.0141"]
 
@@ -133,7 +117,7 @@ def test_figure5_draws_the_curves_of_every_variant_from_metrics_jsonl(tmp_path):
   _fake_run(runs / "mian" / "seed0.changed-20261129-000000", [9.0] * 4, [0.1] * 2)  # ignored
 
   best = figure5.main([f"--runs={runs}"])
-  rows = {r[0]: r for r in _table((runs / "figure5.md").read_text())}
+  rows = {r[0]: r for r in markdown_rows((runs / "figure5.md").read_text())}
   assert list(rows) == ["MIAN (pre-LN Transformer)", "post-LN Transformer", "no Transformer"]
   assert rows["MIAN (pre-LN Transformer)"][1:3] == ["0.9000", "1600"]
   assert rows["MIAN (pre-LN Transformer)"][4] == "1600, 1600, 1600"
@@ -187,7 +171,7 @@ def test_figure6_draws_gim_weights_from_a_trained_run_and_reuses_its_predictions
   path = workdir / "eval" / f"test_predictions_step{best_step}.parquet"
   weights = np.stack(pq.read_table(path).column("attention_gim").to_pylist())
   assert weights.shape == (256, 7) and weights.sum(axis=1) == pytest.approx(1.0, abs=1e-5)
-  rows = _table(text)
+  rows = markdown_rows(text)
   assert [r[0] for r in rows] == ["e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim"]
   sample = figure6.sample_rows(256, 5, 1)
   for k, row in enumerate(rows):

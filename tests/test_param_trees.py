@@ -18,7 +18,7 @@ from flax import traverse_util
 from mian_jax import models
 from mian_jax.data import synthetic
 from mian_jax.data.pipeline import gather_batch
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

@@ -17,8 +17,7 @@ import pytest
 
 from mian_jax import checkpointing, evaluate, train, workdir as workdir_lib, writers
 from mian_jax.errors import ConfigError, DataError, NonFiniteLossError
-from tests.conftest import tiny_config
-from tests.test_cli import REPO, TINY
+from tests.helpers import REPO, TINY, tiny_config
 
 
 def _steps(directory):

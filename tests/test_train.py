@@ -10,19 +10,8 @@ import numpy as np
 import pytest
 
 from mian_jax import checkpointing, sharding, steps, train
-from mian_jax.data import pipeline
-from mian_jax.data import schema as schema_lib
 from mian_jax.errors import NonFiniteLossError
-from tests.conftest import tiny_config
-
-
-def _final_params(config, workdir):
-  mesh = sharding.create_mesh()
-  state = steps.setup(config, mesh).state
-  manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
-  state, meta = checkpointing.restore(manager, state)
-  manager.close()
-  return jax.device_get(state.params), meta
+from tests.helpers import final_params, tiny_config, train_on_devices
 
 
 def test_short_run_learns_the_planted_signal(tmp_path):
@@ -47,25 +36,15 @@ def test_interrupted_and_resumed_run_ends_with_identical_parameters(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 10}), straight)
   train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 6}), resumed)
-  first, meta = _final_params(tiny_config(), resumed)
+  first, meta = final_params(tiny_config(), resumed)
   assert meta["step"] == 6
   train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 10}), resumed)
-  a, meta_a = _final_params(tiny_config(), straight)
-  b, meta_b = _final_params(tiny_config(), resumed)
+  a, meta_a = final_params(tiny_config(), straight)
+  b, meta_b = final_params(tiny_config(), resumed)
   assert meta_a["step"] == meta_b["step"] == 10
   jax.tree.map(np.testing.assert_array_equal, a, b)
   with pytest.raises(AssertionError):
     jax.tree.map(np.testing.assert_array_equal, first, b)
-
-
-def train_on_devices(config, devices, num_steps):
-  """The state after `num_steps` train steps of `config` on a mesh over `devices`."""
-  run = steps.setup(config, sharding.create_mesh(devices))
-  batches, state = run.train_batches(), run.state
-  for step in range(num_steps):
-    state, _ = run.train_step(state, sharding.to_global(batches.batch(step), run.mesh),
-                              jax.random.PRNGKey(1))
-  return state
 
 
 def test_one_and_two_devices_give_the_same_result():
@@ -121,18 +100,14 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
   assert results["test"]["last_step"] == 8
   assert any("damaged" in r.getMessage() for r in caplog.records)
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
-  params, meta = _final_params(tiny_config(), workdir)
+  params, meta = final_params(tiny_config(), workdir)
   assert meta["step"] == 8
 
 
 def test_a_packed_batch_unpacks_exactly_and_trains_like_the_nested_one():
-  config = tiny_config()
-  mesh = sharding.create_mesh()
-  run = steps.setup(config, mesh)
-  data_dir, schema, state = run.data_dir, run.schema, run.state
-  batches = pipeline.TrainBatches(schema_lib.load_split(data_dir, "train", schema), schema,
-                                  config.train.batch_size, seed=0)
-  host = batches.batch(0)
+  run = steps.setup(tiny_config())
+  mesh, state = run.mesh, run.state
+  host = run.train_batches().batch(0)
   packed = sharding.pack_to_global(host, mesh)
   assert isinstance(packed, sharding.PackedBatch) and packed.packed.ndim == 2
   unpacked = jax.device_get(jax.jit(lambda p: p.unpack())(packed))
@@ -143,8 +118,8 @@ def test_a_packed_batch_unpacks_exactly_and_trains_like_the_nested_one():
 
   jax.tree.map(assert_same, host, unpacked)
   assert unpacked["label"].dtype == np.float32 and unpacked["hist"]["item_id"].dtype == np.int32
-  step_fn = steps.make_train_step(config.train, mesh)
   rng = jax.random.PRNGKey(1)
-  _, nested_metrics = step_fn(jax.tree.map(jnp.copy, state), sharding.to_global(host, mesh), rng)
-  _, packed_metrics = step_fn(state, packed, rng)
+  _, nested_metrics = run.train_step(jax.tree.map(jnp.copy, state), sharding.to_global(host, mesh),
+                                     rng)
+  _, packed_metrics = run.train_step(state, packed, rng)
   assert float(nested_metrics["loss"]) == float(packed_metrics["loss"])

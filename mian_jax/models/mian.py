@@ -17,8 +17,9 @@ from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
 from mian_jax.models.din import candidate_query
 
-# The paper's literal reading of the switches whose defaults (mian_jax/config_defaults.py) depart from the
-# text, each departure chosen on validation data (docs/model.md, "Departures from the text").
+# The paper's literal reading of the switches whose defaults (mian_jax/config_defaults.py) depart
+# from the text, each departure chosen on validation data (docs/model.md, "Departures from the
+# text").
 PAPER_LITERAL = {
     "interaction_values": "concat",  # eqs. 6, 10, 12 pool [e_i; x] only
     "gim_behavior": "concat",  # eq. 14 concatenates all T behaviours into r_g

@@ -1,0 +1,209 @@
+"""What the benchmarks share: synthetic Amazon-sized arrays, configs with --config.* overrides,
+the model / state / step set-up on arrays in memory, and the DeepCTR-Torch peer subprocess.
+
+A benchmark that trains on a prepared data directory uses `mian_jax.steps.setup`; one that
+measures on arrays it draws itself (throughput, ab_step, profile_step, roofline) uses
+`setup_arrays`, the same pieces (`steps.create_train_state`, `steps.make_train_step`,
+`steps.make_eval_step`) without a data directory. Results are appended with
+`mian_jax.writers.append_jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (items, categories, users): Amazon 5-core sizes of Table 1 of the paper; "tiny": smoke tests.
+VOCABS = {"electronics": (63_001, 801, 192_403), "books": (367_982, 1_600, 603_668),
+          "tiny": (500, 20, 300)}
+NUM_EXAMPLES = 65_536  # rows of the synthetic arrays batches are drawn from
+MAX_SEQ_LEN = 30
+OPTIMIZERS = ("adam", "lazy_adam")
+PEER_MODULE = "benchmarks.deepctr_peer"  # run by the peer's python, from the repository root
+DEFAULT_PEER_PYTHON = os.environ.get("MIAN_JAX_PEER_PYTHON", ".venv-torch/bin/python")
+
+
+# ----------------------------------------------------------------------------- data and configs
+
+
+def make_data(vocab: str, seed: int = 0, num_examples: int = NUM_EXAMPLES):
+  """Random prepared-format columns with Amazon-sized vocabularies (VOCABS[vocab]), 30
+  behaviours per example; returns (schema, columns)."""
+  from mian_jax.data import schema as schema_lib  # noqa: PLC0415 - jax only when measuring
+  items, categories, users = VOCABS[vocab]
+  reserved = schema_lib.NUM_RESERVED_IDS
+  cat = lambda name, n: schema_lib.Field(name, "categorical", n + reserved)  # noqa: E731
+  features = schema_lib.FeatureSpec(
+      item_fields=(cat("item_id", items), cat("category", categories)),
+      behavior_fields=("item_id", "category"),
+      user_fields=(cat("user_id", users), cat("activity", 8)),
+      context_fields=(cat("month", 12), cat("weekday", 7), cat("gap", 6)),
+      max_seq_len=MAX_SEQ_LEN)
+  n = num_examples
+  schema = schema_lib.Schema(features, (("train", n), ("valid", n), ("test", n)))
+  rng = np.random.default_rng(seed)
+  ids = lambda size, shape: (rng.integers(0, size, shape) + reserved).astype(np.int32)  # noqa
+  lengths = rng.integers(1, MAX_SEQ_LEN + 1, n).astype(np.int32)
+  valid = np.arange(MAX_SEQ_LEN)[None] < lengths[:, None]
+  columns = {"item.item_id": ids(items, n), "item.category": ids(categories, n),
+             "hist.item_id": np.where(valid, ids(items, (n, MAX_SEQ_LEN)), 0).astype(np.int32),
+             "hist.category": np.where(valid, ids(categories, (n, MAX_SEQ_LEN)), 0
+                                       ).astype(np.int32),
+             "hist_len": lengths, "user.user_id": ids(users, n), "user.activity": ids(8, n),
+             "context.month": ids(12, n), "context.weekday": ids(7, n), "context.gap": ids(6, n),
+             "label": rng.integers(0, 2, n).astype(np.float32),
+             "group_id": rng.integers(0, users, n).astype(np.int64)}
+  schema_lib.validate_columns(schema, "train", columns)
+  return schema, columns
+
+
+def make_config(model_name: str, batch_size: int, optimizer: str = "adam") -> ConfigDict:
+  """mian_jax/config_defaults.py's base config (§4.3 settings) for one model, batch size and
+  optimizer."""
+  from mian_jax import config_defaults  # noqa: PLC0415
+  config = config_defaults.get_base_config()
+  config.model.name = model_name
+  config.train.batch_size = batch_size
+  config.train.optimizer = optimizer
+  return config
+
+
+def load_config(config: str | ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
+  """A config file ("configs/<x>.py[:arg]") or a ConfigDict with `--config.<key>=<value>`
+  overrides applied as `python -m mian_jax.main` applies them (ml_collections, locked: an
+  unknown key or a value of another type is an error), then checked (`config_checks`).
+
+  Raises:
+    ValueError: a flag that is no config override, an unknown key, a bad value, a config file
+      that does not load, or a config that config_checks rejects; the message is one line.
+  """
+  from mian_jax import config_checks  # noqa: PLC0415
+  for flag in overrides:
+    if not flag.startswith("--config.") or "=" not in flag:
+      raise ValueError(f"{flag!r} is not a config override (--config.<key>=<value>)")
+  is_file = isinstance(config, str)
+  argv = ["benchmark", *([f"--config={config}"] if is_file else []), *overrides]
+  flag_values = flags.FlagValues()
+  try:
+    if is_file:
+      config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
+                                      lock_config=True, sys_argv=argv)
+    else:
+      config_flags.DEFINE_config_dict("config", config.copy_and_resolve_references(),
+                                      flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    loaded = flag_values.config
+    config_checks.check_config(loaded)
+  except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError,
+          SyntaxError) as e:
+    raise ValueError(_one_line(e)) from None
+  return loaded
+
+
+def _one_line(e: BaseException) -> str:
+  while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]  # ml_collections wraps a missing key's KeyError
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  text = " ".join(text.split())
+  return f"unknown config key {text}" if isinstance(e, KeyError) else text
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraysRun:
+  """What `setup_arrays` builds: `steps.Run`'s model, state and steps, on arrays in memory.
+
+  Attributes:
+    mesh: the 1-D "data" mesh.
+    model: the Flax module.
+    state: a fresh replicated train state, initialised from `train.seed`.
+    train_step: jitted (state, batch, rng) -> (state, metrics); donates state.
+    eval_step: jitted (state, batch) -> {"prob": [B]}.
+    batches: the training batches of the arrays, in the order of `train.seed`.
+    sample: the first batch on the device (the one the state was initialised with).
+  """
+
+  mesh: Any
+  model: Any
+  state: Any
+  train_step: Callable
+  eval_step: Callable
+  batches: Any
+  sample: Any
+
+
+def setup_arrays(config: ConfigDict, schema, columns, mesh=None) -> ArraysRun:
+  """The model, a fresh state and the jitted steps of `config` for columns in memory (those of
+  `make_data` or of a directory read whole); `mesh` default: every device."""
+  import jax  # noqa: PLC0415
+
+  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
+  from mian_jax.data import pipeline  # noqa: PLC0415
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  model = models.create_model(config.model, schema.features)
+  batches = pipeline.TrainBatches(columns, schema, config.train.batch_size,
+                                  seed=config.train.seed)
+  sample = sharding.to_global(batches.batch(0), mesh)
+  state = steps.create_train_state(model, optim.create_optimizer(config.train), sample,
+                                   jax.random.PRNGKey(config.train.seed), mesh)
+  return ArraysRun(mesh=mesh, model=model, state=state,
+                   train_step=steps.make_train_step(config.train, mesh),
+                   eval_step=steps.make_eval_step(mesh), batches=batches, sample=sample)
+
+
+# ----------------------------------------------------------------------------- the peer
+
+
+def check_peer_python(peer_python: str) -> None:
+  """Exits with how to create it when `peer_python` is not an executable."""
+  if not (os.path.isfile(peer_python) and os.access(peer_python, os.X_OK)):
+    sys.exit(f"error: --peer_python={peer_python} not found; create it with: python3 -m "
+             "venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 "
+             "deepctr-torch requests")
+
+
+def peer_hparams(config: ConfigDict, l2: dict[str, float]) -> dict[str, Any]:
+  """The hyper-parameters of `config` the peer builds and trains its model with, L2 included
+  (`compare_deepctr.peer_l2`)."""
+  m, t = config.model, config.train
+  return {"embed_dim": m.embed_dim, "mlp_dims": list(m.mlp_dims),
+          "attention_mlp_dims": list(m.attention_mlp_dims), "use_dice": m.use_dice,
+          "dropout_rate": m.dropout_rate, "init_std": m.init_std,
+          "batch_size": t.batch_size, "learning_rate": t.learning_rate,
+          "adam_b1": t.adam_b1, "adam_b2": t.adam_b2, "adam_eps": t.adam_eps, **l2}
+
+
+def run_peer(request: dict, peer_python: str, timeout: float) -> dict:
+  """Runs benchmarks/deepctr_peer.py on `request` with `peer_python` (from the repository root,
+  its paths made absolute); returns its result row. RuntimeError with stderr's last line if it
+  fails."""
+  request = {**request, **{k: os.path.abspath(request[k]) for k in ("data_dir", "out_dir")
+                           if k in request}}
+  with tempfile.TemporaryDirectory(prefix="deepctr-peer-") as tmp:
+    path = os.path.join(tmp, "request.json")
+    with open(path, "w") as f:
+      json.dump(request, f)
+    if os.sep in peer_python:  # a path, given relative to where the benchmark was started
+      peer_python = os.path.abspath(peer_python)
+    proc = subprocess.run([peer_python, "-m", PEER_MODULE, f"--request={path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+  lines = [x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT ")]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+    raise RuntimeError(f"DeepCTR-Torch peer failed ({request['model']}, seed {request['seed']}, "
+                       f"batch {request['hparams']['batch_size']}, exit {proc.returncode}): "
+                       f"{tail}")
+  return json.loads(lines[-1][len("PEER_RESULT "):])
