@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from mian_jax import data as data_lib
 from mian_jax.data import pipeline, synthetic
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _prepare(tmp_path, **overrides):
@@ -166,7 +167,8 @@ def test_a_prepared_directory_of_an_older_format_says_how_to_prepare_again(tmp_p
   content["format_version"] = 1
   with open(path, "w") as f:
     json.dump(content, f)
-  with pytest.raises(DataError, match="format_version 1 .*newest first.*mian_jax.data.prepare") as e:
+  with pytest.raises(DataError,
+                     match="format_version 1 .*newest first.*mian_jax.data.prepare") as e:
     schema_lib.read_schema(directory)
   assert "\n" not in str(e.value)
 
@@ -235,7 +237,9 @@ def test_a_dead_preparations_temporary_directory_is_removed(tmp_path):
       for path in (d / "train", d):
         os.utime(path, (two_hours_ago, two_hours_ago))
   splits = {s: schema_lib.load_split(source, s, schema) for s in schema_lib.SPLITS}
-  schema_lib.write_prepared(target, schema, splits)
+  copy_vocab = lambda tmp: shutil.copytree(os.path.join(source, "vocab"),  # noqa: E731
+                                           os.path.join(tmp, "vocab"))
+  schema_lib.write_prepared(target, schema, splits, write_vocabularies=copy_vocab)
   assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".tmp-")) == sorted(
       [live.name, fresh.name])
   assert schema_lib.dataset_checksum(target) == schema_lib.dataset_checksum(source)

@@ -20,6 +20,9 @@ All three write the same fields:
   context.year, .month, .weekday        of the review being predicted (UTC)
   context.gap                           bucketed days since the user's previous review
 
+The maps behind these ids, the bucket edges and each asin's category are kept in the prepared
+directory's vocab/ (`vocabularies`, vocab.py).
+
 Every feature of an example is computed from the target review and the user's earlier reviews
 only (no future leakage); negatives share the positive's user and context features. Of repeated
 reviews of one item by one reviewer only the earliest is kept (`data.drop_duplicate_reviews`,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import gzip
 import io
 import json
@@ -39,6 +43,7 @@ import time
 import zlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -46,7 +51,7 @@ from ml_collections import ConfigDict
 
 from mian_jax.data import download as download_lib
 from mian_jax.data import schema as schema_lib
-from mian_jax.data import timestamps
+from mian_jax.data import timestamps, vocab
 from mian_jax.errors import ConfigError, DataError
 
 SNAP_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
@@ -355,8 +360,9 @@ class Reviews:
   user [R] in [0, U), item [R] in [0, I), time [R] seconds; item_category [I] in [0, C);
   start [U] first row of each user; count [U] reviews of each user; pos [R] rank of the review
   within its user (0 = oldest). Ids are ranks of the sorted reviewerID / asin / category
-  strings (as DIN's remap), so they do not depend on the file order; user_keys [U] and
-  item_keys [I] hold those sorted strings (the reviewerID / asin of each id).
+  strings (as DIN's remap), so they do not depend on the file order; user_keys [U],
+  item_keys [I] and category_keys [C] hold those sorted strings (the reviewerID / asin /
+  category of each id).
   """
   user: np.ndarray
   item: np.ndarray
@@ -370,6 +376,7 @@ class Reviews:
   num_categories: int
   user_keys: np.ndarray | None = None
   item_keys: np.ndarray | None = None
+  category_keys: np.ndarray | None = None
 
 
 def _dense_ranks(keys: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, int]:
@@ -412,7 +419,7 @@ def join_reviews(raw: RawReviews, categories: list[str | None]) -> tuple[Reviews
   start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
   pos = np.arange(len(user), dtype=np.int64) - start[user]
   return Reviews(user, item, when, item_category, start, count, pos, num_users, num_items,
-                 len(cat_names), user_keys, item_keys), dropped
+                 len(cat_names), user_keys, item_keys, cat_names), dropped
 
 
 # ----------------------------------------------------------------------------- negatives
@@ -581,6 +588,46 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
   }
 
 
+def vocabularies(reviews: Reviews, years: np.ndarray, protocol: str) -> dict[str, Any]:
+  """The keyword arguments of `vocab.write_vocabularies` for prepared Amazon data: the maps of
+  reviewerID, asin, category and calendar values, the encoders of the bucketed fields, and each
+  asin's category."""
+  review_time = "unixReviewTime (seconds)"
+  category_rule = ("last element of the first category path" if protocol == "dien"
+                   else "last element of the last category path")
+  return {
+      "vocabularies": {
+          "item.item_id": reviews.item_keys.tolist(),
+          "item.category": reviews.category_keys.tolist(),
+          "user.user_id": reviews.user_keys.tolist(),
+          "context.year": [str(y) for y in years],
+          "context.month": [str(m) for m in range(1, 13)],
+          "context.weekday": [str(d) for d in range(7)],
+      },
+      "encoders": {
+          "item.category": {"kind": "rule", "of": "the asin's metadata 'categories'",
+                            "rule": category_rule},
+          "user.activity": {"kind": "buckets", "edges": ACTIVITY_EDGES.tolist(),
+                            "first_id": schema_lib.NUM_RESERVED_IDS,
+                            "of": "the number of the reviewer's earlier reviews"},
+          "context.gap": {"kind": "buckets", "edges": GAP_EDGES_DAYS.tolist(),
+                          "missing_bucket": NO_PREVIOUS_GAP,
+                          "first_id": schema_lib.NUM_RESERVED_IDS,
+                          "of": "whole days (floor) since the reviewer's previous review; "
+                                "missing for the first review"},
+          "context.year": {"kind": "calendar", "unit": "year", "of": review_time},
+          "context.month": {"kind": "calendar", "unit": "month", "of": review_time},
+          "context.weekday": {"kind": "calendar", "unit": "weekday", "of": review_time},
+      },
+      "lookups": {"item.item_id": {
+          "keys": reviews.item_keys.tolist(),
+          "item.category": reviews.category_keys[reviews.item_category].tolist()}},
+      "note": ("amazon: user_id, item_id and category map the reviewerID, asin and category "
+               "strings of all kept reviews (every split), sorted; lookup.item.item_id gives "
+               "each asin's category"),
+  }
+
+
 def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
                 sizes: Mapping[str, int], source: str,
                 extra_columns: tuple[str, ...] = ()) -> schema_lib.Schema:
@@ -716,8 +763,11 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
       "positive_rate": {s: float(splits[s]["label"].mean()) for s in schema_lib.SPLITS},
       "raw_files": [reviews_path, meta_path],
   })
+  write_vocabularies = functools.partial(vocab.write_vocabularies,
+                                         **vocabularies(reviews, years, protocol))
   stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
-                                                extra_files={"stats.json": stats})
+                                                extra_files={"stats.json": stats},
+                                                write_vocabularies=write_vocabularies)
   logging.info("amazon: prepared %s in %.1fs: %d users, %d items, %d categories, samples %s, "
                "bad rows %s, repeated reviews dropped %d", directory, time.time() - started,
                reviews.num_users, reviews.num_items, reviews.num_categories, sizes,

@@ -16,6 +16,7 @@ and padded with id 0.
 
 Vocabularies of categorical fields are built from the training split only (candidate values, plus
 behaviour values from list columns); values unseen there, and missing values, map to OOV id 1.
+They are returned for `vocab.write_vocabularies`, so the prepared directory keeps them.
 Numeric fields are standardised with the training split's mean and standard deviation.
 Everything is vectorised (numpy/pandas); there is no per-row Python loop.
 """
@@ -324,7 +325,9 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
 
   Returns:
     (schema, {split: columns}, info) with columns in the order (timestamp, user, log row) and
-    info holding the vocabularies' sizes and numeric statistics.
+    info holding the vocabularies' sizes ("vocab_sizes"), numeric statistics ("numeric"), the
+    vocabularies ("vocabularies": column -> values in id order from 2) and the numeric fields'
+    standardise encoders ("encoders"), the last two for `vocab.write_vocabularies`.
   """
   n = len(log)
   if n == 0:
@@ -353,7 +356,7 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
     flat_train = train[flat_rows]
 
   columns: dict[str, np.ndarray] = {}
-  info: dict[str, Any] = {"vocab_sizes": {}, "numeric": {}}
+  info: dict[str, Any] = {"vocab_sizes": {}, "numeric": {}, "vocabularies": {}, "encoders": {}}
   fields: dict[str, tuple[schema_lib.Field, ...]] = {}
   for group, group_fields in (("item", spec.item_fields), ("user", spec.user_fields),
                               ("context", spec.context_fields)):
@@ -372,6 +375,7 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
         if size <= schema_lib.NUM_RESERVED_IDS:
           raise DataError(f"{source}: field {col!r} has no values in the training split")
         info["vocab_sizes"][col] = size
+        info["vocabularies"][col] = vocab
         made.append(schema_lib.Field(name, "categorical", size))
         if group == "item" and name in spec.behavior_fields:
           source_ids = ids if lists is None else encode(_as_tokens(lists.flat[name]), vocab)
@@ -385,6 +389,8 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
         columns[col], mean, std = standardise(values, train,
                                               f"{source}: numeric field {col!r}", describe_row)
         info["numeric"][col] = {"mean": mean, "std": std}
+        info["encoders"][col] = {"kind": "standardise", "of": f"the value of {name}",
+                                 "mean": mean, "std": std}
         made.append(schema_lib.Field(name, "numeric"))
     fields[group] = tuple(made)
   columns["hist_len"] = hist_len
@@ -413,14 +419,17 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
 
 def write_with_stats(directory: str, schema: schema_lib.Schema,
                      splits: Mapping[str, Mapping[str, np.ndarray]],
-                     stats: Mapping[str, Any]) -> dict[str, Any]:
-  """Adds num_samples, positive rates and the checksum to `stats`; writes everything atomically."""
+                     stats: Mapping[str, Any],
+                     write_vocabularies: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Adds num_samples, positive rates and the checksum to `stats`; writes everything (with the
+  vocabularies, see schema.write_prepared) atomically."""
   stats = dict(stats)
   stats["num_samples"] = {s: schema.size(s) for s in schema_lib.SPLITS}
   stats["positive_rate"] = {s: float(splits[s]["label"].mean()) if schema.size(s) else None
                             for s in schema_lib.SPLITS}
   stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
-                                                extra_files={"stats.json": stats})
+                                                extra_files={"stats.json": stats},
+                                                write_vocabularies=write_vocabularies)
   return stats
 
 

@@ -32,6 +32,8 @@ popularity, embeddings) comes from the evaluation period. Behaviours of a valid/
 include the user's earlier training-period ratings (the past), never later ones. User profiles
 are static in MovieLens, so user fields carry no future information. Vocabularies come from the
 training split only; unseen values (e.g. movies first rated in the test period) map to OOV id 1.
+They, the encoders of the derived fields (`encoders`) and every user's and movie's raw attributes
+are kept in the prepared directory's vocab/ (vocab.py).
 
 Malformed lines (wrong field count, non-integer ids, ratings outside 1..5, unknown users or
 movies, duplicate ids, timestamps that are not Unix seconds of 1970..2099, e.g. milliseconds)
@@ -41,13 +43,14 @@ data.max_bad_row_ratio the preparation fails with a DataError.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict
 
-from mian_jax.data import logs, timestamps
+from mian_jax.data import logs, timestamps, vocab
 from mian_jax.errors import DataError
 
 ENV_VAR = "MIAN_JAX_MOVIELENS_DIR"
@@ -151,8 +154,13 @@ def _read_1m(raw_dir: str, bad: logs.BadRows):
   return ratings, "ratings.dat", users, "users.dat", movies, "movies.dat"
 
 
-def read_log(data_config: ConfigDict, bad: logs.BadRows) -> pd.DataFrame:
-  """Reads and joins the raw files into a log (see logs.py), one row per valid rating."""
+def read_log(data_config: ConfigDict, bad: logs.BadRows) -> tuple[pd.DataFrame, dict]:
+  """Reads and joins the raw files into a log (see logs.py), one row per valid rating.
+
+  Returns:
+    (log, lookups): lookups are the raw profile of every user and the raw genre and release
+    year of every movie of the files, for `vocab.write_vocabularies`.
+  """
   c = data_config.movielens
   raw_dir = resolve_raw_dir(data_config)
   reader = _read_100k if c.variant == "100k" else _read_1m
@@ -184,7 +192,20 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows) -> pd.DataFrame:
               validate="many_to_one")
   when = pd.to_datetime(r["timestamp"], unit="s", utc=True)
   strip = lambda s: s.astype(str).str.strip()  # noqa: E731
-  return pd.DataFrame({
+  lookups = {
+      "user.user_id": {
+          "keys": users["user"].to_numpy(),
+          # The raw age (100K, bucketed by the encoder) or the age-group code (1M).
+          "user.age_group": users["age" if c.variant == "100k" else "age_group"].to_numpy(),
+          "user.gender": strip(users["gender"]).to_numpy(),
+          "user.occupation": strip(users["occupation"]).to_numpy(),
+          "user.zip_prefix": strip(users["zip"]).to_numpy()},
+      "item.movie_id": {
+          "keys": movies["movie"].to_numpy(),
+          "item.genre": movies["genre"].to_numpy(),
+          "item.release_year": [None if np.isnan(y) else int(y) for y in movies["year"]]},
+  }
+  log = pd.DataFrame({
       "user": r["user"].to_numpy(),
       "timestamp": r["timestamp"].to_numpy(np.int64),
       "label": (r["rating"] >= c.click_threshold).to_numpy(np.float32),
@@ -203,13 +224,46 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows) -> pd.DataFrame:
       "context.time_since_last": gap_bucket(
           logs.previous_time_gap(r["user"].to_numpy(), r["timestamp"].to_numpy())),
   })
+  return log, lookups
+
+
+def encoders(data_config: ConfigDict) -> dict[str, dict]:
+  """How the derived fields come from raw quantities (vocab.py's encoders)."""
+  c = data_config.movielens
+  seconds = "the rating's Unix timestamp (seconds)"
+  out = {
+      "item.genre": {"kind": "rule", "of": "the movie's genres",
+                     "rule": "the first listed genre (100K: first flag in u.genre order; 1M: "
+                             "first of the list); 'unknown' if none"},
+      "item.release_year": {"kind": "year_span", "width": 5, "missing": "unknown",
+                            "of": "the release year (100K: of the release date; 1M: the "
+                                  "'(year)' ending the title)"},
+      "user.zip_prefix": {"kind": "prefix", "length": c.zip_prefix_len, "of": "the zip code"},
+      "context.hour": {"kind": "calendar", "unit": "hour", "of": seconds},
+      "context.weekday": {"kind": "calendar", "unit": "weekday", "of": seconds},
+      "context.month": {"kind": "calendar", "unit": "month", "of": seconds},
+      "context.time_since_last": {
+          "kind": "buckets", "edges": list(GAP_BOUNDS), "names": list(GAP_NAMES),
+          "missing": "none",
+          "of": "seconds since the user's previous (strictly earlier) rating"},
+  }
+  if c.variant == "100k":
+    out["user.age_group"] = {"kind": "buckets", "edges": list(AGE_GROUPS[1:]),
+                             "names": [str(a) for a in AGE_GROUPS], "of": "the age in years"}
+  return out
 
 
 def generate(data_config: ConfigDict):
   """Returns (schema, {split: columns}, stats) for the MovieLens settings in `data_config`."""
+  return generate_with_vocabularies(data_config)[:3]
+
+
+def generate_with_vocabularies(data_config: ConfigDict):
+  """Returns (schema, {split: columns}, stats, write_vocabularies), the last for
+  `schema.write_prepared`: the vocabularies (training split), encoders and lookups."""
   c = data_config.movielens
   bad = logs.BadRows(data_config.max_bad_row_ratio)
-  log = read_log(data_config, bad)
+  log, lookups = read_log(data_config, bad)
   spec = logs.LogSpec(max_seq_len=data_config.max_seq_len, **SPEC_FIELDS)
   source = (f"movielens-{c.variant}(click=rating>={c.click_threshold}, global time split "
             f"valid={c.valid_fraction}, test={c.test_fraction})")
@@ -232,10 +286,16 @@ def generate(data_config: ConfigDict):
                      if (log["split"] == i).any()},
       "bad_rows": bad.summary(),
   }
-  return schema, splits, stats
+  write_vocabularies = functools.partial(
+      vocab.write_vocabularies, vocabularies=info["vocabularies"],
+      encoders=encoders(data_config), lookups=lookups,
+      note=(f"movielens-{c.variant}: user_id and movie_id are the ids of the raw files; the "
+            "lookups give each user's profile and each movie's genre and release year as "
+            "read from them"))
+  return schema, splits, stats, write_vocabularies
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Reads the raw MovieLens files and writes the prepared data (atomically) to `directory`."""
-  schema, splits, stats = generate(data_config)
-  logs.write_with_stats(directory, schema, splits, stats)
+  schema, splits, stats, write_vocabularies = generate_with_vocabularies(data_config)
+  logs.write_with_stats(directory, schema, splits, stats, write_vocabularies)

@@ -2,10 +2,12 @@
 
 A prepared data set is a directory:
 
-  schema.json                 the field groups of §3.1, vocabularies, sizes
+  schema.json                 the field groups of §3.1, vocabulary sizes, example counts
   train/<column>.npy          one NumPy array per column (no pickle), mmap-able
   valid/<column>.npy
   test/<column>.npy
+  vocab/                      the raw-value -> id maps and encoders of the fields (vocab.py);
+                              absent in directories prepared before they were saved
 
 Columns of every split (N examples, T = max_seq_len):
 
@@ -36,7 +38,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,7 @@ PAD_ID = 0
 OOV_ID = 1
 NUM_RESERVED_IDS = 2
 GROUPS = ("item", "user", "context")
+VOCAB_DIR = "vocab"  # the vocabularies and encoders of the fields (vocab.py)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 # Data are written to a temporary sibling `.tmp-<name>-<host>-<pid>-<random>` first. One whose
 # owner died is removed by the next preparation in that parent directory: at once if the owner ran
@@ -202,7 +205,8 @@ def read_schema(directory: str) -> Schema:
 
 def write_prepared(directory: str, schema: Schema,
                    splits: Mapping[str, Mapping[str, np.ndarray]],
-                   extra_files: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+                   extra_files: Mapping[str, Mapping[str, Any]] | None = None,
+                   write_vocabularies: Callable[[str], None] | None = None) -> str:
   """Writes a prepared data set atomically: it appears complete under `directory` or not at all.
 
   Args:
@@ -211,6 +215,8 @@ def write_prepared(directory: str, schema: Schema,
     splits: split -> column -> array, with exactly the columns of `schema.columns()`.
     extra_files: optional file name -> JSON-able dict written beside schema.json. "stats.json"
       is always written, with the key "checksum" set to `dataset_checksum` of the result.
+    write_vocabularies: called with the temporary directory before the checksum is taken, to
+      write its vocab/ folder (e.g. a `functools.partial` of `vocab.write_vocabularies`).
 
   Returns:
     The data set's checksum.
@@ -229,6 +235,8 @@ def write_prepared(directory: str, schema: Schema,
                 allow_pickle=False)
     with open(os.path.join(tmp, "schema.json"), "w") as f:
       json.dump(schema.to_json(), f, indent=2)
+    if write_vocabularies is not None:
+      write_vocabularies(tmp)
     checksum = dataset_checksum(tmp)
     files = dict(extra_files or {})
     files["stats.json"] = {**files.get("stats.json", {}), "checksum": checksum}
@@ -320,15 +328,20 @@ def discard(directory: str) -> None:
 
 
 def dataset_checksum(directory: str) -> str:
-  """sha256 over schema.json and every column file of every split, in a fixed order.
+  """sha256 over schema.json, every column file of every split and every file under vocab/,
+  in a fixed order.
 
-  Two preparations with the same checksum hold byte-identical training data.
+  Two preparations with the same checksum hold byte-identical training data and vocabularies.
+  A directory without vocab/ (prepared before vocabularies were saved) keeps its old checksum.
   """
   digest = hashlib.sha256()
   paths = [os.path.join(directory, "schema.json")]
   for split in SPLITS:
     split_dir = os.path.join(directory, split)
     paths += [os.path.join(split_dir, name) for name in sorted(os.listdir(split_dir))]
+  vocab_dir = os.path.join(directory, VOCAB_DIR)
+  if os.path.isdir(vocab_dir):
+    paths += [os.path.join(vocab_dir, name) for name in sorted(os.listdir(vocab_dir))]
   for path in paths:
     digest.update(os.path.relpath(path, directory).encode())
     with open(path, "rb") as f:

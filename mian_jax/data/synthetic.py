@@ -15,19 +15,22 @@ the candidate to the behaviours. Recent behaviours come from the user's current 
 ones from old interests. In (b) and (c) *which* field matters depends on the candidate: each
 category is tied to one of the user fields (gender, age group, occupation) and one of the context
 fields (season, hour, weekday), so a model must select fields per candidate (what IUIM's and
-ICIM's attention of eqs. 10-13 is for), not just learn one fixed field's interaction. (d): a share of users are inactive: their history is either short
-(possibly empty) or stale, i.e. entirely old; a stale history is irrelevant to today's clicks
-(term (a) is 0), and only the context field `days_since_last` (bucketed time since the last
-behaviour) tells stale users apart. Half of all candidates are random items, mostly unrelated to
-any behaviour.
+ICIM's attention of eqs. 10-13 is for), not just learn one fixed field's interaction. (d): a
+share of users are inactive: their history is either short (possibly empty) or stale, i.e.
+entirely old; a stale history is irrelevant to today's clicks (term (a) is 0), and only the
+context field `days_since_last` (bucketed time since the last behaviour) tells stale users apart.
+Half of all candidates are random items, mostly unrelated to any behaviour.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from ml_collections import ConfigDict
 
 from mian_jax.data import schema as schema_lib
+from mian_jax.data import vocab
 from mian_jax.errors import ConfigError
 
 # Sizes of the profile and context vocabularies (values, before the two reserved ids).
@@ -217,6 +220,15 @@ def generate(c: ConfigDict, max_seq_len: int):
   return make_schema(c, max_seq_len), splits
 
 
+def identity_vocabularies(schema: schema_lib.Schema) -> dict[str, list[str]]:
+  """Synthetic values have no names: the raw value of a field is the generator's 0-based index
+  k, written "k", and its id is k + 2. These maps record exactly that (for every field)."""
+  f = schema.features
+  return {f"{group}.{x.name}": [str(k) for k in range(x.vocab_size - schema_lib.NUM_RESERVED_IDS)]
+          for group, fields in (("item", f.item_fields), ("user", f.user_fields),
+                                ("context", f.context_fields)) for x in fields}
+
+
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Generates the synthetic data set and writes it (atomically) to `directory`."""
   schema, splits = generate(data_config.synthetic, data_config.max_seq_len)
@@ -225,4 +237,9 @@ def prepare(data_config: ConfigDict, directory: str) -> None:
       "num_samples": {s: schema.size(s) for s in schema_lib.SPLITS},
       "positive_rate": {s: float(splits[s]["label"].mean()) for s in schema_lib.SPLITS},
   }
-  schema_lib.write_prepared(directory, schema, splits, extra_files={"stats.json": stats})
+  write_vocabularies = functools.partial(
+      vocab.write_vocabularies, vocabularies=identity_vocabularies(schema),
+      note="synthetic: no raw values; a field's raw value is the generator's 0-based index k "
+           "(\"k\"), its id k + 2 (identity maps)")
+  schema_lib.write_prepared(directory, schema, splits, extra_files={"stats.json": stats},
+                            write_vocabularies=write_vocabularies)

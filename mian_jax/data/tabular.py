@@ -28,11 +28,18 @@ missing or empty file, a numeric value too large to standardise: DataError.
 
 CSV columns are read as strings (ids such as "00194" and "194" stay distinct); a UTF-8
 byte-order mark before the header is dropped.
+
+`python -m mian_jax.predict` reads the records it scores with the same pieces: `read_records`
+(one file, read and checked like a file of the log, the label optional) and `history_indices`
+(the behaviours, built as `logs.build_examples` builds them).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
+import json
 import os
 
 import numpy as np
@@ -43,7 +50,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from ml_collections import ConfigDict
 
-from mian_jax.data import logs
+from mian_jax.data import logs, vocab
 from mian_jax.errors import DataError
 
 _TRUE = ("1", "1.0", "true", "True", "TRUE")
@@ -76,7 +83,7 @@ class CsvLines:
                       else self._scan())
     return int(self._starts[record - 1]) if record <= len(self._starts) else record
 
-  def rows(self, records: np.ndarray) -> "_RowLines":
+  def rows(self, records: np.ndarray) -> _RowLines:
     """Indexable: the file line of row i, whose record number is records[i]."""
     return _RowLines(self, records)
 
@@ -111,18 +118,24 @@ class _RowLines:
     return self.lines.line(int(self.records[i]))
 
 
-def read_table(path: str, c: ConfigDict, bad: logs.BadRows):
-  """Reads one CSV (all columns as strings) or Parquet file; counts CSV lines with too many or
-  too few fields as malformed.
+def read_table(path: str, c: ConfigDict, bad: logs.BadRows, fmt: str | None = None):
+  """Reads one CSV (all columns as strings), Parquet or JSON-lines file; counts CSV lines with
+  too many or too few fields, and JSON lines that are not an object, as malformed.
+
+  Args:
+    fmt: "csv", "parquet" or "jsonl"; default: by `c.format` (auto: by the file's extension).
 
   Returns:
-    (table, lines): lines[i] is the file line of table row i (CSV), None for Parquet.
+    (table, lines): lines[i] is the file line of table row i (CSV, JSON lines), None for Parquet.
   """
   if not os.path.isfile(path):
     raise DataError(f"file not found: {path}")
   name = os.path.basename(path)
+  fmt = fmt or _file_format(path, c.format)
+  if fmt == "jsonl":
+    return _read_json_lines(path, c.encoding, bad)
   try:
-    if _file_format(path, c.format) == "parquet":
+    if fmt == "parquet":
       table = pq.read_table(path)
       invalid = []
     else:
@@ -143,7 +156,7 @@ def read_table(path: str, c: ConfigDict, bad: logs.BadRows):
   total = table.num_rows + len(invalid)
   if total == 0:
     raise DataError(f"{path} is empty (no data rows)")
-  if _file_format(path, c.format) == "parquet":
+  if fmt == "parquet":
     return table, None
   # Records 2 .. total + 1 follow the header; pyarrow names the skipped ones.
   records = np.arange(2, total + 2)
@@ -153,6 +166,54 @@ def read_table(path: str, c: ConfigDict, bad: logs.BadRows):
   bad.record(name, total, skipped, "wrong number of fields", lines.rows(records),
              {int(number) - 2: text for number, text in invalid if number})
   return table, lines.rows(records[~skipped])
+
+
+def _json_text(value):
+  """A JSON value as the text a CSV cell would hold: strings as they are, other scalars as JSON
+  writes them (9, 1.5, true), lists element by element; null stays None."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, list):
+    return [_json_text(v) for v in value]
+  return json.dumps(value)
+
+
+def _read_json_lines(path: str, encoding: str, bad: logs.BadRows):
+  """Reads a JSON-lines file (one object per non-blank line) with every value as text, as CSV
+  cells are read, and lists (behaviour list columns) as lists of text; see `read_table`."""
+  records, numbers, texts, invalid = [], [], [], []
+  try:
+    with open(path, encoding=encoding) as f:
+      for number, text in enumerate(f, 1):
+        if not text.strip():
+          continue
+        try:
+          record = json.loads(text)
+        except ValueError:
+          record = None
+        invalid.append(not isinstance(record, dict))
+        numbers.append(number)
+        texts.append(text.rstrip("\n"))
+        if isinstance(record, dict):
+          records.append({k: _json_text(v) for k, v in record.items()})
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f"cannot read {path}: {' '.join(str(e).split())[:300]}") from None
+  if not numbers:
+    raise DataError(f"{path} is empty (no data rows)")
+  invalid = np.asarray(invalid)
+  numbers = np.asarray(numbers, np.int64)
+  bad.record(os.path.basename(path), len(numbers), invalid, "not a JSON object", numbers, texts)
+  names = list(dict.fromkeys(k for record in records for k in record))
+  columns = {}
+  for k in names:
+    values = [record.get(k) for record in records]
+    is_list = any(isinstance(v, list) for v in values)
+    try:
+      columns[k] = pa.array(values, pa.list_(pa.string()) if is_list else pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+      raise DataError(f"{path}: {k!r} holds lists in some lines and single values in others; "
+                      "a behaviour list column must hold lists (or null) only") from None
+  return pa.table(columns), numbers[~invalid]
 
 
 def _timestamps(col: pa.ChunkedArray) -> tuple[np.ndarray, str]:
@@ -224,10 +285,16 @@ def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
 
 
 def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigDict, groups,
-                  behavior, bad: logs.BadRows, lines=None):
+                  behavior, bad: logs.BadRows, lines=None, label_optional: bool = False):
   """One file's rows -> (log frame, {field: ListArray} or None, kept table rows); bad rows
-  counted (lines[i]: the file line of row i, if known) and dropped."""
-  needed = {c.label: "label", c.user_id: "user_id", c.timestamp: "timestamp"}
+  counted (lines[i]: the file line of row i, if known) and dropped.
+
+  With `label_optional` (records to score) the label column may be absent and a label cell
+  empty: such a row's label is NaN (unknown: never a click); any other non-0/1 label is bad.
+  """
+  has_label = c.label in table.column_names or not label_optional
+  needed = {c.label: "label"} if has_label else {}
+  needed.update({c.user_id: "user_id", c.timestamp: "timestamp"})
   for g, fields in groups.items():
     needed.update({f: f"{g}_fields" for f, _ in fields})
   list_cols = _behavior_columns(c, behavior) if c.behavior_source == "list" else {}
@@ -248,8 +315,12 @@ def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigD
       bad.record(name, 0, mask, reason, lines, shown)
     ok &= ~mask
 
-  label = _labels(table[c.label])
-  flag(np.isnan(label), f"label {c.label!r} is not 0/1", c.label)
+  label = _labels(table[c.label]) if has_label else np.full(n, np.nan)
+  if has_label:
+    unparsed = np.isnan(label)
+    if label_optional:  # an empty cell is an unknown label, not a bad one
+      unparsed &= table[c.label].is_valid().to_numpy(zero_copy_only=False)
+    flag(unparsed, f"label {c.label!r} is not 0/1", c.label)
   user = table[c.user_id].to_pandas()
   flag(user.isna().to_numpy(), f"user id {c.user_id!r} missing")
   ts, kind = _timestamps(table[c.timestamp])
@@ -323,29 +394,112 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows):
   if c.path:
     log["split"] = logs.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
                                    c.test_fraction)
-  lists = None
-  if c.behavior_source == "list":
-    flat, offsets = {}, None
-    for b in behavior:
-      arrays = [p[1][b] for p in parts]
-      lengths = np.concatenate([pc.fill_null(pc.list_value_length(a), 0).to_numpy()
-                                for a in arrays]).astype(np.int64)
-      offsets = np.concatenate([[0], np.cumsum(lengths)])
-      values = pa.concat_arrays([pc.list_flatten(a).cast(pa.string()) for a in arrays])
-      flat[b] = pd.Series(values.to_pandas(), dtype=object).str.strip()
-    lists = logs.ListBehaviours(flat=flat, offsets=offsets)
+  lists = (_list_behaviours([p[1] for p in parts], behavior)
+           if c.behavior_source == "list" else None)
   return log, groups, behavior, lists, _row_describer(sources)
+
+
+def _list_behaviours(parts, behavior) -> logs.ListBehaviours:
+  """Per file {field: ListArray} -> the behaviours of the concatenated rows (values stripped)."""
+  flat, offsets = {}, None
+  for b in behavior:
+    arrays = [part[b] for part in parts]
+    lengths = np.concatenate([pc.fill_null(pc.list_value_length(a), 0).to_numpy()
+                              for a in arrays]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = pa.concat_arrays([pc.list_flatten(a).cast(pa.string()) for a in arrays])
+    flat[b] = pd.Series(values.to_pandas(), dtype=object).str.strip()
+  return logs.ListBehaviours(flat=flat, offsets=offsets)
+
+
+def behaviour_mask(log: pd.DataFrame, behavior_rows: str) -> np.ndarray | None:
+  """Which log rows count as behaviours: the clicks (label 1; an unknown label is not one) for
+  behavior_rows="clicks", None (every row) for "all"."""
+  return (log["label"].to_numpy() == 1) if behavior_rows == "clicks" else None
+
+
+def history_indices(log: pd.DataFrame, max_seq_len: int, mask: np.ndarray | None = None,
+                    lists: logs.ListBehaviours | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's behaviours as `logs.build_examples` builds them: (indices [N, T], int32 lengths
+  [N]) in log row order, newest first, -1 = padding.
+
+  Without `lists`, an index is a log row: the same user's rows with a strictly earlier
+  timestamp among those in `mask` (default: all), ties in log order. With `lists`, it is a
+  position in the flat list values (the last T of the row's list).
+  """
+  if lists is not None:
+    return logs._history_from_lists(lists, max_seq_len)
+  n = len(log)
+  users = pd.factorize(log["user"], sort=True)[0]
+  ts = log["timestamp"].to_numpy(np.float64)
+  by_user = np.lexsort((np.arange(n), ts, users))
+  mask = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+  rows, lengths = logs._history_from_log(users[by_user], ts[by_user], mask[by_user], max_seq_len)
+  indices = np.full((n, max_seq_len), -1, np.int64)
+  indices[by_user] = np.where(rows >= 0, by_user[np.maximum(rows, 0)], -1)
+  out_lengths = np.empty(n, np.int32)
+  out_lengths[by_user] = lengths
+  return indices, out_lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """Raw records of one file, read as preparation reads a file of the log (`read_records`).
+
+  Attributes:
+    log: the kept rows as a log (`logs` module docstring; split 0, label NaN where unknown).
+    lists: the behaviour list columns of the kept rows (behavior_source="list"), else None.
+    table: the file as read (raw values, every row).
+    kept: [N] the table rows that `log` holds, in file order.
+    groups: {"item" | "user" | "context": ((name, kind), ...)}; behavior: behaviour fields.
+    describe_row: where log row i comes from, e.g. "new.csv line 7".
+  """
+  log: pd.DataFrame
+  lists: logs.ListBehaviours | None
+  table: pa.Table
+  kept: np.ndarray
+  groups: dict
+  behavior: tuple[str, ...]
+  describe_row: object
+
+
+def read_records(path: str, tabular_config: ConfigDict, bad: logs.BadRows,
+                 fmt: str | None = None) -> Records:
+  """One file of raw records in the configured columns, checked like a file of the log (bad
+  rows counted in `bad` and dropped; `bad.check()` is the caller's), except that the label
+  column may be absent and a label empty (`_table_to_log`).
+
+  Args:
+    fmt: "csv", "parquet" or "jsonl"; default: by `tabular_config.format`.
+  """
+  c = tabular_config
+  groups, behavior = _field_columns(c)
+  _check_config(c, groups, behavior)
+  table, lines = read_table(path, c, bad, fmt)
+  name = os.path.basename(path)
+  log, lists, kept = _table_to_log(table, name, None, c, groups, behavior, bad, lines,
+                                   label_optional=True)
+  lists = _list_behaviours([lists], behavior) if lists is not None else None
+  return Records(log=log, lists=lists, table=table, kept=kept, groups=groups, behavior=behavior,
+                 describe_row=_row_describer([(name, lines, kept)]))
 
 
 def generate(data_config: ConfigDict):
   """Returns (schema, {split: columns}, stats) for the tabular settings in `data_config`."""
+  return generate_with_vocabularies(data_config)[:3]
+
+
+def generate_with_vocabularies(data_config: ConfigDict):
+  """Returns (schema, {split: columns}, stats, write_vocabularies), the last for
+  `schema.write_prepared`: the vocabularies of the categorical fields (the training split's
+  values) and the standardisation of the numeric ones."""
   c = data_config.tabular
   bad = logs.BadRows(data_config.max_bad_row_ratio)
   log, groups, behavior, lists, describe_row = read_log(data_config, bad)
   spec = logs.LogSpec(item_fields=groups["item"], behavior_fields=behavior,
                       user_fields=groups["user"], context_fields=groups["context"],
                       max_seq_len=data_config.max_seq_len)
-  mask = (log["label"].to_numpy() == 1) if c.behavior_rows == "clicks" else None
+  mask = behaviour_mask(log, c.behavior_rows)
   source = f"tabular({c.path or c.train_path})"
   schema, splits, info = logs.build_examples(log, spec, source, behaviour_mask=mask, lists=lists,
                                              describe_row=describe_row)
@@ -370,11 +524,16 @@ def generate(data_config: ConfigDict):
       "numeric_standardisation": info["numeric"],
       "bad_rows": bad.summary(),
   }
-  return schema, splits, stats
+  write_vocabularies = functools.partial(
+      vocab.write_vocabularies, vocabularies=info["vocabularies"], encoders=info["encoders"],
+      note=("tabular: field <group>.<name> is the input column <name>; a categorical raw value "
+            "is the cell's text (Parquet values as str(value), list values stripped), a "
+            "numeric one is standardised"))
+  return schema, splits, stats, write_vocabularies
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Reads the configured files and writes the prepared data (atomically) to `directory`."""
-  schema, splits, stats = generate(data_config)
-  logs.write_with_stats(directory, schema, splits, stats)
+  schema, splits, stats, write_vocabularies = generate_with_vocabularies(data_config)
+  logs.write_with_stats(directory, schema, splits, stats, write_vocabularies)
 
