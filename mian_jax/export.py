@@ -1,0 +1,331 @@
+"""Exports a checkpoint as a scoring function that runs without the model code (`jax.export`).
+
+  python -m mian_jax.export --workdir=runs/synthetic --out=exports/synthetic \
+      [--step=best|latest|N] [--platforms=cpu,cuda]
+
+The config is the workdir's recorded one (config.json). The checkpoint is restored as
+`evaluate` restores it (`--step=best` from `<workdir>/checkpoints_best`), and its eval step
+(`steps.eval_step`, with attention) is lowered to StableHLO once, with a symbolic batch size
+`b`, for every platform in --platforms that this jaxlib can lower for (a platform it cannot
+is skipped with a warning and recorded in the manifest). `mian_jax.serving.Scorer` loads the
+result with only jax and numpy. EXPORT_DIR appears complete or not at all:
+
+  model.jaxexport   the serialised `jax.export.Exported`:
+                    score(params, inputs) -> {"prob": [b], "attention.<module>": [b, n], ...}
+                    params: {"<module>/.../<name>": array}; inputs: {"<column>": [b, ...]}
+  params.npz        the parameters, one array per entry of `params` (NumPy, no pickle)
+  signature.json    inputs (name, dtype, per-example shape, valid id range), inputs a caller may
+                    pass but the model ignores, outputs (name, dtype, shape, and for each
+                    attention module what its weights are over)
+  manifest.json     model, step, data checksum, schema fingerprint, platforms, versions, time,
+                    and the SHA-256 of model.jaxexport and params.npz (checked when loaded)
+  schema.json       the prepared data's schema (fields, vocabulary sizes)
+  vocab/            the prepared data's vocabularies, when it has them (mian_jax/data/vocab.py)
+
+The parameters are an argument of the exported function rather than constants inside it: the
+serialised module stays small and far from the 2 GiB limit of its FlatBuffer whatever the
+embedding tables weigh, a serving process holds one copy of them on its device however many
+batch sizes it compiles for (constants would be copied into every compiled executable), and
+XLA does not constant-fold tables at compile time. The directory is the self-contained unit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+from absl import app, flags, logging
+from flax import traverse_util
+
+from mian_jax import cli, evaluate, recorded_config, steps
+from mian_jax import workdir as workdir_lib
+from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError, DataError
+from mian_jax.serving import (EXPORT_FILE, FORMAT_VERSION, MANIFEST_FILE, PARAMS_FILE,
+                              SIGNATURE_FILE, VOCAB_DIR)
+
+SCHEMA_FILE = "schema.json"
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what `jax.export` can lower for
+# Columns of a prepared split (and keys of a pipeline batch) that no model reads when scoring.
+NOT_INPUTS = ("label", "weight", "group_id")
+# What the weights of an attention module over the behaviour sequence are over.
+OVER_HISTORY = "hist"
+_PARAM_SEP = "/"
+_INPUT_GROUPS = ("item", "hist", "user", "context")
+
+
+def input_columns(schema: schema_lib.Schema) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """The columns a model reads when scoring: name -> (dtype, per-example shape)."""
+  return {name: spec for name, spec in schema.columns().items()
+          if name not in NOT_INPUTS and not name.startswith("extra.")}
+
+
+def nest(inputs: Mapping[str, Any]) -> dict[str, Any]:
+  """{"item.x": a, "hist_len": l, ...} -> the nested batch of `pipeline.gather_batch`
+  ({"item": {"x": a}, "hist": {}, ..., "hist_len": l}), without label and weight."""
+  batch: dict[str, Any] = {group: {} for group in _INPUT_GROUPS}
+  for name, value in inputs.items():
+    group, _, field = name.partition(".")
+    if field:
+      batch[group][field] = value
+    else:
+      batch[name] = value
+  return batch
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+  """A parameter tree on the host as {"<module>/.../<name>": array}."""
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep=_PARAM_SEP)
+  return {key: np.asarray(value) for key, value in flat.items()}
+
+
+def scoring_function(state):
+  """score(params, inputs) -> {"prob": [B], "attention.<module>": [B, n]}: `steps.eval_step`
+  (with attention) on flat parameters (`flat_params`) and flat inputs (`input_columns`)."""
+  template = state.replace(params=None, opt_state=None)
+
+  def score(params, inputs):
+    params = traverse_util.unflatten_dict(params, sep=_PARAM_SEP)
+    out = steps.eval_step(template.replace(params=params), nest(inputs), with_attention=True)
+    return {"prob": out["prob"],
+            **{f"attention.{name}": value for name, value in out["attention"].items()}}
+
+  return score
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
+  """Lowers `scoring_function(state)` with a symbolic batch size for `platforms`.
+
+  A platform that this jaxlib cannot lower for is left out (with a warning).
+
+  Returns:
+    (the `jax.export.Exported`, {left-out platform: one-line reason}).
+
+  Raises:
+    ConfigError: no platform of `platforms` can be lowered for.
+  """
+  batch_size, = jax.export.symbolic_shape("b")
+  inputs = {name: jax.ShapeDtypeStruct((batch_size, *shape), np.dtype(dtype))
+            for name, (dtype, shape) in input_columns(schema).items()}
+  params = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in
+            traverse_util.flatten_dict(state.params, sep=_PARAM_SEP).items()}
+  score = jax.jit(scoring_function(state))
+
+  def lower(for_platforms):
+    return jax.export.export(score, platforms=tuple(for_platforms))(params, inputs)
+
+  try:
+    return lower(platforms), {}
+  except Exception as e:  # noqa: BLE001 - a lowering rule missing for some platform
+    error = e
+  skipped = {}
+  for platform in platforms:
+    try:
+      lower([platform])
+    except Exception as e:  # noqa: BLE001
+      skipped[platform] = _one_line(e)
+  usable = [p for p in platforms if p not in skipped]
+  if not usable:
+    raise ConfigError(f"cannot export for any of --platforms={','.join(platforms)} "
+                      f"({_one_line(error)})")
+  for platform, reason in skipped.items():
+    logging.warning("Not exporting for %s, which this jaxlib cannot lower for: %s", platform,
+                    reason)
+  return lower(usable), skipped
+
+
+def signature(exported, schema: schema_lib.Schema,
+              attention_names: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+  """What signature.json says: the inputs, with the ids each may hold, and the outputs."""
+  f = schema.features
+  vocab = {f"{group}.{x.name}": x.vocab_size
+           for group, fields in (("item", f.item_fields), ("user", f.user_fields),
+                                 ("context", f.context_fields))
+           for x in fields if x.is_categorical}
+  inputs = []
+  for name, (dtype, shape) in input_columns(schema).items():
+    entry: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(shape)}
+    if name in vocab:  # ids 0 (padding) and 1 (out of vocabulary) are reserved
+      entry["range"] = [schema_lib.OOV_ID, vocab[name]]
+    elif name.startswith("hist."):
+      entry["range"] = [schema_lib.PAD_ID, f.item_field(name[len("hist."):]).vocab_size]
+    elif name == "hist_len":
+      entry["range"] = [0, f.max_seq_len + 1]
+    inputs.append(entry)
+  outputs = []
+  avals = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
+  for name in sorted(avals, key=lambda n: (n != "prob", n)):
+    entry = {"name": name, "dtype": str(avals[name].dtype),
+             "shape": [int(d) for d in avals[name].shape[1:]]}
+    if name.startswith("attention."):
+      module = name[len("attention."):]
+      entry["over"] = (list(attention_names[module]) if module in attention_names else
+                       OVER_HISTORY)
+    outputs.append(entry)
+  return {
+      "format_version": FORMAT_VERSION,
+      "batch_dimension": "b",
+      "inputs": inputs,
+      "ignored_inputs": [*NOT_INPUTS, *(f"extra.{n}" for n in schema.extra_columns)],
+      "outputs": outputs,
+  }
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _write_json(path: str, content: Mapping[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(content, f, indent=2)
+    f.write("\n")
+
+
+def check_out_dir(out: str) -> None:
+  """ConfigError unless `out` is absent or an empty directory."""
+  if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    raise ConfigError(f"--out={out} exists and is not an empty directory; remove it or choose "
+                      "another --out")
+
+
+def write_export(out: str, exported, params: Mapping[str, np.ndarray],
+                 signature_content: Mapping[str, Any], manifest: Mapping[str, Any],
+                 data_dir: str) -> None:
+  """Writes the export directory (module docstring) into a temporary sibling of `out`, then
+  renames it to `out`: `out` appears complete or not at all."""
+  check_out_dir(out)
+  out = os.path.abspath(out)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  schema_lib.remove_stale_tmp(out)  # left by an export that died
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent)
+  try:
+    with open(os.path.join(tmp, EXPORT_FILE), "wb") as f:
+      f.write(exported.serialize())
+    np.savez(os.path.join(tmp, PARAMS_FILE), **params)
+    _write_json(os.path.join(tmp, SIGNATURE_FILE), signature_content)
+    shutil.copyfile(os.path.join(data_dir, SCHEMA_FILE), os.path.join(tmp, SCHEMA_FILE))
+    vocab_dir = os.path.join(data_dir, schema_lib.VOCAB_DIR)
+    if os.path.isdir(vocab_dir):
+      shutil.copytree(vocab_dir, os.path.join(tmp, VOCAB_DIR))
+    files = {name: _sha256(os.path.join(tmp, name)) for name in (EXPORT_FILE, PARAMS_FILE)}
+    _write_json(os.path.join(tmp, MANIFEST_FILE), {**manifest, "sha256": files})
+    os.rename(tmp, out)  # replaces an empty `out`; fails if something was written there since
+  except OSError as e:
+    raise DataError(f"cannot write the export to {out} ({e.strerror or e})") from None
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore_checkpoint(workdir: str, step: int | str = "latest"):
+  """The run of a workdir (its recorded config) and one of its checkpoints, as `evaluate`
+  restores it.
+
+  Args:
+    step: "latest", "best" (from `checkpoints_best`) or a step number.
+
+  Returns:
+    (steps.Run, the restored TrainState, the checkpoint's meta).
+
+  Raises:
+    DataError: no such workdir, no (readable) checkpoint, or one trained on other data.
+  """
+  if not os.path.isdir(workdir):
+    raise DataError(f"--workdir={workdir} does not exist")
+  if not os.path.isfile(workdir_lib.config_path(workdir)):
+    raise DataError(f"{workdir} has no {workdir_lib.CONFIG_FILE}: it is not a training workdir")
+  return evaluate.restore_checkpoint(recorded_config.get_config(workdir), workdir, step)
+
+
+def parse_platforms(text: str) -> tuple[str, ...]:
+  platforms = tuple(p.strip() for p in text.split(",") if p.strip())
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or not platforms:
+    raise ConfigError(f"--platforms={text!r}: expected a comma-separated subset of "
+                      f"{','.join(PLATFORMS)}")
+  return tuple(dict.fromkeys(platforms))
+
+
+def export_run(run: steps.Run, state, out: str, platforms: Sequence[str] = ("cpu", "cuda"),
+               meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Exports `state` of `run` to `out` (module docstring); returns the manifest."""
+  check_out_dir(out)
+  meta = dict(meta or {})
+  exported, skipped = export_scorer(state, run.schema, platforms)
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "model": run.config.model.name,
+      "step": int(jax.device_get(state.step)),
+      "data_checksum": meta.get("data_checksum", run.data_checksum),
+      "schema_fingerprint": run.schema.fingerprint(),
+      "platforms": list(exported.platforms),
+      "platforms_skipped": skipped,
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+  if meta.get("best_step") == manifest["step"] and meta.get("best_valid_auc") is not None:
+    manifest["valid_auc"] = meta["best_valid_auc"]  # known for a step that was the best
+  write_export(out, exported, flat_params(state.params),
+               signature(exported, run.schema, evaluate.attention_names(run)), manifest,
+               run.data_dir)
+  return manifest
+
+
+def export_checkpoint(workdir: str, out: str, step: int | str = "latest",
+                      platforms: Sequence[str] = ("cpu", "cuda")) -> dict[str, Any]:
+  """Restores a checkpoint of `workdir` and exports it to `out`; returns the manifest."""
+  if jax.process_count() > 1:
+    raise ConfigError("the export runs in one process; start it without MIAN_JAX_DISTRIBUTED")
+  check_out_dir(out)
+  run, state, meta = restore_checkpoint(workdir, step)
+  manifest = export_run(run, state, out, platforms, meta)
+  logging.info("Exported step %d of %s to %s for %s", manifest["step"], workdir, out,
+               ",".join(manifest["platforms"]))
+  return manifest
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
+  flags.DEFINE_string("out", None, "Export directory to create (absent or empty).")
+  flags.DEFINE_string("step", "latest", "Checkpoint to export: latest, best (of validation "
+                      "AUC) or a step number.")
+  flags.DEFINE_string("platforms", "cpu,cuda", "Platforms to lower for (of "
+                      f"{','.join(PLATFORMS)}); one this jaxlib cannot lower for is skipped.")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.setup_jax()
+  flag = flags.FLAGS
+  manifest = cli.run_or_exit(lambda: export_checkpoint(
+      flag.workdir, flag.out, evaluate.parse_step(flag.step), parse_platforms(flag.platforms)))
+  skipped = "".join(f" (skipped {p})" for p in manifest["platforms_skipped"])
+  print(f"exported {manifest['model']} step {manifest['step']} to {flag.out} for "
+        f"{','.join(manifest['platforms'])}{skipped}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)
