@@ -16,7 +16,7 @@ import pytest
 
 from configs import books, electronics
 from mian_jax import data as data_lib
-from mian_jax.data import amazon
+from mian_jax.data import amazon, amazon_raw
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
 
@@ -217,10 +217,10 @@ def test_dien_protocol_hand_worked(tmp_path):
 
 
 def test_dien_category_rule_is_first_path():
-  assert amazon.category_of([["Books", "Art"], ["Books", "Fiction"]], "dien") == "Art"
-  assert amazon.category_of([["Books", "Art"], ["Books", "Fiction"]], "din") == "Fiction"
-  assert amazon.category_of([], "din") is None
-  assert amazon.category_of([[]], "mian") is None
+  assert amazon_raw.category_of([["Books", "Art"], ["Books", "Fiction"]], "dien") == "Art"
+  assert amazon_raw.category_of([["Books", "Art"], ["Books", "Fiction"]], "din") == "Fiction"
+  assert amazon_raw.category_of([], "din") is None
+  assert amazon_raw.category_of([[]], "mian") is None
 
 
 def test_metadata_fast_path_matches_literal_eval():
@@ -235,7 +235,7 @@ def test_metadata_fast_path_matches_literal_eval():
       "{'asin': 'zz', 'as' 'in': 'i4', 'categories': [['G']]}",  # concatenated key
       "{'asin': 'zz', 'as\\x69n': 'i5', 'categories': [['H']]}",  # escaped key
   ]
-  cats, counts = amazon.parse_metadata(lines, wanted, "din")
+  cats, counts = amazon_raw.parse_metadata(lines, wanted, "din")
   assert cats == ["E'F", "B", None, "G", "H"]
   assert counts["skipped_unreviewed"] == 2 and counts["malformed_lines"] == 1
   assert counts["missing_fields"] == 1

@@ -12,7 +12,7 @@ import pytest
 from configs import amazon_like as amazon_like_config
 from mian_jax import data as data_lib
 from mian_jax import metrics
-from mian_jax.data import amazon
+from mian_jax.data import amazon, amazon_raw
 from mian_jax.data import amazon_like
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
@@ -150,14 +150,14 @@ def test_chunked_and_dense_sampling_paths(monkeypatch, tmp_path):
 def test_raw_files_parse_without_bad_rows(generated):
   config, truth, _ = generated
   paths = amazon_like.raw_paths(config.raw_dir, config.generator.name)
-  with amazon.open_text(paths["reviews"]) as f:
-    raw = amazon.parse_reviews(f)
+  with amazon_raw.open_text(paths["reviews"]) as f:
+    raw = amazon_raw.parse_reviews(f)
   assert raw.counts["parsed"] == raw.counts["lines"] == len(truth["event_item"])
   wanted = {asin: i for i, asin in enumerate(raw.item_keys)}
   item_index = {name: i for i, name in enumerate(truth["item_names"].tolist())}
   for protocol in amazon.PROTOCOLS:
-    with amazon.open_text(paths["meta"]) as f:
-      categories, counts = amazon.parse_metadata(f, wanted, protocol)
+    with amazon_raw.open_text(paths["meta"]) as f:
+      categories, counts = amazon_raw.parse_metadata(f, wanted, protocol)
     assert counts["malformed_lines"] == counts["missing_fields"] == 0
     assert counts["items_found"] == len(wanted)
     assert counts["skipped_unreviewed"] == len(truth["item_names"]) - len(wanted)
@@ -172,8 +172,8 @@ def test_raw_files_parse_without_bad_rows(generated):
 def test_five_core_strict_days_and_no_repeated_purchase(generated):
   config, _, _ = generated
   paths = amazon_like.raw_paths(config.raw_dir, config.generator.name)
-  with amazon.open_text(paths["reviews"]) as f:
-    raw = amazon.parse_reviews(f)
+  with amazon_raw.open_text(paths["reviews"]) as f:
+    raw = amazon_raw.parse_reviews(f)
   assert np.bincount(raw.user).min() >= 5
   assert len(np.unique(raw.user * len(raw.item_keys) + raw.item)) == len(raw.user)
   assert len(np.unique(raw.user * 10 ** 6 + raw.time // amazon.SECONDS_PER_DAY)) == len(raw.user)

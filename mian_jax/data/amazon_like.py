@@ -1,8 +1,8 @@
 """An Amazon-like benchmark: synthetic shopping histories written as raw Amazon 2014 files, with
 the true purchase probability of every candidate known (docs/data.md, "Amazon-like benchmark").
 
-The raw files go through the real Amazon preparation (`amazon.py`: parsing, protocols,
-negatives, features), and every prepared example gets `extra.click_prob`, the Bayes-optimal
+The raw files go through the real Amazon preparation (`amazon_raw.py` parsing, `amazon.py`
+protocols, negatives, features), and every prepared example gets `extra.click_prob`, the Bayes-optimal
 probability that it is the positive of its pair, so each evaluation reports an oracle AUC.
 Settings: `config.data.generator` (configs/amazon_like.py, one comment per setting).
 
