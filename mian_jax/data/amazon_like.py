@@ -2,8 +2,9 @@
 the true purchase probability of every candidate known (docs/data.md, "Amazon-like benchmark").
 
 The raw files go through the real Amazon preparation (`amazon_raw.py` parsing, `amazon.py`
-protocols, negatives, features), and every prepared example gets `extra.click_prob`, the Bayes-optimal
-probability that it is the positive of its pair, so each evaluation reports an oracle AUC.
+protocols, negatives, features), and every prepared example gets `extra.click_prob`, the
+Bayes-optimal probability that it is the positive of its pair, so each evaluation reports an
+oracle AUC.
 Settings: `config.data.generator` (configs/amazon_like.py, one comment per setting).
 
 The generative story (day d, month m(d); the shopper never buys an item twice):
