@@ -298,7 +298,7 @@ def main(argv=None) -> None:
   from mian_jax.data import schema as schema_lib  # noqa: PLC0415
   from mian_jax import writers  # noqa: PLC0415
   from mian_jax.errors import MianError  # noqa: PLC0415
-  cli.setup_jax()
+  cli.init_process()
   try:
     data_dir, schema = data.ensure_prepared(config.data)
     train_columns = schema_lib.load_split(data_dir, "train", schema, validate=False)

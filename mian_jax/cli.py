@@ -18,6 +18,7 @@ from absl import flags, logging
 from ml_collections import ConfigDict
 
 from mian_jax import config_defaults
+from mian_jax import data as data_lib
 from mian_jax.errors import MianError
 
 flags.DEFINE_bool(
@@ -292,21 +293,39 @@ class _NoBackendProbes:
 _NO_BACKEND_PROBES = _NoBackendProbes()
 
 
-def setup_jax() -> None:
-  """Process-wide JAX and logging settings; entry points call this, library modules never do."""
+def init_process() -> None:
+  """What every entry point does first (library modules never do): quiets library logs, joins
+  a multi-process run when asked to, and turns on the persistent compilation cache."""
+  quiet_library_logs()
+  init_distributed()
+  enable_compilation_cache()
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's per-save INFO lines and JAX's backend-probe lines (filters above)."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
   py_logging.getLogger("jax._src.xla_bridge").addFilter(_NO_BACKEND_PROBES)
-  if os.environ.get("MIAN_JAX_DISTRIBUTED") == "1":  # multi-host, see launch/multihost.sh
-    kwargs = {}
-    if "MIAN_JAX_COORDINATOR" in os.environ:
-      kwargs = dict(coordinator_address=os.environ["MIAN_JAX_COORDINATOR"],
-                    num_processes=int(os.environ["MIAN_JAX_NUM_PROCESSES"]),
-                    process_id=int(os.environ["MIAN_JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)  # without kwargs: auto-detected (SLURM, TPU, ...)
+
+
+def init_distributed() -> None:
+  """`jax.distributed.initialize` when MIAN_JAX_DISTRIBUTED=1 (launch/multihost.sh): with the
+  MIAN_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID given, else auto-detected (SLURM, TPU)."""
+  if os.environ.get("MIAN_JAX_DISTRIBUTED") != "1":
+    return
+  kwargs = {}
+  if "MIAN_JAX_COORDINATOR" in os.environ:
+    kwargs = dict(coordinator_address=os.environ["MIAN_JAX_COORDINATOR"],
+                  num_processes=int(os.environ["MIAN_JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["MIAN_JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+
+
+def enable_compilation_cache() -> None:
+  """Compiled programs persist in $MIAN_JAX_COMPILATION_CACHE (default: the data cache's
+  jax_compilation_cache/; an empty value turns the cache off)."""
   cache = os.environ.get("MIAN_JAX_COMPILATION_CACHE")
   if cache is None:
-    from mian_jax import data  # noqa: PLC0415 - avoid importing data code at module load
-    cache = os.path.join(data.cache_root(), "jax_compilation_cache")
+    cache = os.path.join(data_lib.cache_root(), "jax_compilation_cache")
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -226,7 +226,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.setup_jax()
+  cli.init_process()
   flag = flags.FLAGS
   result = cli.run_or_exit(lambda: evaluate_checkpoint(flag.config, flag.workdir,
                                                        parse_step(flag.step), flag.split,

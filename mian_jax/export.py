@@ -317,7 +317,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.setup_jax()
+  cli.init_process()
   flag = flags.FLAGS
   manifest = cli.run_or_exit(lambda: export_checkpoint(
       flag.workdir, flag.out, evaluate.parse_step(flag.step), parse_platforms(flag.platforms)))

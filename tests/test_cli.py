@@ -162,7 +162,7 @@ def test_jax_backend_probes_are_not_logged():
       from mian_jax import cli
 
       def main(argv):
-        cli.setup_jax()
+        cli.init_process()
         print(jax.devices())
         logging.getLogger("jax._src.xla_bridge").warning("CUDA backend failed to initialize")
         logging.getLogger("jax._src.xla_bridge").info("Initializing something else")

@@ -52,7 +52,7 @@ def prepare_and_describe(data_config) -> tuple[str, dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.setup_jax()
+  cli.init_process()
   directory, stats = cli.run_or_exit(prepare_and_describe, FLAGS.config.data)
   print(json.dumps(stats, indent=2, sort_keys=True))
   print(f"prepared directory: {directory}")
