@@ -159,11 +159,28 @@ def train_step(model, optim, x, y):
   return loss
 
 
+class BatchOrder:
+  """The rows of each training batch, those of mian_jax.data.pipeline.TrainBatches (one
+  permutation of the n rows per epoch from (seed, epoch), full batches only, sorted rows);
+  tests/test_compare_deepctr.py checks the two agree. Written out here because the peer runs
+  without mian_jax installed."""
+
+  def __init__(self, n: int, batch_size: int, seed: int):
+    self.n, self.batch_size, self.seed = n, batch_size, seed
+    self.steps_per_epoch = n // batch_size
+    self._epoch, self._perm = -1, np.empty(0, np.int64)
+
+  def rows(self, step: int) -> np.ndarray:
+    epoch, b = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+      self._epoch = epoch
+    return np.sort(self._perm[b * self.batch_size:(b + 1) * self.batch_size])
+
+
 def batch_rows(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-  """Rows of training batch `step`: those of mian_jax.data.pipeline.TrainBatches."""
-  epoch, b = divmod(step, n // batch_size)
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
-  return np.sort(perm[b * batch_size:(b + 1) * batch_size])
+  """Rows of training batch `step` (`BatchOrder`)."""
+  return BatchOrder(n, batch_size, seed).rows(step)
 
 
 def versions() -> dict:
@@ -183,16 +200,11 @@ def run(req: dict) -> dict:
   model, optim, x_train, y_train = s["model"], s["optim"], s["x_train"], s["y_train"]
   h = req["hparams"]
   n, batch_size, total_steps = x_train.shape[0], h["batch_size"], req["total_steps"]
-  steps_per_epoch = n // batch_size  # full batches only, as mian_jax's TrainBatches
   model.train()
   start = time.perf_counter()
-  perm, perm_epoch, loss_sum = None, -1, 0.0
+  order, loss_sum = BatchOrder(n, batch_size, req["seed"]), 0.0
   for step in range(total_steps):
-    epoch, b = divmod(step, steps_per_epoch)
-    if epoch != perm_epoch:  # the permutation of mian_jax.data.pipeline.TrainBatches
-      perm = np.random.default_rng([req["seed"], epoch]).permutation(n)
-      perm_epoch = epoch
-    rows = torch.from_numpy(np.sort(perm[b * batch_size:(b + 1) * batch_size]))
+    rows = torch.from_numpy(order.rows(step))
     loss = train_step(model, optim, x_train[rows], y_train[rows])
     loss_sum += loss.detach().item() / len(rows)
     if not math.isfinite(loss_sum):

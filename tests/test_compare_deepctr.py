@@ -136,3 +136,17 @@ def test_missing_peer_python_is_a_one_line_error():
   message = str(e.value)
   assert message.startswith("error: --peer_python=/no/such/python not found")
   assert "\n" not in message
+
+
+def test_the_peer_trains_on_our_batches():
+  """DeepCTR-Torch sees the rows our TrainBatches gives each step, across an epoch boundary."""
+  from benchmarks import deepctr_peer  # noqa: PLC0415 - numpy only at import
+  from mian_jax.data import pipeline  # noqa: PLC0415
+  n, batch_size, seed = 103, 16, 5
+  schema = type("Sizes", (), {"size": staticmethod(lambda split: n)})()
+  ours = pipeline.TrainBatches({}, schema, batch_size, seed=seed)
+  order = deepctr_peer.BatchOrder(n, batch_size, seed)
+  for step in range(3 * (n // batch_size) + 2):
+    np.testing.assert_array_equal(order.rows(step), ours.rows(step))
+    np.testing.assert_array_equal(deepctr_peer.batch_rows(n, batch_size, seed, step),
+                                  ours.rows(step))
