@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mian_jax import config_checks
+from mian_jax import workdir as workdir_lib
 from mian_jax.errors import ConfigError
 
 
@@ -118,19 +119,9 @@ def resolve_config(config_file: str, overrides: Sequence[str]) -> dict:
   return json.loads(json.dumps(config.to_dict()))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def config_differences(recorded: dict, requested: dict) -> list[str]:
   """"key: recorded -> requested" for every key whose value differs (or exists in one only)."""
-  a, b = _flatten(recorded), _flatten(requested)
+  a, b = workdir_lib.flatten(recorded), workdir_lib.flatten(requested)
   missing = "(absent)"
   return [f"{k}: {a.get(k, missing)} -> {b.get(k, missing)}"
           for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]

@@ -32,7 +32,6 @@ XLA does not constant-fold tables at compile time. The directory is the self-con
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ from mian_jax import cli, evaluate, recorded_config, steps
 from mian_jax import workdir as workdir_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
+from mian_jax import serving
 from mian_jax.serving import (EXPORT_FILE, FORMAT_VERSION, MANIFEST_FILE, PARAMS_FILE,
                               SIGNATURE_FILE, VOCAB_DIR)
 
@@ -185,14 +185,6 @@ def signature(exported, schema: schema_lib.Schema,
   }
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _write_json(path: str, content: Mapping[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump(content, f, indent=2)
@@ -226,7 +218,8 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
     vocab_dir = os.path.join(data_dir, schema_lib.VOCAB_DIR)
     if os.path.isdir(vocab_dir):
       shutil.copytree(vocab_dir, os.path.join(tmp, VOCAB_DIR))
-    files = {name: _sha256(os.path.join(tmp, name)) for name in (EXPORT_FILE, PARAMS_FILE)}
+    files = {name: serving.file_sha256(os.path.join(tmp, name))
+             for name in (EXPORT_FILE, PARAMS_FILE)}
     _write_json(os.path.join(tmp, MANIFEST_FILE), {**manifest, "sha256": files})
     os.rename(tmp, out)  # replaces an empty `out`; fails if something was written there since
   except OSError as e:

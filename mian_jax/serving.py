@@ -56,7 +56,8 @@ def _read_json(path: str) -> dict[str, Any]:
     raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """SHA-256 of a file, read in 1 MiB blocks."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -126,7 +127,7 @@ class Scorer:
       path = os.path.join(export_dir, name)
       if not os.path.isfile(path):
         raise ValueError(f"{path} is missing: the export directory is incomplete")
-      if _sha256(path) != expected:
+      if file_sha256(path) != expected:
         raise ValueError(f"{path} differs from the checksum in {MANIFEST_FILE}: the export "
                          "is damaged; export the checkpoint again")
     running = _backend_platforms()

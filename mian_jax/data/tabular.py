@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -458,9 +459,9 @@ class Records:
   lists: logs.ListBehaviours | None
   table: pa.Table
   kept: np.ndarray
-  groups: dict
+  groups: dict[str, tuple[tuple[str, str], ...]]
   behavior: tuple[str, ...]
-  describe_row: object
+  describe_row: Callable[[int], str]
 
 
 def read_records(path: str, tabular_config: ConfigDict, bad: logs.BadRows,

@@ -1,0 +1,248 @@
+"""predict (raw records -> scores with a checkpoint) and the export loader's `Scorer.encode`, on a
+hand-written click log: one row out per row in, the test period's scores equal to `evaluate`'s,
+unseen values counted, bad rows named or skipped, and encode + score equal to predict."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from configs import tabular as tabular_config
+from mian_jax import evaluate, export, predict, recorded_config, serving, train
+from mian_jax import metrics as metrics_lib
+from mian_jax.data import logs, tabular
+from mian_jax.errors import DataError
+from tests.helpers import REPO
+
+HEADER = ["user_id", "ts", "clicked", "item_id", "category", "price", "age_group", "gender",
+          "city", "hour", "device"]
+KEYS = ["user_id", "item_id", "ts", "clicked"]
+MAX_SEQ_LEN = 5
+
+
+def _log_rows(num_rows=300, seed=0):
+  """A click log in no particular order: 20 users, 30 items; odd items are clicked more often.
+  Timestamps are distinct, so (user_id, ts) is a key."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for k in rng.permutation(num_rows):
+    user, item = int(rng.integers(0, 20)), int(rng.integers(0, 30))
+    clicked = int(rng.random() < 0.2 + 0.6 * (item % 2))
+    rows.append([f"u{user}", str(1_600_000_000 + 60 * int(k)), str(clicked), f"i{item}",
+                 f"c{item % 5}", f"{item / 10:.1f}", str(user % 3), "FM"[user % 2],
+                 f"x{user % 4}", str(k % 24), "web" if k % 3 == 0 else "ios"])
+  return rows
+
+
+def _write_csv(path, rows, header=HEADER):
+  with open(path, "w", newline="") as f:
+    f.write(",".join(header) + "\n")
+    f.writelines(",".join(row) + "\n" for row in rows)
+  return str(path)
+
+
+def _config(path):
+  config = tabular_config.get_config()
+  config.data.tabular.path = path
+  config.data.max_seq_len = MAX_SEQ_LEN
+  config.data.max_bad_row_ratio = 0.0
+  config.model.update(embed_dim=4, num_heads=2, gim_dim=8, mlp_dims=(8, 4))
+  config.train.update(batch_size=16, num_train_steps=6, learning_rate=3e-2, log_every_steps=6,
+                      eval_every_steps=6)
+  config.eval.batch_size = 64
+  config.checkpoint.every_steps = 6
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """MIAN trained 6 steps on a 300-row CSV log; the log, its rows, the workdir, the cache."""
+  root = tmp_path_factory.mktemp("predict")
+  rows = _log_rows()
+  log = _write_csv(root / "log.csv", rows)
+  cache = str(tmp_path_factory.getbasetemp() / "cache")  # the one conftest's fixture sets
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", cache)
+    train.train_and_evaluate(_config(log), str(root / "run"))
+  return types.SimpleNamespace(root=root, log=log, rows=rows, workdir=str(root / "run"),
+                               cache=cache)
+
+
+@pytest.fixture(scope="module")
+def predicted(trained):
+  """predict --attention on the whole log the run was prepared from: (stats, output frame)."""
+  out = str(trained.root / "scores.parquet")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", trained.cache)
+    stats = predict.predict(trained.workdir, trained.log, out, with_attention=True)
+  return stats, pq.read_table(out).to_pandas()
+
+
+def test_one_row_per_input_row_in_input_order_with_the_key_columns(trained, predicted):
+  stats, out = predicted
+  assert list(out.columns[:5]) == [*KEYS[:2], "ts", "clicked", "score"]
+  expected = pd.DataFrame(trained.rows, columns=HEADER)[KEYS]
+  pd.testing.assert_frame_equal(out[KEYS], expected)
+  assert out["score"].between(0, 1).all() and out["score"].std() > 1e-3
+  assert (stats["rows_read"], stats["rows_scored"], stats["rows_skipped"]) == (300, 300, 0)
+  with open(f"{trained.root}/scores.parquet.stats.json") as f:
+    assert json.load(f)["unseen"] == stats["unseen"]
+  # One named column per attention weight; each module's weights sum to one.
+  for module, names in (("iuim", ["age_group", "gender", "city"]), ("icim", ["hour", "device"])):
+    columns = [f"attention.{module}.{name}" for name in names]
+    np.testing.assert_allclose(out[columns].sum(axis=1), 1, atol=1e-5)
+  assert [c for c in out.columns if c.startswith("attention.ibim.")] == [
+      f"attention.ibim.hist{k}" for k in range(MAX_SEQ_LEN)]
+
+
+def test_scores_of_the_test_period_reproduce_evaluate(trained, predicted):
+  _, out = predicted
+  config = recorded_config.get_config(trained.workdir)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", trained.cache)
+    run, state, _ = evaluate.restore_checkpoint(config, trained.workdir, "latest")
+  reference = evaluate.predict_split(state, run.eval_step, run.data_dir, run.schema, "test",
+                                     config.eval.batch_size, run.mesh)
+  # The prepared test split: the rows of the last 10% of time, in time order (distinct times).
+  log = pd.DataFrame(trained.rows, columns=HEADER)
+  ts = log["ts"].astype(np.int64).to_numpy()
+  test = log.assign(t=ts)[logs.time_split(ts, 0.1, 0.1) == logs.TEST].sort_values("t")
+  assert len(test) == len(reference["prob"]) == 30
+  np.testing.assert_array_equal(test["clicked"].astype(np.float32), reference["label"])
+  scores = out.set_index(["user_id", "ts"]).loc[list(zip(test["user_id"], test["ts"])), "score"]
+  np.testing.assert_allclose(scores.to_numpy(), reference["prob"], rtol=0, atol=1e-6)
+  ours = metrics_lib.compute_metrics(reference["label"], scores.to_numpy(),
+                                     reference["group_id"])
+  assert ours["auc"] == evaluate.split_metrics(reference)["auc"]
+
+
+def _history(rows, field):
+  """The behaviours of each row, oldest first: the same user's earlier clicks (a plain loop)."""
+  column = HEADER.index(field)
+  out = []
+  for user, ts, *_ in rows:
+    earlier = sorted((int(r[1]), r[column]) for r in rows
+                     if r[0] == user and int(r[1]) < int(ts) and r[2] == "1")
+    out.append([value for _, value in earlier])
+  return out
+
+
+def test_unseen_values_are_counted_and_bad_rows_named_or_skipped(trained, tmp_path):
+  rows = [["u1", "1700000000", "1", "i999", "c1", "1.0", "0", "F", "nowhere", "3", "ios"],
+          ["u1", "1700000060", "", "i3", "c3", "0.3", "0", "F", "", "4", "ios"],  # no label
+          ["u2", "1700000120", "0", "i4", "c4", "cheap", "1", "M", "x2", "5", "web"],  # line 4
+          ["u2", "1700000180", "1", "i5", "c0", "0.5", "1", "M", "x2", "6", "web", "extra"]]
+  path = _write_csv(tmp_path / "new.csv", rows)
+  done = subprocess.run(
+      [sys.executable, "-m", "mian_jax.predict", f"--workdir={trained.workdir}",
+       f"--input={path}", f"--output={tmp_path}/out.csv"],
+      cwd=REPO, env=dict(os.environ, MIAN_JAX_CACHE=trained.cache), capture_output=True,
+      text=True, timeout=120)
+  assert done.returncode == 1
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: new.csv line 4 (numeric field 'price' missing or not a "
+                         "number) 'cheap': a malformed row (2 in all"), last
+  assert not os.path.exists(tmp_path / "out.csv")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", trained.cache)
+    stats = predict.predict(trained.workdir, path, str(tmp_path / "out.csv"), skip_bad_rows=True)
+  out = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
+  assert out["item_id"].tolist() == ["i999", "i3"] and out["clicked"].tolist() == ["1", ""]
+  assert (stats["rows_read"], stats["rows_scored"], stats["rows_skipped"]) == (4, 2, 2)
+  assert stats["skipped_reasons"] == {"wrong number of fields": 1,
+                                      "numeric field 'price' missing or not a number": 1}
+  assert stats["unseen"]["item.item_id"] == 1 and stats["unseen"]["user.city"] == 2
+  assert stats["unseen"]["context.hour"] == 0
+
+
+def test_json_lines_are_read_as_their_text_like_csv_cells(trained, tmp_path):
+  config = recorded_config.get_config(trained.workdir).data.tabular
+  rows = trained.rows[:20]
+  with open(tmp_path / "rows.jsonl", "w") as f:
+    for row in rows:  # numbers as JSON numbers: read as their text, as a CSV cell would be
+      record = dict(zip(HEADER, row))
+      record.update(ts=int(record["ts"]), clicked=int(record["clicked"]), hour=int(record["hour"]))
+      f.write(json.dumps(record) + "\n\n")
+  from_json, _ = predict.read_input(str(tmp_path / "rows.jsonl"), config, False)
+  from_csv, _ = predict.read_input(_write_csv(tmp_path / "rows.csv", rows), config, False)
+  pd.testing.assert_frame_equal(from_json.log, from_csv.log)
+  (tmp_path / "bad.jsonl").write_text(json.dumps(dict(zip(HEADER, rows[0]))) + "\n[1, 2]\n")
+  with pytest.raises(DataError, match=r"^bad.jsonl line 2 \(not a JSON object\) '\[1, 2\]'"):
+    predict.read_input(str(tmp_path / "bad.jsonl"), config, False)
+
+
+_LOADER = """
+import json, sys
+for name in ("flax", "optax", "orbax", "ml_collections", "clu", "pandas", "pyarrow",
+             "mian_jax.models", "mian_jax.data", "mian_jax.steps"):
+  sys.modules[name] = None  # importing any of them now raises ImportError
+from mian_jax import serving
+scorer = serving.Scorer.load(sys.argv[1])
+with open(sys.argv[2]) as f:
+  records = json.load(f)
+batch, unseen = scorer.encode(records)
+print(json.dumps({"prob": scorer.score(batch)["prob"].tolist(), "unseen": unseen}))
+"""
+
+
+def test_the_export_loader_encodes_raw_records_to_the_scores_of_predict(trained, predicted,
+                                                                       tmp_path):
+  _, out = predicted
+  config = recorded_config.get_config(trained.workdir)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", trained.cache)
+    run, state, meta = evaluate.restore_checkpoint(config, trained.workdir, "latest")
+  export.export_run(run, state, str(tmp_path / "export"), platforms=("cpu",), meta=meta)
+  # What a server holds: the request's raw values and each user's earlier clicks.
+  columns = dict(zip(HEADER, zip(*trained.rows)))
+  records = {f"{group}.{name}": list(columns[name])
+             for group in ("item", "user", "context")
+             for name in config.data.tabular[f"{group}_fields"].replace(":numeric", "")
+             .replace(":categorical", "").split(",")}
+  records["hist.item_id"] = _history(trained.rows, "item_id")
+  records["hist.category"] = _history(trained.rows, "category")
+  records["item.price"] = [float(x) for x in records["item.price"]]
+  with open(tmp_path / "records.json", "w") as f:
+    json.dump(records, f)
+  done = subprocess.run([sys.executable, "-c", _LOADER, str(tmp_path / "export"),
+                         str(tmp_path / "records.json")], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  np.testing.assert_allclose(result["prob"], out["score"], rtol=0, atol=1e-5)
+  assert result["unseen"]["item.item_id"] == 0
+  # Errors name the field.
+  scorer = serving.Scorer.load(str(tmp_path / "export"))
+  with pytest.raises(ValueError, match="field 'user.city' is missing"):
+    scorer.encode({k: v for k, v in records.items() if k != "user.city"})
+  with pytest.raises(ValueError, match="unknown field 'item.colour'"):
+    scorer.encode({**records, "item.colour": records["item.item_id"]})
+  with pytest.raises(ValueError, match="behaviour lists 'hist.category' and 'hist.item_id' "
+                     "differ in length in row 0"):
+    scorer.encode({**records, "hist.category": [["c1"]] + records["hist.category"][1:]})
+
+
+def test_a_workdir_of_another_source_is_a_one_line_error(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "synthetic"}}))
+  with pytest.raises(DataError, match="predict supports the tabular source .* so far; .* "
+                     "data.source='synthetic'"):
+    predict.load_config(str(tmp_path))
+
+
+def test_history_of_the_input_matches_a_plain_loop(trained):
+  config = recorded_config.get_config(trained.workdir).data.tabular
+  records, _ = predict.read_input(trained.log, config, False)
+  indices, lengths = tabular.history_indices(records.log, MAX_SEQ_LEN,
+                                             tabular.behaviour_mask(records.log, "clicks"))
+  items = records.log["item.item_id"].to_numpy(object)
+  for row, expected in enumerate(_history(trained.rows, "item_id")):
+    newest_first = expected[::-1][:MAX_SEQ_LEN]
+    assert lengths[row] == len(newest_first)
+    assert list(items[indices[row, :lengths[row]]]) == newest_first
+
