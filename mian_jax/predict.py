@@ -46,7 +46,7 @@ from absl import app, flags, logging
 
 from mian_jax import cli, evaluate, recorded_config, sharding, steps, writers
 from mian_jax import workdir as workdir_lib
-from mian_jax.data import logs, pipeline, tabular, vocab
+from mian_jax.data import interaction_log, pipeline, tabular, vocab
 from mian_jax.errors import ConfigError, DataError
 
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often (so only on large inputs)
@@ -85,9 +85,9 @@ def load_config(workdir: str):
   return config
 
 
-class _BadRows(logs.BadRows):
-  """`logs.BadRows` that also keeps, per file, the earliest bad row (by file line), whatever
-  the reason it was found for first."""
+class _BadRows(interaction_log.BadRows):
+  """`interaction_log.BadRows` that also keeps, per file, the earliest bad row (by file line),
+  whatever the reason it was found for first."""
 
   def __init__(self):
     super().__init__(max_ratio=1.0)
@@ -99,7 +99,7 @@ class _BadRows(logs.BadRows):
       i = int(np.flatnonzero(bad)[0])
       where = int(line_numbers[i]) if line_numbers is not None else i + 1
       if name not in self.earliest or where < self.earliest[name][0]:
-        one = logs.BadRows(max_ratio=1.0)
+        one = interaction_log.BadRows(max_ratio=1.0)
         one.record(name, total, bad, reason, line_numbers, lines)
         self.earliest[name] = (where, one.files[name]["first_bad"])
 

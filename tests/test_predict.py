@@ -16,7 +16,7 @@ import pytest
 from configs import tabular as tabular_config
 from mian_jax import evaluate, export, predict, recorded_config, serving, train
 from mian_jax import metrics as metrics_lib
-from mian_jax.data import logs, tabular
+from mian_jax.data import interaction_log, tabular
 from mian_jax.errors import DataError
 from tests.helpers import REPO
 
@@ -112,7 +112,8 @@ def test_scores_of_the_test_period_reproduce_evaluate(trained, predicted):
   # The prepared test split: the rows of the last 10% of time, in time order (distinct times).
   log = pd.DataFrame(trained.rows, columns=HEADER)
   ts = log["ts"].astype(np.int64).to_numpy()
-  test = log.assign(t=ts)[logs.time_split(ts, 0.1, 0.1) == logs.TEST].sort_values("t")
+  in_test = interaction_log.time_split(ts, 0.1, 0.1) == interaction_log.TEST
+  test = log.assign(t=ts)[in_test].sort_values("t")
   assert len(test) == len(reference["prob"]) == 30
   np.testing.assert_array_equal(test["clicked"].astype(np.float32), reference["label"])
   scores = out.set_index(["user_id", "ts"]).loc[list(zip(test["user_id"], test["ts"])), "score"]

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict
 
-from mian_jax.data import logs, timestamps, vocab
+from mian_jax.data import interaction_log, timestamps, vocab
 from mian_jax.errors import DataError
 
 ENV_VAR = "MIAN_JAX_MOVIELENS_DIR"
@@ -117,18 +117,18 @@ def gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
   return np.where(np.isnan(gap_seconds), "none", names)
 
 
-def _read_100k(raw_dir: str, bad: logs.BadRows):
+def _read_100k(raw_dir: str, bad: interaction_log.BadRows):
   path = lambda f: os.path.join(raw_dir, f)  # noqa: E731
-  ratings = logs.read_delimited(path("u.data"), "\t", ("user", "movie", "rating", "timestamp"),
-                                bad)
-  users = logs.read_delimited(path("u.user"), "|",
-                              ("user", "age", "gender", "occupation", "zip"), bad)
-  users = logs.to_int(users, ("user", "age"), bad, "u.user", lo=0)
+  ratings = interaction_log.read_delimited(
+      path("u.data"), "\t", ("user", "movie", "rating", "timestamp"), bad)
+  users = interaction_log.read_delimited(
+      path("u.user"), "|", ("user", "age", "gender", "occupation", "zip"), bad)
+  users = interaction_log.to_int(users, ("user", "age"), bad, "u.user", lo=0)
   users["age_group"] = age_group(users["age"].to_numpy())
   flags = [f"g{i}" for i in range(len(GENRES_100K))]
-  movies = logs.read_delimited(path("u.item"), "|",
-                               ("movie", "title", "release", "video", "url", *flags), bad)
-  movies = logs.to_int(movies, ("movie", *flags), bad, "u.item", lo=0, hi=None)
+  movies = interaction_log.read_delimited(
+      path("u.item"), "|", ("movie", "title", "release", "video", "url", *flags), bad)
+  movies = interaction_log.to_int(movies, ("movie", *flags), bad, "u.item", lo=0, hi=None)
   flag_matrix = movies[flags].to_numpy(np.int64) > 0
   first = np.argmax(flag_matrix, axis=1)
   movies["genre"] = np.where(flag_matrix.any(axis=1), np.asarray(GENRES_100K, object)[first],
@@ -138,15 +138,16 @@ def _read_100k(raw_dir: str, bad: logs.BadRows):
   return ratings, "u.data", users, "u.user", movies, "u.item"
 
 
-def _read_1m(raw_dir: str, bad: logs.BadRows):
+def _read_1m(raw_dir: str, bad: interaction_log.BadRows):
   path = lambda f: os.path.join(raw_dir, f)  # noqa: E731
-  ratings = logs.read_delimited(path("ratings.dat"), "::",
-                                ("user", "movie", "rating", "timestamp"), bad)
-  users = logs.read_delimited(path("users.dat"), "::",
-                              ("user", "gender", "age_group", "occupation", "zip"), bad)
-  users = logs.to_int(users, ("user", "age_group"), bad, "users.dat", lo=0)
-  movies = logs.read_delimited(path("movies.dat"), "::", ("movie", "title", "genres"), bad)
-  movies = logs.to_int(movies, ("movie",), bad, "movies.dat", lo=0)
+  ratings = interaction_log.read_delimited(path("ratings.dat"), "::",
+                                           ("user", "movie", "rating", "timestamp"), bad)
+  users = interaction_log.read_delimited(path("users.dat"), "::",
+                                         ("user", "gender", "age_group", "occupation", "zip"), bad)
+  users = interaction_log.to_int(users, ("user", "age_group"), bad, "users.dat", lo=0)
+  movies = interaction_log.read_delimited(path("movies.dat"), "::", ("movie", "title", "genres"),
+                                          bad)
+  movies = interaction_log.to_int(movies, ("movie",), bad, "movies.dat", lo=0)
   movies["genre"] = movies["genres"].str.split("|", n=1, regex=False).str[0].str.strip()
   movies["genre"] = movies["genre"].where(movies["genre"] != "", "unknown")
   movies["year"] = pd.to_numeric(movies["title"].str.extract(r"\((\d{4})\)\s*$")[0],
@@ -154,8 +155,8 @@ def _read_1m(raw_dir: str, bad: logs.BadRows):
   return ratings, "ratings.dat", users, "users.dat", movies, "movies.dat"
 
 
-def read_log(data_config: ConfigDict, bad: logs.BadRows) -> tuple[pd.DataFrame, dict]:
-  """Reads and joins the raw files into a log (see logs.py), one row per valid rating.
+def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.DataFrame, dict]:
+  """Reads and joins the raw files into a log (see interaction_log.py), one row per valid rating.
 
   Returns:
     (log, lookups): lookups are the raw profile of every user and the raw genre and release
@@ -165,9 +166,10 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows) -> tuple[pd.DataFrame, 
   raw_dir = resolve_raw_dir(data_config)
   reader = _read_100k if c.variant == "100k" else _read_1m
   ratings, r_name, users, u_name, movies, m_name = reader(raw_dir, bad)
-  users = logs.drop_duplicate_keys(users, "user", bad, u_name)
-  movies = logs.drop_duplicate_keys(movies, "movie", bad, m_name)
-  ratings = logs.to_int(ratings, ("user", "movie", "rating", "timestamp"), bad, r_name, lo=0)
+  users = interaction_log.drop_duplicate_keys(users, "user", bad, u_name)
+  movies = interaction_log.drop_duplicate_keys(movies, "movie", bad, m_name)
+  ratings = interaction_log.to_int(ratings, ("user", "movie", "rating", "timestamp"), bad, r_name,
+                                   lo=0)
   lines = ratings["_line"].to_numpy()
   bad.record(r_name, 0, ~ratings["rating"].between(1, 5).to_numpy(), "rating outside 1..5", lines)
   bad.record(r_name, 0, ~ratings["user"].isin(users["user"]).to_numpy(), "unknown user", lines)
@@ -209,7 +211,8 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows) -> tuple[pd.DataFrame, 
       "user": r["user"].to_numpy(),
       "timestamp": r["timestamp"].to_numpy(np.int64),
       "label": (r["rating"] >= c.click_threshold).to_numpy(np.float32),
-      "split": logs.time_split(r["timestamp"].to_numpy(), c.valid_fraction, c.test_fraction),
+      "split": interaction_log.time_split(r["timestamp"].to_numpy(), c.valid_fraction,
+                                          c.test_fraction),
       "item.movie_id": r["movie"].to_numpy(),
       "item.genre": r["genre"].to_numpy(),
       "item.release_year": year_bucket(r["year"]).to_numpy(),
@@ -222,7 +225,7 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows) -> tuple[pd.DataFrame, 
       "context.weekday": when.dt.day_of_week.to_numpy(),
       "context.month": when.dt.month.to_numpy(),
       "context.time_since_last": gap_bucket(
-          logs.previous_time_gap(r["user"].to_numpy(), r["timestamp"].to_numpy())),
+          interaction_log.previous_time_gap(r["user"].to_numpy(), r["timestamp"].to_numpy())),
   })
   return log, lookups
 
@@ -262,12 +265,12 @@ def generate_with_vocabularies(data_config: ConfigDict):
   """Returns (schema, {split: columns}, stats, write_vocabularies), the last for
   `schema.write_prepared`: the vocabularies (training split), encoders and lookups."""
   c = data_config.movielens
-  bad = logs.BadRows(data_config.max_bad_row_ratio)
+  bad = interaction_log.BadRows(data_config.max_bad_row_ratio)
   log, lookups = read_log(data_config, bad)
-  spec = logs.LogSpec(max_seq_len=data_config.max_seq_len, **SPEC_FIELDS)
+  spec = interaction_log.LogSpec(max_seq_len=data_config.max_seq_len, **SPEC_FIELDS)
   source = (f"movielens-{c.variant}(click=rating>={c.click_threshold}, global time split "
             f"valid={c.valid_fraction}, test={c.test_fraction})")
-  schema, splits, info = logs.build_examples(log, spec, source)
+  schema, splits, info = interaction_log.build_examples(log, spec, source)
   stats = {
       "source": f"movielens-{c.variant}",
       "protocol": (f"label = rating >= {c.click_threshold}; global time split: last "
@@ -298,4 +301,4 @@ def generate_with_vocabularies(data_config: ConfigDict):
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Reads the raw MovieLens files and writes the prepared data (atomically) to `directory`."""
   schema, splits, stats, write_vocabularies = generate_with_vocabularies(data_config)
-  logs.write_with_stats(directory, schema, splits, stats, write_vocabularies)
+  interaction_log.write_with_stats(directory, schema, splits, stats, write_vocabularies)

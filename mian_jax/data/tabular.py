@@ -31,7 +31,7 @@ byte-order mark before the header is dropped.
 
 `python -m mian_jax.predict` reads the records it scores with the same pieces: `read_records`
 (one file, read and checked like a file of the log, the label optional) and `history_indices`
-(the behaviours, built as `logs.build_examples` builds them).
+(the behaviours, built as `interaction_log.build_examples` builds them).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from ml_collections import ConfigDict
 
-from mian_jax.data import logs, vocab
+from mian_jax.data import interaction_log, vocab
 from mian_jax.errors import DataError
 
 _TRUE = ("1", "1.0", "true", "True", "TRUE")
@@ -119,7 +119,7 @@ class _RowLines:
     return self.lines.line(int(self.records[i]))
 
 
-def read_table(path: str, c: ConfigDict, bad: logs.BadRows, fmt: str | None = None):
+def read_table(path: str, c: ConfigDict, bad: interaction_log.BadRows, fmt: str | None = None):
   """Reads one CSV (all columns as strings), Parquet or JSON-lines file; counts CSV lines with
   too many or too few fields, and JSON lines that are not an object, as malformed.
 
@@ -179,7 +179,7 @@ def _json_text(value):
   return json.dumps(value)
 
 
-def _read_json_lines(path: str, encoding: str, bad: logs.BadRows):
+def _read_json_lines(path: str, encoding: str, bad: interaction_log.BadRows):
   """Reads a JSON-lines file (one object per non-blank line) with every value as text, as CSV
   cells are read, and lists (behaviour list columns) as lists of text; see `read_table`."""
   records, numbers, texts, invalid = [], [], [], []
@@ -255,7 +255,7 @@ def _as_list_array(col: pa.ChunkedArray, sep: str) -> pa.Array:
 
 
 def _field_columns(c: ConfigDict):
-  groups = {g: logs.parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")
+  groups = {g: interaction_log.parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")
             for g in ("item", "user", "context")}
   if not groups["item"]:
     raise DataError("data.tabular.item_fields must name at least the item id column")
@@ -286,7 +286,7 @@ def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
 
 
 def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigDict, groups,
-                  behavior, bad: logs.BadRows, lines=None, label_optional: bool = False):
+                  behavior, bad: interaction_log.BadRows, lines=None, label_optional: bool = False):
   """One file's rows -> (log frame, {field: ListArray} or None, kept table rows); bad rows
   counted (lines[i]: the file line of row i, if known) and dropped.
 
@@ -367,7 +367,7 @@ def _row_describer(sources):
   return describe
 
 
-def read_log(data_config: ConfigDict, bad: logs.BadRows):
+def read_log(data_config: ConfigDict, bad: interaction_log.BadRows):
   """All files -> (log, groups, behavior, ListBehaviours or None, describe_row)."""
   c = data_config.tabular
   groups, behavior = _field_columns(c)
@@ -393,14 +393,14 @@ def read_log(data_config: ConfigDict, bad: logs.BadRows):
   bad.check()
   log = pd.concat([p[0] for p in parts], ignore_index=True)
   if c.path:
-    log["split"] = logs.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
-                                   c.test_fraction)
+    log["split"] = interaction_log.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
+                                              c.test_fraction)
   lists = (_list_behaviours([p[1] for p in parts], behavior)
            if c.behavior_source == "list" else None)
   return log, groups, behavior, lists, _row_describer(sources)
 
 
-def _list_behaviours(parts, behavior) -> logs.ListBehaviours:
+def _list_behaviours(parts, behavior) -> interaction_log.ListBehaviours:
   """Per file {field: ListArray} -> the behaviours of the concatenated rows (values stripped)."""
   flat, offsets = {}, None
   for b in behavior:
@@ -410,7 +410,7 @@ def _list_behaviours(parts, behavior) -> logs.ListBehaviours:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = pa.concat_arrays([pc.list_flatten(a).cast(pa.string()) for a in arrays])
     flat[b] = pd.Series(values.to_pandas(), dtype=object).str.strip()
-  return logs.ListBehaviours(flat=flat, offsets=offsets)
+  return interaction_log.ListBehaviours(flat=flat, offsets=offsets)
 
 
 def behaviour_mask(log: pd.DataFrame, behavior_rows: str) -> np.ndarray | None:
@@ -420,22 +420,24 @@ def behaviour_mask(log: pd.DataFrame, behavior_rows: str) -> np.ndarray | None:
 
 
 def history_indices(log: pd.DataFrame, max_seq_len: int, mask: np.ndarray | None = None,
-                    lists: logs.ListBehaviours | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Each row's behaviours as `logs.build_examples` builds them: (indices [N, T], int32 lengths
-  [N]) in log row order, newest first, -1 = padding.
+                    lists: interaction_log.ListBehaviours | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's behaviours as `interaction_log.build_examples` builds them: (indices [N, T],
+  int32 lengths [N]) in log row order, newest first, -1 = padding.
 
   Without `lists`, an index is a log row: the same user's rows with a strictly earlier
   timestamp among those in `mask` (default: all), ties in log order. With `lists`, it is a
   position in the flat list values (the last T of the row's list).
   """
   if lists is not None:
-    return logs._history_from_lists(lists, max_seq_len)
+    return interaction_log._history_from_lists(lists, max_seq_len)
   n = len(log)
   users = pd.factorize(log["user"], sort=True)[0]
   ts = log["timestamp"].to_numpy(np.float64)
   by_user = np.lexsort((np.arange(n), ts, users))
   mask = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
-  rows, lengths = logs._history_from_log(users[by_user], ts[by_user], mask[by_user], max_seq_len)
+  rows, lengths = interaction_log._history_from_log(users[by_user], ts[by_user], mask[by_user],
+                                                    max_seq_len)
   indices = np.full((n, max_seq_len), -1, np.int64)
   indices[by_user] = np.where(rows >= 0, by_user[np.maximum(rows, 0)], -1)
   out_lengths = np.empty(n, np.int32)
@@ -456,7 +458,7 @@ class Records:
     describe_row: where log row i comes from, e.g. "new.csv line 7".
   """
   log: pd.DataFrame
-  lists: logs.ListBehaviours | None
+  lists: interaction_log.ListBehaviours | None
   table: pa.Table
   kept: np.ndarray
   groups: dict[str, tuple[tuple[str, str], ...]]
@@ -464,7 +466,7 @@ class Records:
   describe_row: Callable[[int], str]
 
 
-def read_records(path: str, tabular_config: ConfigDict, bad: logs.BadRows,
+def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.BadRows,
                  fmt: str | None = None) -> Records:
   """One file of raw records in the configured columns, checked like a file of the log (bad
   rows counted in `bad` and dropped; `bad.check()` is the caller's), except that the label
@@ -495,15 +497,15 @@ def generate_with_vocabularies(data_config: ConfigDict):
   `schema.write_prepared`: the vocabularies of the categorical fields (the training split's
   values) and the standardisation of the numeric ones."""
   c = data_config.tabular
-  bad = logs.BadRows(data_config.max_bad_row_ratio)
+  bad = interaction_log.BadRows(data_config.max_bad_row_ratio)
   log, groups, behavior, lists, describe_row = read_log(data_config, bad)
-  spec = logs.LogSpec(item_fields=groups["item"], behavior_fields=behavior,
-                      user_fields=groups["user"], context_fields=groups["context"],
-                      max_seq_len=data_config.max_seq_len)
+  spec = interaction_log.LogSpec(item_fields=groups["item"], behavior_fields=behavior,
+                                 user_fields=groups["user"], context_fields=groups["context"],
+                                 max_seq_len=data_config.max_seq_len)
   mask = behaviour_mask(log, c.behavior_rows)
   source = f"tabular({c.path or c.train_path})"
-  schema, splits, info = logs.build_examples(log, spec, source, behaviour_mask=mask, lists=lists,
-                                             describe_row=describe_row)
+  schema, splits, info = interaction_log.build_examples(log, spec, source, behaviour_mask=mask,
+                                                        lists=lists, describe_row=describe_row)
   if c.path:
     split_text = (f"global time split: last {c.test_fraction:.0%} of rows by timestamp = test, "
                   f"the {c.valid_fraction:.0%} before = valid")
@@ -536,5 +538,5 @@ def generate_with_vocabularies(data_config: ConfigDict):
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Reads the configured files and writes the prepared data (atomically) to `directory`."""
   schema, splits, stats, write_vocabularies = generate_with_vocabularies(data_config)
-  logs.write_with_stats(directory, schema, splits, stats, write_vocabularies)
+  interaction_log.write_with_stats(directory, schema, splits, stats, write_vocabularies)
 
