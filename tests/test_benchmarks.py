@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from benchmarks import (ab_step, accelerator, common, compare_deepctr, profile_step, roofline,
-                        throughput)
-from tests.helpers import REPO
+                        serving, throughput)
+from tests.helpers import REPO, markdown_rows, tiny_config
 
 PEER_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
 
@@ -209,3 +209,33 @@ def test_ab_step_times_each_variant_in_alternating_rounds(tmp_path, capsys):
   assert rows[0]["ratio_to_first"] == 1.0
   assert rows[1]["overrides"] == ["--config.model.dropout_rng=threefry"]
   assert "threefry" in capsys.readouterr().out
+
+
+def test_serving_benchmark_measures_scorer_and_eval_step_on_the_same_rows():
+  """One model of the tiny config for about 1 s: a row per (implementation, batch size) with
+  the measurements, versions, device and load average, scores that agree, and DeepCTR-Torch's
+  predict written as not measured. No timing is asserted."""
+  rows = serving.measure_model(tiny_config(), "din", seconds=1.0, batch_sizes=(1, 64), rounds=2)
+  measured = [r for r in rows if r["measured"]]
+  assert [(r["impl"], r["batch_size"]) for r in measured] == [
+      (impl, b) for b in (1, 64) for impl in serving.IMPLS]
+  for r in measured:
+    assert (r["model"], r["trained"], r["step"], r["rows_from"]) == ("din", False, 0, "valid")
+    assert r["calls"] >= 1 and r["rows_per_s"] > 0 and r["first_call_s"] > 0
+    assert 0 < r["latency_p50_ms"] <= r["latency_p99_ms"]
+    assert len(r["loadavg_start"]) == len(r["loadavg_end"]) == 3
+    assert r["export_platforms"] == ["cpu"] and r["backend"] == "cpu"
+    assert {"device", "cpu", "cpu_count", "jax_version", "jaxlib_version", "numpy_version",
+            "python_version", "data_checksum", "num_parameters"} <= set(r)
+    assert r["distinct_batches"] == (64 if r["batch_size"] == 1 else 4)  # 256 valid rows
+  for r in measured[::2]:
+    assert r["impl"] == "exported_scorer" and r["max_abs_diff_vs_eval_step"] < 1e-5
+  (peer,) = [r for r in rows if not r["measured"]]
+  assert (peer["impl"], peer["model"]) == ("deepctr_torch", "din")
+  assert "no predict mode" in peer["reason"]
+  table = markdown_rows(serving.format_table(rows))
+  assert [line[:3] for line in table[:2]] == [
+      ["din", serving.IMPL_NAMES["exported_scorer"], "1"],
+      ["din", serving.IMPL_NAMES["eval_step"], "1"]]
+  assert table[-1][3] == "not measured"
+  json.dumps(rows)  # JSON-able, as append_jsonl writes them

@@ -1,0 +1,291 @@
+"""Serving speed: latency at batch 1 and throughput at batch 1024 of an exported model
+(`mian_jax.serving.Scorer.score`) against the in-process jitted eval step, on the same rows.
+
+  python -m benchmarks.serving --config=configs/synthetic.py --models=mian,din \
+      --out=runs/serving.jsonl [--seconds=10] [--batch_sizes=1,1024] [--rounds=4] \
+      [--config.data.synthetic.num_train=20000 --config.x=y ...]
+
+For each model of --models, the config's data is prepared (or found) and `steps.setup` builds
+the model and a freshly initialised state: nothing is trained, since the values of the
+parameters change the scores but not the time it takes to compute them. The state is exported
+with `export.export_run` (for this process's platform) into a temporary directory and loaded
+with `Scorer.load`, as a serving process would. Both implementations then score the same rows of
+the valid split (a row index past the end wraps around, so a batch may hold a row twice):
+
+- exported_scorer: `Scorer.score(batch)`. It checks and casts the inputs against
+  signature.json, pads the batch to a power of two (1 and 1024 need no padding), calls the
+  deserialised StableHLO and returns NumPy arrays: the probabilities and each attention
+  module's weights.
+- eval_step: `run.eval_step(state, sharding.to_global(batch, mesh))`, the step evaluation
+  uses, with the probabilities copied back to the host (`jax.device_get`). It returns no
+  attention weights.
+
+Both run on one device (the mesh of `steps.setup` is built over the first device only): the
+scorer places its parameters on one device, and a batch of one row cannot be split. A timed
+call starts with the batch as NumPy arrays on the host and ends with the scores on the host;
+building the batch from the split is not timed. Each implementation is called `WARMUP_CALLS`
+times first (compilation included; the first call's time is `first_call_s`), then timed call by
+call for --seconds per batch size, in --rounds rounds that alternate the two implementations
+so that a change of load hits both alike. Reported per (model, implementation, batch size):
+latency p50 / p99 / mean in ms over the timed calls, and rows/s = rows scored / time spent in
+the calls. Each row records the versions, the device and the load average (`os.getloadavg()`)
+before and after its measurement. The scorer's rows also hold the largest absolute difference
+of its probabilities from the eval step's on the same rows (a check that both compute the same
+scores).
+
+DeepCTR-Torch's `predict` is not measured: benchmarks/deepctr_peer.py (the peer run by
+compare_deepctr.py and throughput.py in a torch venv, --peer_python) has only its "train" and
+"throughput" modes, no predict mode. For a model DeepCTR-Torch has (DIN, DeepFM) a row with
+"impl": "deepctr_torch", "measured": false and the reason is written instead.
+
+One JSON object per row is appended to --out; a Markdown table ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common, compare_deepctr
+
+IMPLS = ("exported_scorer", "eval_step")
+WARMUP_CALLS = 10  # untimed calls per (implementation, batch size) before timing
+DISTINCT_BATCHES = 64  # at most this many different batches are cycled through per batch size
+PEER_NOT_MEASURED = ("not measured: benchmarks/deepctr_peer.py has no predict mode (only "
+                     "'train' and 'throughput')")
+_NOT_INPUTS = ("label", "weight")  # keys of a pipeline batch that no model reads
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+  """The q-th percentile (0-100) of `values`, linearly interpolated (NumPy's default)."""
+  return float(np.percentile(np.asarray(values, np.float64), q))
+
+
+def summarise(durations: Sequence[float], batch_size: int) -> dict[str, float | int]:
+  """Latency percentiles (ms) and rows/s of timed calls of `batch_size` rows each."""
+  return {"latency_p50_ms": 1e3 * percentile(durations, 50),
+          "latency_p99_ms": 1e3 * percentile(durations, 99),
+          "latency_mean_ms": 1e3 * statistics.fmean(durations),
+          "rows_per_s": batch_size * len(durations) / sum(durations),
+          "calls": len(durations)}
+
+
+def valid_batches(data_dir: str, schema, batch_size: int) -> list[dict]:
+  """Up to DISTINCT_BATCHES consecutive batches of the valid split's rows (wrapping around),
+  without label and weight, as nested NumPy batches (`pipeline.gather_batch`)."""
+  from mian_jax.data import pipeline  # noqa: PLC0415
+  from mian_jax.data import schema as schema_lib  # noqa: PLC0415
+  columns = schema_lib.load_split(data_dir, "valid", schema)
+  n = schema.size("valid")
+  count = max(1, min(DISTINCT_BATCHES, n // batch_size))
+  batches = []
+  for k in range(count):
+    batch = pipeline.gather_batch(columns, schema, (k * batch_size + np.arange(batch_size)) % n)
+    batches.append({key: value for key, value in batch.items() if key not in _NOT_INPUTS})
+  return batches
+
+
+def time_calls(fn: Callable[[dict], Any], batches: Sequence[dict], seconds: float,
+               start_index: int = 0) -> list[float]:
+  """Calls `fn` on `batches` in turn (from `start_index`) for about `seconds` (at least once);
+  the duration of each call in seconds."""
+  durations: list[float] = []
+  end = time.perf_counter() + seconds
+  i = start_index
+  while not durations or time.perf_counter() < end:
+    batch = batches[i % len(batches)]
+    start = time.perf_counter()
+    fn(batch)
+    durations.append(time.perf_counter() - start)
+    i += 1
+  return durations
+
+
+def environment() -> dict[str, Any]:
+  """Versions, device and machine: what a row's figures depend on besides the code."""
+  import jax  # noqa: PLC0415
+  import jaxlib  # noqa: PLC0415
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                 cpu)
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {"backend": jax.default_backend(), "device": device.device_kind,
+          "device_count": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
+          "jaxlib_version": jaxlib.__version__, "numpy_version": np.__version__,
+          "python_version": platform.python_version()}
+
+
+def measure_model(config, model: str, seconds: float, batch_sizes: Sequence[int] = (1, 1024),
+                  rounds: int = 4) -> list[dict[str, Any]]:
+  """Measures the exported scorer and the in-process eval step of `model` on `config`'s data.
+
+  Args:
+    config: a checked config (`common.load_config`); its model name is replaced by `model`.
+    seconds: timed seconds per (implementation, batch size), split into `rounds` rounds that
+      alternate the implementations.
+
+  Returns:
+    One row per (implementation, batch size), in the order of IMPLS within each batch size
+    (module docstring), plus a "deepctr_torch" row with "measured": false when DeepCTR-Torch
+    has the model.
+  """
+  import jax  # noqa: PLC0415
+
+  from mian_jax import export, sharding, steps  # noqa: PLC0415
+  from mian_jax.serving import Scorer  # noqa: PLC0415
+  config = config.copy_and_resolve_references()
+  config.model.name = model
+  run = steps.setup(config, sharding.create_mesh(jax.devices()[:1]))
+  platforms = ("cuda",) if jax.default_backend() == "gpu" else (jax.default_backend(),)
+  with tempfile.TemporaryDirectory(prefix=f"serving-{model}-") as tmp:
+    manifest = export.export_run(run, run.state, os.path.join(tmp, "export"), platforms)
+    scorer = Scorer.load(os.path.join(tmp, "export"))
+    fns = {
+        "exported_scorer": lambda batch: scorer.score(batch)["prob"],
+        "eval_step": lambda batch: jax.device_get(
+            run.eval_step(run.state, sharding.to_global(batch, run.mesh))["prob"]),
+    }
+    num_parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params))
+    shared = {"model": model, "trained": False, "step": manifest["step"],
+              "num_parameters": num_parameters, "data_dir": run.data_dir,
+              "data_checksum": run.data_checksum, "rows_from": "valid",
+              "valid_rows": run.schema.size("valid"), "export_platforms": manifest["platforms"],
+              "seconds": seconds, "rounds": rounds, "warmup_calls": WARMUP_CALLS,
+              **environment()}
+    rows = []
+    for batch_size in batch_sizes:
+      batches = valid_batches(run.data_dir, run.schema, batch_size)
+      first_call, loadavg_start = {}, list(os.getloadavg())
+      for impl, fn in fns.items():
+        start = time.perf_counter()
+        fn(batches[0])
+        first_call[impl] = time.perf_counter() - start
+        for i in range(WARMUP_CALLS - 1):
+          fn(batches[(i + 1) % len(batches)])
+      durations: dict[str, list[float]] = {impl: [] for impl in fns}
+      for round_index in range(rounds):
+        for impl in (IMPLS if round_index % 2 == 0 else IMPLS[::-1]):
+          durations[impl] += time_calls(fns[impl], batches, seconds / rounds,
+                                        len(durations[impl]))
+      loadavg_end = list(os.getloadavg())
+      difference = float(np.max(np.abs(fns["exported_scorer"](batches[0])
+                                       - fns["eval_step"](batches[0]))))
+      for impl in IMPLS:
+        row = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+               "impl": impl, "batch_size": batch_size, "measured": True,
+               **summarise(durations[impl], batch_size), "first_call_s": first_call[impl],
+               "distinct_batches": len(batches), "loadavg_start": loadavg_start,
+               "loadavg_end": loadavg_end, **shared}
+        if impl == "exported_scorer":
+          row["max_abs_diff_vs_eval_step"] = difference
+        rows.append(row)
+  if model in compare_deepctr.MODELS:
+    rows.append({"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                 "impl": "deepctr_torch", "model": model, "batch_sizes": list(batch_sizes),
+                 "measured": False, "reason": PEER_NOT_MEASURED,
+                 "peer_python_found": os.access(common.DEFAULT_PEER_PYTHON, os.X_OK)})
+  return rows
+
+
+IMPL_NAMES = {"exported_scorer": "exported (`Scorer.score`)",
+              "eval_step": "in-process `eval_step`", "deepctr_torch": "DeepCTR-Torch `predict`"}
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """The rows as a Markdown table, one line per (model, implementation, batch size)."""
+  lines = ["| model | implementation | batch | p50 ms | p99 ms | rows/s | calls | load avg |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if not r.get("measured"):
+      lines.append(f"| {r['model']} | {IMPL_NAMES[r['impl']]} | - | not measured | | | | |")
+      continue
+    load = f"{r['loadavg_start'][0]:.1f} → {r['loadavg_end'][0]:.1f}"
+    lines.append(f"| {r['model']} | {IMPL_NAMES[r['impl']]} | {r['batch_size']} | "
+                 f"{r['latency_p50_ms']:.3f} | {r['latency_p99_ms']:.3f} | "
+                 f"{r['rows_per_s']:,.0f} | {r['calls']:,} | {load} |")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags; the `--config.<key>=<value>` overrides end up in `overrides`."""
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="Config overrides: --config.<key>=<value> (repeatable).")
+  p.add_argument("--config", required=True, help="configs/<dataset>.py[:arg]")
+  p.add_argument("--models", default="mian,din", help="comma list of models")
+  p.add_argument("--out", default="runs/serving.jsonl", help="JSONL file rows are appended to")
+  p.add_argument("--seconds", type=float, default=10.0,
+                 help="timed seconds per (model, implementation, batch size)")
+  p.add_argument("--batch_sizes", default="1,1024", help="comma list of batch sizes")
+  p.add_argument("--rounds", type=int, default=4,
+                 help="rounds alternating the two implementations per batch size")
+  args, overrides = p.parse_known_args(argv)
+  unknown = [x for x in overrides if not x.startswith("--config.")]
+  if unknown:
+    p.error(f"unrecognized arguments: {' '.join(unknown)}")
+  try:
+    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
+  except ValueError:
+    p.error(f"--batch_sizes={args.batch_sizes!r}: expected comma-separated integers")
+  if not args.batch_sizes or min(args.batch_sizes) < 1:
+    p.error("--batch_sizes: expected positive batch sizes")
+  if args.seconds <= 0 or args.rounds < 1:
+    p.error("--seconds must be positive and --rounds at least 1")
+  args.overrides = overrides
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  try:
+    config = common.load_config(args.config, args.overrides)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  from mian_jax import cli, models, writers  # noqa: PLC0415
+  from mian_jax.errors import MianError  # noqa: PLC0415
+  names = [x for x in args.models.split(",") if x]
+  unknown = sorted(set(names) - set(models.MODELS))
+  if unknown:
+    sys.exit(f"error: unknown model(s) {unknown}; expected some of {sorted(models.MODELS)}")
+  cli.quiet_library_logs()
+  env = environment()
+  print(f"{env['backend']} ({env['device']}, {env['cpu']}, {env['cpu_count']} cores), jax "
+        f"{env['jax_version']}; load average {os.getloadavg()[0]:.2f}", flush=True)
+  rows = []
+  for name in names:
+    try:
+      measured = measure_model(config, name, args.seconds, args.batch_sizes, args.rounds)
+    except MianError as e:
+      sys.exit(f"error: {' '.join(str(e).split())}")
+    for row in measured:
+      row.update(config=args.config, overrides=args.overrides)
+    writers.append_jsonl(args.out, measured)
+    rows += measured
+    for row in measured:
+      if row["measured"]:
+        print(f"{name} {row['impl']} batch {row['batch_size']}: p50 "
+              f"{row['latency_p50_ms']:.3f} ms, p99 {row['latency_p99_ms']:.3f} ms, "
+              f"{row['rows_per_s']:,.0f} rows/s", flush=True)
+  print()
+  print(format_table(rows))
+  print(f"\nuntrained (freshly initialised) models: parameter values do not change the speed. "
+        f"DeepCTR-Torch predict {PEER_NOT_MEASURED}. Rows appended to {args.out}")
+
+
+if __name__ == "__main__":
+  main()
