@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.label = "clicked"  # 0/1 (or true/false) column
   t.user_id = "user_id"  # user column (group_id for gAUC)
   t.timestamp = "ts"  # Unix seconds, or a date-time string / Parquet timestamp
-  # "name:kind,..." with kind categorical (default) or numeric; the first item field = item id.
+  # "name:kind,..." with kind categorical (default), numeric or hash(N) (no vocabulary: ids
+  # 2 + stable hash mod N, docs/data.md "Hashed fields"); the first item field = item id.
   t.item_fields = "item_id:categorical,category:categorical,price:numeric"
   t.user_fields = "age_group:categorical,gender:categorical,city:categorical"
   t.context_fields = "hour:categorical,device:categorical"

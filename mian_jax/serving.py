@@ -11,7 +11,7 @@ model code, no config library, so a serving process carries none of them. `score
 encoded inputs, as in a prepared split: ids, not raw values (`signature.json` lists each
 input's name, dtype, per-example shape and valid id range). `encode` turns raw values into
 them with the export's `vocab/` (exports of the tabular source, or any whose fields are plain
-maps and standardised numbers):
+maps, hashed values and standardised numbers):
 
   batch, unseen = scorer.encode({"item.item_id": ["i1", "i7"], "item.price": [3.5, 1.0],
                                  "hist.item_id": [["i3", "i1"], []], ...})
@@ -42,6 +42,8 @@ MANIFEST_FILE = "manifest.json"
 VOCAB_DIR = "vocab"
 ENCODERS_FILE = "encoders.json"  # in VOCAB_DIR (mian_jax/data/vocab.py)
 OOV_ID = 1  # the id of an unseen or missing value (mian_jax/data/schema.py)
+HASH_FUNCTION = "blake2b-8-le mod buckets"  # of an encoder of kind "hash" (`_stable_hash`)
+_HASH_DIGEST_BYTES = 8  # a uint64
 _INT32 = np.iinfo(np.int32)
 
 
@@ -75,6 +77,22 @@ def _tokens(values) -> list[str | None]:
   """Raw values as the strings vocabularies hold (str(value)); None and NaN as None."""
   return [None if v is None or (isinstance(v, (float, np.floating)) and v != v) else str(v)
           for v in values]
+
+
+def _stable_hash(token: str) -> int:
+  """A copy of `mian_jax.data.vocab.stable_hash` (this module imports nothing from
+  mian_jax.data; tests/test_export.py checks that the two agree): the 8-byte BLAKE2b digest of
+  the token's UTF-8 bytes (lone surrogates passed through), read little-endian."""
+  digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"),
+                           digest_size=_HASH_DIGEST_BYTES).digest()
+  return int.from_bytes(digest, "little")
+
+
+def _hash_ids(tokens: list[str | None], buckets: int, first_id: int) -> np.ndarray:
+  """Tokens [N] -> int32 ids [N]: first_id + _stable_hash(token) mod buckets; OOV_ID if None."""
+  ids = {t: first_id + _stable_hash(t) % buckets for t in set(tokens) if t is not None}
+  return np.fromiter((OOV_ID if t is None else ids[t] for t in tokens), np.int32,
+                     count=len(tokens))
 
 
 def bucket_size(num_rows: int) -> int:
@@ -155,9 +173,11 @@ class Scorer:
         may be present and are ignored.
 
     A categorical value is looked up as str(value), as preparation read the cell's text; an
-    unseen or missing (None, NaN) one is the out-of-vocabulary id 1 and counted. A numeric
-    value is standardised with the training mean and std (encoders.json). Of each behaviour
-    list the last T are kept, stored newest first; `hist_len` is their number.
+    unseen or missing (None, NaN) one is the out-of-vocabulary id 1 and counted. A hashed
+    field (encoder kind "hash") has no unseen values: str(value) is hashed as preparation
+    hashed it; only a missing value is id 1 and counted. A numeric value is standardised with
+    the training mean and std (encoders.json). Of each behaviour list the last T are kept,
+    stored newest first; `hist_len` is their number.
 
     Returns:
       (the batch, {field: number of unseen or missing values}).
@@ -210,15 +230,23 @@ class Scorer:
     return batch, unseen
 
   def _lookup(self, name: str, field: str, tokens: list[str | None]) -> tuple[np.ndarray, int]:
-    """Tokens -> int32 ids of `field`'s map (OOV_ID if unseen or missing), and how many were."""
+    """Tokens -> int32 ids of `field`'s map, or its hash (encoder kind "hash"), with OOV_ID
+    for an unseen (not hashed) or missing token, and how many were OOV_ID."""
     encoder = self._encoders().get(field)
-    if encoder is not None and encoder.get("kind") != "rule":
-      raise ValueError(f"field {name!r} is computed with a {encoder.get('kind')!r} encoder, "
-                       "which Scorer.encode does not apply; encode it yourself "
+    kind = None if encoder is None else encoder.get("kind")
+    if kind == "hash":
+      if encoder.get("function") != HASH_FUNCTION:
+        raise ValueError(f"field {name!r} is hashed with {encoder.get('function')!r}; this "
+                         f"loader computes {HASH_FUNCTION!r}")
+      out = _hash_ids(tokens, int(encoder["buckets"]), int(encoder["first_id"]))
+    elif kind in (None, "rule"):
+      ids = self._vocabulary(field)
+      out = np.fromiter((OOV_ID if t is None else ids.get(t, OOV_ID) for t in tokens),
+                        np.int32, count=len(tokens))
+    else:
+      raise ValueError(f"field {name!r} is computed with a {kind!r} encoder, which "
+                       "Scorer.encode does not apply; encode it yourself "
                        "(mian_jax/data/vocab.py)")
-    ids = self._vocabulary(field)
-    out = np.fromiter((OOV_ID if t is None else ids.get(t, OOV_ID) for t in tokens), np.int32,
-                      count=len(tokens))
     return out, int(np.count_nonzero(out == OOV_ID))
 
   def _standardise(self, name: str, values) -> np.ndarray:

@@ -5,13 +5,15 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 
+from configs import tabular as tabular_config
 from mian_jax import evaluate, export, models, serving, steps, train
-from mian_jax.data import pipeline
+from mian_jax.data import pipeline, tabular, vocab
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
 from tests.helpers import REPO, tiny_config
@@ -264,3 +266,62 @@ def test_a_platform_that_cannot_be_lowered_for_is_left_out_and_recorded(tmp_path
   assert export.parse_platforms("cpu, cuda,cpu") == ("cpu", "cuda")
   with pytest.raises(ConfigError, match="expected a comma-separated subset of cpu,cuda"):
     export.parse_platforms("cpu,gpu")
+
+
+# ------------------------------------------------------------------- encode: hashed fields
+
+_HASH_CSV = """user_id,ts,clicked,item_id,category,price,age_group,gender,city,hour,device
+a,10,1,i1,c1,1.0,20,F,x,9,ios
+a,20,0,i2,c2,3.0,20,F,x,10,ios
+b,15,1,i2,c2,3.0,30,M,y,11,web
+a,30,1,i3,c1,5.0,20,F,x,12,ios
+b,40,1,i4,c3,7.0,30,M,y,13,web
+a,50,0,i1,c1,1.0,20,F,,14,ios
+"""
+
+
+def test_encode_hashes_as_the_data_package_does():
+  texts = ["i1", "café", "商品-42", "😀", "u\udcffD", "", "Ünïcödé ☃", "7.0"]
+  assert [serving._stable_hash(t) for t in texts] == [vocab.stable_hash(t) for t in texts]
+  assert serving.HASH_FUNCTION == vocab.HASH_FUNCTION
+  tokens = [*texts, None, "café"]
+  for buckets in (1, 97, 1 << 30):
+    np.testing.assert_array_equal(serving._hash_ids(tokens, buckets, schema_lib.NUM_RESERVED_IDS),
+                                  vocab.hash_ids(tokens, buckets))
+
+
+def test_encode_of_hashed_fields_equals_the_prepared_columns(tmp_path):
+  """Scorer.encode with the vocab/ of a tabular directory whose item_id, category and city are
+  hashed: the raw test rows encode to the prepared test split (the model is not needed)."""
+  (tmp_path / "log.csv").write_text(_HASH_CSV)
+  config = tabular_config.get_config().data
+  config.max_seq_len = 2
+  t = config.tabular
+  t.path, t.valid_fraction, t.test_fraction = str(tmp_path / "log.csv"), 0.2, 0.2
+  t.item_fields = "item_id:hash(1000),category:hash(50),price:numeric"
+  t.user_fields = "age_group,gender,city:hash(20)"
+  directory = str(tmp_path / "prepared")
+  tabular.prepare(config, directory)
+  schema = schema_lib.read_schema(directory)
+  test = schema_lib.load_split(directory, "test", schema)
+  signature = {"inputs": [{"name": name, "dtype": dtype, "shape": list(shape)}
+                          for name, (dtype, shape) in export.input_columns(schema).items()],
+               "ignored_inputs": list(export.NOT_INPUTS), "outputs": []}
+  scorer = serving.Scorer(directory, types.SimpleNamespace(call=lambda *args: {}), {},
+                          signature, {})  # a prepared directory holds vocab/ as an export does
+  # Test rows b@40 (i4, first seen here) and a@50 (i1, no city); earlier clicks oldest first.
+  records = {"item.item_id": ["i4", "i1"], "item.category": ["c3", "c1"],
+             "item.price": [7.0, 1.0], "user.age_group": ["30", "20"],
+             "user.gender": ["M", "F"], "user.city": ["y", None],
+             "context.hour": ["13", "14"], "context.device": ["web", "ios"],
+             "hist.item_id": [["i2"], ["i1", "i3"]], "hist.category": [["c2"], ["c1", "c1"]]}
+  batch, unseen = scorer.encode(records)
+  assert set(batch) == set(scorer.input_names)
+  for name in scorer.input_names:
+    np.testing.assert_allclose(batch[name], test[name], rtol=1e-6, err_msg=name)
+  assert batch["item.item_id"][0] != serving.OOV_ID and batch["user.city"][1] == serving.OOV_ID
+  # Hashed fields: only a missing value counts (a@50's city); hours 13, 14 are not in the
+  # training vocabulary of hour (9, 10, 11).
+  assert unseen == {"item.item_id": 0, "item.category": 0, "user.age_group": 0,
+                    "user.gender": 0, "user.city": 1, "context.hour": 2, "context.device": 0,
+                    "hist.item_id": 0, "hist.category": 0}

@@ -12,8 +12,8 @@ import pytest
 from configs import tabular as tabular_config
 from mian_jax import data as data_lib
 from mian_jax.data import schema as schema_lib
-from mian_jax.data import tabular
-from mian_jax.errors import DataError
+from mian_jax.data import tabular, vocab
+from mian_jax.errors import ConfigError, DataError
 
 HEADER = "user_id,ts,clicked,item_id,category,price,age_group,gender,city,hour,device"
 ROWS = ["a,10,1,i1,c1,1.0,20,F,x,9,ios",
@@ -216,3 +216,82 @@ def test_ragged_lines_name_their_file_line(tmp_path):
   path = write_csv(tmp_path / "label.csv", rows)
   with pytest.raises(DataError, match=r"first: line 7 \(label 'clicked' is not 0/1\) 'maybe'"):
     tabular.generate(config_for(path=path).data)
+
+
+# ------------------------------------------------------------------- hashed fields
+
+
+def test_hash_declarations_parse_and_malformed_ones_are_one_line_config_errors(tmp_path):
+  fields, buckets = tabular.parse_fields(" brand:hash(100000), price:numeric,shop,tag:hash( 7 )",
+                                         "data.tabular.item_fields")
+  assert fields == (("brand", "categorical"), ("price", "numeric"), ("shop", "categorical"),
+                    ("tag", "categorical"))
+  assert buckets == {"brand": 100000, "tag": 7}
+  for kind in ("hash(0)", "hash(-5)", "hash()", "hash", "hash(abc)", "hash(1e6)",
+               f"hash({vocab.MAX_HASH_BUCKETS + 1})"):
+    with pytest.raises(ConfigError) as e:
+      tabular.parse_fields(f"item_id,brand:{kind}", "data.tabular.item_fields")
+    message = str(e.value)
+    assert message.startswith(f"data.tabular.item_fields: field 'brand' has kind {kind!r}")
+    assert "\n" not in message
+  with pytest.raises(ConfigError, match=r"field 'brand' has kind 'hash\(0\)'; a hashed field is "
+                     r"hash\(N\) with N, the number of buckets, an integer from 1 to \d+ "
+                     r"\(e.g. brand:hash\(100000\)\)"):
+    tabular.parse_fields("brand:hash(0)", "data.tabular.item_fields")
+  with pytest.raises(ConfigError, match="kind 'hsh'; expected 'categorical', 'numeric' or "
+                     r"'hash\(N\)'"):
+    tabular.parse_fields("brand:hsh", "data.tabular.item_fields")
+  # Through a config, before any file is read.
+  path = write_csv(tmp_path / "log.csv")
+  with pytest.raises(ConfigError, match=r"data.tabular.user_fields: field 'city' has kind "
+                     r"'hash\(0\)'"):
+    tabular.generate(config_for(path=path, user_fields="city:hash(0)").data)
+
+
+HASHED = "item_id:hash(1000),category:hash(50),price:numeric"
+
+
+def _hash_id(value, buckets):
+  return schema_lib.NUM_RESERVED_IDS + vocab.stable_hash(value) % buckets
+
+
+def test_hashed_fields_give_values_unseen_in_training_their_own_ids(tmp_path):
+  rows = list(ROWS)
+  rows[5] = "a,50,0,i1,,1.0,20,F,x,14,ios"  # a@50 has no category
+  config = config_for(path=write_csv(tmp_path / "log.csv", rows), item_fields=HASHED,
+                      user_fields="age_group,gender,city:hash(10)")
+  schema, splits, stats = tabular.generate(config.data)
+  f = schema.features
+  assert [(x.name, x.vocab_size) for x in f.item_fields] == [
+      ("item_id", 1002), ("category", 52), ("price", 0)]
+  assert [(x.name, x.vocab_size) for x in f.user_fields] == [
+      ("age_group", 4), ("gender", 4), ("city", 12)]
+  assert "item.item_id hashed into 1000 buckets" in stats["protocol"]
+  ids = {v: _hash_id(v, 1000) for v in ("i1", "i2", "i3", "i4")}
+  cats = {v: _hash_id(v, 50) for v in ("c1", "c2", "c3")}
+  assert len(set(ids.values())) == 4 and all(2 <= i < 1002 for i in ids.values())
+  tr, va, te = splits["train"], splits["valid"], splits["test"]
+  # As in the hand-worked example, but i3 (first seen in valid) and i4 (test) are not OOV.
+  np.testing.assert_array_equal(tr["item.item_id"], [ids["i1"], ids["i2"], ids["i2"]])
+  np.testing.assert_array_equal(va["item.item_id"], [ids["i3"]])
+  np.testing.assert_array_equal(te["item.item_id"], [ids["i4"], ids["i1"]])
+  np.testing.assert_array_equal(tr["hist.item_id"], [[0, 0], [0, 0], [ids["i1"], 0]])
+  np.testing.assert_array_equal(te["hist.item_id"], [[ids["i2"], 0], [ids["i3"], ids["i1"]]])
+  np.testing.assert_array_equal(te["hist.category"], [[cats["c2"], 0], [cats["c1"], cats["c1"]]])
+  # A missing hashed value is the OOV id; a field without hash(N) still has its vocabulary.
+  np.testing.assert_array_equal(te["item.category"], [cats["c3"], schema_lib.OOV_ID])
+  np.testing.assert_array_equal(te["user.city"], [_hash_id("y", 10), _hash_id("x", 10)])
+  np.testing.assert_array_equal(tr["user.gender"], [2, 3, 2])
+
+
+def test_hashed_list_behaviours(tmp_path):
+  path = write_csv(tmp_path / "log.csv", header="user_id,ts,clicked,item_id,category,hist",
+                   rows=["a,1,1,i1,c,", "a,2,0,i2,c,i1", "b,3,1,i1,c,i2|i9|i1"])
+  config = config_for(path=path, valid_fraction=0.0, test_fraction=0.0,
+                      item_fields="item_id:hash(100),category", user_fields="",
+                      context_fields="", behavior_fields="item_id", behavior_source="list",
+                      behavior_columns="item_id:hist")
+  _, splits, _ = tabular.generate(config.data)
+  h = {v: _hash_id(v, 100) for v in ("i1", "i2", "i9")}
+  np.testing.assert_array_equal(splits["train"]["hist.item_id"],
+                                [[0, 0], [h["i1"], 0], [h["i1"], h["i9"]]])

@@ -385,3 +385,96 @@ def test_a_directory_prepared_before_vocabularies_loads_and_says_so_when_asked(t
     assert "\n" not in str(e.value)
   with pytest.raises(DataError, match="not found"):
     vocab.load_vocabularies(str(tmp_path / "nothing"))
+
+
+# ----------------------------------------------------------------------------- hashed fields
+
+# stable_hash pinned: these are `printf '<value>' | b2sum -l 64` read little-endian, so a change
+# of the function (which would silently re-map every prepared directory) fails here.
+GOLDEN_HASHES = {"i1": 778860755400141486, "café": 16417751708935026519,
+                 "商品-42": 12796053187119561526, "😀": 8135518405970882805,
+                 "u\udcffD": 12081805126920241231, "": 13020603013274838756}
+
+
+def test_stable_hash_is_pinned_and_hash_ids_stay_in_range():
+  assert {t: vocab.stable_hash(t) for t in GOLDEN_HASHES} == GOLDEN_HASHES
+  values = ["i1", 7, None, float("nan"), "i1", "café", 7.0, pd.NA]
+  ids, missing = vocab.HashedVocabulary("item.item_id", 10).encode(values)
+  h = {t: 2 + vocab.stable_hash(t) % 10 for t in ("i1", "7", "café", "7.0")}  # str(value)
+  assert ids.dtype == np.int32 and missing == 3
+  assert ids.tolist() == [h["i1"], h["7"], OOV, OOV, h["i1"], h["café"], h["7.0"], OOV]
+  many = vocab.hash_ids([f"v{k}" for k in range(5000)], 3)
+  assert set(many.tolist()) == {2, 3, 4}
+
+
+def test_hash_collisions_are_near_the_birthday_expectation():
+  # n distinct values into N buckets: about n(n - 1) / (2N) colliding pairs (50 here, Poisson
+  # standard deviation about 7); a hash that clumped would give many more.
+  n, buckets = 10_000, 1_000_000
+  ids = vocab.hash_ids([f"item-{k}" for k in range(n)], buckets)
+  counts = np.bincount(ids)
+  pairs = int((counts * (counts - 1) // 2).sum())
+  expected = n * (n - 1) / (2 * buckets)
+  print(f"{pairs} colliding pairs, {expected:.1f} expected")
+  assert abs(pairs - expected) < 5 * np.sqrt(expected)
+
+
+def test_tabular_hashed_raw_columns_encode_to_the_prepared_columns(tmp_path):
+  directory = _prepare_tabular(tmp_path, item_fields="item_id:hash(1000),category,price:numeric",
+                               user_fields="age_group,gender,city:hash(20)")
+  schema, splits, vocabularies, encoders, _ = _load(directory)
+  assert not os.path.exists(os.path.join(directory, "vocab", "item.item_id.json"))
+  assert encoders["item.item_id"] == {"kind": "hash", "buckets": 1000, "first_id": 2,
+                                      "function": "blake2b-8-le mod buckets",
+                                      "of": "the value of item_id"}
+  assert {f: v.size for f, v in vocabularies.items()} == _categorical_fields(schema)
+  log = pd.read_csv(tmp_path / "log.csv", dtype=str).sort_values("ts", key=lambda s: s.astype(int))
+  rows = {"train": log[:3], "valid": log[3:4], "test": log[4:]}
+  for split, raw in rows.items():
+    for field in ("item.item_id", "item.category", "user.city"):
+      column = splits[split][field]
+      ids, unseen = vocab.encode_field(vocabularies, encoders, field, raw[field.split(".")[1]])
+      np.testing.assert_array_equal(ids, column, err_msg=f"{split} {field}")
+      assert unseen == np.count_nonzero(column == OOV)
+  # i3 (valid) and i4 (test) were not seen in training: their own ids, none unseen; a@50's
+  # missing city (hashed) is OOV and counted.
+  assert OOV not in splits["valid"]["item.item_id"] and OOV not in splits["test"]["item.item_id"]
+  _assert_encodes(vocabularies, encoders, "user.city", rows["test"]["city"],
+                  splits["test"]["user.city"], unseen=1)
+  assert splits["test"]["user.city"][1] == OOV
+  _assert_encodes(vocabularies, encoders, "item.category", rows["valid"]["category"],
+                  splits["valid"]["item.category"])
+  # Behaviours (a@50: earlier clicks i1, i3) through the field's vocabulary, as predict does.
+  np.testing.assert_array_equal(_history(vocabularies["item.item_id"], ["i1", "i3"], 2),
+                                splits["test"]["hist.item_id"][1])
+
+
+def test_tabular_hashed_list_behaviours_encode_like_the_prepared_ones(tmp_path):
+  text = "user_id,ts,clicked,item_id,category,hist\na,1,1,i1,c,\na,2,0,i2,c,i1\nb,3,1,i1,c,i2|i9\n"
+  directory = _prepare_tabular(
+      tmp_path, text, valid_fraction=0.0, test_fraction=0.0,
+      item_fields="item_id:hash(64),category", user_fields="", context_fields="",
+      behavior_fields="item_id", behavior_source="list", behavior_columns="item_id:hist")
+  _, splits, vocabularies, _, _ = _load(directory)
+  items = vocabularies["item.item_id"]
+  assert isinstance(items, vocab.HashedVocabulary) and items.size == 66
+  for row, raw in enumerate([[], ["i1"], ["i2", "i9"]]):
+    np.testing.assert_array_equal(_history(items, raw, 2), splits["train"]["hist.item_id"][row])
+
+
+def test_a_hash_encoder_of_another_function_is_a_one_line_error(tmp_path):
+  directory = _prepare_tabular(tmp_path, item_fields="item_id:hash(1000),category")
+  encoders = vocab.load_encoders(directory)
+  other = {**encoders["item.item_id"], "function": "xxh64 mod buckets"}
+  with pytest.raises(DataError, match="hash function 'xxh64 mod buckets' is not the one this "
+                     "version computes"):
+    vocab.apply_encoder(other, ["i1"])
+  path = os.path.join(directory, "vocab", "encoders.json")
+  with open(path) as f:
+    content = json.load(f)
+  content["fields"]["item.item_id"]["buckets"] = 999  # no longer the schema's vocab_size
+  with open(path, "w") as f:
+    json.dump(content, f)
+  with pytest.raises(DataError, match="item.item_id is hashed into 999 buckets from id 2, but "
+                     "the schema's vocab_size is 1002"):
+    vocab.load_vocabularies(directory)

@@ -16,7 +16,9 @@ and padded with id 0.
 
 Vocabularies of categorical fields are built from the training split only (candidate values, plus
 behaviour values from list columns); values unseen there, and missing values, map to OOV id 1.
-They are returned for `vocab.write_vocabularies`, so the prepared directory keeps them.
+They are returned for `vocab.write_vocabularies`, so the prepared directory keeps them. A field
+given a number of hash buckets has no vocabulary: every value is hashed (`vocab.hash_ids`), so
+values unseen in training get ids too; only missing values map to OOV id 1.
 Numeric fields are standardised with the training split's mean and standard deviation.
 Everything is vectorised (numpy/pandas); there is no per-row Python loop.
 """
@@ -24,6 +26,7 @@ Everything is vectorised (numpy/pandas); there is no per-row Python loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from mian_jax.data import schema as schema_lib
+from mian_jax.data import vocab as vocab_lib
 from mian_jax.errors import DataError
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -288,6 +292,14 @@ def _history_from_lists(lists: ListBehaviours, max_seq_len):
   return np.where(valid, pos, -1), lengths.astype(np.int32)
 
 
+def history_column(ids: np.ndarray, indices: np.ndarray) -> np.ndarray:
+  """A behaviour column [N, T] int32: ids [M] of the rows (or list values) that `indices`
+  [N, T] points at, PAD_ID 0 where an index is -1."""
+  if not len(ids):
+    return np.full(indices.shape, schema_lib.PAD_ID, np.int32)
+  return np.where(indices >= 0, ids[np.maximum(indices, 0)], schema_lib.PAD_ID).astype(np.int32)
+
+
 def standardise(values: np.ndarray, train: np.ndarray, where: str,
                 describe_row: Callable[[int], str] | None = None):
   """(values - mean) / std with the training rows' mean and std, as float32; (column, mean, std).
@@ -311,7 +323,8 @@ def standardise(values: np.ndarray, train: np.ndarray, where: str,
 def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
                    behaviour_mask: np.ndarray | None = None,
                    lists: ListBehaviours | None = None,
-                   describe_row: Callable[[int], str] | None = None):
+                   describe_row: Callable[[int], str] | None = None,
+                   hash_buckets: Mapping[str, int] | None = None):
   """Turns a log into prepared columns.
 
   Args:
@@ -322,12 +335,16 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
       `lists` is given.
     lists: behaviours given per row instead of built from the log (rows in `log` order).
     describe_row: where log row i comes from (e.g. "log.csv line 7"), for error messages.
+    hash_buckets: categorical column ("item.brand") -> number of hash buckets: its ids are
+      2 + stable hash mod buckets (`vocab.hash_ids`, candidates and behaviours alike) instead
+      of a training vocabulary.
 
   Returns:
     (schema, {split: columns}, info) with columns in the order (timestamp, user, log row) and
     info holding the vocabularies' sizes ("vocab_sizes"), numeric statistics ("numeric"), the
-    vocabularies ("vocabularies": column -> values in id order from 2) and the numeric fields'
-    standardise encoders ("encoders"), the last two for `vocab.write_vocabularies`.
+    vocabularies ("vocabularies": column -> values in id order from 2) and the encoders of the
+    numeric (standardise) and hashed (hash) fields ("encoders"), the last two for
+    `vocab.write_vocabularies`.
   """
   n = len(log)
   if n == 0:
@@ -365,20 +382,27 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
       col = f"{group}.{name}"
       if kind == "categorical":
         tokens = _as_tokens(log[col])
-        seen = [tokens[train]]
-        if group == "item" and lists is not None and name in spec.behavior_fields:
-          seen.append(_as_tokens(lists.flat[name])[flat_train])
-        vocab = build_vocab(seen)
-        ids = encode(tokens, vocab)
+        if col in (hash_buckets or {}):
+          buckets = hash_buckets[col]
+          encode_tokens = functools.partial(vocab_lib.hash_ids, buckets=buckets)
+          size = schema_lib.NUM_RESERVED_IDS + buckets
+          info["encoders"][col] = vocab_lib.hash_encoder(buckets, f"the value of {name}")
+        else:
+          seen = [tokens[train]]
+          if group == "item" and lists is not None and name in spec.behavior_fields:
+            seen.append(_as_tokens(lists.flat[name])[flat_train])
+          vocab = build_vocab(seen)
+          encode_tokens = functools.partial(encode, vocab=vocab)
+          size = len(vocab) + schema_lib.NUM_RESERVED_IDS
+          if size <= schema_lib.NUM_RESERVED_IDS:
+            raise DataError(f"{source}: field {col!r} has no values in the training split")
+          info["vocabularies"][col] = vocab
+        ids = encode_tokens(tokens)
         columns[col] = ids
-        size = len(vocab) + schema_lib.NUM_RESERVED_IDS
-        if size <= schema_lib.NUM_RESERVED_IDS:
-          raise DataError(f"{source}: field {col!r} has no values in the training split")
         info["vocab_sizes"][col] = size
-        info["vocabularies"][col] = vocab
         made.append(schema_lib.Field(name, "categorical", size))
         if group == "item" and name in spec.behavior_fields:
-          source_ids = ids if lists is None else encode(_as_tokens(lists.flat[name]), vocab)
+          source_ids = ids if lists is None else encode_tokens(_as_tokens(lists.flat[name]))
           hist = np.where(hist_idx >= 0, source_ids[np.maximum(hist_idx, 0)]
                           if len(source_ids) else 0, schema_lib.PAD_ID)
           columns[f"hist.{name}"] = hist.astype(np.int32)
@@ -431,19 +455,3 @@ def write_with_stats(directory: str, schema: schema_lib.Schema,
                                                 extra_files={"stats.json": stats},
                                                 write_vocabularies=write_vocabularies)
   return stats
-
-
-def parse_fields(text: str, where: str) -> tuple[tuple[str, str], ...]:
-  """"a:categorical,b:numeric" -> (("a", "categorical"), ("b", "numeric")); kind defaults to
-  categorical."""
-  out = []
-  for part in (p.strip() for p in text.split(",")):
-    if not part:
-      continue
-    name, _, kind = part.partition(":")
-    kind = kind.strip() or "categorical"
-    if kind not in ("categorical", "numeric"):
-      raise DataError(f"{where}: field {name!r} has kind {kind!r}; "
-                      "expected 'categorical' or 'numeric'")
-    out.append((name.strip(), kind))
-  return tuple(out)

@@ -6,8 +6,10 @@ One row per example (an impression). `config.data.tabular` names the columns:
                                  number, e.g. Unix seconds, or a date-time string / Parquet
                                  timestamp, converted to seconds)
   item_fields / user_fields / context_fields
-                                 "name:kind,..." with kind categorical (default) or numeric; the
-                                 first item field is the item id
+                                 "name:kind,..." with kind categorical (default), numeric or
+                                 hash(N) (categorical, no vocabulary: the id is 2 + a stable hash
+                                 of the cell's text mod N, so values unseen in training get ids
+                                 too; `parse_fields`); the first item field is the item id
   behavior_fields                item fields that form the behaviour sequence, e.g. "item_id,cat"
   behavior_source = "log"        behaviours = the same user's rows with a strictly earlier
                                  timestamp (`behavior_rows`: "clicks" = label 1 only, or "all"),
@@ -23,8 +25,9 @@ Bad rows (counted per file, in stats.json["bad_rows"] with the file line of the 
 data.max_bad_row_ratio the preparation fails): CSV lines with too many fields, a missing or
 unparsable label, user id, timestamp or item id, a timestamp of the minority kind (a date among
 numbers, or a number among dates), a non-numeric numeric field, behaviour list columns of unequal
-length. A missing categorical value maps to the OOV id 1. A named column absent from the file, a
-missing or empty file, a numeric value too large to standardise: DataError.
+length. A missing categorical value (hashed or not) maps to the OOV id 1. A named column absent
+from the file, a missing or empty file, a numeric value too large to standardise: DataError. A
+malformed field declaration: ConfigError.
 
 CSV columns are read as strings (ids such as "00194" and "194" stay distinct); a UTF-8
 byte-order mark before the header is dropped.
@@ -41,6 +44,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -52,7 +56,7 @@ import pyarrow.parquet as pq
 from ml_collections import ConfigDict
 
 from mian_jax.data import interaction_log, vocab
-from mian_jax.errors import DataError
+from mian_jax.errors import ConfigError, DataError
 
 _TRUE = ("1", "1.0", "true", "True", "TRUE")
 _FALSE = ("0", "0.0", "false", "False", "FALSE")
@@ -254,9 +258,50 @@ def _as_list_array(col: pa.ChunkedArray, sep: str) -> pa.Array:
   return pc.split_pattern(s, sep)
 
 
+_GROUPS = ("item", "user", "context")
+_HASH_KIND = re.compile(r"hash\(\s*(\d+)\s*\)")  # hash(N), N the number of buckets
+
+
+def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], dict[str, int]]:
+  """A field declaration -> ((name, kind), ...) and {name: hash buckets} of its hashed fields.
+
+  "a,b:numeric,c:hash(1000)" -> ((("a", "categorical"), ("b", "numeric"),
+  ("c", "categorical")), {"c": 1000}): kind defaults to categorical; a hashed field is
+  categorical, its ids 2 .. 2 + N - 1 (vocab.hash_ids) instead of a training vocabulary.
+
+  Raises:
+    ConfigError (one line, naming `where` and the field): an unknown kind, or hash(N) with N
+      not an integer from 1 to vocab.MAX_HASH_BUCKETS.
+  """
+  fields, buckets = [], {}
+  for part in (p.strip() for p in text.split(",")):
+    if not part:
+      continue
+    name, _, kind = (x.strip() for x in part.partition(":"))
+    kind = kind or "categorical"
+    if kind.startswith("hash"):
+      match = _HASH_KIND.fullmatch(kind)
+      if match is None or not 1 <= int(match.group(1)) <= vocab.MAX_HASH_BUCKETS:
+        raise ConfigError(f"{where}: field {name!r} has kind {kind!r}; a hashed field is "
+                          f"hash(N) with N, the number of buckets, an integer from 1 to "
+                          f"{vocab.MAX_HASH_BUCKETS} (e.g. {name}:hash(100000))")
+      buckets[name] = int(match.group(1))
+      kind = "categorical"
+    elif kind not in ("categorical", "numeric"):
+      raise ConfigError(f"{where}: field {name!r} has kind {kind!r}; expected 'categorical', "
+                        "'numeric' or 'hash(N)'")
+    fields.append((name, kind))
+  return tuple(fields), buckets
+
+
+def hash_buckets(c: ConfigDict) -> dict[str, int]:
+  """The hashed fields of a `data.tabular` config: {"item.brand": buckets, ...}."""
+  return {f"{g}.{name}": n for g in _GROUPS
+          for name, n in parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[1].items()}
+
+
 def _field_columns(c: ConfigDict):
-  groups = {g: interaction_log.parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")
-            for g in ("item", "user", "context")}
+  groups = {g: parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[0] for g in _GROUPS}
   if not groups["item"]:
     raise DataError("data.tabular.item_fields must name at least the item id column")
   behavior = tuple(x.strip() for x in c.behavior_fields.split(",") if x.strip())
@@ -487,6 +532,54 @@ def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.Bad
                  describe_row=_row_describer([(name, lines, kept)]))
 
 
+def reader_config(user_id: str, timestamp: str, item_id: str, label: str = "label") -> ConfigDict:
+  """A `data.tabular` config with which `read_records` reads another source's raw records
+  (predict): the given columns, the item id the only field, behaviours from the log."""
+  return ConfigDict(dict(
+      format="auto", csv_sep=",", encoding="utf-8", label=label, user_id=user_id,
+      timestamp=timestamp, item_fields=f"{item_id}:categorical", user_fields="",
+      context_fields="", behavior_fields=item_id, behavior_source="log", behavior_rows="all",
+      behavior_columns="", list_sep="|"))
+
+
+def predict_reader(data_config: ConfigDict) -> ConfigDict:
+  """How predict reads records to score: the configured columns (`read_records`)."""
+  return data_config.tabular
+
+
+def encode_records(records: Records, directory: str,
+                   data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Records -> the columns of a prepared split (with label, without group_id) and the number
+  of unseen or missing values per categorical field ({"item.item_id": 3, ...}), with the
+  vocabularies and encoders kept in the prepared `directory`.
+
+  Behaviours as preparation built them (`history_indices`): with behavior_source="log", from
+  the earlier rows of the same user in `records` (clicks only with behavior_rows="clicks");
+  with "list", from the list columns.
+  """
+  vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
+  log = records.log
+  columns, unseen = {}, {}
+  for group, fields in records.groups.items():
+    for name, kind in fields:
+      field = f"{group}.{name}"
+      raw = log[field].to_numpy(object if kind == "categorical" else np.float64)
+      columns[field], count = vocab.encode_field(vocabularies, encoders, field, raw)
+      if kind == "categorical":
+        unseen[field] = count
+  indices, columns["hist_len"] = history_indices(
+      log, data_config.max_seq_len, behaviour_mask(log, data_config.tabular.behavior_rows),
+      records.lists)
+  for name in records.behavior:
+    if records.lists is None:  # the behaviours are rows of the input
+      ids = columns[f"item.{name}"]
+    else:
+      ids, unseen[f"hist.{name}"] = vocabularies[f"item.{name}"].encode(records.lists.flat[name])
+    columns[f"hist.{name}"] = interaction_log.history_column(ids, indices)
+  columns["label"] = np.nan_to_num(log["label"].to_numpy(np.float32))
+  return columns, unseen
+
+
 def generate(data_config: ConfigDict):
   """Returns (schema, {split: columns}, stats) for the tabular settings in `data_config`."""
   return generate_with_vocabularies(data_config)[:3]
@@ -504,8 +597,10 @@ def generate_with_vocabularies(data_config: ConfigDict):
                                  max_seq_len=data_config.max_seq_len)
   mask = behaviour_mask(log, c.behavior_rows)
   source = f"tabular({c.path or c.train_path})"
+  hashed = hash_buckets(c)
   schema, splits, info = interaction_log.build_examples(log, spec, source, behaviour_mask=mask,
-                                                        lists=lists, describe_row=describe_row)
+                                                        lists=lists, describe_row=describe_row,
+                                                        hash_buckets=hashed)
   if c.path:
     split_text = (f"global time split: last {c.test_fraction:.0%} of rows by timestamp = test, "
                   f"the {c.valid_fraction:.0%} before = valid")
@@ -514,10 +609,12 @@ def generate_with_vocabularies(data_config: ConfigDict):
   beh_text = (f"behaviours = the user's strictly earlier {c.behavior_rows} rows"
               if c.behavior_source == "log" else "behaviours = list columns of the input")
   item_id = f"item.{groups['item'][0][0]}"
+  hash_text = "".join(f"; {field} hashed into {n} buckets (no vocabulary)"
+                      for field, n in hashed.items())
   stats = {
       "source": "tabular",
       "protocol": (f"label = column {c.label!r}; {split_text}; {beh_text}, last "
-                   f"{data_config.max_seq_len}; vocabularies from train only"),
+                   f"{data_config.max_seq_len}; vocabularies from train only{hash_text}"),
       "num_rows": len(log),
       "num_users": int(log["user"].nunique()),
       "num_items": int(log[item_id].nunique()),
@@ -530,8 +627,8 @@ def generate_with_vocabularies(data_config: ConfigDict):
   write_vocabularies = functools.partial(
       vocab.write_vocabularies, vocabularies=info["vocabularies"], encoders=info["encoders"],
       note=("tabular: field <group>.<name> is the input column <name>; a categorical raw value "
-            "is the cell's text (Parquet values as str(value), list values stripped), a "
-            "numeric one is standardised"))
+            "is the cell's text (Parquet values as str(value), list values stripped), looked up "
+            "in its vocabulary or hashed (encoder hash), a numeric one is standardised"))
   return schema, splits, stats, write_vocabularies
 
 

@@ -3,7 +3,8 @@
 Every source writes, inside the prepared directory (through `schema.write_prepared`, so they
 appear atomically with the columns and are covered by `schema.dataset_checksum`):
 
-  vocab/<group>.<field>.json   the raw-value -> id map of a categorical field:
+  vocab/<group>.<field>.json   the raw-value -> id map of a categorical field (none for a
+                               hashed one: encoder kind "hash" below):
                                {"field": "item.item_id", "first_id": 2, "values": [v0, v1, ...]}
                                value v_k (a string) has id first_id + k; any other value, and a
                                missing one, has the out-of-vocabulary id 1 (OOV_ID). Behaviour
@@ -29,6 +30,11 @@ Encoders (`apply_encoder`), each {"kind": ..., "of": "<what the raw quantity is>
   prefix       the first `length` characters of str(x).strip().
   standardise  a numeric field: (x - mean) / std as float32.
   rule         documentation only ("rule": text); the raw value is given (e.g. by a lookup).
+  hash         a categorical field without a vocabulary file (`stable_hash`): the id
+               first_id + stable_hash(str(x)) mod `buckets`, so a value never seen in training
+               still gets its own id, not OOV_ID; a missing x is OOV_ID, and hist.<name> is
+               hashed as item.<name> is. "function" names the hash (HASH_FUNCTION); the
+               schema's vocab_size is first_id + buckets.
 
 A field without an encoder is looked up in its vocabulary as str(raw value).
 """
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,6 +59,10 @@ ENCODERS_FILE = "encoders.json"
 ENCODERS_VERSION = 1
 _CALENDAR_UNITS = ("year", "month", "weekday", "hour")
 _SECONDS_PER_DAY = 86400
+HASH_FUNCTION = "blake2b-8-le mod buckets"  # `stable_hash`, as encoders.json names it
+_HASH_DIGEST_BYTES = 8  # a uint64
+# Ids are int32: the largest hashed field has ids up to NUM_RESERVED_IDS + MAX_HASH_BUCKETS - 1.
+MAX_HASH_BUCKETS = int(np.iinfo(np.int32).max) + 1 - schema_lib.NUM_RESERVED_IDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +90,59 @@ class Vocabulary:
     ids = self.ids
     out = np.fromiter((schema_lib.OOV_ID if t is None else ids.get(t, schema_lib.OOV_ID)
                        for t in tokens(values)), np.int32)
+    return out, int(np.count_nonzero(out == schema_lib.OOV_ID))
+
+
+def stable_hash(token: str) -> int:
+  """A string -> an int in [0, 2**64), the same in every process, Python version and machine
+  (unlike hash()): its UTF-8 bytes (lone surrogates, as undecodable input bytes are kept,
+  encoded as such: "surrogatepass") -> the 8-byte BLAKE2b digest, read little-endian.
+
+  mian_jax/serving.py holds a copy (it imports nothing from mian_jax.data); a test checks that
+  the two agree.
+  """
+  digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"),
+                           digest_size=_HASH_DIGEST_BYTES).digest()
+  return int.from_bytes(digest, "little")
+
+
+def hash_ids(token_list: Sequence[str | None], buckets: int,
+             first_id: int = schema_lib.NUM_RESERVED_IDS) -> np.ndarray:
+  """Tokens [N] (`tokens`; None = missing) -> int32 ids [N]: first_id + stable_hash(token) mod
+  buckets, OOV_ID for a missing one. Each distinct token is hashed once."""
+  ids = {t: first_id + stable_hash(t) % buckets for t in set(token_list) if t is not None}
+  return np.fromiter((schema_lib.OOV_ID if t is None else ids[t] for t in token_list), np.int32,
+                     count=len(token_list))
+
+
+def hash_encoder(buckets: int, of: str) -> dict[str, Any]:
+  """The encoders.json entry of a field hashed into `buckets` ids; `of` = what x is."""
+  return {"kind": "hash", "buckets": int(buckets), "first_id": schema_lib.NUM_RESERVED_IDS,
+          "function": HASH_FUNCTION, "of": of}
+
+
+def _check_hash_encoder(encoder: Mapping[str, Any]) -> None:
+  if encoder.get("function") != HASH_FUNCTION:
+    raise DataError(f"encoder {dict(encoder)}: hash function {encoder.get('function')!r} is not "
+                    f"the one this version computes ({HASH_FUNCTION!r}); prepare the data again")
+
+
+@dataclasses.dataclass(frozen=True)
+class HashedVocabulary:
+  """The ids of a hashed field (encoder kind "hash"): first_id + stable_hash(str(value)) mod
+  buckets; no values are kept, and no value is unseen. Encodes like a Vocabulary."""
+  field: str
+  buckets: int
+  first_id: int = schema_lib.NUM_RESERVED_IDS
+
+  @property
+  def size(self) -> int:
+    """Number of ids, the reserved ones included (the schema's vocab_size)."""
+    return self.first_id + self.buckets
+
+  def encode(self, values: Iterable[Any]) -> tuple[np.ndarray, int]:
+    """Raw values -> (int32 ids [N], number of missing values (None, NaN), mapped to OOV_ID)."""
+    out = hash_ids(tokens(values), self.buckets, self.first_id)
     return out, int(np.count_nonzero(out == schema_lib.OOV_ID))
 
 
@@ -160,8 +224,9 @@ def _read_json(path: str) -> Any:
                     "again") from None
 
 
-def load_vocabularies(directory: str) -> dict[str, Vocabulary]:
-  """field ("item.item_id") -> Vocabulary of a prepared directory, checked against its schema.
+def load_vocabularies(directory: str) -> dict[str, Vocabulary | HashedVocabulary]:
+  """field ("item.item_id") -> Vocabulary of a prepared directory, checked against its schema;
+  a hashed field (encoder kind "hash", no file) -> its HashedVocabulary.
 
   Raises DataError with a one-line reason, e.g. for a directory prepared before vocabularies
   were saved (such a directory still trains and evaluates; only this call needs them).
@@ -184,6 +249,15 @@ def load_vocabularies(directory: str) -> dict[str, Vocabulary]:
       raise DataError(f"{path}/{name}: {len(vocabulary.values)} values from id "
                       f"{vocabulary.first_id} exceed the schema's vocab_size {sizes[field]}")
     out[field] = vocabulary
+  for field, encoder in load_encoders(directory).items():
+    if encoder["kind"] == "hash" and field in sizes:
+      _check_hash_encoder(encoder)
+      hashed = HashedVocabulary(field, int(encoder["buckets"]), int(encoder["first_id"]))
+      if hashed.size != sizes[field]:
+        raise DataError(f"{path}/{ENCODERS_FILE}: {field} is hashed into {hashed.buckets} "
+                        f"buckets from id {hashed.first_id}, but the schema's vocab_size is "
+                        f"{sizes[field]}")
+      out[field] = hashed
   return out
 
 
@@ -234,8 +308,12 @@ def _calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
 
 def apply_encoder(encoder: Mapping[str, Any], raw: Sequence[Any]) -> np.ndarray:
   """Raw quantities [N] -> tokens (object [N], None = missing) to look up in the field's
-  vocabulary, or, for id-valued buckets, int32 ids, or, for standardise, float32 values."""
+  vocabulary, or, for id-valued buckets and hash, int32 ids, or, for standardise, float32
+  values."""
   kind = encoder["kind"]
+  if kind == "hash":
+    _check_hash_encoder(encoder)
+    return hash_ids(tokens(raw), int(encoder["buckets"]), int(encoder["first_id"]))
   if kind == "prefix":
     return np.asarray([None if t is None else t.strip()[:encoder["length"]]
                        for t in tokens(raw)], dtype=object)
@@ -266,21 +344,23 @@ def apply_encoder(encoder: Mapping[str, Any], raw: Sequence[Any]) -> np.ndarray:
   if kind == "standardise":
     return ((x - encoder["mean"]) / encoder["std"]).astype(np.float32)
   raise DataError(f"unknown encoder kind {kind!r} (expected buckets, calendar, year_span, "
-                  "prefix, standardise or rule)")
+                  "prefix, standardise, rule or hash)")
 
 
-def encode_field(vocabularies: Mapping[str, Vocabulary],
+def encode_field(vocabularies: Mapping[str, Vocabulary | HashedVocabulary],
                  encoders: Mapping[str, Mapping[str, Any]], field: str,
                  raw: Sequence[Any]) -> tuple[np.ndarray, int]:
   """A field's raw values [N] -> (its prepared column [N], number of values mapped to OOV_ID).
 
   The field's encoder, if any, is applied first; then its vocabulary, unless the encoder
-  already gives ids (id-valued buckets) or values (standardise).
+  already gives ids (id-valued buckets, hash: only a missing value is OOV_ID there) or values
+  (standardise).
   """
   encoder = encoders.get(field)
   values = raw if encoder is None else apply_encoder(encoder, raw)
   if encoder is not None and values.dtype != object:
-    return values, 0
+    oov = np.count_nonzero(values == schema_lib.OOV_ID) if values.dtype == np.int32 else 0
+    return values, int(oov)
   if field not in vocabularies:
     raise DataError(f"no vocabulary or encoder for field {field!r} (known: "
                     f"{sorted(set(vocabularies) | set(encoders))})")
