@@ -3,28 +3,40 @@
   python -m mian_jax.predict --workdir=runs/mine --input=new.csv --output=scores.parquet \
       [--step=latest|best|N] [--attention] [--skip_bad_rows] [--batch_size=N]
 
-Supported so far: workdirs trained on the tabular source (configs/tabular.py). The config is
-the workdir's recorded one (config.json); the checkpoint is restored as `evaluate` restores it.
+The config is the workdir's recorded one (config.json); the checkpoint is restored as
+`evaluate` restores it. Workdirs of every source with raw records are supported:
 
-Input: CSV, Parquet or JSON lines (by extension: .parquet/.pq, .jsonl/.ndjson/.json, else CSV
-with the config's csv_sep and encoding), in the columns `config.data.tabular` names. Each file
-is read and checked as preparation reads a file of the log (`tabular.read_records`), except
-that the label column is optional and an empty label means "unknown" (the row is scored; it is
-never a click in a later row's behaviours). JSON values are read as their text, as CSV cells
-are. Values are encoded with the prepared data's saved vocabularies and encoders
-(`mian_jax/data/vocab.py`): an unseen or missing categorical value is the out-of-vocabulary id 1,
-counted per field. Behaviours are built as preparation built them (`tabular.history_indices`):
-with behavior_source="log", from the earlier rows of the same user *in the input* (clicks
-only with behavior_rows="clicks"), so give the rows to score together with the history they
-should see; with "list", from the input's list columns.
+  tabular      the columns `config.data.tabular` names (configs/tabular.py);
+  amazon, amazon_like
+               reviewerID, asin, unixReviewTime (Unix seconds), optional label: a row is a
+               review (label 1, or every row without a label column) or a candidate to
+               score (label 0 or empty); behaviours are the reviewer's reviews before the row
+               in (time, input order) (`amazon.encode_records`);
+  movielens    user, movie, timestamp, optional label (rating >= the run's click_threshold):
+               a row is a rating, or with an empty label a candidate; behaviours are the user's
+               strictly earlier ratings (`movielens.encode_records`).
+
+(The synthetic source has no raw records: its ids are the data. Score a prepared split with
+`python -m mian_jax.evaluate`, or ids with the export loader.)
+
+Input: CSV, Parquet or JSON lines (by extension: .parquet/.pq, .jsonl/.ndjson/.json, else CSV;
+the tabular source's csv_sep and encoding). Each file is read and checked as preparation reads
+a file of a tabular log (`tabular.read_records`), except that the label column is optional
+and an empty label means "unknown" (the row is scored; it is never a click or a review in a
+later row's behaviours). JSON values are read as their text, as CSV cells are. Values are
+encoded with the prepared data's saved vocabularies, encoders and lookups
+(`mian_jax/data/vocab.py`): an unseen or missing categorical value is the out-of-vocabulary id
+1, counted per field. Behaviours are built as preparation built them, from the earlier rows of
+the same user *in the input* (tabular: or from its list columns), so give the rows to score
+together with the history they should see.
 
 Output: Parquet or CSV (by the extension of --output), written atomically, one row per input
 row in input order (rows skipped with --skip_bad_rows are left out): the input's user id, item
-id, timestamp and, if present, label columns as read, `score` (the click probability), and
-with --attention one column `attention.<module>.<name>` per attention weight (a field or part
-name, or `hist<k>` for behaviour slot k, 0 = the newest). Beside it, `<output>.stats.json`:
-rows read, scored and skipped (with reasons and the first bad line), unseen values per field,
-step and time.
+id, timestamp and, if present, label columns as read, `input_row` (the row's 0-based position
+among the input's data rows), `score` (the click probability), and with --attention one column
+`attention.<module>.<name>` per attention weight (a field or part name, or `hist<k>` for
+behaviour slot k, 0 = the newest). Beside it, `<output>.stats.json`: rows read, scored and
+skipped (with reasons and the first bad line), unseen values per field, step and time.
 
 A malformed row (docs/data.md, "Your own logs") stops the command with one line naming its
 file line, unless --skip_bad_rows, which drops such rows and counts them.
@@ -32,6 +44,7 @@ file line, unless --skip_bad_rows, which drops such rows and counts them.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Mapping
@@ -46,10 +59,14 @@ from absl import app, flags, logging
 
 from mian_jax import cli, evaluate, recorded_config, sharding, steps, writers
 from mian_jax import workdir as workdir_lib
-from mian_jax.data import interaction_log, pipeline, tabular, vocab
+from mian_jax.data import interaction_log, pipeline, tabular
 from mian_jax.errors import ConfigError, DataError
 
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often (so only on large inputs)
+# data.source -> the module whose predict_reader / encode_records read and encode raw records.
+RAW_RECORD_SOURCES = {"tabular": "mian_jax.data.tabular", "amazon": "mian_jax.data.amazon",
+                      "amazon_like": "mian_jax.data.amazon",
+                      "movielens": "mian_jax.data.movielens"}
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
             ".json": "jsonl"}
 
@@ -69,20 +86,26 @@ def output_format(path: str) -> str:
 
 
 def load_config(workdir: str):
-  """The recorded config of a workdir trained on the tabular source.
+  """The recorded config of a training workdir whose source has raw records.
 
   Raises:
-    DataError: no such workdir or no recorded config; a source predict does not support yet.
+    DataError: no such workdir or no recorded config; a source without raw records.
   """
   if not os.path.isdir(workdir):
     raise DataError(f"--workdir={workdir} does not exist")
   if workdir_lib.read_recorded_config(workdir) is None:
     raise DataError(f"{workdir} has no {workdir_lib.CONFIG_FILE}: it is not a training workdir")
   config = recorded_config.get_config(workdir)
-  if config.data.source != "tabular":
-    raise DataError(f"predict supports the tabular source (configs/tabular.py) so far; "
-                    f"{workdir} was trained on data.source={config.data.source!r}")
+  if config.data.source not in RAW_RECORD_SOURCES:
+    raise DataError(f"predict scores raw records of the sources {sorted(RAW_RECORD_SOURCES)}; "
+                    f"{workdir} was trained on data.source={config.data.source!r}, which has "
+                    "none (score its prepared splits with python -m mian_jax.evaluate)")
   return config
+
+
+def source_module(config):
+  """The data module that reads and encodes raw records of `config.data.source`."""
+  return importlib.import_module(RAW_RECORD_SOURCES[config.data.source])
 
 
 class _BadRows(interaction_log.BadRows):
@@ -122,34 +145,6 @@ def read_input(path: str, tabular_config, skip_bad_rows: bool,
                     f"{summary['reasons']}); fix it, or pass --skip_bad_rows to skip and count "
                     "such rows")
   return records, summary
-
-
-def encode_records(records: tabular.Records, vocabularies: Mapping[str, vocab.Vocabulary],
-                   encoders: Mapping[str, Any], tabular_config,
-                   max_seq_len: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Records -> the columns of a prepared split (with label, without group_id) and the number
-  of unseen or missing values per categorical field ({"item.item_id": 3, ...})."""
-  log = records.log
-  columns, unseen = {}, {}
-  for group, fields in records.groups.items():
-    for name, kind in fields:
-      field = f"{group}.{name}"
-      raw = log[field].to_numpy(object if kind == "categorical" else np.float64)
-      columns[field], count = vocab.encode_field(vocabularies, encoders, field, raw)
-      if kind == "categorical":
-        unseen[field] = count
-  indices, columns["hist_len"] = tabular.history_indices(
-      log, max_seq_len, tabular.behaviour_mask(log, tabular_config.behavior_rows),
-      records.lists)
-  for name in records.behavior:
-    if records.lists is None:  # the behaviours are rows of the input
-      ids = columns[f"item.{name}"]
-    else:
-      ids, unseen[f"hist.{name}"] = vocabularies[f"item.{name}"].encode(records.lists.flat[name])
-    columns[f"hist.{name}"] = np.where(indices >= 0, ids[np.maximum(indices, 0)] if len(ids)
-                                       else 0, 0).astype(np.int32)
-  columns["label"] = np.nan_to_num(log["label"].to_numpy(np.float32))
-  return columns, unseen
 
 
 def score_columns(run: steps.Run, state, columns: Mapping[str, np.ndarray], num_rows: int,
@@ -209,16 +204,16 @@ def attention_column_names(module: str, width: int,
   return [f"attention.{module}.{name}" for name in over]
 
 
-def output_table(records: tabular.Records, tabular_config, outputs: Mapping[str, np.ndarray],
+def output_table(records: tabular.Records, reader, outputs: Mapping[str, np.ndarray],
                  names: Mapping[str, tuple[str, ...]]) -> pa.Table:
-  """The key columns of the kept input rows as read, `score`, and one column per attention
-  weight."""
-  c = tabular_config
-  keys = [c.user_id, records.groups["item"][0][0], c.timestamp]
-  if c.label in records.table.column_names:
-    keys.append(c.label)
+  """The key columns of the kept input rows as read (`reader`: the columns read), `input_row`,
+  `score`, and one column per attention weight."""
+  keys = [reader.user_id, records.groups["item"][0][0], reader.timestamp]
+  if reader.label in records.table.column_names:
+    keys.append(reader.label)
   table = records.table.select(list(dict.fromkeys(keys))).take(pa.array(records.kept))
-  columns = {"score": outputs["prob"].astype(np.float32)}
+  columns = {"input_row": records.kept.astype(np.int64),
+             "score": outputs["prob"].astype(np.float32)}
   for key, weights in outputs.items():
     if key.startswith("attention."):
       module = key[len("attention."):]
@@ -268,21 +263,20 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
     raise ConfigError("--output must not be the --input file")
   started = time.monotonic()
   config = load_config(workdir)
-  c = config.data.tabular
-  records, bad = read_input(input_path, c, skip_bad_rows)  # a bad row stops before the model
+  source = source_module(config)
+  reader = source.predict_reader(config.data)
+  records, bad = read_input(input_path, reader, skip_bad_rows)  # a bad row stops before the model
   logging.info("Read %d rows of %s (%d malformed rows skipped)", len(records.log) + bad["bad"],
                input_path, bad["bad"])
   run, state, _ = evaluate.restore_checkpoint(config, workdir, step)
-  columns, unseen = encode_records(records, vocab.load_vocabularies(run.data_dir),
-                                   vocab.load_encoders(run.data_dir), c,
-                                   run.schema.features.max_seq_len)
+  columns, unseen = source.encode_records(records, run.data_dir, config.data)
   num_rows = len(records.log)
   logging.info("Scoring %d rows of %s with step %d of %s", num_rows, input_path,
                int(jax.device_get(state.step)), workdir)
   outputs = score_columns(run, state, columns, num_rows,
                           batch_size or config.eval.batch_size, with_attention)
   names = evaluate.attention_names(run)
-  write_table_atomic(output_table(records, c, outputs, names), output_path)
+  write_table_atomic(output_table(records, reader, outputs, names), output_path)
   stats = {
       "workdir": os.path.abspath(workdir),
       "step": int(jax.device_get(state.step)),
@@ -304,9 +298,10 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "Workdir of a training run on the tabular source.")
+  flags.DEFINE_string("workdir", None, "Workdir of a training run (tabular, amazon, "
+                      "amazon_like or movielens source).")
   flags.DEFINE_string("input", None, "Raw records: CSV, Parquet (.parquet/.pq) or JSON lines "
-                      "(.jsonl/.ndjson/.json), in the columns of the run's data.tabular.")
+                      "(.jsonl/.ndjson/.json), in the columns of the run's source.")
   flags.DEFINE_string("output", None, "Scores to write: .parquet/.pq or .csv.")
   flags.DEFINE_string("step", "latest", "Checkpoint: latest, best (of validation AUC) or a step "
                       "number.")

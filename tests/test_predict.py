@@ -15,10 +15,13 @@ import pytest
 
 from configs import tabular as tabular_config
 from mian_jax import evaluate, export, predict, recorded_config, serving, train
+from mian_jax import data as data_lib
 from mian_jax import metrics as metrics_lib
-from mian_jax.data import interaction_log, tabular
+from mian_jax.data import amazon, interaction_log, movielens, tabular, vocab
+from mian_jax.data import schema as schema_lib
 from mian_jax.errors import DataError
 from tests.helpers import REPO
+from tests.test_amazon import BASE_DAY, DAY
 
 HEADER = ["user_id", "ts", "clicked", "item_id", "category", "price", "age_group", "gender",
           "city", "hour", "device"]
@@ -86,7 +89,8 @@ def predicted(trained):
 
 def test_one_row_per_input_row_in_input_order_with_the_key_columns(trained, predicted):
   stats, out = predicted
-  assert list(out.columns[:5]) == [*KEYS[:2], "ts", "clicked", "score"]
+  assert list(out.columns[:6]) == [*KEYS, "input_row", "score"]
+  assert out["input_row"].tolist() == list(range(300))
   expected = pd.DataFrame(trained.rows, columns=HEADER)[KEYS]
   pd.testing.assert_frame_equal(out[KEYS], expected)
   assert out["score"].between(0, 1).all() and out["score"].std() > 1e-3
@@ -231,8 +235,8 @@ def test_the_export_loader_encodes_raw_records_to_the_scores_of_predict(trained,
 
 def test_a_workdir_of_another_source_is_a_one_line_error(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "synthetic"}}))
-  with pytest.raises(DataError, match="predict supports the tabular source .* so far; .* "
-                     "data.source='synthetic'"):
+  with pytest.raises(DataError, match=r"predict scores raw records of the sources \['amazon', "
+                     ".* was trained on data.source='synthetic', which has none"):
     predict.load_config(str(tmp_path))
 
 
@@ -247,3 +251,122 @@ def test_history_of_the_input_matches_a_plain_loop(trained):
     assert lengths[row] == len(newest_first)
     assert list(items[indices[row, :lengths[row]]]) == newest_first
 
+
+
+# ----------------------------------------------------------------------------- Amazon, MovieLens
+
+_FEATURES = ("item.", "hist.", "user.", "context.", "hist_len", "label")
+
+
+def _assert_columns_equal(encoded, prepared, rows, where):
+  for name, column in prepared.items():
+    if name.startswith(_FEATURES):
+      np.testing.assert_array_equal(encoded[name][rows], column, err_msg=f"{where}: {name}")
+
+
+def test_amazon_review_records_encode_to_the_prepared_test_split(tmp_path):
+  """The raw reviews (label 1), each test target preceded by its negative (label 0, same
+  time): their columns equal the prepared test split's, positives and negatives."""
+  from tests.test_amazon import data_config, write_random
+  reviews = write_random(tmp_path / "raw", num_users=40, num_items=30)
+  config = data_config(tmp_path / "raw", protocol="mian", max_seq_len=3)
+  amazon.prepare(config, str(tmp_path / "prepared"))
+  test = schema_lib.load_split(str(tmp_path / "prepared"), "test")
+  asins = vocab.load_vocabularies(str(tmp_path / "prepared"))["item.item_id"].values
+  # The target of a user: the last review in (time, file order); test rows are by user.
+  last = {}
+  for k, (user, _, day) in enumerate(reviews):
+    if user not in last or day >= reviews[last[user]][2]:
+      last[user] = k
+  targets = sorted(last.values(), key=lambda k: reviews[k][0])
+  negative = {k: asins[test["item.item_id"][2 * j + 1] - 2] for j, k in enumerate(targets)}
+  rows, positive_row, negative_row = [], {}, {}
+  for k, (user, asin, day) in enumerate(reviews):
+    if k in negative:
+      negative_row[k] = len(rows)
+      rows.append([user, negative[k], str((BASE_DAY + day) * DAY), "0"])
+    positive_row[k] = len(rows)
+    rows.append([user, asin, str((BASE_DAY + day) * DAY), "1"])
+  path = _write_csv(tmp_path / "reviews.csv", rows,
+                    header=["reviewerID", "asin", "unixReviewTime", "label"])
+  records, _ = predict.read_input(path, amazon.predict_reader(config), False)
+  columns, unseen = amazon.encode_records(records, str(tmp_path / "prepared"), config)
+  order = np.ravel([[positive_row[k], negative_row[k]] for k in targets])
+  _assert_columns_equal(columns, test, order, "amazon test split")
+  assert unseen["item.item_id"] == 0 and unseen["item.category"] == 0
+
+
+def test_amazon_behaviours_in_order_match_a_plain_loop():
+  rng = np.random.default_rng(3)
+  users, seconds = rng.integers(0, 4, 40).astype(str), rng.integers(0, 5, 40).astype(float)
+  is_review = rng.random(40) < 0.7
+  indices, counts = amazon.behaviours_in_order(users, seconds, is_review, 3)
+  for i in range(40):
+    earlier = [j for j in sorted(range(40), key=lambda j: (seconds[j], j))
+               if users[j] == users[i] and is_review[j] and (seconds[j], j) < (seconds[i], i)]
+    assert counts[i] == len(earlier)
+    expected = earlier[::-1][:3]
+    assert list(indices[i, :len(expected)]) == expected and (indices[i, len(expected):] == -1).all()
+
+
+def _random_movielens(directory, num_users=25, num_movies=15, seed=0):
+  """Random ML-100K files: each user rates 3-10 distinct movies, hours with ties."""
+  from tests.test_movielens import FLAGS, write_100k
+  rng = np.random.default_rng(seed)
+  ratings = [(u, int(m), int(rng.integers(1, 6)), 3600 * int(rng.integers(1, 200)))
+             for u in range(1, num_users + 1)
+             for m in rng.choice(np.arange(1, num_movies + 1), rng.integers(3, 11), replace=False)]
+  ratings = [ratings[k] for k in rng.permutation(len(ratings))]
+  users = [f"{u}|{rng.integers(10, 70)}|{'MF'[u % 2]}|job{u % 4}|{10000 + 37 * u}"
+           for u in range(1, num_users + 1)]
+  items = [f"{m}|M{m} ({1970 + 3 * m})|01-Jan-{1970 + 3 * m}||http://m|{FLAGS(m % 19, 7)}"
+           for m in range(1, num_movies + 1)]
+  write_100k(directory, ratings=ratings, users=users, items=items)
+  return ratings
+
+
+def test_movielens_rating_records_encode_to_the_prepared_splits(tmp_path):
+  from tests.test_movielens import config_for
+  ratings = _random_movielens(tmp_path / "raw")
+  config = config_for(str(tmp_path / "raw"), max_seq_len=3)
+  directory, _ = data_lib.ensure_prepared(config.data)
+  path = _write_csv(tmp_path / "ratings.csv",
+                    [[str(u), str(m), str(t), str(int(r >= 4))] for u, m, r, t in ratings],
+                    header=["user", "movie", "timestamp", "label"])
+  records, _ = predict.read_input(path, movielens.predict_reader(config.data), False)
+  columns, unseen = movielens.encode_records(records, directory, config.data)
+  user, seconds = np.array([r[0] for r in ratings]), np.array([r[3] for r in ratings])
+  split = interaction_log.time_split(seconds, 0.2, 0.2)
+  chronological = np.lexsort((np.arange(len(ratings)), user, seconds))
+  for code, name in enumerate(schema_lib.SPLITS):
+    rows = chronological[split[chronological] == code]
+    _assert_columns_equal(columns, schema_lib.load_split(directory, name), rows, name)
+  assert unseen["item.movie_id"] == int((~np.isin(
+      [r[1] for r in ratings], [r[1] for r, s in zip(ratings, split) if s == 0])).sum())
+
+
+def test_predict_on_a_movielens_workdir_reproduces_evaluate_on_the_test_period(tmp_path):
+  from tests.test_movielens import config_for
+  ratings = _random_movielens(tmp_path / "raw", seed=1)
+  config = config_for(str(tmp_path / "raw"), max_seq_len=3)
+  config.model.update(embed_dim=4, num_heads=2, gim_dim=8, mlp_dims=(8, 4))
+  config.train.update(batch_size=16, num_train_steps=4, log_every_steps=4, eval_every_steps=4)
+  config.eval.batch_size = 32
+  config.checkpoint.every_steps = 4
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = [[str(u), str(m), str(t), str(int(r >= 4))] for u, m, r, t in ratings]
+  path = _write_csv(tmp_path / "ratings.csv", rows, header=["user", "movie", "timestamp", "label"])
+  stats = predict.predict(str(tmp_path / "run"), path, str(tmp_path / "scores.parquet"))
+  out = pq.read_table(tmp_path / "scores.parquet").to_pandas()
+  assert list(out.columns) == ["user", "movie", "timestamp", "label", "input_row", "score"]
+  assert out["input_row"].tolist() == list(range(len(rows)))
+  assert out[["user", "movie"]].values.tolist() == [r[:2] for r in rows]
+  assert stats["rows_scored"] == len(rows) and stats["step"] == 4
+  run, state, _ = evaluate.restore_checkpoint(config, str(tmp_path / "run"), "latest")
+  reference = evaluate.predict_split(state, run.eval_step, run.data_dir, run.schema, "test",
+                                     config.eval.batch_size, run.mesh)
+  seconds = np.array([r[3] for r in ratings])
+  split = interaction_log.time_split(seconds, 0.2, 0.2)
+  chronological = np.lexsort((np.arange(len(ratings)), [r[0] for r in ratings], seconds))
+  test_rows = chronological[split[chronological] == interaction_log.TEST]
+  np.testing.assert_allclose(out["score"].to_numpy()[test_rows], reference["prob"], atol=1e-6)

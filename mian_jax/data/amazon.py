@@ -42,10 +42,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from absl import logging
 from ml_collections import ConfigDict
 
-from mian_jax.data import amazon_raw
+from mian_jax.data import amazon_raw, interaction_log, tabular
 from mian_jax.data import download as download_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import vocab
@@ -399,6 +400,91 @@ def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
   return schema_lib.Schema(features=features,
                            num_examples=tuple((s, int(sizes[s])) for s in schema_lib.SPLITS),
                            extra_columns=extra_columns, source=source)
+
+
+# ----------------------------------------------------------------------------- predict
+
+# The columns of records to score (`mian_jax.predict`), named as in the raw reviews file, and
+# optionally the label (1 = a review, the item was bought; 0 = not).
+PREDICT_COLUMNS = dict(user_id="reviewerID", item_id="asin", timestamp="unixReviewTime",
+                       label="label")
+
+
+def predict_reader(data_config: ConfigDict) -> ConfigDict:
+  """How predict reads review records (`tabular.read_records`): PREDICT_COLUMNS."""
+  del data_config  # the same columns for every dataset and protocol
+  return tabular.reader_config(**PREDICT_COLUMNS)
+
+
+def behaviours_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.ndarray,
+                        max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's behaviours as `_fill_history` builds them: the same user's reviews before the
+  row in (time, row order), as `join_reviews` orders reviews (ties in file order).
+
+  Args:
+    users: [N] user keys; seconds: [N] times; is_review: [N] bool, which rows are reviews.
+
+  Returns:
+    (indices [N, T] of rows, newest first, -1 = padding; counts [N] of all such reviews).
+  """
+  n = len(users)
+  codes = pd.factorize(pd.Series(users), sort=True)[0]
+  order = np.lexsort((np.arange(n), seconds, codes))
+  u, review = codes[order], np.asarray(is_review, bool)[order]
+  before = np.concatenate([[0], np.cumsum(review)])[:n]  # reviews before each sorted row
+  new_user = np.ones(n, bool)
+  new_user[1:] = u[1:] != u[:-1]
+  user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+  counts = before - before[user_start]
+  t = np.arange(max_seq_len)
+  valid = t[None, :] < np.minimum(counts, max_seq_len)[:, None]
+  reviews = order[np.flatnonzero(review)]  # rows of the reviews, in sorted order
+  slot = np.where(valid, before[:, None] - 1 - t[None, :], 0)
+  indices = np.full((n, max_seq_len), -1, np.int64)
+  indices[order] = np.where(valid, reviews[slot] if len(reviews) else -1, -1)
+  out_counts = np.empty(n, np.int64)
+  out_counts[order] = counts
+  return indices, out_counts
+
+
+def encode_records(records: tabular.Records, directory: str,
+                   data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Review records -> the columns of a prepared split and the unseen values per field.
+
+  Each row is a review of `asin` by `reviewerID` at `unixReviewTime` (label 1, or every row
+  when the input has no label column), or a candidate to score that is not a review (label
+  0 or empty). A row's behaviours are the reviewer's reviews before it in (time, input
+  order) (`behaviours_in_order`): put a candidate before the review of the same time that it
+  should not see. user.activity counts them, context.gap is the whole days since the newest;
+  the category of an asin comes from the lookup kept in `directory`/vocab/.
+  """
+  log = records.log
+  vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
+  categories = vocab.load_lookups(directory)["item.item_id"]
+  asins, seconds = log["item.asin"].to_numpy(object), log["timestamp"].to_numpy(np.float64)
+  label = log["label"].to_numpy(np.float32)
+  is_review = (label == 1 if PREDICT_COLUMNS["label"] in records.table.column_names
+               else np.ones(len(log), bool))
+  indices, counts = behaviours_in_order(log["user"].to_numpy(object), seconds, is_review,
+                                        data_config.max_seq_len)
+  newest = indices[:, 0]
+  raw = {
+      "item.item_id": asins,
+      "item.category": categories.get("item.category", asins),
+      "user.user_id": log["user"].to_numpy(object),
+      "user.activity": counts,
+      "context.year": seconds, "context.month": seconds, "context.weekday": seconds,
+      "context.gap": np.where(newest >= 0, np.floor_divide(
+          seconds - seconds[np.maximum(newest, 0)], SECONDS_PER_DAY), np.nan),
+  }
+  columns, unseen = {}, {}
+  for field, values in raw.items():
+    columns[field], unseen[field] = vocab.encode_field(vocabularies, encoders, field, values)
+  for name in ("item_id", "category"):
+    columns[f"hist.{name}"] = interaction_log.history_column(columns[f"item.{name}"], indices)
+  columns["hist_len"] = np.minimum(counts, data_config.max_seq_len).astype(np.int32)
+  columns["label"] = np.nan_to_num(label)
+  return columns, unseen
 
 
 # ----------------------------------------------------------------------------- entry points

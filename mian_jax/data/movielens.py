@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict
 
-from mian_jax.data import interaction_log, timestamps, vocab
+from mian_jax.data import interaction_log, tabular, timestamps, vocab
 from mian_jax.errors import DataError
 
 ENV_VAR = "MIAN_JAX_MOVIELENS_DIR"
@@ -296,6 +296,55 @@ def generate_with_vocabularies(data_config: ConfigDict):
             "lookups give each user's profile and each movie's genre and release year as "
             "read from them"))
   return schema, splits, stats, write_vocabularies
+
+
+# ----------------------------------------------------------------------------- predict
+
+# The columns of records to score (`mian_jax.predict`): the user and movie ids of the raw files,
+# the Unix timestamp, and optionally the label (1 = rating >= click_threshold, 0 = below).
+PREDICT_COLUMNS = dict(user_id="user", item_id="movie", timestamp="timestamp", label="label")
+
+
+def predict_reader(data_config: ConfigDict) -> ConfigDict:
+  """How predict reads rating records (`tabular.read_records`): PREDICT_COLUMNS."""
+  del data_config  # the same columns for 100K and 1M
+  return tabular.reader_config(**PREDICT_COLUMNS)
+
+
+def encode_records(records: tabular.Records, directory: str,
+                   data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Rating records -> the columns of a prepared split and the unseen values per field.
+
+  Each row is a rating of `movie` by `user` at `timestamp` (a behaviour, as every rating is
+  in preparation), or, with an empty label in a label column, a candidate to score (not a
+  behaviour); without a label column every row is a rating. The
+  user's profile and the movie's genre and release year come from the lookups kept in
+  `directory`/vocab/; behaviours (strictly earlier ratings, `tabular.history_indices`) and
+  time_since_last from the rows of `records`, as preparation builds them from the log.
+  """
+  log = records.log
+  vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
+  lookups = vocab.load_lookups(directory)
+  users, movies = log["user"].to_numpy(object), log["item.movie"].to_numpy(object)
+  seconds = log["timestamp"].to_numpy(np.float64)
+  label = log["label"].to_numpy(np.float32)
+  rated = (~np.isnan(label) if PREDICT_COLUMNS["label"] in records.table.column_names
+           else np.ones(len(log), bool))
+  indices, hist_len = tabular.history_indices(log, data_config.max_seq_len, rated)
+  newest = indices[:, 0]  # the latest strictly earlier rating, -1 if none
+  raw = {"item.movie_id": movies, "user.user_id": users,
+         "context.time_since_last": np.where(newest >= 0, seconds - seconds[newest], np.nan)}
+  for key, values in (("item.movie_id", movies), ("user.user_id", users)):
+    raw.update({field: lookups[key].get(field, values) for field in lookups[key].fields})
+  raw.update({f"context.{unit}": seconds for unit in ("hour", "weekday", "month")})
+  columns, unseen = {}, {}
+  for field, values in raw.items():
+    columns[field], unseen[field] = vocab.encode_field(vocabularies, encoders, field, values)
+  for name in SPEC_FIELDS["behavior_fields"]:
+    columns[f"hist.{name}"] = interaction_log.history_column(columns[f"item.{name}"], indices)
+  columns["hist_len"] = hist_len
+  columns["label"] = np.nan_to_num(label)
+  return columns, unseen
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:
