@@ -14,6 +14,7 @@ The request holds the data directory, the feature-column spec and the hyper-para
   are computed by the caller with mian_jax.metrics, so both implementations are scored by the
   same code.
 - "throughput" (written by throughput.py --peer): speed only, see `run_throughput`.
+- "predict" (written by serving.py --peer): serving latency and throughput, see `run_predict`.
 
 Training loop: that of DeepCTR-Torch's `BaseModel.fit` (binary cross-entropy with
 reduction="sum", plus `model.get_regularization_loss()` and `model.aux_loss`, one Adam step per
@@ -296,7 +297,85 @@ def run_throughput(req: dict) -> dict:
           "dense_layers_reinitialised": s["reinit"]}
 
 
-MODES = {"train": run, "throughput": run_throughput}
+def summarise_calls(durations: list[float], batch_size: int) -> dict:
+  """Latency p50 / p99 / mean (ms) and rows/s of timed calls (benchmarks/serving.py's
+  `summarise`, written out here because the peer runs without mian_jax)."""
+  d = np.asarray(durations, np.float64)
+  return {"latency_p50_ms": 1e3 * float(np.percentile(d, 50)),
+          "latency_p99_ms": 1e3 * float(np.percentile(d, 99)),
+          "latency_mean_ms": 1e3 * float(d.mean()),
+          "rows_per_s": batch_size * len(d) / float(d.sum()), "calls": len(d)}
+
+
+def run_predict(req: dict) -> dict:
+  """Mode "predict": the serving speed of DeepCTR-Torch's model on the valid split's rows.
+
+  For each batch size B of req["batch_sizes"], the batches benchmarks/serving.py takes (rows
+  (k * B + arange(B)) mod n of the valid split, at most req["distinct_batches"] of them) are
+  scored by two calls, each req["warmup_calls"] times untimed, then timed call by call for
+  req["seconds"] in req["rounds"] rounds that alternate them:
+
+  - "predict": `model.predict({feature: array}, batch_size=B)`, DeepCTR-Torch's own API (a
+    TensorDataset and DataLoader per call), NumPy in and out;
+  - "forward": `model(torch.from_numpy(x))` under torch.no_grad() in eval mode, `.numpy()`:
+    the bare forward pass a hand-written server would call.
+
+  A timed call starts with the batch as NumPy arrays and ends with the scores as NumPy.
+  Returns {"rows": [one per (call, batch size): latency p50 / p99 / mean ms, rows/s, calls,
+  first_call_s], versions, threads}.
+  """
+  import resource  # noqa: PLC0415
+
+  import torch  # noqa: PLC0415
+
+  s = setup(req)
+  model, index = s["model"], s["feature_index"]
+  x_valid = build_matrix(req["data_dir"], "valid", req["spec"], index)
+  n = x_valid.shape[0]
+  model.eval()
+
+  def as_features(x):
+    return {name: x[:, start:end] for name, (start, end) in index.items()}
+
+  calls = {
+      "predict": lambda x: model.predict(as_features(x), batch_size=x.shape[0]),
+      "forward": lambda x: model(torch.from_numpy(x)).squeeze(-1).numpy(),
+  }
+  rows = []
+  with torch.no_grad():
+    for batch_size in req["batch_sizes"]:
+      count = max(1, min(req["distinct_batches"], n // batch_size))
+      batches = [np.ascontiguousarray(x_valid[(k * batch_size + np.arange(batch_size)) % n])
+                 for k in range(count)]
+      first_call = {}
+      for name, fn in calls.items():
+        start = time.perf_counter()
+        fn(batches[0])
+        first_call[name] = time.perf_counter() - start
+        for i in range(req["warmup_calls"] - 1):
+          fn(batches[(i + 1) % count])
+      durations = {name: [] for name in calls}
+      for round_index in range(req["rounds"]):
+        order = list(calls) if round_index % 2 == 0 else list(calls)[::-1]
+        for name in order:
+          end = time.perf_counter() + req["seconds"] / req["rounds"]
+          i = len(durations[name])
+          while time.perf_counter() < end or not durations[name]:
+            batch = batches[i % count]
+            start = time.perf_counter()
+            calls[name](batch)
+            durations[name].append(time.perf_counter() - start)
+            i += 1
+      for name in calls:
+        rows.append({"call": name, "batch_size": batch_size, "distinct_batches": count,
+                     "first_call_s": first_call[name],
+                     **summarise_calls(durations[name], batch_size)})
+  return {"impl": "deepctr_torch", "model": req["model"], "rows": rows,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "num_parameters": int(sum(p.numel() for p in model.parameters())), **versions()}
+
+
+MODES = {"train": run, "throughput": run_throughput, "predict": run_predict}
 
 
 def main() -> None:

@@ -33,10 +33,16 @@ before and after its measurement. The scorer's rows also hold the largest absolu
 of its probabilities from the eval step's on the same rows (a check that both compute the same
 scores).
 
-DeepCTR-Torch's `predict` is not measured: benchmarks/deepctr_peer.py (the peer run by
-compare_deepctr.py and throughput.py in a torch venv, --peer_python) has only its "train" and
-"throughput" modes, no predict mode. For a model DeepCTR-Torch has (DIN, DeepFM) a row with
-"impl": "deepctr_torch", "measured": false and the reason is written instead.
+With --peer, for a model DeepCTR-Torch has (DIN, DeepFM), benchmarks/deepctr_peer.py in mode
+"predict" (run by --peer_python, a separate venv with torch and deepctr-torch; see
+compare_deepctr.py) builds DeepCTR-Torch's model with the same hyper-parameters and feature
+columns (as throughput.py --peer does; freshly initialised too) and times, on the same rows of
+the valid split and with the same warm-up, seconds and rounds, two calls: its own
+`model.predict(features, batch_size=B)` ("deepctr_torch_predict") and the bare forward pass
+under torch.no_grad() ("deepctr_torch_forward"); see `run_predict` there. The peer runs in its
+own process after ours, with torch.set_num_threads(--peer_threads, default all cores), so its
+rounds cannot alternate with ours; each row records the load average around its measurement.
+Without --peer such a model gets a row with "measured": false saying so.
 
 One JSON object per row is appended to --out; a Markdown table ends the run.
 """
@@ -61,8 +67,8 @@ from benchmarks import common, compare_deepctr
 IMPLS = ("exported_scorer", "eval_step")
 WARMUP_CALLS = 10  # untimed calls per (implementation, batch size) before timing
 DISTINCT_BATCHES = 64  # at most this many different batches are cycled through per batch size
-PEER_NOT_MEASURED = ("not measured: benchmarks/deepctr_peer.py has no predict mode (only "
-                     "'train' and 'throughput')")
+PEER_NOT_MEASURED = "not measured: run with --peer (and a --peer_python with deepctr-torch)"
+PEER_IMPLS = ("deepctr_torch_predict", "deepctr_torch_forward")
 _NOT_INPUTS = ("label", "weight")  # keys of a pipeline batch that no model reads
 
 
@@ -130,8 +136,30 @@ def environment() -> dict[str, Any]:
           "python_version": platform.python_version()}
 
 
+def measure_peer(run, config, batch_sizes: Sequence[int], seconds: float, rounds: int,
+                 peer_python: str, threads: int) -> list[dict[str, Any]]:
+  """DeepCTR-Torch's predict and forward pass on `run`'s valid rows (module docstring): one
+  row per (call, batch size), as `measure_model`'s rows."""
+  from benchmarks import throughput  # noqa: PLC0415
+  from mian_jax.data import schema as schema_lib  # noqa: PLC0415
+  train = schema_lib.load_split(run.data_dir, "train", run.schema)
+  request = throughput.peer_request(config, run.schema, train, run.data_dir, seconds, threads)
+  request.update(mode="predict", batch_sizes=list(batch_sizes), rounds=rounds,
+                 warmup_calls=WARMUP_CALLS, distinct_batches=DISTINCT_BATCHES)
+  loadavg_start = list(os.getloadavg())
+  result = common.run_peer(request, peer_python, timeout=600 + 4 * seconds * len(batch_sizes))
+  loadavg_end = list(os.getloadavg())
+  shared = {key: value for key, value in result.items() if key not in ("rows", "impl")}
+  return [{"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "impl": f"deepctr_torch_{r['call']}", "measured": True,
+           **{k: v for k, v in r.items() if k != "call"}, "loadavg_start": loadavg_start,
+           "loadavg_end": loadavg_end, "trained": False, "rows_from": "valid",
+           "seconds": seconds, "rounds": rounds, "warmup_calls": WARMUP_CALLS,
+           "peer_threads": threads, **shared} for r in result["rows"]]
+
+
 def measure_model(config, model: str, seconds: float, batch_sizes: Sequence[int] = (1, 1024),
-                  rounds: int = 4) -> list[dict[str, Any]]:
+                  rounds: int = 4, peer: tuple[str, int] | None = None) -> list[dict[str, Any]]:
   """Measures the exported scorer and the in-process eval step of `model` on `config`'s data.
 
   Args:
@@ -139,10 +167,12 @@ def measure_model(config, model: str, seconds: float, batch_sizes: Sequence[int]
     seconds: timed seconds per (implementation, batch size), split into `rounds` rounds that
       alternate the implementations.
 
+    peer: (peer python, torch threads) to also measure DeepCTR-Torch (`measure_peer`).
+
   Returns:
     One row per (implementation, batch size), in the order of IMPLS within each batch size
-    (module docstring), plus a "deepctr_torch" row with "measured": false when DeepCTR-Torch
-    has the model.
+    (module docstring); for a model DeepCTR-Torch has, its rows (with `peer`) or a
+    "deepctr_torch" row with "measured": false.
   """
   import jax  # noqa: PLC0415
 
@@ -194,7 +224,9 @@ def measure_model(config, model: str, seconds: float, batch_sizes: Sequence[int]
         if impl == "exported_scorer":
           row["max_abs_diff_vs_eval_step"] = difference
         rows.append(row)
-  if model in compare_deepctr.MODELS:
+    if model in compare_deepctr.MODELS and peer is not None:
+      rows += measure_peer(run, config, batch_sizes, seconds, rounds, *peer)
+  if model in compare_deepctr.MODELS and peer is None:
     rows.append({"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                  "impl": "deepctr_torch", "model": model, "batch_sizes": list(batch_sizes),
                  "measured": False, "reason": PEER_NOT_MEASURED,
@@ -203,7 +235,9 @@ def measure_model(config, model: str, seconds: float, batch_sizes: Sequence[int]
 
 
 IMPL_NAMES = {"exported_scorer": "exported (`Scorer.score`)",
-              "eval_step": "in-process `eval_step`", "deepctr_torch": "DeepCTR-Torch `predict`"}
+              "eval_step": "in-process `eval_step`", "deepctr_torch": "DeepCTR-Torch",
+              "deepctr_torch_predict": "DeepCTR-Torch `model.predict`",
+              "deepctr_torch_forward": "DeepCTR-Torch forward (`no_grad`)"}
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -234,6 +268,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch_sizes", default="1,1024", help="comma list of batch sizes")
   p.add_argument("--rounds", type=int, default=4,
                  help="rounds alternating the two implementations per batch size")
+  p.add_argument("--peer", action="store_true",
+                 help="also measure DeepCTR-Torch's predict (DIN, DeepFM) with --peer_python")
+  p.add_argument("--peer_python", default=common.DEFAULT_PEER_PYTHON,
+                 help="python of a venv with torch and deepctr-torch")
+  p.add_argument("--peer_threads", type=int, default=0,
+                 help="torch.set_num_threads for the peer; 0 = os.cpu_count()")
   args, overrides = p.parse_known_args(argv)
   unknown = [x for x in overrides if not x.startswith("--config.")]
   if unknown:
@@ -262,6 +302,9 @@ def main(argv=None) -> None:
   unknown = sorted(set(names) - set(models.MODELS))
   if unknown:
     sys.exit(f"error: unknown model(s) {unknown}; expected some of {sorted(models.MODELS)}")
+  if args.peer:
+    common.check_peer_python(args.peer_python)
+  peer = (args.peer_python, args.peer_threads or os.cpu_count() or 1) if args.peer else None
   cli.quiet_library_logs()
   env = environment()
   print(f"{env['backend']} ({env['device']}, {env['cpu']}, {env['cpu_count']} cores), jax "
@@ -269,7 +312,7 @@ def main(argv=None) -> None:
   rows = []
   for name in names:
     try:
-      measured = measure_model(config, name, args.seconds, args.batch_sizes, args.rounds)
+      measured = measure_model(config, name, args.seconds, args.batch_sizes, args.rounds, peer)
     except MianError as e:
       sys.exit(f"error: {' '.join(str(e).split())}")
     for row in measured:
@@ -283,8 +326,9 @@ def main(argv=None) -> None:
               f"{row['rows_per_s']:,.0f} rows/s", flush=True)
   print()
   print(format_table(rows))
-  print(f"\nuntrained (freshly initialised) models: parameter values do not change the speed. "
-        f"DeepCTR-Torch predict {PEER_NOT_MEASURED}. Rows appended to {args.out}")
+  peer_text = "" if peer else f" DeepCTR-Torch {PEER_NOT_MEASURED}."
+  print(f"\nuntrained (freshly initialised) models: parameter values do not change the speed."
+        f"{peer_text} Rows appended to {args.out}")
 
 
 if __name__ == "__main__":

@@ -232,10 +232,28 @@ def test_serving_benchmark_measures_scorer_and_eval_step_on_the_same_rows():
     assert r["impl"] == "exported_scorer" and r["max_abs_diff_vs_eval_step"] < 1e-5
   (peer,) = [r for r in rows if not r["measured"]]
   assert (peer["impl"], peer["model"]) == ("deepctr_torch", "din")
-  assert "no predict mode" in peer["reason"]
+  assert "--peer" in peer["reason"]
   table = markdown_rows(serving.format_table(rows))
   assert [line[:3] for line in table[:2]] == [
       ["din", serving.IMPL_NAMES["exported_scorer"], "1"],
       ["din", serving.IMPL_NAMES["eval_step"], "1"]]
   assert table[-1][3] == "not measured"
   json.dumps(rows)  # JSON-able, as append_jsonl writes them
+
+
+_PEER_PYTHON = os.path.join(REPO, common.DEFAULT_PEER_PYTHON)
+
+
+@pytest.mark.skipif(not os.access(_PEER_PYTHON, os.X_OK),
+                    reason=f"no DeepCTR-Torch venv at {_PEER_PYTHON} (compare_deepctr.py says how "
+                           "to create one)")
+def test_serving_benchmark_measures_deepctr_torch_predict_with_the_peer():
+  rows = serving.measure_model(tiny_config(), "din", seconds=0.5, batch_sizes=(1, 8), rounds=2,
+                               peer=(_PEER_PYTHON, 1))
+  peer = [r for r in rows if r["impl"].startswith("deepctr_torch")]
+  assert [(r["impl"], r["batch_size"]) for r in peer] == [
+      (impl, b) for b in (1, 8) for impl in serving.PEER_IMPLS]
+  for r in peer:
+    assert r["measured"] and r["calls"] >= 1 and 0 < r["latency_p50_ms"] <= r["latency_p99_ms"]
+    assert {"torch_version", "deepctr_torch_version", "torch_threads"} <= set(r)
+  assert len(markdown_rows(serving.format_table(rows))) == len(rows)
