@@ -45,6 +45,8 @@ OOV_ID = 1  # the id of an unseen or missing value (mian_jax/data/schema.py)
 HASH_FUNCTION = "blake2b-8-le mod buckets"  # of an encoder of kind "hash" (`_stable_hash`)
 _HASH_DIGEST_BYTES = 8  # a uint64
 _INT32 = np.iinfo(np.int32)
+_SECONDS_PER_DAY = 86400
+LOOKUP_PREFIX = "lookup."  # vocab/lookup.<key field>.json (mian_jax/data/vocab.py)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -95,6 +97,71 @@ def _hash_ids(tokens: list[str | None], buckets: int, first_id: int) -> np.ndarr
                      count=len(tokens))
 
 
+def _missing(value: Any) -> bool:
+  try:
+    return value is None or bool(value != value)  # NaN
+  except (TypeError, ValueError):
+    return True
+
+
+def _calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
+  s = np.floor(seconds).astype(np.int64)
+  days = np.floor_divide(s, _SECONDS_PER_DAY)
+  if unit == "year":
+    return days.astype("datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
+  if unit == "month":
+    return days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12 + 1
+  if unit == "weekday":
+    return (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+  if unit == "hour":
+    return np.floor_divide(s, 3600) % 24
+  raise ValueError(f"calendar unit {unit!r} is not one of year, month, weekday, hour")
+
+
+def _apply_encoder(encoder: Mapping[str, Any], raw) -> np.ndarray:
+  """A copy of `mian_jax.data.vocab.apply_encoder` (tests/test_export.py checks that the two
+  agree): raw quantities [N] -> tokens (object [N], None = missing) to look up in the field's
+  map, or int32 ids (id-valued buckets, hash), or float32 values (standardise)."""
+  kind = encoder["kind"]
+  if kind == "hash":
+    if encoder.get("function") != HASH_FUNCTION:
+      raise ValueError(f"a field is hashed with {encoder.get('function')!r}; this loader "
+                       f"computes {HASH_FUNCTION!r}")
+    return _hash_ids(_tokens(raw), int(encoder["buckets"]), int(encoder["first_id"]))
+  if kind == "prefix":
+    return np.asarray([None if t is None else t.strip()[:encoder["length"]]
+                       for t in _tokens(raw)], dtype=object)
+  if kind == "rule":
+    return np.asarray(_tokens(raw), dtype=object)
+  try:
+    x = np.asarray([np.nan if _missing(v) else float(v) for v in raw], np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"a value of a field computed with a {kind!r} encoder ({encoder['of']}) "
+                     "is not a number") from None
+  missing = np.isnan(x)
+  if kind == "buckets":
+    bucket = np.searchsorted(np.asarray(encoder["edges"], np.float64), np.nan_to_num(x),
+                             side="right")
+    if "names" in encoder:
+      names = np.asarray(encoder["names"], dtype=object)[bucket]
+      return np.where(missing, encoder.get("missing"), names)
+    bucket = np.where(missing, encoder.get("missing_bucket", -1), bucket)
+    if (bucket < 0).any():
+      raise ValueError(f"a value of {encoder['of']} is missing, and its buckets have none")
+    return (bucket + encoder["first_id"]).astype(np.int32)
+  if kind == "calendar":
+    values = _calendar(encoder["unit"], np.nan_to_num(x))
+    return np.where(missing, None, values.astype(str).astype(object))
+  if kind == "year_span":
+    width = int(encoder["width"])
+    start = (np.floor(np.nan_to_num(x) / width) * width).astype(np.int64)
+    spans = np.char.add(np.char.add(start.astype(str), "-"), (start + width - 1).astype(str))
+    return np.where(missing, encoder["missing"], spans.astype(object))
+  if kind == "standardise":
+    return ((x - encoder["mean"]) / encoder["std"]).astype(np.float32)
+  raise ValueError(f"unknown encoder kind {kind!r}")
+
+
 def bucket_size(num_rows: int) -> int:
   """The padded batch size: the smallest power of two >= num_rows (>= 1)."""
   return 1 << max(num_rows - 1, 0).bit_length()
@@ -124,6 +191,7 @@ class Scorer:
     self._call = jax.jit(exported.call)
     self._vocabularies: dict[str, dict[str, int]] = {}  # read on first use (`encode`)
     self._encoder_table: dict[str, Any] | None = None
+    self._lookup_table: dict[str, dict[str, Any]] | None = None
 
   @classmethod
   def load(cls, export_dir: str, device: jax.Device | None = None) -> Scorer:
@@ -169,8 +237,12 @@ class Scorer:
         <group>.<name> of the tabular source is its input column <name>); for every
         behaviour field `hist.<name>`, B lists of raw values, oldest first: the user's
         behaviours before this request, which the server keeps (with
-        behavior_rows="clicks", the items the user clicked). `label`, `weight`, `group_id`
-        may be present and are ignored.
+        behavior_rows="clicks", the items the user clicked). A field that a lookup of vocab/
+        gives from another field's raw value (an asin's category, a movie's genre, a user's
+        profile; `derived_fields`) may be left out and is then looked up, in behaviours too.
+        A field computed by an encoder takes the raw quantity its encoder names
+        (vocab/encoders.json "of": e.g. Unix seconds for a calendar field, a number of days
+        for a bucketed gap). `label`, `weight`, `group_id` may be present and are ignored.
 
     A categorical value is looked up as str(value), as preparation read the cell's text; an
     unseen or missing (None, NaN) one is the out-of-vocabulary id 1 and counted. A hashed
@@ -185,8 +257,7 @@ class Scorer:
     Raises:
       ValueError (one line, naming the field): the export has no vocab/, a missing or
         unknown field, fields of different lengths, behaviour lists of unequal length, a
-        numeric value that is missing or not a number, a field whose encoder this loader
-        does not apply (exports of sources other than tabular and synthetic).
+        numeric value that is missing or not a number.
     """
     if self.vocab_dir is None:
       raise ValueError(f"{self.export_dir} has no {VOCAB_DIR}/ (its data were prepared before "
@@ -195,59 +266,99 @@ class Scorer:
     unknown = sorted(k for k in records if k not in wanted and k not in self._ignored)
     if unknown:
       raise ValueError(f"unknown field {unknown[0]!r}; encode takes {', '.join(wanted)}")
-    for name in wanted:
+    derived = {name: source for name, source in self.derived_fields().items()
+               if name not in records and source[0] in records}
+    required = [name for name in wanted if name not in derived]
+    for name in required:
       if name not in records:
-        raise ValueError(f"field {name!r} is missing; encode takes {', '.join(wanted)}")
-      if len(records[name]) != len(records[wanted[0]]):
-        raise ValueError(f"field {name!r} has {len(records[name])} rows but {wanted[0]!r} has "
-                         f"{len(records[wanted[0]])}")
-    num_rows = len(records[wanted[0]]) if wanted else 0
+        raise ValueError(f"field {name!r} is missing; encode takes {', '.join(required)}")
+      if len(records[name]) != len(records[required[0]]):
+        raise ValueError(f"field {name!r} has {len(records[name])} rows but {required[0]!r} "
+                         f"has {len(records[required[0]])}")
+    num_rows = len(records[required[0]]) if required else 0
     hist = [name for name in wanted if name.startswith("hist.")]
     batch, unseen = {}, {}
     for name in wanted:
       if name in hist:
         continue
+      raw = records[name] if name in records else self._looked_up(records, name, derived)
       if self._inputs[name]["dtype"] == "int32":
-        batch[name], unseen[name] = self._lookup(name, name, _tokens(records[name]))
+        batch[name], unseen[name] = self._ids(name, name, raw)
       else:
-        batch[name] = self._standardise(name, records[name])
+        batch[name] = self._standardise(name, raw)
     max_len = self._inputs[hist[0]]["shape"][0] if hist else 0
-    lengths = np.zeros(num_rows, np.int32)
-    for name in hist:
+    lengths, flat = np.zeros(num_rows, np.int32), {}
+    for name in sorted(hist, key=lambda n: n in derived):  # given lists first
+      if name in derived:
+        flat[name] = self._looked_up(flat, name, derived)
+        continue
       lists = [list(x) if x is not None else [] for x in records[name]]
       kept = [x[len(x) - max_len:] if len(x) > max_len else x for x in lists]
       row_lengths = np.asarray([len(x) for x in kept], np.int32)
-      if name != hist[0] and (row_lengths != lengths).any():
-        raise ValueError(f"behaviour lists {name!r} and {hist[0]!r} differ in length in row "
-                         f"{int(np.argmax(row_lengths != lengths))}")
+      if flat and (row_lengths != lengths).any():
+        raise ValueError(f"behaviour lists {name!r} and {next(iter(flat))!r} differ in length "
+                         f"in row {int(np.argmax(row_lengths != lengths))}")
       lengths = row_lengths
-      flat = [v for x in kept for v in reversed(x)]  # newest first
-      ids, unseen[name] = self._lookup(name, f"item.{name[len('hist.'):]}", _tokens(flat))
+      flat[name] = [v for x in kept for v in reversed(x)]  # newest first
+    for name in hist:
+      ids, unseen[name] = self._ids(name, f"item.{name[len('hist.'):]}", flat[name])
       column = np.zeros((num_rows, max_len), np.int32)
       column[np.arange(max_len)[None, :] < lengths[:, None]] = ids
       batch[name] = column
     batch["hist_len"] = lengths
     return batch, unseen
 
-  def _lookup(self, name: str, field: str, tokens: list[str | None]) -> tuple[np.ndarray, int]:
-    """Tokens -> int32 ids of `field`'s map, or its hash (encoder kind "hash"), with OOV_ID
-    for an unseen (not hashed) or missing token, and how many were OOV_ID."""
+  def derived_fields(self) -> dict[str, tuple[str, str]]:
+    """Inputs a lookup of vocab/ gives: {input: (the input whose raw value is the key, the
+    lookup's field)}, e.g. {"item.category": ("item.item_id", "item.category"),
+    "hist.category": ("hist.item_id", "item.category")}."""
+    out = {}
+    for key, lookup in self._lookups().items():
+      for field in lookup["fields"]:
+        group, name = field.split(".", 1)
+        out[field] = (key, field)
+        if group == "item" and key.startswith("item."):
+          out[f"hist.{name}"] = (f"hist.{key[len('item.'):]}", field)
+    return {name: source for name, source in out.items()
+            if name in self._inputs and source[0] in self._inputs}
+
+  def _looked_up(self, records: Mapping[str, Any], name: str,
+                 derived: Mapping[str, tuple[str, str]]) -> list[Any]:
+    """The raw values of `name` looked up by the raw values of its key input (None where the
+    key is unknown to the lookup)."""
+    key, field = derived[name]
+    lookup = self._lookups()[key if key in self._lookups() else f"item.{key[len('hist.'):]}"]
+    values, rows = lookup["fields"][field], lookup["rows"]
+    return [None if t is None or t not in rows else values[rows[t]]
+            for t in _tokens(records[key])]
+
+  def _lookups(self) -> dict[str, dict[str, Any]]:
+    """key field -> {"rows": {str(key): row}, "fields": {field: values}} of vocab/lookup.*,
+    read once."""
+    if self._lookup_table is None:
+      self._lookup_table = {}
+      for file in sorted(os.listdir(self.vocab_dir)):
+        if file.startswith(LOOKUP_PREFIX):
+          content = _read_json(os.path.join(self.vocab_dir, file))
+          self._lookup_table[content["key"]] = {
+              "rows": {k: i for i, k in enumerate(content["keys"])},
+              "fields": content["fields"]}
+    return self._lookup_table
+
+  def _ids(self, name: str, field: str, raw) -> tuple[np.ndarray, int]:
+    """Raw values of `field` -> int32 ids: its encoder applied (if any), then its map, with
+    OOV_ID for an unseen (not hashed) or missing value; and how many were OOV_ID."""
     encoder = self._encoders().get(field)
-    kind = None if encoder is None else encoder.get("kind")
-    if kind == "hash":
-      if encoder.get("function") != HASH_FUNCTION:
-        raise ValueError(f"field {name!r} is hashed with {encoder.get('function')!r}; this "
-                         f"loader computes {HASH_FUNCTION!r}")
-      out = _hash_ids(tokens, int(encoder["buckets"]), int(encoder["first_id"]))
-    elif kind in (None, "rule"):
+    try:
+      values = (np.asarray(_tokens(raw), dtype=object) if encoder is None
+                else _apply_encoder(encoder, raw))
+    except ValueError as e:
+      raise ValueError(f"field {name!r}: {e}") from None
+    if values.dtype == object:
       ids = self._vocabulary(field)
-      out = np.fromiter((OOV_ID if t is None else ids.get(t, OOV_ID) for t in tokens),
-                        np.int32, count=len(tokens))
-    else:
-      raise ValueError(f"field {name!r} is computed with a {kind!r} encoder, which "
-                       "Scorer.encode does not apply; encode it yourself "
-                       "(mian_jax/data/vocab.py)")
-    return out, int(np.count_nonzero(out == OOV_ID))
+      values = np.fromiter((OOV_ID if t is None else ids.get(t, OOV_ID) for t in values),
+                           np.int32, count=len(values))
+    return values, int(np.count_nonzero(values == OOV_ID))
 
   def _standardise(self, name: str, values) -> np.ndarray:
     encoder = self._encoders().get(name)

@@ -325,3 +325,27 @@ def test_encode_of_hashed_fields_equals_the_prepared_columns(tmp_path):
   assert unseen == {"item.item_id": 0, "item.category": 0, "user.age_group": 0,
                     "user.gender": 0, "user.city": 1, "context.hour": 2, "context.device": 0,
                     "hist.item_id": 0, "hist.category": 0}
+
+
+def test_the_loaders_encoders_compute_what_the_data_package_computes():
+  """serving's copy of `vocab.apply_encoder`, for every encoder kind the sources write."""
+  seconds = [0, 86399, 1_400_000_000.5, 4_102_444_799, None, float("nan")]
+  encoders_and_raw = [
+      ({"kind": "calendar", "unit": unit, "of": "s"}, seconds)
+      for unit in ("year", "month", "weekday", "hour")] + [
+      ({"kind": "buckets", "edges": [1, 2, 8], "first_id": 2, "missing_bucket": 4, "of": "d"},
+       [0, 1, 1.5, 7.99, 8, 400, None]),
+      ({"kind": "buckets", "edges": [18, 25], "names": ["1", "18", "25"], "missing": "none",
+        "of": "age"}, [3, 18, 24.9, 80, None]),
+      ({"kind": "year_span", "width": 5, "missing": "unknown", "of": "year"},
+       [1994, 1995, 1999.5, None]),
+      ({"kind": "prefix", "length": 3, "of": "zip"}, [" 94043", "T8H1N", 12, None]),
+      ({"kind": "rule", "rule": "given", "of": "x"}, ["a", 3, None]),
+      ({"kind": "standardise", "mean": 2.0, "std": 4.0, "of": "x"}, [2, 6, -2.5]),
+      (vocab.hash_encoder(97, "x"), ["é", "7", None])]
+  for encoder, raw in encoders_and_raw:
+    ours, theirs = serving._apply_encoder(encoder, raw), vocab.apply_encoder(encoder, raw)
+    assert ours.dtype == theirs.dtype, encoder
+    np.testing.assert_array_equal(ours, theirs, err_msg=str(encoder))
+  with pytest.raises(ValueError, match="is not a number"):
+    serving._apply_encoder({"kind": "calendar", "unit": "hour", "of": "s"}, ["noon"])

@@ -260,8 +260,18 @@ _FEATURES = ("item.", "hist.", "user.", "context.", "hist_len", "label")
 
 def _assert_columns_equal(encoded, prepared, rows, where):
   for name, column in prepared.items():
-    if name.startswith(_FEATURES):
+    if name.startswith(_FEATURES) and (name != "label" or "label" in encoded):
       np.testing.assert_array_equal(encoded[name][rows], column, err_msg=f"{where}: {name}")
+
+
+def _stub_scorer(directory):
+  """A Scorer on a prepared directory (its vocab/ is an export's), with no model: for encode."""
+  schema = schema_lib.read_schema(directory)
+  signature = {"inputs": [{"name": name, "dtype": dtype, "shape": list(shape)}
+                          for name, (dtype, shape) in export.input_columns(schema).items()],
+               "ignored_inputs": list(export.NOT_INPUTS), "outputs": []}
+  return serving.Scorer(directory, types.SimpleNamespace(call=lambda *args: {}), {}, signature,
+                        {})
 
 
 def test_amazon_review_records_encode_to_the_prepared_test_split(tmp_path):
@@ -294,6 +304,26 @@ def test_amazon_review_records_encode_to_the_prepared_test_split(tmp_path):
   order = np.ravel([[positive_row[k], negative_row[k]] for k in targets])
   _assert_columns_equal(columns, test, order, "amazon test split")
   assert unseen["item.item_id"] == 0 and unseen["item.category"] == 0
+  # The export loader, given what a server keeps (the reviewer's earlier asins, their number,
+  # the days since the last one), looks the categories up and encodes the same columns.
+  records = {name: [] for name in ("item.item_id", "user.user_id", "user.activity",
+                                   "context.year", "context.month", "context.weekday",
+                                   "context.gap", "hist.item_id")}
+  for k in targets:
+    user, asin, day = reviews[k]
+    earlier = sorted((d, j, a) for j, (u, a, d) in enumerate(reviews)
+                     if u == user and (d, j) < (day, k))
+    for candidate in (asin, negative[k]):
+      for name, value in (("item.item_id", candidate), ("user.user_id", user),
+                          ("user.activity", len(earlier)),
+                          ("context.gap", day - earlier[-1][0] if earlier else None),
+                          ("hist.item_id", [a for _, _, a in earlier])):
+        records[name].append(value)
+      for unit in ("year", "month", "weekday"):
+        records[f"context.{unit}"].append((BASE_DAY + day) * DAY)
+  batch, unseen = _stub_scorer(str(tmp_path / "prepared")).encode(records)
+  _assert_columns_equal(batch, test, slice(None), "Scorer.encode")
+  assert unseen["item.category"] == unseen["hist.category"] == 0
 
 
 def test_amazon_behaviours_in_order_match_a_plain_loop():
@@ -341,6 +371,24 @@ def test_movielens_rating_records_encode_to_the_prepared_splits(tmp_path):
   for code, name in enumerate(schema_lib.SPLITS):
     rows = chronological[split[chronological] == code]
     _assert_columns_equal(columns, schema_lib.load_split(directory, name), rows, name)
+  # The export loader, given each rating's movie, user, time, the seconds since the user's
+  # previous rating and the earlier movies, looks the profiles up and encodes the same columns.
+  test = schema_lib.load_split(directory, "test")
+  test_rows = chronological[split[chronological] == interaction_log.TEST]
+  records = {name: [] for name in ("item.movie_id", "user.user_id", "context.hour",
+                                   "context.weekday", "context.month",
+                                   "context.time_since_last", "hist.movie_id")}
+  for i in test_rows:
+    u, m, _, t = ratings[i]
+    earlier = sorted((tt, j, mm) for j, (uu, mm, _, tt) in enumerate(ratings)
+                     if uu == u and tt < t)  # ties in file order, as preparation keeps them
+    for name, value in (("item.movie_id", m), ("user.user_id", u),
+                        ("context.time_since_last", t - earlier[-1][0] if earlier else None),
+                        ("hist.movie_id", [mm for _, _, mm in earlier]),
+                        ("context.hour", t), ("context.weekday", t), ("context.month", t)):
+      records[name].append(value)
+  batch, _ = _stub_scorer(directory).encode(records)
+  _assert_columns_equal(batch, test, slice(None), "Scorer.encode")
   assert unseen["item.movie_id"] == int((~np.isin(
       [r[1] for r in ratings], [r[1] for r, s in zip(ratings, split) if s == 0])).sum())
 
