@@ -8,7 +8,8 @@
 # Each process reads only its own slice of every global batch (mian_jax/data/pipeline.py);
 # only process 0 writes metrics and evaluation files; orbax coordinates the checkpoint writes,
 # so --workdir must be on a file system all hosts see. Under SLURM or on Cloud TPU, leave
-# COORDINATOR unset: jax.distributed.initialize() then finds its peers itself.
+# COORDINATOR unset: jax.distributed.initialize() then finds its peers itself
+# (launch/slurm.sbatch). To start N processes on one machine, use launch/local.py.
 set -euo pipefail
 export MIAN_JAX_DISTRIBUTED=1
 if [[ -n "${COORDINATOR:-}" ]]; then

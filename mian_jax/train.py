@@ -331,6 +331,9 @@ class Loop:
                        self.meta["best_valid_auc"], self.meta["best_step"])
           break
 
+    logging.info("Process %d of %d read %d training rows (its part of %d steps of %d)",
+                 jax.process_index(), jax.process_count(), batches.rows_read,
+                 int(state.step) - start_step, config.train.batch_size)
     final_step = int(state.step)
     if self.meta["best_step"] is None and (last_valid is None or
                                            last_valid["step"] != final_step):

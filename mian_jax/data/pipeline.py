@@ -64,18 +64,23 @@ class TrainBatches:
     self._seed = seed
     self._slice = local_slice(global_batch_size, process_index, process_count)
     self._epoch, self._perm = -1, np.empty(0, np.int64)
+    self.rows_read = 0  # training rows this process has gathered (`batch`)
 
   def rows(self, step: int) -> np.ndarray:
-    """Row indices (sorted, for mmap locality) of this process's part of global batch `step`."""
+    """Row indices of this process's part of global batch `step`: its slice of the global
+    batch's rows, sorted (for mmap locality) before slicing, so that the global batch is laid
+    out over the devices the same way whatever the number of processes."""
     epoch, b = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._perm = np.random.default_rng([self._seed, epoch]).permutation(self.num_examples)
       self._epoch = epoch
-    rows = self._perm[b * self.global_batch_size:(b + 1) * self.global_batch_size]
-    return np.sort(rows[self._slice])
+    rows = np.sort(self._perm[b * self.global_batch_size:(b + 1) * self.global_batch_size])
+    return rows[self._slice]
 
   def batch(self, step: int) -> Batch:
-    return gather_batch(self._columns, self._schema, self.rows(step))
+    rows = self.rows(step)
+    self.rows_read += len(rows)
+    return gather_batch(self._columns, self._schema, rows)
 
   def iterate(self, start_step: int, end_step: int, prefetch: int = 2,
               transform=None) -> Iterator[Batch]:
