@@ -20,7 +20,12 @@ Each (model, batch size) runs in its own process, so peak RSS is that pair's own
 - eval_samples_per_s: the jitted forward pass;
 - peak_rss_mb: the process's peak resident memory.
 Results print as a table and append one JSON object per pair to --out (keys "impl": "mian_jax",
-"model", "batch_size", "optimizer", the measurements above, "devices", "backend", "cpu_count").
+"model", "batch_size", "optimizer", the measurements above, "devices", "max_steps_in_flight",
+"backend", "cpu_count").
+
+--max_steps_in_flight: how many train steps may be unfinished (`steps.bound_in_flight`; the
+timed loop never waits otherwise). Default: 8 on several CPU devices, where XLA:CPU deadlocks
+beyond 32 (docs/performance.md, "DIN hung with two CPU devices"), else unbounded; 0: unbounded.
 
 --peer: the arrays are written once to a temporary prepared directory (removed at the end) that
 both implementations read. For each model DeepCTR-Torch has (din, deepfm; other models are
@@ -89,16 +94,21 @@ def load_shared_data(directory: str):
 
 
 def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
-            optimizer: str = "adam", data_dir: str = "") -> dict:
-  """Measures one (model, batch size) pair in this process (on `data_dir`'s arrays if given)."""
+            optimizer: str = "adam", data_dir: str = "",
+            max_steps_in_flight: int | None = None) -> dict:
+  """Measures one (model, batch size) pair in this process (on `data_dir`'s arrays if given);
+  `max_steps_in_flight`: the limit of `steps.bound_in_flight` (None: the train step's own)."""
   import jax  # noqa: PLC0415
 
-  from mian_jax import sharding  # noqa: PLC0415
+  from mian_jax import sharding, steps  # noqa: PLC0415
 
   schema, columns = load_shared_data(data_dir) if data_dir else common.make_data(vocab)
   run = common.setup_arrays(common.make_config(model_name, batch_size, optimizer), schema,
                             columns)
   mesh, batches, state, step_fn = run.mesh, run.batches, run.state, run.train_step
+  if max_steps_in_flight is not None:
+    jitted = step_fn.step if isinstance(step_fn, steps.BoundedStep) else step_fn
+    step_fn = steps.bound_in_flight(jitted, mesh, max_steps_in_flight)
   rng = jax.random.PRNGKey(1)
 
   # The train loop's form of a batch: one packed array per batch (sharding.pack_to_global).
@@ -133,6 +143,7 @@ def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
 
   return {"impl": "mian_jax", "model": model_name, "batch_size": batch_size, "vocab": vocab,
           "optimizer": optimizer, "devices": jax.device_count(),
+          "max_steps_in_flight": step_fn.limit if isinstance(step_fn, steps.BoundedStep) else 0,
           "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
           "train_samples_per_s": train_rate, "eval_samples_per_s": eval_rate,
           "input_samples_per_s": input_rate, "input_share_of_step": train_rate / input_rate,
@@ -145,6 +156,8 @@ def run_ours(model: str, batch: int, args: argparse.Namespace, data_dir: str = "
   command = [sys.executable, "-m", "benchmarks.throughput", f"--single={model},{batch}",
              f"--vocab={args.vocab}", f"--seconds={args.seconds}",
              f"--optimizer={args.optimizer}"]
+  if args.max_steps_in_flight is not None:
+    command.append(f"--max_steps_in_flight={args.max_steps_in_flight}")
   if data_dir:
     command.append(f"--data_dir={data_dir}")
   result = subprocess.run(command, cwd=common.ROOT, capture_output=True, text=True, check=False)
@@ -255,6 +268,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--seconds", type=float, default=20.0, help="steady-state time per pair")
   parser.add_argument("--optimizer", default="adam", choices=common.OPTIMIZERS,
                       help="config.train.optimizer of our models")
+  parser.add_argument("--max_steps_in_flight", type=int, default=None,
+                      help="unfinished train steps allowed (steps.bound_in_flight); 0: "
+                      "unbounded; default: 8 on several CPU devices (an XLA:CPU deadlock, "
+                      "docs/performance.md), else unbounded")
   parser.add_argument("--out", default="runs/throughput.jsonl")
   parser.add_argument("--peer", action="store_true",
                       help="also measure DeepCTR-Torch's DIN / DeepFM, alternating with ours")
@@ -302,7 +319,7 @@ def main(argv=None) -> None:
   if args.single:
     model, batch = args.single.split(",")
     print(json.dumps(measure(model, int(batch), args.vocab, args.seconds, args.optimizer,
-                             args.data_dir)))
+                             args.data_dir, args.max_steps_in_flight)))
     return
   if args.peer:
     common.check_peer_python(args.peer_python)

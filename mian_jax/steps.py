@@ -8,6 +8,7 @@ The loss is eq. (18) plus the L2 term of §4.3 (docs/model.md, "L2"); the optimi
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -132,13 +133,47 @@ def create_train_state(model, tx, batch, rng: jax.Array, mesh) -> TrainState:
   return init(rng)
 
 
+# XLA:CPU deadlocks once more than 32 runs of a program with collectives are in flight per
+# device while its client thread pool has fewer than 2 threads per device, e.g. 2 CPU devices
+# on 2 cores (docs/performance.md, "DIN hung with two CPU devices").
+MAX_STEPS_IN_FLIGHT_ON_CPU = 8
+
+
+class BoundedStep:
+  """A jitted step (returning (state, metrics)) that keeps at most `limit` of its calls
+  unfinished: a call first waits for the oldest one's metrics. Other attributes: `step`'s."""
+
+  def __init__(self, step, limit: int):
+    self.step, self.limit, self._pending = step, limit, collections.deque()
+
+  def __call__(self, *args, **kwargs):
+    while len(self._pending) >= self.limit:
+      jax.block_until_ready(self._pending.popleft())
+    state, metrics = self.step(*args, **kwargs)
+    self._pending.append(metrics)
+    return state, metrics
+
+  def __getattr__(self, name):
+    return getattr(self.step, name)
+
+
+def bound_in_flight(step, mesh, limit: int | None = None):
+  """`step` as a `BoundedStep` of `limit`, or `step` itself for limit 0. limit None: the
+  bound MAX_STEPS_IN_FLIGHT_ON_CPU on a mesh of several local CPU devices, else 0."""
+  if limit is None:
+    cpus = len(mesh.local_devices) > 1 and mesh.local_devices[0].platform == "cpu"
+    limit = MAX_STEPS_IN_FLIGHT_ON_CPU if cpus else 0
+  return BoundedStep(step, limit) if limit > 0 else step
+
+
 def make_train_step(train_config: ConfigDict, mesh):
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   step = functools.partial(train_step, l2_weight=train_config.l2_weight,
                            l2_scope=train_config.l2_scope,
                            sparse_embeddings=train_config.get("optimizer", "adam") == "lazy_adam")
-  return jax.jit(step, in_shardings=(replicated, data, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return bound_in_flight(jax.jit(step, in_shardings=(replicated, data, replicated),
+                                 out_shardings=(replicated, replicated), donate_argnums=(0,)),
+                         mesh)
 
 
 def make_eval_step(mesh, with_attention: bool = False):
