@@ -25,6 +25,9 @@ POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "m
             "checkpoint.max_to_keep", "data.max_seq_len")
 NON_NEGATIVE = ("train.l2_weight", "train.num_epochs", "train.warmup_steps",
                 "train.grad_clip_norm", "train.early_stopping_patience")
+# config.sharding (absent from configs saved before it existed)
+SHARDING_POSITIVE = ("model", "row_multiple")
+SHARDING_NON_NEGATIVE = ("row_shard_min_rows",)
 # The baselines' keys (docs/baselines.md), checked when present (older saved configs lack them).
 BASELINE_POSITIVE = ("gru_dim",)
 BASELINE_NON_NEGATIVE = ("cross_layers", "aux_loss_weight")
@@ -83,6 +86,11 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError("config.train.optimizer='lazy_adam' updates only the embedding rows a batch "
                       "uses, so it cannot take config.train.l2_scope='all_weights' (use "
                       "'batch_embeddings' or optimizer='adam')")
+  for key in SHARDING_POSITIVE + SHARDING_NON_NEGATIVE:
+    value = config.get("sharding", {}).get(key)
+    if value is not None and (not _is_int(value) or value < (key in SHARDING_POSITIVE)):
+      raise ConfigError(f"config.sharding.{key} must be an integer >= "
+                        f"{int(key in SHARDING_POSITIVE)}, got {value!r}")
   steps = config.train.num_train_steps
   if steps != -1 and steps <= 0:
     raise ConfigError("config.train.num_train_steps must be -1 (use num_epochs) or > 0, got "

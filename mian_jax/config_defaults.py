@@ -112,9 +112,29 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # plus one at the end of training
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept
+
+  # Where parameters live (docs/training.md, "Sharded embedding tables"). The devices form a
+  # mesh data x model; the batch is split over "data". A field's embedding tables are
+  # row-sharded over "model" (their optimiser moments alike) when it has at least
+  # row_shard_min_rows ids or is named in row_shard_fields; every other parameter is
+  # replicated. A row-sharded table has its rows rounded up to a multiple of row_multiple
+  # (padding rows are never looked up), which `model` must divide; the shapes then do not
+  # depend on the mesh, so a checkpoint restores on any mesh.
+  config.sharding = sharding_defaults()
   if reading == "paper_literal":
     config.model.update(PAPER_LITERAL)
   return config
+
+
+def sharding_defaults() -> ml_collections.ConfigDict:
+  """config.sharding's defaults (see get_base_config); also what a run recorded before it
+  existed used."""
+  sharding = ml_collections.ConfigDict()
+  sharding.model = 1  # devices along "model" (1: pure data parallelism)
+  sharding.row_shard_min_rows = 0  # 0: no table by size
+  sharding.row_shard_fields = ""  # e.g. "item_id,user_id", whatever their size
+  sharding.row_multiple = 64
+  return sharding
 
 
 def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:

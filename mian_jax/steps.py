@@ -23,6 +23,7 @@ from flax.training import train_state as train_state_lib
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from mian_jax import config_defaults
 from mian_jax import data as data_lib
 from mian_jax import models
 from mian_jax import optim
@@ -30,6 +31,7 @@ from mian_jax import sharding
 from mian_jax import sparse
 from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
+from mian_jax.errors import ConfigError
 
 TrainState = train_state_lib.TrainState
 _NO_DECAY = ("bias", "scale", "score_bias")
@@ -121,16 +123,19 @@ def eval_step(state: TrainState, batch, *, with_attention: bool):
   return out
 
 
-def create_train_state(model, tx, batch, rng: jax.Array, mesh) -> TrainState:
-  """Initialises parameters (replicated over the mesh) from `rng` and a sample batch."""
-  replicated = NamedSharding(mesh, P())
+def create_train_state(model, tx, batch, rng: jax.Array, mesh,
+                       row_sharded_fields: frozenset[str] = frozenset()) -> TrainState:
+  """Initialises parameters from `rng` and a sample batch: the embedding tables of
+  `row_sharded_fields` (and their optimiser moments) row-sharded over "model", everything else
+  replicated (`sharding.state_shardings`). The values do not depend on the shardings."""
 
-  @functools.partial(jax.jit, out_shardings=replicated)
   def init(rng):
     params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  return init(rng)
+  abstract = jax.eval_shape(init, rng)
+  tables = [t.path for t in sparse.find_tables(abstract.params) if t.field in row_sharded_fields]
+  return jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh, tables))(rng)
 
 
 # XLA:CPU deadlocks once more than 32 runs of a program with collectives are in flight per
@@ -166,20 +171,24 @@ def bound_in_flight(step, mesh, limit: int | None = None):
   return BoundedStep(step, limit) if limit > 0 else step
 
 
-def make_train_step(train_config: ConfigDict, mesh):
+def make_train_step(train_config: ConfigDict, mesh, state_sharding=None):
+  """The jitted train step; `state_sharding` (default: replicated) is the state's, e.g.
+  `sharding.shardings_of(state)`."""
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state_sharding = replicated if state_sharding is None else state_sharding
   step = functools.partial(train_step, l2_weight=train_config.l2_weight,
                            l2_scope=train_config.l2_scope,
                            sparse_embeddings=train_config.get("optimizer", "adam") == "lazy_adam")
-  return bound_in_flight(jax.jit(step, in_shardings=(replicated, data, replicated),
-                                 out_shardings=(replicated, replicated), donate_argnums=(0,)),
+  return bound_in_flight(jax.jit(step, in_shardings=(state_sharding, data, replicated),
+                                 out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
                          mesh)
 
 
-def make_eval_step(mesh, with_attention: bool = False):
+def make_eval_step(mesh, with_attention: bool = False, state_sharding=None):
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state_sharding = replicated if state_sharding is None else state_sharding
   return jax.jit(functools.partial(eval_step, with_attention=with_attention),
-                 in_shardings=(replicated, data), out_shardings=data)
+                 in_shardings=(state_sharding, data), out_shardings=data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +197,13 @@ class Run:
 
   Attributes:
     config: the config it was built from.
-    mesh: the 1-D "data" mesh the state and batches live on.
+    mesh: the ("data", "model") mesh the state and batches live on.
     data_dir, schema: the prepared data (`mian_jax.data.ensure_prepared`).
     data_checksum: the prepared data's SHA-256, verified against the one recorded at
       preparation (empty when `setup(verify_data=False)`).
     model: the Flax module.
-    state: a fresh train state (replicated), initialised from `train.seed`.
+    state: a fresh train state, initialised from `train.seed` (replicated, but for the
+      row-sharded tables of `config.sharding`).
     train_step: jitted (state, batch, rng) -> (state, {"loss", "bce", "l2"}); donates state.
     eval_step: jitted (state, batch) -> {"prob": [B]}.
   """
@@ -222,19 +232,28 @@ def setup(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
 
   Args:
     config: a full config (configs/<dataset>.py), already checked (`config_checks`).
-    mesh: default `sharding.create_mesh()` (every device of every process).
+    mesh: default `sharding.create_mesh(model=config.sharding.model)` (every device of every
+      process).
     verify_data: re-hash the prepared data against its recorded checksum (about 0.3 s per
       200 MB); DataError if it changed since preparation.
   """
-  mesh = sharding.create_mesh() if mesh is None else mesh
+  shard = config.get("sharding") or config_defaults.sharding_defaults()  # older recorded runs
+  mesh = sharding.create_mesh(model=shard.model) if mesh is None else mesh
+  if shard.row_multiple % mesh.shape["model"]:
+    raise ConfigError(f"sharding.model={mesh.shape['model']} must divide "
+                      f"sharding.row_multiple={shard.row_multiple}")
   data_dir, schema = data_lib.ensure_prepared(config.data)
   checksum = schema_lib.verify_dataset_checksum(data_dir) if verify_data else ""
-  model = models.create_model(config.model, schema.features)
+  row_sharded = sharding.row_sharded_fields(schema.features, shard)
+  model = models.create_model(config.model, sharding.pad_rows(schema.features, row_sharded,
+                                                               shard.row_multiple))
   sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
   sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
   state = create_train_state(model, optim.create_optimizer(config.train),
                              sharding.to_global(sharding.local_part(sample), mesh),
-                             jax.random.PRNGKey(config.train.seed), mesh)
+                             jax.random.PRNGKey(config.train.seed), mesh, row_sharded)
+  state_sharding = sharding.shardings_of(state)
   return Run(config=config, mesh=mesh, data_dir=data_dir, schema=schema,
              data_checksum=checksum, model=model, state=state,
-             train_step=make_train_step(config.train, mesh), eval_step=make_eval_step(mesh))
+             train_step=make_train_step(config.train, mesh, state_sharding),
+             eval_step=make_eval_step(mesh, state_sharding=state_sharding))

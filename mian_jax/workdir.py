@@ -31,6 +31,7 @@ RESUMABLE_KEYS = frozenset({
     "checkpoint.max_to_keep", "eval.batch_size", "eval.report_step", "data.raw_dir",
     "data.prepared_dir", "data.tabular.path", "data.tabular.train_path",
     "data.tabular.valid_path", "data.tabular.test_path",
+    "sharding.model",  # the mesh's shape: where rows live, not what is computed
 })
 
 

@@ -52,16 +52,19 @@ def _read(directory, name):
     return json.load(f)
 
 
-def _random_state(model, tx, batch, rng, mesh):
+def _random_state(model, tx, batch, rng, mesh, row_sharded_fields=frozenset()):
   """Stands in for `steps.create_train_state`: parameters of the shapes the model initialises
-  (`jax.eval_shape`, so nothing is compiled), drawn from N(0, 0.5) so that scores spread out."""
-  del rng, mesh
+  (`jax.eval_shape`, so nothing is compiled), drawn from N(0, 0.5) so that scores spread out,
+  replicated over `mesh`."""
+  del rng, row_sharded_fields
   key = jax.random.PRNGKey(0)
   shapes = jax.eval_shape(
       lambda: model.init({"params": key, "dropout": key}, batch, train=False)["params"])
   draw = np.random.default_rng(0)
   params = jax.tree.map(lambda x: draw.normal(0, 0.5, x.shape).astype(x.dtype), shapes)
-  return steps.TrainState(step=0, apply_fn=model.apply, params=params, tx=tx, opt_state=None)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return steps.TrainState(step=jax.device_put(np.int32(0), replicated), apply_fn=model.apply,
+                          params=jax.device_put(params, replicated), tx=tx, opt_state=None)
 
 
 def _max_differences(scorer, reference, columns, schema, num_rows):
