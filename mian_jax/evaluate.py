@@ -193,7 +193,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
   """Restores a checkpoint of `workdir` (`restore_checkpoint`) and evaluates it on `split`;
   writes its metrics (and, with `with_predictions`, its per-example predictions)."""
   run, state, meta = restore_checkpoint(config, workdir, step)
-  eval_step = steps.make_eval_step(run.mesh, with_attention=with_predictions)
+  eval_step = steps.make_eval_step(run.mesh, with_attention=with_predictions,
+                                   state_sharding=sharding.shardings_of(state))
   predictions = predict_split(state, eval_step, run.data_dir, run.schema, split,
                               config.eval.batch_size, run.mesh, with_attention=with_predictions)
   result = split_metrics(predictions)

@@ -158,7 +158,9 @@ def score_columns(run: steps.Run, state, columns: Mapping[str, np.ndarray], num_
   if batch_size % jax.device_count():
     raise ConfigError(f"--batch_size={batch_size} must be a multiple of the "
                       f"{jax.device_count()} devices")
-  eval_step = (steps.make_eval_step(run.mesh, with_attention=True) if with_attention
+  eval_step = (steps.make_eval_step(run.mesh, with_attention=True,
+                                    state_sharding=sharding.shardings_of(state))
+               if with_attention
                else run.eval_step)
   parts: list[dict[str, np.ndarray]] = []
   start_time, last_report = time.monotonic(), time.monotonic()

@@ -144,31 +144,37 @@ def create_train_state(model, tx, batch, rng: jax.Array, mesh,
 MAX_STEPS_IN_FLIGHT_ON_CPU = 8
 
 
-class BoundedStep:
-  """A jitted step (returning (state, metrics)) that keeps at most `limit` of its calls
-  unfinished: a call first waits for the oldest one's metrics. Other attributes: `step`'s."""
+def _train_metrics(out):
+  return out[1]  # a train step's (state, metrics): the state is donated to the next call
 
-  def __init__(self, step, limit: int):
+
+class BoundedStep:
+  """A jitted step that keeps at most `limit` of its calls unfinished: a call first waits for
+  the oldest one's `track(output)` (default: a train step's metrics; an eval step's outputs
+  with `track=None`). Other attributes: `step`'s."""
+
+  def __init__(self, step, limit: int, track=_train_metrics):
     self.step, self.limit, self._pending = step, limit, collections.deque()
+    self._track = track or (lambda out: out)
 
   def __call__(self, *args, **kwargs):
     while len(self._pending) >= self.limit:
       jax.block_until_ready(self._pending.popleft())
-    state, metrics = self.step(*args, **kwargs)
-    self._pending.append(metrics)
-    return state, metrics
+    out = self.step(*args, **kwargs)
+    self._pending.append(self._track(out))
+    return out
 
   def __getattr__(self, name):
     return getattr(self.step, name)
 
 
-def bound_in_flight(step, mesh, limit: int | None = None):
+def bound_in_flight(step, mesh, limit: int | None = None, track=_train_metrics):
   """`step` as a `BoundedStep` of `limit`, or `step` itself for limit 0. limit None: the
   bound MAX_STEPS_IN_FLIGHT_ON_CPU on a mesh of several local CPU devices, else 0."""
   if limit is None:
     cpus = len(mesh.local_devices) > 1 and mesh.local_devices[0].platform == "cpu"
     limit = MAX_STEPS_IN_FLIGHT_ON_CPU if cpus else 0
-  return BoundedStep(step, limit) if limit > 0 else step
+  return BoundedStep(step, limit, track) if limit > 0 else step
 
 
 def make_train_step(train_config: ConfigDict, mesh, state_sharding=None):
@@ -185,10 +191,13 @@ def make_train_step(train_config: ConfigDict, mesh, state_sharding=None):
 
 
 def make_eval_step(mesh, with_attention: bool = False, state_sharding=None):
+  """The jitted eval step. With row-sharded tables it has collectives (the lookups), so it is
+  bounded like the train step (`bound_in_flight`)."""
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   state_sharding = replicated if state_sharding is None else state_sharding
-  return jax.jit(functools.partial(eval_step, with_attention=with_attention),
-                 in_shardings=(state_sharding, data), out_shardings=data)
+  return bound_in_flight(jax.jit(functools.partial(eval_step, with_attention=with_attention),
+                                 in_shardings=(state_sharding, data), out_shardings=data),
+                         mesh, track=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,23 +246,43 @@ def setup(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
     verify_data: re-hash the prepared data against its recorded checksum (about 0.3 s per
       200 MB); DataError if it changed since preparation.
   """
-  shard = config.get("sharding") or config_defaults.sharding_defaults()  # older recorded runs
-  mesh = sharding.create_mesh(model=shard.model) if mesh is None else mesh
+  mesh = sharding.create_mesh(model=sharding_config(config).model) if mesh is None else mesh
+  data_dir, schema = data_lib.ensure_prepared(config.data)
+  checksum = schema_lib.verify_dataset_checksum(data_dir) if verify_data else ""
+  sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
+  sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
+  model, state, train_step, eval_step = build(
+      config, schema.features, sharding.to_global(sharding.local_part(sample), mesh), mesh)
+  return Run(config=config, mesh=mesh, data_dir=data_dir, schema=schema,
+             data_checksum=checksum, model=model, state=state, train_step=train_step,
+             eval_step=eval_step)
+
+
+def sharding_config(config: ConfigDict) -> ConfigDict:
+  """config.sharding, or its defaults for a config recorded before it existed."""
+  return config.get("sharding") or config_defaults.sharding_defaults()
+
+
+def build(config: ConfigDict, features: schema_lib.FeatureSpec, sample, mesh):
+  """The model of `config` for `features`, a fresh train state on `mesh` from `train.seed`
+  (the tables `config.sharding` names row-sharded, their rows padded; the rest replicated),
+  and the jitted train and eval steps for that state's shardings.
+
+  Args:
+    sample: a global batch (on `mesh`) to initialise the parameters from.
+
+  Returns:
+    (model, state, train_step, eval_step).
+  """
+  shard = sharding_config(config)
   if shard.row_multiple % mesh.shape["model"]:
     raise ConfigError(f"sharding.model={mesh.shape['model']} must divide "
                       f"sharding.row_multiple={shard.row_multiple}")
-  data_dir, schema = data_lib.ensure_prepared(config.data)
-  checksum = schema_lib.verify_dataset_checksum(data_dir) if verify_data else ""
-  row_sharded = sharding.row_sharded_fields(schema.features, shard)
-  model = models.create_model(config.model, sharding.pad_rows(schema.features, row_sharded,
-                                                               shard.row_multiple))
-  sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
-  sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
-  state = create_train_state(model, optim.create_optimizer(config.train),
-                             sharding.to_global(sharding.local_part(sample), mesh),
+  row_sharded = sharding.row_sharded_fields(features, shard)
+  model = models.create_model(config.model,
+                              sharding.pad_rows(features, row_sharded, shard.row_multiple))
+  state = create_train_state(model, optim.create_optimizer(config.train), sample,
                              jax.random.PRNGKey(config.train.seed), mesh, row_sharded)
   state_sharding = sharding.shardings_of(state)
-  return Run(config=config, mesh=mesh, data_dir=data_dir, schema=schema,
-             data_checksum=checksum, model=model, state=state,
-             train_step=make_train_step(config.train, mesh, state_sharding),
-             eval_step=make_eval_step(mesh, state_sharding=state_sharding))
+  return (model, state, make_train_step(config.train, mesh, state_sharding),
+          make_eval_step(mesh, state_sharding=state_sharding))

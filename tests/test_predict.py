@@ -60,6 +60,9 @@ def _config(path):
                       eval_every_steps=6)
   config.eval.batch_size = 64
   config.checkpoint.every_steps = 6
+  # The item table row-sharded over this process's two devices (a 1 x 2 mesh): predict, export
+  # and the export loader below read a sharded checkpoint.
+  config.sharding.update(model=2, row_shard_fields="item_id")
   return config
 
 
@@ -89,6 +92,7 @@ def predicted(trained):
 
 def test_one_row_per_input_row_in_input_order_with_the_key_columns(trained, predicted):
   stats, out = predicted
+  assert recorded_config.get_config(trained.workdir).sharding.model == 2
   assert list(out.columns[:6]) == [*KEYS, "input_row", "score"]
   assert out["input_row"].tolist() == list(range(300))
   expected = pd.DataFrame(trained.rows, columns=HEADER)[KEYS]
