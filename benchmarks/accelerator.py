@@ -1,15 +1,21 @@
-"""MIAN's training throughput on an accelerator across batch sizes, and what a Books epoch costs.
+"""MIAN's training throughput on an accelerator across batch sizes and device meshes, and what a
+Books epoch costs.
 
   python -m benchmarks.accelerator --out=runs/accelerator.jsonl            # GPU/TPU, < 5 min
+  python -m benchmarks.accelerator --meshes=8x1,4x2,2x4,1x8 --batch_sizes=1024,8192 \
+      --out=runs/accelerator_meshes.jsonl                                  # 8 devices
   python -m benchmarks.accelerator --batch_sizes=128,256 --vocab=tiny --seconds=2  # CPU smoke
 
-For each batch size (default 128 to 16,384) and optimizer (dense optax Adam and our lazy Adam,
-mian_jax/optim.py) it measures, in this one process, MIAN's steady-state training samples/s on
-Books-sized vocabularies (benchmarks/throughput.py's `measure`: batches already on the device,
-after compilation), its evaluation samples/s and compile time, and derives the time of one epoch
-of Amazon Books (BOOKS_EPOCH_SAMPLES training samples, the paper reports 3,700 s on 4 K80s).
-One process keeps the total time down: each pair costs its compilation plus about 2 x --seconds.
-Results print as a table and append one JSON object per pair to --out.
+For each mesh (data x model; default: every device along "data"), optimizer (dense optax Adam
+and our lazy Adam, mian_jax/optim.py) and batch size (default 128 to 16,384) it measures, in
+this one process, MIAN's steady-state training samples/s on Books-sized vocabularies
+(benchmarks/throughput.py's `measure`: batches already on the device, after compilation), its
+evaluation samples/s and compile time, the train state's bytes on one device, and derives the
+time of one epoch of Amazon Books (BOOKS_EPOCH_SAMPLES training samples, the paper reports
+3,700 s on 4 K80s). On a mesh with model > 1 the tables of at least --row_shard_min_rows rows
+(default: Books' item_id and user_id) are row-sharded over "model" (config.sharding,
+docs/training.md). One process keeps the total time down: each row costs its compilation plus
+about 2 x --seconds. Results print as a table and append one JSON object per row to --out.
 """
 
 from __future__ import annotations
@@ -30,13 +36,38 @@ def epoch_seconds(train_samples_per_s: float) -> float:
   return BOOKS_EPOCH_SAMPLES / train_samples_per_s
 
 
+DEFAULT_ROW_SHARD_MIN_ROWS = 100_000  # Books: item_id (367,984) and user_id (603,670)
+
+
+def parse_meshes(text: str, device_count: int) -> list[tuple[int, int]]:
+  """"4x2,8x1" -> [(4, 2), (8, 1)] (data, model); "" -> [(device_count, 1)].
+
+  Raises:
+    ValueError: a malformed shape, or one that does not use every device.
+  """
+  if not text:
+    return [(device_count, 1)]
+  meshes = []
+  for part in text.split(","):
+    data, sep, model = part.partition("x")
+    if not (sep and data.isdigit() and model.isdigit()) or int(data) * int(model) == 0:
+      raise ValueError(f"--meshes: {part!r} is not <data>x<model>, e.g. 4x2")
+    if int(data) * int(model) != device_count:
+      raise ValueError(f"--meshes: {part} uses {int(data) * int(model)} devices, but there are "
+                       f"{device_count}")
+    meshes.append((int(data), int(model)))
+  return meshes
+
+
 def format_table(rows: list[dict]) -> str:
-  header = (f"{'optimizer':>10} {'batch':>6} {'train/s':>10} {'eval/s':>11} {'compile s':>9} "
-            f"{'Books epoch':>12} {'vs paper':>9}")
+  header = (f"{'mesh':>6} {'optimizer':>10} {'batch':>6} {'train/s':>10} {'eval/s':>11} "
+            f"{'compile s':>9} {'state MB/dev':>12} {'Books epoch':>12} {'vs paper':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
-    lines.append(f"{r['optimizer']:>10} {r['batch_size']:>6} {r['train_samples_per_s']:>10.0f} "
-                 f"{r['eval_samples_per_s']:>11.0f} {r['compile_s']:>9.1f} "
+    mesh = f"{r['mesh']['data']}x{r['mesh']['model']}"
+    lines.append(f"{mesh:>6} {r['optimizer']:>10} {r['batch_size']:>6} "
+                 f"{r['train_samples_per_s']:>10.0f} {r['eval_samples_per_s']:>11.0f} "
+                 f"{r['compile_s']:>9.1f} {r['state_mb_per_device']:>12.1f} "
                  f"{r['books_epoch_s']:>11.0f}s {PAPER_BOOKS_EPOCH_S / r['books_epoch_s']:>8.1f}x")
   return "\n".join(lines)
 
@@ -49,21 +80,34 @@ def main(argv=None) -> None:
   parser.add_argument("--vocab", default="books", choices=sorted(common.VOCABS))
   parser.add_argument("--seconds", type=float, default=5.0, help="steady-state time per pair")
   parser.add_argument("--model", default="mian")
+  parser.add_argument("--meshes", default="",
+                      help="comma list of <data>x<model> shapes using every device, e.g. "
+                           "8x1,4x2,1x8 (default: all devices along data)")
+  parser.add_argument("--row_shard_min_rows", type=int, default=DEFAULT_ROW_SHARD_MIN_ROWS,
+                      help="on a mesh with model > 1, tables of at least this many rows are "
+                           "row-sharded over model")
   parser.add_argument("--out", default="runs/accelerator.jsonl")
   args = parser.parse_args(argv)
   import jax  # noqa: PLC0415
+  try:
+    meshes = parse_meshes(args.meshes, jax.device_count())
+  except ValueError as e:
+    parser.error(str(e))
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): "
         f"{jax.devices()[0].device_kind}", flush=True)
   rows, start = [], time.perf_counter()
-  for optimizer in args.optimizers.split(","):
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-      row = throughput.measure(args.model, batch, args.vocab, args.seconds, optimizer)
-      row["books_epoch_s"] = epoch_seconds(row["train_samples_per_s"])
-      row["device_kind"] = jax.devices()[0].device_kind
-      rows.append(row)
-      writers.append_jsonl(args.out, [row])
-      print(format_table([row]).splitlines()[-1], f"({time.perf_counter() - start:.0f}s)",
-            flush=True)
+  for _, model_axis in meshes:
+    for optimizer in args.optimizers.split(","):
+      for batch in (int(b) for b in args.batch_sizes.split(",")):
+        row = throughput.measure(
+            args.model, batch, args.vocab, args.seconds, optimizer, mesh_model=model_axis,
+            row_shard_min_rows=args.row_shard_min_rows if model_axis > 1 else 0)
+        row["books_epoch_s"] = epoch_seconds(row["train_samples_per_s"])
+        row["device_kind"] = jax.devices()[0].device_kind
+        rows.append(row)
+        writers.append_jsonl(args.out, [row])
+        print(format_table([row]).splitlines()[-1], f"({time.perf_counter() - start:.0f}s)",
+              flush=True)
   print()
   print(format_table(rows))
   print(f"Books epoch = {BOOKS_EPOCH_SAMPLES:,} samples / train samples/s; the paper: "

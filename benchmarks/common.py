@@ -147,21 +147,18 @@ class ArraysRun:
 
 def setup_arrays(config: ConfigDict, schema, columns, mesh=None) -> ArraysRun:
   """The model, a fresh state and the jitted steps of `config` for columns in memory (those of
-  `make_data` or of a directory read whole); `mesh` default: every device."""
-  import jax  # noqa: PLC0415
-
-  from mian_jax import models, optim, sharding, steps  # noqa: PLC0415
+  `make_data` or of a directory read whole), as `steps.build` makes them (config.sharding
+  included); `mesh` default: every device, sharding.model of them along "model"."""
+  from mian_jax import sharding, steps  # noqa: PLC0415
   from mian_jax.data import pipeline  # noqa: PLC0415
-  mesh = sharding.create_mesh() if mesh is None else mesh
-  model = models.create_model(config.model, schema.features)
+  if mesh is None:
+    mesh = sharding.create_mesh(model=steps.sharding_config(config).model)
   batches = pipeline.TrainBatches(columns, schema, config.train.batch_size,
                                   seed=config.train.seed)
   sample = sharding.to_global(batches.batch(0), mesh)
-  state = steps.create_train_state(model, optim.create_optimizer(config.train), sample,
-                                   jax.random.PRNGKey(config.train.seed), mesh)
-  return ArraysRun(mesh=mesh, model=model, state=state,
-                   train_step=steps.make_train_step(config.train, mesh),
-                   eval_step=steps.make_eval_step(mesh), batches=batches, sample=sample)
+  model, state, train_step, eval_step = steps.build(config, schema.features, sample, mesh)
+  return ArraysRun(mesh=mesh, model=model, state=state, train_step=train_step,
+                   eval_step=eval_step, batches=batches, sample=sample)
 
 
 # ----------------------------------------------------------------------------- the peer

@@ -95,16 +95,21 @@ def load_shared_data(directory: str):
 
 def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
             optimizer: str = "adam", data_dir: str = "",
-            max_steps_in_flight: int | None = None) -> dict:
+            max_steps_in_flight: int | None = None, mesh_model: int = 1,
+            row_shard_min_rows: int = 0) -> dict:
   """Measures one (model, batch size) pair in this process (on `data_dir`'s arrays if given);
-  `max_steps_in_flight`: the limit of `steps.bound_in_flight` (None: the train step's own)."""
+  `max_steps_in_flight`: the limit of `steps.bound_in_flight` (None: the train step's own);
+  `mesh_model`, `row_shard_min_rows`: config.sharding's model and row_shard_min_rows (the
+  tables of at least that many rows row-sharded over `mesh_model` devices)."""
   import jax  # noqa: PLC0415
 
   from mian_jax import sharding, steps  # noqa: PLC0415
 
   schema, columns = load_shared_data(data_dir) if data_dir else common.make_data(vocab)
-  run = common.setup_arrays(common.make_config(model_name, batch_size, optimizer), schema,
-                            columns)
+  config = common.make_config(model_name, batch_size, optimizer)
+  config.sharding.model = mesh_model
+  config.sharding.row_shard_min_rows = row_shard_min_rows
+  run = common.setup_arrays(config, schema, columns)
   mesh, batches, state, step_fn = run.mesh, run.batches, run.state, run.train_step
   if max_steps_in_flight is not None:
     jitted = step_fn.step if isinstance(step_fn, steps.BoundedStep) else step_fn
@@ -148,7 +153,16 @@ def measure(model_name: str, batch_size: int, vocab: str, seconds: float,
           "train_samples_per_s": train_rate, "eval_samples_per_s": eval_rate,
           "input_samples_per_s": input_rate, "input_share_of_step": train_rate / input_rate,
           "compile_s": compile_s,
+          "mesh": dict(mesh.shape), "state_mb_per_device": state_bytes_per_device(state) / 2**20,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def state_bytes_per_device(state) -> int:
+  """Bytes of the train state (parameters and optimiser state) held by the first device."""
+  import jax  # noqa: PLC0415
+  device = jax.devices()[0]
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+             for shard in leaf.addressable_shards if shard.device == device)
 
 
 def run_ours(model: str, batch: int, args: argparse.Namespace, data_dir: str = "") -> dict:

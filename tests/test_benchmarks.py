@@ -141,15 +141,28 @@ def test_peer_throughput_mode_returns_a_row(tmp_path):
   assert row["train_samples_per_s"] > 0 and row["eval_samples_per_s"] > 0
 
 
-def test_accelerator_script_measures_and_derives_the_books_epoch(tmp_path, capsys):
+def test_accelerator_script_sweeps_meshes_and_derives_the_books_epoch(tmp_path, capsys):
+  """Data-parallel (2x1) and with the tiny vocabulary's item_id and user_id tables (502 and 302
+  rows) row-sharded over two devices (1x2): a device then holds half of those tables."""
   out = tmp_path / "acc.jsonl"
   accelerator.main(["--batch_sizes=16", "--optimizers=lazy_adam", "--vocab=tiny",
-                    "--seconds=0.2", f"--out={out}"])
-  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-  assert (row["model"], row["batch_size"], row["optimizer"]) == ("mian", 16, "lazy_adam")
-  assert row["books_epoch_s"] == pytest.approx(
-      accelerator.BOOKS_EPOCH_SAMPLES / row["train_samples_per_s"])
+                    "--seconds=0.2", "--meshes=2x1,1x2", "--row_shard_min_rows=300",
+                    f"--out={out}"])
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["mesh"] for r in rows] == [{"data": 2, "model": 1}, {"data": 1, "model": 2}]
+  for row in rows:
+    assert (row["model"], row["batch_size"], row["optimizer"]) == ("mian", 16, "lazy_adam")
+    assert row["books_epoch_s"] == pytest.approx(
+        accelerator.BOOKS_EPOCH_SAMPLES / row["train_samples_per_s"])
+  # Parameters and Adam's two moments (3 x 16 floats a row): 502 + 302 rows replicated against
+  # half of 512 + 320 (padded to row_multiple 64) rows.
+  saved = (502 + 302 - (512 + 320) / 2) * 3 * 16 * 4 / 2**20
+  assert rows[0]["state_mb_per_device"] - rows[1]["state_mb_per_device"] == pytest.approx(saved)
   assert "Books epoch" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="uses 4 devices, but there are 2"):
+    accelerator.parse_meshes("2x2", 2)
+  with pytest.raises(ValueError, match="is not <data>x<model>"):
+    accelerator.parse_meshes("2by1", 2)
 
 
 def test_roofline_counts_flops_and_the_dense_adam_bytes():
