@@ -113,12 +113,18 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_there(tmp_path):
 
 
 def test_sigint_asks_for_a_stop_and_a_second_one_gets_the_previous_handler():
+  # A signal may reach another thread first; Python runs its handler in the main thread at a
+  # later check, so each kill is followed by an (interruptible) sleep. Python's own SIGINT
+  # handler is installed first, whatever an earlier test left.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   with train.StopSignals(sync_every=1) as signals:
     assert signals.requested(1) == 0
     os.kill(os.getpid(), signal.SIGINT)  # handled: no KeyboardInterrupt
+    time.sleep(0.2)
     assert signals.requested(2) == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -84,7 +84,9 @@ def child(workdir: str) -> dict:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("sharded")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {flags}",
              MIAN_JAX_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))  # conftest's
   done = subprocess.run([sys.executable, "-m", "tests.test_sharded_tables", str(tmp / "run")],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
