@@ -16,6 +16,7 @@ from mian_jax import evaluate, export, models, serving, steps, train
 from mian_jax.data import pipeline, tabular, vocab
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
+from tests import test_vocab
 from tests.helpers import REPO, tiny_config
 
 TOLERANCE = 1e-5
@@ -273,14 +274,7 @@ def test_a_platform_that_cannot_be_lowered_for_is_left_out_and_recorded(tmp_path
 
 # ------------------------------------------------------------------- encode: hashed fields
 
-_HASH_CSV = """user_id,ts,clicked,item_id,category,price,age_group,gender,city,hour,device
-a,10,1,i1,c1,1.0,20,F,x,9,ios
-a,20,0,i2,c2,3.0,20,F,x,10,ios
-b,15,1,i2,c2,3.0,30,M,y,11,web
-a,30,1,i3,c1,5.0,20,F,x,12,ios
-b,40,1,i4,c3,7.0,30,M,y,13,web
-a,50,0,i1,c1,1.0,20,F,,14,ios
-"""
+_HASH_CSV = test_vocab.CSV  # the hand-worked tabular log of tests/test_vocab.py
 
 
 def test_encode_hashes_as_the_data_package_does():
