@@ -403,9 +403,7 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
         made.append(schema_lib.Field(name, "categorical", size))
         if group == "item" and name in spec.behavior_fields:
           source_ids = ids if lists is None else encode_tokens(_as_tokens(lists.flat[name]))
-          hist = np.where(hist_idx >= 0, source_ids[np.maximum(hist_idx, 0)]
-                          if len(source_ids) else 0, schema_lib.PAD_ID)
-          columns[f"hist.{name}"] = hist.astype(np.int32)
+          columns[f"hist.{name}"] = history_column(source_ids, hist_idx)
       else:
         values = pd.to_numeric(log[col], errors="coerce").to_numpy(np.float64)
         if not np.isfinite(values).all():
