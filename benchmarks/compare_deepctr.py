@@ -207,6 +207,8 @@ def run_ours(config, model: str, seed: int) -> dict[str, Any]:
   config = config.copy_and_resolve_references()
   config.model.name = model
   config.train.seed = seed
+  if model == "din":  # DeepCTR-Torch's DIN: no candidate product, un-normalised weights
+    config.model.baseline_inputs, config.model.din_attention_norm = "paper", "none"
   workdir = tempfile.mkdtemp(prefix=f"compare-{model}-{seed}-")
   try:
     start = time.perf_counter()

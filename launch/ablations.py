@@ -3,6 +3,8 @@
   python -m launch.ablations --config=configs/synthetic.py --seeds=0,1,2 --out=runs/ablations
   python -m launch.ablations --variants=mian,lr,wide_deep,dcn,deepfm,xdeepfm,din,dien \
       --config=configs/movielens.py --out=runs/table2_ml100k
+  python -m launch.ablations --config=configs/amazon_like.py --seeds=0,1,2 \
+      --variants='paper literal,paper literal + position_embedding=learned' --out=runs/departures
 
 Run it from the repository root, like `python -m mian_jax.main`. Each (variant, seed) is one
 `python -m mian_jax.main` run in `<out>/<variant>/seed<k>`, with its output in `log.txt` there.
@@ -12,7 +14,8 @@ be interrupted and restarted; a changed config stops it with the keys that diffe
 launch/sweep.py, which also searches a grid per model. Results: `<out>/results.csv` (one row
 per run), `<out>/summary.md` (a Markdown table: test AUC mean ± std per variant, its difference
 to the first, the oracle AUC when the data knows it) and `<out>/ablations.png`. Each run's
-metrics are those of its best validation step (`eval.report_step`).
+metrics are those of its best validation step (`eval.report_step`). --variants names entries
+of VARIANTS separated by commas (no name holds one).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pandas as pd
 
 from launch import runner
 from mian_jax import writers
-from mian_jax.models.mian import PAPER_LITERAL
+from mian_jax.config_defaults import PAPER_LITERAL, get_base_config
 
 # variant name -> config overrides (Table 3 of the paper, plus Table 4's Transformer variants).
 VARIANTS = {
@@ -45,15 +48,43 @@ VARIANTS = {
     "concat values": ["--config.model.interaction_values=concat"],
     "concat e_b in GIM": ["--config.model.gim_behavior=concat"],
     "oldest-first slots": ["--config.model.history_layout=oldest_first"],
-    # MIAN as the paper's equations read literally (mian_jax/config_defaults.py DEPARTURES undone).
-    "paper literal": [f"--config.model.{key}={value}" for key, value in PAPER_LITERAL.items()],
-    "paper literal, oldest-first slots": [
-        *(f"--config.model.{key}={value}" for key, value in PAPER_LITERAL.items()),
-        "--config.model.history_layout=oldest_first"],
 }
+
+
+def _flags(values: dict[str, object]) -> list[str]:
+  return [f"--config.{path}={value}" for path, value in values.items()]
+
+
+def literal_variants() -> dict[str, list[str]]:
+  """MIAN as the paper's text reads literally ("paper literal": every key of
+  config_defaults.PAPER_LITERAL, docs/model.md "Departures from the text"), and per departure
+  "paper literal + <key>=<default>": the literal reading with that one key back at its default."""
+  defaults = get_base_config()
+  variants = {"paper literal": _flags(PAPER_LITERAL),
+              "paper literal with oldest-first slots": [
+                  *_flags(PAPER_LITERAL), "--config.model.history_layout=oldest_first"]}
+  for path in PAPER_LITERAL:
+    default = defaults
+    for part in path.split("."):
+      default = default[part]
+    key = path.rsplit(".", 1)[-1]
+    variants[f"paper literal + {key}={default}"] = _flags({**PAPER_LITERAL, path: default})
+  return variants
+
+
+VARIANTS.update(literal_variants())
 # Table 2: every model of mian_jax.models.MODELS by name, e.g. --variants=mian,din,dien.
 VARIANTS.update({name: [f"--config.model.name={name}"]
                  for name in ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")})
+
+
+def parse_variants(text: str) -> list[str]:
+  """"a,b,c" -> names of VARIANTS (no name holds a comma); an unknown one is a one-line error."""
+  names = [name.strip() for name in text.split(",")]
+  unknown = [name for name in names if name not in VARIANTS]
+  if unknown:
+    raise runner.LaunchError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+  return names
 
 
 def plan(variants, seeds, out, extra) -> list[runner.Run]:
@@ -77,7 +108,8 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
   is the difference of mean test AUC to the first variant."""
   order = list(dict.fromkeys(frame.variant))
   summary = frame.groupby("variant").agg(
-      valid_auc_mean=("valid_auc", "mean"), auc_mean=("test_auc", "mean"),
+      valid_auc_mean=("valid_auc", "mean"), valid_auc_std=("valid_auc", "std"),
+      auc_mean=("test_auc", "mean"),
       auc_std=("test_auc", "std"), gauc_mean=("test_gauc", "mean"),
       logloss_mean=("test_logloss", "mean"), oracle_auc=("oracle_auc", "mean"),
       seeds=("seed", "count")).loc[order]
@@ -88,11 +120,12 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
 def summary_markdown(summary: pd.DataFrame) -> str:
   first = summary.index[0]
   rows = [[name, runner.mean_std(r.auc_mean, r.auc_std), f"{r.delta_auc:+.4f}", r.gauc_mean,
-           r.logloss_mean, r.valid_auc_mean, r.oracle_auc, int(r.seeds)]
+           r.logloss_mean, runner.mean_std(r.valid_auc_mean, r.valid_auc_std), r.oracle_auc,
+           int(r.seeds)]
           for name, r in summary.iterrows()]
   return runner.markdown_table(
       ["variant", "test AUC (mean ± std)", f"Δ AUC vs {first}", "test gAUC", "test logloss",
-       "valid AUC", "oracle AUC", "seeds"], rows, [False] + [True] * 7)
+       "valid AUC (mean ± std)", "oracle AUC", "seeds"], rows, [False] + [True] * 7)
 
 
 def plot(summary: pd.DataFrame, path: str, title: str = "Test AUC per variant") -> None:
@@ -107,13 +140,10 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"comma-separated subset of: {', '.join(VARIANTS)}")
   args = parser.parse_args()
-  variants = [v.strip() for v in args.variants.split(",")]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    sys.exit(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  os.makedirs(args.out, exist_ok=True)
   try:
+    variants = parse_variants(args.variants)
+    os.makedirs(args.out, exist_ok=True)
     frame = run_all(args.config, variants, seeds, args.out, args.overrides, args.rerun_changed)
   except runner.LaunchError as e:
     sys.exit(f"error: {e}")

@@ -1,7 +1,7 @@
 """Starts N processes of one multi-process run on this machine (JAX's distributed runtime).
 
   python -m launch.local --num_processes=2 [--cpu_devices_per_process=1] [--timeout=0] \
-      [--module=mian_jax.main] -- --config=configs/synthetic.py --workdir=runs/two
+      [--port=0] [--module=mian_jax.main] -- --config=configs/synthetic.py --workdir=runs/two
 
 Every process runs `python -m <module> <arguments after -->` with MIAN_JAX_DISTRIBUTED=1 and
 the coordinator 127.0.0.1:<a free port>, the process count and its id in the environment
@@ -11,10 +11,13 @@ metrics, evaluation files and checkpoint metadata. With --cpu_devices_per_proces
 sees K CPU devices (JAX_NUM_CPU_DEVICES; a --xla_force_host_platform_device_count in XLA_FLAGS is
 dropped), so a run of N processes has N * K devices, as one process with N * K devices has.
 
-Each line a process prints is shown prefixed with "[p<id>] ". When a process fails, the others
-are stopped (SIGTERM, then SIGKILL after --grace seconds) instead of waiting forever in a
-collective for a peer that is gone; likewise all of them when --timeout passes. The exit status
-is 0 when every process exited 0, else the first failure's status (124 for the timeout).
+Each line a process prints is shown prefixed with "[p<id>] ". When any process fails (every
+process is polled, so a dead process 1 is noticed at once, not after JAX's heartbeat timeout),
+the launcher says which one and how it ended, and stops the others (SIGTERM, then SIGKILL after
+--grace seconds) instead of leaving them waiting in a collective for a peer that is gone;
+likewise all of them when --timeout passes. The exit status is 0 when every process exited 0,
+else the failed process's status (128 + N for death by signal N; 124 for the timeout). A
+--port that is already taken is a one-line error before anything starts.
 
 On a cluster, use launch/multihost.sh on each host (or launch/slurm.sbatch under SLURM).
 """
@@ -22,6 +25,7 @@ On a cluster, use launch/multihost.sh on each host (or launch/slurm.sbatch under
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -34,6 +38,10 @@ from collections.abc import Sequence
 
 TIMEOUT_STATUS = 124  # as timeout(1)
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
+
+
+class PortInUseError(Exception):
+  """The coordinator's port is taken: a one-line error before any process starts."""
 
 
 def free_port() -> int:
@@ -78,12 +86,58 @@ def _stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
       p.wait()
 
 
+def exit_status(returncode: int) -> int:
+  """A Popen return code as a shell exit status: death by signal N is 128 + N."""
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def describe_exit(returncode: int) -> str:
+  """"exited with status 3" | "was killed by SIGKILL (status 137)"."""
+  if returncode < 0:
+    try:
+      name = signal.Signals(-returncode).name
+    except ValueError:
+      name = f"signal {-returncode}"
+    return f"was killed by {name} (status {exit_status(returncode)})"
+  return f"exited with status {returncode}"
+
+
+def first_failure(procs: Sequence[subprocess.Popen]) -> tuple[int, int] | None:
+  """(process id, return code) of a process that exited non-zero, polling every process (a
+  dead process 1 must not wait for process 0); None while none has."""
+  codes = [p.poll() for p in procs]  # a list, not a generator: poll them all
+  return next(((i, code) for i, code in enumerate(codes) if code not in (None, 0)), None)
+
+
+def port_in_use(port: int, host: str = "") -> bool:
+  """Whether binding TCP `port` on `host` ("" = every interface) fails because it is taken."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is free
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        return True
+      raise
+  return False
+
+
 def launch(args: Sequence[str], num_processes: int, cpu_devices_per_process: int = 0,
            module: str = "mian_jax.main", timeout: float = 0, grace: float = 10.0,
-           out=None) -> int:
-  """Runs the processes (module docstring); returns the exit status."""
+           out=None, port: int = 0) -> int:
+  """Runs the processes (module docstring); returns the exit status.
+
+  Args:
+    port: the coordinator's port on 127.0.0.1; 0 = a free one.
+
+  Raises:
+    PortInUseError: `port` is taken (nothing was started).
+  """
   out = out or sys.stdout
-  port = free_port()
+  if port and port_in_use(port, "127.0.0.1"):
+    raise PortInUseError(f"the coordinator port {port} is already in use on 127.0.0.1; pass "
+                         "another --port, or --port=0 for a free one")
+  port = port or free_port()
   procs, pumps = [], []
   for i in range(num_processes):
     env = process_env(dict(os.environ), i, num_processes, port, cpu_devices_per_process)
@@ -96,10 +150,12 @@ def launch(args: Sequence[str], num_processes: int, cpu_devices_per_process: int
   status = 0
   try:
     while any(p.poll() is None for p in procs):
-      failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+      failed = first_failure(procs)
       if failed:
-        status = failed[0]
-        out.write(f"[launch] a process exited with status {status}; stopping the others\n")
+        index, code = failed
+        status = exit_status(code)
+        out.write(f"[launch] process {index} {describe_exit(code)}; stopping the others\n")
+        out.flush()
         _stop(procs, grace)
         break
       if deadline is not None and time.monotonic() > deadline:
@@ -113,8 +169,10 @@ def launch(args: Sequence[str], num_processes: int, cpu_devices_per_process: int
     raise
   for t in pumps:
     t.join()
-  if status == 0:
-    status = next((p.returncode for p in procs if p.returncode), 0)
+  if status == 0 and (failed := first_failure(procs)):
+    index, code = failed  # every process ended between two polls
+    status = exit_status(code)
+    out.write(f"[launch] process {index} {describe_exit(code)}\n")
   return status
 
 
@@ -131,13 +189,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--timeout", type=float, default=0, help="seconds; 0 = none")
   p.add_argument("--grace", type=float, default=10.0,
                  help="seconds between SIGTERM and SIGKILL when stopping processes")
+  p.add_argument("--port", type=int, default=0,
+                 help="the coordinator's port on 127.0.0.1 (0: a free one)")
   a = p.parse_args(own)
-  if a.num_processes < 1 or a.cpu_devices_per_process < 0:
-    p.error("--num_processes must be at least 1 and --cpu_devices_per_process at least 0")
+  if a.num_processes < 1 or a.cpu_devices_per_process < 0 or not 0 <= a.port < 65536:
+    p.error("--num_processes must be at least 1, --cpu_devices_per_process at least 0 and "
+            "--port in 0..65535")
   if not passed:
     p.error("give the entry point's arguments after --, e.g. -- --config=configs/synthetic.py")
-  sys.exit(launch(passed, a.num_processes, a.cpu_devices_per_process, a.module, a.timeout,
-                  a.grace))
+  try:
+    sys.exit(launch(passed, a.num_processes, a.cpu_devices_per_process, a.module, a.timeout,
+                    a.grace, port=a.port))
+  except PortInUseError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

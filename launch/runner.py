@@ -8,6 +8,11 @@ is reused (finished) or resumed (unfinished) only when that recorded config equa
 one; otherwise the tool stops with one line naming the keys that differ, or, when asked, moves
 the old workdir aside and runs again. Each run's output goes to `<workdir>/log.txt`.
 
+Ctrl-C (SIGINT) or SIGTERM to a launch tool reaches its running child once; the tool waits
+for the child's checkpoint save, prints one line and exits with status 128 + the signal, and
+the same command resumes. A launcher killed outright (SIGKILL) takes its child down with a
+SIGTERM, so the child saves too (Linux).
+
 The results of a run are its `eval/valid_metrics.json` and `eval/test_metrics.json`: metrics of
 the parameters `eval.report_step` selects (by default the run's best validation step), so a
 test number is never chosen on test.
@@ -16,11 +21,14 @@ test number is never chosen on test.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +38,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from mian_jax import config_checks
+from mian_jax import config_checks, workdir_lock
 from mian_jax import workdir as workdir_lib
 from mian_jax.errors import ConfigError
 
@@ -127,8 +135,10 @@ def config_differences(recorded: dict, requested: dict) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
 
 
-def is_finished(workdir: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, "eval", "test_metrics.json"))
+def is_finished(workdir: str, split: str = "test") -> bool:
+  """Whether the run in `workdir` reported: its `eval/<split>_metrics.json` exists (a run
+  with `eval.final_test=False` reports valid only)."""
+  return os.path.isfile(os.path.join(workdir, "eval", f"{split}_metrics.json"))
 
 
 def check_workdirs(runs: Sequence[Run], configs: Sequence[dict], rerun_changed: bool,
@@ -163,13 +173,108 @@ def _hms(seconds: float) -> str:
   return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
 
 
-def launch(command: Sequence[str], log_path: str) -> int:
-  """Runs `command`, appending its stdout and stderr to `log_path`; returns the exit code."""
+class Interrupted(SystemExit):
+  """SIGINT or SIGTERM reached a launcher while a child trained; the child saved and stopped.
+  A SystemExit with status 128 + the signal, so a launcher that does not catch it exits with
+  that status and no traceback (its one line is already printed)."""
+
+  def __init__(self, label: str, signum: int):
+    super().__init__(128 + signum)
+    self.label, self.signum = label, signum
+
+
+# prctl(PR_SET_PDEATHSIG) from libc (Linux); None elsewhere. Looked up here, not in the child.
+try:
+  _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+  _PRCTL = None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+  """The child's pre-exec hook: SIGTERM when the launcher dies, even by SIGKILL, so a killed
+  launcher leaves no orphan training on (the child saves and exits as on preemption)."""
+
+  def hook():
+    if _PRCTL is not None:
+      _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+      if os.getppid() != parent:  # the launcher died before the hook ran
+        os.kill(os.getpid(), signal.SIGTERM)
+
+  return hook
+
+
+def wait_until_free(workdir: str, echo: Callable[[str], None] = print,
+                    timeout_s: float = 600.0) -> None:
+  """Waits until no process holds `workdir`'s run lock (mian_jax.workdir_lock), e.g. the child
+  of a killed launcher still saving its checkpoint. Raises LaunchError after `timeout_s`."""
+  path = workdir_lock.lock_path(workdir)
+  if not os.path.isfile(path):
+    return
+  deadline, said = time.monotonic() + timeout_s, False
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return
+      except OSError:
+        if time.monotonic() > deadline:
+          raise LaunchError(f"{workdir} is still in use after {timeout_s:.0f} s "
+                            f"({os.pread(fd, 200, 0).decode(errors='replace').strip()})") from None
+        if not said:
+          echo(f"waiting for the run holding {workdir} to stop")
+          said = True
+        time.sleep(0.5)
+  finally:
+    os.close(fd)
+
+
+def launch(command: Sequence[str], log_path: str, label: str = "",
+           should_stop: Callable[[], bool] | None = None, poll_s: float = 2.0) -> int:
+  """Runs `command`, appending its stdout and stderr to `log_path`; returns the exit code.
+
+  SIGINT and SIGTERM sent to the launcher go to the child once (it runs in its own session, so
+  a terminal's Ctrl-C does not reach it twice), the launcher waits for the child's checkpoint
+  save, prints one line and raises Interrupted. Every `poll_s` seconds `should_stop()` (if
+  given) is asked; True sends the child SIGTERM, and its exit code is returned.
+  """
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  received, child = [], None
+
+  def forward(signum, frame):
+    del frame
+    if not received and child is not None and child.poll() is None:
+      child.send_signal(signum)
+    received.append(signum)
+
   with open(log_path, "a") as log:
     log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
     log.flush()
-    return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+      if received:  # a signal came while the child was starting
+        child.send_signal(received[0])
+      stop_sent = False
+      while True:
+        try:
+          code = child.wait(timeout=poll_s)
+          break
+        except subprocess.TimeoutExpired:
+          if should_stop is not None and not stop_sent and not received and should_stop():
+            child.send_signal(signal.SIGTERM)
+            stop_sent = True
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+  if received:
+    print(f"interrupted: {label or log_path} saved at its last step; rerun the same command "
+          "to resume", file=sys.stderr)
+    raise Interrupted(label, received[0])
+  return code
 
 
 def read_result(run: Run) -> dict:
@@ -205,7 +310,9 @@ def run_all(runs: Sequence[Run], config_file: str, rerun_changed: bool = False,
       log_path = os.path.join(run.workdir, "log.txt")
       echo(f"{head}: training, log in {log_path}")
       start = time.time()
-      code = launch(build_command(config_file, run.workdir, run.seed, run.overrides), log_path)
+      wait_until_free(run.workdir, echo)
+      code = launch(build_command(config_file, run.workdir, run.seed, run.overrides), log_path,
+                    run.label)
       if code or not is_finished(run.workdir):
         with open(log_path) as f:
           tail = f.readlines()[-15:]

@@ -20,13 +20,20 @@ calls it for the previous save, the loop once more before it closes the manager)
 checks it first: a file that differs makes the checkpoint damaged, handled like an unreadable
 one. A step without the file (the process died between the save and the hashing) is restored
 unverified. A restored state that is not finite is damaged too.
+
+Another run is not damage. Before any array is read, a restore compares the checkpoint's meta
+with the data it is to continue on (`identity`: the schema's fingerprint, the prepared data's
+checksum) and the shapes and tree of its saved arrays with the state's (orbax's metadata
+files); any difference raises `OtherRunError` naming it, and nothing is moved.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import weakref
@@ -37,15 +44,26 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from mian_jax.errors import DataError, NonFiniteStateError
+from mian_jax.errors import (DataError, DiskFullError, NonFiniteStateError,
+                             file_system_error)
 
 # Inside each step directory; orbax ignores files there (it reads items from subdirectories)
 # and deletes or moves it with its step.
 CHECKSUM_FILE = "sha256sums.json"
 _CHUNK_BYTES = 1 << 20
+
+# How an embedding table's parameter path ends (models/layers.py names tables `embed_<field>`).
+_TABLE_PATH = re.compile(r"params/.*embed_(?P<field>[^/]+)/embedding$")
+
+
+class OtherRunError(DataError):
+  """A readable checkpoint of another run (other data, other shapes): never damage, so never
+  moved aside."""
+
 
 # Steps a manager saved in this process whose checksums are not written yet.
 _unhashed: weakref.WeakKeyDictionary[ocp.CheckpointManager, set[int]] = (
@@ -121,10 +139,23 @@ def save(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
         f"and was NOT saved to {manager.directory}; {where} (lower train.learning_rate or "
         "check the data for extreme values)")
   finalize(manager)
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
-               force=True)
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
+                 force=True)
+  except Exception as e:  # noqa: BLE001 - orbax wraps the OSError
+    _raise_if_disk_full(e, manager)
+    raise
   _unhashed.setdefault(manager, set()).add(step)
+
+
+def _raise_if_disk_full(e: BaseException, manager: ocp.CheckpointManager) -> None:
+  """DiskFullError (one line) if `e` comes from a full disk, instead of orbax's traceback."""
+  cause = file_system_error(e)
+  if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+    raise DiskFullError(f"disk full: a checkpoint save to {manager.directory} failed "
+                        f"({cause.strerror}); free space on that file system and rerun the same "
+                        "command: it resumes from the last complete checkpoint") from None
 
 
 def finalize(manager: ocp.CheckpointManager) -> None:
@@ -134,7 +165,12 @@ def finalize(manager: ocp.CheckpointManager) -> None:
   Every process calls it (waiting is collective). Idempotent and cheap when nothing is
   pending; `save` and `restore` call it themselves.
   """
-  manager.wait_until_finished()
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - a background save failed
+    _unhashed.pop(manager, None)
+    _raise_if_disk_full(e, manager)
+    raise
   steps = _unhashed.pop(manager, set())
   if jax.process_index() != 0:
     return
@@ -257,8 +293,98 @@ def reconcile_best(best_manager: ocp.CheckpointManager, state,
   return {**meta, "best_valid_auc": None, "best_step": None}
 
 
-def _restore_step(manager, step: int, state):
+def _path_name(path) -> str:
+  """A tree path as "params/embedding/embed_item_id/embedding", whether its keys are dict keys,
+  attributes (optax's named tuples) or indices, as orbax names them on disk."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{path name: shape} of every array leaf of `tree`."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+  """{path name: shape} of the state's arrays saved at `step`, from orbax's metadata files
+  (no array is read)."""
+  handler = ocp.StandardCheckpointHandler()
+  metadata = handler.metadata(epath.Path(_step_dir(manager, step)) / "state")
+  return _shapes(getattr(metadata, "tree", metadata))
+
+
+def _shape_difference(name: str, here: tuple[int, ...], saved: tuple[int, ...]) -> str:
+  table = _TABLE_PATH.search(name)
+  if table and len(here) == len(saved) == 2 and here[1] == saved[1]:
+    return (f"table {table['field']} has {here[0]} rows for this data, {saved[0]} in the "
+            "checkpoint")
+  return f"{name} has shape {here} here, {saved} in the checkpoint"
+
+
+def other_run_differences(meta: dict[str, Any], identity: dict[str, Any],
+                          here: dict[str, tuple[int, ...]],
+                          saved: dict[str, tuple[int, ...]]) -> list[str]:
+  """What makes a checkpoint another run's: parameters missing on either side or of another
+  shape, then identity values its meta records otherwise, then (only if the parameters agree,
+  as the optimizer's moments mirror them) the other state's differences.
+
+  Args:
+    meta: the checkpoint's meta.
+    identity: meta key -> this run's value ("data_checksum", "schema_fingerprint"); a key the
+      meta lacks (an older checkpoint) or a None value is not compared.
+    here, saved: {path name: shape} of this run's state and of the checkpoint's (`_shapes`).
+  """
+  def tree_differences(names):
+    out = []
+    for name in sorted(names):
+      if name not in saved:
+        out.append(f"the checkpoint has no {name}")
+      elif name not in here:
+        out.append(f"the checkpoint has {name}, this model has not")
+      elif here[name] != saved[name]:
+        out.append(_shape_difference(name, here[name], saved[name]))
+    return out
+
+  names = set(here) | set(saved)
+  params = tree_differences(n for n in names if n.startswith("params/"))
+  recorded_otherwise = [
+      f"{key.replace('_', ' ')} {str(value)[:12]} for this data, {str(meta[key])[:12]} in the "
+      "checkpoint" for key, value in identity.items()
+      if value is not None and meta.get(key) is not None and meta[key] != value]
+  rest = [] if params else tree_differences(n for n in names if not n.startswith("params/"))
+  return params + recorded_otherwise + rest
+
+
+def _check_same_run(manager, step: int, state, meta: dict[str, Any],
+                    identity: dict[str, Any]) -> None:
+  """Raises OtherRunError (one line) if checkpoint `step` belongs to another run."""
+  differences = other_run_differences(meta, identity, _shapes(_state_tree(state)),
+                                      _saved_shapes(manager, step))
+  if not differences:
+    return
+  shown = "; ".join(differences[:3])
+  more = f"; and {len(differences) - 3} more" if len(differences) > 3 else ""
+  data_differs = any(meta.get(k) not in (None, v) for k, v in identity.items() if v is not None)
+  what = "other data" if data_differs else "other data or with another model"
+  raise OtherRunError(
+      f"checkpoint {step} in {manager.directory} was trained on {what} ({shown}{more}); "
+      "nothing was moved: resume it with its own data, or use another --workdir")
+
+
+def _restore_step(manager, step: int, state, identity: dict[str, Any]):
+  """Checksums (damage), then meta, identity and shapes (another run), then the arrays."""
   _verify_step(manager, step)
+  meta = dict(manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))["meta"])
+  _check_same_run(manager, step, state, meta, identity)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -275,7 +401,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
-            workdir: str | None = None):
+            workdir: str | None = None, identity: dict[str, Any] | None = None):
   """Restores into the structure (and shardings) of `state`.
 
   Args:
@@ -284,10 +410,18 @@ def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
     step: a specific step (an error if it is missing, unreadable or damaged); None for the
       resume order of the module docstring.
     workdir: where to move damaged checkpoints aside (only in resume mode; None: leave them).
+    identity: meta key -> the value this run expects ("data_checksum", "schema_fingerprint";
+      None values are not compared), checked before any array is read.
 
   Returns:
     (state, meta), or None when there is no readable checkpoint.
+
+  Raises:
+    OtherRunError: a readable checkpoint of another run (other data or shapes); in resume
+      mode raised before anything is moved.
+    DataError: `step` is missing, unreadable or damaged.
   """
+  identity = identity or {}
   finalize(manager)  # a save of this run lands and is hashed before it is read
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
@@ -295,7 +429,9 @@ def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
       raise DataError(f"no checkpoint for step {step} in {manager.directory} "
                       f"(available: {sorted(steps) or 'none'})")
     try:
-      return _restore_step(manager, step, state)
+      return _restore_step(manager, step, state, identity)
+    except OtherRunError:
+      raise
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
       raise DataError(f"checkpoint {step} in {manager.directory} is unreadable or damaged "
                       f"({_one_line(e)})") from None
@@ -303,8 +439,10 @@ def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
   result = None
   for s in steps:
     try:
-      result = _restore_step(manager, s, state)
+      result = _restore_step(manager, s, state, identity)
       break
+    except OtherRunError:
+      raise  # before `_move_aside`: another run's checkpoints stay where they are
     except Exception as e:  # noqa: BLE001
       logging.warning("Checkpoint at step %d is damaged and is skipped (%s)", s, _one_line(e))
       damaged.append(s)

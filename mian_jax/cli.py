@@ -19,7 +19,7 @@ from ml_collections import ConfigDict
 
 from mian_jax import config_defaults
 from mian_jax import data as data_lib
-from mian_jax.errors import MianError
+from mian_jax.errors import MianError, file_system_error, file_system_message
 
 flags.DEFINE_bool(
     "show_config", False,
@@ -66,7 +66,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except OSError as e:  # config file missing or broken
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     _fail(f"cannot load the config file: {lines[-1] if lines else e}")
-  except (ValueError, TypeError, SyntaxError) as e:  # get_config(arg) rejected its argument
+  except SyntaxError as e:  # a config file that is not valid Python
+    where = f"{e.filename} line {e.lineno}" if e.filename else "the config file"
+    _fail(f"{where}: SyntaxError: {e.msg}")
+  except (ValueError, TypeError) as e:  # get_config(arg) rejected its argument
     _fail(f"{type(e).__name__}: {_one_line(e)}")
   if flags.FLAGS.show_config:
     if not _has_config():
@@ -75,6 +78,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     _print_and_exit(describe_config(flags.FLAGS.config, name,
                                     [config_defaults.__file__, name.split(":", 1)[0]]))
   return argv
+
+
+def require_run(argv: Sequence[str]) -> None:
+  """For commands that read a trained run (evaluate): given --workdir but no --config (after
+  `workdir.with_recorded_config`, so the workdir records none), exits with `error: no run in
+  WORKDIR` (status 2) instead of absl's "Flag --config must have a value"."""
+  args = list(argv[1:])
+  if any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in args):
+    return
+  workdir = None
+  for i, arg in enumerate(args):
+    if arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    elif arg == "--workdir" and i + 1 < len(args):
+      workdir = args[i + 1]
+  if workdir:
+    state = "does not exist" if not os.path.exists(workdir) else "holds no config.json"
+    _fail(f"no run in {workdir} (it {state}); pass the --workdir of a training run "
+          "(python -m mian_jax.main --config=... --workdir=...)")
 
 
 def _has_config() -> bool:
@@ -265,19 +287,37 @@ def _join(prefix: str, key: str) -> str:
 
 
 def run_or_exit(fn, *args):
-  """Runs `fn(*args)`, turning user errors (MianError) into a one-line message and exit 1."""
+  """Runs `fn(*args)`, turning user errors (MianError) and a full or read-only disk
+  (`errors.file_system_error`) into a one-line message and exit 1."""
   try:
     return fn(*args)
   except MianError as e:
-    logging.error("%s", _one_line(e))
-    sys.exit(f"error: {_one_line(e)}")
+    _exit_with(_one_line(e))
+  except Exception as e:  # noqa: BLE001 - only file-system errors are answered here
+    os_error = file_system_error(e)
+    if os_error is None:
+      raise
+    _exit_with(" ".join(file_system_message(os_error).split()))
+
+
+def _exit_with(message: str) -> None:
+  """`error: <message>` on stderr, exit status 1; logged too where the log is not stderr (a
+  --log_dir), so that a terminal shows it once."""
+  if logging.get_absl_handler().python_handler.stream is not sys.stderr:
+    logging.error("%s", message)
+  sys.exit(f"error: {message}")
 
 
 class _QuietLibraries:
-  """Drops INFO lines from orbax, which logs every step of every save."""
+  """Drops INFO lines from orbax, which logs every step of every save, and its tracebacks of a
+  full or read-only disk, which the entry point then reports in one line (`run_or_exit`)."""
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.exc_info and file_system_error(record.exc_info[1]) is not None:
+      return False
+    return record.levelno > 20
 
 
 class _NoBackendProbes:

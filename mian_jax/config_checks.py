@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import filecmp
+import json
+import os
+
 from ml_collections import ConfigDict
 
 from mian_jax import models, optim, steps
@@ -101,3 +105,36 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     if _get(config, key) % num_devices:
       raise ConfigError(f"config.{key}={_get(config, key)} must be divisible by the "
                         f"{num_devices} devices (the global batch is split over them)")
+
+
+def valid_is_test(data_dir: str) -> bool:
+  """Whether the validation split of a prepared directory is its test split: stats.json says
+  so (`valid_is_test`), or valid/ and test/ hold the same column files, byte for byte."""
+  try:
+    with open(os.path.join(data_dir, "stats.json")) as f:
+      if json.load(f).get("valid_is_test"):
+        return True
+  except (OSError, ValueError, AttributeError):
+    pass  # a directory from elsewhere may have no (usable) stats.json: compare the files
+  dirs = [os.path.join(data_dir, split) for split in ("valid", "test")]
+  names = [sorted(os.listdir(d)) for d in dirs]
+  if names[0] != names[1]:
+    return False
+  # filecmp (shallow=False) compares sizes first and stops at the first differing block.
+  return all(filecmp.cmp(os.path.join(dirs[0], n), os.path.join(dirs[1], n), shallow=False)
+             for n in names[0])
+
+
+def check_validation_split(config: ConfigDict, data_dir: str) -> None:
+  """Raises ConfigError if the run would choose its reported step, or when to stop, on the
+  test split: `eval.report_step="best"` or `train.early_stopping_patience` > 0 on prepared
+  data whose validation split is its test split (`valid_is_test`)."""
+  selecting = [f"config.{key}={_get(config, key)!r}"
+               for key, uses in (("eval.report_step", lambda v: v == "best"),
+                                 ("train.early_stopping_patience", lambda v: v > 0))
+               if uses(_get(config, key))]
+  if selecting and valid_is_test(data_dir):
+    raise ConfigError(f"the validation split is the test split in {data_dir}, so "
+                      f"{' and '.join(selecting)} would select on test; set "
+                      "eval.report_step=last and train.early_stopping_patience=0, or prepare a "
+                      "separate validation split")

@@ -1,5 +1,8 @@
 """Errors a user can cause and fix; entry points print them as one line."""
 
+import errno
+import os
+import re
 import signal
 
 
@@ -30,6 +33,10 @@ class NonFiniteStateError(NonFiniteLossError):
   """The train state to be saved held NaN or infinite values; it was not saved."""
 
 
+class DiskFullError(MianError):
+  """A write failed for want of space (or quota); what was saved before is intact."""
+
+
 class WorkdirBusyError(MianError):
   """Another run holds the workdir's lock."""
 
@@ -43,3 +50,40 @@ class Preempted(Exception):
     name = signal.Signals(signum).name
     super().__init__(f"stopped by {name} at step {step} after saving a checkpoint; rerun the "
                      f"same command to resume (workdir {workdir})")
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'")  # tensorstore's ValueError text
+
+
+def file_system_error(e: BaseException | None) -> OSError | None:
+  """The OSError of a full disk or an unwritable path that `e` is, or was raised from (orbax
+  and pyarrow wrap them; tensorstore says it as "[os_error_code='28']" in a ValueError); None
+  if there is none."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL + _NOT_WRITABLE:
+      return e
+    match = _ERRNO_IN_TEXT.search(str(e))
+    if match and int(match.group(1)) in _DISK_FULL + _NOT_WRITABLE:
+      code = int(match.group(1))
+      return OSError(code, os.strerror(code))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def file_system_message(e: OSError) -> str:
+  """One line for a file-system error a user fixes outside the program (`file_system_error`)."""
+  where = f" {e.filename}" if e.filename else ""
+  reason = e.strerror or errno.errorcode.get(e.errno, str(e.errno))
+  if e.errno in _DISK_FULL:
+    return (f"disk full: cannot write{where} ({reason}); free space on that file system and "
+            "rerun the same command (training resumes from its last complete checkpoint)")
+  if e.errno == errno.EROFS:
+    return (f"cannot write{where}: read-only file system; use a writable --workdir (or "
+            "--output)")
+  return f"cannot write{where} ({reason}); make it writable or choose another path"

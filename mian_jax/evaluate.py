@@ -16,8 +16,11 @@ it must agree with the recorded config on every key that shapes the run
 `<workdir>/eval/<split>_metrics_step<N>.json` (auc, logloss, gauc, step, num_examples, and
 oracle_auc where the data knows the click probability), so the `<split>_metrics.json` that
 training reported is never overwritten; with --predictions also
-`<workdir>/eval/<split>_predictions_step<N>.parquet`: one row per example with its score, label,
-group id and the model's attention weights (one list column per attention module).
+`<workdir>/eval/<split>_predictions_step<N>.parquet`: one row per example, in split order, with
+its keys (`row`, its 0-based position in the split; the item id, and the user id where a user
+field is named user_id, as ids `item.<name>` and, where the prepared data keeps vocabularies, as
+raw values `<name>`), score, label, group id and the model's attention weights (one list column
+per attention module). Prepared splits keep no timestamps; `row` joins to them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ml_collections import config_flags
 from mian_jax import checkpointing, cli, config_checks, sharding, steps, writers
 from mian_jax import metrics as metrics_lib
 from mian_jax import workdir as workdir_lib
-from mian_jax.data import pipeline
+from mian_jax.data import pipeline, vocab
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError, NonFiniteLossError
 
@@ -109,9 +112,36 @@ def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool)
     writers.write_json_atomic(os.path.join(eval_dir, f"{split}_metrics.json"), result)
 
 
-def write_predictions(path: str, predictions: dict, attention_names: dict[str, tuple]) -> None:
-  """Writes per-example predictions atomically (temporary file, then rename)."""
-  columns = {"score": predictions["prob"], "label": predictions["label"],
+def prediction_keys(data_dir: str, schema: schema_lib.Schema, split: str) -> dict[str, Any]:
+  """What joins a split's predictions back to the data, in split order: `row` (0-based within
+  the split) and, for the item id (the first item field) and a user field named user_id, the
+  ids (`item.<name>`) and, where the prepared data keeps the field's vocabulary, the raw
+  values (`<name>`; None for the out-of-vocabulary id). Hashed fields keep only their ids."""
+  columns = schema_lib.load_split(data_dir, split, schema, validate=False)
+  keys: dict[str, Any] = {"row": np.arange(schema.size(split), dtype=np.int64)}
+  features = schema.features
+  fields = [f"item.{features.item_fields[0].name}"] + [
+      f"user.{f.name}" for f in features.user_fields if f.name == "user_id"]
+  has_vocab = os.path.isfile(os.path.join(data_dir, schema_lib.VOCAB_DIR, vocab.ENCODERS_FILE))
+  vocabularies = vocab.load_vocabularies(data_dir) if has_vocab else {}
+  for field in fields:
+    ids = np.asarray(columns[field])
+    keys[field] = ids
+    vocabulary = vocabularies.get(field)
+    if isinstance(vocabulary, vocab.Vocabulary) and vocabulary.values:
+      values = np.asarray(vocabulary.values, dtype=object)
+      k = ids.astype(np.int64) - vocabulary.first_id
+      known = (k >= 0) & (k < len(values))
+      keys[field.split(".", 1)[1]] = np.where(known, values[np.clip(k, 0, len(values) - 1)],
+                                              None)
+  return keys
+
+
+def write_predictions(path: str, predictions: dict, attention_names: dict[str, tuple],
+                      keys: dict[str, Any] | None = None) -> None:
+  """Writes per-example predictions atomically (temporary file, then rename): the `keys`
+  columns (`prediction_keys`) first, then score, label, group_id, extras and attention."""
+  columns = {**(keys or {}), "score": predictions["prob"], "label": predictions["label"],
              "group_id": predictions["group_id"]}
   for key, values in predictions.items():
     if key.startswith("extra."):
@@ -206,7 +236,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
   logging.info("%s @ step %d: %s", split, result["step"], result)
   if with_predictions and jax.process_index() == 0:
     path = os.path.join(workdir, "eval", f"{split}_predictions_step{result['step']}.parquet")
-    write_predictions(path, predictions, attention_names(run))
+    write_predictions(path, predictions, attention_names(run),
+                      prediction_keys(run.data_dir, run.schema, split))
     logging.info("Wrote predictions to %s", path)
   return result
 
@@ -237,7 +268,9 @@ def main(argv):
 
 
 def parse_flags(argv):
-  return cli.parse_flags(workdir_lib.with_recorded_config(argv))
+  argv = workdir_lib.with_recorded_config(argv)
+  cli.require_run(argv)
+  return cli.parse_flags(argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ result with only jax and numpy. EXPORT_DIR appears complete or not at all:
                     pass but the model ignores, outputs (name, dtype, shape, and for each
                     attention module what its weights are over)
   manifest.json     model, step, data checksum, schema fingerprint, platforms, versions, time,
-                    and the SHA-256 of model.jaxexport and params.npz (checked when loaded)
+                    and the SHA-256 of every other file of the directory, vocab/ included
+                    (checked when loaded: an edited, missing or added file is an error)
   schema.json       the prepared data's schema (fields, vocabulary sizes)
   vocab/            the prepared data's vocabularies, when it has them (mian_jax/data/vocab.py)
 
@@ -191,6 +192,17 @@ def _write_json(path: str, content: Mapping[str, Any]) -> None:
     f.write("\n")
 
 
+def _readable_by_all(directory: str) -> None:
+  """Gives `directory` (a mkdtemp, 0700) and everything in it the modes a plain mkdir and open
+  give under the umask (typically 0755 / 0644), so that a serving account can read it."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for root, _, files in os.walk(directory):
+    os.chmod(root, 0o777 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def check_out_dir(out: str) -> None:
   """ConfigError unless `out` is absent or an empty directory."""
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
@@ -219,8 +231,9 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
     if os.path.isdir(vocab_dir):
       shutil.copytree(vocab_dir, os.path.join(tmp, VOCAB_DIR))
     files = {name: serving.file_sha256(os.path.join(tmp, name))
-             for name in (EXPORT_FILE, PARAMS_FILE)}
+             for name in serving.export_files(tmp)}
     _write_json(os.path.join(tmp, MANIFEST_FILE), {**manifest, "sha256": files})
+    _readable_by_all(tmp)
     os.rename(tmp, out)  # replaces an empty `out`; fails if something was written there since
   except OSError as e:
     raise DataError(f"cannot write the export to {out} ({e.strerror or e})") from None

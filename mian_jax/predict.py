@@ -36,7 +36,10 @@ id, timestamp and, if present, label columns as read, `input_row` (the row's 0-b
 among the input's data rows), `score` (the click probability), and with --attention one column
 `attention.<module>.<name>` per attention weight (a field or part name, or `hist<k>` for
 behaviour slot k, 0 = the newest). Beside it, `<output>.stats.json`: rows read, scored and
-skipped (with reasons and the first bad line), unseen values per field, step and time.
+skipped (with reasons and the first bad line), unseen values per field, warnings, step and
+time. An input without a label column, for a tabular run whose behaviours are the user's
+earlier clicks, is scored with empty histories (no row is a click) and warned about, once in the
+log and in the stats; give the earlier rows with their labels and leave the rows to score empty.
 
 A malformed row (docs/data.md, "Your own logs") stops the command with one line naming its
 file line, unless --skip_bad_rows, which drops such rows and counts them.
@@ -145,6 +148,23 @@ def read_input(path: str, tabular_config, skip_bad_rows: bool,
                     f"{summary['reasons']}); fix it, or pass --skip_bad_rows to skip and count "
                     "such rows")
   return records, summary
+
+
+def unlabelled_history_warning(config, records: tabular.Records, path: str) -> str | None:
+  """The warning for an input without a label column whose behaviours are the user's earlier
+  clicks (tabular, behavior_source="log", behavior_rows="clicks"): no row is a click, so every
+  history is empty and the scores are those of users without a past. None otherwise (Amazon and
+  MovieLens take every unlabelled row as a review / rating)."""
+  if config.data.source != "tabular":
+    return None
+  c = config.data.tabular
+  if c.label in records.table.column_names or (c.behavior_source, c.behavior_rows) != (
+      "log", "clicks"):
+    return None
+  return (f"{os.path.basename(path)} has no label column {c.label!r}: no row is taken as a past "
+          "click, so every behaviour history is empty (the run builds histories from the "
+          "user's earlier clicks). Give the earlier rows with their labels (1 = clicked) in a "
+          f"{c.label!r} column, and leave the label empty on the rows to score")
 
 
 def score_columns(run: steps.Run, state, columns: Mapping[str, np.ndarray], num_rows: int,
@@ -259,6 +279,9 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
   """
   if jax.process_count() > 1:
     raise ConfigError("predict runs in one process; start it without MIAN_JAX_DISTRIBUTED")
+  if batch_size < 0:
+    raise ConfigError(f"--batch_size={batch_size}: expected a positive number of rows, or 0 "
+                      "for the run's eval.batch_size")
   output_path = os.path.abspath(output_path)
   output_format(output_path)
   if output_path == os.path.abspath(input_path):
@@ -268,6 +291,9 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
   source = source_module(config)
   reader = source.predict_reader(config.data)
   records, bad = read_input(input_path, reader, skip_bad_rows)  # a bad row stops before the model
+  warnings = [w for w in (unlabelled_history_warning(config, records, input_path),) if w]
+  for warning in warnings:
+    logging.warning("%s", warning)
   logging.info("Read %d rows of %s (%d malformed rows skipped)", len(records.log) + bad["bad"],
                input_path, bad["bad"])
   run, state, _ = evaluate.restore_checkpoint(config, workdir, step)
@@ -290,6 +316,7 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
       "skipped_reasons": bad["reasons"],
       "first_skipped": bad["first_bad"],
       "unseen": unseen,
+      "warnings": warnings,
       "seconds": round(time.monotonic() - started, 3),
   }
   writers.write_json_atomic(f"{output_path}.stats.json", stats)

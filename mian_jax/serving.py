@@ -69,6 +69,39 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+def export_files(export_dir: str) -> list[str]:
+  """Every file of an export directory but manifest.json, as sorted relative paths with "/"
+  ("model.jaxexport", "vocab/item.item_id.json", ...): what the manifest's checksums cover."""
+  found = []
+  for root, dirs, files in os.walk(export_dir):
+    dirs.sort()
+    relative = os.path.relpath(root, export_dir)
+    for name in files:
+      path = name if relative == "." else f"{relative}/{name}".replace(os.sep, "/")
+      if path != MANIFEST_FILE:
+        found.append(path)
+  return sorted(found)
+
+
+def check_files(export_dir: str, manifest: Mapping[str, Any]) -> None:
+  """Raises ValueError (one line, naming the file) unless the files of `export_dir` are
+  exactly those the manifest lists, each with its SHA-256."""
+  expected = manifest.get("sha256", {})
+  for name, digest in expected.items():
+    path = os.path.join(export_dir, *name.split("/"))
+    if not os.path.isfile(path):
+      raise ValueError(f"{path} is missing: the export directory is incomplete; export the "
+                       "checkpoint again")
+    if file_sha256(path) != digest:
+      raise ValueError(f"{path} differs from the checksum in {MANIFEST_FILE}: the export "
+                       "was changed or damaged; export the checkpoint again")
+  for name in export_files(export_dir):
+    if name not in expected:
+      raise ValueError(f"{os.path.join(export_dir, name)} is not covered by the checksums in "
+                       f"{MANIFEST_FILE}: a file was added to the export, or it was written "
+                       "by an older version; export the checkpoint again")
+
+
 def _backend_platforms() -> tuple[str, ...]:
   """The `jax.export` platform names the default backend may run."""
   backend = jax.default_backend()
@@ -162,6 +195,16 @@ def _apply_encoder(encoder: Mapping[str, Any], raw) -> np.ndarray:
   raise ValueError(f"unknown encoder kind {kind!r}")
 
 
+def _check_sequence(value: Any, what: str, holding: str) -> None:
+  """Raises ValueError unless `value` is a sequence (list, tuple, array): a string is one too,
+  and encoding it would read "i1" as the two values "i" and "1"."""
+  if isinstance(value, (str, bytes)):
+    raise ValueError(f"{what} is a string ({value[:40]!r}); give a list of {holding}, e.g. "
+                     f"[{value[:40]!r}]")
+  if not hasattr(value, "__len__"):
+    raise ValueError(f"{what} is a {type(value).__name__}; give a list of {holding}")
+
+
 def bucket_size(num_rows: int) -> int:
   """The padded batch size: the smallest power of two >= num_rows (>= 1)."""
   return 1 << max(num_rows - 1, 0).bit_length()
@@ -195,27 +238,24 @@ class Scorer:
 
   @classmethod
   def load(cls, export_dir: str, device: jax.Device | None = None) -> Scorer:
-    """Reads an export directory, checks its files against the manifest's checksums and puts
-    the parameters on `device` (default: the first device).
+    """Reads an export directory, checks every file (vocab/ included) against the manifest's
+    checksums and puts the parameters on `device` (default: the first device).
 
     Raises:
-      ValueError: not an export directory, a damaged file, an unsupported format, or an
-        export that was not lowered for this process's platform.
+      ValueError: not an export directory, a changed, missing or added file, an unsupported
+        format, or an export that was not lowered for this process's platform.
     """
     manifest = _read_json(os.path.join(export_dir, MANIFEST_FILE))
+    if manifest.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{os.path.join(export_dir, MANIFEST_FILE)} has format_version "
+                       f"{manifest.get('format_version')!r}; this loader reads "
+                       f"{FORMAT_VERSION}: export the checkpoint again")
+    check_files(export_dir, manifest)
     signature = _read_json(os.path.join(export_dir, SIGNATURE_FILE))
-    for name, content in ((MANIFEST_FILE, manifest), (SIGNATURE_FILE, signature)):
-      if content.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{os.path.join(export_dir, name)} has format_version "
-                         f"{content.get('format_version')!r}; this loader reads "
-                         f"{FORMAT_VERSION}: export the checkpoint again")
-    for name, expected in manifest.get("sha256", {}).items():
-      path = os.path.join(export_dir, name)
-      if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing: the export directory is incomplete")
-      if file_sha256(path) != expected:
-        raise ValueError(f"{path} differs from the checksum in {MANIFEST_FILE}: the export "
-                         "is damaged; export the checkpoint again")
+    if signature.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{os.path.join(export_dir, SIGNATURE_FILE)} has format_version "
+                       f"{signature.get('format_version')!r}; this loader reads "
+                       f"{FORMAT_VERSION}: export the checkpoint again")
     running = _backend_platforms()
     exported_for = tuple(manifest.get("platforms", ()))
     if not set(running) & set(exported_for):
@@ -256,7 +296,8 @@ class Scorer:
 
     Raises:
       ValueError (one line, naming the field): the export has no vocab/, a missing or
-        unknown field, fields of different lengths, behaviour lists of unequal length, a
+        unknown field, a string where a list is expected (a field's values, a row's
+        behaviours), fields of different lengths, behaviour lists of unequal length, a
         numeric value that is missing or not a number.
     """
     if self.vocab_dir is None:
@@ -272,6 +313,7 @@ class Scorer:
     for name in required:
       if name not in records:
         raise ValueError(f"field {name!r} is missing; encode takes {', '.join(required)}")
+      _check_sequence(records[name], f"field {name!r}", "one value per row")
       if len(records[name]) != len(records[required[0]]):
         raise ValueError(f"field {name!r} has {len(records[name])} rows but {required[0]!r} "
                          f"has {len(records[required[0]])}")
@@ -292,6 +334,9 @@ class Scorer:
       if name in derived:
         flat[name] = self._looked_up(flat, name, derived)
         continue
+      for row, x in enumerate(records[name]):
+        if x is not None:
+          _check_sequence(x, f"behaviour field {name!r} row {row}", "its behaviours")
       lists = [list(x) if x is not None else [] for x in records[name]]
       kept = [x[len(x) - max_len:] if len(x) > max_len else x for x in lists]
       row_lengths = np.asarray([len(x) for x in kept], np.int32)

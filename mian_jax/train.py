@@ -33,7 +33,7 @@ from mian_jax import workdir as workdir_lib
 from mian_jax import workdir_lock
 from mian_jax import writers
 from mian_jax.data import schema as schema_lib
-from mian_jax.errors import ConfigError, DataError, NonFiniteLossError, Preempted
+from mian_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 
 def _format_eta(seconds: float) -> str:
@@ -139,8 +139,9 @@ def run_header(config: ConfigDict, workdir: str, data_dir: str, schema, state, s
 
 
 def closing_line(workdir: str, results: dict[str, dict[str, Any]]) -> str:
-  test = results["test"]
-  return (f"Done: test AUC {test['auc']:.4f} at step {test['step']} ({test['selected']}). "
+  split = "test" if "test" in results else "valid"  # valid only with eval.final_test=False
+  shown = results[split]
+  return (f"Done: {split} AUC {shown['auc']:.4f} at step {shown['step']} ({shown['selected']}). "
           f"Metrics: {os.path.join(workdir, 'eval')}; checkpoints: "
           f"{checkpointing.checkpoint_dir(workdir)} (best: "
           f"{checkpointing.best_checkpoint_dir(workdir)}); TensorBoard: "
@@ -181,6 +182,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   with workdir_lock.hold(workdir):
     workdir_lib.check_rerun(workdir, config.to_dict())
     run = steps.setup(config)
+    config_checks.check_validation_split(config, run.data_dir)
     for split in ("valid", "test"):  # a corrupt evaluation split fails now, not after training
       schema_lib.load_split(run.data_dir, split, run.schema)
     loop = Loop(run, workdir)
@@ -223,20 +225,16 @@ class Loop:
 
   def restore(self):
     """The state to start from: the newest good checkpoint of the workdir, else the fresh one;
-    `meta` becomes the checkpoint's, checked against the data."""
+    `meta` becomes the checkpoint's. A checkpoint trained on other data (or of other shapes)
+    stops the run before any array is read, moving nothing (`checkpointing.OtherRunError`)."""
     run, state = self.run, self.run.state
-    restored = checkpointing.restore(self.manager, state, workdir=self.workdir)
+    identity = {"schema_fingerprint": run.schema.fingerprint(),
+                "data_checksum": run.data_checksum or None}  # "": not verified, not compared
+    restored = checkpointing.restore(self.manager, state, workdir=self.workdir,
+                                     identity=identity)
     if restored is not None:
       state, restored_meta = restored
       self.meta.update(restored_meta)
-      if self.meta.get("schema_fingerprint") != run.schema.fingerprint():
-        raise DataError(f"the checkpoints in {self.workdir} were trained on data with another "
-                        "schema (fingerprint differs); use a new --workdir")
-      recorded = self.meta.get("data_checksum", run.data_checksum)
-      if recorded != run.data_checksum:
-        raise DataError(f"the checkpoints in {self.workdir} were trained on other data "
-                        f"({run.data_dir} has checksum {run.data_checksum[:12]}, the run "
-                        f"recorded {recorded[:12]}); use a new --workdir")
       self.last_saved = int(state.step)
     self.meta.update(checkpointing.reconcile_best(self.best_manager, state, self.meta))
     return state
@@ -341,12 +339,15 @@ class Loop:
     return self.report(state, last_valid)
 
   def report(self, state, last_valid) -> dict[str, dict[str, Any]]:
-    """Evaluates the reported step on valid and test and writes `eval/<split>_metrics.json`."""
+    """Evaluates the reported step on valid and test (valid only with `eval.final_test` off)
+    and writes `eval/<split>_metrics.json`."""
     report_state, selection = select_reported_state(
         state, self.meta, self.run.config.eval.report_step, self.best_manager)
     step = int(report_state.step)
     results = {}
-    for split in ("valid", "test"):
+    # A config recorded before eval.final_test existed reports test, as it did then.
+    splits = ("valid", "test") if self.run.config.eval.get("final_test", True) else ("valid",)
+    for split in splits:
       if split == "valid" and last_valid is not None and last_valid["step"] == step:
         result = last_valid
       else:  # valid scalars of this step were written when it was validated

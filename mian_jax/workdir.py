@@ -28,7 +28,8 @@ RESUMABLE_KEYS = frozenset({
     "train.num_train_steps", "train.num_epochs", "train.log_every_steps",
     "train.eval_every_steps", "train.early_stopping_patience", "train.max_bce",
     "checkpoint.every_steps",
-    "checkpoint.max_to_keep", "eval.batch_size", "eval.report_step", "data.raw_dir",
+    "checkpoint.max_to_keep", "eval.batch_size", "eval.report_step", "eval.final_test",
+    "data.raw_dir",
     "data.prepared_dir", "data.tabular.path", "data.tabular.train_path",
     "data.tabular.valid_path", "data.tabular.test_path",
     "sharding.model",  # the mesh's shape: where rows live, not what is computed

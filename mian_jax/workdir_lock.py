@@ -87,6 +87,7 @@ def hold(workdir: str) -> Iterator[None]:
     WorkdirBusyError: another run holds the lock.
   """
   workdir = os.path.abspath(workdir)
+  created = not os.path.exists(workdir)
   fd, busy = (_try_lock(workdir) if jax.process_index() == 0 else (None, ""))
   if jax.process_count() > 1:  # every process of a second run stops, not only process 0
     if multihost_utils.broadcast_one_to_all(np.int32(bool(busy))) and not busy:
@@ -95,6 +96,12 @@ def hold(workdir: str) -> Iterator[None]:
     raise WorkdirBusyError(busy)
   try:
     yield
+  except BaseException:
+    if fd is not None and created and os.listdir(workdir) == [LOCK_FILE]:
+      # A run that failed before writing anything leaves no workdir it created behind.
+      os.remove(lock_path(workdir))
+      os.rmdir(workdir)
+    raise
   finally:
     if fd is not None:
       os.ftruncate(fd, 0)  # no stale holder text for a reader that races the next holder

@@ -1,9 +1,11 @@
 """The Amazon source: parsing, protocols (hand-worked examples), negatives, leakage, errors."""
 
 import ast
+import dataclasses
 import datetime
 import functools
 import gzip
+import hashlib
 import http.server
 import json
 import os
@@ -14,7 +16,9 @@ import threading
 import numpy as np
 import pytest
 
+from configs import amazon_like as amazon_like_config
 from configs import books, electronics
+from mian_jax import cli, config_checks, train
 from mian_jax import data as data_lib
 from mian_jax.data import amazon, amazon_raw
 from mian_jax.data import schema as schema_lib
@@ -175,30 +179,38 @@ def test_mian_protocol_hand_worked(tmp_path):
   assert stats["checksum"] == schema_lib.dataset_checksum(str(tmp_path / "prepared"))
 
 
+def _targets(split):
+  """[(user id, item id, behaviours newest first)] of the positives of a split."""
+  p = _positives(split)
+  return [(u, i, tuple(h[:n])) for u, i, h, n in zip(
+      p["user.user_id"], p["item.item_id"], p["hist.item_id"], p["hist_len"])]
+
+
 def test_din_protocol_hand_worked(tmp_path):
   _, splits, stats = prepare(tmp_path, protocol="din", max_seq_len=30)
-  # Train: every review 1..n-2; test: review n-1; valid is a copy of test.
-  train = _positives(splits["train"])
-  got = [(u, i, tuple(h[:n])) for u, i, h, n in zip(
-      train["user.user_id"], train["item.item_id"], train["hist.item_id"], train["hist_len"])]
-  assert got == [(U["uA"], I["i3"], (I["i1"],)), (U["uA"], I["i2"], (I["i3"], I["i1"])),
-                 (U["uB"], I["i5"], (I["i2"],))]
+  # Test: review n-1; train: reviews 1..n-2 but for the validation users, ceil(1/10 of the
+  # users with n >= 3) = 1 of uA, uB: seed 0 draws uA, whose review n-2 (i2) is valid.
+  assert _targets(splits["train"]) == [(U["uA"], I["i3"], (I["i1"],)),
+                                       (U["uB"], I["i5"], (I["i2"],))]
+  assert _targets(splits["valid"]) == [(U["uA"], I["i2"], (I["i3"], I["i1"]))]
   test = _positives(splits["test"])
   np.testing.assert_array_equal(test["item.item_id"], [I["i4"], I["i1"], I["i6"]])
   np.testing.assert_array_equal(test["hist_len"], [3, 2, 1])
-  for name in splits["test"]:
-    np.testing.assert_array_equal(splits["valid"][name], splits["test"][name])
-  # Published Electronics: train rows = 2 (reviews - 2 users), test rows = 2 users.
-  assert stats["num_samples"]["train"] == 2 * (stats["num_reviews"] - 2 * stats["num_users"])
-  assert stats["num_samples"]["test"] == 2 * stats["num_users"] and stats["valid_is_test"]
+  # Published Electronics: train rows = 2 (reviews - 2 users), test rows = 2 users; here
+  # the validation rows come out of train.
+  assert (stats["num_samples"]["train"] + stats["num_samples"]["valid"]
+          == 2 * (stats["num_reviews"] - 2 * stats["num_users"]))
+  assert stats["num_samples"]["test"] == 2 * stats["num_users"] and not stats["valid_is_test"]
 
 
 def test_dien_protocol_hand_worked(tmp_path):
   # seed 2: the first draw default_rng(2).integers(1, 11, size=3) = [9, 3, 2] sends only
-  # uC (the third user) to test. Only each user's last review is a target.
+  # uC (the third user) to test; of the others, ceil(2/10) = 1 is a validation user: uA.
+  # Only each user's last review is a target.
   _, splits, stats = prepare(tmp_path, protocol="dien", max_seq_len=30, seed=2)
   dien_cat = dict(ITEM_CAT, i1="Fiction", i5="Art")  # last element of the FIRST path
-  for split, rows in (("train", [("uA", "i4", ["i1", "i3", "i2"]), ("uB", "i1", ["i2", "i5"])]),
+  for split, rows in (("train", [("uB", "i1", ["i2", "i5"])]),
+                      ("valid", [("uA", "i4", ["i1", "i3", "i2"])]),
                       ("test", [("uC", "i6", ["i3"])])):
     p = _positives(splits[split])
     assert len(splits[split]["label"]) == 2 * len(rows)
@@ -211,9 +223,8 @@ def test_dien_protocol_hand_worked(tmp_path):
     negatives = splits[split]["item.item_id"][1::2]
     assert (negatives != p["item.item_id"]).all()  # only the target itself is excluded
     assert set(negatives) <= set(I.values())  # drawn from reviewed items
-  for name in splits["test"]:
-    np.testing.assert_array_equal(splits["valid"][name], splits["test"][name])
-  assert stats["num_samples"] == {"train": 4, "valid": 2, "test": 2}
+  assert stats["num_samples"] == {"train": 2, "valid": 2, "test": 2}
+  assert not stats["valid_is_test"]
 
 
 def test_dien_category_rule_is_first_path():
@@ -323,7 +334,7 @@ def test_random_data_matches_reference(tmp_path, protocol):
   histories = _reference_histories(reviews)
   users = sorted(histories)
   items = sorted({a for _, a, _ in reviews})
-  seen = {s: set() for s in schema_lib.SPLITS}
+  seen = {s: set() for s in schema_lib.SPLITS}  # (user, item, day) of each target
   for split in schema_lib.SPLITS:
     cols = schema_lib.load_split(out, split)
     for k in range(0, len(cols["label"]), 2):
@@ -341,25 +352,56 @@ def test_random_data_matches_reference(tmp_path, protocol):
         assert negative != target  # popularity negatives only exclude the target itself
       else:
         assert negative not in history  # never one of the user's positives
-      split_of = {"mian": {n - 1: "test", n - 2: "valid"},
-                  "din": {n - 1: "test"}, "dien": {n - 1: None}}[protocol]
-      want = split_of.get(index, "train" if protocol != "dien" else "none")
-      if protocol == "dien":
-        assert index == n - 1
-      elif not (protocol == "din" and split == "valid"):
-        assert want == split, (user, target, index, n)
-      seen[split].add((user, target))
+      # The review each split predicts: mian and din mirror the test one step earlier in time
+      # (din for the validation users only); dien predicts every user's last review.
+      allowed = {"mian": {"train": range(1, n - 2), "valid": [n - 2], "test": [n - 1]},
+                 "din": {"train": range(1, n - 1), "valid": [n - 2], "test": [n - 1]},
+                 "dien": {s: [n - 1] for s in schema_lib.SPLITS}}[protocol][split]
+      assert index in allowed, (user, target, index, n, split)
+      seen[split].add((user, target, histories[user][index][1]))
+  # No target is in two splits.
+  for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+    assert not seen[a] & seen[b], (a, b)
+  users_of = {s: {u for u, _, _ in seen[s]} for s in schema_lib.SPLITS}
   num_positive = sum(len(v) - 1 for v in histories.values())
-  if protocol == "mian":
+  if protocol in ("mian", "din"):
     assert sum(len(s) for s in seen.values()) == num_positive
-  elif protocol == "din":
-    assert len(seen["train"]) + len(seen["test"]) == num_positive
-  else:
-    train_users = {u for u, _ in seen["train"]}
-    test_users = {u for u, _ in seen["test"]}
-    assert not train_users & test_users
-    assert len(train_users | test_users) == len(histories)
-    assert 0 < len(test_users) < 0.3 * len(histories)
+    assert users_of["test"] == set(histories)
+  if protocol == "din":  # ceil(1/10) of the users with >= 3 reviews validate, one target each
+    eligible = sum(len(v) >= 3 for v in histories.values())
+    assert len(seen["valid"]) == len(users_of["valid"]) == -(-eligible // 10) > 0
+  if protocol == "dien":
+    for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+      assert not users_of[a] & users_of[b]
+    assert set().union(*users_of.values()) == set(histories)
+    assert 0 < len(users_of["test"]) < 0.3 * len(histories)
+    assert len(users_of["valid"]) == -(-(len(histories) - len(users_of["test"])) // 10)
+
+
+def _split_digest(directory, split):
+  """sha256 of a split's columns (names, dtypes, shapes and bytes), independent of .npy headers."""
+  columns = schema_lib.load_split(directory, split)
+  digest = hashlib.sha256()
+  for name in sorted(columns):
+    a = np.ascontiguousarray(columns[name])
+    digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()[:16]
+
+
+# The test splits of write_random's data (T = 4, seed 0) as prepared while din and dien still
+# copied test into valid: holding a validation split out must not change them.
+TEST_SPLIT_DIGESTS = {"din": "6f1f74a527c186b8", "dien": "8d269b773bd0f955"}
+
+
+@pytest.mark.parametrize("protocol", ["din", "dien"])
+def test_holding_out_validation_keeps_the_test_split(tmp_path, protocol):
+  write_random(tmp_path / "raw")
+  out = str(tmp_path / "prepared")
+  amazon.prepare(data_config(tmp_path / "raw", protocol=protocol, max_seq_len=4), out)
+  assert _split_digest(out, "test") == TEST_SPLIT_DIGESTS[protocol]
+  assert _split_digest(out, "valid") != _split_digest(out, "test")
+  assert not config_checks.valid_is_test(out)
 
 
 def test_seeded_negatives_are_reproducible_and_seed_dependent(tmp_path):
@@ -557,3 +599,69 @@ def test_prepare_cli_reports_a_truncated_download_in_one_line(tmp_path):
   assert out.stderr.strip().splitlines()[-1] == (
       f"error: amazon: {path} ends before its gzip stream does (a truncated download?); delete "
       "it and rerun to download it again, or replace it with a complete copy")
+
+
+# ------------------------------------------------------------------- validation is never test
+
+
+def _valid_copied_from_test(source, directory, stats=None):
+  """A copy of the prepared `source` whose valid split is its test split (the references'
+  layout), as another tool would write it: its stats.json says nothing unless `stats`."""
+  schema = schema_lib.read_schema(source)
+  splits = {s: dict(schema_lib.load_split(source, s, schema)) for s in schema_lib.SPLITS}
+  splits["valid"] = splits["test"]
+  sizes = dict(schema.num_examples, valid=schema.size("test"))
+  schema = dataclasses.replace(schema,
+                               num_examples=tuple((s, sizes[s]) for s in schema_lib.SPLITS))
+  schema_lib.write_prepared(directory, schema, splits, extra_files={"stats.json": stats or {}})
+
+
+def _prepared_config(directory):
+  """Logistic regression for two steps on the prepared `directory` (T = 4)."""
+  config = books.get_config("protocol=din,model=lr")
+  config.data.source, config.data.prepared_dir, config.data.max_seq_len = "prepared", directory, 4
+  config.model.embed_dim, config.train.num_train_steps, config.train.batch_size = 4, 2, 16
+  config.train.eval_every_steps = config.checkpoint.every_steps = 2
+  config.eval.batch_size = 64
+  return config
+
+
+def test_selecting_on_a_validation_split_that_is_the_test_split_is_refused(tmp_path):
+  write_random(tmp_path / "raw")
+  held_out, copied = str(tmp_path / "held_out"), str(tmp_path / "copied")
+  amazon.prepare(data_config(tmp_path / "raw", protocol="din", max_seq_len=4), held_out)
+  _valid_copied_from_test(held_out, copied)
+  assert config_checks.valid_is_test(copied) and not config_checks.valid_is_test(held_out)
+  # The entry point (mian_jax.main runs exactly this) stops with one line, before training.
+  with pytest.raises(SystemExit) as stopped:
+    cli.run_or_exit(train.train_and_evaluate, _prepared_config(copied), str(tmp_path / "run"))
+  message = str(stopped.value.code)
+  assert message.startswith("error: the validation split is the test split in ") and (
+      "config.eval.report_step='best' would select on test; set eval.report_step=last" in message)
+  assert "\n" not in message and not (tmp_path / "run" / "checkpoints").exists()
+  config = _prepared_config(copied)
+  config.eval.report_step, config.train.early_stopping_patience = "last", 2
+  with pytest.raises(ConfigError, match="early_stopping_patience=2 would select on test"):
+    config_checks.check_validation_split(config, copied)
+  config.train.early_stopping_patience = 0
+  config_checks.check_validation_split(config, copied)  # nothing is chosen on valid
+  config_checks.check_validation_split(_prepared_config(held_out), held_out)
+  # A copy whose stats.json says so is refused without comparing files (valid is a subset).
+  flagged = str(tmp_path / "flagged")
+  _valid_copied_from_test(held_out, flagged, stats={"valid_is_test": True})
+  assert config_checks.valid_is_test(flagged)
+
+
+def _key_before_split_revisions(data_config):
+  """settings_key as it was while din and dien copied test into valid."""
+  settings = {k: v for k, v in data_config.to_dict().items() if k != "prepared_dir"}
+  settings["format_version"] = schema_lib.FORMAT_VERSION
+  return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def test_din_and_dien_caches_with_valid_copied_from_test_are_prepared_anew():
+  for protocol in amazon.PROTOCOLS:
+    for config in (books.get_config(f"protocol={protocol}").data,
+                   amazon_like_config.get_config(f"protocol={protocol}").data):
+      old = _key_before_split_revisions(config)
+      assert (data_lib.settings_key(config) == old) == (protocol == "mian"), protocol

@@ -282,8 +282,11 @@ def test_dien_protocol_through_the_source_registry():
   raw_dir = amazon_like.default_raw_dir(config.generator)
   assert raw_dir.startswith(data_lib.cache_root()) and os.path.isdir(raw_dir)
   splits = load_prepared(directory)
-  p = splits["test"]["extra.click_prob"]
-  assert np.all((p >= 0) & (p <= 1)) and p[0::2].mean() > p[1::2].mean()
+  for split in ("valid", "test"):  # valid: users held out as the test users are, not a copy
+    p = splits[split]["extra.click_prob"]
+    assert np.all((p >= 0) & (p <= 1)) and p[0::2].mean() > p[1::2].mean()
+  users = {s: set(splits[s]["group_id"].tolist()) for s in schema_lib.SPLITS}
+  assert users["valid"] and not users["valid"] & (users["test"] | users["train"])
 
 
 # ----------------------------------------------------------------------------- configs

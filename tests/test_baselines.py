@@ -9,11 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mian_jax import models, optim, sharding, steps
+from mian_jax import config_checks, models, optim, sharding, steps
 from mian_jax.data import synthetic
 from mian_jax.data.pipeline import gather_batch
-from mian_jax.models import layers
-from tests.helpers import tiny_config
+from mian_jax.errors import ConfigError
+from mian_jax.models import base, layers
+from mian_jax.models.dien import DIEN
+from mian_jax.models.din import candidate_query
+from tests.helpers import np_softmax, tiny_config
 
 BASELINES = ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")
 SEQUENCE_MODELS = ("din", "dien")
@@ -193,16 +196,9 @@ def test_cin_matches_eqs_6_and_9():
                              rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("use_dice", [False, True])
-def test_local_activation_unit_matches_din_eq_3(use_dice):
-  rng = np.random.default_rng(0)
-  q = rng.normal(size=(3, 4)).astype(np.float32)
-  k = rng.normal(size=(3, 5, 4)).astype(np.float32)
-  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
-  module = layers.LocalActivationUnit((6,), INIT, use_dice)
-  params = module.init(jax.random.PRNGKey(0), q, k, mask)["params"]
-  p = jax.tree.map(np.asarray, params)
-  qq = np.repeat(q[:, None], 5, 1)
+def _np_activation_unit(p, q, k, use_dice):
+  """DIN eq. 3's scores s_t = MLP([q; k_t; q - k_t; q * k_t]) with one hidden layer: [B, T]."""
+  qq = np.repeat(q[:, None], k.shape[1], 1)
   h = np.concatenate([qq, k, qq - k, qq * k], -1) @ p["mlp"]["Dense_0"]["kernel"]
   h = h + p["mlp"]["Dense_0"]["bias"]
   if use_dice:
@@ -213,10 +209,47 @@ def test_local_activation_unit_matches_din_eq_3(use_dice):
   else:
     slope = p["mlp"]["activation_0"]["negative_slope"]
     h = np.where(h >= 0, h, slope * h)
-  ref = (h @ p["score"]["kernel"])[..., 0] + p["score"]["bias"][0]
+  return (h @ p["score"]["kernel"])[..., 0] + p["score"]["bias"][0]
+
+
+@pytest.mark.parametrize("normalization", [None, "softmax", "scaled_softmax"])
+@pytest.mark.parametrize("use_dice", [False, True])
+def test_local_activation_unit_matches_din_eq_3(use_dice, normalization):
+  """None: the layer's default, the paper's un-normalised weights (what MIAN's ibim_score="din"
+  uses); the softmax variants are masked, the scaled one divides by sqrt(key width)."""
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(3, 4)).astype(np.float32)
+  k = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
+  kwargs = {} if normalization is None else {"normalization": normalization}
+  module = layers.LocalActivationUnit((6,), INIT, use_dice, **kwargs)
+  params = module.init(jax.random.PRNGKey(0), q, k, mask)["params"]
+  scores = _np_activation_unit(jax.tree.map(np.asarray, params), q, k, use_dice)
+  ref = {None: np.where(mask, scores, 0), "softmax": np_softmax(scores, mask),
+         "scaled_softmax": np_softmax(scores / 2.0, mask)}[normalization]  # sqrt(4) = 2
   out = np.asarray(module.apply({"params": params}, q, k, mask))
-  np.testing.assert_allclose(out, np.where(mask, ref, 0), rtol=1e-4, atol=1e-5)
-  assert not np.allclose(out[1].sum(), 1.0)  # not softmax-normalised
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out[~mask], 0)  # padding and the empty history (row 2)
+  if normalization is None:
+    assert not np.allclose(out[1].sum(), 1.0)  # not softmax-normalised
+  else:
+    np.testing.assert_allclose(out.sum(-1), [1, 1, 0], atol=1e-6)
+  k2 = np.where(mask[..., None], k, rng.normal(size=k.shape)).astype(np.float32)
+  np.testing.assert_allclose(module.apply({"params": params}, q, k2, mask), out, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["none", "softmax", "scaled_softmax"])
+def test_local_activation_unit_gradient_is_finite_for_an_empty_history(normalization):
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(2, 4)).astype(np.float32)
+  k = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 0], [0, 0, 0]], bool)
+  module = layers.LocalActivationUnit((6,), INIT, normalization=normalization)
+  params = module.init(jax.random.PRNGKey(0), q, k, mask)["params"]
+  loss = lambda p, q: jnp.sum(module.apply({"params": p}, q, k, mask) ** 2)  # noqa: E731
+  grads = jax.grad(loss, argnums=(0, 1))(params, q)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  np.testing.assert_array_equal(grads[1][1], 0)  # the empty row's query gets no gradient
 
 
 def _np_gru(x, mask, p, attention=None):
@@ -293,3 +326,187 @@ def test_dien_runs_its_grus_from_the_oldest_to_the_newest_behaviour():
   run = lambda x: np.asarray(gru.apply({"params": params["interest_extractor"]}, x, mask)[0])  # noqa: E731
   np.testing.assert_allclose(states, run(behaviours("oldest_first")), rtol=1e-5, atol=1e-6)
   assert not np.allclose(states, run(behaviours("newest_first")), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- DIN/DIEN options
+# model.baseline_inputs ("reference" | "paper") and model.din_attention_norm.
+
+PAPER = {"model.baseline_inputs": "paper", "model.din_attention_norm": "none"}
+
+
+class _DINBeforeTheSwitches(base.DeepModel):
+  """DIN as it was before `baseline_inputs` and `din_attention_norm`, verbatim."""
+  attention_mlp_dims: tuple[int, ...] = (36,)
+  use_dice: bool = False
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    kernel_init = self.kernel_init()
+    e = self.embed(batch)
+    keys = layers.flatten_fields(e.hist)
+    query = candidate_query(self.features, e.item)
+    weights = layers.LocalActivationUnit(self.attention_mlp_dims, kernel_init, self.use_dice,
+                                         name="activation_unit")(query, keys, e.mask)
+    interest = jnp.einsum("bt,btd->bd", weights, keys)
+    parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
+    parts += [interest, layers.flatten_fields(e.item)]
+    parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
+    h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
+                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
+                                                           deterministic=not train)
+    logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
+    return logits.astype(jnp.float32), {"attention": {"din": weights},
+                                        "embedding_sq_norm": e.sq_norm}
+
+
+class _DIENBeforeTheSwitches(DIEN):
+  """DIEN's forward pass (evaluation) as it was before `baseline_inputs`, verbatim."""
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool):
+    f = self.features
+    kernel_init = self.kernel_init()
+    batch = {**batch, "hist": {k: layers.reverse_valid(v, batch["hist_len"])
+                               for k, v in batch["hist"].items()}}
+    e = self.embed(batch)
+    behaviours = layers.flatten_fields(e.hist)
+    states, _ = layers.GRU(self.gru_dim, kernel_init, unroll=not train,
+                           name="interest_extractor")(behaviours, e.mask)
+    e_a = candidate_query(f, e.item)
+    w = self.param("attention_kernel", kernel_init, (self.gru_dim, e_a.shape[-1]))
+    attention = layers.masked_softmax(jnp.einsum("bth,hd,bd->bt", states, w, e_a), e.mask)
+    _, interest = layers.GRU(self.gru_dim, kernel_init, unroll=not train,
+                             name="interest_evolving")(states, e.mask, attention)
+    parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
+    parts += [layers.flatten_fields(e.item), interest]
+    parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
+    h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
+                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
+                                                           deterministic=not train)
+    logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
+    if self.use_aux_loss and self.is_initializing():
+      self._aux_loss(batch, states, behaviours, e.mask, kernel_init, train)
+    return logits.astype(jnp.float32), {}
+
+
+def test_the_defaults_are_the_authors_code():
+  model, *_ = _setup("din")
+  assert (model.baseline_inputs, model.din_attention_norm) == ("reference", "scaled_softmax")
+  assert _setup("dien")[0].baseline_inputs == "reference"
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_paper_inputs_are_bit_identical_to_the_model_before_the_switches(name):
+  model, params, batch, _, _ = _setup(name, **PAPER)
+  old_cls = {"din": _DINBeforeTheSwitches, "dien": _DIENBeforeTheSwitches}[name]
+  kwargs = {k: getattr(model, k) for k in ("embed_dim", "mlp_dims", "dropout_rate",
+                                            "dropout_rng", "init_std", "dense_init",
+                                            "numeric_embedding", "use_dice")}
+  extra = ({"attention_mlp_dims": model.attention_mlp_dims} if name == "din" else
+           {k: getattr(model, k) for k in ("gru_dim", "use_aux_loss", "aux_mlp_dims")})
+  old = old_cls(features=model.features, **kwargs, **extra)
+  old_params = old.init(jax.random.PRNGKey(0), batch, train=False)["params"]
+  assert jax.tree.structure(old_params) == jax.tree.structure(params)  # checkpoints restore
+  jax.tree.map(np.testing.assert_array_equal, old_params, params)  # the same initialisation
+  new_logits = _apply(model, params, batch)[0]
+  old_logits = jax.device_get(jax.jit(lambda p, b: old.apply({"params": p}, b, train=False)[0])(
+      params, batch))
+  np.testing.assert_array_equal(new_logits, old_logits)
+
+
+def _mlp_input_and_embeddings(model, params, batch):
+  """The final MLP's input [B, width], the FieldEmbeddings and (DIEN) h'_T, captured."""
+  seen = {}
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = context.module.scope.path
+    if context.method_name == "__call__" and path in (("mlp",), ("embedding",),
+                                                      ("interest_evolving",)):
+      seen[path[0]] = args[0] if path == ("mlp",) else out
+    return out
+
+  with nn.intercept_methods(capture):
+    _, aux = model.apply({"params": params}, batch, train=False)
+  return seen, aux
+
+
+@pytest.mark.parametrize("inputs", ["reference", "paper"])
+def test_din_mlp_reads_the_interest_times_the_candidate(inputs):
+  """The MLP input against NumPy: [e_u; v_U; e_i; e_c] (+ v_U * q), v_U = sum_t a_t e_b^t."""
+  model, params, batch, schema, _ = _setup("din", **{"model.baseline_inputs": inputs})
+  seen, aux = _mlp_input_and_embeddings(model, params, batch)
+  e = jax.tree.map(np.asarray, seen["embedding"])
+  flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+  f = schema.features
+  names = [x.name for x in f.item_fields]
+  q = flat(e.item[:, [names.index(n) for n in f.behavior_fields]])
+  keys = e.hist.reshape(*e.hist.shape[:2], -1)  # [B, T, d_b]
+  interest = np.einsum("bt,btd->bd", np.asarray(aux["attention"]["din"]), keys)
+  expected = [flat(e.user), interest, flat(e.item), flat(e.context)]
+  if inputs == "reference":
+    expected.append(interest * q)
+  np.testing.assert_allclose(seen["mlp"], np.concatenate(expected, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inputs", ["reference", "paper"])
+def test_dien_mlp_reads_the_history_sum_and_its_product_with_the_candidate(inputs):
+  """The MLP input against NumPy: [e_u; e_i; h'_T; e_c] (+ s; s * e_a), s = sum of valid e_b^t."""
+  model, params, batch, schema, _ = _setup("dien", **{"model.baseline_inputs": inputs})
+  seen, _ = _mlp_input_and_embeddings(model, params, batch)
+  e = jax.tree.map(np.asarray, seen["embedding"])
+  flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+  f = schema.features
+  names = [x.name for x in f.item_fields]
+  e_a = flat(e.item[:, [names.index(n) for n in f.behavior_fields]])
+  valid = np.arange(f.max_seq_len)[None] < np.asarray(batch["hist_len"])[:, None]
+  history_sum = (e.hist.reshape(*e.hist.shape[:2], -1) * valid[..., None]).sum(1)
+  final_state = np.asarray(seen["interest_evolving"][1])
+  expected = [flat(e.user), flat(e.item), final_state, flat(e.context)]
+  if inputs == "reference":
+    expected += [history_sum, history_sum * e_a]
+  np.testing.assert_allclose(seen["mlp"], np.concatenate(expected, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["none", "softmax", "scaled_softmax"])
+@pytest.mark.parametrize("inputs", ["reference", "paper"])
+def test_din_options_padding_invariance_and_normalised_weights(inputs, norm):
+  overrides = {"model.baseline_inputs": inputs, "model.din_attention_norm": norm}
+  model, params, batch, schema, _ = _setup("din", **overrides)
+  rng = np.random.default_rng(0)
+  noisy = jax.tree.map(np.copy, batch)
+  pad = np.arange(schema.features.max_seq_len)[None] >= batch["hist_len"][:, None]
+  for field, ids in noisy["hist"].items():
+    ids[pad] = rng.integers(2, schema.features.item_field(field).vocab_size, size=pad.sum())
+  a, a_aux = _apply(model, params, batch)
+  b, b_aux = _apply(model, params, noisy)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  weights = a_aux["attention"]["din"]
+  np.testing.assert_allclose(b_aux["attention"]["din"], weights, atol=1e-6)
+  assert (weights[pad] == 0).all()
+  if norm != "none":
+    np.testing.assert_allclose(weights.sum(-1), batch["hist_len"] > 0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.din_attention_norm": "none"}, {"model.din_attention_norm": "softmax"}, {}, PAPER])
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_an_empty_history_gives_finite_outputs_and_gradients(name, overrides):
+  model, params, batch, _, _ = _setup(name, **overrides)
+  batch = dict(batch, hist_len=np.where(np.arange(12) < 4, 0, batch["hist_len"]))
+  logits, aux = _apply(model, params, batch)
+  assert np.isfinite(logits).all()
+  (weights,) = aux["attention"].values()
+  np.testing.assert_array_equal(weights[:4], 0)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(
+      {"params": p}, batch, train=True, rngs={"dropout": jax.random.PRNGKey(0)})[0])))(params)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("key", ["model.baseline_inputs", "model.din_attention_norm"])
+def test_a_bad_option_is_a_one_line_config_error(key):
+  config = tiny_config(**{"model.name": "din", key: "softmx"})
+  with pytest.raises(ConfigError, match=rf"^config\.{key}='softmx' is not one of \("):
+    config_checks.check_config(config)
+  with pytest.raises(ConfigError, match=rf"^config\.{key}='softmx'"):
+    models.create_model(config.model, _setup("din")[3].features)

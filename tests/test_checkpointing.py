@@ -176,6 +176,74 @@ def test_a_restored_non_finite_state_is_damaged(tmp_path):
   manager.close()
 
 
+def _wide_state(rows: int, step: int = 0) -> TrainState:
+  """A model with one embedding table of `rows` rows (path ends `embed_item_id/embedding`)."""
+  table = jax.random.normal(jax.random.PRNGKey(rows), (rows, 4))
+  params = {"embedding": {"embed_item_id": {"embedding": table}}}
+  return TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3)).replace(step=step)
+
+
+def _tree(workdir):
+  """{relative path: (size, mtime_ns)} of every file under `workdir`."""
+  return {os.path.relpath(os.path.join(root, n), workdir):
+          (os.stat(os.path.join(root, n)).st_size, os.stat(os.path.join(root, n)).st_mtime_ns)
+          for root, _, names in os.walk(workdir) for n in names}
+
+
+def test_another_runs_checkpoint_is_a_one_line_error_and_nothing_moves(tmp_path):
+  """Issue 23, 1: a vocabulary that grew (402 -> 1002 rows) failed orbax's restore, was taken
+  for damage, and the good checkpoints went to checkpoints_damaged/."""
+  workdir = str(tmp_path)
+  manager = _manager(workdir)
+  for step in (1, 2):
+    checkpointing.save(manager, _wide_state(402, step),
+                       {"step": step, "data_checksum": "a" * 64, "schema_fingerprint": "f1"})
+  checkpointing.finalize(manager)
+  before = _tree(workdir)
+  for step in (None, 2):  # resume order, and an explicit step
+    with pytest.raises(checkpointing.OtherRunError) as raised:
+      checkpointing.restore(manager, _wide_state(1002), step=step, workdir=workdir)
+    message = str(raised.value)
+    assert "\n" not in message and "nothing was moved" in message
+    assert "table item_id has 1002 rows for this data, 402 in the checkpoint" in message
+  assert _tree(workdir) == before and manager.all_steps() == [1, 2]
+  # Same shapes, other data: the meta's checksum stops it before any array is read, so even a
+  # step whose arrays are unreadable (no checksum file to tell) is not taken for damage.
+  os.remove(os.path.join(_step_dir(workdir, 2), checkpointing.CHECKSUM_FILE))
+  for root, _, names in os.walk(_step_dir(workdir, 2)):
+    for name in names:
+      if os.path.basename(root) == "d":  # orbax's array data
+        os.truncate(os.path.join(root, name), 10)
+  before = _tree(workdir)
+  with pytest.raises(checkpointing.OtherRunError,
+                     match=r"trained on other data \(data checksum bbbbbbbbbbbb for this data, "
+                           r"aaaaaaaaaaaa in the checkpoint\)"):
+    checkpointing.restore(manager, _wide_state(402), workdir=workdir,
+                          identity={"data_checksum": "b" * 64, "schema_fingerprint": "f1"})
+  assert _tree(workdir) == before
+  # The same data: that step is damaged after all, set aside, and step 1 restores.
+  _, meta = checkpointing.restore(manager, _wide_state(402), workdir=workdir,
+                                  identity={"data_checksum": "a" * 64})
+  assert meta["step"] == 1 and manager.all_steps() == [1]
+  assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))[0].startswith("2-")
+  manager.close()
+
+
+def test_other_run_differences_name_parameters_first_then_the_data():
+  here = {"params/a/embed_item_id/embedding": (10, 4), "params/b/kernel": (3, 2),
+          "opt_state/0/mu/a/embed_item_id/embedding": (10, 4), "step": ()}
+  saved = {"params/a/embed_item_id/embedding": (8, 4), "params/c/kernel": (3, 2),
+           "opt_state/0/mu/a/embed_item_id/embedding": (8, 4), "step": ()}
+  assert checkpointing.other_run_differences(
+      {"data_checksum": "x" * 64}, {"data_checksum": "y" * 64, "schema_fingerprint": "f"},
+      here, saved) == [
+          "table item_id has 10 rows for this data, 8 in the checkpoint",
+          "the checkpoint has no params/b/kernel",
+          "the checkpoint has params/c/kernel, this model has not",
+          "data checksum yyyyyyyyyyyy for this data, xxxxxxxxxxxx in the checkpoint"]
+  assert checkpointing.other_run_differences({}, {"data_checksum": None}, here, here) == []
+
+
 def test_rotation_leaves_no_orphan_checksum_files(tmp_path):
   workdir = str(tmp_path)
   _save_steps(workdir, [1, 2, 3, 4, 5], max_to_keep=2)

@@ -177,3 +177,97 @@ def test_jax_backend_probes_are_not_logged():
   assert "Unable to initialize backend" not in result.stderr
   assert "CUDA backend failed to initialize" in result.stderr
   assert "Initializing something else" in result.stderr
+
+
+# ------------------------------------------------------------- issue 23: faults a user meets
+
+@pytest.mark.parametrize("workdir, state", [("empty", "holds no config.json"),
+                                            ("missing", "does not exist")])
+def test_evaluate_on_a_workdir_without_a_run_says_so(tmp_path, workdir, state):
+  (tmp_path / "empty").mkdir()
+  result = run("mian_jax.evaluate", f"--workdir={tmp_path / workdir}", tmp_path=tmp_path,
+               config=None)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+      f"error: no run in {tmp_path / workdir} (it {state}); pass the --workdir of a training "
+      "run (python -m mian_jax.main --config=... --workdir=...)")
+
+
+def test_a_config_file_with_a_syntax_error_is_named_with_its_line(tmp_path):
+  (tmp_path / "broken.py").write_text("from mian_jax import config_defaults\n\n\n"
+                                      "def get_config(arg=None):\n  return (\n")
+  result = run("mian_jax.main", f"--workdir={tmp_path / 'run'}", tmp_path=tmp_path,
+               config=f"{tmp_path / 'broken.py'}:model=din")
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f"error: {tmp_path / 'broken.py'} line 5: SyntaxError: '(' "
+                                   "was never closed")
+
+
+def test_books_offline_is_one_short_line_and_leaves_no_workdir(tmp_path):
+  """No network (a proxy on a closed port): the two files to fetch by hand, each said once."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+  env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"), http_proxy=proxy,
+             HTTP_PROXY=proxy, no_proxy="", NO_PROXY="")
+  result = subprocess.run([sys.executable, "-m", "mian_jax.main", "--config=configs/books.py",
+                           f"--workdir={tmp_path / 'books'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if "cannot download" in line]
+  assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1]
+  source = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+  hand = "; ".join(f"{source}/{name} -> {tmp_path}/cache/raw/amazon/{name}"
+                   for name in ("reviews_Books_5.json.gz", "meta_Books.json.gz"))
+  assert re.fullmatch(r"error: cannot download 2 files \([^()]*\); without network access fetch "
+                      rf"them by hand and rerun: {re.escape(hand)}", errors[0]), errors[0]
+  assert not (tmp_path / "books").exists()
+
+
+def _mount(*args):
+  """Runs mount(8); skips the test where this process may not mount (not root)."""
+  if os.geteuid() != 0:
+    pytest.skip("mounting a small or read-only file system needs root")
+  done = subprocess.run(["mount", *args], capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_save_is_said_once(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  _mount("-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk))
+  try:
+    result = run("mian_jax.main", f"--workdir={disk / 'run'}", *TINY,
+                 "--config.train.num_train_steps=64", tmp_path=tmp_path)
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  lines = [line for line in result.stderr.splitlines() if "No space left" in line]
+  assert lines == [result.stderr.strip().splitlines()[-1]], result.stderr[-3000:]
+  assert lines[0].startswith("error: disk full: ")
+
+
+@pytest.mark.slow
+def test_a_read_only_workdir_is_one_line_for_evaluate_and_train(tmp_path):
+  trained = run("mian_jax.main", f"--workdir={tmp_path / 'run'}", *TINY,
+                "--config.train.num_train_steps=4", tmp_path=tmp_path)
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  view = tmp_path / "read_only"
+  view.mkdir()
+  _mount("--bind", str(tmp_path / "run"), str(view))
+  try:
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+    results = [run("mian_jax.evaluate", f"--workdir={view}", tmp_path=tmp_path, config=None),
+               run("mian_jax.main", f"--workdir={view}", "--config.train.num_train_steps=8",
+                   tmp_path=tmp_path, config=None)]
+  finally:
+    subprocess.run(["umount", "-l", str(view)], check=True)
+  for result in results:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: cannot write {view}/\S+: read-only file system; use a "
+                        r"writable --workdir \(or --output\)", last), last

@@ -1,6 +1,7 @@
 """Configs: the repository's keep their values, a user's builds on mian_jax.config_defaults from
 any folder, and --show_config finds each key's comment in the sources."""
 
+import glob
 import importlib
 import json
 import os
@@ -11,9 +12,10 @@ import textwrap
 
 import pytest
 
+from launch import ablations, runner
 from mian_jax import cli, config_checks, config_defaults, models
 from mian_jax.errors import ConfigError
-from tests.helpers import REPO
+from tests.helpers import REPO, markdown_rows
 
 # Every key's repr, per config and argument, recorded from configs/*.py before the defaults
 # moved from configs/common.py to mian_jax/config_defaults.py. A change of a default that is
@@ -181,6 +183,70 @@ def test_a_model_built_without_config_checks_refuses_a_bad_choice():
     models.create_model(config.model, features=None)
   config.model.sequence_pooling, config.model.transformer = "sum", "postln"
   models.create_model(config.model, features=None)  # deepfm has no Transformer
+
+
+CONFIG_MODULES = sorted(os.path.basename(path).removesuffix(".py")
+                        for path in glob.glob(os.path.join(REPO, "configs", "[!_]*.py")))
+
+
+def default_value(path: str):
+  """The default config's value of "group.key"."""
+  group, key = path.split(".")
+  return config_defaults.get_base_config()[group][key]
+
+
+def departures_table() -> list[list[str]]:
+  """The rows of docs/model.md's table "Departures from the text"."""
+  with open(os.path.join(REPO, "docs", "model.md")) as f:
+    text = f.read()
+  section = text.split("\n## Departures from the text\n", 1)[1]
+  table = section[section.index("\n|"):].split("\n\n", 1)[0]  # its first table
+  return markdown_rows(table)
+
+
+@pytest.mark.parametrize("name", CONFIG_MODULES)
+def test_the_literal_reading_changes_exactly_the_listed_departures(name, monkeypatch):
+  """reading=paper_literal sets every key of PAPER_LITERAL to its listed value, each different
+  from the default, and changes nothing else, in every repository config."""
+  monkeypatch.delenv("MIAN_JAX_MOVIELENS_DIR", raising=False)
+  module = importlib.import_module(f"configs.{name}")
+  default = flat_reprs(module.get_config().to_dict())
+  literal = flat_reprs(module.get_config("reading=paper_literal").to_dict())
+  assert literal == {**default, **{k: repr(v) for k, v in config_defaults.PAPER_LITERAL.items()}}
+  assert {k for k in default if default[k] != literal[k]} == set(config_defaults.PAPER_LITERAL)
+
+
+def test_docs_list_exactly_the_departures_with_their_default_and_literal_values():
+  """docs/model.md's table has one row per key of PAPER_LITERAL, in its order, naming the
+  default and the literal value as the config has them, so the two cannot drift."""
+  rows = departures_table()
+  assert [row[0] for row in rows] == [f"`{k}`" for k in config_defaults.PAPER_LITERAL]
+  for row in rows:
+    key = row[0].strip("`")
+    assert row[1:3] == [f"`{default_value(key)}`", f"`{config_defaults.PAPER_LITERAL[key]}`"], row
+
+
+def test_each_literal_ablation_variant_puts_back_one_default(monkeypatch):
+  """launch/ablations.py: "paper literal" is reading=paper_literal as --config.* flags (train.*
+  keys included), and "paper literal + <key>=<default>" differs from it in that key only."""
+  monkeypatch.chdir(REPO)
+  resolve = lambda name: flat_reprs(  # noqa: E731
+      runner.resolve_config("configs/synthetic.py", ablations.VARIANTS[name]))
+  literal = resolve("paper literal")
+  config = importlib.import_module("configs.synthetic").get_config("reading=paper_literal")
+  assert literal == flat_reprs(json.loads(json.dumps(config.to_dict())))  # tuples as lists
+  for path in config_defaults.PAPER_LITERAL:
+    name = f"paper literal + {path.split('.')[-1]}={default_value(path)}"
+    assert resolve(name) == {**literal, path: repr(default_value(path))}, name
+
+
+def test_ablation_variants_split_on_commas_and_name_an_unknown_one():
+  assert not [name for name in ablations.VARIANTS if "," in name]
+  assert ablations.parse_variants("paper literal, paper literal + l2_scope=batch_embeddings") == [
+      "paper literal", "paper literal + l2_scope=batch_embeddings"]
+  with pytest.raises(runner.LaunchError, match=r"^unknown variants \['paper literl'\]; choose "
+                                               r"from \[[^\n]*\]$"):
+    ablations.parse_variants("mian,paper literl")
 
 
 if __name__ == "__main__":  # records the values anew: python -m tests.test_configs

@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
         tiny_config(**{"model.name": "lr", "train.num_train_steps": 4}), workdir)
   done = subprocess.run([sys.executable, "-m", "mian_jax.export", f"--workdir={workdir}",
                          f"--out={out}"], cwd=REPO, env=dict(os.environ, MIAN_JAX_CACHE=cache),
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, umask=0o022)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"exported lr step 4 to {out} for cpu" in done.stdout
   return workdir, out, results
@@ -346,3 +346,34 @@ def test_the_loaders_encoders_compute_what_the_data_package_computes():
     np.testing.assert_array_equal(ours, theirs, err_msg=str(encoder))
   with pytest.raises(ValueError, match="is not a number"):
     serving._apply_encoder({"kind": "calendar", "unit": "hour", "of": "s"}, ["noon"])
+
+
+# ------------------------------------------------ the manifest covers every file; modes
+
+def test_the_manifest_covers_every_file_and_the_directory_is_readable_by_all(trained,
+                                                                            tmp_path):
+  """The command's export (run under umask 022): 0755 directories, 0644 files; every file but
+  the manifest has its SHA-256 there, so an edit to signature.json, schema.json or vocab/, a
+  deleted file or an added one is a one-line error naming the file."""
+  _, out, _ = trained
+  for root, _, files in os.walk(out):
+    assert os.stat(root).st_mode & 0o777 == 0o755, root
+    for name in files:
+      assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o644, name
+  listed = _read(out, "manifest.json")["sha256"]
+  assert sorted(listed) == serving.export_files(out) and "signature.json" in listed
+  assert "manifest.json" not in listed
+  for change, message in [
+      (lambda d: (d / "schema.json").write_text((d / "schema.json").read_text() + " "),
+       "schema.json differs from the checksum in manifest.json"),
+      (lambda d: (d / "signature.json").unlink(), "signature.json is missing"),
+      (lambda d: (d / "vocab").mkdir(exist_ok=True) or
+       (d / "vocab" / "lookup.item.x.json").write_text("{}"),
+       "lookup.item.x.json is not covered by the checksums in manifest.json")]:
+    copy = tmp_path / f"copy{len(os.listdir(tmp_path))}"
+    subprocess.run(["cp", "-r", out, str(copy)], check=True)
+    serving.Scorer.load(str(copy))
+    change(copy)
+    with pytest.raises(ValueError, match=message) as error:
+      serving.Scorer.load(str(copy))
+    assert "\n" not in str(error.value) and str(copy) in str(error.value)

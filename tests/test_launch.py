@@ -1,13 +1,21 @@
-"""launch/: a real tiny grid sweep (selection, reuse, a changed config), and the summaries."""
+"""launch/: the search spaces, the search (faked runs in-process; real tiny ones, killed,
+shared by two workers, interrupted, marked slow), runs' reuse and the summaries."""
 
+import glob
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from launch import ablations, runner, sweep
+from launch import ablations, runner, search_spaces, sweep
+from mian_jax.errors import ConfigError
 from tests.helpers import REPO, TINY, markdown_rows
 
 # The tiny config as overrides, validated every 2 of 6 steps.
@@ -15,81 +23,324 @@ SWEEP_TINY = [f for f in TINY if not f.startswith("--config.train.eval_every_ste
     "--config.train.num_train_steps=6", "--config.train.eval_every_steps=2"]
 
 
-def test_a_sweep_selects_on_validation_reuses_its_runs_and_refuses_a_changed_config(
+# ----------------------------------------------------------------------------- the search space
+
+
+def test_every_models_space_is_declared_valid_and_holds_the_reference_mlp_sizes():
+  from mian_jax.models import MODELS
+  for model in MODELS:
+    space = search_spaces.declared(model)  # raises for a field or a choice the model lacks
+    assert "train.learning_rate" in space and "train.l2_weight" in space
+  assert (200, 80) in search_spaces.declared("din")["model.mlp_dims"].values
+  assert (1024, 512, 256) in search_spaces.declared("wide_deep")["model.mlp_dims"].values
+  assert 0.0 in search_spaces.COMMON["train.l2_weight"].values
+  assert "model.embed_dim" not in search_spaces.declared("lr")  # LR has no embeddings
+
+
+def test_a_space_holds_the_configs_own_values_and_leaves_pinned_keys_alone():
+  defaults = {"train.learning_rate": 0.05, "model.embed_dim": 12, "model.mlp_dims": [32, 8],
+              "model.dropout_rate": 0.2, "train.l2_weight": 1e-3, "train.num_epochs": 1.0,
+              "train.num_train_steps": -1, "model.cross_layers": 3,
+              "model.sequence_pooling": "mean"}
+  space = search_spaces.space_for("dcn", defaults, pinned={"model.dropout_rate"})
+  assert "model.dropout_rate" not in space
+  assert space["train.learning_rate"] == search_spaces.LogFloat(1e-4, 0.05)
+  assert space["model.embed_dim"].values == (8, 16, 32, 12)
+  params = search_spaces.default_params(space, defaults)
+  assert params["model.mlp_dims"] == "(32,8)"
+  assert search_spaces.overrides({"model.mlp_dims": "(36,)", "train.l2_weight": 0.0}) == [
+      "--config.model.mlp_dims=(36,)", "--config.train.l2_weight=0.0"]
+  capped = search_spaces.space_for("dcn", {**defaults, "train.num_train_steps": 6}, set())
+  assert "train.num_epochs" not in capped  # a step cap makes epochs inert
+
+
+def test_the_docs_show_the_declared_spaces():
+  with open(os.path.join(REPO, "docs", "experiments.md")) as f:
+    docs = f.read()
+  assert search_spaces.markdown_table() in docs
+
+
+def test_grid_parsing():
+  grid = search_spaces.parse_grid("train.learning_rate=1e-3,3e-3; model.mlp_dims=(8,4),(16,8)")
+  assert grid["model.mlp_dims"].values == ("(8,4)", "(16,8)")
+  assert search_spaces.grid_size(grid) == 4
+  with pytest.raises(ConfigError, match="appears twice"):
+    search_spaces.parse_grid("a.b=1;a.b=2")
+
+
+def test_planning_adds_no_test_and_patience_and_refuses_a_key_set_twice(monkeypatch):
+  monkeypatch.chdir(REPO)
+  (entry,) = sweep.plan(["din"], "configs/synthetic.py", ["--config.model.embed_dim=4"])
+  assert "--config.eval.final_test=False" in entry.overrides
+  assert "--config.train.early_stopping_patience=3" in entry.overrides
+  assert "model.embed_dim" not in entry.space and "model.din_attention_norm" in entry.space
+  assert entry.defaults["model.mlp_dims"] == "(32,8)"
+  with pytest.raises(runner.LaunchError, match="model.name is set by both 'lr' and the grid"):
+    sweep.plan(["lr"], "configs/synthetic.py", [], grid="model.name=din")
+  with pytest.raises(runner.LaunchError, match="never evaluates test"):
+    sweep.plan(["lr"], "configs/synthetic.py", ["--config.eval.final_test=True"])
+  assert sweep.entry_names("mian,lr", "w/o GIM,mian") == ["mian", "lr", "w/o GIM"]
+
+
+def test_welch_interval_by_hand():
+  low, high = sweep.welch_interval([0.80, 0.82, 0.84], [0.70, 0.71])
+  # difference 0.115; variances 4e-4 and 5e-5 over 3 and 2 seeds (Welch-Satterthwaite df)
+  se = np.sqrt(4e-4 / 3 + 5e-5 / 2)
+  df = se ** 4 / ((4e-4 / 3) ** 2 / 2 + (5e-5 / 2) ** 2)
+  from scipy import stats
+  half = stats.t.ppf(0.975, df) * se
+  assert (low, high) == pytest.approx((0.115 - half, 0.115 + half))
+  assert np.isnan(sweep.welch_interval([0.8], [0.7, 0.71])[0])
+
+
+# ----------------------------------------------------------------------------- the search, faked
+
+
+class FakeRuns:
+  """Stands in for runner.launch: `mian_jax.main` writes a validation curve whose AUC is a known
+  function of the learning rate and the seed (asking should_stop after each validation),
+  `mian_jax.evaluate` writes test metrics. Records every command."""
+
+  def __init__(self):
+    self.commands = []
+
+  @staticmethod
+  def auc(flags, seed, step):
+    lr = float(flags.get("train.learning_rate", 2e-3))
+    return 0.8 - 0.05 * abs(np.log10(lr) + 2.5) + 0.01 * seed + 0.001 * step
+
+  def __call__(self, command, log_path, label="", should_stop=None, poll_s=2.0):
+    self.commands.append(command)
+    flags = dict(a[len("--"):].split("=", 1) for a in command[3:] if "=" in a)
+    workdir = flags["workdir"]
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    if command[2] == "mian_jax.evaluate":
+      with open(os.path.join(workdir, "eval", "valid_metrics.json")) as f:
+        valid = json.load(f)
+      result = {"auc": valid["auc"] - 0.05, "logloss": 0.5, "gauc": 0.6, "oracle_auc": 0.9,
+                "step": valid["step"]}
+      with open(os.path.join(workdir, "eval", f"test_metrics_step{valid['step']}.json"),
+                "w") as f:
+        json.dump(result, f)
+      return 0
+    assert flags["config.eval.final_test"] == "False"
+    config = {k[len("config."):]: v for k, v in flags.items() if k.startswith("config.")}
+    seed = int(config["train.seed"])
+    os.makedirs(os.path.join(workdir, "metrics"), exist_ok=True)
+    for step in (2, 4, 6):
+      with open(os.path.join(workdir, "metrics", "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "valid/auc": self.auc(config, seed, step)}) + "\n")
+      if should_stop is not None and should_stop():
+        return 143
+    with open(os.path.join(workdir, "eval", "valid_metrics.json"), "w") as f:
+      json.dump({"auc": self.auc(config, seed, 6), "step": 6, "selected": "best"}, f)
+    return 0
+
+  def trained(self):
+    return [c for c in self.commands if c[2] == "mian_jax.main"]
+
+
+def sweep_argv(out, *more):
+  return ["--config=configs/synthetic.py", "--models=lr,wide_deep", "--seeds=0,1",
+          f"--out={out}", *more, "--", *SWEEP_TINY]
+
+
+def test_a_faked_search_gives_every_model_n_trials_selects_on_validation_and_reads_test_once(
     tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(REPO)
+  fake = FakeRuns()
+  monkeypatch.setattr(runner, "launch", fake)
   out = tmp_path / "sweep"
-  argv = ["--config=configs/synthetic.py", "--models=lr", "--seeds=0,1",
-          "--grid=train.learning_rate=1e-3,3e-2", f"--out={out}", "--", *SWEEP_TINY]
-  sweep.main(argv)
+  summary = sweep.main(sweep_argv(out, "--trials=4"))
   printed = capsys.readouterr().out
-  assert "run 1/4 lr train.learning_rate=1e-3 seed 0: training" in printed
-  assert "run 4/4" in printed and "ETA" in printed
+  assert "ETA" in printed and "lr trial 0 seed 1: done in" in printed
+  trials = pd.read_csv(out / "trials.csv")
+  assert trials.groupby("model").size().to_dict() == {"lr": 4, "wide_deep": 4}
+  assert set(trials.state) == {"COMPLETE"}
+  first = trials[trials.number == 0]
+  assert set(first.origin) == {"defaults"} and set(first["train.learning_rate"]) == {0.002}
+  for model in ("lr", "wide_deep"):
+    mine = trials[trials.model == model]
+    best = mine.loc[mine.valid_auc_mean.idxmax()]
+    assert summary.loc[model, "best_trial"] == best.number
+    assert summary.loc[model, "valid_auc_mean"] == pytest.approx(best.valid_auc_mean)
+    assert summary.loc[model, "test_auc_mean"] == pytest.approx(best.valid_auc_mean - 0.05)
+  csv = pd.read_csv(out / "summary.csv", index_col="model")
+  assert {"trials", "valid_auc_mean", "valid_auc_std", "test_auc_mean", "test_auc_std", "seeds",
+          "oracle_auc", "delta_test_auc", "delta_ci_low", "delta_ci_high",
+          "train.learning_rate"} <= set(csv)
+  assert csv.trials.tolist() == [4, 4] and csv.seeds.tolist() == [2, 2]
+  assert csv.loc["lr", "delta_test_auc"] == 0  # no MIAN: relative to the first model
+  text = (out / "summary.md").read_text()
+  assert "Budget: 4 finished trials per model" in text and "each trial 2 seeds" in text
+  assert len(markdown_rows(text)) == 2 and (out / "summary.png").stat().st_size > 1000
+  evaluated = [c for c in fake.commands if c[2] == "mian_jax.evaluate"]
+  assert len(evaluated) == 4 and len(fake.trained()) == 16  # test: best trial x seeds only
 
-  results = pd.read_csv(out / "results.csv")
-  assert len(results) == 4
-  assert {"model", "train.learning_rate", "seed", "valid_auc", "test_auc", "test_logloss",
-          "test_gauc", "best_step", "oracle_auc"} <= set(results)
-  means = results.groupby(["model", "train.learning_rate"]).valid_auc.mean()
-  summary = pd.read_csv(out / "summary.csv", index_col="model")
-  rows = {row[0]: row for row in markdown_rows((out / "summary.md").read_text())}
-  assert set(rows) == {"lr"}  # several models: test_selection_uses_mean_validation_auc_...
-  for model in ("lr",):
-    best_lr = means[model].idxmax()
-    assert summary.loc[model, "train.learning_rate"] == best_lr
-    chosen = results[(results.model == model) & (results["train.learning_rate"] == best_lr)]
-    assert rows[model][2] == f"{chosen.valid_auc.mean():.4f} ± {chosen.valid_auc.std():.4f}"
-    assert rows[model][3] == f"{chosen.test_auc.mean():.4f} ± {chosen.test_auc.std():.4f}"
-  assert len(markdown_rows((out / "grid.md").read_text())) == 2
-  assert (out / "summary.png").stat().st_size > 1000
-  workdir = out / "lr" / "train.learning_rate=1e-3" / "seed0"
-  assert "mian_jax.main" in (workdir / "log.txt").read_text()
+  fake.commands.clear()
+  sweep.main(sweep_argv(out, "--trials=4"))
+  assert fake.commands == []  # every run and every test evaluation reused
+  sweep.main(sweep_argv(out, "--trials=5"))
+  assert len(fake.trained()) == 4  # one more trial per model, two seeds each
+  assert pd.read_csv(out / "trials.csv").groupby("model").size().tolist() == [5, 5]
 
-  def no_training(*args):
-    raise AssertionError("a finished run was trained again")
+  with pytest.raises(SystemExit, match="searched with another overrides"):
+    sweep.main(sweep_argv(out, "--trials=5") + ["--config.train.l2_weight=0.01"])
 
-  monkeypatch.setattr(runner, "launch", no_training)
-  sweep.main(argv)
-  assert capsys.readouterr().out.count("reused (finished, same config)") == 4
-  pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), results)
 
+def test_the_pruner_stops_a_trial_below_the_median_and_it_counts_as_finished(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  fake = FakeRuns()
+  monkeypatch.setattr(runner, "launch", fake)
+  out = tmp_path / "sweep"
+  sweep.main(["--config=configs/synthetic.py", "--models=lr", "--seeds=0,1", f"--out={out}",
+              "--trials=6", "--prune_startup=1", "--", *SWEEP_TINY])
+  trials = pd.read_csv(out / "trials.csv")
+  assert len(trials) == 6 and trials.state.isin(["COMPLETE", "PRUNED"]).all()
+  pruned = trials[trials.state == "PRUNED"]
+  assert len(pruned) >= 1 and pruned.valid_auc_seed0.isna().all()
+  best = trials.valid_auc_mean.max()
+  pruned_lrs = np.log10(pruned["train.learning_rate"])
+  assert (0.8 - 0.05 * abs(pruned_lrs + 2.5) < best).all()  # only worse settings were pruned
+
+
+def test_a_dead_workers_trial_and_an_interrupted_one_are_retried_with_the_same_parameters(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  fake = FakeRuns()
+  monkeypatch.setattr(runner, "launch", fake)
+  out = tmp_path / "sweep"
+  entries = sweep.plan(["lr"], "configs/synthetic.py", SWEEP_TINY)
+  work = sweep.Sweep(entries, "configs/synthetic.py", [0], str(out),
+                     sweep.open_storage("", str(out)), trials=2, echo=lambda line: None)
+  state, (study, trial, params) = work.claim(entries[0])
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+  state, (study, retry, retry_params) = work.claim(entries[0])
+  assert retry_params == params and retry.user_attrs["retry_of"] == trial.number
+  assert study.trials[trial.number].state.name == "FAIL"
+
+  def interrupted(*args, **kwargs):
+    raise runner.Interrupted("lr trial 1", 2)
+
+  monkeypatch.setattr(runner, "launch", interrupted)
   with pytest.raises(SystemExit) as stopped:
-    sweep.main(argv + ["--config.train.l2_weight=0.01"])
-  message = str(stopped.value)
-  assert "\n" not in message and message.startswith("error: ")
-  assert "train.l2_weight: 0.001 -> 0.01" in message and "--rerun_changed" in message
+    work.execute(entries[0], study, retry, retry_params)
+  assert stopped.value.code == 130
+  monkeypatch.setattr(runner, "launch", fake)
+  state, (study, again, again_params) = work.claim(entries[0])
+  assert again_params == params and again.user_attrs["retry_of"] == retry.number
+  work.execute(entries[0], study, again, again_params)
+  work.search()
+  done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+  assert len(done) == 2 and len({sweep.params_hash(t.params) for t in done}) == 2
 
 
-def test_selection_uses_mean_validation_auc_never_test():
-  frame = pd.DataFrame({
-      "model": ["mian"] * 4 + ["lr"] * 4, "lr": ["a", "a", "b", "b"] * 2, "seed": [0, 1] * 4,
-      # mian: point a has the best single validation run, b the best mean; test favours a.
-      "valid_auc": [0.90, 0.60, 0.80, 0.80, 0.70, 0.70, 0.60, 0.60],
-      "test_auc": [0.95, 0.95, 0.70, 0.72, 0.66, 0.68, 0.90, 0.90],
-      "test_logloss": [0.5] * 8, "test_gauc": [0.6] * 8, "oracle_auc": [0.99] * 8})
-  grid, summary = sweep.select(frame, ["lr"])
-  assert summary.loc["mian", "lr"] == "b" and summary.loc["lr", "lr"] == "a"
-  assert summary.loc["lr", "delta_test_auc"] == pytest.approx(0.67 - 0.71)
-  assert grid.selected.tolist() == [False, True, True, False]
-  assert markdown_rows(sweep.summary_markdown(summary, ["lr"], "t"))[0][:4] == [
-      "mian", "b", "0.8000 ± 0.0000", "0.7100 ± 0.0141"]
+# ----------------------------------------------------------------------------- real processes
 
 
-def test_grid_parsing_and_planning():
-  keys, points = sweep.parse_grid("train.learning_rate=1e-3,3e-3; model.mlp_dims=(8,4),(16,8)")
-  assert keys == ["train.learning_rate", "model.mlp_dims"]
-  assert points[1] == (("train.learning_rate", "1e-3"), ("model.mlp_dims", "(16,8)"))
-  runs = sweep.plan(["mian", "w/o IBIM"], points, [0, 1], "/o", ["--config.train.l2_weight=0"])
-  assert len(runs) == 16
-  assert runs[0].workdir == "/o/mian/train.learning_rate=1e-3,model.mlp_dims=(8,4)/seed0"
-  assert runs[-1].workdir.startswith("/o/w_o_IBIM/")
-  assert runs[0].flags() == ["--config.train.seed=0", "--config.model.name=mian",
-                             "--config.train.learning_rate=1e-3", "--config.model.mlp_dims=(8,4)",
-                             "--config.train.l2_weight=0"]
-  with pytest.raises(runner.LaunchError, match="model.name is set by both 'lr' and the grid"):
-    sweep.plan(["lr"], sweep.parse_grid("model.name=din")[1], [0], "/o", [])
-  with pytest.raises(runner.LaunchError, match="train.seed is set by both"):
-    sweep.plan(["lr"], [()], [0], "/o", ["--config.train.seed=3"])
+def start_sweep(out, *args, models="lr", seeds="0", more=()):
+  return subprocess.Popen(
+      [sys.executable, "-m", "launch.sweep", "--config=configs/synthetic.py",
+       f"--models={models}", f"--seeds={seeds}", f"--out={out}", *args, "--", *SWEEP_TINY,
+       *more], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout=300):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.2)
+
+
+def main_starts(workdir):
+  """How many times `mian_jax.main` was started in a workdir (its log's command lines)."""
+  with open(os.path.join(workdir, "log.txt")) as f:
+    return sum(line.startswith("# ") and "mian_jax.main" in line for line in f)
+
+
+@pytest.mark.slow
+def test_a_real_sweep_killed_and_rerun_finishes_n_trials_per_model_reusing_finished_runs(
+    tmp_path):
+  out = tmp_path / "sweep"
+  first = start_sweep(out, "--trials=2", models="lr,wide_deep", seeds="0,1")
+  wait_for(lambda: len(glob.glob(str(out / "*" / "*" / "seed*" / "eval" / "valid_metrics.json"))))
+  first.kill()  # SIGKILL: no handler runs; the child saves on its parent-death SIGTERM
+  first.communicate()
+  rerun = start_sweep(out, "--trials=2", models="lr,wide_deep", seeds="0,1")
+  stdout, stderr = rerun.communicate(timeout=900)
+  assert rerun.returncode == 0, stderr[-3000:]
+  assert "reused (finished, same config)" in stdout
+  assert "is gone; queued again" in stdout  # the killed worker's trial, retried
+  summary = pd.read_csv(out / "summary.csv", index_col="model")
+  assert {"trials", "valid_auc_mean", "valid_auc_std", "test_auc_mean", "test_auc_std",
+          "seeds"} <= set(summary)
+  assert summary.trials.to_dict() == {"lr": 2, "wide_deep": 2}
+  trials = pd.read_csv(out / "trials.csv")
+  done = trials[trials.state.isin(["COMPLETE", "PRUNED"])]
+  assert done.groupby("model").size().to_dict() == {"lr": 2, "wide_deep": 2}
+  for workdir in glob.glob(str(out / "*" / "*" / "seed*")):
+    assert main_starts(workdir) <= 2  # a run interrupted by the kill resumed once
+    assert not os.path.exists(os.path.join(workdir, "eval", "test_metrics.json"))
+  assert not glob.glob(str(out / "**" / "*.orbax-checkpoint-tmp*"), recursive=True)
+
+
+@pytest.mark.slow
+def test_two_workers_sharing_a_study_end_with_exactly_n_trials_and_train_no_run_twice(tmp_path):
+  out = tmp_path / "sweep"
+  storage = f"--storage={tmp_path / 'shared.log'}"
+  workers = [start_sweep(out, "--trials=3", storage) for _ in range(2)]
+  for worker in workers:
+    stdout, stderr = worker.communicate(timeout=900)
+    assert worker.returncode == 0, stderr[-3000:]
+    assert ": training" in stdout  # both took trials
+  trials = pd.read_csv(out / "trials.csv")
+  assert trials.state.isin(["COMPLETE", "PRUNED"]).sum() == 3
+  workdirs = glob.glob(str(out / "lr" / "*" / "seed0"))
+  assert len(workdirs) == 3 and all(main_starts(w) == 1 for w in workdirs)
+  assert pd.read_csv(out / "summary.csv", index_col="model").loc["lr", "trials"] == 3
+
+
+def one_line_interrupt(process, signum, workdir_glob):
+  """Sends `signum` to a launcher once its child has saved a checkpoint; returns (status,
+  stderr, the child's pid)."""
+  wait_for(lambda: glob.glob(os.path.join(workdir_glob, "checkpoints", "4")))
+  (workdir,) = glob.glob(workdir_glob)
+  child = int(open(os.path.join(workdir, ".lock")).read().split()[0])
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=300)
+  return process.returncode, stderr, child, workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,signum", [("sweep", signal.SIGINT),
+                                             ("ablations", signal.SIGTERM)])
+def test_a_signal_to_a_launcher_reaches_its_child_which_saves_and_the_launcher_says_one_line(
+    tmp_path, launcher, signum):
+  out = tmp_path / "out"
+  long_run = ["--config.train.num_train_steps=100000", "--config.train.early_stopping_patience=0"]
+  if launcher == "sweep":
+    process = start_sweep(out, "--trials=1", more=long_run)
+    pattern = str(out / "lr" / "*" / "seed0")
+  else:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launch.ablations", "--config=configs/synthetic.py",
+         "--variants=lr", "--seeds=0", f"--out={out}", "--", *SWEEP_TINY[:-2],
+         "--config.train.eval_every_steps=2", *long_run],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pattern = str(out / "lr" / "seed0")
+  status, stderr, child, workdir = one_line_interrupt(process, signum, pattern)
+  assert status == 128 + signum, stderr[-2000:]
+  assert "Traceback" not in stderr
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith("interrupted: lr") and "rerun the same command" in lines[-1]
+  with pytest.raises(ProcessLookupError):
+    os.kill(child, 0)
+  assert not glob.glob(os.path.join(workdir, "**", "*orbax-checkpoint-tmp*"), recursive=True)
+  with open(os.path.join(workdir, "log.txt")) as f:
+    assert f"Received {signal.Signals(signum).name}" in f.read()
 
 
 def test_a_changed_workdir_stops_with_its_keys_or_is_moved_aside(tmp_path, monkeypatch):
@@ -146,3 +397,22 @@ def test_every_registered_model_is_a_variant_and_swept_by_default():
   from mian_jax.models import MODELS
   assert set(MODELS) <= set(ablations.VARIANTS)
   assert set(sweep.MODELS) == set(MODELS)
+
+
+def test_a_run_without_its_final_test_closes_on_validation():
+  from mian_jax import train
+  line = train.closing_line("/w", {"valid": {"auc": 0.75, "step": 6, "selected": "best"}})
+  assert line.startswith("Done: valid AUC 0.7500 at step 6 (best).")
+
+
+def test_a_grid_is_searched_point_by_point_as_many_trials_as_points(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  fake = FakeRuns()
+  monkeypatch.setattr(runner, "launch", fake)
+  out = tmp_path / "grid"
+  summary = sweep.main(["--config=configs/synthetic.py", "--models=lr", "--seeds=0",
+                        f"--out={out}", "--grid=train.learning_rate=1e-3,3e-3,1e-2", "--",
+                        *SWEEP_TINY])
+  trials = pd.read_csv(out / "trials.csv")
+  assert sorted(trials["train.learning_rate"]) == [1e-3, 3e-3, 1e-2]
+  assert set(trials.origin) == {"grid"} and summary.loc["lr", "train.learning_rate"] == "3e-3"

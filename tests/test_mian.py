@@ -283,3 +283,39 @@ def test_ibim_product_term_uses_the_behaviour_embeddings_not_the_transformer_out
   np.testing.assert_allclose(np.asarray(r_ibim)[:, -d_b:],
                              np.einsum("bt,btd->bd", np.asarray(alpha), q[:, None] * e_b),
                              rtol=1e-4, atol=1e-7)
+
+
+
+@pytest.mark.parametrize("values,weights,activation,ranking_moves", [
+    ("concat_product", "shared", "tanh", True),  # the defaults
+    ("concat_product", "shared", "none", True),
+    ("concat", "per_position", "none", True),
+    ("concat", "shared", "tanh", False),
+    ("concat", "shared", "none", False),
+])
+def test_which_ibim_weights_depend_on_the_candidate(values, weights, activation, ranking_moves):
+  """docs/model.md, eq. 8: with "concat_product" the pooled value holds q * e_b^t, so the score
+  V_t.W holds sum_k w_k q_k e_b,k^t, and a new candidate re-ranks the behaviours. With "concat"
+  and one shared W the candidate adds the same e_i.W_i to every score: the ranking over t never
+  moves, and the weights do not change at all without tanh (with it, only their spread does).
+  Per-position W_t re-rank positions per candidate."""
+  model, params, batch, schema = _setup(**{"model.interaction_values": values,
+                                           "model.ibim_score_weights": weights,
+                                           "model.score_activation": activation})
+  # Embeddings at unit scale instead of std 0.02, so that products are not ~1e-4 at init.
+  params = {**params, "embedding": jax.tree.map(lambda x: 25 * x, params["embedding"])}
+  rng = np.random.default_rng(0)
+  other = {**batch, "item": {name: rng.integers(2, schema.features.item_field(name).vocab_size,
+                                                size=ids.shape).astype(ids.dtype)
+                             for name, ids in batch["item"].items()}}
+  lengths = np.asarray(batch["hist_len"])
+  assert (lengths >= 3).sum() >= 3
+  before, after = (np.asarray(_apply(model, params, b)[1]["attention"]["ibim"])
+                   for b in (batch, other))
+  moved = [(np.argsort(-x[:n]) != np.argsort(-y[:n])).any()
+           for x, y, n in zip(before, after, lengths)]
+  assert any(moved) == ranking_moves
+  if activation == "none" and not ranking_moves:
+    np.testing.assert_allclose(after, before, atol=1e-6)
+  else:
+    assert np.abs(after - before).max() > 0.01

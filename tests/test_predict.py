@@ -422,3 +422,150 @@ def test_predict_on_a_movielens_workdir_reproduces_evaluate_on_the_test_period(t
   chronological = np.lexsort((np.arange(len(ratings)), [r[0] for r in ratings], seconds))
   test_rows = chronological[split[chronological] == interaction_log.TEST]
   np.testing.assert_allclose(out["score"].to_numpy()[test_rows], reference["prob"], atol=1e-6)
+
+
+# ------------------------------------------------ issue 23: silent wrong input, keys, messages
+
+@pytest.fixture(scope="module")
+def exported(trained):
+  """The trained run exported by the command (CPU only)."""
+  out = str(trained.root / "exported")
+  done = subprocess.run([sys.executable, "-m", "mian_jax.export", f"--workdir={trained.workdir}",
+                         f"--out={out}", "--platforms=cpu"], cwd=REPO,
+                        env=dict(os.environ, MIAN_JAX_CACHE=trained.cache), capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return out
+
+
+def _edit_json(path, change):
+  with open(path) as f:
+    content = json.load(f)
+  change(content)
+  with open(path, "w") as f:
+    json.dump(content, f)
+
+
+def _swap_first_two(content):
+  content["values"][:2] = content["values"][1::-1]
+
+
+@pytest.mark.parametrize("name, change", [
+    ("vocab/item.item_id.json", _swap_first_two),
+    ("vocab/encoders.json", lambda c: c["fields"]["item.price"].update(mean=0.0))])
+def test_an_edited_vocabulary_or_encoder_of_an_export_is_refused(exported, tmp_path, name,
+                                                                change):
+  copy = str(tmp_path / "export")
+  subprocess.run(["cp", "-r", exported, copy], check=True)
+  serving.Scorer.load(copy)
+  _edit_json(os.path.join(copy, name), change)
+  with pytest.raises(ValueError, match=f"{copy}/{name} differs from the checksum in "
+                     "manifest.json") as error:
+    serving.Scorer.load(copy)
+  assert "\n" not in str(error.value)
+
+
+def test_encode_refuses_a_string_where_a_list_is_expected(exported, trained):
+  scorer = serving.Scorer.load(exported)
+  row = dict(zip(HEADER, trained.rows[0]))
+  records = {f"{group}.{name}": [row[name]] for group, names in (
+      ("item", ("item_id", "category", "price")), ("user", ("age_group", "gender", "city")),
+      ("context", ("hour", "device"))) for name in names}
+  records["item.price"] = [float(row["price"])]
+  records.update({"hist.item_id": [["i1"]], "hist.category": [["c1"]]})
+  batch, _ = scorer.encode(records)
+  assert batch["hist_len"].tolist() == [1]
+  with pytest.raises(ValueError, match=r"behaviour field 'hist.item_id' row 0 is a string "
+                     r"\('i1'\); give a list of its behaviours, e.g. \['i1'\]"):
+    scorer.encode({**records, "hist.item_id": ["i1"]})
+  with pytest.raises(ValueError, match=r"field 'item.item_id' is a string \('i1'\)"):
+    scorer.encode({**records, "item.item_id": "i1"})
+
+
+def test_predict_flags_and_input_errors_are_one_line(trained, tmp_path):
+  """--batch_size=-5, a duplicated header column and a ';'-separated CSV, through the
+  command."""
+  good = _write_csv(tmp_path / "in.csv", trained.rows[:10])
+  dup = _write_csv(tmp_path / "dup.csv", [r + [r[8]] for r in trained.rows[:10]],
+                   header=HEADER + ["city"])
+  with open(tmp_path / "semi.csv", "w") as f:
+    f.writelines(";".join(r) + "\n" for r in [HEADER, *trained.rows[:10]])
+  for path, flag, message in [
+      (good, "--batch_size=-5", "error: --batch_size=-5: expected a positive number of rows, "
+       "or 0 for the run's eval.batch_size"),
+      (dup, "--batch_size=0", "error: dup.csv: the header names column 'city' 2 times; rename "
+       "or drop the copies"),
+      (str(tmp_path / "semi.csv"), "--batch_size=0", "error: semi.csv: the header was read as "
+       "one column, 'user_id;ts;clicked;item_id;category;price;age_group;gender;c', with "
+       "data.tabular.csv_sep=','; if ';' separates the fields, pass "
+       "--config.data.tabular.csv_sep=';'")]:
+    done = subprocess.run(
+        [sys.executable, "-m", "mian_jax.predict", f"--workdir={trained.workdir}",
+         f"--input={path}", f"--output={tmp_path}/out.csv", flag],
+        cwd=REPO, env=dict(os.environ, MIAN_JAX_CACHE=trained.cache), capture_output=True,
+        text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in done.stderr
+  assert not os.path.exists(tmp_path / "out.csv")
+
+
+def test_predict_without_labels_warns_that_every_history_is_empty(trained, tmp_path):
+  unlabelled = [HEADER[:2] + HEADER[3:]] + [r[:2] + r[3:] for r in trained.rows]
+  path = str(tmp_path / "unlabelled.csv")
+  with open(path, "w") as f:
+    f.writelines(",".join(r) + "\n" for r in unlabelled)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", trained.cache)
+    stats = predict.predict(trained.workdir, path, str(tmp_path / "out.csv"))
+    labelled = predict.predict(trained.workdir, trained.log, str(tmp_path / "labelled.csv"))
+  assert labelled["warnings"] == []
+  [warning] = stats["warnings"]
+  assert warning.startswith("unlabelled.csv has no label column 'clicked': no row is taken as a "
+                            "past click, so every behaviour history is empty")
+  assert "leave the label empty on the rows to score" in warning
+
+
+def test_integral_floats_of_a_categorical_parquet_column_read_as_their_integers(trained,
+                                                                               tmp_path):
+  """hour written by Parquet as floats (9.0, and a null) scores as the CSV's "9"; a value that
+  is not whole (9.5) is a one-line error."""
+  frame = pd.DataFrame(trained.rows[:40], columns=HEADER)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", trained.cache)
+    as_text = predict.predict(trained.workdir, _write_csv(tmp_path / "in.csv", trained.rows[:40]),
+                              str(tmp_path / "text.parquet"))
+    floats = frame.assign(hour=frame["hour"].astype(float))
+    floats.loc[3, "hour"] = np.nan
+    floats.to_parquet(tmp_path / "floats.parquet")
+    as_floats = predict.predict(trained.workdir, str(tmp_path / "floats.parquet"),
+                                str(tmp_path / "floats_out.parquet"))
+    frame.assign(hour=frame["hour"].astype(float) + 0.5).to_parquet(tmp_path / "half.parquet")
+    with pytest.raises(DataError, match=r"half.parquet: categorical field 'hour' is a column of "
+                       r"floats holding 12.5, which is not a whole number"):
+      predict.predict(trained.workdir, str(tmp_path / "half.parquet"), str(tmp_path / "x.pq"))
+  assert as_floats["unseen"]["context.hour"] == as_text["unseen"]["context.hour"] + 1  # the null
+  text = pq.read_table(tmp_path / "text.parquet").to_pandas()["score"].to_numpy()
+  numbers = pq.read_table(tmp_path / "floats_out.parquet").to_pandas()["score"].to_numpy()
+  same = np.arange(40) != 3
+  np.testing.assert_allclose(numbers[same], text[same], rtol=0, atol=1e-6)
+
+
+def test_evaluate_predictions_carry_the_row_and_the_raw_item_id(trained):
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("MIAN_JAX_CACHE", trained.cache)
+    config = recorded_config.get_config(trained.workdir)
+    result = evaluate.evaluate_checkpoint(config, trained.workdir, "latest", "test", True)
+  out = pq.read_table(os.path.join(trained.workdir, "eval",
+                                   f"test_predictions_step{result['step']}.parquet")).to_pandas()
+  assert list(out.columns[:4]) == ["row", "item.item_id", "item_id", "score"]
+  log = pd.DataFrame(trained.rows, columns=HEADER)
+  ts = log["ts"].astype(np.int64).to_numpy()
+  test = log.assign(t=ts)[interaction_log.time_split(ts, 0.1, 0.1) == interaction_log.TEST]
+  test = test.sort_values("t")  # the prepared test split: the last 10% of time, in time order
+  assert out["row"].tolist() == list(range(len(test)))
+  known = out["item.item_id"] != serving.OOV_ID
+  assert known.sum() > 20
+  assert out["item_id"][known].tolist() == test["item_id"][known.to_numpy()].tolist()
+  assert out["item_id"][~known].isna().all()
+  np.testing.assert_array_equal(out["label"], test["clicked"].astype(np.float32))

@@ -7,6 +7,7 @@ the same functions the entry points call.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,86 @@ def test_resumable_keys_may_change_and_other_data_may_not(tmp_path):
                      ("data.synthetic.num_items", 50)):
     with pytest.raises(ConfigError, match=rf"{key}: \d+ -> {value}"):
       train.train_and_evaluate(tiny_config(**{key: value, "train.num_train_steps": 12}), workdir)
+
+
+_CSV_HEADER = "user_id,ts,clicked,item_id,category,price,age_group,gender,city,hour,device"
+# configs/tabular.py shrunk like TINY (the CSV path is given per run).
+_TABULAR = ["--config=configs/tabular.py", "--config.data.max_seq_len=4",
+            "--config.data.max_bad_row_ratio=0", "--config.model.embed_dim=4",
+            "--config.model.num_heads=2", "--config.model.gim_dim=8",
+            "--config.model.mlp_dims=(8,4)", "--config.train.batch_size=16",
+            "--config.train.num_train_steps=6", "--config.train.log_every_steps=3",
+            "--config.train.eval_every_steps=3", "--config.eval.batch_size=64",
+            "--config.checkpoint.every_steps=3"]
+
+
+def _write_log(path, num_items, num_rows=200):
+  """A click log of 20 users over `num_items` items (seeded), one row a minute."""
+  rng = np.random.default_rng(0)
+  lines = [_CSV_HEADER]
+  for k in range(num_rows):
+    user, item = int(rng.integers(0, 20)), int(rng.integers(0, num_items))
+    lines.append(f"u{user},{1_600_000_000 + 60 * k},{int(rng.random() < 0.5)},i{item},"
+                 f"c{item % 5},{item / 10:.1f},{user % 3},{'FM'[user % 2]},x{user % 4},"
+                 f"{k % 24},ios")
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def _main(*args, tmp_path):
+  env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"))
+  return subprocess.run([sys.executable, "-m", "mian_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _files(directory):
+  """{relative path: (bytes, mtime_ns)} of every file under `directory` (the lock file aside)."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      if name != ".lock":
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, directory)] = (f.read(), os.stat(path).st_mtime_ns)
+  return out
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_log_with_more_items_stops_and_keeps_the_run(tmp_path):
+  """Issue 23, 1: the item table grew (402 -> 1002 rows), orbax's restore failed on the shape,
+  the good checkpoints went to checkpoints_damaged/ and a new run replaced the old one's
+  results, with exit status 0."""
+  workdir = str(tmp_path / "run")
+  first = _main(*_TABULAR, f"--config.data.tabular.path={_write_log(tmp_path / 'a.csv', 30)}",
+                f"--workdir={workdir}", tmp_path=tmp_path)
+  assert first.returncode == 0, first.stderr[-2000:]
+  before = _files(workdir)
+  assert {"config.json", "metrics/metrics.jsonl", "eval/test_metrics.json"} <= set(before)
+  # The rerun as a user types it: the workdir's recorded config, another log (a resumable key).
+  more_items = _write_log(tmp_path / "b.csv", 60)
+  rerun = _main(f"--workdir={workdir}", f"--config.data.tabular.path={more_items}",
+                tmp_path=tmp_path)
+  assert rerun.returncode == 1, rerun.stderr[-2000:]
+  assert "Traceback" not in rerun.stderr
+  last = rerun.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: checkpoint 6 in ") and "trained on other data" in last, last
+  assert re.search(r"table item_id has \d+ rows for this data, \d+ in the checkpoint", last)
+  assert "nothing was moved" in last and "another --workdir" in last
+  assert _files(workdir) == before
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
+  # True damage is still damage: a corrupt newest step on its own data is set aside and the
+  # run resumes from the older one.
+  newest = os.path.join(checkpointing.checkpoint_dir(workdir), "6")
+  array_files = [os.path.join(root, n) for root, _, names in os.walk(newest) for n in names
+                 if os.path.basename(root) == "d"]
+  with open(max(array_files, key=os.path.getsize), "r+b") as f:
+    f.seek(8)
+    f.write(b"\xff" * 16)
+  resumed = _main(f"--workdir={workdir}", tmp_path=tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "step 6 is damaged" in resumed.stderr and "steps 3 -> 6" in resumed.stderr
+  assert [n.split("-")[0] for n in os.listdir(os.path.join(workdir, "checkpoints_damaged"))] == [
+      "6"]
 
 
 def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path):

@@ -3,6 +3,8 @@ with pre-split files, bad rows and configuration errors."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +16,7 @@ from mian_jax import data as data_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import tabular, vocab
 from mian_jax.errors import ConfigError, DataError
+from tests.helpers import REPO
 
 HEADER = "user_id,ts,clicked,item_id,category,price,age_group,gender,city,hour,device"
 ROWS = ["a,10,1,i1,c1,1.0,20,F,x,9,ios",
@@ -295,3 +298,102 @@ def test_hashed_list_behaviours(tmp_path):
   h = {v: _hash_id(v, 100) for v in ("i1", "i2", "i9")}
   np.testing.assert_array_equal(splits["train"]["hist.item_id"],
                                 [[0, 0], [h["i1"], 0], [h["i1"], h["i9"]]])
+
+
+# ------------------------------------------------------------------- the cache keyed by content
+
+
+def _prepare_cli(path, tmp_path, *args):
+  """`python -m mian_jax.data.prepare` on the CSV at `path`; its stdout."""
+  env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"))
+  result = subprocess.run(
+      [sys.executable, "-m", "mian_jax.data.prepare", "--config=configs/tabular.py",
+       f"--config.data.tabular.path={path}", "--config.data.max_seq_len=2",
+       "--config.data.max_bad_row_ratio=0", "--config.data.tabular.valid_fraction=0.2",
+       "--config.data.tabular.test_fraction=0.2", *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def _printed(stdout, label):
+  return [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith(label)]
+
+
+@pytest.mark.slow
+def test_a_csv_edited_in_place_is_prepared_anew(tmp_path, monkeypatch):
+  """Issue 23, 2: all labels set to 1 in place (same size, same mtime) reused the old data."""
+  path = write_csv(tmp_path / "log.csv")
+  first = _prepare_cli(path, tmp_path)
+  stat, sha_1 = os.stat(path), data_lib.file_sha256(path)
+  write_csv(tmp_path / "log.csv", rows=[r.replace(",0,", ",1,") for r in ROWS])
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert os.path.getsize(path) == stat.st_size  # only the bytes tell the files apart
+  second, sha_2 = _prepare_cli(path, tmp_path), data_lib.file_sha256(path)
+  (dir_1,), (dir_2,) = _printed(first, "prepared directory"), _printed(second, "prepared directory")
+  assert dir_1 != dir_2 and os.path.isdir(dir_1)
+  assert _printed(first, "checksum") != _printed(second, "checksum")
+  with open(os.path.join(dir_2, "stats.json")) as f:
+    assert json.load(f)["positive_rate"]["train"] == 1.0
+  # Each directory records the bytes it came from, and so does the output.
+  assert sha_1 != sha_2
+  for directory, stdout, sha in ((dir_1, first, sha_1), (dir_2, second, sha_2)):
+    manifest = data_lib.read_raw_manifest(directory)
+    assert manifest["files"] == [{"path": path, "bytes": stat.st_size, "sha256": sha}]
+    assert directory.endswith(data_lib.raw_key(manifest))
+    assert _printed(stdout, "raw file") == [f"{path} ({stat.st_size} bytes, sha256 {sha})"]
+  # The original bytes again: the first directory is found, not prepared a third time.
+  write_csv(tmp_path / "log.csv")
+  monkeypatch.setenv("MIAN_JAX_CACHE", str(tmp_path / "cache"))
+  config = config_for(path=path, valid_fraction=0.2, test_fraction=0.2)
+  assert data_lib.ensure_prepared(config.data)[0] == dir_1
+
+
+def test_a_named_prepared_dir_from_other_bytes_is_refused(tmp_path, caplog):
+  path = write_csv(tmp_path / "log.csv")
+  config = config_for(path=path)
+  config.data.prepared_dir = str(tmp_path / "prepared")
+  with caplog.at_level("INFO"):
+    data_lib.ensure_prepared(config.data)
+  assert f"comes from {path} (" in caplog.text and "sha256" in caplog.text
+  write_csv(tmp_path / "log.csv", rows=ROWS[:-1])
+  with pytest.raises(DataError, match=r"prepared_dir=.* was prepared from other raw files \("):
+    data_lib.ensure_prepared(config.data)
+
+
+def test_the_cached_copy_serves_when_the_raw_file_is_gone(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("MIAN_JAX_CACHE", str(tmp_path / "cache"))
+  path = write_csv(tmp_path / "log.csv")
+  config = config_for(path=path)
+  directory, _ = data_lib.ensure_prepared(config.data)
+  os.remove(path)
+  with caplog.at_level("WARNING"):
+    assert data_lib.ensure_prepared(config.data)[0] == directory
+  assert "file not found" in caplog.text and directory in caplog.text
+  # Two copies from different bytes: which one is meant is not guessed.
+  write_csv(tmp_path / "log.csv", rows=ROWS[:-1])
+  data_lib.ensure_prepared(config.data)
+  os.remove(path)
+  with pytest.raises(DataError, match="2 prepared copies of these settings"):
+    data_lib.ensure_prepared(config.data)
+
+
+def test_a_deleted_vocabulary_directory_is_named_as_missing(tmp_path):
+  """Not "prepared before vocabularies were saved": the recorded checksum covered vocab/."""
+  from tests import test_vocab
+  (tmp_path / "log.csv").write_text(test_vocab.CSV)
+  config = tabular_config.get_config().data
+  config.max_seq_len = 2
+  config.tabular.update(path=str(tmp_path / "log.csv"), valid_fraction=0.2, test_fraction=0.2)
+  directory = str(tmp_path / "prepared")
+  tabular.prepare(config, directory)
+  vocab.load_vocabularies(directory)
+  os.remove(os.path.join(directory, "vocab", "encoders.json"))
+  with pytest.raises(DataError, match=r"vocab/encoders.json is missing: the vocabularies of "):
+    vocab.load_encoders(directory)
+  for name in os.listdir(os.path.join(directory, "vocab")):
+    os.remove(os.path.join(directory, "vocab", name))
+  os.rmdir(os.path.join(directory, "vocab"))
+  with pytest.raises(DataError, match=r"prepared/vocab is missing: it was deleted after "
+                     "preparation; prepare .* again"):
+    vocab.load_vocabularies(directory)

@@ -36,21 +36,134 @@ def cache_root() -> str:
   return os.environ.get("MIAN_JAX_CACHE", default)
 
 
+# (source, protocol) -> the revision of its splits where they changed within a format version,
+# so copies prepared before are not reused. Amazon din and dien, revision 2: a validation split
+# of their own (before, valid was a copy of test; docs/data.md).
+SPLIT_REVISIONS = {(source, protocol): 2 for source in ("amazon", "amazon_like")
+                   for protocol in ("din", "dien")}
+
+
 def settings_key(data_config: ConfigDict) -> str:
   """A short hash of every data setting except where the result is stored."""
   settings = {k: v for k, v in data_config.to_dict().items() if k != "prepared_dir"}
   settings["format_version"] = schema_lib.FORMAT_VERSION  # a new format is prepared anew
+  revision = SPLIT_REVISIONS.get((data_config.source, data_config.get("protocol")))
+  if revision is not None:  # only there, so other settings keep their cached copies
+    settings["split_revision"] = revision
   blob = json.dumps(settings, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def prepared_dir(data_config: ConfigDict) -> str:
+def prepared_dir(data_config: ConfigDict, raw: dict | None = None) -> str:
+  """`data.prepared_dir`, else `<cache>/prepared/<source>-<settings_key>`, with
+  `-<raw_key(raw)>` added for a source that reads raw files (`raw`: their `raw_manifest`)."""
   if data_config.prepared_dir:
     return os.path.expanduser(data_config.prepared_dir)
   if data_config.source == "prepared":
     raise ConfigError("data.source='prepared' needs --config.data.prepared_dir=<directory>")
-  return os.path.join(cache_root(), "prepared",
-                      f"{data_config.source}-{settings_key(data_config)}")
+  name = f"{data_config.source}-{settings_key(data_config)}"
+  return os.path.join(cache_root(), "prepared", f"{name}-{raw_key(raw)}" if raw else name)
+
+
+# ----------------------------------------------------------------------------- raw files
+
+# In a prepared directory: the raw files it was prepared from, with their SHA-256 (not part of
+# the data's checksum, which covers what training reads).
+RAW_MANIFEST = "raw_files.json"
+_CHUNK_BYTES = 4 << 20
+
+
+def file_sha256(path: str) -> str:
+  """SHA-256 of a file's bytes, streamed (about 1.8 GB per CPU-second with SHA-NI)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK_BYTES):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def raw_manifest(paths: list[str]) -> dict:
+  """{"algorithm", "files": [{"path", "bytes", "sha256"}]} of the raw files, in reading order."""
+  files = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": file_sha256(p)}
+           for p in paths]
+  return {"algorithm": "sha256", "files": files}
+
+
+def raw_key(manifest: dict) -> str:
+  """12 hex digits of the raw files' contents in order (their paths do not enter)."""
+  digests = "\n".join(f["sha256"] for f in manifest["files"])
+  return hashlib.sha256(digests.encode()).hexdigest()[:12]
+
+
+def describe_raw(manifest: dict) -> str:
+  """"<path> (<bytes> bytes, sha256 <12 hex>), ..." for a log line."""
+  return ", ".join(f"{f['path']} ({f['bytes']:,} bytes, sha256 {f['sha256'][:12]})"
+                   for f in manifest["files"])
+
+
+def read_raw_manifest(directory: str) -> dict | None:
+  """A prepared directory's RAW_MANIFEST, or None if it has none (or it is unreadable)."""
+  try:
+    with open(os.path.join(directory, RAW_MANIFEST)) as f:
+      manifest = json.load(f)
+    return manifest if isinstance(manifest.get("files"), list) else None
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def _write_raw_manifest(directory: str, manifest: dict) -> None:
+  path = os.path.join(directory, RAW_MANIFEST)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, path)  # atomic: concurrent writers of the same directory write the same
+
+
+def _cached_copies(data_config: ConfigDict) -> list[str]:
+  """Complete cache entries of these settings, whatever raw files they came from."""
+  root = os.path.join(cache_root(), "prepared")
+  prefix = f"{data_config.source}-{settings_key(data_config)}-"
+  names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  return [os.path.join(root, n) for n in names
+          if n.startswith(prefix) and os.path.isfile(os.path.join(root, n, "schema.json"))]
+
+
+def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, str | None]:
+  """(raw_manifest of the source's raw files, None), or (None, the one cached copy of these
+  settings) when the raw files are gone but it remains (e.g. deleted to save space). Raises the
+  source's DataError when the files are missing and no single copy remains; downloads them
+  first where the source can (Amazon)."""
+  try:
+    return raw_manifest(module.raw_files(data_config, download=False)), None
+  except DataError as missing:
+    copies = [] if data_config.prepared_dir else _cached_copies(data_config)
+    if len(copies) == 1:
+      logging.warning("The raw files are missing (%s); using the data prepared from them before "
+                      "in %s", missing, copies[0])
+      return None, copies[0]
+    if data_config.prepared_dir and os.path.isfile(
+        os.path.join(os.path.expanduser(data_config.prepared_dir), "schema.json")):
+      logging.warning("The raw files are missing (%s); using data.prepared_dir as it is",
+                      missing)
+      return None, None
+    if len(copies) > 1:
+      raise DataError(f"{missing}; {len(copies)} prepared copies of these settings from "
+                      f"different raw files remain ({', '.join(copies)}): restore the raw files, "
+                      "or pick one with --config.data.prepared_dir") from None
+  return raw_manifest(module.raw_files(data_config, download=True)), None
+
+
+def _check_raw_manifest(directory: str, manifest: dict) -> None:
+  """Raises DataError if a user-named prepared directory records other raw files' bytes."""
+  recorded = read_raw_manifest(directory)
+  if recorded is None:
+    logging.info("%s records no raw files (%s; prepared before they were recorded): not "
+                 "compared with %s", directory, RAW_MANIFEST, describe_raw(manifest))
+    return
+  if raw_key(recorded) != raw_key(manifest):
+    raise DataError(f"data.prepared_dir={directory} was prepared from other raw files "
+                    f"({describe_raw(recorded)}; now {describe_raw(manifest)}); delete it to "
+                    "prepare it again, or choose another directory")
 
 
 def _clear_damaged(directory: str, in_cache: bool) -> None:
@@ -74,11 +187,21 @@ def _clear_damaged(directory: str, in_cache: bool) -> None:
 def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
   """Returns (directory, schema) of the prepared data, preparing it first if needed.
 
+  A source that reads raw files (tabular, MovieLens, Amazon: a module with `raw_files`) is
+  cached by their contents too: every call hashes them (SHA-256), so a file edited in place
+  gets a new directory, and a user-named `data.prepared_dir` prepared from other bytes is a
+  DataError. The directory's RAW_MANIFEST records them, and the log names them.
+
   Raises:
     DataError / ConfigError with a one-line reason when the data is missing or does not
     match the config.
   """
-  directory = prepared_dir(data_config)
+  raw, directory = None, None
+  if data_config.source in PREPARERS:
+    module = importlib.import_module(PREPARERS[data_config.source])
+    if hasattr(module, "raw_files"):
+      raw, directory = _raw_files_or_copy(data_config, module)
+  directory = directory or prepared_dir(data_config, raw)
   schema_path = os.path.join(directory, "schema.json")
   if not os.path.isfile(schema_path):
     if data_config.source == "prepared":
@@ -89,6 +212,15 @@ def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
     _clear_damaged(directory, in_cache=not data_config.prepared_dir)
     logging.info("Preparing %s data into %s", data_config.source, directory)
     importlib.import_module(PREPARERS[data_config.source]).prepare(data_config, directory)
+    if raw is not None:
+      _write_raw_manifest(directory, raw)
+  elif raw is not None:
+    if data_config.prepared_dir:
+      _check_raw_manifest(directory, raw)
+    elif read_raw_manifest(directory) is None:  # its name holds their key: record them
+      _write_raw_manifest(directory, raw)
+  if raw is not None:
+    logging.info("Prepared data %s comes from %s", directory, describe_raw(raw))
   schema = schema_lib.read_schema(directory)
   if schema.features.max_seq_len != data_config.max_seq_len:
     raise DataError(f"{directory}: prepared with max_seq_len={schema.features.max_seq_len} "

@@ -12,6 +12,9 @@ Three protocols (`config.data.protocol`), described step by step in docs/data.md
   "dien"  the DIEN reference preprocessing (mouna99/dien);
   "mian"  the paper's §4.1 statement with a validation split separate from test (default).
 
+The references have no validation split (they select on test); din and dien here hold one out
+of the training data, as their test is held out (`protocol_targets`), and keep their test split.
+
 All three write the same fields:
 
   item.item_id, item.category           candidate item (and hist.item_id, hist.category)
@@ -63,6 +66,9 @@ ACTIVITY_EDGES = np.array([1, 2, 4, 8, 16, 32, 64])
 # and one more bucket (7) for "no previous review".
 GAP_EDGES_DAYS = np.array([1, 2, 8, 31, 91, 366])
 NO_PREVIOUS_GAP = len(GAP_EDGES_DAYS) + 1
+# din and dien: the share of the eligible users whose target is held out for validation.
+VALID_USER_SHARE = 0.1
+VALID_STREAM = 1  # the validation users are drawn from default_rng([data.seed, VALID_STREAM])
 HIST_CHUNK = 1 << 18  # examples per chunk when gathering behaviours (bounds temporary memory)
 
 
@@ -82,8 +88,9 @@ def default_raw_dir() -> str:
   return os.path.join(cache_root(), "raw", "amazon")
 
 
-def locate_raw_files(data_config: ConfigDict) -> tuple[str, str]:
-  """Paths of the (reviews, metadata) files, downloading those that are missing.
+def locate_raw_files(data_config: ConfigDict, download: bool = True) -> tuple[str, str]:
+  """Paths of the (reviews, metadata) files, downloading those that are missing (with
+  `download` False: DataError instead).
 
   A file counts as present as `<name>.json.gz` or as the uncompressed `<name>.json`.
   """
@@ -99,11 +106,19 @@ def locate_raw_files(data_config: ConfigDict) -> tuple[str, str]:
         missing.append((base_url.rstrip("/") + "/" + name, gz_path))
     else:
       paths.append(plain_path)
+  if missing and not download:
+    raise DataError(f"amazon: {', '.join(p for _, p in missing)} not found")
   if missing:
     logging.info("Amazon raw files missing under %s; downloading %d file(s)", raw_dir,
                  len(missing))
     download_lib.ensure_files(missing)
   return paths[0], paths[1]
+
+
+def raw_files(data_config: ConfigDict, download: bool = True) -> list[str]:
+  """[reviews, metadata] (the prepared-data cache is keyed by their bytes,
+  `mian_jax.data.raw_manifest`), downloaded first if missing and `download`."""
+  return list(locate_raw_files(data_config, download))
 
 
 # ----------------------------------------------------------------------------- joined reviews
@@ -220,29 +235,49 @@ def popularity_negatives(rng: np.random.Generator, reviews: Reviews,
 # ----------------------------------------------------------------------------- protocols
 
 
-def protocol_targets(protocol: str, reviews: Reviews,
-                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+def validation_users(valid_rng: np.random.Generator, eligible: np.ndarray) -> np.ndarray:
+  """[U] bool: ceil(VALID_USER_SHARE x the eligible users) of them, a seeded random choice
+  (never none while one is eligible, so small data still get a validation split)."""
+  users = np.flatnonzero(eligible)
+  chosen = valid_rng.permutation(users)[:int(np.ceil(VALID_USER_SHARE * len(users)))]
+  out = np.zeros(len(eligible), bool)
+  out[chosen] = True
+  return out
+
+
+def protocol_targets(protocol: str, reviews: Reviews, rng: np.random.Generator,
+                     valid_rng: np.random.Generator) -> dict[str, np.ndarray]:
   """Sorted row indices of the reviews that are prediction targets, per split.
 
-  din:  train = reviews 1..n-2 of each user, test = review n-1; valid = test (see docs).
+  din:  test = review n-1 of each user (n = the user's count), train = reviews 1..n-2, but for
+        the validation users (`validation_users` of those with n >= 3, drawn from
+        `valid_rng`), whose review n-2 is valid instead: the test, one step earlier in time.
   dien: only review n-1 of each user (with >= 1 earlier review); users go to test with
-        probability 1/10 (split_by_user.py: randint(1, 10) == 2), else train; valid = test.
-  mian: train = reviews 1..n-3, valid = review n-2, test = review n-1 (n = the user's count).
+        probability 1/10 (split_by_user.py: randint(1, 10) == 2), else train, but for the
+        validation users (`validation_users` of the others), held out as the test users are.
+  mian: train = reviews 1..n-3, valid = review n-2, test = review n-1.
+
+  `rng` is drawn from exactly as in the references (dien: the test users), so the test split,
+  and the negatives drawn from `rng` next, do not depend on the validation draw. No target is
+  in two splits.
   """
   pos, n = reviews.pos, reviews.count[reviews.user]
+  last = (pos >= 1) & (pos == n - 1)
   if protocol == "din":
-    train = (pos >= 1) & (pos <= n - 2)
-    test = (pos >= 1) & (pos == n - 1)
-    valid = test
+    to_valid = validation_users(valid_rng, reviews.count >= 3)[reviews.user]
+    test = last
+    valid = (pos >= 1) & (pos == n - 2) & to_valid
+    train = (pos >= 1) & (pos <= n - 2) & ~valid
   elif protocol == "dien":
     to_test = rng.integers(1, 11, size=reviews.num_users) == 2
-    last = (pos >= 1) & (pos == n - 1)
-    train, test = last & ~to_test[reviews.user], last & to_test[reviews.user]
-    valid = test
+    to_valid = validation_users(valid_rng, ~to_test & (reviews.count >= 2))
+    test = last & to_test[reviews.user]
+    valid = last & to_valid[reviews.user]
+    train = last & ~to_test[reviews.user] & ~to_valid[reviews.user]
   elif protocol == "mian":
     train = (pos >= 1) & (pos <= n - 3)
     valid = (pos >= 1) & (pos == n - 2)
-    test = (pos >= 1) & (pos == n - 1)
+    test = last
   else:
     raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
   return {"train": np.flatnonzero(train), "valid": np.flatnonzero(valid),
@@ -569,20 +604,19 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
   reviews, stats = load_reviews(reviews_path, meta_path, protocol,
                                 data_config.max_bad_row_ratio,
                                 data_config.get("drop_duplicate_reviews", True))
-  rng = np.random.default_rng(data_config.get("seed", 0))
-  targets = protocol_targets(protocol, reviews, rng)
+  seed = data_config.get("seed", 0)
+  rng = np.random.default_rng(seed)
+  targets = protocol_targets(protocol, reviews, rng,
+                             np.random.default_rng([seed, VALID_STREAM]))
   negatives = draw_negatives(protocol, reviews, rng)
   years = np.unique(year_of(reviews.time))
   splits = {}
-  for split in ("train", "test", "valid"):
-    if split == "valid" and protocol in ("din", "dien"):
-      splits["valid"] = splits["test"]  # the references select models on test (see docs)
-    else:
-      splits[split] = build_examples(reviews, targets[split], negatives,
-                                     data_config.max_seq_len, years)
-      if extra_columns is not None:
-        rows = targets[split]
-        splits[split].update(extra_columns(reviews, rows, negatives[rows]))
+  for split in schema_lib.SPLITS:
+    splits[split] = build_examples(reviews, targets[split], negatives,
+                                   data_config.max_seq_len, years)
+    if extra_columns is not None:
+      rows = targets[split]
+      splits[split].update(extra_columns(reviews, rows, negatives[rows]))
   sizes = {s: len(splits[s]["label"]) for s in schema_lib.SPLITS}
   for split, size in sizes.items():
     if size == 0:
@@ -599,7 +633,7 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
       "num_users": reviews.num_users, "num_items": reviews.num_items,
       "num_categories": reviews.num_categories, "num_reviews": int(len(reviews.item)),
       "num_samples": sizes,
-      "valid_is_test": protocol in ("din", "dien"),
+      "valid_is_test": False,  # no protocol copies test into valid (config_checks reads it)
       "years": [int(y) for y in years],
       "positive_rate": {s: float(splits[s]["label"].mean()) for s in schema_lib.SPLITS},
       "raw_files": [reviews_path, meta_path],

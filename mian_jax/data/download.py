@@ -62,6 +62,14 @@ def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
               desc=name, disable=not enabled or not sys.stderr.isatty(), file=sys.stderr)
 
 
+class UnreachableError(DataError):
+  """The server could not be reached (no network); `reason` says why, in a few words."""
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
 def download(url: str, target: str, *, size: int | None = None, sha256: str | None = None,
              timeout: float = 60.0, progress: bool = True) -> str:
   """Downloads `url` to `target` (resuming `<target>.part`); returns `target`.
@@ -98,8 +106,9 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
     raise DataError(f"download of {url} to {target} failed: HTTP {e.code} {e.reason}") from None
   except (urllib.error.URLError, OSError) as e:
     reason = getattr(e, "reason", e)
-    raise DataError(f"cannot download {url} ({reason}); without network access fetch it by "
-                    f"hand to {target} (e.g. curl -L -o {target} {url}) and rerun") from None
+    raise UnreachableError(f"cannot download {url} ({reason}); without network access fetch "
+                           f"it by hand to {target} (e.g. curl -L -o {target} {url}) and rerun",
+                           reason=str(reason)) from None
   with response:
     status = getattr(response, "status", 200)
     if offset and status != 206:
@@ -156,11 +165,18 @@ def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> list[str]:
     try:
       download(url, target, **kwargs)
     except DataError as e:
-      failures.append((url, target, str(e)))
+      failures.append((url, target, e))
+  if len(failures) == 1:
+    raise failures[0][2]
   if failures:
-    if len(failures) == 1:
-      raise DataError(failures[0][2])
-    hand = "; ".join(f"{url} -> {target}" for url, target, _ in failures)
-    raise DataError(f"{len(failures)} downloads failed ({failures[0][2]}). Fetch by hand: {hand}")
+    raise DataError(_failures_message(failures))
   return [target for _, target in files]
 
+
+def _failures_message(failures: Sequence[tuple[str, str, DataError]]) -> str:
+  """One line for several failed downloads, each URL and target said once."""
+  hand = "; ".join(f"{url} -> {target}" for url, target, _ in failures)
+  if all(isinstance(e, UnreachableError) for _, _, e in failures):
+    return (f"cannot download {len(failures)} files ({failures[0][2].reason}); without network "
+            f"access fetch them by hand and rerun: {hand}")
+  return f"{len(failures)} downloads failed ({failures[0][2]}). Fetch by hand: {hand}"

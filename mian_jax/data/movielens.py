@@ -97,6 +97,15 @@ def resolve_raw_dir(data_config: ConfigDict) -> str:
                   f"{hint}")
 
 
+def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
+  """The variant's three raw files (the prepared-data cache is keyed by their bytes,
+  `mian_jax.data.raw_manifest`). DataError with instructions if missing; nothing is
+  downloaded."""
+  del download  # the user unzips the files (resolve_raw_dir says from where)
+  raw_dir = resolve_raw_dir(data_config)
+  return [os.path.join(raw_dir, f) for f in FILES[data_config.movielens.variant]]
+
+
 def age_group(age: np.ndarray) -> np.ndarray:
   """Raw age (years) -> ML-1M age-group code (1, 18, 25, 35, 45, 50, 56). [N] -> [N]."""
   bounds = np.asarray(AGE_GROUPS[1:])

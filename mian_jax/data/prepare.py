@@ -4,8 +4,9 @@
       [--config.data.prepared_dir=/data/prepared/ml100k]
 
 The prepared directory (config.data.prepared_dir, default a cache directory keyed by the data
-settings) holds schema.json, the splits and stats.json. An already prepared directory is not
-rebuilt: its checksum is recomputed and must match the one in stats.json.
+settings and, for sources that read raw files, by the SHA-256 of those files) holds schema.json,
+the splits, stats.json and raw_files.json (the raw files and their SHA-256). An already prepared
+directory is not rebuilt: its checksum is recomputed and must match the one in stats.json.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def main(argv):
   print(json.dumps(stats, indent=2, sort_keys=True))
   print(f"prepared directory: {directory}")
   print(f"checksum: {stats['checksum']}")
+  raw = data_lib.read_raw_manifest(directory)
+  for f in raw["files"] if raw else ():
+    print(f"raw file: {f['path']} ({f['bytes']} bytes, sha256 {f['sha256']})")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ from the file, a missing or empty file, a numeric value too large to standardise
 malformed field declaration: ConfigError.
 
 CSV columns are read as strings (ids such as "00194" and "194" stay distinct); a UTF-8
-byte-order mark before the header is dropped.
+byte-order mark before the header is dropped. A categorical field in a float column (Parquet
+writes integer ids with nulls so) is read as the text of its whole numbers (9.0 -> "9"); a
+value that is not whole is a DataError. A header that names a configured column twice is a
+DataError; one read as a single column holding ';', a tab or '|' hints at csv_sep.
 
 `python -m mian_jax.predict` reads the records it scores with the same pieces: `read_records`
 (one file, read and checked like a file of the log, the label optional) and `history_indices`
@@ -330,6 +333,39 @@ def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
   return {k.strip(): v.strip() for k, v in pairs.items()}
 
 
+def _whole_numbers_as_text(col: pa.ChunkedArray, name: str, field: str) -> pd.Series:
+  """A float column of a categorical field (Parquet writes integer ids with nulls as floats)
+  as the text of its integers: 9.0 -> "9", as the cell of a CSV or an integer column reads, so
+  that the vocabulary finds it; NaN -> missing.
+
+  Raises:
+    DataError: a value that is not a whole number (a float is no category).
+  """
+  values = col.to_numpy(zero_copy_only=False).astype(np.float64)
+  present = ~np.isnan(values)
+  whole = present & (np.floor(values) == values) & (np.abs(values) < 2.0**63)
+  if (present & ~whole).any():
+    example = float(values[present & ~whole][0])
+    raise DataError(f"{name}: categorical field {field!r} is a column of floats holding "
+                    f"{example!r}, which is not a whole number; store the field as integers or "
+                    "text, or declare it numeric")
+  text = [str(int(v)) if ok else None for v, ok in zip(values, present)]
+  return pa.array(text, pa.string()).to_pandas()
+
+
+def _separator_hint(table: pa.Table, name: str, c: ConfigDict) -> str | None:
+  """The error for a CSV header read as one column that holds another separator, else None."""
+  if len(table.column_names) != 1:
+    return None
+  header = table.column_names[0]
+  for sep, shown in ((";", "';'"), ("\t", "$'\\t'"), ("|", "'|'")):
+    if sep != c.csv_sep and sep in header:
+      return (f"{name}: the header was read as one column, {header[:60]!r}, with "
+              f"data.tabular.csv_sep={c.csv_sep!r}; if {sep!r} separates the fields, pass "
+              f"--config.data.tabular.csv_sep={shown}")
+  return None
+
+
 def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigDict, groups,
                   behavior, bad: interaction_log.BadRows, lines=None, label_optional: bool = False):
   """One file's rows -> (log frame, {field: ListArray} or None, kept table rows); bad rows
@@ -347,8 +383,13 @@ def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigD
   needed.update({col: "behavior_columns" for col in list_cols.values()})
   absent = [f"{col!r} ({key})" for col, key in needed.items() if col not in table.column_names]
   if absent:
-    raise DataError(f"{name}: column(s) {', '.join(absent)} named in data.tabular not found; "
+    raise DataError(_separator_hint(table, name, c) or
+                    f"{name}: column(s) {', '.join(absent)} named in data.tabular not found; "
                     f"the file has {table.column_names}")
+  twice = [col for col in needed if table.column_names.count(col) > 1]
+  if twice:
+    raise DataError(f"{name}: the header names column {twice[0]!r} "
+                    f"{table.column_names.count(twice[0])} times; rename or drop the copies")
   n = table.num_rows
   ok = np.ones(n, bool)
 
@@ -383,6 +424,8 @@ def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigD
         values = pd.to_numeric(values, errors="coerce")
         flag(~np.isfinite(values.to_numpy(np.float64, na_value=np.nan)),
              f"numeric field {f!r} missing or not a number", f)
+      elif pa.types.is_floating(table[f].type):
+        values = _whole_numbers_as_text(table[f], name, f)
       frame[f"{g}.{f}"] = values
   lists = None
   if list_cols:
@@ -412,22 +455,38 @@ def _row_describer(sources):
   return describe
 
 
-def read_log(data_config: ConfigDict, bad: interaction_log.BadRows):
-  """All files -> (log, groups, behavior, ListBehaviours or None, describe_row)."""
-  c = data_config.tabular
-  groups, behavior = _field_columns(c)
-  _check_config(c, groups, behavior)
+def input_files(c: ConfigDict) -> list[tuple[str, int | None]]:
+  """[(path, split code or None)] of the files `data.tabular` reads: `path` (split by time) or
+  the three pre-split files. Raises DataError if neither or both are given."""
   split_paths = [c.train_path, c.valid_path, c.test_path]
   if c.path and any(split_paths):
     raise DataError("data.tabular: give either path (split by time) or train_path, valid_path "
                     "and test_path, not both")
   if c.path:
-    files = [(os.path.expanduser(c.path), None)]
-  elif all(split_paths):
-    files = [(os.path.expanduser(p), i) for i, p in enumerate(split_paths)]
-  else:
-    raise DataError("data.tabular: set path (one file, split by time) or all of train_path, "
-                    "valid_path and test_path")
+    return [(os.path.expanduser(c.path), None)]
+  if all(split_paths):
+    return [(os.path.expanduser(p), i) for i, p in enumerate(split_paths)]
+  raise DataError("data.tabular: set path (one file, split by time) or all of train_path, "
+                  "valid_path and test_path")
+
+
+def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
+  """The files preparation reads, in order (the prepared-data cache is keyed by their bytes,
+  `mian_jax.data.raw_manifest`). Raises DataError if one is missing. Nothing is downloaded."""
+  del download  # the user's own files
+  paths = [path for path, _ in input_files(data_config.tabular)]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise DataError(f"file not found: {path}")
+  return paths
+
+
+def read_log(data_config: ConfigDict, bad: interaction_log.BadRows):
+  """All files -> (log, groups, behavior, ListBehaviours or None, describe_row)."""
+  c = data_config.tabular
+  groups, behavior = _field_columns(c)
+  _check_config(c, groups, behavior)
+  files = input_files(c)
   parts, sources = [], []
   for path, code in files:
     table, lines = read_table(path, c, bad)

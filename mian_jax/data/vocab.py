@@ -205,14 +205,24 @@ def write_vocabularies(directory: str, vocabularies: Mapping[str, Sequence[Any]]
 
 
 def _vocab_dir(directory: str) -> str:
-  """directory/vocab; DataError (one line) if the directory was prepared without it."""
+  """directory/vocab; DataError (one line) if it is missing: deleted or damaged after
+  preparation, or never written (a directory prepared before vocabularies were saved)."""
   path = os.path.join(directory, VOCAB_DIR)
-  if not os.path.isfile(os.path.join(path, ENCODERS_FILE)):
-    schema_lib.read_schema(directory)  # a missing or foreign directory says so first
-    raise DataError(f"{directory} was prepared before vocabularies were saved; prepare it "
-                    "again (delete it, then python -m mian_jax.data.prepare --config=<config> "
-                    "--config.data.prepared_dir=<it>)")
-  return path
+  if os.path.isfile(os.path.join(path, ENCODERS_FILE)):
+    return path
+  schema_lib.read_schema(directory)  # a missing or foreign directory says so first
+  again = ("delete it, then python -m mian_jax.data.prepare --config=<config> "
+           "--config.data.prepared_dir=<it>")
+  if os.path.isdir(path):
+    raise DataError(f"{os.path.join(path, ENCODERS_FILE)} is missing: the vocabularies of "
+                    f"{directory} are incomplete; prepare it again ({again})")
+  try:
+    schema_lib.verify_dataset_checksum(directory)
+  except DataError:  # the recorded checksum covered a vocab/ that is gone
+    raise DataError(f"{path} is missing: it was deleted after preparation; prepare "
+                    f"{directory} again ({again})") from None
+  raise DataError(f"{directory} was prepared before vocabularies were saved; prepare it again "
+                  f"({again})")
 
 
 def _read_json(path: str) -> Any:

@@ -12,13 +12,17 @@ import jax.numpy as jnp
 import optax
 
 from mian_jax.models import base, layers
-from mian_jax.models.din import candidate_query, require_behaviours
+from mian_jax.models.din import BaselineInputs, candidate_query, require_behaviours
 
 
 class DIEN(base.DeepModel):
   """Interest extractor GRU over the behaviours (eq. 1) with the auxiliary loss (eq. 3),
   attention a_t = softmax_t(h_t W e_a) over valid t (eq. 5), interest evolving AUGRU (eqs. 6-7)
-  whose state after the last valid behaviour h'_T joins MLP([e_u; e_i; h'_T; e_c]).
+  whose state after the last valid behaviour h'_T joins the MLP's input:
+
+    "paper":     [e_u; e_i; h'_T; e_c]              (Fig. 4)
+    "reference": [e_u; e_i; h'_T; e_c; s; s * e_a]  (+ the authors' script/model.py inputs,
+                                                     s = sum_t e_b^t over valid t)
 
   aux["attention"]["dien"]: a_t [B, T]. aux["aux_loss"]: aux_loss_weight * L_aux (eq. 4's
   alpha * L_aux) in training with use_aux_loss, else 0; the train step adds it to the loss.
@@ -31,6 +35,7 @@ class DIEN(base.DeepModel):
   use_aux_loss: bool = True
   aux_loss_weight: float = 1.0
   aux_mlp_dims: tuple[int, ...] = (100, 50)
+  baseline_inputs: BaselineInputs = "reference"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
@@ -58,6 +63,9 @@ class DIEN(base.DeepModel):
     parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
     parts += [layers.flatten_fields(e.item), interest]
     parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
+    if self.baseline_inputs == "reference":
+      history_sum = layers.flatten_fields(layers.pool_sequence(e.hist, e.mask, "sum"))
+      parts += [history_sum, history_sum * e_a]                            # [B, d_b] each
     h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
                              self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
                                                            deterministic=not train)

@@ -7,6 +7,8 @@ fields, K context fields.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,11 @@ import jax.numpy as jnp
 from mian_jax.data.schema import FeatureSpec
 from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
+
+# What DIN's and DIEN's final MLP reads besides the user, item and context fields
+# (docs/baselines.md): "reference", the extra inputs of the authors' code (products of the
+# candidate with the pooled behaviours); "paper", only the inputs of the papers' figures.
+BaselineInputs = Literal["reference", "paper"]
 
 
 def candidate_query(features: FeatureSpec, item: jax.Array) -> jax.Array:
@@ -29,14 +36,21 @@ def require_behaviours(features: FeatureSpec, model: str) -> None:
 
 
 class DIN(base.DeepModel):
-  """User interest v_U = sum_t a(e_b^t, q) e_b^t (eq. 3) with the local activation unit
-  (`layers.LocalActivationUnit`, un-normalised weights, sum pooling), then
-  MLP([e_u; v_U; e_i; e_c]) with PReLU or Dice (Fig. 2) and a logit layer.
+  """User interest v_U = sum_t a_t e_b^t (eq. 3) with the local activation unit
+  (`layers.LocalActivationUnit`: weights a_t normalised as `din_attention_norm` says, sum
+  pooling), then an MLP with PReLU or Dice (Fig. 2) and a logit layer, over
 
-  aux["attention"]["din"]: the activation weights [B, T] (zero at padding).
+    "paper":     [e_u; v_U; e_i; e_c]             (Fig. 2)
+    "reference": [e_u; v_U; e_i; e_c; v_U * q]    (+ the interest-candidate product of the
+                                                   authors' din/model.py)
+
+  with q the candidate's behaviour fields (the layout of e_b^t and so of v_U).
+  aux["attention"]["din"]: the weights a_t [B, T] (zero at padding).
   """
   attention_mlp_dims: tuple[int, ...] = (36,)
   use_dice: bool = False
+  din_attention_norm: layers.DinAttentionNorm = "scaled_softmax"
+  baseline_inputs: BaselineInputs = "reference"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
@@ -46,11 +60,14 @@ class DIN(base.DeepModel):
     keys = layers.flatten_fields(e.hist)                                          # [B, T, d_b]
     query = candidate_query(self.features, e.item)                         # [B, d_b]
     weights = layers.LocalActivationUnit(self.attention_mlp_dims, kernel_init, self.use_dice,
+                                         self.din_attention_norm,
                                          name="activation_unit")(query, keys, e.mask)
     interest = jnp.einsum("bt,btd->bd", weights, keys)                     # eq. 3
     parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
     parts += [interest, layers.flatten_fields(e.item)]
     parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
+    if self.baseline_inputs == "reference":
+      parts.append(interest * query)
     h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
                              self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
                                                            deterministic=not train)

@@ -31,6 +31,7 @@ ScoreActivation = Literal["tanh", "none"]
 GimCombine = Literal["project_sum", "weighted_concat"]
 TransformerNorm = Literal["pre_ln", "post_ln"]
 SequencePooling = Literal["mean", "sum"]
+DinAttentionNorm = Literal["none", "softmax", "scaled_softmax"]  # LocalActivationUnit
 
 
 def truncated_normal(stddev: float) -> nn.initializers.Initializer:
@@ -512,13 +513,18 @@ class ActivationMLP(nn.Module):
 class LocalActivationUnit(nn.Module):
   """DIN's local activation unit (Zhou et al. 2018, eq. 3 and Fig. 2):
 
-    a_t = MLP([q; k_t; q - k_t; q * k_t]),   zero at padded t,
+    s_t = MLP([q; k_t; q - k_t; q * k_t]),
 
-  the un-normalised weight of behaviour t given the candidate q (no softmax, as in the paper).
+  and the weight a_t of behaviour t given the candidate q, over valid t only (`normalization`):
+    "none":           a_t = s_t, zero at padded t (the paper: no softmax, keeps the intensity);
+    "softmax":        a_t = softmax_t(s_t) (the DIEN authors' din_attention);
+    "scaled_softmax": a_t = softmax_t(s_t / sqrt(d)) (the DIN authors' din/model.py).
+  A history without valid behaviours gets all-zero weights.
   """
   hidden_dims: tuple[int, ...]
   kernel_init: nn.initializers.Initializer
   use_dice: bool = False
+  normalization: DinAttentionNorm = "none"
 
   @nn.compact
   def __call__(self, query: Array, keys: Array, mask: Array) -> Array:
@@ -528,6 +534,10 @@ class LocalActivationUnit(nn.Module):
     x = ActivationMLP(self.hidden_dims, 0.0, self.kernel_init, self.use_dice, name="mlp")(
         x, deterministic=True)
     score = nn.Dense(1, kernel_init=self.kernel_init, name="score")(x)[..., 0]
+    if self.normalization == "softmax":
+      return masked_softmax(score, mask)
+    if self.normalization == "scaled_softmax":
+      return masked_softmax(score / np.sqrt(keys.shape[-1]), mask)
     return jnp.where(mask, score, 0.0)
 
 

@@ -17,50 +17,44 @@ from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
 from mian_jax.models.din import candidate_query
 
-# The paper's literal reading of the switches whose defaults (mian_jax/config_defaults.py) depart
-# from the text, each departure chosen on validation data (docs/model.md, "Departures from the
-# text").
-PAPER_LITERAL = {
-    "interaction_values": "concat",  # eqs. 6, 10, 12 pool [e_i; x] only
-    "gim_behavior": "concat",  # eq. 14 concatenates all T behaviours into r_g
-}
 # Names of the parts r_1..r_7 of eq. (14), in the paper's order.
 GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
 
 
-class MIAN(base.DeepModel):
+class MIAN(base.DeepModel, kw_only=True):
   """The whole model: embedding layer, multi-interactive layer, prediction layer.
 
   Call with a batch (see mian_jax.data.pipeline.gather_batch); returns
   (logits [B] float32, aux) where aux holds the attention weights
   {"ibim": [B, T], "iuim": [B, J], "icim": [B, K], "gim": [B, L]} of the enabled modules (the
   L parts are named by `gim_part_names()`), and "embedding_sq_norm" [B], the squared norm of
-  the embeddings each example looked up (for the L2 term).
+  the embeddings each example looked up (for the L2 term). The fields have no defaults:
+  `models.create_model` fills them from config.model, whose defaults are the only ones.
   """
-  num_heads: int = 8
-  ffn_dim_multiplier: int = 4
-  transformer: Literal[layers.TransformerNorm, "none"] = "pre_ln"  # Table 4
-  position_embedding: Literal["learned", "none"] = "learned"  # by recency; "none": no table
-  use_ibim: bool = True
-  use_iuim: bool = True
-  use_icim: bool = True
-  use_gim: bool = True
-  ibim_score_weights: Literal["shared", "per_position"] = "shared"  # W_t of eq. 8
+  num_heads: int
+  ffn_dim_multiplier: int
+  transformer: Literal[layers.TransformerNorm, "none"]  # Table 4
+  position_embedding: Literal["learned", "none"]  # by recency; "none": no table
+  use_ibim: bool
+  use_iuim: bool
+  use_icim: bool
+  use_gim: bool
+  ibim_score_weights: Literal["shared", "per_position"]  # W_t of eq. 8
   # eq. 8's score: "additive" (the paper) | "bilinear" (+ e_i^T M h_t) | "din" (+ DIN's
   # activation unit over [q; h_t; q - h_t; q * h_t]), the extra terms inside the activation.
-  ibim_score: Literal["additive", "bilinear", "din"] = "additive"
-  attention_mlp_dims: tuple[int, ...] = (36,)  # hidden widths of the "din" score
+  ibim_score: Literal["additive", "bilinear", "din"]
+  attention_mlp_dims: tuple[int, ...]  # hidden widths of the "din" score
   # Values pooled by IBIM/IUIM/ICIM: "concat" (eqs. 6, 10, 12) | "concat_product" (+ the
   # element-wise product of the candidate with the behaviour / field, see docs/model.md).
-  interaction_values: Literal["concat", "concat_product"] = "concat"
-  field_score_weights: Literal["per_field", "shared"] = "per_field"  # W^j of eqs. 10, 13
-  score_activation: layers.ScoreActivation = "tanh"  # eqs. 8, 10, 13, 15
-  gim_combine: layers.GimCombine = "project_sum"  # eq. 15
-  gim_dim: int = 64
-  gim_behavior: Literal["concat", "mean"] = "concat"  # how e_b enters r_g (eq. 14)
+  interaction_values: Literal["concat", "concat_product"]
+  field_score_weights: Literal["per_field", "shared"]  # W^j of eqs. 10, 13
+  score_activation: layers.ScoreActivation  # eqs. 8, 10, 13, 15
+  gim_combine: layers.GimCombine  # eq. 15
+  gim_dim: int
+  gim_behavior: Literal["concat", "mean"]  # how e_b enters r_g (eq. 14)
   # Slot order the model sees: "newest_first" (as stored: slot t = recency t) | "oldest_first"
   # (left-aligned, the layout before prepared-data format 2; for the controlled comparison).
-  history_layout: Literal["newest_first", "oldest_first"] = "newest_first"
+  history_layout: Literal["newest_first", "oldest_first"]
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
