@@ -253,6 +253,8 @@ class Sweep:
   prune_warmup: int = 0
   rerun_changed: bool = False
   grid: bool = False
+  report_config: str = ""  # "": report the best trial's own runs; else rerun it on this config
+  report_seeds: tuple[int, ...] = ()  # seeds of those reruns (default: `seeds`)
   echo: Callable[[str], None] = print
   durations: list[float] = dataclasses.field(default_factory=list)
   failures: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -485,6 +487,21 @@ class Sweep:
     with open(path) as f:
       return json.load(f)
 
+  def report_runs(self, entry: Entry, best: optuna.trial.FrozenTrial) -> list[dict]:
+    """The best trial's setting trained anew on --report_config, once per seed, each run
+    evaluating its reported step on test at its end (the only read of test). Runs live in
+    `<out>/report/<entry>/<params_hash>/seed<k>` and are reused when finished."""
+    flags = tuple(f for f in entry.overrides if f != NO_TEST) + tuple(
+        search_spaces.overrides(best.params))
+    trial_dir = os.path.join(os.path.abspath(self.out), "report", runner.slug(entry.name),
+                             params_hash(best.params))
+    runs = [runner.Run(f"{entry.name} report", (), seed, os.path.join(trial_dir, f"seed{seed}"),
+                       flags) for seed in (self.report_seeds or self.seeds)]
+    rows = runner.run_all(runs, self.report_config, self.rerun_changed, self.echo)
+    return [{"seed": r["seed"], "valid_auc": r["valid_auc"], "test_auc": r["test_auc"],
+             "test_logloss": r["test_logloss"], "test_gauc": r["test_gauc"],
+             "oracle_auc": r["oracle_auc"], "step": r["step"]} for r in rows]
+
   def collect(self) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, per-run results of each study's best trial, with test metrics)."""
     trial_rows, run_rows = [], []
@@ -503,6 +520,11 @@ class Sweep:
       if not complete:
         continue
       best = max(complete, key=lambda t: (t.value, -t.number))
+      if self.report_config:
+        run_rows += [{"model": entry.name, "trial": best.number, **row,
+                      "trials": sum(t.state in DONE for t in trials), **best.params}
+                     for row in self.report_runs(entry, best)]
+        continue
       for run in trial_runs(entry, best.params, best.number, self.seeds, self.out):
         valid = read_valid(run.workdir)
         test = self.test_metrics(run, valid)
@@ -588,7 +610,10 @@ def budget_line(sweep: Sweep, args: argparse.Namespace) -> str:
           f"seed {sweep.seeds[0]}'s validation AUC after {sweep.prune_startup} trials "
           f"(warm-up {sweep.prune_warmup} steps), stopping after "
           f"{search_spaces.EARLY_STOPPING_PATIENCE} validations without a better AUC; data: "
-          f"`{args.config}`, overrides: `{extra}`.")
+          f"`{args.config}`, overrides: `{extra}`." + (
+              f" Reported: each model's best setting trained anew on `{sweep.report_config}`, "
+              f"seeds {','.join(map(str, sweep.report_seeds or sweep.seeds))}, test read once at "
+              "the end of each run." if sweep.report_config else ""))
 
 
 def write_outputs(runs: pd.DataFrame, keys: Sequence[str], out: str, budget: str,
@@ -626,6 +651,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--storage", default="",
                       help="journal file or database URL of the studies (default: "
                            "<out>/optuna_journal.log); share it to run several workers")
+  parser.add_argument("--report_config", default="",
+                      help="search on --config (e.g. a subsample of users), then train each "
+                           "model's best setting on this config, once per seed, and report "
+                           "those runs (default: report the best trial's own runs)")
+  parser.add_argument("--report_seeds", default="",
+                      help="seeds of the --report_config runs (default: --seeds)")
   parser.add_argument("--search_seed", type=int, default=0, help="seed of the TPE sampler")
   parser.add_argument("--prune_startup", type=int, default=5,
                       help="trials of a study finished before the pruner stops any")
@@ -661,7 +692,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     os.makedirs(args.out, exist_ok=True)
     sweep = Sweep(entries, args.config, seeds, args.out, open_storage(args.storage, args.out),
                   args.trials, args.search_seed, args.prune_startup, args.prune_warmup,
-                  args.rerun_changed, grid)
+                  args.rerun_changed, grid, args.report_config,
+                  tuple(int(s) for s in args.report_seeds.split(",") if s.strip()))
     for entry in entries:
       print(f"{entry.name}: {len(entry.space)} dimensions ({', '.join(entry.space)}), "
             f"{args.trials} trials x {runner.plural(len(seeds), 'seed')}")
@@ -677,8 +709,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     print("interrupted; rerun the same command to resume", file=sys.stderr)
     sys.exit(130)
   keys = list(dict.fromkeys(k for entry in entries for k in entry.space))
-  title = (f"Test AUC at each model's best validation trial: {args.config}, "
-           f"{runner.plural(len(seeds), 'seed')}")
+  title = (f"Test AUC at each model's best validation trial: "
+           f"{args.report_config or args.config}")
   summary = write_outputs(runs, keys, args.out, budget_line(sweep, args), title)
   print(runner.markdown_table(
       ["model", "trials", "valid AUC", "test AUC"],

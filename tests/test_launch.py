@@ -188,6 +188,39 @@ def test_a_faked_search_gives_every_model_n_trials_selects_on_validation_and_rea
     sweep.main(sweep_argv(out, "--trials=5") + ["--config.train.l2_weight=0.01"])
 
 
+def test_a_report_config_retrains_each_best_setting_there_and_reports_only_those_runs(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  fake = FakeRuns()
+  monkeypatch.setattr(runner, "launch", fake)
+  calls = []
+
+  def fake_run_all(runs, config_file, rerun_changed=False, echo=print):
+    calls.append((config_file, runs))
+    return [{"seed": r.seed, "valid_auc": 0.7, "test_auc": 0.6 + 0.01 * r.seed,
+             "test_logloss": 0.5, "test_gauc": 0.6, "oracle_auc": 0.9, "step": 6}
+            for r in runs]
+
+  monkeypatch.setattr(runner, "run_all", fake_run_all)
+  out = tmp_path / "sweep"
+  summary = sweep.main(sweep_argv(out, "--trials=3", "--report_config=configs/movielens.py",
+                                  "--report_seeds=0,1,2"))
+  assert [c for c in fake.commands if c[2] == "mian_jax.evaluate"] == []  # no trial reads test
+  assert [config for config, _ in calls] == ["configs/movielens.py"] * 2
+  trials = pd.read_csv(out / "trials.csv")
+  for (_, runs), model in zip(calls, ("lr", "wide_deep")):
+    assert [r.seed for r in runs] == [0, 1, 2]
+    assert sweep.NO_TEST not in runs[0].overrides
+    assert f"--config.model.name={model}" in runs[0].overrides
+    mine = trials[trials.model == model]
+    best = mine.loc[mine.valid_auc_mean.idxmax()]
+    assert f"--config.train.learning_rate={best['train.learning_rate']}" in runs[0].overrides
+    assert all(os.sep + "report" + os.sep in r.workdir for r in runs)
+  assert summary.test_auc_mean.tolist() == pytest.approx([0.61, 0.61])
+  assert summary.seeds.tolist() == [3, 3]
+  assert "trained anew on `configs/movielens.py`, seeds 0,1,2" in (out / "summary.md").read_text()
+
+
 def test_the_pruner_stops_a_trial_below_the_median_and_it_counts_as_finished(
     tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
