@@ -18,8 +18,9 @@ it reports:
 
 With --predictions (Parquet files of `python -m mian_jax.evaluate --split=test --predictions`,
 one row per example in split order, column `score`), it adds the AUC and gAUC of each file
-overall and on the warm-user & warm-item / cold-user / cold-item subsets, beside item CTR and
-bias-only on the same subsets.
+overall, on the warm-user & warm-item / cold-user / cold-item subsets and on buckets of the
+behaviour-history length, beside item CTR, bias-only and, where the data knows the true click
+probability (`click_prob`), the Bayes oracle on the same subsets.
 A file is named `name=path`, or by its path.
 
 The item is the first behaviour field (the first item field if there are none; --item_field
@@ -45,6 +46,10 @@ EVAL_SPLITS = ("valid", "test")
 BASELINES = ("item CTR", "user CTR", "item popularity", "bias-only (item + user logit)")
 SUBSET_BASELINES = (BASELINES[0], BASELINES[-1])  # shown beside the predictions on each subset
 SUBSETS = ("all", "warm user & warm item", "cold user", "cold item")
+# Behaviour-history lengths [low, high) of the subsets that show where a model meets the
+# oracle: a gap that shrinks with the history is information per user, not capacity.
+HISTORY_BUCKETS = ((0, 1), (1, 5), (5, 15), (15, None))
+ORACLE = "oracle (true click probability)"  # scored beside the models where the data knows it
 
 
 # ----------------------------------------------------------------------------- columns
@@ -69,10 +74,13 @@ def load_columns(data_dir: str, schema: schema_lib.Schema, split: str,
     raise DataError(f"--item_field={item_field!r} is not a categorical item field of "
                     f"{data_dir} (choose from {names})")
   columns = schema_lib.load_split(data_dir, split, schema)
-  return {"user": np.asarray(columns["group_id"]),
-          "item": np.asarray(columns[f"item.{item_field}"]),
-          "hist_len": np.asarray(columns["hist_len"]),
-          "label": np.asarray(columns["label"])}
+  out = {"user": np.asarray(columns["group_id"]),
+         "item": np.asarray(columns[f"item.{item_field}"]),
+         "hist_len": np.asarray(columns["hist_len"]),
+         "label": np.asarray(columns["label"])}
+  if "extra.click_prob" in columns:  # generated data: the true click probability [N]
+    out["click_prob"] = np.asarray(columns["extra.click_prob"], np.float64)
+  return out
 
 
 def cold_masks(train: dict[str, np.ndarray],
@@ -166,10 +174,23 @@ def split_summary(train: dict[str, np.ndarray], split: dict[str, np.ndarray],
   }
 
 
-def subset_masks(cold_user: np.ndarray, cold_item: np.ndarray) -> dict[str, np.ndarray]:
-  """SUBSETS name -> [N] bool mask (cold user and cold item overlap; warm/warm excludes both)."""
-  return dict(zip(SUBSETS, (np.ones_like(cold_user), ~cold_user & ~cold_item, cold_user,
-                            cold_item)))
+def history_bucket_name(low: int, high: int | None) -> str:
+  if high is None:
+    return f"history >= {low}"
+  return "empty history" if (low, high) == (0, 1) else f"history {low}-{high - 1}"
+
+
+def subset_masks(cold_user: np.ndarray, cold_item: np.ndarray,
+                 hist_len: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """SUBSETS name -> [N] bool mask (cold user and cold item overlap; warm/warm excludes both),
+  then, given `hist_len` [N], one mask per HISTORY_BUCKETS entry."""
+  masks = dict(zip(SUBSETS, (np.ones_like(cold_user), ~cold_user & ~cold_item, cold_user,
+                             cold_item)))
+  if hist_len is not None:
+    for low, high in HISTORY_BUCKETS:
+      upper = np.inf if high is None else high
+      masks[history_bucket_name(low, high)] = (hist_len >= low) & (hist_len < upper)
+  return masks
 
 
 def parse_predictions_arg(values: list[str]) -> list[tuple[str, str]]:
@@ -221,7 +242,7 @@ def predictions_summary(split: dict[str, np.ndarray], cold_user: np.ndarray,
   """
   labels, users = split["label"], split["user"]
   result = {}
-  for subset, mask in subset_masks(cold_user, cold_item).items():
+  for subset, mask in subset_masks(cold_user, cold_item, split["hist_len"]).items():
     result[subset] = {
         "examples": int(mask.sum()), "positive_rate": _mean(labels[mask]),
         "auc": {name: metrics.auc(labels[mask], s[mask]) for name, s in scored.items()},
@@ -243,13 +264,16 @@ def diagnose(data_dir: str, schema: schema_lib.Schema, predictions: list[tuple[s
                        for s in EVAL_SPLITS}}
   if predictions:
     names = [name for name, _ in predictions]
-    if len(set(names)) != len(names) or set(names) & set(BASELINES):
-      raise DataError(f"predictions names {names} must be distinct and differ from {BASELINES}")
+    if len(set(names)) != len(names) or set(names) & {*BASELINES, ORACLE}:
+      raise DataError(f"predictions names {names} must be distinct and differ from "
+                      f"{(*BASELINES, ORACLE)}")
     split = columns[predictions_split]
     scored = {name: read_scores(path, split, predictions_split) for name, path in predictions}
     cold_user, cold_item = cold_masks(columns["train"], split)
     baselines = baseline_scores(columns["train"], split, smoothing)
     beside = {name: baselines[name] for name in SUBSET_BASELINES}
+    if "click_prob" in split:
+      beside[ORACLE] = split["click_prob"]
     report["predictions"] = {
         "split": predictions_split, "files": dict(predictions),
         "subsets": predictions_summary(split, cold_user, cold_item, {**beside, **scored})}

@@ -91,8 +91,16 @@ def test_predictions_by_subset_and_written_outputs(prepared, tmp_path):
   report = diagnose.diagnose(*prepared, predictions=[("perfect", path)])
   subsets = report["predictions"]["subsets"]
   assert {k: v["examples"] for k, v in subsets.items()} == {
-      "all": 8, "warm user & warm item": 2, "cold user": 4, "cold item": 3}
-  assert all(v["auc"]["perfect"] == 1.0 for v in subsets.values())
+      "all": 8, "warm user & warm item": 2, "cold user": 4, "cold item": 3,
+      "empty history": 2, "history 1-4": 3, "history 5-14": 3, "history >= 15": 0}
+  assert diagnose.ORACLE not in subsets["all"]["auc"]  # this data knows no click probability
+  # Empty histories are two non-clicks, histories 1-4 three clicks ((11, 5, 2), (13, 4, 1),
+  # (14, 1, 3)): one class, no AUC; every other non-empty subset is perfect.
+  assert subsets["empty history"]["positive_rate"] == 0.0
+  assert subsets["history 1-4"]["positive_rate"] == 1.0
+  one_class = ("empty history", "history 1-4", "history >= 15")
+  assert all(np.isnan(subsets[k]["auc"]["perfect"]) for k in one_class)
+  assert all(v["auc"]["perfect"] == 1.0 for k, v in subsets.items() if k not in one_class)
   assert subsets["all"]["auc"]["bias-only (item + user logit)"] == pytest.approx(10.5 / 16)
   # Cold users' clicks are items 4 and OOV, their non-clicks items 2 and 3: 2 of 4 pairs.
   assert subsets["cold user"]["auc"]["item CTR"] == pytest.approx(2 / 4)
@@ -139,3 +147,27 @@ def test_command_line_writes_outputs_and_reports_errors_in_one_line(prepared, tm
                        capture_output=True, text=True, timeout=60)
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].startswith("error: predictions file not found")
+
+
+def test_the_oracle_is_scored_beside_the_models_where_the_data_knows_it(tmp_path):
+  features = schema_lib.FeatureSpec(
+      item_fields=(schema_lib.Field("item_id", "categorical", 6),), behavior_fields=("item_id",),
+      user_fields=(), context_fields=(), max_seq_len=SEQ)
+  splits = {"train": _columns(TRAIN), "valid": _columns(VALID), "test": _columns(TEST)}
+  for columns in splits.values():  # the oracle ranks by a probability that inverts item order
+    columns["extra.click_prob"] = (1.0 / (1 + columns["item.item_id"])).astype(np.float32)
+  schema = schema_lib.Schema(features=features, source="hand-built", extra_columns=("click_prob",),
+                             num_examples=tuple((s, len(c["label"])) for s, c in splits.items()))
+  directory = str(tmp_path / "prepared")
+  schema_lib.write_prepared(directory, schema, splits)
+  labels = [row[2] for row in TEST]
+  path = str(tmp_path / "perfect.parquet")
+  _write_predictions(path, labels, labels)
+  subsets = diagnose.diagnose(directory, schema, predictions=[("m", path)])[
+      "predictions"]["subsets"]
+  # Clicks on items 2, 5, 4, 1 (p = 1/3, 1/6, 1/5, 1/2), non-clicks on 3, 1, 2, 3 (1/4, 1/2,
+  # 1/3, 1/4): 1/3 wins 2 pairs and ties 1, 1/2 wins 3 and ties 1, the others win none.
+  assert subsets["all"]["auc"][diagnose.ORACLE] == pytest.approx(6 / 16)
+  assert subsets["all"]["auc"]["m"] == 1.0
+  with pytest.raises(DataError, match="must be distinct"):
+    diagnose.diagnose(directory, schema, predictions=[(diagnose.ORACLE, path)])
