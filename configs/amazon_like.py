@@ -2,7 +2,7 @@
 prepared by the real Amazon pipeline, with the true purchase probabilities known, so every
 evaluation reports an oracle AUC (docs/data.md, "Amazon-like benchmark").
 
-  python -m mian_jax.data.prepare --config=configs/amazon_like.py
+  python -m mian_jax.prepare --config=configs/amazon_like.py
   python -m mian_jax.main --config=configs/amazon_like.py --workdir=runs/al
   python -m mian_jax.main --config=configs/amazon_like.py:size=small,model=din --workdir=runs/s
 

@@ -4,7 +4,7 @@
       --workdir=runs/ml100k
   python -m mian_jax.main --config=configs/movielens.py:1m --config.data.raw_dir=/data/ml-1m \
       --workdir=runs/ml1m
-  python -m mian_jax.data.prepare --config=configs/movielens.py   # prepare only, print stats
+  python -m mian_jax.prepare --config=configs/movielens.py   # prepare only, print stats
 
 Raw files: https://files.grouplens.org/datasets/movielens/ml-100k.zip (u.data, u.user, u.item)
 or ml-1m.zip (ratings.dat, users.dat, movies.dat), unzipped into `data.raw_dir`. An empty

@@ -1,6 +1,6 @@
 """MIAN on your own logs, CSV or Parquet (fields, label and split: docs/data.md).
 
-  python -m mian_jax.data.prepare --config=configs/tabular.py \
+  python -m mian_jax.prepare --config=configs/tabular.py \
       --config.data.tabular.path=/data/my_logs.parquet
   python -m mian_jax.main --config=configs/tabular.py --config.data.tabular.path=logs.csv \
       --workdir=runs/mine

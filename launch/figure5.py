@@ -50,7 +50,7 @@ def read_series(workdir: str, key: str) -> pd.Series:
   values = {}
   for record in writers.read_jsonl(os.path.join(workdir, "metrics", "metrics.jsonl")):
     if key in record:
-      values[int(record["step"])] = float(record[key])  # "nan"/"inf" are logged as text
+      values[int(record["step"])] = float(record[key])
   return pd.Series(values, dtype=float).sort_index()
 
 

@@ -39,6 +39,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mian_jax import config_checks, workdir_lock
+from mian_jax.writers import hms, markdown_table  # noqa: F401  (the launchers' tables)
 from mian_jax import workdir as workdir_lib
 from mian_jax.errors import ConfigError
 
@@ -165,12 +166,6 @@ def check_workdirs(runs: Sequence[Run], configs: Sequence[dict], rerun_changed: 
                                           if len(differences) > 4 else "")
     raise LaunchError(f"{run.workdir} was run with another config ({shown}); pass "
                       "--rerun_changed to move it aside and run again, or use another --out")
-
-
-def _hms(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
 
 
 class Interrupted(SystemExit):
@@ -321,8 +316,8 @@ def run_all(runs: Sequence[Run], config_file: str, rerun_changed: bool = False,
       durations.append(time.time() - start)
       eta = np.mean(durations) * (to_train - len(durations))
       result = read_result(run)
-      echo(f"{head}: done in {_hms(durations[-1])}, valid AUC {result['valid_auc']:.4f} at "
-           f"step {result['step']} | ETA {_hms(eta)}")
+      echo(f"{head}: done in {hms(durations[-1])}, valid AUC {result['valid_auc']:.4f} at "
+           f"step {result['step']} | ETA {hms(eta)}")
     rows.append({"name": run.name, **dict(run.point), **result})
   return rows
 
@@ -339,22 +334,6 @@ def mean_std(mean: float, std: float) -> str:
   if mean is None or not math.isfinite(mean):
     return ""
   return f"{mean:.4f}" if std is None or not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-                   numeric: Sequence[bool] | None = None) -> str:
-  """A GitHub-flavoured Markdown table; `numeric` columns are right-aligned."""
-  numeric = numeric or [False] * len(headers)
-
-  def cell(value):
-    if isinstance(value, float):
-      value = "" if not math.isfinite(value) else f"{value:.4f}"
-    return str(value).replace("|", "\\|")
-
-  lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
-           "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
-  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines) + "\n"
 
 
 def plot_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[float], path: str,

@@ -30,7 +30,6 @@ files); any difference raises `OtherRunError` naming it, and nothing is moved.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -48,13 +47,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from mian_jax.errors import (DataError, DiskFullError, NonFiniteStateError,
+from mian_jax.errors import (DataError, DiskFullError, NonFiniteStateError, describe,
                              file_system_error)
+from mian_jax.fileio import sha256_file, write_text_atomic
 
 # Inside each step directory; orbax ignores files there (it reads items from subdirectories)
 # and deletes or moves it with its step.
 CHECKSUM_FILE = "sha256sums.json"
-_CHUNK_BYTES = 1 << 20
 
 # How an embedding table's parameter path ends (models/layers.py names tables `embed_<field>`).
 _TABLE_PATH = re.compile(r"params/.*embed_(?P<field>[^/]+)/embedding$")
@@ -190,14 +189,6 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_CHUNK_BYTES):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _file_digests(step_dir: str) -> dict[str, str]:
   """{path relative to `step_dir`: sha256} of every file but the checksum file itself."""
   digests = {}
@@ -206,19 +197,16 @@ def _file_digests(step_dir: str) -> dict[str, str]:
     for name in sorted(files):
       path = os.path.join(root, name)
       relative = os.path.relpath(path, step_dir).replace(os.sep, "/")
-      if relative not in (CHECKSUM_FILE, CHECKSUM_FILE + ".tmp"):
-        digests[relative] = _sha256(path)
+      if not relative.startswith(CHECKSUM_FILE):  # nor its temporary copy
+        digests[relative] = sha256_file(path)
   return digests
 
 
 def write_checksums(step_dir: str) -> None:
   """Writes `<step_dir>/sha256sums.json` atomically (a killed writer leaves no partial file)."""
-  path = os.path.join(step_dir, CHECKSUM_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"algorithm": "sha256", "files": _file_digests(step_dir)}, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  content = {"algorithm": "sha256", "files": _file_digests(step_dir)}
+  write_text_atomic(os.path.join(step_dir, CHECKSUM_FILE), json.dumps(content, indent=1),
+                    fsync=True)
 
 
 def verify_checksums(step_dir: str) -> bool:
@@ -239,12 +227,12 @@ def verify_checksums(step_dir: str) -> bool:
     with open(path) as f:
       recorded = dict(json.load(f)["files"])
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise DataError(f"{CHECKSUM_FILE} is unreadable ({_one_line(e)})") from None
+    raise DataError(f"{CHECKSUM_FILE} is unreadable ({describe(e)})") from None
   for relative, expected in sorted(recorded.items()):
     file = os.path.join(step_dir, relative)
     if not os.path.isfile(file):
       raise DataError(f"{relative} is missing (listed in {CHECKSUM_FILE})")
-    if _sha256(file) != expected:
+    if sha256_file(file) != expected:
       raise DataError(f"the sha256 of {relative} differs from {CHECKSUM_FILE}")
   return True
 
@@ -395,11 +383,6 @@ def _restore_step(manager, step: int, state, identity: dict[str, Any]):
   return state, dict(restored["meta"])
 
 
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text[:300]}"
-
-
 def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
             workdir: str | None = None, identity: dict[str, Any] | None = None):
   """Restores into the structure (and shardings) of `state`.
@@ -434,7 +417,7 @@ def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
       raise
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
       raise DataError(f"checkpoint {step} in {manager.directory} is unreadable or damaged "
-                      f"({_one_line(e)})") from None
+                      f"({describe(e)})") from None
   damaged = []
   result = None
   for s in steps:
@@ -444,7 +427,7 @@ def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
     except OtherRunError:
       raise  # before `_move_aside`: another run's checkpoints stay where they are
     except Exception as e:  # noqa: BLE001
-      logging.warning("Checkpoint at step %d is damaged and is skipped (%s)", s, _one_line(e))
+      logging.warning("Checkpoint at step %d is damaged and is skipped (%s)", s, describe(e))
       damaged.append(s)
   if damaged and workdir is not None:
     _move_aside(manager, damaged, workdir)

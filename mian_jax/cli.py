@@ -14,24 +14,17 @@ import tokenize
 from collections.abc import Sequence
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from mian_jax import config_defaults
-from mian_jax import data as data_lib
-from mian_jax.errors import MianError, file_system_error, file_system_message
+from mian_jax import config_defaults, fileio
+from mian_jax.errors import MianError, file_system_error, file_system_message, one_line
 
 flags.DEFINE_bool(
     "show_config", False,
     "Print every config key with its value and its comment from the config source, then exit "
     "without running. Any key can be set with --config.<key>=<value> (e.g. "
     "--config.train.batch_size=256); such overrides are applied before printing.")
-
-
-def _one_line(e: BaseException) -> str:
-  """The message of `e` on one line (KeyError's repr quoting removed)."""
-  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-  return " ".join(text.split())
 
 
 def _fail(message: str) -> None:
@@ -62,7 +55,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       text = f"{text.split(': ', 1)[0]}: {lines[-1]}"
     _fail(text)
   except (KeyError, AttributeError) as e:  # misspelt --config.<key>
-    _fail(_unknown_key_message(argv) or f"unknown config key {_one_line(e)}")
+    _fail(_unknown_key_message(argv) or f"unknown config key {one_line(e)}")
   except OSError as e:  # config file missing or broken
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     _fail(f"cannot load the config file: {lines[-1] if lines else e}")
@@ -70,7 +63,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     where = f"{e.filename} line {e.lineno}" if e.filename else "the config file"
     _fail(f"{where}: SyntaxError: {e.msg}")
   except (ValueError, TypeError) as e:  # get_config(arg) rejected its argument
-    _fail(f"{type(e).__name__}: {_one_line(e)}")
+    _fail(f"{type(e).__name__}: {one_line(e)}")
   if flags.FLAGS.show_config:
     if not _has_config():
       _fail("--show_config needs --config=<config file>")
@@ -292,7 +285,7 @@ def run_or_exit(fn, *args):
   try:
     return fn(*args)
   except MianError as e:
-    _exit_with(_one_line(e))
+    _exit_with(one_line(e))
   except Exception as e:  # noqa: BLE001 - only file-system errors are answered here
     os_error = file_system_error(e)
     if os_error is None:
@@ -333,9 +326,12 @@ class _NoBackendProbes:
 _NO_BACKEND_PROBES = _NoBackendProbes()
 
 
-def init_process() -> None:
-  """What every entry point does first (library modules never do): quiets library logs, joins
-  a multi-process run when asked to, and turns on the persistent compilation cache."""
+def init_process(argv: Sequence[str] = ()) -> None:
+  """What every entry point does first (library modules never do): refuses arguments besides
+  the flags (`argv` as `app.run` passes it), quiets library logs, joins a multi-process run
+  when asked to, and turns on the persistent compilation cache."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
   init_distributed()
   enable_compilation_cache()
@@ -365,7 +361,7 @@ def enable_compilation_cache() -> None:
   jax_compilation_cache/; an empty value turns the cache off)."""
   cache = os.environ.get("MIAN_JAX_COMPILATION_CACHE")
   if cache is None:
-    cache = os.path.join(data_lib.cache_root(), "jax_compilation_cache")
+    cache = os.path.join(fileio.cache_root(), "jax_compilation_cache")
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -283,16 +283,8 @@ def diagnose(data_dir: str, schema: schema_lib.Schema, predictions: list[tuple[s
 # ----------------------------------------------------------------------------- output
 
 
-def _cell(x) -> str:
-  if isinstance(x, float):
-    return "n/a" if np.isnan(x) else f"{x:.4f}"
-  return str(x)
-
-
 def markdown_table(header: list[str], rows: list[list]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(_cell(x) for x in row) + " |" for row in rows]
-  return "\n".join(lines)
+  return writers.markdown_table(header, rows, missing="n/a")
 
 
 def to_markdown(report: dict) -> str:
@@ -308,7 +300,7 @@ def to_markdown(report: dict) -> str:
            f"examples; item = item.{report['item_field']}.", "",
            markdown_table(["", *EVAL_SPLITS], [[label, *(splits[s][key] for s in EVAL_SPLITS)]
                                                for label, key in stats]),
-           "", f"Scores fitted on train only (CTRs smoothed with {report['smoothing']:g} "
+           f"Scores fitted on train only (CTRs smoothed with {report['smoothing']:g} "
            "pseudo-impressions at the train click rate):", "",
            markdown_table(["score", *(f"{s} {m}" for s in EVAL_SPLITS for m in ("AUC", "gAUC"))],
                           [[name, *(splits[s]["baselines"][name][m] for s in EVAL_SPLITS
@@ -317,12 +309,12 @@ def to_markdown(report: dict) -> str:
     p = report["predictions"]
     names = list(next(iter(p["subsets"].values()))["auc"])
     for metric in ("auc", "gauc"):
-      parts += ["", f"{metric.replace('auc', 'AUC')} on subsets of the {p['split']} split:", "",
+      parts += [f"{metric.replace('auc', 'AUC')} on subsets of the {p['split']} split:", "",
                 markdown_table(["subset", "examples", "positive rate", *names],
                                [[subset, v["examples"], v["positive_rate"],
                                  *(v[metric][n] for n in names)]
                                 for subset, v in p["subsets"].items()])]
-  return "\n".join(parts) + "\n"
+  return "\n".join(parts)
 
 
 def _json_safe(x):

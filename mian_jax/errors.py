@@ -87,3 +87,15 @@ def file_system_message(e: OSError) -> str:
     return (f"cannot write{where}: read-only file system; use a writable --workdir (or "
             "--output)")
   return f"cannot write{where} ({reason}); make it writable or choose another path"
+
+
+def one_line(e: BaseException) -> str:
+  """The message of `e` on one line (KeyError's repr quoting removed)."""
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  return " ".join(text.split())
+
+
+def describe(e: BaseException) -> str:
+  """`<type>: <message>` on one line, the message cut at 300 characters: an unexpected error
+  quoted inside another message."""
+  return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

@@ -46,10 +46,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from mian_jax import cli, evaluate, recorded_config, steps
+from mian_jax import cli, evaluate, fileio, recorded_config, steps
 from mian_jax import workdir as workdir_lib
 from mian_jax.data import schema as schema_lib
-from mian_jax.errors import ConfigError, DataError
+from mian_jax.errors import ConfigError, DataError, describe
 from mian_jax import serving
 from mian_jax.serving import (EXPORT_FILE, FORMAT_VERSION, MANIFEST_FILE, PARAMS_FILE,
                               SIGNATURE_FILE, VOCAB_DIR)
@@ -103,11 +103,6 @@ def scoring_function(state):
   return score
 
 
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text[:300]}"
-
-
 def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
   """Lowers `scoring_function(state)` with a symbolic batch size for `platforms`.
 
@@ -138,11 +133,11 @@ def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
     try:
       lower([platform])
     except Exception as e:  # noqa: BLE001
-      skipped[platform] = _one_line(e)
+      skipped[platform] = describe(e)
   usable = [p for p in platforms if p not in skipped]
   if not usable:
     raise ConfigError(f"cannot export for any of --platforms={','.join(platforms)} "
-                      f"({_one_line(error)})")
+                      f"({describe(error)})")
   for platform, reason in skipped.items():
     logging.warning("Not exporting for %s, which this jaxlib cannot lower for: %s", platform,
                     reason)
@@ -230,7 +225,7 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
     vocab_dir = os.path.join(data_dir, schema_lib.VOCAB_DIR)
     if os.path.isdir(vocab_dir):
       shutil.copytree(vocab_dir, os.path.join(tmp, VOCAB_DIR))
-    files = {name: serving.file_sha256(os.path.join(tmp, name))
+    files = {name: fileio.sha256_file(os.path.join(tmp, name))
              for name in serving.export_files(tmp)}
     _write_json(os.path.join(tmp, MANIFEST_FILE), {**manifest, "sha256": files})
     _readable_by_all(tmp)
@@ -321,9 +316,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.init_process()
+  cli.init_process(argv)
   flag = flags.FLAGS
   manifest = cli.run_or_exit(lambda: export_checkpoint(
       flag.workdir, flag.out, evaluate.parse_step(flag.step), parse_platforms(flag.platforms)))

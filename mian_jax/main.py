@@ -26,9 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.init_process()
+  cli.init_process(argv)
   try:
     cli.run_or_exit(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
   except Preempted as e:

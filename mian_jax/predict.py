@@ -60,7 +60,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from absl import app, flags, logging
 
-from mian_jax import cli, evaluate, recorded_config, sharding, steps, writers
+from mian_jax import cli, evaluate, fileio, recorded_config, sharding, steps, writers
 from mian_jax import workdir as workdir_lib
 from mian_jax.data import interaction_log, pipeline, tabular
 from mian_jax.errors import ConfigError, DataError
@@ -254,18 +254,11 @@ def write_table_atomic(table: pa.Table, path: str) -> None:
   """Writes Parquet or CSV (by the extension) through a temporary file and a rename."""
   fmt = output_format(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    if fmt == "parquet":
-      pq.write_table(table, tmp)
-    else:
-      pa_csv.write_csv(table, tmp)
-    os.replace(tmp, path)
+    with fileio.atomic_path(path) as tmp:
+      (pq.write_table if fmt == "parquet" else pa_csv.write_csv)(table, tmp)
   except OSError as e:
     raise DataError(f"cannot write {path} ({e.strerror or e})") from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def predict(workdir: str, input_path: str, output_path: str, step: int | str = "latest",
@@ -342,9 +335,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.init_process()
+  cli.init_process(argv)
   flag = flags.FLAGS
   stats = cli.run_or_exit(lambda: predict(
       flag.workdir, flag.input, flag.output, evaluate.parse_step(flag.step), flag.attention,

@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mian_jax.fileio import sha256_file
+
 FORMAT_VERSION = 1  # of the export directory (mian_jax/export.py)
 EXPORT_FILE = "model.jaxexport"
 PARAMS_FILE = "params.npz"
@@ -60,15 +62,6 @@ def _read_json(path: str) -> dict[str, Any]:
     raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
 
 
-def file_sha256(path: str) -> str:
-  """SHA-256 of a file, read in 1 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def export_files(export_dir: str) -> list[str]:
   """Every file of an export directory but manifest.json, as sorted relative paths with "/"
   ("model.jaxexport", "vocab/item.item_id.json", ...): what the manifest's checksums cover."""
@@ -92,7 +85,7 @@ def check_files(export_dir: str, manifest: Mapping[str, Any]) -> None:
     if not os.path.isfile(path):
       raise ValueError(f"{path} is missing: the export directory is incomplete; export the "
                        "checkpoint again")
-    if file_sha256(path) != digest:
+    if sha256_file(path) != digest:
       raise ValueError(f"{path} differs from the checksum in {MANIFEST_FILE}: the export "
                        "was changed or damaged; export the checkpoint again")
   for name in export_files(export_dir):

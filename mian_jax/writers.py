@@ -13,16 +13,19 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from tensorboard.summary import Writer as _EventWriter
 
+from mian_jax import fileio
+
 
 class MetricWriter:
-  """Writes scalars to `<logdir>` (TensorBoard events) and `<logdir>/metrics.jsonl`.
+  """Writes scalars to `<logdir>` (TensorBoard events) and `<logdir>/metrics.jsonl` (a
+  non-finite value as null, as in every JSON file of a run).
 
   A resumed run passes the step it resumes from: rows of later steps (written before an
   interruption, and about to be written again) and the earlier final report's test rows (the
@@ -48,14 +51,14 @@ class MetricWriter:
     for name, value in clean.items():
       self._events.add_scalar(name, value, step=step)
     record = {"step": int(step), "time": time.time(),
-              **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+              **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
 
   def write_hparams(self, hparams: Mapping[str, object]) -> None:
     if self._active:
-      with open(os.path.join(os.path.dirname(self._jsonl.name), "hparams.json"), "w") as f:
-        json.dump(dict(hparams), f, indent=2, sort_keys=True, default=str)
+      fileio.write_text_atomic(os.path.join(os.path.dirname(self._jsonl.name), "hparams.json"),
+                               json.dumps(dict(hparams), indent=2, sort_keys=True, default=str))
 
   def flush(self) -> None:
     if self._active:
@@ -83,17 +86,16 @@ def drop_rows_after(path: str, step: int, drop_prefix: str = "test/") -> int:
     except (ValueError, KeyError, TypeError):
       continue  # a line torn by a kill mid-write
   if len(kept) != len(lines):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    fileio.write_text_atomic(path, "".join(kept))
   return len(lines) - len(kept)
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """Reads back a metrics.jsonl file."""
+  """Reads back a metrics.jsonl file; a null (a non-finite value, which JSON cannot hold) is
+  read as NaN."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]
 
 
 def append_jsonl(path: str, rows: Iterable[Mapping]) -> None:
@@ -107,13 +109,8 @@ def append_jsonl(path: str, rows: Iterable[Mapping]) -> None:
 def write_text_atomic(path: str, text: str) -> None:
   """Writes a file on process 0 through a temporary file and a rename: readers never see half
   a file, and the other processes of a multi-process run write nothing."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    fileio.write_text_atomic(path, text)
 
 
 def write_json_atomic(path: str, content: dict) -> None:
@@ -134,3 +131,27 @@ def _finite_or_null(value, path: str, key: str = ""):
     logging.warning("%s: %s is %s, written as null", path, key, value)
     return None
   return value
+
+
+def hms(seconds: float) -> str:
+  """A duration as HH:MM:SS ("?" when unknown): progress lines and ETAs."""
+  if not math.isfinite(seconds):
+    return "?"
+  return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                   numeric: Sequence[bool] | None = None, missing: str = "") -> str:
+  """A GitHub-flavoured Markdown table, ending in a newline; floats with 4 decimals, a
+  non-finite one as `missing`; `numeric` columns are right-aligned."""
+  numeric = numeric or [False] * len(headers)
+
+  def cell(value):
+    if isinstance(value, float):
+      value = missing if not math.isfinite(value) else f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+  lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+           "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"

@@ -14,8 +14,8 @@ from mian_jax.data import synthetic
 from mian_jax.data.pipeline import gather_batch
 from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
+from mian_jax.models.base import candidate_query
 from mian_jax.models.dien import DIEN
-from mian_jax.models.din import candidate_query
 from tests.helpers import np_softmax, tiny_config
 
 BASELINES = ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")
@@ -303,7 +303,7 @@ def test_sequence_pooling_mean_and_sum_over_valid_positions():
   np.testing.assert_array_equal(mean[1], 0)
 
 
-def test_dien_runs_its_grus_from_the_oldest_to_the_newest_behaviour():
+def test_dien_runs_its_grus_from_the_oldest_to_the_newest_behavior():
   model, params, batch, schema, _ = _setup("dien")
   _, state = model.apply({"params": params}, batch, train=False, capture_intermediates=True,
                          mutable=["intermediates"])

@@ -118,7 +118,7 @@ def test_help_names_show_config_and_the_override_syntax(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["mian_jax.main", "mian_jax.evaluate",
-                                    "mian_jax.data.prepare"])
+                                    "mian_jax.prepare"])
 def test_show_config_lists_every_key_with_its_value_and_comment(tmp_path, module):
   from configs import synthetic  # noqa: PLC0415
 

@@ -168,7 +168,7 @@ def test_a_prepared_directory_of_an_older_format_says_how_to_prepare_again(tmp_p
   with open(path, "w") as f:
     json.dump(content, f)
   with pytest.raises(DataError,
-                     match="format_version 1 .*newest first.*mian_jax.data.prepare") as e:
+                     match="format_version 1 .*newest first.*mian_jax.prepare") as e:
     schema_lib.read_schema(directory)
   assert "\n" not in str(e.value)
 

@@ -263,7 +263,7 @@ def test_history_layout_moves_slots_but_keeps_each_behaviours_recency(transforme
                          outputs["concat", "newest_first"][0], atol=1e-5)
 
 
-def test_ibim_product_term_uses_the_behaviour_embeddings_not_the_transformer_output():
+def test_ibim_product_term_uses_the_behavior_embeddings_not_the_transformer_output():
   """With "concat_product", the last d_b entries of R_ibim are sum_t alpha_t (q * e_b^t): the
   candidate meets each behaviour in the embedding space they share, whatever h_t is."""
   model, params, batch, schema = _setup(**{"model.transformer": "pre_ln",

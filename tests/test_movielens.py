@@ -207,7 +207,7 @@ def test_prepare_cli_prints_stats_and_checksum(tmp_path):
   raw = write_100k(tmp_path / "raw")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"), MIAN_JAX_MOVIELENS_DIR=raw)
-  out = subprocess.run([sys.executable, "-m", "mian_jax.data.prepare",
+  out = subprocess.run([sys.executable, "-m", "mian_jax.prepare",
                         "--config=configs/movielens.py", "--config.data.max_seq_len=2",
                         f"--config.data.prepared_dir={tmp_path / 'p'}"],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=120)

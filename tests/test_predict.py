@@ -248,7 +248,7 @@ def test_history_of_the_input_matches_a_plain_loop(trained):
   config = recorded_config.get_config(trained.workdir).data.tabular
   records, _ = predict.read_input(trained.log, config, False)
   indices, lengths = tabular.history_indices(records.log, MAX_SEQ_LEN,
-                                             tabular.behaviour_mask(records.log, "clicks"))
+                                             tabular.behavior_mask(records.log, "clicks"))
   items = records.log["item.item_id"].to_numpy(object)
   for row, expected in enumerate(_history(trained.rows, "item_id")):
     newest_first = expected[::-1][:MAX_SEQ_LEN]

@@ -13,6 +13,7 @@ import pytest
 
 from configs import tabular as tabular_config
 from mian_jax import data as data_lib
+from mian_jax import fileio
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import tabular, vocab
 from mian_jax.errors import ConfigError, DataError
@@ -304,10 +305,10 @@ def test_hashed_list_behaviours(tmp_path):
 
 
 def _prepare_cli(path, tmp_path, *args):
-  """`python -m mian_jax.data.prepare` on the CSV at `path`; its stdout."""
+  """`python -m mian_jax.prepare` on the CSV at `path`; its stdout."""
   env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"))
   result = subprocess.run(
-      [sys.executable, "-m", "mian_jax.data.prepare", "--config=configs/tabular.py",
+      [sys.executable, "-m", "mian_jax.prepare", "--config=configs/tabular.py",
        f"--config.data.tabular.path={path}", "--config.data.max_seq_len=2",
        "--config.data.max_bad_row_ratio=0", "--config.data.tabular.valid_fraction=0.2",
        "--config.data.tabular.test_fraction=0.2", *args],
@@ -325,11 +326,11 @@ def test_a_csv_edited_in_place_is_prepared_anew(tmp_path, monkeypatch):
   """Issue 23, 2: all labels set to 1 in place (same size, same mtime) reused the old data."""
   path = write_csv(tmp_path / "log.csv")
   first = _prepare_cli(path, tmp_path)
-  stat, sha_1 = os.stat(path), data_lib.file_sha256(path)
+  stat, sha_1 = os.stat(path), fileio.sha256_file(path)
   write_csv(tmp_path / "log.csv", rows=[r.replace(",0,", ",1,") for r in ROWS])
   os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
   assert os.path.getsize(path) == stat.st_size  # only the bytes tell the files apart
-  second, sha_2 = _prepare_cli(path, tmp_path), data_lib.file_sha256(path)
+  second, sha_2 = _prepare_cli(path, tmp_path), fileio.sha256_file(path)
   (dir_1,), (dir_2,) = _printed(first, "prepared directory"), _printed(second, "prepared directory")
   assert dir_1 != dir_2 and os.path.isdir(dir_1)
   assert _printed(first, "checksum") != _printed(second, "checksum")

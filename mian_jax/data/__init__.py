@@ -21,19 +21,13 @@ from ml_collections import ConfigDict
 
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
+from mian_jax.fileio import cache_root, sha256_file, write_text_atomic
 
 # source name -> module whose `prepare(data_config, directory)` writes the prepared directory
 # (imported on use, so a source's dependencies load only when it is used).
 PREPARERS = {"synthetic": "mian_jax.data.synthetic", "amazon": "mian_jax.data.amazon",
              "amazon_like": "mian_jax.data.amazon_like",
              "movielens": "mian_jax.data.movielens", "tabular": "mian_jax.data.tabular"}
-
-
-def cache_root() -> str:
-  """Where prepared data sets are cached: $MIAN_JAX_CACHE, else ~/.cache/mian_jax."""
-  default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                         "mian_jax")
-  return os.environ.get("MIAN_JAX_CACHE", default)
 
 
 # (source, protocol) -> the revision of its splits where they changed within a format version,
@@ -70,21 +64,11 @@ def prepared_dir(data_config: ConfigDict, raw: dict | None = None) -> str:
 # In a prepared directory: the raw files it was prepared from, with their SHA-256 (not part of
 # the data's checksum, which covers what training reads).
 RAW_MANIFEST = "raw_files.json"
-_CHUNK_BYTES = 4 << 20
-
-
-def file_sha256(path: str) -> str:
-  """SHA-256 of a file's bytes, streamed (about 1.8 GB per CPU-second with SHA-NI)."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_CHUNK_BYTES):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def raw_manifest(paths: list[str]) -> dict:
   """{"algorithm", "files": [{"path", "bytes", "sha256"}]} of the raw files, in reading order."""
-  files = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": file_sha256(p)}
+  files = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": sha256_file(p)}
            for p in paths]
   return {"algorithm": "sha256", "files": files}
 
@@ -113,10 +97,8 @@ def read_raw_manifest(directory: str) -> dict | None:
 
 def _write_raw_manifest(directory: str, manifest: dict) -> None:
   path = os.path.join(directory, RAW_MANIFEST)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(tmp, path)  # atomic: concurrent writers of the same directory write the same
+  # atomic: concurrent writers of the same directory write the same
+  write_text_atomic(path, json.dumps(manifest, indent=2))
 
 
 def _cached_copies(data_config: ConfigDict) -> list[str]:

@@ -58,6 +58,7 @@ from ml_collections import ConfigDict
 
 from mian_jax.data import amazon
 from mian_jax.errors import ConfigError, DataError
+from mian_jax.fileio import cache_root
 
 SECONDS_PER_DAY = amazon.SECONDS_PER_DAY
 DAYS_PER_YEAR = 365.25
@@ -633,7 +634,6 @@ def generate(g: ConfigDict, directory: str) -> World:
 
 
 def default_raw_dir(g: ConfigDict) -> str:
-  from mian_jax.data import cache_root  # pylint: disable=g-import-not-at-top
   return os.path.join(cache_root(), "raw", f"amazon_like-{generator_key(g)}")
 
 

@@ -9,7 +9,6 @@ fetch the files by hand and rerun.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import urllib.error
@@ -19,17 +18,10 @@ from collections.abc import Sequence
 from absl import logging
 
 from mian_jax.errors import DataError
+from mian_jax.fileio import sha256_file
 
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "mian-jax-downloader/1.0"
-
-
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _verify(path: str, url: str, size: int | None, sha256: str | None) -> None:
@@ -38,7 +30,7 @@ def _verify(path: str, url: str, size: int | None, sha256: str | None) -> None:
   if size is not None and actual != size:
     raise DataError(f"download of {url} to {path}: expected {size} bytes, got {actual}")
   if sha256 is not None:
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if digest != sha256.lower():
       raise DataError(f"download of {url} to {path}: sha256 {digest} does not match the "
                       f"expected {sha256.lower()}; the partial file was removed, retry")

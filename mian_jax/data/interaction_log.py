@@ -263,16 +263,16 @@ class ListBehaviours:
   offsets: np.ndarray  # [N + 1] int64
 
 
-def _history_from_log(u, t, behaviour_mask, max_seq_len):
+def _history_from_log(u, t, behavior_mask, max_seq_len):
   """For rows sorted by (user, time): behaviour-row indices [N, T] and lengths [N].
 
-  Behaviours of row i: rows j of the same user with t[j] < t[i] and behaviour_mask[j];
+  Behaviours of row i: rows j of the same user with t[j] < t[i] and behavior_mask[j];
   the last `max_seq_len` of them, newest first. Unused positions hold index -1.
   """
   n = len(u)
   user_start, group_start = _run_starts(u, t)
-  beh_rows = np.flatnonzero(behaviour_mask)  # sorted, so per user in time order
-  cum = np.concatenate([[0], np.cumsum(behaviour_mask, dtype=np.int64)])
+  beh_rows = np.flatnonzero(behavior_mask)  # sorted, so per user in time order
+  cum = np.concatenate([[0], np.cumsum(behavior_mask, dtype=np.int64)])
   end = cum[group_start]  # behaviours strictly before this row's timestamp (global rank)
   begin = cum[user_start]
   lengths = np.minimum(end - begin, max_seq_len)
@@ -321,7 +321,7 @@ def standardise(values: np.ndarray, train: np.ndarray, where: str,
 
 
 def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
-                   behaviour_mask: np.ndarray | None = None,
+                   behavior_mask: np.ndarray | None = None,
                    lists: ListBehaviours | None = None,
                    describe_row: Callable[[int], str] | None = None,
                    hash_buckets: Mapping[str, int] | None = None):
@@ -331,7 +331,7 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
     log: see the module docstring; one row per example.
     spec: the field groups.
     source: free text recorded in schema.json.
-    behaviour_mask: [N] bool, which rows count as behaviours (default: all rows). Ignored when
+    behavior_mask: [N] bool, which rows count as behaviours (default: all rows). Ignored when
       `lists` is given.
     lists: behaviours given per row instead of built from the log (rows in `log` order).
     describe_row: where log row i comes from (e.g. "log.csv line 7"), for error messages.
@@ -360,7 +360,7 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
 
   # Behaviour gather indices (into the log / the flat list values), in log row order.
   if lists is None:
-    mask = np.ones(n, bool) if behaviour_mask is None else np.asarray(behaviour_mask, bool)
+    mask = np.ones(n, bool) if behavior_mask is None else np.asarray(behavior_mask, bool)
     hist_sorted, len_sorted = _history_from_log(users[by_user], ts[by_user], mask[by_user],
                                                 spec.max_seq_len)
     hist_idx = np.full((n, spec.max_seq_len), -1, np.int64)

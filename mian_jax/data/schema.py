@@ -28,6 +28,7 @@ Categorical ids: 0 is padding, 1 is the reserved out-of-vocabulary id, real valu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +39,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -159,7 +160,7 @@ def schema_from_json(d: Mapping[str, Any], where: str = "schema.json") -> Schema
   if d.get("format_version") != FORMAT_VERSION:
     raise DataError(f"{where}: prepared-data format_version {d.get('format_version')!r} is not "
                     f"the supported {FORMAT_VERSION} (version 2 stores behaviours newest first); "
-                    "prepare it again: python -m mian_jax.data.prepare --config=<your config> "
+                    "prepare it again: python -m mian_jax.prepare --config=<your config> "
                     "--config.data.prepared_dir=<a new directory>")
   try:
     groups = {g: tuple(_field_from_json(x, where) for x in d[f"{g}_fields"]) for g in GROUPS}
@@ -212,7 +213,9 @@ def write_prepared(directory: str, schema: Schema,
   Args:
     directory: final location; must not exist yet.
     schema: the schema; its num_examples must agree with the arrays.
-    splits: split -> column -> array, with exactly the columns of `schema.columns()`.
+    splits: split -> column -> array, with exactly the columns of `schema.columns()`; or
+      split -> an iterable of such mappings, consecutive blocks of the split's rows, written
+      as they come (`_write_blocks`), so that a split need not fit in memory.
     extra_files: optional file name -> JSON-able dict written beside schema.json. "stats.json"
       is always written, with the key "checksum" set to `dataset_checksum` of the result.
     write_vocabularies: called with the temporary directory before the checksum is taken, to
@@ -222,7 +225,8 @@ def write_prepared(directory: str, schema: Schema,
     The data set's checksum.
   """
   for split in SPLITS:
-    validate_columns(schema, split, splits[split])
+    if isinstance(splits[split], Mapping):
+      validate_columns(schema, split, splits[split])
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   remove_stale_tmp(directory)
@@ -230,6 +234,9 @@ def write_prepared(directory: str, schema: Schema,
   try:
     for split in SPLITS:
       os.makedirs(os.path.join(tmp, split))
+      if not isinstance(splits[split], Mapping):
+        _write_blocks(os.path.join(tmp, split), schema, split, splits[split])
+        continue
       for name, array in splits[split].items():
         np.save(os.path.join(tmp, split, name + ".npy"), np.ascontiguousarray(array),
                 allow_pickle=False)
@@ -254,6 +261,30 @@ def write_prepared(directory: str, schema: Schema,
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_blocks(split_dir: str, schema: Schema, split: str,
+                  blocks: Iterable[Mapping[str, np.ndarray]]) -> None:
+  """Writes a split given as consecutive row blocks, each checked by `validate_columns`, into
+  the same .npy files (byte for byte) that np.save writes for the whole split."""
+  columns = schema.columns()
+  size = schema.size(split)
+  written = 0
+  with contextlib.ExitStack() as stack:
+    files = {name: stack.enter_context(open(os.path.join(split_dir, name + ".npy"), "wb"))
+             for name in columns}
+    for name, (dtype, shape) in columns.items():
+      np.lib.format.write_array_header_1_0(files[name], {
+          "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+          "shape": (size, *shape)})
+    for block in blocks:
+      rows = len(block["label"]) if "label" in block else 0
+      validate_columns(schema, split, block, num_rows=rows)
+      for name in columns:
+        files[name].write(memoryview(np.ascontiguousarray(block[name])).cast("B"))
+      written += rows
+  if written != size:
+    raise DataError(f"split {split!r}: {written} rows were written, the schema says {size}")
 
 
 def _host() -> str:
@@ -370,10 +401,12 @@ def verify_dataset_checksum(directory: str) -> str:
   return checksum
 
 
-def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarray]) -> None:
-  """Checks names, dtypes, shapes and id ranges of one split's columns; raises DataError."""
+def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarray],
+                     num_rows: int | None = None) -> None:
+  """Checks names, dtypes, shapes and id ranges of one split's columns (of num_rows rows,
+  default the split's size); raises DataError."""
   expected = schema.columns()
-  n = schema.size(split)
+  n = schema.size(split) if num_rows is None else num_rows
   missing = sorted(set(expected) - set(columns))
   unknown = sorted(set(columns) - set(expected))
   if missing or unknown:

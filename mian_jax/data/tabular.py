@@ -517,7 +517,7 @@ def _list_behaviours(parts, behavior) -> interaction_log.ListBehaviours:
   return interaction_log.ListBehaviours(flat=flat, offsets=offsets)
 
 
-def behaviour_mask(log: pd.DataFrame, behavior_rows: str) -> np.ndarray | None:
+def behavior_mask(log: pd.DataFrame, behavior_rows: str) -> np.ndarray | None:
   """Which log rows count as behaviours: the clicks (label 1; an unknown label is not one) for
   behavior_rows="clicks", None (every row) for "all"."""
   return (log["label"].to_numpy() == 1) if behavior_rows == "clicks" else None
@@ -627,7 +627,7 @@ def encode_records(records: Records, directory: str,
       if kind == "categorical":
         unseen[field] = count
   indices, columns["hist_len"] = history_indices(
-      log, data_config.max_seq_len, behaviour_mask(log, data_config.tabular.behavior_rows),
+      log, data_config.max_seq_len, behavior_mask(log, data_config.tabular.behavior_rows),
       records.lists)
   for name in records.behavior:
     if records.lists is None:  # the behaviours are rows of the input
@@ -654,10 +654,10 @@ def generate_with_vocabularies(data_config: ConfigDict):
   spec = interaction_log.LogSpec(item_fields=groups["item"], behavior_fields=behavior,
                                  user_fields=groups["user"], context_fields=groups["context"],
                                  max_seq_len=data_config.max_seq_len)
-  mask = behaviour_mask(log, c.behavior_rows)
+  mask = behavior_mask(log, c.behavior_rows)
   source = f"tabular({c.path or c.train_path})"
   hashed = hash_buckets(c)
-  schema, splits, info = interaction_log.build_examples(log, spec, source, behaviour_mask=mask,
+  schema, splits, info = interaction_log.build_examples(log, spec, source, behavior_mask=mask,
                                                         lists=lists, describe_row=describe_row,
                                                         hash_buckets=hashed)
   if c.path:

@@ -211,7 +211,7 @@ def _vocab_dir(directory: str) -> str:
   if os.path.isfile(os.path.join(path, ENCODERS_FILE)):
     return path
   schema_lib.read_schema(directory)  # a missing or foreign directory says so first
-  again = ("delete it, then python -m mian_jax.data.prepare --config=<config> "
+  again = ("delete it, then python -m mian_jax.prepare --config=<config> "
            "--config.data.prepared_dir=<it>")
   if os.path.isdir(path):
     raise DataError(f"{os.path.join(path, ENCODERS_FILE)} is missing: the vocabularies of "

@@ -3,11 +3,32 @@ embedding layer (eq. 2). Model-specific hyper-parameters are fields of the subcl
 
 from __future__ import annotations
 
+from typing import Literal
+
 import flax.linen as nn
 import jax
 
 from mian_jax.data.schema import FeatureSpec
+from mian_jax.errors import ConfigError
 from mian_jax.models import layers
+
+
+# What DIN's and DIEN's final MLP reads besides the user, item and context fields
+# (docs/baselines.md): "reference", the extra inputs of the authors' code (products of the
+# candidate with the pooled behaviours); "paper", only the inputs of the papers' figures.
+BaselineInputs = Literal["reference", "paper"]
+
+
+def candidate_query(features: FeatureSpec, item: jax.Array) -> jax.Array:
+  """The candidate's behaviour fields, in behaviour order: [B, Fi, D] -> [B, d_b], so that the
+  query and each behaviour e_b^t have the same layout (DIN's q - k, q * k; DIEN's e_a)."""
+  names = [f.name for f in features.item_fields]
+  return layers.flatten_fields(item[:, [names.index(n) for n in features.behavior_fields]])
+
+
+def require_behaviours(features: FeatureSpec, model: str) -> None:
+  if not features.behavior_fields:
+    raise ConfigError(f"model.name={model!r} needs behaviour fields; this data set has none")
 
 
 class DeepModel(nn.Module):

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import optax
 
 from mian_jax.models import base, layers
-from mian_jax.models.din import BaselineInputs, candidate_query, require_behaviours
 
 
 class DIEN(base.DeepModel):
@@ -35,12 +34,12 @@ class DIEN(base.DeepModel):
   use_aux_loss: bool = True
   aux_loss_weight: float = 1.0
   aux_mlp_dims: tuple[int, ...] = (100, 50)
-  baseline_inputs: BaselineInputs = "reference"
+  baseline_inputs: base.BaselineInputs = "reference"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
     f = self.features
-    require_behaviours(f, "dien")
+    base.require_behaviours(f, "dien")
     kernel_init = self.kernel_init()
     # The GRUs read behaviours in time order; they are stored newest first (docs/data.md).
     batch = {**batch, "hist": {k: layers.reverse_valid(v, batch["hist_len"])
@@ -52,7 +51,7 @@ class DIEN(base.DeepModel):
                            name="interest_extractor")(
         behaviours, e.mask)                                                # eq. 1: [B, T, H]
 
-    e_a = candidate_query(f, e.item)                                       # [B, d_b]
+    e_a = base.candidate_query(f, e.item)                                  # [B, d_b]
     w = self.param("attention_kernel", kernel_init, (self.gru_dim, e_a.shape[-1]))
     attention = layers.masked_softmax(jnp.einsum("bth,hd,bd->bt", states, w, e_a),
                                       e.mask)                              # eq. 5

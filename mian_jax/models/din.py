@@ -7,33 +7,10 @@ fields, K context fields.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from mian_jax.data.schema import FeatureSpec
-from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
-
-# What DIN's and DIEN's final MLP reads besides the user, item and context fields
-# (docs/baselines.md): "reference", the extra inputs of the authors' code (products of the
-# candidate with the pooled behaviours); "paper", only the inputs of the papers' figures.
-BaselineInputs = Literal["reference", "paper"]
-
-
-def candidate_query(features: FeatureSpec, item: jax.Array) -> jax.Array:
-  """The candidate's behaviour fields, in behaviour order: [B, Fi, D] -> [B, d_b], so that the
-  query and each behaviour e_b^t have the same layout (DIN's q - k, q * k; DIEN's e_a)."""
-  names = [f.name for f in features.item_fields]
-  return layers.flatten_fields(item[:, [names.index(n) for n in features.behavior_fields]])
-
-
-def require_behaviours(features: FeatureSpec, model: str) -> None:
-  if not features.behavior_fields:
-    raise ConfigError(f"model.name={model!r} needs behaviour fields; this data set has none")
-
 
 class DIN(base.DeepModel):
   """User interest v_U = sum_t a_t e_b^t (eq. 3) with the local activation unit
@@ -50,15 +27,15 @@ class DIN(base.DeepModel):
   attention_mlp_dims: tuple[int, ...] = (36,)
   use_dice: bool = False
   din_attention_norm: layers.DinAttentionNorm = "scaled_softmax"
-  baseline_inputs: BaselineInputs = "reference"
+  baseline_inputs: base.BaselineInputs = "reference"
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
-    require_behaviours(self.features, "din")
+    base.require_behaviours(self.features, "din")
     kernel_init = self.kernel_init()
     e = self.embed(batch)
     keys = layers.flatten_fields(e.hist)                                          # [B, T, d_b]
-    query = candidate_query(self.features, e.item)                         # [B, d_b]
+    query = base.candidate_query(self.features, e.item)                    # [B, d_b]
     weights = layers.LocalActivationUnit(self.attention_mlp_dims, kernel_init, self.use_dice,
                                          self.din_attention_norm,
                                          name="activation_unit")(query, keys, e.mask)

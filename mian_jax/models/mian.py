@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
-from mian_jax.models.din import candidate_query
 
 # Names of the parts r_1..r_7 of eq. (14), in the paper's order.
 GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
@@ -85,7 +84,7 @@ class MIAN(base.DeepModel, kw_only=True):
     # Multi-interactive layer, §3.2.2.
     if self.use_ibim and has_hist:
       parts["R_ibim"], attention["ibim"] = self._ibim(
-          e_i, candidate_query(f, e.item), e_b, hist_mask, batch["hist_len"], kernel_init,
+          e_i, base.candidate_query(f, e.item), e_b, hist_mask, batch["hist_len"], kernel_init,
           deterministic)
       if self.history_layout == "oldest_first":  # report weights in storage order
         attention["ibim"] = layers.reverse_valid(attention["ibim"], batch["hist_len"])

@@ -1,6 +1,6 @@
 """Prepares a data set without training; prints its statistics and checksum.
 
-  python -m mian_jax.data.prepare --config=configs/movielens.py \
+  python -m mian_jax.prepare --config=configs/movielens.py \
       [--config.data.prepared_dir=/data/prepared/ml100k]
 
 The prepared directory (config.data.prepared_dir, default a cache directory keyed by the data
@@ -17,7 +17,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from mian_jax import cli
+from mian_jax import cli, fileio
 from mian_jax import data as data_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import DataError
@@ -43,17 +43,12 @@ def prepare_and_describe(data_config) -> tuple[str, dict]:
   if "checksum" not in stats:  # sources that do not record it (e.g. synthetic)
     stats.setdefault("num_samples", {s: schema.size(s) for s in schema_lib.SPLITS})
     stats["checksum"] = checksum
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(stats, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    fileio.write_text_atomic(path, json.dumps(stats, indent=2, sort_keys=True))
   return directory, stats
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.init_process()
+  cli.init_process(argv)
   directory, stats = cli.run_or_exit(prepare_and_describe, FLAGS.config.data)
   print(json.dumps(stats, indent=2, sort_keys=True))
   print(f"prepared directory: {directory}")
