@@ -32,11 +32,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 
 TIMEOUT_STATUS = 124  # as timeout(1)
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+SAVE_GRACE_S = 120.0  # how long an interrupted process may take to save before SIGKILL
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
@@ -66,14 +69,56 @@ def process_env(base: dict[str, str], process_id: int, num_processes: int, port:
   return env
 
 
-def _pump(stream, prefix: str, out) -> None:
+class _Output:
+  """Where the processes' lines go: `out`, until `divert` sends every line after it to a file
+  (once a process has failed, the others' dying words, e.g. a collective's traceback about the
+  lost peer, are kept there instead of burying the launcher's one line)."""
+
+  def __init__(self, out):
+    self.out, self.file, self.path, self.lock = out, None, "", threading.Lock()
+
+  def write(self, text: str) -> None:
+    with self.lock:
+      target = self.file or self.out
+      target.write(text)
+      target.flush()
+
+  def divert(self) -> str:
+    with self.lock:
+      if self.file is None:
+        fd, self.path = tempfile.mkstemp(prefix="launch-local-", suffix=".log", text=True)
+        self.file = os.fdopen(fd, "w")
+      return self.path
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+
+
+def _pump(stream, prefix: str, out: _Output) -> None:
   for line in iter(stream.readline, ""):
     out.write(prefix + line)
-    out.flush()
   stream.close()
 
 
-def _stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
+class _Interrupted(Exception):
+  """SIGINT or SIGTERM reached the launcher; `signum` says which."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+  del frame
+  raise _Interrupted(signum)
+
+
+def _stop(procs: Sequence[subprocess.Popen], grace: float, out: _Output | None = None) -> None:
+  """SIGTERM to every live process, SIGKILL to those still alive `grace` seconds later; their
+  output from now on goes to `out`'s file."""
+  if out is not None and any(p.poll() is None for p in procs):
+    out.divert()
   for p in procs:
     if p.poll() is None:
       p.send_signal(signal.SIGTERM)
@@ -133,7 +178,7 @@ def launch(args: Sequence[str], num_processes: int, cpu_devices_per_process: int
   Raises:
     PortInUseError: `port` is taken (nothing was started).
   """
-  out = out or sys.stdout
+  out = _Output(out or sys.stdout)
   if port and port_in_use(port, "127.0.0.1"):
     raise PortInUseError(f"the coordinator port {port} is already in use on 127.0.0.1; pass "
                          "another --port, or --port=0 for a free one")
@@ -147,33 +192,53 @@ def launch(args: Sequence[str], num_processes: int, cpu_devices_per_process: int
     pumps.append(threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", out), daemon=True))
     pumps[-1].start()
   deadline = time.monotonic() + timeout if timeout else None
-  status = 0
+  status, note = 0, ""
+  handlers = _install(_raise_interrupted)
   try:
     while any(p.poll() is None for p in procs):
       failed = first_failure(procs)
       if failed:
         index, code = failed
         status = exit_status(code)
-        out.write(f"[launch] process {index} {describe_exit(code)}; stopping the others\n")
-        out.flush()
-        _stop(procs, grace)
+        note = f"[launch] process {index} {describe_exit(code)}; stopped the others"
+        _stop(procs, grace, out)
         break
       if deadline is not None and time.monotonic() > deadline:
         status = TIMEOUT_STATUS
-        out.write(f"[launch] --timeout={timeout:g} s passed; stopping every process\n")
-        _stop(procs, grace)
+        note = f"[launch] --timeout={timeout:g} s passed; stopped every process"
+        _stop(procs, grace, out)
         break
       time.sleep(0.1)
-  except KeyboardInterrupt:
-    _stop(procs, grace)
-    raise
+  except _Interrupted as e:
+    _install(signal.SIG_IGN)  # a second Ctrl-C must not cut the processes' saves short
+    # Every process saves at the step it reached on SIGTERM (as on SIGINT); wait for the saves.
+    _stop(procs, max(grace, SAVE_GRACE_S), out)
+    status = 128 + e.signum
+    note = (f"[launch] interrupted ({signal.Signals(e.signum).name}): every process stopped "
+            "after saving; rerun the same command to resume")
+  finally:
+    _install(handlers)
   for t in pumps:
     t.join()
   if status == 0 and (failed := first_failure(procs)):
     index, code = failed  # every process ended between two polls
     status = exit_status(code)
-    out.write(f"[launch] process {index} {describe_exit(code)}\n")
+    note = f"[launch] process {index} {describe_exit(code)}"
+  if out.file is not None:
+    note += f" (their output after that: {out.path})"
+  out.close()
+  if note:
+    print(note, file=out.out, flush=True)
   return status
+
+
+def _install(handler) -> dict:
+  """Sets `handler` (or a dict signal -> handler) for SIGINT and SIGTERM; returns the old ones.
+  Only the main thread may set handlers: elsewhere (a test's thread) nothing changes."""
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+  wanted = handler if isinstance(handler, dict) else {s: handler for s in INTERRUPTS}
+  return {s: signal.signal(s, h) for s, h in wanted.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

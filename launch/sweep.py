@@ -112,8 +112,9 @@ def plan(names: Sequence[str], config: str, extra: Sequence[str], grid: str = ""
   Raises LaunchError for an unknown name, a key set twice or a bad config."""
   unknown = [n for n in names if n not in MODELS and n not in ablations.VARIANTS]
   if unknown:
-    raise runner.LaunchError(f"unknown models or variants {unknown}; choose from "
-                             f"{sorted(set(MODELS) | set(ablations.VARIANTS))}")
+    raise runner.LaunchError(f"unknown models or variants {unknown}; models: "
+                             f"{', '.join(MODELS)}; variants: see `python -m launch.sweep "
+                             "--help`")
   extra_keys = {runner.override_key(flag) for flag in extra}
   if "eval.final_test" in extra_keys:
     raise runner.LaunchError("the search never evaluates test during trials; drop "

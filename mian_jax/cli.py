@@ -286,11 +286,25 @@ def run_or_exit(fn, *args):
     return fn(*args)
   except MianError as e:
     _exit_with(one_line(e))
-  except Exception as e:  # noqa: BLE001 - only file-system errors are answered here
+  except Exception as e:  # noqa: BLE001 - only file-system errors and lost peers answered here
+    if lost_peer(e):
+      _exit_with("another process of this distributed run is gone (a collective lost its peer: "
+                 f"{one_line(e)[:160]}); the launcher names the process that ended; rerun to "
+                 "resume from the last checkpoint")
     os_error = file_system_error(e)
     if os_error is None:
       raise
     _exit_with(" ".join(file_system_message(os_error).split()))
+
+
+# What a collective's transport says when the process at the other end died.
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def lost_peer(error: BaseException) -> bool:
+  """Whether `error` is a JAX runtime error of a multi-process run whose peer went away."""
+  return (type(error).__name__ == "JaxRuntimeError" and jax.process_count() > 1
+          and any(text in str(error) for text in _LOST_PEER))
 
 
 def _exit_with(message: str) -> None:

@@ -10,6 +10,7 @@ import textwrap
 import pandas as pd
 import pytest
 
+from mian_jax import cli
 from tests.helpers import REPO, TINY
 
 
@@ -271,3 +272,21 @@ def test_a_read_only_workdir_is_one_line_for_evaluate_and_train(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: cannot write {view}/\S+: read-only file system; use a "
                         r"writable --workdir \(or --output\)", last), last
+
+
+def test_a_collective_that_lost_its_peer_is_one_line_in_a_multi_process_run(monkeypatch, capsys):
+  class JaxRuntimeError(RuntimeError):  # the name JAX gives its runtime errors
+    pass
+
+  def lost():
+    raise JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error "
+                          "[127.0.0.1]:21153: Connection reset by peer")
+
+  monkeypatch.setattr(cli.jax, "process_count", lambda: 2)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_or_exit(lost)
+  assert str(exit_info.value.code).startswith(
+      "error: another process of this distributed run is gone")
+  monkeypatch.setattr(cli.jax, "process_count", lambda: 1)  # one process: not a lost peer
+  with pytest.raises(JaxRuntimeError):
+    cli.run_or_exit(lost)

@@ -449,3 +449,13 @@ def test_a_grid_is_searched_point_by_point_as_many_trials_as_points(tmp_path, mo
   trials = pd.read_csv(out / "trials.csv")
   assert sorted(trials["train.learning_rate"]) == [1e-3, 3e-3, 1e-2]
   assert set(trials.origin) == {"grid"} and summary.loc["lr", "train.learning_rate"] == "3e-3"
+
+
+def test_an_unknown_model_is_one_short_line(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as exit_info:
+    sweep.main(["--config=configs/synthetic.py", "--models=nosuchmodel",
+                f"--out={tmp_path / 'sweep'}"])
+  message = str(exit_info.value.code)
+  assert message.startswith("error: unknown models or variants ['nosuchmodel']; models: mian,")
+  assert len(message) < 200 and "\n" not in message

@@ -39,14 +39,17 @@ def _launch(tmp_path, how, *flags, timeout=60):
 
 
 @pytest.mark.parametrize("how, status, said", [
-    ("3", 3, "[launch] process 1 exited with status 3; stopping the others"),
+    ("3", 3, "[launch] process 1 exited with status 3; stopped the others"),
     ("SIGKILL", 128 + signal.SIGKILL,
-     "[launch] process 1 was killed by SIGKILL (status 137); stopping the others")])
+     "[launch] process 1 was killed by SIGKILL (status 137); stopped the others")])
 def test_a_dead_process_1_stops_process_0_at_once_and_gives_its_status(tmp_path, how, status,
                                                                       said):
   done, seconds = _launch(tmp_path, how)
   assert done.returncode == status, done.stdout[-2000:]
-  assert said in done.stdout.splitlines(), done.stdout[-2000:]
+  last = done.stdout.splitlines()[-1]
+  assert last.startswith(said), done.stdout[-2000:]
+  if "their output after that: " in last:  # process 0 was still alive when process 1 died
+    assert os.path.isfile(last.rsplit("their output after that: ", 1)[1].rstrip(")"))
   assert seconds < 30  # process 0 sleeps 120 s: it was stopped, not waited for
 
 
@@ -82,3 +85,39 @@ def test_multihost_process_0_on_a_busy_port_is_a_one_line_error(tmp_path):
       f"error: the coordinator port {port} (COORDINATOR=127.0.0.1:{port}) is already in use on "
       "this host; choose another port"]
   assert not os.path.exists(tmp_path / "run")
+
+
+# Both stand-in ranks wait until a SIGTERM, then "save" (a file, after a pause) and exit 143.
+_SAVING_RANK = """
+import os, signal, sys, time
+out, rank = os.environ["OUT"], os.environ["MIAN_JAX_PROCESS_ID"]
+def save(signum, frame):
+  time.sleep(1.0)
+  open(os.path.join(out, "saved" + rank), "w").close()
+  sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, save)
+signal.signal(signal.SIGINT, save)
+open(os.path.join(out, "started" + rank), "w").close()
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_lets_every_process_save_then_says_one_line(tmp_path, signum):
+  (tmp_path / "saving_rank.py").write_text(_SAVING_RANK)
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", OUT=str(tmp_path))
+  launcher = subprocess.Popen([sys.executable, "-m", "launch.local", "--num_processes=2",
+                               "--module=saving_rank", "--grace=0.5", "--", "--x"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.glob("started*"))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.1)
+  launcher.send_signal(signum)  # to the launcher alone, as `kill` or a scheduler sends it
+  stdout, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 128 + signum, stdout + stderr
+  assert "Traceback" not in stdout + stderr
+  assert stdout.splitlines()[-1].startswith(
+      f"[launch] interrupted ({signal.Signals(signum).name}): every process stopped after "
+      "saving")
+  # Each rank saved although its save outlasted --grace: an interrupt waits for the saves.
+  assert sorted(p.name for p in tmp_path.glob("saved*")) == ["saved0", "saved1"]
