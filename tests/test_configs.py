@@ -238,6 +238,13 @@ def test_each_literal_ablation_variant_puts_back_one_default(monkeypatch):
   for path in config_defaults.PAPER_LITERAL:
     name = f"paper literal + {path.split('.')[-1]}={default_value(path)}"
     assert resolve(name) == {**literal, path: repr(default_value(path))}, name
+  # "trainable literal": the literal reading with ablations.TRAINABLE at their defaults, and
+  # each other departure put back on top of it alone.
+  trainable = resolve("trainable literal")
+  assert trainable == {**literal, **{p: repr(default_value(p)) for p in ablations.TRAINABLE}}
+  for path in set(config_defaults.PAPER_LITERAL) - set(ablations.TRAINABLE):
+    name = f"trainable literal + {path.split('.')[-1]}={default_value(path)}"
+    assert resolve(name) == {**trainable, path: repr(default_value(path))}, name
 
 
 def test_ablation_variants_split_on_commas_and_name_an_unknown_one():
