@@ -1,15 +1,22 @@
-"""Benchmark of the Amazon preparation on a Books-scale synthetic raw file pair.
+"""Benchmark of the Amazon preparation at Books scale: wall time, CPU time and peak RSS per stage.
 
-Writes reviews_Books_5.json.gz and meta_Books.json.gz with the real files' schema and roughly
-the real Books 5-core sizes at --scale=1 (~603k users, ~368k reviewed items, 1,600 categories,
-~8.9M reviews; the metadata also holds ~5x as many unreviewed items, as meta_Books does), then
-prepares them in a child process and reports its wall time and peak RSS as a table and one
-JSON line.
+Two sources of raw files in the Amazon 2014 format:
+
+  synthetic    reviews_Books_5.json.gz and meta_Books.json.gz written here, with the real
+               files' schema and roughly the real Books 5-core sizes at --scale=1 (~603k users,
+               ~368k reviewed items, 1,600 categories, ~8.9M reviews; the metadata also holds ~5x
+               as many unreviewed items, as meta_Books does);
+  amazon_like  the files of `configs/amazon_like.py:size=<--size>` (generated into their cache
+               directory if missing: minutes at size=books).
+
+The preparation (configs/books.py's data settings, protocol --protocol) runs in a child process;
+the result is its wall time and peak RSS, the per-stage lines it logged (wall s, CPU s, peak
+RSS so far) as a table, the load average around it (the machine is shared), and one JSON line.
 
   python -m benchmarks.prepare_amazon --dir=/tmp/amazon_bench --scale=0.05
-  python -m benchmarks.prepare_amazon --dir=/tmp/amazon_bench --scale=1 --protocol=mian
+  python -m benchmarks.prepare_amazon --dir=/tmp/amazon_bench --source=amazon_like --size=books
 
-Target at --scale=1: <= 5 min and <= 8 GB peak RSS on 2 cores.
+Target at Books size: <= 60 s and <= 3 GB peak RSS on 2 cores (issue 22).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import datetime
 import gzip
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -96,7 +104,22 @@ def generate(directory: str, scale: float, text_chars: int = 5, seed: int = 0) -
           "meta_lines": len(item_names)}
 
 
-def prepare_child(directory: str, protocol: str) -> dict:
+def raw_pair(args) -> tuple[str, str]:
+  """(reviews, metadata) paths of --source, generating the amazon_like files if missing."""
+  if args.source == "synthetic":
+    return (os.path.join(args.dir, "reviews_Books_5.json.gz"),
+            os.path.join(args.dir, "meta_Books.json.gz"))
+  from configs import amazon_like as amazon_like_config  # noqa: PLC0415
+  from mian_jax.data import amazon_like  # noqa: PLC0415
+  g = amazon_like_config.get_generator(args.size)
+  raw_dir = amazon_like.default_raw_dir(g)
+  paths = amazon_like.raw_paths(raw_dir, g.name)
+  if not all(os.path.isfile(p) for p in paths.values()):
+    amazon_like.generate(g, raw_dir)
+  return paths["reviews"], paths["meta"]
+
+
+def prepare_child(directory: str, protocol: str, reviews: str, meta: str) -> dict:
   """Runs the preparation in this process; returns wall time and peak RSS."""
   from absl import logging  # noqa: PLC0415 - the parent process needs none of these
 
@@ -105,16 +128,15 @@ def prepare_child(directory: str, protocol: str) -> dict:
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
   config = books.get_config(f"protocol={protocol}").data
-  config.raw_dir = directory
   out = os.path.join(directory, f"prepared-{protocol}")
   shutil.rmtree(out, ignore_errors=True)
   started = time.time()
-  amazon.prepare(config, out)
+  amazon.prepare_from_files(config, reviews, meta, out)
   wall = time.time() - started
   with open(os.path.join(out, "stats.json")) as f:
     stats = json.load(f)
   peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-  return {"protocol": protocol, "wall_s": round(wall, 1),
+  return {"protocol": protocol, "wall_s": round(wall, 1), "cpu_s": round(time.process_time(), 1),
           "peak_rss_gb": round(peak_kb / 2 ** 20, 2),
           "num_users": stats["num_users"], "num_items": stats["num_items"],
           "num_categories": stats["num_categories"], "num_reviews": stats["num_reviews"],
@@ -123,35 +145,62 @@ def prepare_child(directory: str, protocol: str) -> dict:
                                    for d, _, xs in os.walk(out) for x in xs) / 2 ** 30, 2)}
 
 
+# The stage lines of amazon.py / amazon_raw.py: "<stage> took 1.2s, CPU 1.0s (peak RSS so far
+# 0.4 GB)" and "<stage>: 1,234 rows in 1.2s, CPU 1.0s (... peak RSS so far 0.4 GB)".
+_STAGE = re.compile(r"amazon: (?P<stage>.+?)(?: took|: [\d,]+ \w+ in) (?P<wall>[\d.]+)s, "
+                    r"CPU (?P<cpu>[\d.]+)s.*peak RSS so far (?P<rss>[\d.]+) GB")
+
+
+def stage_table(log: str) -> str:
+  """The child's stage lines as a Markdown table."""
+  rows = [(m["stage"], m["wall"], m["cpu"], m["rss"]) for m in map(_STAGE.search,
+                                                                   log.splitlines()) if m]
+  lines = ["| stage | wall s | CPU s | peak RSS so far GB |", "|---|---:|---:|---:|"]
+  return "\n".join(lines + [f"| {s} | {w} | {c} | {r} |" for s, w, c, r in rows])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dir", required=True, help="where the raw files and output go")
-  parser.add_argument("--scale", type=float, default=1.0, help="1 = Books size")
-  parser.add_argument("--text_chars", type=int, default=5, help="reviewText length")
+  parser.add_argument("--source", default="synthetic", choices=("synthetic", "amazon_like"))
+  parser.add_argument("--size", default="books", help="amazon_like: configs/amazon_like.py size")
+  parser.add_argument("--scale", type=float, default=1.0, help="synthetic: 1 = Books size")
+  parser.add_argument("--text_chars", type=int, default=5, help="synthetic: reviewText length")
   parser.add_argument("--protocol", default="mian", choices=("mian", "din", "dien"))
-  parser.add_argument("--skip_generate", action="store_true", help="reuse the raw files")
-  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--skip_generate", action="store_true", help="reuse the synthetic files")
+  parser.add_argument("--child", nargs=2, metavar=("REVIEWS", "META"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    print("RESULT " + json.dumps(prepare_child(args.dir, args.protocol)), flush=True)
+    print("RESULT " + json.dumps(prepare_child(args.dir, args.protocol, *args.child)),
+          flush=True)
     return
   generated = {}
-  if not args.skip_generate:
+  if args.source == "synthetic" and not args.skip_generate:
     started = time.time()
     generated = generate(args.dir, args.scale, args.text_chars)
     generated["generate_s"] = round(time.time() - started, 1)
     print("generated " + json.dumps(generated), flush=True)
+  reviews, meta = raw_pair(args)
+  os.makedirs(args.dir, exist_ok=True)
+  load_before = os.getloadavg()[0]
   child = subprocess.run([sys.executable, "-m", "benchmarks.prepare_amazon",
                           "--dir", os.path.abspath(args.dir), "--protocol", args.protocol,
-                          "--child"], cwd=common.ROOT, stdout=subprocess.PIPE, text=True,
-                         check=True)
+                          "--child", reviews, meta], cwd=common.ROOT, capture_output=True,
+                         text=True, check=False)
+  if child.returncode:
+    sys.exit(f"the preparation failed:\n{child.stderr[-4000:]}")
   lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
-  kept = ("reviews_gz_mb", "meta_gz_mb", "generate_s", "text_chars")
-  result = dict(json.loads(lines[-1][len("RESULT "):]), scale=args.scale,
+  kept = ("meta_gz_mb", "generate_s", "text_chars")
+  result = dict(json.loads(lines[-1][len("RESULT "):]), source=args.source,
+                **({"scale": args.scale} if args.source == "synthetic" else {"size": args.size}),
+                load_average_before=round(load_before, 1),
+                load_average_after=round(os.getloadavg()[0], 1), cores=os.cpu_count(),
+                reviews_gz_mb=round(os.path.getsize(reviews) / 2 ** 20, 1),
                 **{k: v for k, v in generated.items() if k in kept})
-  print(f"{'metric':<16} value")
+  print(stage_table(child.stderr))
+  print(f"{'metric':<20} value")
   for key, value in result.items():
-    print(f"{key:<16} {value}")
+    print(f"{key:<20} {value}")
   print(json.dumps(result), flush=True)
 
 

@@ -591,7 +591,7 @@ def test_prepare_cli_reports_a_truncated_download_in_one_line(tmp_path):
     f.write(data[:-20])
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, MIAN_JAX_CACHE=str(tmp_path / "cache"))
-  out = subprocess.run([sys.executable, "-m", "mian_jax.data.prepare", "--config=configs/books.py",
+  out = subprocess.run([sys.executable, "-m", "mian_jax.prepare", "--config=configs/books.py",
                         f"--config.data.raw_dir={raw}"],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1, out.stderr[-2000:]
@@ -622,6 +622,7 @@ def _prepared_config(directory):
   config.data.source, config.data.prepared_dir, config.data.max_seq_len = "prepared", directory, 4
   config.model.embed_dim, config.train.num_train_steps, config.train.batch_size = 4, 2, 16
   config.train.eval_every_steps = config.checkpoint.every_steps = 2
+  config.train.eval_every_epochs = 0.0  # validation by steps, not the Amazon configs' epochs
   config.eval.batch_size = 64
   return config
 
@@ -665,3 +666,231 @@ def test_din_and_dien_caches_with_valid_copied_from_test_are_prepared_anew():
                    amazon_like_config.get_config(f"protocol={protocol}").data):
       old = _key_before_split_revisions(config)
       assert (data_lib.settings_key(config) == old) == (protocol == "mian"), protocol
+
+
+# ------------------------------------------------------------------- block reading = line reading
+
+
+def _reference_parse_reviews(lines):
+  """The line-by-line review parser that read_reviews replaced, kept as the reference."""
+  from array import array  # noqa: PLC0415
+  from mian_jax.data import timestamps  # noqa: PLC0415
+  users, items = {}, {}
+  u_ids, i_ids, times, line_of = array("q"), array("q"), array("q"), array("q")
+  lines_total = blank = malformed = missing = bad_time = 0
+  first = {}
+  lo, hi = timestamps.MIN_SECONDS, timestamps.MAX_SECONDS
+  for line in lines:
+    lines_total += 1
+    if not line.strip():
+      blank += 1
+      continue
+    try:
+      obj = json.loads(line)
+      user, item, when = obj["reviewerID"], obj["asin"], obj["unixReviewTime"]
+    except (ValueError, RecursionError):
+      malformed += 1
+      first.setdefault("malformed_lines", f"line {lines_total}: {line[:80]!r}")
+      continue
+    except (KeyError, TypeError):
+      if isinstance(obj, dict):
+        missing += 1
+        first.setdefault("missing_fields", f"line {lines_total}: {line[:80]!r}")
+      else:
+        malformed += 1
+        first.setdefault("malformed_lines", f"line {lines_total}: {line[:80]!r}")
+      continue
+    if (type(user) is not str or type(item) is not str or not user or not item  # noqa: E721
+        or type(when) is not int):  # noqa: E721
+      missing += 1
+      first.setdefault("missing_fields", f"line {lines_total}: {line[:80]!r}")
+      continue
+    if not lo <= when < hi:
+      bad_time += 1
+      first.setdefault("bad_time", f"line {lines_total}: "
+                       + timestamps.describe(when, "unixReviewTime"))
+      continue
+    u = users.setdefault(user, len(users))
+    i = items.setdefault(item, len(items))
+    u_ids.append(u)
+    i_ids.append(i)
+    times.append(when)
+    line_of.append(lines_total)
+  counts = {"lines": lines_total, "blank_lines": blank, "malformed_lines": malformed,
+            "missing_fields": missing, "bad_time": bad_time, "parsed": len(u_ids)}
+  as_array = lambda a: np.frombuffer(a, np.int64).copy()  # noqa: E731
+  return amazon_raw.RawReviews(list(users), list(items), as_array(u_ids), as_array(i_ids),
+                               as_array(times), counts, as_array(line_of), first)
+
+
+def _injected_review_lines(user, item, when):
+  """Review lines (bytes, without the newline) of every kind that pyarrow and json.loads might
+  read differently; user / item / when: a real reviewerID, asin and time."""
+  good = lambda u=user, i=item, t=when: (  # noqa: E731
+      f'{{"reviewerID": "{u}", "asin": "{i}", "unixReviewTime": {t}}}')
+  return [x.encode() if isinstance(x, str) else x for x in [
+      '{"reviewerID": "AX", "asin": ', "null", "[1, 2]", '"text"', "5", "{}", "",
+      "   ", "\t", "\x0c", "\xa0",
+      f'{{"asin": "{item}", "unixReviewTime": {when}}}',
+      good(u=""), good(t=f"{when}.0"), good(t=f"{when}e0"), good(t=when * 1000), good(t=-86400),
+      good(t=10**20), good(t="true"), good(t=f'"{when}"'),
+      good() + " " + good(u="AY"),  # two objects on one line
+      "\ufeff" + good(u="AZ"),  # byte order mark
+      good(u="AW") + "\r",  # \r\n line end
+      good(u="AV").encode().replace(b"AV", b"A\xe9V"),  # undecodable byte in the id
+      good(u="A\\udc80"),  # lone surrogate escape
+      good(u="A\\u00e9"),  # escaped non-ASCII
+      f'{{"reviewerID": "AU", "\\u0061sin": "{item}", "unixReviewTime": {when}}}',
+      good()[:-1] + ', "d": ' + "[" * 3000 + "]" * 3000 + "}",  # RecursionError in json
+      good(u="AT")[:-1] + ', "d": ' + "[" * 300 + "]" * 300 + "}",  # deep, still JSON
+      good()[:-1] + ', "overall": NaN}', good()[:-1] + ', "overall": 1e400}',
+      good(u="AS", i="NO_SUCH_ASIN"),
+      good(t=when + 86400),  # a repeated review (the earlier one is kept)
+      good(u="AR", i=item, t=when), good(u="AR", i=item, t=when),  # a repeat, equal time
+  ]]
+
+
+def _damaged_amazon_like(tmp_path, seed=0):
+  """A generated amazon_like raw pair with every kind of damaged review and metadata line
+  inserted at seeded positions; returns (reviews path, metadata path)."""
+  from configs import amazon_like as amazon_like_config  # noqa: PLC0415
+  from mian_jax.data import amazon_like  # noqa: PLC0415
+  g = amazon_like_config.get_generator("small")
+  g.num_users, g.num_items, g.num_categories, g.max_reviews_per_user = 300, 150, 6, 40
+  amazon_like.generate(g, str(tmp_path / "raw"))
+  paths = amazon_like.raw_paths(str(tmp_path / "raw"), g.name)
+  with gzip.open(paths["reviews"], "rb") as f:
+    lines = f.read().split(b"\n")[:-1]
+  first = json.loads(lines[0])
+  rng = np.random.default_rng(seed)
+  for line in _injected_review_lines(first["reviewerID"], first["asin"],
+                                     first["unixReviewTime"]):
+    lines.insert(int(rng.integers(1, len(lines))), line)
+  with gzip.open(paths["reviews"], "wb") as f:
+    f.write(b"\n".join(lines))  # no newline after the last line
+  with gzip.open(paths["meta"], "rt", encoding="utf-8") as f:
+    meta = f.read().splitlines()
+  asin = [ast.literal_eval(x)["asin"] for x in meta[:6]]
+  meta = [f"{{'asin': '{asin[0]}', 'flag': True, 'categories': [['A', 'B']]}}",
+          f"{{'asin': '{asin[1]}', 'categories': (('A', 'C'),)}}",
+          f"{{'asin': '{asin[2]}', 'title': \"Rock 'n' Roll\", 'categories': [['A', 'D']]}}",
+          f"{{'asin': '{asin[3]}', 'categories': [[u'A', 'E']]}}",
+          f"{{'asin': '{asin[4]}', 'categories': [['A', 'F'],]}}",
+          f"{{'asin': '{asin[5]}', 'categories': [['A', 'G']], 'x': NaN}}",
+          f"{{'asin': '{asin[5]}', 'categories': [['A', 'H']], 'x': 1e5, 'y': -0}}",
+          "{'asin': 'zz', oops}"] + meta
+  with gzip.open(paths["meta"], "wt", encoding="utf-8") as f:
+    f.write("\n".join(meta) + "\n")
+  return paths["reviews"], paths["meta"]
+
+
+def test_block_reading_gives_the_line_by_line_result(tmp_path, monkeypatch):
+  reviews_path, _ = _damaged_amazon_like(tmp_path)
+  with amazon_raw.open_text(reviews_path) as f:
+    expected = _reference_parse_reviews(f)
+  monkeypatch.setattr(amazon_raw, "MIN_ARROW_LINES", 16)  # split rejected blocks down to 32 lines
+  calls = []
+  line_level = amazon_raw.review_of_line
+  monkeypatch.setattr(amazon_raw, "review_of_line", lambda line: calls.append(1) or
+                      line_level(line))
+  for block_bytes in (1 << 14, 1 << 25):  # many blocks, one block
+    calls.clear()
+    got = amazon_raw.read_reviews(reviews_path, block_bytes=block_bytes)
+    assert got.counts == expected.counts
+    assert got.first_skipped == expected.first_skipped
+    assert got.user_keys == expected.user_keys and got.item_keys == expected.item_keys
+    for name in ("user", "item", "time", "line"):
+      np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
+    assert len(calls) < expected.counts["lines"] / 4  # pyarrow read most lines
+  c = expected.counts
+  assert min(c["blank_lines"], c["malformed_lines"], c["missing_fields"], c["bad_time"]) >= 2
+  assert "A\udce9V" in expected.user_keys and "A\udc80" in expected.user_keys
+
+
+def test_prepared_data_is_identical_to_line_by_line_reading(tmp_path, monkeypatch):
+  reviews_path, meta_path = _damaged_amazon_like(tmp_path)
+  config = data_config(tmp_path / "raw", max_seq_len=4)
+  prepared = {}
+  with monkeypatch.context() as m:  # the replaced readers, and each split in one block
+    m.setattr(amazon_raw, "read_reviews",
+              lambda path: amazon_raw.parse_file(path, _reference_parse_reviews))
+    m.setattr(amazon_raw, "_literal", amazon_raw._literal_eval_line)
+    prepared["reference"] = amazon.prepare_from_files(config, reviews_path, meta_path,
+                                                      str(tmp_path / "reference"))
+  monkeypatch.setattr(amazon_raw, "BLOCK_BYTES", 1 << 14)
+  monkeypatch.setattr(amazon, "EXAMPLE_BLOCK", 97)
+  prepared["blocks"] = amazon.prepare_from_files(config, reviews_path, meta_path,
+                                                 str(tmp_path / "blocks"))
+  assert prepared["blocks"] == prepared["reference"]
+  for split in schema_lib.SPLITS:
+    assert _split_digest(tmp_path / "blocks", split) == _split_digest(tmp_path / "reference",
+                                                                      split)
+  stats = prepared["blocks"]
+  assert stats["metadata"]["malformed_lines"] == 1  # NaN ('oops' is of an unreviewed asin)
+  # Repeats: a day later, at equal times, and the lines with NaN and 1e400 in "overall".
+  assert stats["reviews"]["duplicate_reviews"] == 4 and stats["reviews"]["without_metadata"] == 1
+  assert stats["num_samples"]["train"] > 2 * amazon.EXAMPLE_BLOCK
+
+
+def test_split_written_in_blocks_is_byte_identical_to_np_save(tmp_path):
+  raw = write_tiny(tmp_path / "raw")
+  amazon.prepare(data_config(raw), str(tmp_path / "whole"))
+  schema = schema_lib.read_schema(str(tmp_path / "whole"))
+  splits = {s: {k: np.asarray(v) for k, v in schema_lib.load_split(
+      str(tmp_path / "whole"), s, schema).items()} for s in schema_lib.SPLITS}
+  blocks = {s: [{k: v[lo:lo + 1] for k, v in splits[s].items()}
+                for lo in range(schema.size(s))] for s in schema_lib.SPLITS}
+  assert schema_lib.write_prepared(str(tmp_path / "a"), schema, splits) == (
+      schema_lib.write_prepared(str(tmp_path / "b"), schema, blocks))
+  short = dict(blocks, train=blocks["train"][:-1])
+  with pytest.raises(DataError, match="rows were written"):
+    schema_lib.write_prepared(str(tmp_path / "c"), schema, short)
+  assert not os.path.exists(tmp_path / "c")
+
+
+def test_long_reads_log_progress_lines(tmp_path, monkeypatch):
+  from absl import logging as absl_logging  # noqa: PLC0415
+  monkeypatch.setattr(amazon_raw, "PROGRESS_SECONDS", 0.0)
+  monkeypatch.setattr(amazon_raw, "BLOCK_BYTES", 256)
+  monkeypatch.setattr(amazon, "EXAMPLE_BLOCK", 2)
+  lines = []
+  monkeypatch.setattr(absl_logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  raw = write_tiny(tmp_path / "raw")
+  amazon.prepare(data_config(raw), str(tmp_path / "out"))
+  reading = [x for x in lines if x.startswith("amazon: reading reviews reviews_Books_5.json.gz:")]
+  assert any(" lines (" in x and "/s), " in x and "ETA" in x for x in reading), lines
+  assert any(x.startswith("amazon: reading metadata meta_Books.json.gz:") for x in lines)
+  assert any(x.startswith("amazon: building train examples:") and "examples (" in x
+             for x in lines)
+  assert any("joining reviews with categories took" in x and "peak RSS" in x for x in lines)
+
+
+def test_metadata_json_shortcut_matches_literal_eval():
+  lines = ["{'asin': 'a', 'price': 1.5e2, 'rank': -0, 'c': [['A', 'B']], 'd': {'k': []}}",
+           "{'asin': 'a', 'ok': True}", "{'asin': 'a', 'x': NaN}", "{'asin': 'a', 't': (1,)}",
+           "{'asin': 'a', 'x': 1,}", "{'asin': 'a', 'x': 007}", "{'asin': 'a', 'x': +1}",
+           "{'asin': 'a', 'x': .5}", "{'asin': 'a' 'b'}", "{'asin': 'a\tb'}", "{1: 'a'}",
+           "{'asin': 'a', 'asin': 'b'}", "{'asin': \"it's\"}", "{'asin': 'a\\'b'}",
+           "[" * 2000 + "]" * 2000, "{'asin': 'a', 'x': 1e400}", "{'a': 'b'} # c", ""]
+  for line in lines:
+    assert repr(amazon_raw._literal(line)) == repr(amazon_raw._literal_eval_line(line)), line
+
+
+def test_extra_columns_in_groups_of_blocks_match_one_call(tmp_path, monkeypatch):
+  write_random(tmp_path / "raw")
+  calls = []
+
+  def row_ids(reviews, rows, negatives):  # any per-row function of (row, negative)
+    calls.append(len(rows))
+    return {"extra.row": np.stack([rows, negatives], 1).reshape(-1).astype(np.float32)}
+
+  config = data_config(tmp_path / "raw")
+  paths = [str(tmp_path / "raw" / n) for n in ("reviews_Books_5.json", "meta_Books.json")]
+  whole = amazon.prepare_from_files(config, *paths, str(tmp_path / "a"), extra_columns=row_ids)
+  assert len(calls) == 3  # one call per split
+  monkeypatch.setattr(amazon, "EXAMPLE_BLOCK", 7)
+  monkeypatch.setattr(amazon, "EXTRA_BLOCK", 17)  # not a multiple of EXAMPLE_BLOCK
+  calls.clear()
+  blocks = amazon.prepare_from_files(config, *paths, str(tmp_path / "b"), extra_columns=row_ids)
+  assert blocks["checksum"] == whole["checksum"]
+  assert max(calls) <= 17 and len(calls) > 3

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ from mian_jax.data import download as download_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import vocab
 from mian_jax.errors import ConfigError, DataError
+from mian_jax.fileio import cache_root
 
 SNAP_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
 DATASETS = {"books": "Books", "electronics": "Electronics"}
@@ -70,6 +72,11 @@ NO_PREVIOUS_GAP = len(GAP_EDGES_DAYS) + 1
 VALID_USER_SHARE = 0.1
 VALID_STREAM = 1  # the validation users are drawn from default_rng([data.seed, VALID_STREAM])
 HIST_CHUNK = 1 << 18  # examples per chunk when gathering behaviours (bounds temporary memory)
+# Target rows whose examples are built and written at once: bounds memory, and small enough
+# that the allocator reuses the blocks' memory (fresh large arrays cost page faults).
+EXAMPLE_BLOCK = 1 << 14
+NEGATIVE_CHUNK = 1 << 20  # rows per chunk when checking negatives against the user's reviews
+EXTRA_BLOCK = 1 << 19  # target rows per call of the extra columns (e.g. amazon_like's click_prob)
 
 
 # ----------------------------------------------------------------------------- raw files
@@ -84,7 +91,6 @@ def raw_file_names(dataset: str) -> tuple[str, str]:
 
 
 def default_raw_dir() -> str:
-  from mian_jax.data import cache_root  # pylint: disable=g-import-not-at-top
   return os.path.join(cache_root(), "raw", "amazon")
 
 
@@ -164,10 +170,11 @@ def join_reviews(raw: amazon_raw.RawReviews, categories: list[str | None]) -> tu
   has_meta = np.array([c is not None for c in categories], bool)
   keep = has_meta[raw.item] if len(raw.item) else np.zeros(0, bool)
   dropped = int((~keep).sum())
+  kept = (lambda a: a) if not dropped else (lambda a: a[keep])  # noqa: E731 - no copy if all
   user_used = np.zeros(len(raw.user_keys), bool)
-  user_used[raw.user[keep]] = True
+  user_used[kept(raw.user)] = True
   item_used = np.zeros(len(raw.item_keys), bool)
-  item_used[raw.item[keep]] = True
+  item_used[kept(raw.item)] = True
   user_names = np.array(raw.user_keys, dtype=str)
   item_names = np.array(raw.item_keys, dtype=str)
   user_rank, num_users = _dense_ranks(user_names, user_used)
@@ -181,11 +188,15 @@ def join_reviews(raw: amazon_raw.RawReviews, categories: list[str | None]) -> tu
   cat_names, cat_index = np.unique(item_cat_names, return_inverse=True)
   item_category = np.zeros(num_items, np.int64)
   item_category[item_rank[used_items]] = cat_index
-  user = user_rank[raw.user[keep]]
-  item = item_rank[raw.item[keep]]
-  when = raw.time[keep]
-  order = np.lexsort((np.arange(len(user)), when, user))  # stable: ties keep file order
-  user, item, when = user[order], item[order], when[order]
+  user = user_rank[kept(raw.user)]
+  when = kept(raw.time)
+  # (user, time) in one int64 (times are plausible: 0 <= time < 2**32); a stable sort keeps
+  # the file order of ties. One column at a time bounds the temporary memory.
+  order = np.argsort(user << 32 | when, kind="stable")
+  user = user[order]
+  when = when[order]
+  item = item_rank[kept(raw.item)][order]
+  del order
   count = np.bincount(user, minlength=num_users).astype(np.int64)
   start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
   pos = np.arange(len(user), dtype=np.int64) - start[user]
@@ -202,17 +213,25 @@ def uniform_negatives(rng: np.random.Generator, reviews: Reviews, rows: np.ndarr
   (DIN build_dataset.py gen_neg: randint over all items until not in the user's pos_list.)
   A user who reviewed every item cannot get a negative: DataError.
   """
-  positive_keys = np.unique(reviews.user * reviews.num_items + reviews.item)
-  users = reviews.user[rows]
+  positive_keys = np.sort(reviews.user * reviews.num_items + reviews.item)
+  positive_keys = positive_keys[np.flatnonzero(np.diff(positive_keys, prepend=-1))]  # unique
   if len(rows) and (np.bincount(positive_keys // reviews.num_items) >= reviews.num_items).any():
     raise DataError("amazon: a user reviewed every item, so no negative item exists")
+
+  def reviewed(at: np.ndarray) -> np.ndarray:
+    """The entries of `at` (indices into rows) whose negative the row's user reviewed."""
+    keys = reviews.user[rows[at]] * reviews.num_items + negatives[at]
+    found = np.minimum(np.searchsorted(positive_keys, keys), len(positive_keys) - 1)
+    return at[positive_keys[found] == keys]
+
   negatives = rng.integers(reviews.num_items, size=len(rows))
-  redo = np.arange(len(rows))
+  # The first round over all rows in chunks (bounds temporary memory), then the redraws.
+  redo = np.concatenate([np.zeros(0, np.int64)] + [
+      reviewed(np.arange(lo, min(lo + NEGATIVE_CHUNK, len(rows))))
+      for lo in range(0, len(rows), NEGATIVE_CHUNK)])
   while len(redo):
-    keys = users[redo] * reviews.num_items + negatives[redo]
-    at = np.minimum(np.searchsorted(positive_keys, keys), len(positive_keys) - 1)
-    redo = redo[positive_keys[at] == keys]
     negatives[redo] = rng.integers(reviews.num_items, size=len(redo))
+    redo = reviewed(redo)
   return negatives
 
 
@@ -304,27 +323,33 @@ def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.stack([a, b], axis=1).reshape(-1)
 
 
+def behaviour_ids(reviews: Reviews) -> tuple[np.ndarray, np.ndarray]:
+  """([R + 1], [R + 1]) int32 item and category ids of each review row, and PAD_ID at row R
+  (the row that padded behaviour slots point at)."""
+  pad = np.array([schema_lib.PAD_ID], np.int32)
+  return (np.concatenate([_ids(reviews.item), pad]),
+          np.concatenate([_ids(reviews.item_category[reviews.item]), pad]))
+
+
 def _fill_history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
-                  out_item: np.ndarray, out_cat: np.ndarray) -> None:
+                  out_item: np.ndarray, out_cat: np.ndarray,
+                  behaviours: tuple[np.ndarray, np.ndarray] | None = None) -> None:
   """Writes the behaviours of each target row into rows 2k and 2k+1 of out_item / out_cat.
 
   Behaviours of row r: the user's reviews strictly before r, the most recent max_seq_len of
   them, newest first (slot t = the (t+1)-th most recent), left-aligned, padded with 0.
-  Shapes: rows [M]; outs [2M, T].
+  Shapes: rows [M]; outs [2M, T]. behaviours: `behaviour_ids(reviews)`, if already at hand.
   """
+  item_ids, cat_ids = behaviours or behaviour_ids(reviews)
   t = np.arange(max_seq_len)
   for lo in range(0, len(rows), HIST_CHUNK):
     r = rows[lo:lo + HIST_CHUNK]
-    length = np.minimum(reviews.pos[r], max_seq_len)
-    index = (r - 1)[:, None] - t[None, :]
-    valid = t[None, :] < length[:, None]
-    index = np.where(valid, index, 0)
-    item = np.where(valid, _ids(reviews.item[index]), schema_lib.PAD_ID)
-    cat = np.where(valid, _ids(reviews.item_category[reviews.item[index]]), schema_lib.PAD_ID)
-    for out, value in ((out_item, item), (out_cat, cat)):
+    valid = t[None, :] < np.minimum(reviews.pos[r], max_seq_len)[:, None]
+    index = np.where(valid, (r - 1)[:, None] - t[None, :], len(reviews.item))  # pad row
+    for out, ids in ((out_item, item_ids), (out_cat, cat_ids)):
       pair = out[2 * lo:2 * (lo + len(r))].reshape(len(r), 2, max_seq_len)
-      pair[:, 0] = value
-      pair[:, 1] = value
+      pair[:, 0] = ids.take(index, mode="clip")  # in range: clip only skips the bounds check
+      pair[:, 1] = pair[:, 0]
 
 
 def year_of(seconds: np.ndarray) -> np.ndarray:
@@ -344,14 +369,16 @@ def calendar(seconds: np.ndarray, years: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
-                   max_seq_len: int, years: np.ndarray) -> dict[str, np.ndarray]:
+                   max_seq_len: int, years: np.ndarray,
+                   behaviours: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> dict[str, np.ndarray]:
   """Columns of 2M examples for M target rows: example 2k is the positive (the reviewed item,
   label 1), 2k+1 the negative (negatives[rows[k]], label 0), both with the same behaviours,
-  user and context features."""
+  user and context features. behaviours: `behaviour_ids(reviews)`, if already at hand."""
   m = len(rows)
   hist_item = np.empty((2 * m, max_seq_len), np.int32)
   hist_cat = np.empty((2 * m, max_seq_len), np.int32)
-  _fill_history(reviews, rows, max_seq_len, hist_item, hist_cat)
+  _fill_history(reviews, rows, max_seq_len, hist_item, hist_cat, behaviours)
   pos = reviews.pos[rows]
   both = lambda x: np.repeat(x, 2)  # noqa: E731
   cand = _interleave(reviews.item[rows], negatives[rows])
@@ -377,6 +404,31 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
       "label": np.tile(np.array([1.0, 0.0], np.float32), m),
       "group_id": both(reviews.user[rows]).astype(np.int64),
   }
+
+
+def example_blocks(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, max_seq_len: int,
+                   years: np.ndarray, extra_columns: ExtraColumns | None,
+                   split: str) -> Iterator[dict[str, np.ndarray]]:
+  """`build_examples` (and `extra_columns`) of target rows `rows`, EXAMPLE_BLOCK rows at a time,
+  in order, with progress lines: a split is written without being held in memory whole."""
+  progress = amazon_raw.Progress(f"amazon: building {split} examples", 2 * len(rows),
+                                 "examples")
+  behaviours = behaviour_ids(reviews)
+  extra, extra_lo = {}, 0  # the extra columns of target rows extra_lo, ...
+  for lo in range(0, len(rows), EXAMPLE_BLOCK):
+    block = rows[lo:lo + EXAMPLE_BLOCK]
+    columns = build_examples(reviews, block, negatives, max_seq_len, years, behaviours)
+    if extra_columns is not None:
+      if lo == 0 or lo + len(block) > extra_lo + max(EXTRA_BLOCK, EXAMPLE_BLOCK):
+        extra_lo = lo
+        group = rows[lo:lo + max(EXTRA_BLOCK, EXAMPLE_BLOCK)]
+        extra = extra_columns(reviews, group, negatives[group])
+      columns.update({k: v[2 * (lo - extra_lo):2 * (lo - extra_lo + len(block))]
+                      for k, v in extra.items()})
+    yield columns
+    done = 2 * (lo + len(block))
+    progress.update(done, done)
+  progress.done(2 * len(rows))
 
 
 def vocabularies(reviews: Reviews, years: np.ndarray, protocol: str) -> dict[str, Any]:
@@ -562,18 +614,18 @@ def load_reviews(reviews_path: str, meta_path: str, protocol: str, max_bad_row_r
   drop_duplicates: keep only the earliest review of each (reviewer, asin) pair
   (`drop_duplicate_reviews`); the number dropped is stats["reviews"]["duplicate_reviews"].
   """
-  started = time.time()
-  raw = amazon_raw.parse_file(reviews_path, amazon_raw.parse_reviews)
-  logging.info("amazon: parsed %s in %.1fs: %s", reviews_path, time.time() - started, raw.counts)
+  raw = amazon_raw.read_reviews(reviews_path)
+  logging.info("amazon: parsed %s: %s", reviews_path, raw.counts)
   duplicates = 0
   if drop_duplicates:
-    raw, duplicates = amazon_raw.drop_duplicate_reviews(raw)
-  started = time.time()
+    with amazon_raw.stage("dropping repeated reviews"):
+      raw, duplicates = amazon_raw.drop_duplicate_reviews(raw)
+  raw.line = None  # only the messages above need line numbers
   wanted = {asin: i for i, asin in enumerate(raw.item_keys)}
-  categories, meta_counts = amazon_raw.parse_file(
-      meta_path, lambda f: amazon_raw.parse_metadata(f, wanted, protocol))
-  logging.info("amazon: parsed %s in %.1fs: %s", meta_path, time.time() - started, meta_counts)
-  reviews, dropped = join_reviews(raw, categories)
+  categories, meta_counts = amazon_raw.read_metadata(meta_path, wanted, protocol)
+  logging.info("amazon: parsed %s: %s", meta_path, meta_counts)
+  with amazon_raw.stage("joining reviews with categories"):
+    reviews, dropped = join_reviews(raw, categories)
   stats = {"reviews": dict(raw.counts, duplicate_reviews=duplicates, without_metadata=dropped,
                            kept=len(reviews.item)),
            "metadata": meta_counts, "first_skipped": {"reviews": raw.first_skipped}}
@@ -606,28 +658,16 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
                                 data_config.get("drop_duplicate_reviews", True))
   seed = data_config.get("seed", 0)
   rng = np.random.default_rng(seed)
-  targets = protocol_targets(protocol, reviews, rng,
-                             np.random.default_rng([seed, VALID_STREAM]))
-  negatives = draw_negatives(protocol, reviews, rng)
+  with amazon_raw.stage("drawing targets and negatives"):
+    targets = protocol_targets(protocol, reviews, rng,
+                               np.random.default_rng([seed, VALID_STREAM]))
+    negatives = draw_negatives(protocol, reviews, rng)
   years = np.unique(year_of(reviews.time))
-  splits = {}
-  for split in schema_lib.SPLITS:
-    splits[split] = build_examples(reviews, targets[split], negatives,
-                                   data_config.max_seq_len, years)
-    if extra_columns is not None:
-      rows = targets[split]
-      splits[split].update(extra_columns(reviews, rows, negatives[rows]))
-  sizes = {s: len(splits[s]["label"]) for s in schema_lib.SPLITS}
+  sizes = {s: 2 * len(targets[s]) for s in schema_lib.SPLITS}
   for split, size in sizes.items():
     if size == 0:
       raise DataError(f"amazon: protocol {protocol!r} produced no {split} examples "
                       f"({stats['reviews']['kept']} reviews, {reviews.num_users} users)")
-  source = (f"amazon({data_config.dataset}, protocol={protocol}, "
-            f"seed={data_config.get('seed', 0)})")
-  extra_names = tuple(sorted(k.split(".", 1)[1] for k in splits["train"]
-                             if k.startswith("extra.")))
-  schema = make_schema(reviews, len(years), data_config.max_seq_len, sizes, source,
-                       extra_names)
   stats.update({
       "source": "amazon", "dataset": data_config.dataset, "protocol": protocol,
       "num_users": reviews.num_users, "num_items": reviews.num_items,
@@ -635,14 +675,25 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
       "num_samples": sizes,
       "valid_is_test": False,  # no protocol copies test into valid (config_checks reads it)
       "years": [int(y) for y in years],
-      "positive_rate": {s: float(splits[s]["label"].mean()) for s in schema_lib.SPLITS},
+      "positive_rate": dict.fromkeys(schema_lib.SPLITS, 0.5),  # one negative per positive
       "raw_files": [reviews_path, meta_path],
   })
-  write_vocabularies = functools.partial(vocab.write_vocabularies,
-                                         **vocabularies(reviews, years, protocol))
-  stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
-                                                extra_files={"stats.json": stats},
-                                                write_vocabularies=write_vocabularies)
+  with amazon_raw.stage("building and writing the splits, vocab/ and the checksum"):
+    splits = {split: example_blocks(reviews, targets[split], negatives,
+                                    data_config.max_seq_len, years, extra_columns, split)
+              for split in schema_lib.SPLITS}
+    first = next(splits["train"])  # its columns name the extra columns of the schema
+    splits["train"] = itertools.chain([first], splits["train"])
+    extra_names = tuple(sorted(k.split(".", 1)[1] for k in first if k.startswith("extra.")))
+    source = (f"amazon({data_config.dataset}, protocol={protocol}, "
+              f"seed={data_config.get('seed', 0)})")
+    schema = make_schema(reviews, len(years), data_config.max_seq_len, sizes, source,
+                         extra_names)
+    write_vocabularies = functools.partial(vocab.write_vocabularies,
+                                           **vocabularies(reviews, years, protocol))
+    stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
+                                                  extra_files={"stats.json": stats},
+                                                  write_vocabularies=write_vocabularies)
   logging.info("amazon: prepared %s in %.1fs: %d users, %d items, %d categories, samples %s, "
                "bad rows %s, repeated reviews dropped %d", directory, time.time() - started,
                reviews.num_users, reviews.num_items, reviews.num_categories, sizes,

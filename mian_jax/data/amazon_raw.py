@@ -1,29 +1,116 @@
 """Parsing the raw Amazon 2014 files: review lines (JSON) and metadata lines (Python literals).
 
-Reads gzipped or plain files line by line into columns (`RawReviews`) and each reviewed asin's
-category, counting and reporting every line it cannot use (malformed JSON or literals, missing
-fields, implausible times, undecodable bytes) instead of failing on it; drops repeated reviews
-of one item by one reviewer (`drop_duplicate_reviews`). `mian_jax/data/amazon.py` turns the
-result into the protocols' examples.
+`read_reviews` streams the review file in blocks of BLOCK_BYTES through pyarrow's JSON reader
+into compact columns (`RawReviews`: int codes and times, no Python object per row); a block
+that pyarrow could read differently, and every line that is not a clean review, goes through
+the line-level rules of `review_of_line` (`parse_reviews`), so the result is exactly that of
+reading every line with `json.loads` (docs/data.md, "Preparation at scale"). Metadata lines
+go through `parse_metadata`. Every line that cannot be used (malformed JSON or literals,
+missing fields, implausible times, undecodable bytes) is counted and reported instead of
+failing; `drop_duplicate_reviews` drops repeated reviews of one item by one reviewer. Long
+reads log progress lines. `mian_jax/data/amazon.py` turns the result into the protocols'
+examples.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import gzip
 import io
 import json
 import os
 import re
+import resource
+import time
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
+from absl import logging
 
 from mian_jax.data import timestamps
 from mian_jax.errors import DataError
+
+GZIP_MAGIC = b"\x1f\x8b"
+BLOCK_BYTES = 1 << 23  # uncompressed review bytes per pyarrow parse (bounds the parse memory)
+SPLIT_PIECES = 16  # a block pyarrow rejects is retried in this many pieces ...
+MIN_ARROW_LINES = 1024  # ... down to pieces of about this many lines, then read line by line
+# json.loads raises RecursionError on lines nested about 1,000 deep, which pyarrow accepts: a
+# line with this many '[' / '{' bytes is left to json.loads.
+MAX_ARROW_NESTING = 256
+PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds
+REVIEW_FIELDS = ("reviewerID", "asin", "unixReviewTime")
+_ARROW_PARSE = pa_json.ParseOptions(
+    explicit_schema=pa.schema([("reviewerID", pa.string()), ("asin", pa.string()),
+                               ("unixReviewTime", pa.int64())]),
+    unexpected_field_behavior="ignore")
+_ARROW_READ = pa_json.ReadOptions(use_threads=True, block_size=1 << 22)
+# Bytes after which a block cannot be given to pyarrow as it is: \r (json.loads' line reading
+# also ends lines there).
+_ARROW_UNSAFE = (b"\r",)
+
+
+class Progress:
+  """Logs "<what>: <rows> rows (<rows/s>), <share of the input>, ETA" at most every
+  PROGRESS_SECONDS while a long stage runs; `done` logs the stage's total time."""
+
+  def __init__(self, what: str, total: float | None = None, unit: str = "rows"):
+    self.what, self.total, self.unit = what, total, unit
+    self.started = self.last = time.time()
+    self.cpu_started = time.process_time()
+
+  def update(self, rows: int, position: float | None = None) -> None:
+    """rows: done so far; position: how far through `total` (e.g. compressed bytes read)."""
+    now = time.time()
+    if now - self.last < PROGRESS_SECONDS:
+      return
+    self.last = now
+    elapsed = now - self.started
+    line = f"{self.what}: {rows:,} {self.unit} ({rows / max(elapsed, 1e-9):,.0f}/s)"
+    if self.total and position is not None and position > 0:
+      share = min(position / self.total, 1.0)
+      line += f", {share:.0%}, ETA {elapsed * (1 - share) / share:.0f}s"
+    logging.info("%s", line)
+
+  def done(self, rows: int) -> float:
+    elapsed = time.time() - self.started
+    logging.info("%s: %s %s in %.1fs, CPU %.1fs (%s/s; peak RSS so far %.2f GB)", self.what,
+                 f"{rows:,}", self.unit, elapsed, time.process_time() - self.cpu_started,
+                 f"{rows / max(elapsed, 1e-9):,.0f}", peak_rss_gb())
+    return elapsed
+
+
+def peak_rss_gb() -> float:
+  """This process's peak resident memory so far, in GB (2**30 bytes; Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+@contextlib.contextmanager
+def stage(what: str) -> Iterator[None]:
+  """Logs how long the `with` body took (wall and CPU time of all threads) and the peak RSS so
+  far: one line per stage."""
+  started, cpu_started = time.time(), time.process_time()
+  yield
+  logging.info("amazon: %s took %.1fs, CPU %.1fs (peak RSS so far %.2f GB)", what,
+               time.time() - started, time.process_time() - cpu_started, peak_rss_gb())
+
+
+def _open_binary(path: str) -> tuple[io.BufferedReader, io.BufferedIOBase]:
+  """(the file as stored, its content): gunzipped if it starts with the gzip magic bytes."""
+  if not os.path.isfile(path):
+    raise DataError(f"raw file not found: {path}")
+  stored = open(path, "rb")  # noqa: SIM115 - closed by the caller with the content stream
+  magic = stored.read(2)
+  stored.seek(0)
+  if magic == GZIP_MAGIC:
+    return stored, gzip.GzipFile(fileobj=stored, mode="rb")
+  return stored, stored
 
 
 def open_text(path: str) -> io.TextIOBase:
@@ -32,20 +119,25 @@ def open_text(path: str) -> io.TextIOBase:
   Bytes that are not UTF-8 decode to lone surrogates (errors="surrogateescape"), so two ids
   that differ only there stay two ids (with errors="replace" both would read as U+FFFD).
   """
-  if not os.path.isfile(path):
-    raise DataError(f"raw file not found: {path}")
-  with open(path, "rb") as f:
-    magic = f.read(2)
-  if magic == b"\x1f\x8b":
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
-  return open(path, encoding="utf-8", errors="surrogateescape")
+  return _as_text(_open_binary(path)[1])
+
+
+def _as_text(stream) -> io.TextIOBase:
+  return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
 
 
 def parse_file(path: str, parse: Callable[[io.TextIOBase], object]):
   """parse(<the opened file>); a damaged file is a DataError naming it and what to do."""
+  return _read_checked(path, lambda stored, content: parse(_as_text(content)))
+
+
+def _read_checked(path: str, read: Callable[[io.BufferedReader, io.BufferedIOBase], object]):
+  """read(<the file as stored>, <its content>), closing both; a damaged file is a DataError
+  naming it and what to do."""
   try:
-    with open_text(path) as f:
-      return parse(f)
+    stored, content = _open_binary(path)
+    with stored, content:
+      return read(stored, content)
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated / corrupt gzip stream
     problem = ("ends before its gzip stream does (a truncated download?)"
                if isinstance(e, EOFError) else f"is not a valid gzip file ({e})")
@@ -55,7 +147,19 @@ def parse_file(path: str, parse: Callable[[io.TextIOBase], object]):
     raise DataError(f"amazon: cannot read {path}: {e}") from None
 
 
-# ----------------------------------------------------------------------------- parsing
+def _text_lines(path: str, stored: io.BufferedReader, content, what: str) -> Iterator[str]:
+  """The lines of `content`, with a progress line (lines, share of `stored` read, ETA)."""
+  progress = Progress(f"amazon: reading {what} {os.path.basename(path)}",
+                      os.path.getsize(path), "lines")
+  count = 0
+  for count, line in enumerate(_as_text(content), 1):
+    if not count & 0xFFFF:
+      progress.update(count, stored.tell())
+    yield line
+  progress.done(count)
+
+
+# ----------------------------------------------------------------------------- reviews
 
 
 @dataclasses.dataclass
@@ -77,65 +181,244 @@ class RawReviews:
   first_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def parse_reviews(lines: Iterable[str]) -> RawReviews:
-  """Parses JSON review lines; blank lines are skipped, bad lines counted (not fatal here).
+def review_of_line(line: str) -> tuple[str, object, object, object]:
+  """(outcome, reviewerID, asin, unixReviewTime) of one review line; outcome is "review",
+  "blank_lines", "malformed_lines" (not a JSON object), "missing_fields" (reviewerID / asin
+  not non-empty strings, or unixReviewTime not an integer) or "bad_time" (unixReviewTime not a
+  Unix time in seconds between 1970 and 2099, timestamps.py: negative, milliseconds, ...)."""
+  if not line.strip():
+    return "blank_lines", None, None, None
+  try:
+    obj = json.loads(line)
+    user, item, when = obj["reviewerID"], obj["asin"], obj["unixReviewTime"]
+  except (ValueError, RecursionError):
+    return "malformed_lines", None, None, None
+  except (KeyError, TypeError):  # TypeError: a JSON value that is not an object
+    return ("missing_fields" if isinstance(obj, dict) else "malformed_lines"), None, None, None
+  if (type(user) is not str or type(item) is not str or not user or not item  # noqa: E721
+      or type(when) is not int):  # noqa: E721
+    return "missing_fields", None, None, None
+  if not timestamps.MIN_SECONDS <= when < timestamps.MAX_SECONDS:
+    return "bad_time", None, None, when
+  return "review", user, item, when
 
-  A line is `malformed` if it is not a JSON object, `missing_fields` if reviewerID / asin are
-  not non-empty strings or unixReviewTime is not an integer, `bad_time` if unixReviewTime is
-  not a Unix time in seconds between 1970 and 2099 (timestamps.py: negative, milliseconds, ...).
+
+class _ReviewColumns:
+  """Parsed reviews gathered block by block: per block the distinct reviewerIDs and asins (in
+  first-seen order) with each review's index into them, the time and line columns, and the line
+  counts; `result` numbers the keys of all blocks at once."""
+
+  def __init__(self):
+    self.blocks: list[tuple] = []  # (users, user [n], items, item [n], time [n], line [n])
+    self.counts = dict.fromkeys(("lines", "blank_lines", "malformed_lines", "missing_fields",
+                                 "bad_time", "parsed"), 0)
+    self.first: dict[str, str] = {}
+
+  def skip(self, outcome: str, number: int, line: str, when) -> None:
+    self.counts[outcome] += 1
+    if outcome != "blank_lines" and outcome not in self.first:
+      self.first[outcome] = f"line {number}: " + (
+          timestamps.describe(when, "unixReviewTime") if outcome == "bad_time"
+          else f"{line[:80]!r}")
+
+  def add_lines(self, lines: Iterable[str], first_number: int = 1) -> int:
+    """Parses `lines` (numbered from first_number) one by one; returns how many there were."""
+    users: dict[str, int] = {}
+    items: dict[str, int] = {}
+    u_ids, i_ids, times, line_of = array("q"), array("q"), array("q"), array("q")
+    number = first_number - 1
+    for number, line in enumerate(lines, first_number):
+      outcome, user, item, when = review_of_line(line)
+      if outcome != "review":
+        self.skip(outcome, number, line, when)
+        continue
+      u_ids.append(users.setdefault(user, len(users)))
+      i_ids.append(items.setdefault(item, len(items)))
+      times.append(when)
+      line_of.append(number)
+    count = number - first_number + 1
+    self.counts["lines"] += count
+    u_ids, i_ids, times, line_of = (np.frombuffer(a, np.int64)
+                                    for a in (u_ids, i_ids, times, line_of))
+    self.blocks.append((list(users), u_ids, list(items), i_ids, times, line_of))
+    return count
+
+  def add_block(self, block: bytes, first_number: int) -> int:
+    """Parses whole lines `block` (numbered from first_number) with pyarrow, or, where pyarrow
+    cannot be trusted with it, in pieces (`SPLIT_PIECES`) or line by line; returns the number
+    of lines."""
+    parsed = _arrow_reviews(block, first_number)
+    if parsed is not None:
+      table, lines, line_numbers, clean = parsed
+      if self._add_table(table, block, first_number, line_numbers, clean):
+        self.counts["lines"] += lines
+        self.counts["blank_lines"] += lines - len(line_numbers)
+        return lines
+    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + 1
+    if len(ends) < 2 * MIN_ARROW_LINES:
+      return self.add_lines(_as_text(io.BytesIO(block)), first_number)
+    cuts = [0, *ends[np.linspace(0, len(ends) - 1, SPLIT_PIECES + 1)[1:-1].astype(int)].tolist(),
+            len(block)]
+    number = first_number
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+      number += self.add_block(block[lo:hi], number)
+    return number - first_number
+
+  def _add_table(self, table: pa.Table, block: bytes, first_number: int,
+                 line_numbers: np.ndarray, clean: np.ndarray) -> bool:
+    """Adds pyarrow's rows; the rows that are not clean reviews are read again by
+    `review_of_line` (json.loads decides their outcome). False (nothing added) if one of them
+    is a review after all, which would put it out of file order."""
+    if not clean.all():
+      starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + 1])
+      skipped = []
+      for number in line_numbers[~clean].tolist():
+        lo = starts[number - first_number]
+        hi = block.find(b"\n", lo) + 1 or len(block)
+        line = block[lo:hi].decode("utf-8", "surrogateescape")
+        outcome, _, _, when = review_of_line(line)
+        if outcome == "review":
+          return False
+        skipped.append((outcome, number, line, when))
+      for args in skipped:
+        self.skip(*args)
+      table = table.filter(pa.array(clean))
+      line_numbers = line_numbers[clean]
+    users, items = (pc.dictionary_encode(table.column(name).combine_chunks())
+                    for name in REVIEW_FIELDS[:2])
+    self.blocks.append((users.dictionary, users.indices.to_numpy(), items.dictionary,
+                        items.indices.to_numpy(), table.column("unixReviewTime").to_numpy(),
+                        line_numbers))
+    return True
+
+  def result(self) -> RawReviews:
+    blocks, self.blocks = self.blocks, []
+    user_keys, users = _number_keys([(b[0], b[1]) for b in blocks])
+    item_keys, items = _number_keys([(b[2], b[3]) for b in blocks])
+    columns = [users, items, [b[4] for b in blocks], [b[5] for b in blocks]]
+    del blocks
+    joined = []
+    for parts in columns:  # one column at a time, each block freed once copied
+      out = np.empty(sum(map(len, parts)), np.int64)
+      lo = 0
+      while parts:
+        part = parts.pop(0)
+        out[lo:lo + len(part)] = part
+        lo += len(part)
+      joined.append(out)
+    user, item, times, line = joined
+    self.counts["parsed"] = len(user)
+    return RawReviews(user_keys, item_keys, user, item, times, self.counts, line, self.first)
+
+
+def _arrow_reviews(block: bytes, first_number: int):
+  """pyarrow's parse of `block`: (table of REVIEW_FIELDS, lines, [rows] line numbers,
+  [rows] bool clean), clean = a review with non-empty ids and a plausible time; None where
+  pyarrow's reading could differ from json.loads' (the block then goes line by line)."""
+  if any(x in block for x in _ARROW_UNSAFE):
+    return None
+  data = np.frombuffer(block, np.uint8)
+  ends = np.flatnonzero(data == ord("\n"))
+  lines = len(ends) + (bool(block) and block[-1:] != b"\n")
+  starts = np.concatenate([[0], ends + 1])[:lines]
+  # Every line starts with "{" or is empty: a line of a JSON value that is not an object (a
+  # block of "null" lines crashes pyarrow 26), with leading whitespace or a byte order mark
+  # (which pyarrow skips) goes to json.loads.
+  first_byte = data[starts]
+  blank = first_byte == ord("\n")
+  if not (blank | (first_byte == ord("{"))).all():
+    return None
+  opening = np.flatnonzero((data == ord("[")) | (data == ord("{")))
+  if len(opening) and np.bincount(np.searchsorted(ends, opening)).max() >= MAX_ARROW_NESTING:
+    return None
+  try:
+    table = pa_json.read_json(pa.py_buffer(block), read_options=_ARROW_READ,
+                              parse_options=_ARROW_PARSE) if lines else None
+    for name in REVIEW_FIELDS[:2]:
+      table.column(name).validate(full=True)  # undecodable bytes: json.loads reads them
+  except (pa.ArrowInvalid, AttributeError):
+    return None
+  if table.num_rows != lines - blank.sum():  # pyarrow skips empty lines; two objects on a line
+    return None
+  line_numbers = first_number + np.flatnonzero(~blank)
+  user, item, when = (table.column(n) for n in REVIEW_FIELDS)
+  non_empty = lambda c: pc.fill_null(pc.greater(pc.binary_length(c), 0), False)  # noqa: E731
+  seconds = pc.fill_null(when, -1).to_numpy()
+  clean = (non_empty(user).to_numpy(zero_copy_only=False)
+           & non_empty(item).to_numpy(zero_copy_only=False)
+           & pc.is_valid(when).to_numpy(zero_copy_only=False)
+           & timestamps.plausible(seconds))
+  return table, lines, line_numbers, clean
+
+
+def _number_keys(blocks: list[tuple]) -> tuple[list[str], list[np.ndarray]]:
+  """Numbers the keys of all blocks in first-seen order.
+
+  Args:
+    blocks: per block, (its distinct keys in first-seen order, a pyarrow array or a list of
+      str; [rows] indices into them).
+
+  Returns:
+    (all distinct keys in first-seen order, per block [rows] int64 codes into them).
   """
-  users: dict[str, int] = {}
-  items: dict[str, int] = {}
-  u_ids, i_ids, times, line_of = array("q"), array("q"), array("q"), array("q")
-  lines_total = blank = malformed = missing = bad_time = 0
-  first: dict[str, str] = {}
-  loads = json.loads
-  lo, hi = timestamps.MIN_SECONDS, timestamps.MAX_SECONDS
-  for line in lines:
-    lines_total += 1
-    if not line.strip():
-      blank += 1
-      continue
-    try:
-      obj = loads(line)
-      user, item, when = obj["reviewerID"], obj["asin"], obj["unixReviewTime"]
-    except (ValueError, RecursionError):
-      malformed += 1
-      first.setdefault("malformed_lines", f"line {lines_total}: {line[:80]!r}")
-      continue
-    except (KeyError, TypeError):  # TypeError: a JSON value that is not an object
-      if isinstance(obj, dict):
-        missing += 1
-        first.setdefault("missing_fields", f"line {lines_total}: {line[:80]!r}")
-      else:
-        malformed += 1
-        first.setdefault("malformed_lines", f"line {lines_total}: {line[:80]!r}")
-      continue
-    if (type(user) is not str or type(item) is not str or not user or not item  # noqa: E721
-        or type(when) is not int):  # noqa: E721
-      missing += 1
-      first.setdefault("missing_fields", f"line {lines_total}: {line[:80]!r}")
-      continue
-    if not lo <= when < hi:
-      bad_time += 1
-      first.setdefault("bad_time", f"line {lines_total}: "
-                       + timestamps.describe(when, "unixReviewTime"))
-      continue
-    u = users.get(user)
-    if u is None:
-      u = users[user] = len(users)
-    i = items.get(item)
-    if i is None:
-      i = items[item] = len(items)
-    u_ids.append(u)
-    i_ids.append(i)
-    times.append(when)
-    line_of.append(lines_total)
-  counts = {"lines": lines_total, "blank_lines": blank, "malformed_lines": malformed,
-            "missing_fields": missing, "bad_time": bad_time, "parsed": len(u_ids)}
-  as_array = lambda a: np.frombuffer(a, np.int64).copy()  # noqa: E731
-  return RawReviews(list(users), list(items), as_array(u_ids), as_array(i_ids), as_array(times),
-                    counts, as_array(line_of), first)
+  if all(isinstance(keys, pa.Array) for keys, _ in blocks):  # no block was read line by line
+    encoded = pc.dictionary_encode(pa.chunked_array([k for k, _ in blocks], pa.string()))
+    numbers = np.concatenate([np.zeros(0, np.int64)]
+                             + [c.indices.to_numpy() for c in encoded.chunks])
+    keys = encoded.chunks[0].dictionary.to_pylist() if encoded.num_chunks else []
+  else:  # keys with undecodable bytes cannot be in pyarrow: a dict of all keys
+    index: dict[str, int] = {}
+    numbers = np.fromiter((index.setdefault(k, len(index)) for keys, _ in blocks
+                           for k in (keys.to_pylist() if isinstance(keys, pa.Array) else keys)),
+                          np.int64)
+    keys = list(index)
+  codes, lo = [], 0
+  for block_keys, local in blocks:
+    codes.append(numbers[lo:lo + len(block_keys)][local])
+    lo += len(block_keys)
+  return keys, codes
+
+
+def _blocks(stream, block_bytes: int) -> Iterator[bytes]:
+  """Whole lines of `stream`, about block_bytes at a time (the last may lack its newline)."""
+  rest = b""
+  while chunk := stream.read(block_bytes):
+    cut = chunk.rfind(b"\n") + 1
+    if cut:
+      yield rest + chunk[:cut]
+      rest = chunk[cut:]
+    else:
+      rest += chunk
+  if rest:
+    yield rest
+
+
+def parse_reviews(lines: Iterable[str]) -> RawReviews:
+  """Parses JSON review lines one by one (`review_of_line`); blank lines are skipped, bad lines
+  counted (not fatal here)."""
+  columns = _ReviewColumns()
+  columns.add_lines(lines)
+  return columns.result()
+
+
+def read_reviews(path: str, block_bytes: int | None = None) -> RawReviews:
+  """Parses the review file at `path` (gzipped or plain) in blocks of whole lines, with the
+  outcome of `parse_reviews` on its lines, and logs progress; a damaged file is a DataError.
+  block_bytes: uncompressed bytes per block (default BLOCK_BYTES)."""
+
+  def read(stored, content) -> RawReviews:
+    columns = _ReviewColumns()
+    progress = Progress(f"amazon: reading reviews {os.path.basename(path)}",
+                        os.path.getsize(path), "lines")
+    number = 1
+    for block in _blocks(content, block_bytes or BLOCK_BYTES):
+      number += columns.add_block(block, number)
+      progress.update(number - 1, stored.tell())
+    raw = columns.result()
+    progress.done(number - 1)
+    return raw
+
+  return _read_checked(path, read)
 
 
 def drop_duplicate_reviews(raw: RawReviews) -> tuple[RawReviews, int]:
@@ -196,6 +479,26 @@ def _literal_eval_line(text: str):
     return None
 
 
+# Most metadata lines hold only single-quoted strings without escapes, numbers, lists and
+# dicts: with ' read as ", such a line is JSON of the same value, which json.loads reads several
+# times faster than ast.literal_eval. A line with a double quote or a backslash, or with any other
+# character outside its strings (True, None, tuples, u'', NaN, ...), and any line json.loads
+# rejects, is left to ast.literal_eval.
+_QUOTED = re.compile(r"'[^']*'")
+_NOT_JSON_OUTSIDE_STRINGS = re.compile(r"[^0-9 \t\[\]{},:.eE+-]")
+
+
+def _literal(text: str):
+  """ast.literal_eval(text) (`_literal_eval_line`), through json.loads where that is exact."""
+  if ('"' not in text and "\\" not in text
+      and _NOT_JSON_OUTSIDE_STRINGS.search(_QUOTED.sub("", text)) is None):
+    try:
+      return json.loads(text.replace("'", '"'))
+    except (ValueError, RecursionError):
+      pass
+  return _literal_eval_line(text)
+
+
 def _unreviewed_line(line: str, wanted: Mapping[str, int]) -> bool:
   """True if `line` can only describe an item that is not in `wanted` (see above)."""
   match = _ASIN_PREFIX.match(line)
@@ -241,7 +544,7 @@ def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: st
     if _unreviewed_line(line, wanted):
       skipped += 1
       continue
-    obj = _literal_eval_line(line.strip())
+    obj = _literal(line.strip())
     if not isinstance(obj, dict):
       malformed += 1
       continue
@@ -266,3 +569,10 @@ def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: st
             "malformed_lines": malformed, "missing_fields": missing,
             "duplicate_asin": duplicate, "items_found": int(seen.sum())}
   return categories, counts
+
+
+def read_metadata(path: str, wanted: Mapping[str, int], protocol: str):
+  """`parse_metadata` of the metadata file at `path` (gzipped or plain), logging progress; a
+  damaged file is a DataError."""
+  return _read_checked(path, lambda stored, content: parse_metadata(
+      _text_lines(path, stored, content, "metadata"), wanted, protocol))
