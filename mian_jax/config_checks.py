@@ -25,10 +25,13 @@ CHOICES = {
 }
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
             "train.batch_size", "train.learning_rate", "train.log_every_steps",
-            "train.eval_every_steps", "eval.batch_size", "checkpoint.every_steps",
+            "eval.batch_size", "checkpoint.every_steps",
             "checkpoint.max_to_keep", "data.max_seq_len")
 NON_NEGATIVE = ("train.l2_weight", "train.num_epochs", "train.warmup_steps",
-                "train.grad_clip_norm", "train.early_stopping_patience")
+                "train.grad_clip_norm", "train.early_stopping_patience",
+                "train.eval_every_steps")
+# Keys added after runs were recorded without them: checked when present.
+NON_NEGATIVE_IF_PRESENT = ("train.eval_every_epochs", "eval.periodic_valid_examples")
 # config.sharding (absent from configs saved before it existed)
 SHARDING_POSITIVE = ("model", "row_multiple")
 SHARDING_NON_NEGATIVE = ("row_shard_min_rows",)
@@ -70,6 +73,11 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
   for key in NON_NEGATIVE:
     if _get(config, key) < 0:
       raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}")
+  for key in NON_NEGATIVE_IF_PRESENT:
+    group, name = key.split(".")
+    if config[group].get(name, 0) < 0:
+      raise ConfigError(f"config.{key} must be >= 0, got {config[group][name]!r}")
+  check_validation_cadence(config.train)
   for key, value in _seeds(config):  # numpy and JAX take only non-negative seeds
     if not _is_int(value) or value < 0:
       raise ConfigError(f"config.{key} must be an integer >= 0, got {value!r}")
@@ -95,16 +103,27 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     if value is not None and (not _is_int(value) or value < (key in SHARDING_POSITIVE)):
       raise ConfigError(f"config.sharding.{key} must be an integer >= "
                         f"{int(key in SHARDING_POSITIVE)}, got {value!r}")
-  steps = config.train.num_train_steps
-  if steps != -1 and steps <= 0:
+  num_steps = config.train.num_train_steps
+  if num_steps != -1 and num_steps <= 0:
     raise ConfigError("config.train.num_train_steps must be -1 (use num_epochs) or > 0, got "
-                      f"{steps}")
-  if steps == -1 and config.train.num_epochs <= 0:
+                      f"{num_steps}")
+  if num_steps == -1 and config.train.num_epochs <= 0:
     raise ConfigError("config.train.num_epochs must be > 0 when train.num_train_steps=-1")
   for key in ("train.batch_size", "eval.batch_size"):
     if _get(config, key) % num_devices:
       raise ConfigError(f"config.{key}={_get(config, key)} must be divisible by the "
                         f"{num_devices} devices (the global batch is split over them)")
+
+
+def check_validation_cadence(train: ConfigDict) -> None:
+  """Raises ConfigError unless exactly one of train.eval_every_steps and
+  train.eval_every_epochs (absent: 0) is > 0."""
+  every_steps, every_epochs = train.eval_every_steps, train.get("eval_every_epochs", 0.0)
+  if (every_steps > 0) != (every_epochs > 0):
+    return
+  given = (f"train.eval_every_steps={every_steps} and train.eval_every_epochs={every_epochs:g}")
+  raise ConfigError(f"config.{given}: set exactly one of them > 0 (validation every that many "
+                    "steps or that fraction of an epoch), the other to 0")
 
 
 def valid_is_test(data_dir: str) -> bool:

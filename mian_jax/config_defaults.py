@@ -116,13 +116,17 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.train.num_train_steps = -1  # a step cap; -1 = num_epochs of the training split
   config.train.seed = 0  # parameters, data order and dropout
   config.train.log_every_steps = 100  # progress line and train metrics
-  config.train.eval_every_steps = 1000  # validation during training
+  config.train.eval_every_steps = 1000  # validation during training (0: use eval_every_epochs)
+  config.train.eval_every_epochs = 0.0  # or every this fraction of an epoch (0: use the steps)
   config.train.early_stopping_patience = 0  # stop after N validations with no better AUC (0: off)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1024  # global evaluation batch
   config.eval.report_step = "best"  # final metrics of the "best" validation step | the "last" step
   config.eval.final_test = True  # evaluate the reported step on test at the end (False: valid only)
+  # Periodic validation on a fixed subsample of about this many examples, whole users drawn from
+  # train.seed (0: the whole split); the reported step is validated on the whole split once.
+  config.eval.periodic_valid_examples = 0
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # plus one at the end of training
@@ -211,4 +215,8 @@ def get_amazon_config(dataset: str, args: dict[str, object]) -> ml_collections.C
   config.data.max_bad_row_ratio = 0.01  # fail if more of the lines than this are unusable
   config.data.drop_duplicate_reviews = True  # keep only the earliest review of a (user, item) pair
   config.data.seed = 0  # negatives, (dien) the test users, (din, dien) the validation users
+  # Validation that scales with the data (docs/training.md, "What a validation costs").
+  config.train.eval_every_steps = 0  # validation every eval_every_epochs instead
+  config.train.eval_every_epochs = 0.1  # ten validations an epoch, whatever the data's size
+  config.eval.periodic_valid_examples = 100_000  # each on 100 k examples of whole users
   return config

@@ -25,6 +25,7 @@ per attention module). Prepared splits keep no timestamps; `row` joins to them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mian_jax import checkpointing, cli, config_checks, sharding, steps, writers
+from mian_jax import checkpointing, cli, config_checks, fileio, sharding, steps, writers
 from mian_jax import metrics as metrics_lib
 from mian_jax import workdir as workdir_lib
 from mian_jax.data import pipeline, vocab
@@ -44,23 +45,32 @@ from mian_jax.errors import ConfigError, DataError, NonFiniteLossError
 
 
 def predict_split(state, eval_step, data_dir: str, schema: schema_lib.Schema, split: str,
-                  batch_size: int, mesh, with_attention: bool = False) -> dict[str, Any]:
-  """Runs the model over a whole split; returns NumPy arrays in split order.
+                  batch_size: int, mesh, with_attention: bool = False,
+                  rows: np.ndarray | None = None) -> dict[str, Any]:
+  """Runs the model over a whole split, or its `rows` only; returns NumPy arrays in split
+  order (of those rows).
 
   `eval_step` is `steps.make_eval_step(mesh, with_attention)` (a `Run`'s `eval_step` has no
   attention). Keys: "prob" [N], "label" [N], "group_id" [N], "extra.<name>" [N], and with
   `with_attention` "attention.<module>" [N, n] for each enabled attention module.
   """
   columns = schema_lib.load_split(data_dir, split, schema)
-  outputs, rows = [], []
+  if rows is not None:  # the subset in memory, seen by the batching as a split of its own
+    columns = {name: np.asarray(column[rows]) for name, column in columns.items()}
+    sizes = dict(schema.num_examples, **{split: len(rows)})
+    schema = dataclasses.replace(schema, num_examples=tuple(sizes.items()))
+  outputs, positions = [], []
   for batch, batch_rows in pipeline.eval_batches(columns, schema, split, batch_size,
                                                  jax.process_index(), jax.process_count()):
-    outputs.append(eval_step(state, sharding.to_global(batch, mesh)))
-    rows.append(batch_rows)
+    # One host-to-device copy per batch (`sharding.PackedBatch`), not one per column.
+    outputs.append(eval_step(state, sharding.pack_to_global(batch, mesh)))
+    positions.append(batch_rows)
   if not outputs:
     raise DataError(f"split {split!r} of {data_dir} is empty")
   outputs = sharding.to_host(outputs)
-  rows = np.concatenate(sharding.to_host([sharding.to_global(r, mesh) for r in rows]))
+  if jax.process_count() > 1:  # every process needs every process's row positions
+    positions = sharding.to_host([sharding.to_global(r, mesh) for r in positions])
+  rows = np.concatenate(positions)
   keep = rows >= 0
   rows = rows[keep]
   flat = {"prob": np.concatenate([o["prob"] for o in outputs])[keep]}
@@ -87,19 +97,50 @@ def split_metrics(predictions: dict[str, Any]) -> dict[str, float | int]:
                                      click_prob=predictions.get("extra.click_prob"))
 
 
-def evaluate_split(run: steps.Run, state, split: str, step: int, writer=None) -> dict[str, Any]:
-  """Exact metrics of `state` on a whole split, logged (and written to `writer` unless it is
-  None); returns them with "step"."""
+def evaluate_split(run: steps.Run, state, split: str, step: int, writer=None,
+                   rows: np.ndarray | None = None) -> dict[str, Any]:
+  """Exact metrics of `state` on a whole split, or on its `rows` only (a subsample, named
+  "<split>_subsample"), logged (and written to `writer` unless it is None); returns them with
+  "step" and, for a subsample, "subsample": True."""
   result = split_metrics(predict_split(state, run.eval_step, run.data_dir, run.schema, split,
-                                       run.config.eval.batch_size, run.mesh))
+                                       run.config.eval.batch_size, run.mesh, rows=rows))
   result["step"] = step
+  name = split if rows is None else f"{split}_subsample"
+  if rows is not None:
+    result["subsample"] = True
   if writer is not None:
-    writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.items()
-                                if isinstance(v, (int, float)) and k != "step"})
+    writer.write_scalars(step, scalars(name, result))
   text = ", ".join(f"{k}={result[k]:.4f}" for k in ("auc", "gauc", "logloss", "oracle_auc")
                    if k in result)
-  logging.info("%s @ step %d: %s (%d examples)", split, step, text, result["num_examples"])
+  logging.info("%s @ step %d: %s (%d examples)", name, step, text, result["num_examples"])
   return result
+
+
+def scalars(name: str, result: dict[str, Any]) -> dict[str, float]:
+  """The numbers of a split's result as "<name>/<metric>" scalars for a `MetricWriter`."""
+  return {f"{name}/{k}": v for k, v in result.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
+# The stream of `valid_subsample`'s draws, apart from every other use of train.seed.
+_SUBSAMPLE_STREAM = 0x5ab5
+
+
+def valid_subsample(group_id: np.ndarray, num_examples: int, seed: int) -> np.ndarray | None:
+  """The rows, in split order, of whole groups (users: gAUC's groups) drawn in a random order
+  from `seed` until they hold at least `num_examples` rows; None (the whole split) for
+  `num_examples` 0 or at least the split's size.
+
+  A pure function of its arguments, so a resumed run validates on the same rows.
+  """
+  if num_examples <= 0 or num_examples >= len(group_id):
+    return None
+  _, group_of_row, sizes = np.unique(group_id, return_inverse=True, return_counts=True)
+  order = np.random.default_rng([seed, _SUBSAMPLE_STREAM]).permutation(len(sizes))
+  enough = int(np.searchsorted(np.cumsum(sizes[order]), num_examples)) + 1
+  chosen = np.zeros(len(sizes), bool)
+  chosen[order[:enough]] = True
+  return np.flatnonzero(chosen[group_of_row.ravel()])
 
 
 def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool) -> None:
@@ -155,9 +196,8 @@ def write_predictions(path: str, predictions: dict, attention_names: dict[str, t
                                                                     values.shape[1]))
   metadata = {f"attention_{k}": ",".join(v) for k, v in attention_names.items()}
   table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-  tmp = f"{path}.tmp-{os.getpid()}"
-  pq.write_table(table, tmp)
-  os.replace(tmp, path)
+  with fileio.atomic_path(path) as tmp:
+    pq.write_table(table, tmp)
 
 
 def parse_step(text: str) -> int | str:
@@ -256,9 +296,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.init_process()
+  cli.init_process(argv)
   flag = flags.FLAGS
   result = cli.run_or_exit(lambda: evaluate_checkpoint(flag.config, flag.workdir,
                                                        parse_step(flag.step), flag.split,

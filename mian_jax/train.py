@@ -36,12 +36,6 @@ from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
-
-
 def check_loss(step: int, history: list[dict[str, float]], last_saved: int | None,
                max_bce: float) -> None:
   """Raises NonFiniteLossError if a logged loss is non-finite or its cross-entropy exceeds
@@ -133,8 +127,8 @@ def run_header(config: ConfigDict, workdir: str, data_dir: str, schema, state, s
       f"{os.path.join(workdir, 'parameters.txt')})",
       f"  data {config.data.source}: {data_dir} ({examples} examples)",
       f"  train {steps}; global batch {config.train.batch_size} on {jax.device_count()} "
-      f"device(s); validation every {config.train.eval_every_steps}, checkpoint every "
-      f"{config.checkpoint.every_steps} steps",
+      f"device(s); validation every {validation_every(config.train, steps_per_epoch):,}, "
+      f"checkpoint every {config.checkpoint.every_steps:,} steps",
   ])
 
 
@@ -161,14 +155,35 @@ def total_train_steps(train_config: ConfigDict, steps_per_epoch: int) -> int:
   return total
 
 
+def validation_every(train_config: ConfigDict, steps_per_epoch: int) -> int:
+  """Steps between validations: `train.eval_every_steps`, or `train.eval_every_epochs` of an
+  epoch rounded to a step (at least 1) where that is the one set (`config_checks`)."""
+  epochs = train_config.get("eval_every_epochs", 0.0)  # absent from configs recorded before it
+  if epochs > 0:
+    return max(1, round(epochs * steps_per_epoch))
+  return train_config.eval_every_steps
+
+
+def periodic_valid_rows(run: steps.Run) -> np.ndarray | None:
+  """The validation rows of the periodic validations (`eval.periodic_valid_examples`, whole
+  users, drawn from `train.seed`: the same on every resume); None for the whole split."""
+  num_examples = run.config.eval.get("periodic_valid_examples", 0)
+  if num_examples <= 0:
+    return None
+  group_id = schema_lib.load_split(run.data_dir, "valid", run.schema)["group_id"]
+  return evaluate.valid_subsample(np.asarray(group_id), num_examples, run.config.train.seed)
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns final metrics.
 
-  Validation runs every `train.eval_every_steps` and at the last step; each better AUC is saved
-  to `<workdir>/checkpoints_best`. With `train.early_stopping_patience` > 0, training stops
-  after that many validations without a better AUC. The reported parameters are those of the
-  best validation step (`eval.report_step="best"`) or of the last step ("last"). SIGTERM or
-  SIGINT saves a checkpoint at the step reached and raises `Preempted`; a rerun resumes there.
+  Validation runs every `train.eval_every_steps` (or `train.eval_every_epochs`) and at the last
+  step, on `eval.periodic_valid_examples` of the validation split (0: all of it); each better
+  AUC is saved to `<workdir>/checkpoints_best`. With `train.early_stopping_patience` > 0,
+  training stops after that many validations without a better AUC. The reported parameters
+  are those of the best validation step (`eval.report_step="best"`) or of the last step
+  ("last"), validated once more on the whole split unless that validation already was. SIGTERM
+  or SIGINT saves a checkpoint at the step reached and raises `Preempted`; a rerun resumes there.
 
   Returns:
     {"valid": metrics, "test": metrics} of the reported parameters; each also carries
@@ -198,7 +213,9 @@ class Loop:
 
   Its fields are the loop's whole state: `meta` (saved in every checkpoint: progress, the best
   validation step and its AUC, the data's identity), `last_saved` (the newest good checkpoint
-  of this run) and `pending` (train metrics of the steps since the last log line).
+  of this run), `pending` (train metrics of the steps since the last log line),
+  `valid_rows` (the rows of the periodic validations; None: the whole split) and `validated`
+  (this process's validation results of the last and of the best step, by step).
   """
 
   run: steps.Run
@@ -209,6 +226,8 @@ class Loop:
   meta: dict[str, Any] = dataclasses.field(init=False)
   last_saved: int | None = dataclasses.field(init=False, default=None)
   pending: list[dict[str, jax.Array]] = dataclasses.field(init=False, default_factory=list)
+  valid_rows: np.ndarray | None = dataclasses.field(init=False, default=None)
+  validated: dict[int, dict[str, Any]] = dataclasses.field(init=False, default_factory=dict)
 
   def __post_init__(self):
     self.manager = checkpointing.create_manager(self.workdir, self.run.config.checkpoint)
@@ -261,7 +280,11 @@ class Loop:
 
   def validate(self, state, step: int, steps_per_epoch: int) -> dict[str, Any]:
     self.check_pending(step)  # never save a bad best
-    valid = evaluate.evaluate_split(self.run, state, "valid", step, self.writer)
+    valid = evaluate.evaluate_split(self.run, state, "valid", step, self.writer,
+                                    rows=self.valid_rows)
+    best = self.meta["best_step"]
+    self.validated = {s: v for s, v in self.validated.items() if s == best}
+    self.validated[step] = valid
     if improves(valid["auc"], self.meta["best_valid_auc"]):
       self.meta.update(best_valid_auc=valid["auc"], best_step=step, evals_since_best=0)
       checkpointing.save(self.best_manager, state,
@@ -277,6 +300,8 @@ class Loop:
     batches = run.train_batches()
     per_epoch = batches.steps_per_epoch
     total_steps = total_train_steps(config.train, per_epoch)
+    eval_every = validation_every(config.train, per_epoch)
+    self.valid_rows = periodic_valid_rows(run)
     state = self.restore()
     start_step = int(state.step)
     patience = config.train.early_stopping_patience
@@ -295,9 +320,8 @@ class Loop:
     logging.info("%s", run_header(config, workdir, run.data_dir, run.schema, state, start_step,
                                   total_steps, per_epoch))
 
-    rng = jax.random.PRNGKey(config.train.seed + 1)
+    rng = steps.dropout_key(config.train.seed)
     t_window, steps_window = time.perf_counter(), 0
-    last_valid = None
     with StopSignals(sync_every=config.train.log_every_steps) as signals:
       device_batches = batches.iterate(
           start_step, total_steps, transform=lambda b: sharding.pack_to_global(b, run.mesh))
@@ -312,8 +336,8 @@ class Loop:
                         steps_window / max(time.perf_counter() - t_window, 1e-9),
                         config.train.batch_size)
           self.pending, t_window, steps_window = [], time.perf_counter(), 0
-        if step % config.train.eval_every_steps == 0 or step == total_steps:
-          last_valid = self.validate(state, step, per_epoch)
+        if step % eval_every == 0 or step == total_steps:
+          self.validate(state, step, per_epoch)
           t_window = time.perf_counter()  # evaluation time is not training throughput
         stop = stopped_early(self.meta, patience)
         signum = signals.requested(step)
@@ -333,28 +357,34 @@ class Loop:
                  jax.process_index(), jax.process_count(), batches.rows_read,
                  int(state.step) - start_step, config.train.batch_size)
     final_step = int(state.step)
-    if self.meta["best_step"] is None and (last_valid is None or
-                                           last_valid["step"] != final_step):
-      last_valid = self.validate(state, final_step, per_epoch)  # best step unknown so far
-    return self.report(state, last_valid)
+    if self.meta["best_step"] is None and final_step not in self.validated:
+      self.validate(state, final_step, per_epoch)  # best step unknown so far
+    return self.report(state)
 
-  def report(self, state, last_valid) -> dict[str, dict[str, Any]]:
+  def report(self, state) -> dict[str, dict[str, Any]]:
     """Evaluates the reported step on valid and test (valid only with `eval.final_test` off)
-    and writes `eval/<split>_metrics.json`."""
+    and writes `eval/<split>_metrics.json`. A validation of that step on the whole split in
+    this process is reused; one on a subsample is not, and then the whole split's "valid/..."
+    scalars are written in the row of the test scalars."""
     report_state, selection = select_reported_state(
         state, self.meta, self.run.config.eval.report_step, self.best_manager)
     step = int(report_state.step)
     results = {}
     # A config recorded before eval.final_test existed reports test, as it did then.
     splits = ("valid", "test") if self.run.config.eval.get("final_test", True) else ("valid",)
+    reported = {}  # scalars of this report, one row (a resumed run drops it with test's)
     for split in splits:
-      if split == "valid" and last_valid is not None and last_valid["step"] == step:
-        result = last_valid
-      else:  # valid scalars of this step were written when it was validated
-        result = evaluate.evaluate_split(self.run, report_state, split, step,
-                                         self.writer if split == "test" else None)
+      known = self.validated.get(step) if split == "valid" else None
+      if known is not None and not known.get("subsample"):
+        result = known  # its valid scalars were written when it was validated
+      else:
+        result = evaluate.evaluate_split(self.run, report_state, split, step)
+        if split == "test" or self.valid_rows is not None:  # else written when validated
+          reported.update(evaluate.scalars(split, result))
       results[split] = {**result, **selection}
       evaluate.write_metrics(self.workdir, split, results[split], final=True)
+    if reported:
+      self.writer.write_scalars(step, reported)
     logging.info("%s", closing_line(self.workdir, results))
     return results
 
@@ -386,4 +416,4 @@ def _log_progress(writer, step, total_steps, history, steps_per_second, batch_si
   writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
   logging.info("step %d/%d | loss %.4f | %.0f samples/s | ETA %s", step, total_steps,
                summary["loss"], summary["samples_per_second"],
-               _format_eta((total_steps - step) / steps_per_second))
+               writers.hms((total_steps - step) / steps_per_second))

@@ -26,7 +26,8 @@ RECORDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reco
 # report, and where the (checksummed, so still verified) data files lie.
 RESUMABLE_KEYS = frozenset({
     "train.num_train_steps", "train.num_epochs", "train.log_every_steps",
-    "train.eval_every_steps", "train.early_stopping_patience", "train.max_bce",
+    "train.eval_every_steps", "train.eval_every_epochs", "train.early_stopping_patience",
+    "train.max_bce",
     "checkpoint.every_steps",
     "checkpoint.max_to_keep", "eval.batch_size", "eval.report_step", "eval.final_test",
     "data.raw_dir",

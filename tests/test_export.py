@@ -142,7 +142,7 @@ with np.load(sys.argv[2]) as batch:
   out = scorer.score(dict(batch))
 heavy = sorted(m for m, module in sys.modules.items() if module is not None and (
     m.split(".")[0] in ("flax", "ml_collections", "optax", "orbax")
-    or m.startswith("mian_jax.") and m != "mian_jax.serving"))
+    or m.startswith("mian_jax.") and m not in ("mian_jax.serving", "mian_jax.fileio")))
 print(heavy)
 print(" ".join(repr(float(p)) for p in out["prob"]))
 """
