@@ -24,6 +24,10 @@ import sys
 import threading
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real runs, several processes or devices: `pytest -m slow`
+
 STUCK = 3  # exit status of a child whose stream stopped making progress
 NUM_STEPS = 128  # per model, never waited for: unbounded, 6 of the 8 models deadlock by ~80
 # The last two flags make XLA compile the 8 train steps about 4x faster (slower code); the

@@ -12,6 +12,8 @@ from benchmarks import (ab_step, accelerator, common, compare_deepctr, profile_s
                         serving, throughput)
 from tests.helpers import REPO, markdown_rows, tiny_config
 
+pytestmark = pytest.mark.slow  # real runs, several processes or devices: `pytest -m slow`
+
 PEER_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
 
 

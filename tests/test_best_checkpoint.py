@@ -67,6 +67,7 @@ def test_best_step_is_the_argmax_of_validation_and_evaluate_reproduces_its_test_
   assert _read(workdir, f"test_metrics_step{best_step}.json")["step"] == best_step
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_best_checkpoint(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   expected = train.train_and_evaluate(_config(), straight)
@@ -77,6 +78,7 @@ def test_a_resumed_run_keeps_its_best_checkpoint(tmp_path):
     assert results["test"][key] == expected["test"][key], key
 
 
+@pytest.mark.slow
 def test_a_best_checkpoint_newer_than_the_resumed_one_is_redone(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "improves", lambda auc, best: True)  # every validation is a best
   straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")

@@ -21,6 +21,7 @@ def run(module, *args, tmp_path, config="configs/synthetic.py"):
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_main_resumes_and_evaluate_restores_its_checkpoint(tmp_path):
   workdir = f"--workdir={tmp_path / 'run'}"
   first = run("mian_jax.main", workdir, *TINY, "--config.train.num_train_steps=8",

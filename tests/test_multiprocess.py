@@ -16,6 +16,8 @@ import pytest
 from mian_jax import evaluate, recorded_config, train
 from tests.helpers import REPO, TINY, tiny_config
 
+pytestmark = pytest.mark.slow  # real runs, several processes or devices: `pytest -m slow`
+
 STEPS = 8
 SCHEDULE = {"train.num_train_steps": STEPS, "train.eval_every_steps": STEPS,
             "checkpoint.every_steps": STEPS}  # dropout stays on (0.2): its bits must agree too

@@ -136,6 +136,7 @@ def test_lazy_adam_gives_the_same_result_on_one_and_two_devices():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *final)
 
 
+@pytest.mark.slow
 def test_a_lazy_adam_run_resumes_exactly(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   lazy = {"train.optimizer": "lazy_adam"}

@@ -15,6 +15,8 @@ from launch import figure5, figure6, runner, table4
 from mian_jax import recorded_config, writers
 from tests.helpers import REPO, TINY, markdown_rows
 
+pytestmark = pytest.mark.slow  # real runs, several processes or devices: `pytest -m slow`
+
 RUN_TINY = [*TINY, "--config.train.num_train_steps=8"]  # validated at steps 4 and 8
 
 

@@ -397,6 +397,7 @@ def test_movielens_rating_records_encode_to_the_prepared_splits(tmp_path):
       [r[1] for r in ratings], [r[1] for r, s in zip(ratings, split) if s == 0])).sum())
 
 
+@pytest.mark.slow
 def test_predict_on_a_movielens_workdir_reproduces_evaluate_on_the_test_period(tmp_path):
   from tests.test_movielens import config_for
   ratings = _random_movielens(tmp_path / "raw", seed=1)

@@ -69,6 +69,7 @@ def test_a_rerun_with_another_model_stops_and_moves_nothing(tmp_path):
     assert (tmp_path / "din" / name).read_bytes() == content
 
 
+@pytest.mark.slow
 def test_resumable_keys_may_change_and_other_data_may_not(tmp_path):
   """Problems 7 and 12: a longer budget resumes; other data (seed, size) stops with its key."""
   workdir = str(tmp_path)
@@ -173,6 +174,7 @@ def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
 # ----------------------------------------------------------------------------- signals (3, 11)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_there(tmp_path):
   """Problem 3: SIGTERM at step 150 used to lose the steps after the checkpoint at 100."""
   signum = signal.SIGTERM
@@ -209,6 +211,7 @@ def test_sigint_asks_for_a_stop_and_a_second_one_gets_the_previous_handler():
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_first(tmp_path):
   """Problem 11: two runs on one workdir used to hang in orbax and lose the final checkpoint."""
   workdir = tmp_path / "run"
@@ -282,6 +285,7 @@ def test_non_finite_scores_are_refused_by_the_metrics():
 # ----------------------------------------------------------------------------- logs (7)
 
 
+@pytest.mark.slow
 def test_a_resume_writes_no_step_twice_and_a_smaller_budget_is_said_plainly(tmp_path, caplog):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 12}), workdir)

@@ -19,6 +19,8 @@ from mian_jax import data as data_lib
 from mian_jax.errors import ConfigError
 from tests.helpers import REPO, tiny_config
 
+pytestmark = pytest.mark.slow  # real runs, several processes or devices: `pytest -m slow`
+
 # 200 items: item_id has 202 ids -> 204 rows, more than the 112 ids a batch of 16 looks up in
 # it (so lazy Adam's row tables, [112, 4], are smaller than the table); category 7 -> 8 rows.
 ROWS, MULTIPLE, ITEMS = "item_id,category", 4, 200

@@ -32,6 +32,7 @@ def test_short_run_learns_the_planted_signal(tmp_path):
   assert [p for p in os.listdir(tmp_path / "metrics") if p.startswith("events.out.tfevents")]
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_identical_parameters(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 10}), straight)
