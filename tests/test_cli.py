@@ -66,6 +66,7 @@ def test_main_resumes_and_evaluate_restores_its_checkpoint(tmp_path):
     (["--config.data.source=prepared", "--config.data.prepared_dir=/nonexistent/dir"],
      "no prepared data at /nonexistent/dir"),
 ])
+@pytest.mark.slow
 def test_bad_input_gives_a_one_line_error(tmp_path, args, message):
   result = run("mian_jax.main", f"--workdir={tmp_path / 'bad'}", *TINY, *args, tmp_path=tmp_path)
   assert result.returncode != 0
@@ -93,6 +94,7 @@ def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path):
      "model.use_gim?)"),
     ("--config.model.xyzzy=1", "error: unknown config key model.xyzzy"),
 ])
+@pytest.mark.slow
 def test_a_misspelt_key_is_named_in_full_on_one_line(tmp_path, arg, message):
   result = run("mian_jax.main", f"--workdir={tmp_path / 'bad'}", arg, tmp_path=tmp_path)
   assert (result.returncode, result.stderr.strip()) == (2, message)
@@ -106,6 +108,7 @@ def test_a_misspelt_key_is_named_in_full_on_one_line(tmp_path, arg, message):
     ("--config.data.synthetic.seed=-2",
      "error: config.data.synthetic.seed must be an integer >= 0, got -2"),
 ])
+@pytest.mark.slow
 def test_a_wrong_value_is_one_line_before_training(tmp_path, arg, message):
   result = run("mian_jax.main", f"--workdir={tmp_path / 'bad'}", arg, tmp_path=tmp_path)
   assert result.returncode == 1

@@ -451,6 +451,7 @@ def _swap_first_two(content):
   content["values"][:2] = content["values"][1::-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, change", [
     ("vocab/item.item_id.json", _swap_first_two),
     ("vocab/encoders.json", lambda c: c["fields"]["item.price"].update(mean=0.0))])
@@ -483,6 +484,7 @@ def test_encode_refuses_a_string_where_a_list_is_expected(exported, trained):
     scorer.encode({**records, "item.item_id": "i1"})
 
 
+@pytest.mark.slow
 def test_predict_flags_and_input_errors_are_one_line(trained, tmp_path):
   """--batch_size=-5, a duplicated header column and a ';'-separated CSV, through the
   command."""

@@ -251,6 +251,7 @@ def test_a_diverged_run_stops_instead_of_reporting_auc_one_half(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_the_newest_checkpoint_resume_from_the_older_one(tmp_path):
   """Problem 10: bit-rot restored NaN parameters; metrics were NaN and gAUC negative."""
   workdir = str(tmp_path)
@@ -352,6 +353,7 @@ def test_with_recorded_config_adds_the_workdirs_config_only_when_none_is_given(t
       "main", "--workdir", str(tmp_path / "none")]
 
 
+@pytest.mark.slow
 def test_prepared_data_changed_after_preparation_or_other_data_on_resume_is_refused(
     tmp_path, monkeypatch):
   """Problem 12 and "Integrity": the data's checksum is verified and recorded by the run."""

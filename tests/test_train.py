@@ -80,6 +80,7 @@ def test_train_step_is_traced_once(tmp_path, monkeypatch):
   assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 4}), workdir)
@@ -91,6 +92,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   manager.close()
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(), workdir)  # checkpoints at 4 and 8
