@@ -101,7 +101,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_trains_on(runs, tmp
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("MIAN_JAX_CACHE", str(tmp / "cache"))
     results = train.train_and_evaluate(config, workdir)
-  assert results["test"]["step"] == STEPS + 4
+  # It trained on to step 12; the reported step is the best validation step, 8 or 12.
+  assert results["test"]["last_step"] == STEPS + 4
+  assert results["test"]["step"] in (STEPS, STEPS + 4)
   with open(os.path.join(workdir, "metrics", "metrics.jsonl")) as f:
     losses = [json.loads(line)["step"] for line in f if '"train/loss"' in line]
   assert losses == [4, 8, 12]
