@@ -316,15 +316,18 @@ def _exit_with(message: str) -> None:
 
 
 class _QuietLibraries:
-  """Drops INFO lines from orbax, which logs every step of every save, and its tracebacks of a
-  full or read-only disk, which the entry point then reports in one line (`run_or_exit`)."""
+  """Drops INFO lines from orbax, which logs every step of every save, and the tracebacks of a
+  full or read-only disk that orbax, or asyncio for orbax's unawaited write tasks ("Task
+  exception was never retrieved"), log; the entry point reports it in one line
+  (`run_or_exit`)."""
 
   def filter(self, record) -> bool:
-    if "/orbax/" not in record.pathname:
+    from_orbax = "/orbax/" in record.pathname
+    if not (from_orbax or record.name == "asyncio"):
       return True
     if record.exc_info and file_system_error(record.exc_info[1]) is not None:
       return False
-    return record.levelno > 20
+    return record.levelno > 20 or not from_orbax
 
 
 class _NoBackendProbes:

@@ -294,3 +294,20 @@ def test_a_collective_that_lost_its_peer_is_one_line_in_a_multi_process_run(monk
   monkeypatch.setattr(cli.jax, "process_count", lambda: 1)  # one process: not a lost peer
   with pytest.raises(JaxRuntimeError):
     cli.run_or_exit(lost)
+
+
+def test_unawaited_write_tasks_of_a_full_disk_are_not_logged_as_tracebacks():
+  import logging as py_logging  # noqa: PLC0415
+
+  full = ValueError("RESOURCE_EXHAUSTED: Error writing \"params/0\" in OCDBT database: "
+                    "[os_error_code='28'] No space left on device")
+  quiet = cli._QuietLibraries()
+
+  def record(name, error, pathname="/x/asyncio/base_events.py"):
+    return py_logging.LogRecord(name, py_logging.ERROR, pathname, 1,
+                                "Task exception was never retrieved", None,
+                                (type(error), error, None))
+
+  assert not quiet.filter(record("asyncio", full))  # the entry point says "disk full" once
+  assert quiet.filter(record("asyncio", ValueError("another failure")))  # still shown
+  assert quiet.filter(record("mian_jax", full, pathname="/x/mian_jax/train.py"))
