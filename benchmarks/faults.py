@@ -1619,7 +1619,7 @@ def run_probe(p: Probe, base: Base, log_dir: str) -> Row:
   outcome, message = classify(p.expect, seen)
   # Paths relative to the probe's directory (its cwd), the scratch root as $ROOT.
   message = message.replace(ctx.dir + os.sep, "").replace(ctx.dir, ".")
-  message = message.replace(base.root, "$ROOT")
+  message = message.replace(base.root, "$ROOT").replace(ROOT + os.sep, "")  # repo-relative
   return Row(p.cls, p.name, p.expect.text, outcome, as_expected(p.expect, outcome),
              " ".join(message.split()), time.monotonic() - start)
 
