@@ -39,9 +39,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def variant_config(model: str, batch_size: int, optimizer: str, overrides: list[str]):
-  """common.make_config's config with a variant's --config.* overrides (common.load_config:
+  """common.make_config's config with a variant's --config.* overrides (workdir.load_config:
   an unknown key or a bad value is a ValueError); the result passes config_checks."""
-  return common.load_config(common.make_config(model, batch_size, optimizer), overrides)
+  from mian_jax import workdir  # noqa: PLC0415
+  return workdir.load_config(common.make_config(model, batch_size, optimizer), overrides)
 
 
 def run(model: str, batch_size: int, vocab: str, optimizer: str,

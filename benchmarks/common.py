@@ -1,5 +1,6 @@
-"""What the benchmarks share: synthetic Amazon-sized arrays, configs with --config.* overrides,
-the model / state / step set-up on arrays in memory, and the DeepCTR-Torch peer subprocess.
+"""What the benchmarks share: synthetic Amazon-sized arrays, base configs (overridden with
+`mian_jax.workdir.load_config`), the model / state / step set-up on arrays in memory, and the
+DeepCTR-Torch peer subprocess.
 
 A benchmark that trains on a prepared data directory uses `mian_jax.steps.setup`; one that
 measures on arrays it draws itself (throughput, ab_step, profile_step, roofline) uses
@@ -16,12 +17,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (items, categories, users): Amazon 5-core sizes of Table 1 of the paper; "tiny": smoke tests.
@@ -79,46 +79,6 @@ def make_config(model_name: str, batch_size: int, optimizer: str = "adam") -> Co
   return config
 
 
-def load_config(config: str | ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
-  """A config file ("configs/<x>.py[:arg]") or a ConfigDict with `--config.<key>=<value>`
-  overrides applied as `python -m mian_jax.main` applies them (ml_collections, locked: an
-  unknown key or a value of another type is an error), then checked (`config_checks`).
-
-  Raises:
-    ValueError: a flag that is no config override, an unknown key, a bad value, a config file
-      that does not load, or a config that config_checks rejects; the message is one line.
-  """
-  from mian_jax import config_checks  # noqa: PLC0415
-  for flag in overrides:
-    if not flag.startswith("--config.") or "=" not in flag:
-      raise ValueError(f"{flag!r} is not a config override (--config.<key>=<value>)")
-  is_file = isinstance(config, str)
-  argv = ["benchmark", *([f"--config={config}"] if is_file else []), *overrides]
-  flag_values = flags.FlagValues()
-  try:
-    if is_file:
-      config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
-                                      lock_config=True, sys_argv=argv)
-    else:
-      config_flags.DEFINE_config_dict("config", config.copy_and_resolve_references(),
-                                      flag_values=flag_values, lock_config=True, sys_argv=argv)
-    flag_values(argv)
-    loaded = flag_values.config
-    config_checks.check_config(loaded)
-  except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError,
-          SyntaxError) as e:
-    raise ValueError(_one_line(e)) from None
-  return loaded
-
-
-def _one_line(e: BaseException) -> str:
-  while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], BaseException):
-    e = e.args[0]  # ml_collections wraps a missing key's KeyError
-  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-  text = " ".join(text.split())
-  return f"unknown config key {text}" if isinstance(e, KeyError) else text
-
-
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -152,7 +112,7 @@ def setup_arrays(config: ConfigDict, schema, columns, mesh=None) -> ArraysRun:
   from mian_jax import sharding, steps  # noqa: PLC0415
   from mian_jax.data import pipeline  # noqa: PLC0415
   if mesh is None:
-    mesh = sharding.create_mesh(model=steps.sharding_config(config).model)
+    mesh = sharding.create_mesh(model=config.sharding.model)
   batches = pipeline.TrainBatches(columns, schema, config.train.batch_size,
                                   seed=config.train.seed)
   sample = sharding.to_global(batches.batch(0), mesh)

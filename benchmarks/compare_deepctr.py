@@ -290,8 +290,9 @@ def main(argv=None) -> None:
     sys.exit(f"error: --seeds={args.seeds!r}: expected comma-separated integers")
   if "deepctr_torch" in impls:
     common.check_peer_python(args.peer_python)
+  from mian_jax import workdir  # noqa: PLC0415
   try:
-    config = common.load_config(args.config, args.overrides)
+    config = workdir.load_config(args.config, args.overrides)
   except ValueError as e:
     sys.exit(f"error: {e}")
 

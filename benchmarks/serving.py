@@ -163,7 +163,7 @@ def measure_model(config, model: str, seconds: float, batch_sizes: Sequence[int]
   """Measures the exported scorer and the in-process eval step of `model` on `config`'s data.
 
   Args:
-    config: a checked config (`common.load_config`); its model name is replaced by `model`.
+    config: a checked config (`workdir.load_config`); its model name is replaced by `model`.
     seconds: timed seconds per (implementation, batch size), split into `rounds` rounds that
       alternate the implementations.
 
@@ -292,8 +292,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  from mian_jax import workdir  # noqa: PLC0415
   try:
-    config = common.load_config(args.config, args.overrides)
+    config = workdir.load_config(args.config, args.overrides)
   except ValueError as e:
     sys.exit(f"error: {e}")
   from mian_jax import cli, models, writers  # noqa: PLC0415

@@ -35,13 +35,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
-from mian_jax import config_checks, workdir_lock
+from mian_jax import workdir_lock
 from mian_jax.writers import hms, markdown_table  # noqa: F401  (the launchers' tables)
 from mian_jax import workdir as workdir_lib
-from mian_jax.errors import ConfigError
 
 
 class LaunchError(Exception):
@@ -111,29 +108,14 @@ def check_no_key_twice(sources: dict[str, Sequence[str]]) -> None:
 
 
 def resolve_config(config_file: str, overrides: Sequence[str]) -> dict:
-  """The config `python -m mian_jax.main` builds from these flags, as JSON-like data (the form
-  of the `config.json` it writes). Raises LaunchError for a bad key, value or config file."""
-  argv = ["main", f"--config={config_file}", *overrides]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
-                                  sys_argv=argv)
+  """The config `python -m mian_jax.main` builds from these flags (`workdir.load_config`), as
+  JSON-like data (the form of the `config.json` it writes). LaunchError for a bad key, value or
+  config file."""
   try:
-    flag_values(argv)
-    config = flag_values.config
-    config_checks.check_config(config)
-  except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError,
-          SyntaxError, ConfigError) as e:
-    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    raise LaunchError(f"{config_file} {' '.join(overrides)}: {' '.join(text.split())}") from None
+    config = workdir_lib.load_config(config_file, overrides)
+  except ValueError as e:
+    raise LaunchError(f"{config_file} {' '.join(overrides)}: {e}") from None
   return json.loads(json.dumps(config.to_dict()))
-
-
-def config_differences(recorded: dict, requested: dict) -> list[str]:
-  """"key: recorded -> requested" for every key whose value differs (or exists in one only)."""
-  a, b = workdir_lib.flatten(recorded), workdir_lib.flatten(requested)
-  missing = "(absent)"
-  return [f"{k}: {a.get(k, missing)} -> {b.get(k, missing)}"
-          for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
 
 
 def is_finished(workdir: str, split: str = "test") -> bool:
@@ -147,10 +129,9 @@ def check_workdirs(runs: Sequence[Run], configs: Sequence[dict], rerun_changed: 
   """Stops (LaunchError, one line) on the first workdir whose recorded config is not the
   requested one, or with `rerun_changed` moves every such workdir aside."""
   for run, requested in zip(runs, configs):
-    path = os.path.join(run.workdir, "config.json")
-    if os.path.isfile(path):
-      with open(path) as f:
-        differences = config_differences(json.load(f), requested)
+    recorded = workdir_lib.read_recorded_config(run.workdir)
+    if recorded is not None:
+      differences = workdir_lib.config_differences(recorded, requested)
     elif is_finished(run.workdir):
       differences = ["config.json missing"]
     else:

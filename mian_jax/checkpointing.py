@@ -2,29 +2,12 @@
 
 Resume order (written here once): the newest readable checkpoint in the workdir, else an older
 readable one (an unreadable newer one is moved to `<workdir>/checkpoints_damaged/` with a
-warning), else a fresh start from the config's seed.
-
-Beside the newest `checkpoint.max_to_keep`, `<workdir>/checkpoints_best/` holds one checkpoint:
-the step with the best validation AUC so far, so that the rotation never deletes it. The resumed
-`meta` is the record of which step that is; `reconcile_best` makes the directory agree with it.
-
-A checkpoint holds two items: `state` (params, optimizer state, step) and `meta`, a small JSON of
-progress (epoch, examples seen, best validation metric, the data schema's fingerprint). The data
-position is a pure function of the step (see mian_jax.data.pipeline), so nothing else is needed
-for an exact resume.
-
-Integrity: no state with a NaN or infinite parameter or optimizer moment is ever saved (`save`
-raises NonFiniteStateError instead). Once a save has landed, process 0 writes
-`<step>/sha256sums.json`, the SHA-256 of every file of the step directory (`finalize`; `save`
-calls it for the previous save, the loop once more before it closes the manager). A restore
-checks it first: a file that differs makes the checkpoint damaged, handled like an unreadable
-one. A step without the file (the process died between the save and the hashing) is restored
-unverified. A restored state that is not finite is damaged too.
-
-Another run is not damage. Before any array is read, a restore compares the checkpoint's meta
-with the data it is to continue on (`identity`: the schema's fingerprint, the prepared data's
-checksum) and the shapes and tree of its saved arrays with the state's (orbax's metadata
-files); any difference raises `OtherRunError` naming it, and nothing is moved.
+warning), else a fresh start from the config's seed. `<workdir>/checkpoints_best/` holds the
+step of the best validation AUC. A checkpoint holds `state` (params, optimizer state, step) and
+`meta` (progress, best validation, the data's identity); the data position is a function of the
+step. A non-finite state is never saved; `<step>/sha256sums.json` is checked before a restore
+(damage), and the meta and array shapes before any array is read (another run: `OtherRunError`,
+nothing moved). docs/training.md, "Checkpoints and resume", says more.
 """
 
 from __future__ import annotations
@@ -51,8 +34,7 @@ from mian_jax.errors import (DataError, DiskFullError, NonFiniteStateError, desc
                              file_system_error)
 from mian_jax.fileio import sha256_file, write_text_atomic
 
-# Inside each step directory; orbax ignores files there (it reads items from subdirectories)
-# and deletes or moves it with its step.
+# Inside each step directory: orbax ignores it, and deletes or moves it with its step.
 CHECKSUM_FILE = "sha256sums.json"
 
 # How an embedding table's parameter path ends (models/layers.py names tables `embed_<field>`).
@@ -78,13 +60,10 @@ def best_checkpoint_dir(workdir: str) -> str:
 
 
 def _manager(directory: str, max_to_keep: int, read_only: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=not read_only,
-      read_only=read_only,
-      # A process killed mid-save leaves `<step>.orbax-checkpoint-tmp*`; remove it on start.
-      cleanup_tmp_directories=not read_only,
-  )
+  # cleanup_tmp_directories: a process killed mid-save leaves `<step>.orbax-checkpoint-tmp*`.
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only,
+                                         cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
@@ -99,6 +78,13 @@ def create_best_manager(workdir: str, read_only: bool = False) -> ocp.Checkpoint
   return _manager(best_checkpoint_dir(workdir), 1, read_only)
 
 
+def identity(run) -> dict[str, Any]:
+  """What a checkpoint's meta must agree with to continue `run` (a `steps.Run`): its data's
+  schema fingerprint and checksum ("": not verified, not compared)."""
+  return {"schema_fingerprint": run.schema.fingerprint(),
+          "data_checksum": run.data_checksum or None}
+
+
 def _state_tree(state) -> dict[str, Any]:
   return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
 
@@ -111,23 +97,15 @@ def _all_finite(tree) -> jax.Array:
 
 
 def is_finite(state) -> bool:
-  """Whether every float leaf of `state.params` and `state.opt_state` is finite.
-
-  One jitted reduction over the (global, possibly sharded) arrays; its scalar result is
-  replicated, so every process of a multi-process run gets the same answer.
-  """
+  """Whether every float leaf of `state.params` and `state.opt_state` is finite (the same
+  answer in every process: one jitted reduction with a replicated result)."""
   result = _all_finite({"params": state.params, "opt_state": state.opt_state})
   return bool(np.asarray(result.addressable_data(0)))
 
 
 def save(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
-  """Saves asynchronously, after writing the checksums of the previous save (`finalize`).
-
-  End with `close(manager)` (or `finalize(manager)`), so that the last save is hashed too.
-
-  Raises:
-    NonFiniteStateError: `state` holds a NaN or infinity; nothing is saved.
-  """
+  """Saves asynchronously, after `finalize` of the previous save (end with `close`, so that
+  the last one is hashed too); NonFiniteStateError, saving nothing, for a non-finite state."""
   step = int(meta["step"])
   if not is_finite(state):
     last = manager.latest_step()
@@ -158,12 +136,8 @@ def _raise_if_disk_full(e: BaseException, manager: ocp.CheckpointManager) -> Non
 
 
 def finalize(manager: ocp.CheckpointManager) -> None:
-  """Waits for the manager's saves to land, then writes the checksum file of each step this
-  process saved with it that is still on disk (files: process 0 only).
-
-  Every process calls it (waiting is collective). Idempotent and cheap when nothing is
-  pending; `save` and `restore` call it themselves.
-  """
+  """Waits for the manager's saves to land (collective), then process 0 writes the checksum
+  file of each step this process saved that is still on disk. Cheap when nothing is pending."""
   try:
     manager.wait_until_finished()
   except Exception as e:  # noqa: BLE001 - a background save failed
@@ -210,16 +184,8 @@ def write_checksums(step_dir: str) -> None:
 
 
 def verify_checksums(step_dir: str) -> bool:
-  """Checks the files of a step directory against its checksum file.
-
-  Files not listed are ignored (orbax reads only what it wrote before the hashing).
-
-  Returns:
-    True if every listed file matches; False if the directory has no checksum file.
-
-  Raises:
-    DataError: a listed file is missing or differs, or the checksum file is unreadable.
-  """
+  """True if every file the step's checksum file lists matches (others are ignored), False if
+  it has none; DataError if a listed file is missing or differs, or the file is unreadable."""
   path = os.path.join(step_dir, CHECKSUM_FILE)
   if not os.path.exists(path):
     return False
@@ -256,16 +222,10 @@ def _verify_step(manager: ocp.CheckpointManager, step: int) -> None:
 
 def reconcile_best(best_manager: ocp.CheckpointManager, state,
                    meta: dict[str, Any]) -> dict[str, Any]:
-  """Makes `checkpoints_best` hold exactly the step that the resumed `meta` calls best.
-
-  A best checkpoint newer than the resumed one was saved after the last regular checkpoint;
-  training redoes those steps (identically) and saves it again, so it is deleted here. A
-  missing best step is saved from `state` when that is the resumed step; otherwise it cannot
-  be recovered (a workdir from before `checkpoints_best`): the best so far is forgotten with a
-  warning, and selection starts again from the next validation.
-
-  Returns `meta`, with `best_valid_auc` and `best_step` set to None in that last case.
-  """
+  """Makes `checkpoints_best` hold exactly the step the resumed `meta` calls best; returns
+  `meta`. A newer best step is deleted (training redoes it identically); a missing one is
+  saved from `state` if that is the resumed step, else forgotten with a warning (best_step
+  and best_valid_auc None: selection starts again)."""
   best_step = meta.get("best_step")
   for step in best_manager.all_steps():
     if step != best_step:
@@ -284,15 +244,10 @@ def reconcile_best(best_manager: ocp.CheckpointManager, state,
 def _path_name(path) -> str:
   """A tree path as "params/embedding/embed_item_id/embedding", whether its keys are dict keys,
   attributes (optax's named tuples) or indices, as orbax names them on disk."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  def part(key):
+    return next((getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)), key)
+
+  return "/".join(str(part(key)) for key in path)
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -321,15 +276,9 @@ def other_run_differences(meta: dict[str, Any], identity: dict[str, Any],
                           here: dict[str, tuple[int, ...]],
                           saved: dict[str, tuple[int, ...]]) -> list[str]:
   """What makes a checkpoint another run's: parameters missing on either side or of another
-  shape, then identity values its meta records otherwise, then (only if the parameters agree,
-  as the optimizer's moments mirror them) the other state's differences.
-
-  Args:
-    meta: the checkpoint's meta.
-    identity: meta key -> this run's value ("data_checksum", "schema_fingerprint"); a key the
-      meta lacks (an older checkpoint) or a None value is not compared.
-    here, saved: {path name: shape} of this run's state and of the checkpoint's (`_shapes`).
-  """
+  shape (`here`, `saved`: {path name: shape}), then `identity` values (a None one, or one the
+  checkpoint's `meta` lacks, is not compared) it records otherwise, then, only if the
+  parameters agree (the optimizer's moments mirror them), the other state's differences."""
   def tree_differences(names):
     out = []
     for name in sorted(names):
@@ -385,24 +334,13 @@ def _restore_step(manager, step: int, state, identity: dict[str, Any]):
 
 def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
             workdir: str | None = None, identity: dict[str, Any] | None = None):
-  """Restores into the structure (and shardings) of `state`.
+  """(state, meta) restored into the structure and shardings of `state` (a fresh TrainState),
+  or None when no checkpoint is readable.
 
-  Args:
-    manager: from `create_manager`.
-    state: a freshly created TrainState, the template for shapes, dtypes and shardings.
-    step: a specific step (an error if it is missing, unreadable or damaged); None for the
-      resume order of the module docstring.
-    workdir: where to move damaged checkpoints aside (only in resume mode; None: leave them).
-    identity: meta key -> the value this run expects ("data_checksum", "schema_fingerprint";
-      None values are not compared), checked before any array is read.
-
-  Returns:
-    (state, meta), or None when there is no readable checkpoint.
-
-  Raises:
-    OtherRunError: a readable checkpoint of another run (other data or shapes); in resume
-      mode raised before anything is moved.
-    DataError: `step` is missing, unreadable or damaged.
+  `step`: that step (DataError if it is missing, unreadable or damaged), or None for the resume
+  order of the module docstring, damaged steps moved aside into `workdir` (None: left).
+  `identity` (`identity(run)`) is checked before any array is read: OtherRunError, moving
+  nothing, for another run's checkpoint.
   """
   identity = identity or {}
   finalize(manager)  # a save of this run lands and is hashed before it is read
@@ -418,8 +356,7 @@ def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
       raise DataError(f"checkpoint {step} in {manager.directory} is unreadable or damaged "
                       f"({describe(e)})") from None
-  damaged = []
-  result = None
+  damaged, result = [], None
   for s in steps:
     try:
       result = _restore_step(manager, s, state, identity)

@@ -34,8 +34,7 @@ def _fail(message: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser that reports bad flags and config overrides in one line (exit 2), and
-  answers --show_config (exit 0)."""
+  """absl's parser, a bad flag or override a one-line error (exit 2); answers --show_config."""
   # --help lists the main module's key flags; make --show_config one of them.
   flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["show_config"])
   try:
@@ -74,9 +73,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def require_run(argv: Sequence[str]) -> None:
-  """For commands that read a trained run (evaluate): given --workdir but no --config (after
-  `workdir.with_recorded_config`, so the workdir records none), exits with `error: no run in
-  WORKDIR` (status 2) instead of absl's "Flag --config must have a value"."""
+  """For commands that read a trained run: --workdir without --config (after
+  `workdir.with_recorded_config`: none recorded) exits with `error: no run in WORKDIR` (2)."""
   args = list(argv[1:])
   if any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in args):
     return
@@ -106,12 +104,9 @@ def _print_and_exit(text: str) -> None:
   sys.exit(0)
 
 
-# ------------------------------------------------------------------ misspelt --config.<key>
-
-
 def _unknown_key_message(argv: Sequence[str]) -> str | None:
-  """'unknown config key a.b (did you mean a.c?)' for the first --config.<key> that the
-  config lacks; None if the config cannot be loaded again or has every key."""
+  """'unknown config key a.b (did you mean a.c?)' for the first --config.<key> the config lacks
+  (ml_collections suggests only the first wrong part); None if none or the config won't load."""
   args = flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)
   config_arg, keys = None, []
   for i, arg in enumerate(args):
@@ -126,48 +121,29 @@ def _unknown_key_message(argv: Sequence[str]) -> str | None:
   except Exception:  # noqa: BLE001 - only the original error is worth reporting
     return None
   for key in keys:
-    if not _has_key(config, key.split(".")):
-      suggestion = _closest_key(config, key.split("."))
+    if (suggestion := _closest_key(config, key)) != key:
       return f"unknown config key {key}" + (f" (did you mean {suggestion}?)" if suggestion else "")
   return None
 
 
-def _has_key(config: ConfigDict, parts: list[str]) -> bool:
-  node = config
-  for part in parts:
-    if not isinstance(node, ConfigDict) or part not in node:
-      return False
-    node = node[part]
-  return True
-
-
-def _closest_key(config, parts: list[str]) -> str | None:
-  """The existing dotted key nearest to `parts`, part by part; None if a part has no match."""
+def _closest_key(config, key: str) -> str | None:
+  """`key`, else the existing dotted key nearest to it part by part (None: a part matches none)."""
   node, found = config, []
-  for part in parts:
+  for part in key.split("."):
     if not isinstance(node, ConfigDict):
       return None
     if part not in node:
-      close = difflib.get_close_matches(part, list(node.keys()), n=1)
-      if not close:
+      part = next(iter(difflib.get_close_matches(part, list(node.keys()), n=1)), None)
+      if part is None:
         return None
-      part = close[0]
     found.append(part)
     node = node[part]
   return ".".join(found)
 
 
-# -------------------------------------------------------------------------- --show_config
-
-
 def describe_config(config: ConfigDict, name: str, sources: Sequence[str]) -> str:
-  """Every key of `config` (loaded from `name`) with its value and comment, one aligned line
-  each.
-
-  A key's comment is the trailing `# ...` of the line that sets it in one of the `sources`
-  (Python files read with tokenize and ast, never run), or else the comment lines right above
-  that line; a later source's comment wins (the data set's config over the defaults).
-  """
+  """Every key of `config` (loaded from `name`) with its value and comment (`config_comments`
+  of the `sources`, a later one's winning), one aligned line each."""
   comments = {}
   for path in sources:
     if path.endswith(".py") and os.path.isfile(path):
@@ -193,13 +169,11 @@ def _leaves(config: ConfigDict, prefix: str = ""):
 
 
 def config_comments(path: str) -> dict[str, str]:
-  """Dotted config key -> comment, from the assignments `<config>.a.b = ...` in a config file.
+  """Dotted config key -> comment (the trailing `# ...` of the line that sets it, else the
+  comment lines right above), from a config file read with tokenize and ast, never run.
 
-  The names that hold a config are followed through each function: the name it returns, and
-  a parameter named `config`, stand for the config it builds or fills;
-  `s = config.data.synthetic = ConfigDict()` makes `s` stand for `data.synthetic`;
-  `config.data.generator = get_generator()` puts the keys that get_generator sets under
-  `data.generator`.
+  A function's returned name and a parameter `config` stand for the config; aliases
+  (`s = config.data.x = ConfigDict()`) and builders (`config.data.g = get_g()`) are followed.
   """
   with tokenize.open(path) as f:
     source = f.read()
@@ -264,8 +238,7 @@ def config_comments(path: str) -> dict[str, str]:
 
 
 def _key(node: ast.expr, names: dict[str, str]) -> str | None:
-  """'a.b' for `<name>.a.b` where `names` maps <name> to the key it stands for; '' for the
-  name itself; None otherwise."""
+  """The key `<name>.a.b` stands for (`names`: <name> -> its key), else None."""
   attributes = []
   while isinstance(node, ast.Attribute):
     attributes.append(node.attr)
@@ -280,8 +253,8 @@ def _join(prefix: str, key: str) -> str:
 
 
 def run_or_exit(fn, *args):
-  """Runs `fn(*args)`, turning user errors (MianError) and a full or read-only disk
-  (`errors.file_system_error`) into a one-line message and exit 1."""
+  """`fn(*args)`, a user error (MianError), a full or read-only disk or a lost peer becoming a
+  one-line message and exit 1."""
   try:
     return fn(*args)
   except MianError as e:
@@ -308,18 +281,15 @@ def lost_peer(error: BaseException) -> bool:
 
 
 def _exit_with(message: str) -> None:
-  """`error: <message>` on stderr, exit status 1; logged too where the log is not stderr (a
-  --log_dir), so that a terminal shows it once."""
+  """`error: <message>` on stderr, exit status 1; logged too where the log is not stderr."""
   if logging.get_absl_handler().python_handler.stream is not sys.stderr:
     logging.error("%s", message)
   sys.exit(f"error: {message}")
 
 
 class _QuietLibraries:
-  """Drops INFO lines from orbax, which logs every step of every save, and the tracebacks of a
-  full or read-only disk that orbax, or asyncio for orbax's unawaited write tasks ("Task
-  exception was never retrieved"), log; the entry point reports it in one line
-  (`run_or_exit`)."""
+  """Drops orbax's INFO lines (every step of every save), and the tracebacks of a full or
+  read-only disk that orbax or asyncio log (`run_or_exit` reports it in one line)."""
 
   def filter(self, record) -> bool:
     from_orbax = "/orbax/" in record.pathname
@@ -332,21 +302,19 @@ class _QuietLibraries:
 
 class _NoBackendProbes:
   """Drops JAX's INFO lines about backends it probed and skipped ("Unable to initialize backend
-  'tpu': ... libtpu.so ..." on every machine without a TPU). A backend that was asked for
-  (JAX_PLATFORMS) still raises, and a GPU that is present but unusable is still a warning."""
+  'tpu'" on every machine without a TPU); warnings and errors stay."""
 
   def filter(self, record) -> bool:
     return not (record.levelno <= py_logging.INFO
                 and record.getMessage().startswith("Unable to initialize backend"))
 
 
-_NO_BACKEND_PROBES = _NoBackendProbes()
+_NO_BACKEND_PROBES = _NoBackendProbes()  # one instance: a second addFilter of it is a no-op
 
 
 def init_process(argv: Sequence[str] = ()) -> None:
-  """What every entry point does first (library modules never do): refuses arguments besides
-  the flags (`argv` as `app.run` passes it), quiets library logs, joins a multi-process run
-  when asked to, and turns on the persistent compilation cache."""
+  """What every entry point does first: refuses arguments besides the flags, quiets library
+  logs, joins a multi-process run when asked to, turns on the compilation cache."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
@@ -355,14 +323,13 @@ def init_process(argv: Sequence[str] = ()) -> None:
 
 
 def quiet_library_logs() -> None:
-  """Drops orbax's per-save INFO lines and JAX's backend-probe lines (filters above)."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
   py_logging.getLogger("jax._src.xla_bridge").addFilter(_NO_BACKEND_PROBES)
 
 
 def init_distributed() -> None:
-  """`jax.distributed.initialize` when MIAN_JAX_DISTRIBUTED=1 (launch/multihost.sh): with the
-  MIAN_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID given, else auto-detected (SLURM, TPU)."""
+  """`jax.distributed.initialize` when MIAN_JAX_DISTRIBUTED=1, from MIAN_JAX_COORDINATOR /
+  _NUM_PROCESSES / _PROCESS_ID where given, else auto-detected (SLURM, TPU)."""
   if os.environ.get("MIAN_JAX_DISTRIBUTED") != "1":
     return
   kwargs = {}
@@ -374,8 +341,7 @@ def init_distributed() -> None:
 
 
 def enable_compilation_cache() -> None:
-  """Compiled programs persist in $MIAN_JAX_COMPILATION_CACHE (default: the data cache's
-  jax_compilation_cache/; an empty value turns the cache off)."""
+  """Compiled programs persist in $MIAN_JAX_COMPILATION_CACHE (default: in the cache; "": off)."""
   cache = os.environ.get("MIAN_JAX_COMPILATION_CACHE")
   if cache is None:
     cache = os.path.join(fileio.cache_root(), "jax_compilation_cache")

@@ -1,21 +1,5 @@
-"""Defaults shared by every data set's config. Values follow §4.3 of the paper where it gives
-them; every other choice is explained in docs/model.md.
-
-The repository's configs/<dataset>.py build on these, and so can a config file in any folder:
-
-  # /tmp/myexp/my_config.py
-  from mian_jax import config_defaults
-
-  def get_config(arg=None):
-    config = config_defaults.get_config_from_args(config_defaults.parse_arg(arg, {}))
-    config.model.embed_dim = 32  # a trailing comment is shown by --show_config
-    return config
-
-  python -m mian_jax.main --config=/tmp/myexp/my_config.py --workdir=runs/mine --show_config
-
-`--show_config` lists every key with its value and its comment from this file or the config
-file; README.md, "Configuration".
-"""
+"""Defaults shared by every data set's config (values of §4.3 where the paper gives them,
+docs/model.md for the rest), and the config arguments; README.md, "Configuration"."""
 
 from __future__ import annotations
 
@@ -23,10 +7,8 @@ import ml_collections
 
 # config argument `reading`: "default" | "paper_literal" (every key of PAPER_LITERAL set).
 READINGS = ("default", "paper_literal")
-# MIAN read literally: config path -> the value the paper's text gives, for every key whose
-# default departs from the text (one row each in docs/model.md, "Departures from the text"; a
-# test keeps the two equal). Where the text is silent or ambiguous the default is a reading, not
-# a departure, and is not listed.
+# Config path -> the paper's literal value, for each default that departs from the text
+# (docs/model.md, "Departures from the text", one row each).
 PAPER_LITERAL = {
     "model.interaction_values": "concat",  # eqs. 6, 10, 12 pool [e_i; x] only
     "model.gim_behavior": "concat",  # eq. 14 with §3.2.1's e_b = [e_b^1; ...; e_b^T]
@@ -55,10 +37,7 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.model.ffn_dim_multiplier = 4  # FFN hidden width = this x model width (eq. 5)
   config.model.mlp_dims = (32, 8)  # DNN prediction module (§4.3, eq. 16)
   config.model.dropout_rate = 0.2  # §4.3
-  # Random bits of dropout: "hash" (a counter-based hash, fused and cheap) or "threefry" (JAX's
-  # default generator, bit-identical to flax's nn.Dropout). Same distribution; see
-  # docs/performance.md. Runs reported before 2026-11-28 used "threefry".
-  config.model.dropout_rng = "hash"
+  config.model.dropout_rng = "hash"  # dropout bits: "hash" (fast) | "threefry" (= nn.Dropout)
   config.model.init_std = 0.02  # truncated-normal init std of embeddings (§4.3)
   config.model.dense_init = "lecun_normal"  # dense kernels: "lecun_normal" | "truncated_normal"
   config.model.transformer = "pre_ln"  # "pre_ln" | "post_ln" | "none" (Table 4)
@@ -78,8 +57,7 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.model.gim_combine = "project_sum"  # eq. 15: "project_sum" | "weighted_concat"
   config.model.gim_dim = 64  # common width of GIM's parts with "project_sum"
   config.model.gim_behavior = "mean"  # e_b in eq. 14: "mean" over valid slots | "concat" (eq. 14)
-  # Behaviour slots as MIAN sees them: "newest_first" (slot = recency) | "oldest_first" (the
-  # left-aligned layout of prepared-data format 1, kept for the controlled comparison)
+  # Slots as MIAN sees them: "newest_first" (slot = recency) | "oldest_first" (for comparison)
   config.model.history_layout = "newest_first"
   # Baselines (docs/baselines.md); the keys above that a baseline's fields name apply to it too.
   config.model.sequence_pooling = "mean"  # behaviours -> one field (non-DIN/DIEN): "mean" | "sum"
@@ -99,8 +77,7 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, split over devices (§4.3)
   config.train.learning_rate = 1e-3  # Adam (§4.3)
-  # "adam": optax Adam over every parameter; "lazy_adam": embedding rows a batch did not use are
-  # left alone, much faster with large vocabularies (mian_jax/optim.py, docs/performance.md).
+  # "adam" | "lazy_adam" (leaves embedding rows a batch did not use alone; docs/performance.md)
   config.train.optimizer = "adam"
   config.train.adam_b1 = 0.9  # §4.3
   config.train.adam_b2 = 0.999  # §4.3
@@ -109,9 +86,7 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.train.grad_clip_norm = 0.0  # clip the gradient's global norm to this (0: no clipping)
   config.train.l2_weight = 1e-3  # §4.3
   config.train.l2_scope = "batch_embeddings"  # "batch_embeddings" | "all_weights" | "none"
-  # A logged cross-entropy above this stops the run as diverged (a sane model starts near
-  # ln 2 = 0.69; only huge logits reach 100). Its predictions would all saturate.
-  config.train.max_bce = 100.0
+  config.train.max_bce = 100.0  # a logged cross-entropy above this stops the run as diverged
   config.train.num_epochs = 1.0  # used when num_train_steps == -1
   config.train.num_train_steps = -1  # a step cap; -1 = num_epochs of the training split
   config.train.seed = 0  # parameters, data order and dropout
@@ -124,61 +99,36 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.eval.batch_size = 1024  # global evaluation batch
   config.eval.report_step = "best"  # final metrics of the "best" validation step | the "last" step
   config.eval.final_test = True  # evaluate the reported step on test at the end (False: valid only)
-  # Periodic validation on a fixed subsample of about this many examples, whole users drawn from
-  # train.seed (0: the whole split); the reported step is validated on the whole split once.
+  # Periodic validation on about this many examples of whole users (0: the whole split)
   config.eval.periodic_valid_examples = 0
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # plus one at the end of training
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept
 
-  # Where parameters live (docs/training.md, "Sharded embedding tables"). The devices form a
-  # mesh data x model; the batch is split over "data". A field's embedding tables are
-  # row-sharded over "model" (their optimiser moments alike) when it has at least
-  # row_shard_min_rows ids or is named in row_shard_fields; every other parameter is
-  # replicated. A row-sharded table has its rows rounded up to a multiple of row_multiple
-  # (padding rows are never looked up), which `model` must divide; the shapes then do not
-  # depend on the mesh, so a checkpoint restores on any mesh.
+  # Row-sharded embedding tables over a data x model mesh (docs/training.md, "Sharded ...").
   config.sharding = sharding_defaults()
   if reading == "paper_literal":
-    set_paths(config, PAPER_LITERAL)
+    config.update_from_flattened_dict(PAPER_LITERAL)
   return config
 
 
-def set_paths(config: ml_collections.ConfigDict, values: dict[str, object]) -> None:
-  """Sets each existing key "group.key" of `config` to its value in `values`."""
-  for path, value in values.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    if leaf not in node:
-      raise KeyError(f"config has no key {path!r}")
-    node[leaf] = value
-
-
 def sharding_defaults() -> ml_collections.ConfigDict:
-  """config.sharding's defaults (see get_base_config); also what a run recorded before it
-  existed used."""
+  """config.sharding's defaults; also those of a run recorded without config.sharding."""
   sharding = ml_collections.ConfigDict()
   sharding.model = 1  # devices along "model" (1: pure data parallelism)
-  sharding.row_shard_min_rows = 0  # 0: no table by size
-  sharding.row_shard_fields = ""  # e.g. "item_id,user_id", whatever their size
-  sharding.row_multiple = 64
+  sharding.row_shard_min_rows = 0  # row-shard the tables of at least this many ids (0: none)
+  sharding.row_shard_fields = ""  # e.g. "item_id,user_id": row-shard these, whatever their size
+  sharding.row_multiple = 64  # a sharded table's rows are rounded up to this; "model" divides it
   return sharding
 
 
 def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:
-  """Parses a config argument "key=value,key=value" strictly (big_vision style).
-
-  `allowed` maps each key to its default; values take the default's type. Unknown keys raise.
-  Every config also takes `model` (default "mian") and `reading` ("default" | "paper_literal").
-  """
+  """Parses a config argument "key=value,..." strictly: `allowed` maps each key to its default,
+  whose type values take; `model` ("mian") and `reading` ("default") are always allowed."""
   allowed = {"model": "mian", "reading": "default", **allowed}
   values = dict(allowed)
-  if not arg:
-    return values
-  for item in arg.split(","):
+  for item in arg.split(",") if arg else []:
     key, sep, value = item.partition("=")
     if not sep or key not in allowed:
       raise ValueError(f"config argument {item!r}: expected key=value with key in "
@@ -211,6 +161,7 @@ def get_amazon_config(dataset: str, args: dict[str, object]) -> ml_collections.C
   config.data.dataset = dataset  # "books" | "electronics"
   config.data.protocol = args["protocol"]  # "mian" (§4.1, default) | "din" | "dien"
   config.data.raw_dir = ""  # "" = <cache>/raw/amazon; files are downloaded there if missing
+  # where missing raw files are downloaded from (Amazon 2014, SNAP)
   config.data.base_url = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
   config.data.max_bad_row_ratio = 0.01  # fail if more of the lines than this are unusable
   config.data.drop_duplicate_reviews = True  # keep only the earliest review of a (user, item) pair

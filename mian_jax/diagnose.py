@@ -1,35 +1,18 @@
-"""How cold are the evaluation splits, and how much AUC does bias alone reach?
+"""How cold are the evaluation splits, and how much AUC does bias alone reach? The library
+of `python -m launch.diagnose_split`: `diagnose` builds the report, `to_markdown` formats it.
 
-The library of `python -m launch.diagnose_split` (its flags: launch/diagnose_split.py):
-`diagnose` builds the report of a prepared data set, `to_markdown` formats it and `run` does
-both for a config and writes the outputs.
-
-For the valid and test splits of the prepared data the config names (prepared first if needed)
-it reports:
-
-- examples, positive rate, distinct users (`group_id`) and distinct candidate items;
-- the share of examples whose user is cold (no train example with that `group_id`), whose
-  candidate item is cold (never a train candidate, or the OOV id), whose behaviour history is
-  empty, and whose history is shorter than SHORT_HISTORY;
-- AUC and gAUC of scores fitted on the train split only: item CTR and user CTR (clicks over
-  impressions, smoothed toward the train click rate with SMOOTHING pseudo-impressions, so an
-  unseen item or user gets the train rate), item popularity (train impressions), and
-  "bias-only" = logit(item CTR) + logit(user CTR).
-
-With --predictions (Parquet files of `python -m mian_jax.evaluate --split=test --predictions`,
-one row per example in split order, column `score`), it adds the AUC and gAUC of each file
-overall, on the warm-user & warm-item / cold-user / cold-item subsets and on buckets of the
-behaviour-history length, beside item CTR, bias-only and, where the data knows the true click
-probability (`click_prob`), the Bayes oracle on the same subsets.
-A file is named `name=path`, or by its path.
-
-The item is the first behaviour field (the first item field if there are none; --item_field
-picks another). The report is markdown tables; with --out `run` also writes
-`<out>/diagnostics.md` and `<out>/diagnostics.json` (each atomically).
+Per evaluation split: sizes, positive rate, the shares of cold users (no train example), cold
+items (never a train candidate, or OOV), empty and short histories; AUC and gAUC of train-only
+scores: item and user CTR (smoothed toward the train rate with SMOOTHING pseudo-impressions),
+item popularity and "bias-only" = logit(item CTR) + logit(user CTR). With predictions files
+(`python -m mian_jax.evaluate --predictions`, column `score`), the AUC and gAUC of each on the
+warm / cold-user / cold-item subsets and history-length buckets, beside item CTR, bias-only and
+the oracle where the data knows the click probability. The item is the first behaviour field.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -52,9 +35,6 @@ HISTORY_BUCKETS = ((0, 1), (1, 5), (5, 15), (15, None))
 ORACLE = "oracle (true click probability)"  # scored beside the models where the data knows it
 
 
-# ----------------------------------------------------------------------------- columns
-
-
 def default_item_field(schema: schema_lib.Schema) -> str:
   """The field that identifies the candidate item: the first behaviour field, else item field."""
   f = schema.features
@@ -63,12 +43,8 @@ def default_item_field(schema: schema_lib.Schema) -> str:
 
 def load_columns(data_dir: str, schema: schema_lib.Schema, split: str,
                  item_field: str) -> dict[str, np.ndarray]:
-  """The columns the diagnostic needs, in memory.
-
-  Returns:
-    "user" [N] int64 (group_id), "item" [N] int32 ids of `item_field`, "hist_len" [N] int32,
-    "label" [N] float32.
-  """
+  """{"user" [N] (group_id), "item" [N] (ids of `item_field`), "hist_len" [N], "label" [N]},
+  and "click_prob" [N] where the data has it."""
   names = [x.name for x in schema.features.item_fields if x.is_categorical]
   if item_field not in names:
     raise DataError(f"--item_field={item_field!r} is not a categorical item field of "
@@ -85,18 +61,12 @@ def load_columns(data_dir: str, schema: schema_lib.Schema, split: str,
 
 def cold_masks(train: dict[str, np.ndarray],
                split: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """(cold user [N] bool, cold item [N] bool) of a split's examples, relative to train.
-
-  A user is cold without any train example; an item is cold if it never was a train candidate
-  or is the OOV id (which stands for any number of items without an identity of their own).
-  """
+  """(cold user [N] bool, cold item [N] bool) of a split's examples: no train example; never a
+  train candidate, or the OOV id (which stands for any number of items)."""
   cold_user = ~np.isin(split["user"], train["user"])
   known_items = train["item"][train["item"] != schema_lib.OOV_ID]
   cold_item = ~np.isin(split["item"], known_items)
   return cold_user, cold_item
-
-
-# ----------------------------------------------------------------------------- baselines
 
 
 def _train_totals(train_keys: np.ndarray, train_labels: np.ndarray,
@@ -112,17 +82,8 @@ def _train_totals(train_keys: np.ndarray, train_labels: np.ndarray,
 
 def smoothed_ctr(train_keys: np.ndarray, train_labels: np.ndarray, keys: np.ndarray,
                  smoothing: float = SMOOTHING) -> np.ndarray:
-  """Train CTR of each key, (clicks + s * p) / (impressions + s), p = the train click rate.
-
-  Args:
-    train_keys: [M] the key (item or user) of every train example.
-    train_labels: [M] their labels.
-    keys: [N] the keys to score.
-    smoothing: s, pseudo-impressions at the train rate.
-
-  Returns:
-    [N] float64 in (0, 1) when 0 < p < 1; p for a key absent from train.
-  """
+  """[N] train CTR of each of `keys`, (clicks + s * p) / (impressions + s) with s = `smoothing`
+  and p the train click rate (p for a key absent from train); train_keys, train_labels [M]."""
   prior = float(np.mean(train_labels))
   counts, clicks = _train_totals(train_keys, train_labels, keys)
   return (clicks + smoothing * prior) / (counts + smoothing)
@@ -144,9 +105,6 @@ def baseline_scores(train: dict[str, np.ndarray], split: dict[str, np.ndarray],
                               _logit(item_ctr) + _logit(user_ctr))))
 
 
-# ----------------------------------------------------------------------------- summaries
-
-
 def _mean(x: np.ndarray) -> float:
   """Mean of a [N] array (a share, for a bool mask); NaN when N = 0."""
   return float(np.mean(x)) if x.size else float("nan")
@@ -157,10 +115,9 @@ def split_summary(train: dict[str, np.ndarray], split: dict[str, np.ndarray],
   """Sizes, cold shares, history shares and baseline AUC / gAUC of one evaluation split."""
   cold_user, cold_item = cold_masks(train, split)
   labels = split["label"]
-  baselines = {}
-  for name, scores in baseline_scores(train, split, smoothing).items():
-    baselines[name] = {"auc": metrics.auc(labels, scores),
-                       "gauc": metrics.gauc(labels, scores, split["user"])[0]}
+  baselines = {name: {"auc": metrics.auc(labels, scores),
+                      "gauc": metrics.gauc(labels, scores, split["user"])[0]}
+               for name, scores in baseline_scores(train, split, smoothing).items()}
   return {
       "examples": int(labels.size),
       "positive_rate": _mean(labels),
@@ -195,20 +152,13 @@ def subset_masks(cold_user: np.ndarray, cold_item: np.ndarray,
 
 def parse_predictions_arg(values: list[str]) -> list[tuple[str, str]]:
   """["name=path" | "path", ...] -> [(name, path), ...]; a bare path is its own name."""
-  pairs = []
-  for value in values:
-    name, sep, path = value.partition("=")
-    pairs.append((name, path) if sep else (value, value))
-  return pairs
+  parts = [value.partition("=") for value in values]
+  return [(name, path) if sep else (name, name) for name, sep, path in parts]
 
 
 def read_scores(path: str, split: dict[str, np.ndarray], split_name: str) -> np.ndarray:
-  """The `score` column [N] of a predictions file, checked against the split it scores.
-
-  Raises:
-    DataError: the file is missing or unreadable, has no `score`, has another length than the
-      split, or its labels are not the split's (another split or data set).
-  """
+  """The `score` column [N] of a predictions file; DataError if it is missing or unreadable, or
+  not of this split (length, labels)."""
   import pyarrow.parquet as pq  # noqa: PLC0415 - only needed with --predictions
   if not os.path.isfile(path):
     raise DataError(f"predictions file not found: {path}")
@@ -233,13 +183,8 @@ def read_scores(path: str, split: dict[str, np.ndarray], split_name: str) -> np.
 
 def predictions_summary(split: dict[str, np.ndarray], cold_user: np.ndarray,
                         cold_item: np.ndarray, scored: dict[str, np.ndarray]) -> dict:
-  """Per subset: examples, positive rate, and the AUC and gAUC of each score.
-
-  Args:
-    split: the evaluated split's columns (see load_columns), N examples.
-    cold_user, cold_item: [N] bool masks (cold_masks).
-    scored: name -> [N] scores (the baselines shown beside the models, then each file).
-  """
+  """Per subset: examples, positive rate, and the AUC and gAUC of each of `scored` (name -> [N]
+  scores of the split's N examples)."""
   labels, users = split["label"], split["user"]
   result = {}
   for subset, mask in subset_masks(cold_user, cold_item, split["hist_len"]).items():
@@ -280,16 +225,11 @@ def diagnose(data_dir: str, schema: schema_lib.Schema, predictions: list[tuple[s
   return report
 
 
-# ----------------------------------------------------------------------------- output
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-  return writers.markdown_table(header, rows, missing="n/a")
+markdown_table = functools.partial(writers.markdown_table, missing="n/a")
 
 
 def to_markdown(report: dict) -> str:
-  """The report as markdown: split sizes and shares, baselines, and (with predictions) the
-  AUC and gAUC of each score on each subset."""
+  """The report as markdown tables."""
   splits = report["splits"]
   stats = (("examples", "examples"), ("positive rate", "positive_rate"),
            ("distinct users", "users"), ("distinct candidate items", "items"),

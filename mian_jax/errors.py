@@ -54,23 +54,19 @@ class Preempted(Exception):
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 _ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'")  # tensorstore's ValueError text
 
 
 def file_system_error(e: BaseException | None) -> OSError | None:
-  """The OSError of a full disk or an unwritable path that `e` is, or was raised from (orbax
-  and pyarrow wrap them; tensorstore says it as "[os_error_code='28']" in a ValueError); None
-  if there is none."""
+  """The OSError of a full disk or an unwritable path that `e` is or was raised from (wrapped by
+  orbax or pyarrow, or said in tensorstore's ValueError text), else None."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in _DISK_FULL + _NOT_WRITABLE:
       return e
     match = _ERRNO_IN_TEXT.search(str(e))
-    if match and int(match.group(1)) in _DISK_FULL + _NOT_WRITABLE:
-      code = int(match.group(1))
+    if match and (code := int(match.group(1))) in _DISK_FULL + _NOT_WRITABLE:
       return OSError(code, os.strerror(code))
     e = e.__cause__ or e.__context__
   return None
@@ -96,6 +92,5 @@ def one_line(e: BaseException) -> str:
 
 
 def describe(e: BaseException) -> str:
-  """`<type>: <message>` on one line, the message cut at 300 characters: an unexpected error
-  quoted inside another message."""
+  """`<type>: <message>` on one line, cut at 300 characters (to quote in another message)."""
   return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

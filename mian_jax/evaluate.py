@@ -1,26 +1,12 @@
-"""Evaluation: predictions and exact metrics of a split, and the evaluation of a saved checkpoint.
-
-As a library: `predict_split`, `split_metrics`, `evaluate_split`, `write_metrics`,
-`write_predictions` (training validates and reports with them) and `evaluate_checkpoint`.
-As a command:
+"""Evaluation: predictions and exact metrics of a split (training validates and reports with
+them), and the command that evaluates a saved checkpoint:
 
   python -m mian_jax.evaluate --workdir=runs/synthetic [--step=latest|best|N] \
       [--split=valid|test] [--predictions] [--config=configs/synthetic.py] [--config.k=v ...]
 
-The config is the workdir's recorded one (config.json) unless --config is given; either way
-it must agree with the recorded config on every key that shapes the run
-(`mian_jax.workdir.check_rerun`); `eval.batch_size` may differ.
-
-`--step=best` restores `<workdir>/checkpoints_best` (the step of the best validation AUC),
-`latest` (the default) the newest checkpoint, N that step. Writes
-`<workdir>/eval/<split>_metrics_step<N>.json` (auc, logloss, gauc, step, num_examples, and
-oracle_auc where the data knows the click probability), so the `<split>_metrics.json` that
-training reported is never overwritten; with --predictions also
-`<workdir>/eval/<split>_predictions_step<N>.parquet`: one row per example, in split order, with
-its keys (`row`, its 0-based position in the split; the item id, and the user id where a user
-field is named user_id, as ids `item.<name>` and, where the prepared data keeps vocabularies, as
-raw values `<name>`), score, label, group id and the model's attention weights (one list column
-per attention module). Prepared splits keep no timestamps; `row` joins to them.
+The run is reopened by `workdir.restore_run` (its recorded config unless --config is given).
+Writes `<workdir>/eval/<split>_metrics_step<N>.json` and, with --predictions,
+`<split>_predictions_step<N>.parquet` (docs/training.md says their columns).
 """
 
 from __future__ import annotations
@@ -36,24 +22,20 @@ import pyarrow.parquet as pq
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mian_jax import checkpointing, cli, config_checks, fileio, sharding, steps, writers
+from mian_jax import cli, fileio, sharding, steps, writers
 from mian_jax import metrics as metrics_lib
 from mian_jax import workdir as workdir_lib
 from mian_jax.data import pipeline, vocab
 from mian_jax.data import schema as schema_lib
-from mian_jax.errors import ConfigError, DataError, NonFiniteLossError
+from mian_jax.errors import DataError, NonFiniteLossError
 
 
 def predict_split(state, eval_step, data_dir: str, schema: schema_lib.Schema, split: str,
                   batch_size: int, mesh, with_attention: bool = False,
                   rows: np.ndarray | None = None) -> dict[str, Any]:
-  """Runs the model over a whole split, or its `rows` only; returns NumPy arrays in split
-  order (of those rows).
-
-  `eval_step` is `steps.make_eval_step(mesh, with_attention)` (a `Run`'s `eval_step` has no
-  attention). Keys: "prob" [N], "label" [N], "group_id" [N], "extra.<name>" [N], and with
-  `with_attention` "attention.<module>" [N, n] for each enabled attention module.
-  """
+  """The model's outputs over a whole split, or its `rows` only, as NumPy arrays in split
+  order: "prob", "label", "group_id", "extra.<name>" [N], and with `with_attention` (which
+  `eval_step` must have) "attention.<module>" [N, n]."""
   columns = schema_lib.load_split(data_dir, split, schema)
   if rows is not None:  # the subset in memory, seen by the batching as a split of its own
     columns = {name: np.asarray(column[rows]) for name, column in columns.items()}
@@ -99,9 +81,8 @@ def split_metrics(predictions: dict[str, Any]) -> dict[str, float | int]:
 
 def evaluate_split(run: steps.Run, state, split: str, step: int, writer=None,
                    rows: np.ndarray | None = None) -> dict[str, Any]:
-  """Exact metrics of `state` on a whole split, or on its `rows` only (a subsample, named
-  "<split>_subsample"), logged (and written to `writer` unless it is None); returns them with
-  "step" and, for a subsample, "subsample": True."""
+  """Exact metrics of `state` on a whole split, or on its `rows` ("<split>_subsample"), logged
+  and written to `writer` (if any); with "step" and, for a subsample, "subsample": True."""
   result = split_metrics(predict_split(state, run.eval_step, run.data_dir, run.schema, split,
                                        run.config.eval.batch_size, run.mesh, rows=rows))
   result["step"] = step
@@ -127,12 +108,9 @@ _SUBSAMPLE_STREAM = 0x5ab5
 
 
 def valid_subsample(group_id: np.ndarray, num_examples: int, seed: int) -> np.ndarray | None:
-  """The rows, in split order, of whole groups (users: gAUC's groups) drawn in a random order
-  from `seed` until they hold at least `num_examples` rows; None (the whole split) for
-  `num_examples` 0 or at least the split's size.
-
-  A pure function of its arguments, so a resumed run validates on the same rows.
-  """
+  """The rows, in split order, of whole groups (gAUC's users) drawn in an order from `seed`
+  until they hold `num_examples` rows (a pure function, so a resumed run validates on the same
+  rows); None (the whole split) for `num_examples` 0 or at least the split's size."""
   if num_examples <= 0 or num_examples >= len(group_id):
     return None
   _, group_of_row, sizes = np.unique(group_id, return_inverse=True, return_counts=True)
@@ -154,10 +132,9 @@ def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool)
 
 
 def prediction_keys(data_dir: str, schema: schema_lib.Schema, split: str) -> dict[str, Any]:
-  """What joins a split's predictions back to the data, in split order: `row` (0-based within
-  the split) and, for the item id (the first item field) and a user field named user_id, the
-  ids (`item.<name>`) and, where the prepared data keeps the field's vocabulary, the raw
-  values (`<name>`; None for the out-of-vocabulary id). Hashed fields keep only their ids."""
+  """What joins a split's predictions back to the data, in split order: `row`, and for the item
+  id and a user field named user_id their ids (`item.<name>`) and, where the prepared data
+  keeps a vocabulary, raw values (`<name>`; None for the out-of-vocabulary id)."""
   columns = schema_lib.load_split(data_dir, split, schema, validate=False)
   keys: dict[str, Any] = {"row": np.arange(schema.size(split), dtype=np.int64)}
   features = schema.features
@@ -180,8 +157,8 @@ def prediction_keys(data_dir: str, schema: schema_lib.Schema, split: str) -> dic
 
 def write_predictions(path: str, predictions: dict, attention_names: dict[str, tuple],
                       keys: dict[str, Any] | None = None) -> None:
-  """Writes per-example predictions atomically (temporary file, then rename): the `keys`
-  columns (`prediction_keys`) first, then score, label, group_id, extras and attention."""
+  """Writes per-example predictions atomically: the `keys` columns (`prediction_keys`), then
+  score, label, group_id, extras and attention."""
   columns = {**(keys or {}), "score": predictions["prob"], "label": predictions["label"],
              "group_id": predictions["group_id"]}
   for key, values in predictions.items():
@@ -200,19 +177,9 @@ def write_predictions(path: str, predictions: dict, attention_names: dict[str, t
     pq.write_table(table, tmp)
 
 
-def parse_step(text: str) -> int | str:
-  """"latest", "best" or a step number (an int)."""
-  if text in ("latest", "best"):
-    return text
-  try:
-    return int(text)
-  except ValueError:
-    raise ConfigError(f"--step={text!r}: expected latest, best or a step number") from None
-
-
 def attention_names(run: steps.Run) -> dict[str, tuple[str, ...]]:
-  """What each attention module's weights are over, for the predictions' metadata: GIM's parts
-  (the model's `gim_part_names`, if it has a GIM), IUIM's user fields, ICIM's context fields."""
+  """What each attention module's weights are over: GIM's parts (if the model has a GIM),
+  IUIM's user fields, ICIM's context fields."""
   names = {}
   if hasattr(run.model, "gim_part_names"):
     names["gim"] = run.model.gim_part_names()
@@ -221,48 +188,11 @@ def attention_names(run: steps.Run) -> dict[str, tuple[str, ...]]:
   return names
 
 
-def restore_checkpoint(config, workdir: str, step: int | str | None = "latest"):
-  """`steps.setup(config)` and one checkpoint of `workdir` restored into its state.
-
-  Args:
-    step: "latest" (or None), "best" (from `checkpoints_best`) or a step number.
-
-  Returns:
-    (steps.Run, the restored TrainState, the checkpoint's meta).
-
-  Raises:
-    ConfigError: `config` does not mean the workdir's run (`workdir.check_rerun`).
-    DataError: no (readable) checkpoint, or one trained on other data.
-  """
-  config_checks.check_config(config, jax.device_count())
-  workdir_lib.check_workdir_path(workdir)
-  workdir_lib.check_rerun(workdir, config.to_dict())
-  step = "latest" if step is None else step
-  directory = (checkpointing.best_checkpoint_dir(workdir) if step == "best" else
-               checkpointing.checkpoint_dir(workdir))
-  if not os.path.isdir(directory) or not os.listdir(directory):
-    raise DataError(f"no checkpoints in {workdir} (expected {directory})")
-  run = steps.setup(config)
-  manager = (checkpointing.create_best_manager(workdir, read_only=True) if step == "best" else
-             checkpointing.create_manager(workdir, config.checkpoint, read_only=True))
-  restored = checkpointing.restore(manager, run.state,
-                                   step=step if isinstance(step, int) else None)
-  manager.close()
-  if restored is None:
-    raise DataError(f"no readable checkpoint in {directory}")
-  state, meta = restored
-  if meta.get("schema_fingerprint") != run.schema.fingerprint():
-    raise DataError(f"checkpoint in {workdir} was trained on data with another schema")
-  if meta.get("data_checksum", run.data_checksum) != run.data_checksum:
-    raise DataError(f"checkpoint in {workdir} was trained on other data than {run.data_dir}")
-  return run, state, meta
-
-
 def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str,
                         with_predictions: bool) -> dict:
-  """Restores a checkpoint of `workdir` (`restore_checkpoint`) and evaluates it on `split`;
+  """Restores a checkpoint of `workdir` (`workdir.restore_run`) and evaluates it on `split`;
   writes its metrics (and, with `with_predictions`, its per-example predictions)."""
-  run, state, meta = restore_checkpoint(config, workdir, step)
+  run, state, meta = workdir_lib.restore_run(workdir, step, config)
   eval_step = steps.make_eval_step(run.mesh, with_attention=with_predictions,
                                    state_sharding=sharding.shardings_of(state))
   predictions = predict_split(state, eval_step, run.data_dir, run.schema, split,
@@ -282,9 +212,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
   return result
 
 
-def _define_flags() -> None:
-  """The command's flags; defined only when run as a command, since training imports this
-  module as a library."""
+def _define_flags() -> None:  # only as a command: training imports this module
   flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
   flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, best (of validation "
                       "AUC) or a step number.")
@@ -299,7 +227,8 @@ def main(argv):
   cli.init_process(argv)
   flag = flags.FLAGS
   result = cli.run_or_exit(lambda: evaluate_checkpoint(flag.config, flag.workdir,
-                                                       parse_step(flag.step), flag.split,
+                                                       workdir_lib.parse_step(flag.step),
+                                                       flag.split,
                                                        flag.predictions))
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in sorted(result.items())))

@@ -3,31 +3,11 @@
   python -m mian_jax.export --workdir=runs/synthetic --out=exports/synthetic \
       [--step=best|latest|N] [--platforms=cpu,cuda]
 
-The config is the workdir's recorded one (config.json). The checkpoint is restored as
-`evaluate` restores it (`--step=best` from `<workdir>/checkpoints_best`), and its eval step
-(`steps.eval_step`, with attention) is lowered to StableHLO once, with a symbolic batch size
-`b`, for every platform in --platforms that this jaxlib can lower for (a platform it cannot
-is skipped with a warning and recorded in the manifest). `mian_jax.serving.Scorer` loads the
-result with only jax and numpy. EXPORT_DIR appears complete or not at all:
-
-  model.jaxexport   the serialised `jax.export.Exported`:
-                    score(params, inputs) -> {"prob": [b], "attention.<module>": [b, n], ...}
-                    params: {"<module>/.../<name>": array}; inputs: {"<column>": [b, ...]}
-  params.npz        the parameters, one array per entry of `params` (NumPy, no pickle)
-  signature.json    inputs (name, dtype, per-example shape, valid id range), inputs a caller may
-                    pass but the model ignores, outputs (name, dtype, shape, and for each
-                    attention module what its weights are over)
-  manifest.json     model, step, data checksum, schema fingerprint, platforms, versions, time,
-                    and the SHA-256 of every other file of the directory, vocab/ included
-                    (checked when loaded: an edited, missing or added file is an error)
-  schema.json       the prepared data's schema (fields, vocabulary sizes)
-  vocab/            the prepared data's vocabularies, when it has them (mian_jax/data/vocab.py)
-
-The parameters are an argument of the exported function rather than constants inside it: the
-serialised module stays small and far from the 2 GiB limit of its FlatBuffer whatever the
-embedding tables weigh, a serving process holds one copy of them on its device however many
-batch sizes it compiles for (constants would be copied into every compiled executable), and
-XLA does not constant-fold tables at compile time. The directory is the self-contained unit.
+The run is reopened by `workdir.restore_run`; its eval step (with attention) is lowered once,
+with a symbolic batch size `b`, for every platform this jaxlib can lower for, and written with
+its parameters, signature, schema, vocab/ and a manifest of checksums into a directory that
+appears complete or not at all (docs/serving.md, "The export directory"). `serving.Scorer`
+loads it with only jax and numpy.
 """
 
 from __future__ import annotations
@@ -46,11 +26,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from mian_jax import cli, evaluate, fileio, recorded_config, steps
+from mian_jax import cli, evaluate, fileio, serving, steps
 from mian_jax import workdir as workdir_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError, describe
-from mian_jax import serving
 from mian_jax.serving import (EXPORT_FILE, FORMAT_VERSION, MANIFEST_FILE, PARAMS_FILE,
                               SIGNATURE_FILE, VOCAB_DIR)
 
@@ -104,16 +83,8 @@ def scoring_function(state):
 
 
 def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
-  """Lowers `scoring_function(state)` with a symbolic batch size for `platforms`.
-
-  A platform that this jaxlib cannot lower for is left out (with a warning).
-
-  Returns:
-    (the `jax.export.Exported`, {left-out platform: one-line reason}).
-
-  Raises:
-    ConfigError: no platform of `platforms` can be lowered for.
-  """
+  """(`scoring_function(state)` lowered with a symbolic batch size for `platforms`, {platform
+  this jaxlib cannot lower for, left out with a warning: why}); ConfigError if none can be."""
   batch_size, = jax.export.symbolic_shape("b")
   inputs = {name: jax.ShapeDtypeStruct((batch_size, *shape), np.dtype(dtype))
             for name, (dtype, shape) in input_columns(schema).items()}
@@ -188,8 +159,8 @@ def _write_json(path: str, content: Mapping[str, Any]) -> None:
 
 
 def _readable_by_all(directory: str) -> None:
-  """Gives `directory` (a mkdtemp, 0700) and everything in it the modes a plain mkdir and open
-  give under the umask (typically 0755 / 0644), so that a serving account can read it."""
+  """Gives `directory` (a mkdtemp, 0700) and its files the modes mkdir and open give under the
+  umask (typically 0755 / 0644), so that a serving account can read it."""
   umask = os.umask(0)
   os.umask(umask)
   for root, _, files in os.walk(directory):
@@ -208,8 +179,7 @@ def check_out_dir(out: str) -> None:
 def write_export(out: str, exported, params: Mapping[str, np.ndarray],
                  signature_content: Mapping[str, Any], manifest: Mapping[str, Any],
                  data_dir: str) -> None:
-  """Writes the export directory (module docstring) into a temporary sibling of `out`, then
-  renames it to `out`: `out` appears complete or not at all."""
+  """Writes the export directory into a temporary sibling of `out`, then renames it."""
   check_out_dir(out)
   out = os.path.abspath(out)
   parent = os.path.dirname(out)
@@ -237,26 +207,6 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore_checkpoint(workdir: str, step: int | str = "latest"):
-  """The run of a workdir (its recorded config) and one of its checkpoints, as `evaluate`
-  restores it.
-
-  Args:
-    step: "latest", "best" (from `checkpoints_best`) or a step number.
-
-  Returns:
-    (steps.Run, the restored TrainState, the checkpoint's meta).
-
-  Raises:
-    DataError: no such workdir, no (readable) checkpoint, or one trained on other data.
-  """
-  if not os.path.isdir(workdir):
-    raise DataError(f"--workdir={workdir} does not exist")
-  if not os.path.isfile(workdir_lib.config_path(workdir)):
-    raise DataError(f"{workdir} has no {workdir_lib.CONFIG_FILE}: it is not a training workdir")
-  return evaluate.restore_checkpoint(recorded_config.get_config(workdir), workdir, step)
-
-
 def parse_platforms(text: str) -> tuple[str, ...]:
   platforms = tuple(p.strip() for p in text.split(",") if p.strip())
   unknown = [p for p in platforms if p not in PLATFORMS]
@@ -268,7 +218,7 @@ def parse_platforms(text: str) -> tuple[str, ...]:
 
 def export_run(run: steps.Run, state, out: str, platforms: Sequence[str] = ("cpu", "cuda"),
                meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Exports `state` of `run` to `out` (module docstring); returns the manifest."""
+  """Exports `state` of `run` to `out`; returns the manifest."""
   check_out_dir(out)
   meta = dict(meta or {})
   exported, skipped = export_scorer(state, run.schema, platforms)
@@ -298,7 +248,7 @@ def export_checkpoint(workdir: str, out: str, step: int | str = "latest",
   if jax.process_count() > 1:
     raise ConfigError("the export runs in one process; start it without MIAN_JAX_DISTRIBUTED")
   check_out_dir(out)
-  run, state, meta = restore_checkpoint(workdir, step)
+  run, state, meta = workdir_lib.restore_run(workdir, step)
   manifest = export_run(run, state, out, platforms, meta)
   logging.info("Exported step %d of %s to %s for %s", manifest["step"], workdir, out,
                ",".join(manifest["platforms"]))
@@ -319,7 +269,7 @@ def main(argv):
   cli.init_process(argv)
   flag = flags.FLAGS
   manifest = cli.run_or_exit(lambda: export_checkpoint(
-      flag.workdir, flag.out, evaluate.parse_step(flag.step), parse_platforms(flag.platforms)))
+      flag.workdir, flag.out, workdir_lib.parse_step(flag.step), parse_platforms(flag.platforms)))
   skipped = "".join(f" (skipped {p})" for p in manifest["platforms_skipped"])
   print(f"exported {manifest['model']} step {manifest['step']} to {flag.out} for "
         f"{','.join(manifest['platforms'])}{skipped}")

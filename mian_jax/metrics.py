@@ -1,12 +1,7 @@
-"""CTR metrics computed exactly over a whole split (never as averages of batch metrics).
-
-- AUC: the Mann-Whitney statistic, ties counted one half (average ranks).
-- logloss: mean binary cross-entropy, predictions clipped to [1e-7, 1 - 1e-7].
-- gAUC (Zhou et al. 2018, DIN, eq. 6): AUC within each user, averaged with weights equal to the
-  user's number of impressions, over users that have both a click and a non-click:
-      gAUC = sum_u n_u AUC_u / sum_u n_u
-  Users whose examples are all of one class have no AUC and are left out of both sums;
-  `gauc_users` reports how many users were counted.
+"""CTR metrics computed exactly over a whole split: AUC (Mann-Whitney, ties counted one half),
+logloss (predictions clipped to [1e-7, 1 - 1e-7]) and gAUC (DIN, eq. 6): the AUC within each
+user, weighted by the user's impressions, over users with both a click and a non-click,
+    gAUC = sum_u n_u AUC_u / sum_u n_u.
 """
 
 from __future__ import annotations
@@ -50,7 +45,7 @@ def logloss(labels, probs) -> float:
 
 
 def gauc(labels, scores, groups) -> tuple[float, int]:
-  """Impression-weighted user AUC (see module docstring). Returns (gAUC, users counted)."""
+  """Impression-weighted user AUC (module docstring). Returns (gAUC, users counted)."""
   labels, scores = _as_arrays(labels, scores)
   frame = pd.DataFrame({"g": np.asarray(groups).ravel(), "s": scores, "y": labels > 0.5})
   frame["r"] = frame.groupby("g")["s"].rank(method="average")

@@ -1,18 +1,6 @@
-"""Optimisers: optax Adam (§4.3) and a lazy Adam for row-sparse embedding gradients.
-
-Dense Adam reads and writes every row of every embedding table and of its two moments at every
-step, whatever rows the batch used: at Amazon-Books size (≈1 M rows x 16) that is hundreds of MB
-per step, far more than the model's arithmetic. `lazy_adam` takes the gradient of a table as
-`IndexedRows` (the rows a batch looked up and their gradients, see `mian_jax/sparse.py`) and
-updates only those rows of the table and of its moments, as TensorFlow's LazyAdam and PyTorch's
-SparseAdam do. Dense leaves get exactly optax's Adam.
-
-How it differs from dense Adam (docs/performance.md, "Lazy Adam"): a row the batch did not use
-keeps its parameters and moments unchanged, whereas dense Adam keeps moving it by its decaying
-first moment (m_t = b1 m_{t-1}, an update of -lr m̂/(√v̂ + eps) with a zero gradient) and decays
-its second moment. The bias correction uses the global step count for every row, as both
-reference implementations do. A row used at every step therefore follows dense Adam exactly.
-"""
+"""Optimisers: optax Adam (§4.3), and a lazy Adam that updates only the embedding rows a batch
+used, taking their gradients as `IndexedRows` (docs/performance.md, "Lazy Adam": how it differs
+from dense Adam; a row used at every step follows dense Adam exactly)."""
 
 from __future__ import annotations
 
@@ -25,11 +13,8 @@ from ml_collections import ConfigDict
 
 
 class IndexedRows(NamedTuple):
-  """A row-sparse array: `values[n]` belongs to row `indices[n]` of a [V, D] array.
-
-  indices: [N] int32, distinct; an index >= V marks an unused slot (dropped on scatter).
-  values:  [N, D].
-  """
+  """A row-sparse array: `values` [N, D] are rows `indices` [N] (int32, distinct; >= V marks an
+  unused slot, dropped on scatter) of a [V, D] array."""
   indices: jax.Array
   values: jax.Array
 
@@ -46,12 +31,8 @@ class LazyAdamState(NamedTuple):
 
 def lazy_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8) -> optax.GradientTransformation:
-  """Adam that updates only the rows present in `IndexedRows` gradients (module docstring).
-
-  `update(grads, state, params)` takes the structure of params with any leaf either a dense
-  gradient (plain Adam) or `IndexedRows` (lazy rows); it returns updates of the same kinds,
-  to be applied with `apply_updates`.
-  """
+  """Adam that updates only the rows of `IndexedRows` gradient leaves (dense leaves: plain Adam);
+  its updates are of the same kinds, applied with `apply_updates`."""
 
   def init(params):
     zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
@@ -97,8 +78,7 @@ def apply_updates(params, updates):
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """optax.clip_by_global_norm that also takes `IndexedRows` leaves (their rows are distinct,
-  so the norm of their values is the norm of the dense gradient they stand for)."""
+  """optax.clip_by_global_norm that also takes `IndexedRows` leaves (of distinct rows)."""
 
   def update(grads, state, params=None):
     del params
@@ -118,7 +98,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def learning_rate_schedule(train_config: ConfigDict) -> float | optax.Schedule:
   """`train.learning_rate`, reached linearly over `train.warmup_steps` (0: constant)."""
-  lr, warmup = train_config.learning_rate, train_config.get("warmup_steps", 0)
+  lr, warmup = train_config.learning_rate, train_config.warmup_steps
   if not warmup:
     return lr
   return lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup)  # step k uses count = k - 1
@@ -129,13 +109,9 @@ OPTIMIZERS = ("adam", "lazy_adam")  # config.train.optimizer, read by `create_op
 
 def create_optimizer(train_config: ConfigDict) -> optax.GradientTransformation:
   """Adam (§4.3), dense ("adam") or row-sparse ("lazy_adam"), with the optional warm-up and
-  gradient clipping of `train.warmup_steps` / `train.grad_clip_norm`. The L2 term is part of
-  the loss (coupled L2, `steps.l2_penalty`), not of the optimiser."""
-  kwargs = dict(b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
-  lr = learning_rate_schedule(train_config)
-  if train_config.get("optimizer", "adam") == "lazy_adam":
-    adam = lazy_adam(lr, **kwargs)
-  else:
-    adam = optax.adam(lr, **kwargs)
-  clip = train_config.get("grad_clip_norm", 0.0)
+  gradient clipping of the config; the L2 term is in the loss (`steps.l2_penalty`)."""
+  adam = lazy_adam if train_config.optimizer == "lazy_adam" else optax.adam
+  adam = adam(learning_rate_schedule(train_config), b1=train_config.adam_b1,
+              b2=train_config.adam_b2, eps=train_config.adam_eps)
+  clip = train_config.grad_clip_norm
   return optax.chain(clip_by_global_norm(clip), adam) if clip else adam

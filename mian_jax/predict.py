@@ -3,46 +3,11 @@
   python -m mian_jax.predict --workdir=runs/mine --input=new.csv --output=scores.parquet \
       [--step=latest|best|N] [--attention] [--skip_bad_rows] [--batch_size=N]
 
-The config is the workdir's recorded one (config.json); the checkpoint is restored as
-`evaluate` restores it. Workdirs of every source with raw records are supported:
-
-  tabular      the columns `config.data.tabular` names (configs/tabular.py);
-  amazon, amazon_like
-               reviewerID, asin, unixReviewTime (Unix seconds), optional label: a row is a
-               review (label 1, or every row without a label column) or a candidate to
-               score (label 0 or empty); behaviours are the reviewer's reviews before the row
-               in (time, input order) (`amazon.encode_records`);
-  movielens    user, movie, timestamp, optional label (rating >= the run's click_threshold):
-               a row is a rating, or with an empty label a candidate; behaviours are the user's
-               strictly earlier ratings (`movielens.encode_records`).
-
-(The synthetic source has no raw records: its ids are the data. Score a prepared split with
-`python -m mian_jax.evaluate`, or ids with the export loader.)
-
-Input: CSV, Parquet or JSON lines (by extension: .parquet/.pq, .jsonl/.ndjson/.json, else CSV;
-the tabular source's csv_sep and encoding). Each file is read and checked as preparation reads
-a file of a tabular log (`tabular.read_records`), except that the label column is optional
-and an empty label means "unknown" (the row is scored; it is never a click or a review in a
-later row's behaviours). JSON values are read as their text, as CSV cells are. Values are
-encoded with the prepared data's saved vocabularies, encoders and lookups
-(`mian_jax/data/vocab.py`): an unseen or missing categorical value is the out-of-vocabulary id
-1, counted per field. Behaviours are built as preparation built them, from the earlier rows of
-the same user *in the input* (tabular: or from its list columns), so give the rows to score
-together with the history they should see.
-
-Output: Parquet or CSV (by the extension of --output), written atomically, one row per input
-row in input order (rows skipped with --skip_bad_rows are left out): the input's user id, item
-id, timestamp and, if present, label columns as read, `input_row` (the row's 0-based position
-among the input's data rows), `score` (the click probability), and with --attention one column
-`attention.<module>.<name>` per attention weight (a field or part name, or `hist<k>` for
-behaviour slot k, 0 = the newest). Beside it, `<output>.stats.json`: rows read, scored and
-skipped (with reasons and the first bad line), unseen values per field, warnings, step and
-time. An input without a label column, for a tabular run whose behaviours are the user's
-earlier clicks, is scored with empty histories (no row is a click) and warned about, once in the
-log and in the stats; give the earlier rows with their labels and leave the rows to score empty.
-
-A malformed row (docs/data.md, "Your own logs") stops the command with one line naming its
-file line, unless --skip_bad_rows, which drops such rows and counts them.
+The run is reopened by `workdir.restore_run`; sources with raw records (tabular, amazon,
+amazon_like, movielens) read and encode them (`<source>.predict_reader`, `encode_records`) as
+preparation did, behaviours from the earlier rows of the same user in the input. Writes the
+input's key columns, `input_row`, `score` (and with --attention one column per attention
+weight) and `<output>.stats.json`. docs/serving.md, "Predict", says what each source reads.
 """
 
 from __future__ import annotations
@@ -60,7 +25,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from absl import app, flags, logging
 
-from mian_jax import cli, evaluate, fileio, recorded_config, sharding, steps, writers
+from mian_jax import cli, evaluate, fileio, sharding, steps, writers
 from mian_jax import workdir as workdir_lib
 from mian_jax.data import interaction_log, pipeline, tabular
 from mian_jax.errors import ConfigError, DataError
@@ -88,32 +53,18 @@ def output_format(path: str) -> str:
   return fmt
 
 
-def load_config(workdir: str):
-  """The recorded config of a training workdir whose source has raw records.
-
-  Raises:
-    DataError: no such workdir or no recorded config; a source without raw records.
-  """
-  if not os.path.isdir(workdir):
-    raise DataError(f"--workdir={workdir} does not exist")
-  if workdir_lib.read_recorded_config(workdir) is None:
-    raise DataError(f"{workdir} has no {workdir_lib.CONFIG_FILE}: it is not a training workdir")
-  config = recorded_config.get_config(workdir)
+def source_module(config, workdir: str):
+  """The data module that reads and encodes raw records of `config.data.source`; DataError for
+  a source without raw records."""
   if config.data.source not in RAW_RECORD_SOURCES:
     raise DataError(f"predict scores raw records of the sources {sorted(RAW_RECORD_SOURCES)}; "
                     f"{workdir} was trained on data.source={config.data.source!r}, which has "
                     "none (score its prepared splits with python -m mian_jax.evaluate)")
-  return config
-
-
-def source_module(config):
-  """The data module that reads and encodes raw records of `config.data.source`."""
   return importlib.import_module(RAW_RECORD_SOURCES[config.data.source])
 
 
 class _BadRows(interaction_log.BadRows):
-  """`interaction_log.BadRows` that also keeps, per file, the earliest bad row (by file line),
-  whatever the reason it was found for first."""
+  """`interaction_log.BadRows` that also keeps each file's earliest bad row (by file line)."""
 
   def __init__(self):
     super().__init__(max_ratio=1.0)
@@ -133,11 +84,8 @@ class _BadRows(interaction_log.BadRows):
 def read_input(path: str, tabular_config, skip_bad_rows: bool,
                fmt: str | None = None) -> tuple[tabular.Records, dict[str, Any]]:
   """The records of `path` (`tabular.read_records`) and its bad rows ("bad": how many,
-  "reasons": {reason: count}, "first_bad": the earliest, e.g. "line 7 (reason) 'value'").
-
-  Raises:
-    DataError: a malformed row, the earliest named by its file line, unless `skip_bad_rows`.
-  """
+  "reasons": {reason: count}, "first_bad": e.g. "line 7 (reason) 'value'"); DataError naming
+  the earliest malformed row unless `skip_bad_rows`."""
   bad = _BadRows()
   records = tabular.read_records(path, tabular_config, bad, fmt or input_format(path))
   name = os.path.basename(path)
@@ -152,9 +100,7 @@ def read_input(path: str, tabular_config, skip_bad_rows: bool,
 
 def unlabelled_history_warning(config, records: tabular.Records, path: str) -> str | None:
   """The warning for an input without a label column whose behaviours are the user's earlier
-  clicks (tabular, behavior_source="log", behavior_rows="clicks"): no row is a click, so every
-  history is empty and the scores are those of users without a past. None otherwise (Amazon and
-  MovieLens take every unlabelled row as a review / rating)."""
+  clicks (tabular, behavior_rows="clicks"): every history is empty. None otherwise."""
   if config.data.source != "tabular":
     return None
   c = config.data.tabular
@@ -169,19 +115,14 @@ def unlabelled_history_warning(config, records: tabular.Records, path: str) -> s
 
 def score_columns(run: steps.Run, state, columns: Mapping[str, np.ndarray], num_rows: int,
                   batch_size: int, with_attention: bool = False) -> dict[str, np.ndarray]:
-  """Scores encoded columns in fixed-size batches (the last padded with row 0), one batch in
-  flight while the previous one is fetched.
-
-  Returns:
-    {"prob": [N], and with `with_attention` "attention.<module>": [N, n]} as NumPy arrays.
-  """
+  """{"prob": [N], with `with_attention` "attention.<module>": [N, n]} (NumPy) of encoded
+  columns, scored in fixed-size batches (the last padded with row 0), one in flight while the
+  previous one is fetched."""
   if batch_size % jax.device_count():
     raise ConfigError(f"--batch_size={batch_size} must be a multiple of the "
                       f"{jax.device_count()} devices")
-  eval_step = (steps.make_eval_step(run.mesh, with_attention=True,
-                                    state_sharding=sharding.shardings_of(state))
-               if with_attention
-               else run.eval_step)
+  eval_step = run.eval_step if not with_attention else steps.make_eval_step(
+      run.mesh, with_attention=True, state_sharding=sharding.shardings_of(state))
   parts: list[dict[str, np.ndarray]] = []
   start_time, last_report = time.monotonic(), time.monotonic()
 
@@ -219,7 +160,7 @@ def score_columns(run: steps.Run, state, columns: Mapping[str, np.ndarray], num_
 def attention_column_names(module: str, width: int,
                            names: Mapping[str, tuple[str, ...]]) -> list[str]:
   """`attention.<module>.<name>` for each of a module's `width` weights: its field or part
-  names (`evaluate.attention_names`), else `hist<k>` (behaviour slot k, 0 = the newest)."""
+  names, else `hist<k>` (behaviour slot k, 0 = the newest)."""
   over = names.get(module)
   if over is None or len(over) != width:
     over = tuple(f"hist{k}" for k in range(width))
@@ -228,8 +169,7 @@ def attention_column_names(module: str, width: int,
 
 def output_table(records: tabular.Records, reader, outputs: Mapping[str, np.ndarray],
                  names: Mapping[str, tuple[str, ...]]) -> pa.Table:
-  """The key columns of the kept input rows as read (`reader`: the columns read), `input_row`,
-  `score`, and one column per attention weight."""
+  """The kept input rows' key columns as read, `input_row`, `score`, and the attention."""
   keys = [reader.user_id, records.groups["item"][0][0], reader.timestamp]
   if reader.label in records.table.column_names:
     keys.append(reader.label)
@@ -264,12 +204,9 @@ def write_table_atomic(table: pa.Table, path: str) -> None:
 def predict(workdir: str, input_path: str, output_path: str, step: int | str = "latest",
             with_attention: bool = False, skip_bad_rows: bool = False,
             batch_size: int = 0) -> dict[str, Any]:
-  """Scores the raw records of `input_path` with a checkpoint of `workdir` and writes them to
-  `output_path` (and `<output_path>.stats.json`); returns the stats (module docstring).
-
-  Args:
-    batch_size: rows per scored batch; 0 = the run's eval.batch_size.
-  """
+  """Scores the raw records of `input_path` with a checkpoint of `workdir`, writes them to
+  `output_path` and `<output_path>.stats.json`; returns the stats. `batch_size` 0: the run's
+  eval.batch_size."""
   if jax.process_count() > 1:
     raise ConfigError("predict runs in one process; start it without MIAN_JAX_DISTRIBUTED")
   if batch_size < 0:
@@ -280,8 +217,8 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
   if output_path == os.path.abspath(input_path):
     raise ConfigError("--output must not be the --input file")
   started = time.monotonic()
-  config = load_config(workdir)
-  source = source_module(config)
+  config = workdir_lib.recorded_config(workdir)
+  source = source_module(config, workdir)
   reader = source.predict_reader(config.data)
   records, bad = read_input(input_path, reader, skip_bad_rows)  # a bad row stops before the model
   warnings = [w for w in (unlabelled_history_warning(config, records, input_path),) if w]
@@ -289,7 +226,7 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
     logging.warning("%s", warning)
   logging.info("Read %d rows of %s (%d malformed rows skipped)", len(records.log) + bad["bad"],
                input_path, bad["bad"])
-  run, state, _ = evaluate.restore_checkpoint(config, workdir, step)
+  run, state, _ = workdir_lib.restore_run(workdir, step, config)
   columns, unseen = source.encode_records(records, run.data_dir, config.data)
   num_rows = len(records.log)
   logging.info("Scoring %d rows of %s with step %d of %s", num_rows, input_path,
@@ -338,7 +275,7 @@ def main(argv):
   cli.init_process(argv)
   flag = flags.FLAGS
   stats = cli.run_or_exit(lambda: predict(
-      flag.workdir, flag.input, flag.output, evaluate.parse_step(flag.step), flag.attention,
+      flag.workdir, flag.input, flag.output, workdir_lib.parse_step(flag.step), flag.attention,
       flag.skip_bad_rows, flag.batch_size))
   unseen = sum(stats["unseen"].values())
   print(f"scored {stats['rows_scored']} rows with step {stats['step']} to {stats['output']} "

@@ -3,10 +3,8 @@
   python -m mian_jax.prepare --config=configs/movielens.py \
       [--config.data.prepared_dir=/data/prepared/ml100k]
 
-The prepared directory (config.data.prepared_dir, default a cache directory keyed by the data
-settings and, for sources that read raw files, by the SHA-256 of those files) holds schema.json,
-the splits, stats.json and raw_files.json (the raw files and their SHA-256). An already prepared
-directory is not rebuilt: its checksum is recomputed and must match the one in stats.json.
+An already prepared directory (docs/data.md) is not rebuilt: its checksum is recomputed and
+must match the one in stats.json.
 """
 
 from __future__ import annotations

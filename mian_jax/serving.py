@@ -1,31 +1,16 @@
 """Scores with an exported model (`python -m mian_jax.export`), needing only jax and numpy.
 
-  from mian_jax.serving import Scorer
   scorer = Scorer.load("exports/synthetic")
-  out = scorer.score({"item.item_id": ids, "hist.item_id": hist, "hist_len": lengths, ...})
-  out["prob"]              # [B] click probabilities
-  out["attention.<name>"]  # [B, n] weights of each attention module (signature.json says over what)
+  batch, unseen = scorer.encode({"item.item_id": ["i1", "i7"], "hist.item_id": [["i3"], []], ...})
+  out = scorer.score(batch)  # {"prob": [B], "attention.<module>": [B, n]}
 
-This module imports jax (for `jax.export`), numpy and the standard library only: no Flax, no
-model code, no config library, so a serving process carries none of them. `score` takes
-encoded inputs, as in a prepared split: ids, not raw values (`signature.json` lists each
-input's name, dtype, per-example shape and valid id range). `encode` turns raw values into
-them with the export's `vocab/` (exports of the tabular source, or any whose fields are plain
-maps, hashed values and standardised numbers):
-
-  batch, unseen = scorer.encode({"item.item_id": ["i1", "i7"], "item.price": [3.5, 1.0],
-                                 "hist.item_id": [["i3", "i1"], []], ...})
-  scorer.score(batch)["prob"]
-
-A batch of any size is scored: it is padded (with copies of its first row) to the next power
-of two, so that a process compiles the exported function once per power of two it meets, not
-once per batch size. Rows never affect each other (no model mixes the rows of a batch when
-scoring), so padding changes no score.
+No Flax, no model code, no config library: a serving process carries none of them. `score`
+takes encoded inputs (signature.json); `encode` makes them from raw values with the export's
+vocab/ (`mian_jax.encoding`). docs/serving.md says what each accepts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -34,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mian_jax import encoding
+from mian_jax.encoding import ENCODERS_FILE
 from mian_jax.fileio import sha256_file
 
 FORMAT_VERSION = 1  # of the export directory (mian_jax/export.py)
@@ -42,13 +29,7 @@ PARAMS_FILE = "params.npz"
 SIGNATURE_FILE = "signature.json"
 MANIFEST_FILE = "manifest.json"
 VOCAB_DIR = "vocab"
-ENCODERS_FILE = "encoders.json"  # in VOCAB_DIR (mian_jax/data/vocab.py)
-OOV_ID = 1  # the id of an unseen or missing value (mian_jax/data/schema.py)
-HASH_FUNCTION = "blake2b-8-le mod buckets"  # of an encoder of kind "hash" (`_stable_hash`)
-_HASH_DIGEST_BYTES = 8  # a uint64
 _INT32 = np.iinfo(np.int32)
-_SECONDS_PER_DAY = 86400
-LOOKUP_PREFIX = "lookup."  # vocab/lookup.<key field>.json (mian_jax/data/vocab.py)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -62,9 +43,17 @@ def _read_json(path: str) -> dict[str, Any]:
     raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
 
 
+def _read_versioned(path: str) -> dict[str, Any]:
+  content = _read_json(path)
+  if content.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path} has format_version {content.get('format_version')!r}; this "
+                     f"loader reads {FORMAT_VERSION}: export the checkpoint again")
+  return content
+
+
 def export_files(export_dir: str) -> list[str]:
-  """Every file of an export directory but manifest.json, as sorted relative paths with "/"
-  ("model.jaxexport", "vocab/item.item_id.json", ...): what the manifest's checksums cover."""
+  """Every file of an export directory but manifest.json (what its checksums cover), as sorted
+  relative paths with "/" ("model.jaxexport", "vocab/item.item_id.json", ...)."""
   found = []
   for root, dirs, files in os.walk(export_dir):
     dirs.sort()
@@ -101,96 +90,8 @@ def _backend_platforms() -> tuple[str, ...]:
   return ("cuda", "rocm") if backend == "gpu" else (backend,)
 
 
-def _tokens(values) -> list[str | None]:
-  """Raw values as the strings vocabularies hold (str(value)); None and NaN as None."""
-  return [None if v is None or (isinstance(v, (float, np.floating)) and v != v) else str(v)
-          for v in values]
-
-
-def _stable_hash(token: str) -> int:
-  """A copy of `mian_jax.data.vocab.stable_hash` (this module imports nothing from
-  mian_jax.data; tests/test_export.py checks that the two agree): the 8-byte BLAKE2b digest of
-  the token's UTF-8 bytes (lone surrogates passed through), read little-endian."""
-  digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"),
-                           digest_size=_HASH_DIGEST_BYTES).digest()
-  return int.from_bytes(digest, "little")
-
-
-def _hash_ids(tokens: list[str | None], buckets: int, first_id: int) -> np.ndarray:
-  """Tokens [N] -> int32 ids [N]: first_id + _stable_hash(token) mod buckets; OOV_ID if None."""
-  ids = {t: first_id + _stable_hash(t) % buckets for t in set(tokens) if t is not None}
-  return np.fromiter((OOV_ID if t is None else ids[t] for t in tokens), np.int32,
-                     count=len(tokens))
-
-
-def _missing(value: Any) -> bool:
-  try:
-    return value is None or bool(value != value)  # NaN
-  except (TypeError, ValueError):
-    return True
-
-
-def _calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
-  s = np.floor(seconds).astype(np.int64)
-  days = np.floor_divide(s, _SECONDS_PER_DAY)
-  if unit == "year":
-    return days.astype("datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
-  if unit == "month":
-    return days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12 + 1
-  if unit == "weekday":
-    return (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
-  if unit == "hour":
-    return np.floor_divide(s, 3600) % 24
-  raise ValueError(f"calendar unit {unit!r} is not one of year, month, weekday, hour")
-
-
-def _apply_encoder(encoder: Mapping[str, Any], raw) -> np.ndarray:
-  """A copy of `mian_jax.data.vocab.apply_encoder` (tests/test_export.py checks that the two
-  agree): raw quantities [N] -> tokens (object [N], None = missing) to look up in the field's
-  map, or int32 ids (id-valued buckets, hash), or float32 values (standardise)."""
-  kind = encoder["kind"]
-  if kind == "hash":
-    if encoder.get("function") != HASH_FUNCTION:
-      raise ValueError(f"a field is hashed with {encoder.get('function')!r}; this loader "
-                       f"computes {HASH_FUNCTION!r}")
-    return _hash_ids(_tokens(raw), int(encoder["buckets"]), int(encoder["first_id"]))
-  if kind == "prefix":
-    return np.asarray([None if t is None else t.strip()[:encoder["length"]]
-                       for t in _tokens(raw)], dtype=object)
-  if kind == "rule":
-    return np.asarray(_tokens(raw), dtype=object)
-  try:
-    x = np.asarray([np.nan if _missing(v) else float(v) for v in raw], np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f"a value of a field computed with a {kind!r} encoder ({encoder['of']}) "
-                     "is not a number") from None
-  missing = np.isnan(x)
-  if kind == "buckets":
-    bucket = np.searchsorted(np.asarray(encoder["edges"], np.float64), np.nan_to_num(x),
-                             side="right")
-    if "names" in encoder:
-      names = np.asarray(encoder["names"], dtype=object)[bucket]
-      return np.where(missing, encoder.get("missing"), names)
-    bucket = np.where(missing, encoder.get("missing_bucket", -1), bucket)
-    if (bucket < 0).any():
-      raise ValueError(f"a value of {encoder['of']} is missing, and its buckets have none")
-    return (bucket + encoder["first_id"]).astype(np.int32)
-  if kind == "calendar":
-    values = _calendar(encoder["unit"], np.nan_to_num(x))
-    return np.where(missing, None, values.astype(str).astype(object))
-  if kind == "year_span":
-    width = int(encoder["width"])
-    start = (np.floor(np.nan_to_num(x) / width) * width).astype(np.int64)
-    spans = np.char.add(np.char.add(start.astype(str), "-"), (start + width - 1).astype(str))
-    return np.where(missing, encoder["missing"], spans.astype(object))
-  if kind == "standardise":
-    return ((x - encoder["mean"]) / encoder["std"]).astype(np.float32)
-  raise ValueError(f"unknown encoder kind {kind!r}")
-
-
 def _check_sequence(value: Any, what: str, holding: str) -> None:
-  """Raises ValueError unless `value` is a sequence (list, tuple, array): a string is one too,
-  and encoding it would read "i1" as the two values "i" and "1"."""
+  """ValueError unless `value` is a sequence other than a string (read "i1" as "i" and "1")."""
   if isinstance(value, (str, bytes)):
     raise ValueError(f"{what} is a string ({value[:40]!r}); give a list of {holding}, e.g. "
                      f"[{value[:40]!r}]")
@@ -204,14 +105,8 @@ def bucket_size(num_rows: int) -> int:
 
 
 class Scorer:
-  """An exported model, ready to score encoded batches on this process's default device.
-
-  Attributes:
-    export_dir: the directory it was loaded from.
-    signature: signature.json (inputs, ignored inputs, outputs).
-    manifest: manifest.json (model, step, data checksum, platforms, versions).
-    vocab_dir: the export's vocabularies (`<export_dir>/vocab`), or None if it has none.
-  """
+  """An exported model, ready to score encoded batches on this process's default device; its
+  `signature` and `manifest` are those files' content, `vocab_dir` its vocab/ (or None)."""
 
   def __init__(self, export_dir: str, exported, params: Mapping[str, Any],
                signature: Mapping[str, Any], manifest: Mapping[str, Any]):
@@ -225,30 +120,18 @@ class Scorer:
     self._ignored = frozenset(self.signature.get("ignored_inputs", ()))
     self._outputs = [x["name"] for x in self.signature["outputs"]]
     self._call = jax.jit(exported.call)
-    self._vocabularies: dict[str, dict[str, int]] = {}  # read on first use (`encode`)
+    self._vocabularies: dict[str, encoding.Vocabulary | None] = {}  # read on first use
     self._encoder_table: dict[str, Any] | None = None
-    self._lookup_table: dict[str, dict[str, Any]] | None = None
+    self._lookup_table: dict[str, encoding.Lookup] | None = None
 
   @classmethod
   def load(cls, export_dir: str, device: jax.Device | None = None) -> Scorer:
-    """Reads an export directory, checks every file (vocab/ included) against the manifest's
-    checksums and puts the parameters on `device` (default: the first device).
-
-    Raises:
-      ValueError: not an export directory, a changed, missing or added file, an unsupported
-        format, or an export that was not lowered for this process's platform.
-    """
-    manifest = _read_json(os.path.join(export_dir, MANIFEST_FILE))
-    if manifest.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{os.path.join(export_dir, MANIFEST_FILE)} has format_version "
-                       f"{manifest.get('format_version')!r}; this loader reads "
-                       f"{FORMAT_VERSION}: export the checkpoint again")
+    """Reads an export directory, checks every file against the manifest's checksums and puts
+    the parameters on `device` (default: the first). ValueError (one line) for a directory that
+    is not an export, a changed, missing or added file, another format or platform."""
+    manifest = _read_versioned(os.path.join(export_dir, MANIFEST_FILE))
     check_files(export_dir, manifest)
-    signature = _read_json(os.path.join(export_dir, SIGNATURE_FILE))
-    if signature.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{os.path.join(export_dir, SIGNATURE_FILE)} has format_version "
-                       f"{signature.get('format_version')!r}; this loader reads "
-                       f"{FORMAT_VERSION}: export the checkpoint again")
+    signature = _read_versioned(os.path.join(export_dir, SIGNATURE_FILE))
     running = _backend_platforms()
     exported_for = tuple(manifest.get("platforms", ()))
     if not set(running) & set(exported_for):
@@ -263,35 +146,12 @@ class Scorer:
     return cls(export_dir, exported, params, signature, manifest)
 
   def encode(self, records: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Raw values -> the encoded batch `score` takes, with the export's vocab/.
+    """Raw values -> (the encoded batch `score` takes, {field: number of unseen or missing
+    values}), with the export's vocab/ (docs/serving.md, "Encode raw values").
 
-    Args:
-      records: for every input `<group>.<name>` but the behaviours, [B] raw values (a field
-        <group>.<name> of the tabular source is its input column <name>); for every
-        behaviour field `hist.<name>`, B lists of raw values, oldest first: the user's
-        behaviours before this request, which the server keeps (with
-        behavior_rows="clicks", the items the user clicked). A field that a lookup of vocab/
-        gives from another field's raw value (an asin's category, a movie's genre, a user's
-        profile; `derived_fields`) may be left out and is then looked up, in behaviours too.
-        A field computed by an encoder takes the raw quantity its encoder names
-        (vocab/encoders.json "of": e.g. Unix seconds for a calendar field, a number of days
-        for a bucketed gap). `label`, `weight`, `group_id` may be present and are ignored.
-
-    A categorical value is looked up as str(value), as preparation read the cell's text; an
-    unseen or missing (None, NaN) one is the out-of-vocabulary id 1 and counted. A hashed
-    field (encoder kind "hash") has no unseen values: str(value) is hashed as preparation
-    hashed it; only a missing value is id 1 and counted. A numeric value is standardised with
-    the training mean and std (encoders.json). Of each behaviour list the last T are kept,
-    stored newest first; `hist_len` is their number.
-
-    Returns:
-      (the batch, {field: number of unseen or missing values}).
-
-    Raises:
-      ValueError (one line, naming the field): the export has no vocab/, a missing or
-        unknown field, a string where a list is expected (a field's values, a row's
-        behaviours), fields of different lengths, behaviour lists of unequal length, a
-        numeric value that is missing or not a number.
+    `records` holds B raw values per input `<group>.<name>` and B lists (oldest first) per
+    behaviour field `hist.<name>`; a field a lookup gives (`derived_fields`) may be left out.
+    Raises ValueError (one line, naming the field) for what it cannot encode.
     """
     if self.vocab_dir is None:
       raise ValueError(f"{self.export_dir} has no {VOCAB_DIR}/ (its data were prepared before "
@@ -352,7 +212,7 @@ class Scorer:
     "hist.category": ("hist.item_id", "item.category")}."""
     out = {}
     for key, lookup in self._lookups().items():
-      for field in lookup["fields"]:
+      for field in lookup.fields:
         group, name = field.split(".", 1)
         out[field] = (key, field)
         if group == "item" and key.startswith("item."):
@@ -362,41 +222,29 @@ class Scorer:
 
   def _looked_up(self, records: Mapping[str, Any], name: str,
                  derived: Mapping[str, tuple[str, str]]) -> list[Any]:
-    """The raw values of `name` looked up by the raw values of its key input (None where the
-    key is unknown to the lookup)."""
+    """The raw values of `name` looked up by the raw values of its key input."""
     key, field = derived[name]
-    lookup = self._lookups()[key if key in self._lookups() else f"item.{key[len('hist.'):]}"]
-    values, rows = lookup["fields"][field], lookup["rows"]
-    return [None if t is None or t not in rows else values[rows[t]]
-            for t in _tokens(records[key])]
+    lookups = self._lookups()
+    lookup = lookups[key if key in lookups else f"item.{key[len('hist.'):]}"]
+    return lookup.get(field, records[key])
 
-  def _lookups(self) -> dict[str, dict[str, Any]]:
-    """key field -> {"rows": {str(key): row}, "fields": {field: values}} of vocab/lookup.*,
-    read once."""
+  def _lookups(self) -> dict[str, encoding.Lookup]:
+    """key field -> its vocab/lookup.*, read once."""
     if self._lookup_table is None:
-      self._lookup_table = {}
-      for file in sorted(os.listdir(self.vocab_dir)):
-        if file.startswith(LOOKUP_PREFIX):
-          content = _read_json(os.path.join(self.vocab_dir, file))
-          self._lookup_table[content["key"]] = {
-              "rows": {k: i for i, k in enumerate(content["keys"])},
-              "fields": content["fields"]}
+      contents = [_read_json(os.path.join(self.vocab_dir, file))
+                  for file in sorted(os.listdir(self.vocab_dir))
+                  if file.startswith(encoding.LOOKUP_PREFIX)]
+      self._lookup_table = {c["key"]: encoding.Lookup(c["key"], tuple(c["keys"]), c["fields"])
+                            for c in contents}
     return self._lookup_table
 
   def _ids(self, name: str, field: str, raw) -> tuple[np.ndarray, int]:
-    """Raw values of `field` -> int32 ids: its encoder applied (if any), then its map, with
-    OOV_ID for an unseen (not hashed) or missing value; and how many were OOV_ID."""
-    encoder = self._encoders().get(field)
+    """Raw values of `field` -> (int32 ids, how many are OOV_ID) (`encoding.encode_field`)."""
     try:
-      values = (np.asarray(_tokens(raw), dtype=object) if encoder is None
-                else _apply_encoder(encoder, raw))
+      return encoding.encode_field(field, self._vocabulary(field), self._encoders().get(field),
+                                   raw)
     except ValueError as e:
       raise ValueError(f"field {name!r}: {e}") from None
-    if values.dtype == object:
-      ids = self._vocabulary(field)
-      values = np.fromiter((OOV_ID if t is None else ids.get(t, OOV_ID) for t in values),
-                           np.int32, count=len(values))
-    return values, int(np.count_nonzero(values == OOV_ID))
 
   def _standardise(self, name: str, values) -> np.ndarray:
     encoder = self._encoders().get(name)
@@ -418,12 +266,13 @@ class Scorer:
       self._encoder_table = _read_json(os.path.join(self.vocab_dir, ENCODERS_FILE))["fields"]
     return self._encoder_table
 
-  def _vocabulary(self, field: str) -> dict[str, int]:
-    """str(raw value) -> id of a field (vocab/<field>.json), read once."""
+  def _vocabulary(self, field: str) -> encoding.Vocabulary | None:
+    """vocab/<field>.json, read once; None for a field without one (hashed, computed)."""
     if field not in self._vocabularies:
-      content = _read_json(os.path.join(self.vocab_dir, f"{field}.json"))
-      first = int(content["first_id"])
-      self._vocabularies[field] = {v: first + k for k, v in enumerate(content["values"])}
+      path = os.path.join(self.vocab_dir, f"{field}.json")
+      content = _read_json(path) if os.path.isfile(path) else None
+      self._vocabularies[field] = content and encoding.Vocabulary(
+          field, tuple(content["values"]), int(content["first_id"]))
     return self._vocabularies[field]
 
   @property
@@ -435,18 +284,12 @@ class Scorer:
     return tuple(self._outputs)
 
   def check_inputs(self, batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-    """Checks an encoded batch against signature.json and casts it to the exported dtypes.
+    """An encoded batch, checked against signature.json and cast to its dtypes, and B.
 
-    `batch` maps input names to arrays ({"item.item_id": [B], "hist.item_id": [B, T], ...}),
-    or is a nested batch of `mian_jax.data.pipeline.gather_batch` ({"item": {"item_id": ...}});
-    the signature's ignored inputs (label, weight, ...) may be present.
-
-    Returns:
-      ({input name: array}, B).
-
-    Raises:
-      ValueError (one line, naming the field): a missing or unknown input, a wrong dtype or
-        per-example shape, inputs of different lengths, an id outside its range.
+    `batch`: {"item.item_id": [B], "hist.item_id": [B, T], ...}, or nested as
+    `pipeline.gather_batch` makes it; ignored inputs (label, weight, ...) may be present.
+    Raises ValueError (one line, naming the field) for a missing or unknown input, a wrong dtype
+    or shape, inputs of different lengths, an id outside its range.
     """
     flat: dict[str, Any] = {}
     for key, value in batch.items():
@@ -498,12 +341,9 @@ class Scorer:
     return array
 
   def score(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Scores an encoded batch of any size (`check_inputs` says what it may hold).
-
-    Returns:
-      {"prob": [B] float32, "attention.<module>": [B, n] float32, ...} as NumPy arrays, in the
-      order of the signature's outputs.
-    """
+    """{"prob": [B], "attention.<module>": [B, n], ...} (float32 NumPy) of an encoded batch
+    of any size (`check_inputs`), padded to a power of two so that a process compiles once per
+    power of two it meets; no model mixes rows, so padding changes no score."""
     inputs, num_rows = self.check_inputs(batch)
     if num_rows == 0:
       return {x["name"]: np.zeros((0, *x["shape"]), x["dtype"])

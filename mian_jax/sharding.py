@@ -1,25 +1,14 @@
-"""Where arrays live: the device mesh, the parameters on it, and batches placed on it.
-
-One `jax.jit` over a 2-D device mesh with axes ("data", "model") (docs/training.md): the global
-batch is sharded along "data" (each data shard holds batch_size / mesh.shape["data"] rows, the
-same rows on every device of its "model" group). Parameters and optimizer state are replicated,
-except the embedding tables of the fields `config.sharding` names, which are row-sharded along
-"model" (each device holds 1 / mesh.shape["model"] of their rows, and of their Adam moments).
-XLA inserts the collectives: the all-reduce of the gradients over "data", and for a row-sharded
-table a local gather of the rows a device holds followed by an all-reduce of the looked-up
-vectors over "model" (tests/test_sharded_tables.py reads them in the compiled step). With
-sharding.model = 1 this is plain data parallelism.
-
-In a multi-process run every process builds its part of the global batch from its own shard of
-the data (`jax.make_array_from_process_local_data`) and gathers results with `to_host`; a
-"model" group never spans two processes (`create_mesh`).
-"""
+"""Where arrays live: the ("data", "model") device mesh, the train state on it, and batches
+placed on it (docs/training.md). The global batch is sharded along "data"; the state is
+replicated but for the embedding tables `config.sharding` names, row-sharded along "model"."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +20,9 @@ from mian_jax.data import pipeline
 from mian_jax.errors import ConfigError
 
 
-MESH_AXES = ("data", "model")
-
-
 def create_mesh(devices=None, model: int = 1) -> jax.sharding.Mesh:
-  """A 2-D mesh ("data", "model") over `devices` (default: every device of every process):
-  groups of `model` consecutive devices form the "model" axis, the groups the "data" axis.
-
-  Raises:
-    ConfigError: `model` does not divide the number of devices, or (several processes) the
-      devices of one process, so that a "model" group would span two processes.
-  """
+  """A ("data", "model") mesh over `devices` (default: all): groups of `model` consecutive
+  devices along "model". ConfigError unless `model` divides each process's devices."""
   devices = list(jax.devices() if devices is None else devices)
   if model < 1 or len(devices) % model:
     raise ConfigError(f"sharding.model={model} must be a positive divisor of the "
@@ -50,18 +31,14 @@ def create_mesh(devices=None, model: int = 1) -> jax.sharding.Mesh:
   if any(count % model for count in per_process.values()):
     raise ConfigError(f"sharding.model={model} must divide each process's devices "
                       f"({dict(per_process)}): a model group may not span processes")
-  return jax.sharding.Mesh(np.asarray(devices).reshape(len(devices) // model, model), MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(len(devices) // model, model),
+                           ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def row_sharded_fields(features, sharding_config) -> frozenset[str]:
-  """Names of the categorical fields whose embedding tables are row-sharded over "model":
-  those with at least `row_shard_min_rows` ids (when > 0) and those in `row_shard_fields`.
-
-  Raises:
-    ConfigError: `row_shard_fields` names a field the data does not have, or is not
-      categorical.
-  """
+  """The categorical fields whose tables are row-sharded: those with at least
+  `row_shard_min_rows` ids (when > 0) and those `row_shard_fields` names (ConfigError unless
+  categorical fields of the data)."""
   fields = {f.name: f for group in (features.item_fields, features.user_fields,
                                     features.context_fields) for f in group}
   named = {x.strip() for x in sharding_config.row_shard_fields.split(",") if x.strip()}
@@ -77,25 +54,22 @@ def row_sharded_fields(features, sharding_config) -> frozenset[str]:
 
 
 def pad_rows(features, fields: frozenset[str], row_multiple: int):
-  """`features` with the vocab_size of `fields` rounded up to a multiple of `row_multiple`, so
-  that their tables split evenly over any "model" axis size that divides it."""
+  """`features` with the vocab sizes of `fields` rounded up to a multiple of `row_multiple`."""
   if row_multiple < 1:
     raise ConfigError(f"sharding.row_multiple={row_multiple} must be at least 1")
 
-  def pad(group):
-    return tuple(dataclasses.replace(f, vocab_size=-(-f.vocab_size // row_multiple) * row_multiple)
-                 if f.name in fields else f for f in group)
+  def pad(f):
+    size = -(-f.vocab_size // row_multiple) * row_multiple
+    return dataclasses.replace(f, vocab_size=size) if f.name in fields else f
 
-  return dataclasses.replace(features, item_fields=pad(features.item_fields),
-                             user_fields=pad(features.user_fields),
-                             context_fields=pad(features.context_fields))
+  groups = ("item_fields", "user_fields", "context_fields")
+  return dataclasses.replace(features, **{g: tuple(map(pad, getattr(features, g))) for g in groups})
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, tables):
-  """A NamedSharding for every leaf of `state` (a TrainState, or its `jax.eval_shape`):
-  P("model", None) for a leaf that is, or mirrors (an optimiser moment), one of `tables`
-  (flattened parameter paths, e.g. ("embedding", "item_embedding", "embed_item_id",
-  "embedding")), P() for the rest."""
+  """A NamedSharding for every leaf of `state` (or its `jax.eval_shape`): P("model", None) for
+  a leaf that is, or mirrors (an optimiser moment), one of `tables` (flattened parameter
+  paths), P() for the rest."""
   tables = [tuple(t) for t in tables]
   rows, replicated = NamedSharding(mesh, P("model", None)), NamedSharding(mesh, P())
 
@@ -113,37 +87,25 @@ def shardings_of(tree):
 
 
 def to_global(batch, mesh):
-  """Assembles this process's part of a batch into global arrays sharded along "data".
-
-  With one process the batch is the global batch, and one `jax.device_put` of the whole tree
-  costs about half of a `make_array_from_process_local_data` per leaf (CPU, batch 128:
-  ~340 µs against ~610 µs; docs/performance.md).
-  """
+  """This process's part of a batch as global arrays sharded along "data" (one process: one
+  `device_put` of the tree, about half the cost; docs/performance.md)."""
   sharding = NamedSharding(mesh, P("data"))
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-@jax.tree_util.register_pytree_node_class
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed"],
+                   meta_fields=["layout", "treedef"])
+@dataclasses.dataclass(frozen=True)
 class PackedBatch:
-  """A batch whose leaves travel as one [B, K] int32 array (`pack_to_global`).
+  """A batch whose 4-byte leaves [B, ...] travel as one [B, K] int32 array: one host-to-device
+  copy, not one per leaf (docs/performance.md). `layout` (static) holds each leaf's trailing
+  shape and dtype; `unpack()` restores the batch inside a jitted step."""
 
-  Every leaf [B, ...] of 4-byte values is viewed as int32 columns; `layout` (static) records each
-  leaf's trailing shape and dtype. `unpack()` restores the nested batch inside a jitted step, so
-  the split costs no extra dispatch. One host-to-device copy instead of one per leaf: on CPU a
-  batch of 128 goes to the device in ~60 µs instead of ~340 µs (docs/performance.md).
-  """
-
-  def __init__(self, packed, layout, treedef):
-    self.packed, self.layout, self.treedef = packed, layout, treedef
-
-  def tree_flatten(self):
-    return (self.packed,), (self.layout, self.treedef)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return cls(children[0], *aux)
+  packed: jax.Array
+  layout: tuple[tuple[tuple[int, ...], str], ...]
+  treedef: Any
 
   def unpack(self):
     leaves, start = [], 0
@@ -157,8 +119,8 @@ class PackedBatch:
 
 
 def pack_to_global(batch, mesh):
-  """This process's part of a batch as a global `PackedBatch` sharded along "data" (or, if a
-  leaf is not 4 bytes wide, as `to_global` returns it)."""
+  """This process's part of a batch as a global `PackedBatch` sharded along "data" (as
+  `to_global` returns it if a leaf is not 4 bytes wide)."""
   leaves, treedef = jax.tree.flatten(batch)
   if not leaves or not all(x.dtype.itemsize == 4 and x.ndim >= 1 for x in leaves):
     return to_global(batch, mesh)
@@ -167,10 +129,7 @@ def pack_to_global(batch, mesh):
                            for x in leaves], axis=1)
   # dtype.str, not dtype.name: numpy builds .name anew on every access (~2 µs a leaf).
   layout = tuple((tuple(x.shape[1:]), x.dtype.str) for x in leaves)
-  sharding = NamedSharding(mesh, P("data"))
-  if jax.process_count() == 1:
-    return PackedBatch(jax.device_put(packed, sharding), layout, treedef)
-  return PackedBatch(jax.make_array_from_process_local_data(sharding, packed), layout, treedef)
+  return PackedBatch(to_global(packed, mesh), layout, treedef)
 
 
 def local_part(batch):

@@ -1,23 +1,11 @@
-"""Row-sparse embedding gradients: the gradient of each embedding table as the rows a batch
-looked up (`optim.IndexedRows`), never as a dense [V, D] array.
+"""Row-sparse embedding gradients: each table's gradient as the rows a batch looked up
+(`optim.IndexedRows`), never a dense [V, D] array (docs/performance.md, "Lazy Adam").
 
-For each categorical field the train step
-1. collects the N ids the global batch looks up in it (candidate field, and the behaviour
-   sequence for an item field) and numbers the distinct ones in order of first occurrence,
-   without sorting; a field with vocabulary V gets min(N, V) slots, the unused ones marked with
-   the out-of-range id V (`localize_ids`);
-2. gathers those rows of every table the field indexes into small "row tables", and
-   replaces each id in the batch by the slot of its first occurrence;
-3. runs the model with the row tables in the "sparse_rows" collection, which
-   `layers.GroupEmbedding` looks ids up in instead of its full tables, and differentiates with
-   respect to the row tables, not the full ones.
-The forward pass is unchanged (same rows, same order of operations on them), and the gradient
-of a row table is exactly the dense gradient's rows at the distinct ids
-(tests/test_optim.py, test_row_sparse_gradients_are_the_dense_gradients_rows).
-
-Which ids index which table follows the layout of `layers.InputEmbedding`: a table at
-`.../<group>_embedding/embed_<field>/embedding` is indexed by `batch[<group>][<field>]` and, for
-an item field that is also a behaviour field, by `batch["hist"][<field>]`.
+Per field, the batch's ids are deduplicated (`localize_ids`), those rows gathered into small
+"row tables" that the model reads from the "sparse_rows" collection, and the loss differentiated
+with respect to them: the forward pass is unchanged and each row table's gradient is exactly the
+dense gradient's rows. A table `.../<group>_embedding/embed_<field>/embedding` is indexed by
+`batch[<group>][<field>]` and, for an item field, by `batch["hist"][<field>]`.
 """
 
 from __future__ import annotations
@@ -44,12 +32,10 @@ class Table(NamedTuple):
 
 def find_tables(params) -> list[Table]:
   """Every embedding table of `params` that `InputEmbedding` looks batch ids up in."""
-  tables = []
-  for path in traverse_util.flatten_dict(params):
-    if (len(path) >= 3 and path[-1] == "embedding" and path[-2].startswith("embed_")
-        and path[-3] in tuple(f"{g}_embedding" for g in _GROUPS)):
-      tables.append(Table(path, path[-3][:-len("_embedding")], path[-2][len("embed_"):]))
-  return tables
+  return [Table(path, path[-3][:-len("_embedding")], path[-2][len("embed_"):])
+          for path in traverse_util.flatten_dict(params)
+          if len(path) >= 3 and path[-1] == "embedding" and path[-2].startswith("embed_")
+          and path[-3] in tuple(f"{g}_embedding" for g in _GROUPS)]
 
 
 def _id_arrays(batch, group: str, field: str) -> list[tuple[str, str]]:
@@ -60,12 +46,8 @@ def _id_arrays(batch, group: str, field: str) -> list[tuple[str, str]]:
 
 
 def first_occurrence(ids: jax.Array, vocab_size: int) -> jax.Array:
-  """For each position n of `ids` [N], the first position m with ids[m] == ids[n]; [N] int32.
-
-  Uses a [vocab_size] scatter-min instead of a sort: on CPU, XLA's sort of the B·(T+1) ids of a
-  batch cost more than the rest of DIN's step at batch 1024 (docs/performance.md). The
-  scatter-min is deterministic on every backend.
-  """
+  """[N] int32: for each position n of `ids` [N], the first m with ids[m] == ids[n]. A
+  [vocab_size] scatter-min, not a sort, which cost more than DIN's step on CPU."""
   n = ids.shape[0]
   positions = jnp.arange(n, dtype=jnp.int32)
   first = jnp.full((vocab_size,), n, jnp.int32).at[ids].min(positions, mode="drop")
@@ -73,17 +55,11 @@ def first_occurrence(ids: jax.Array, vocab_size: int) -> jax.Array:
 
 
 def localize_ids(batch, fields: dict[tuple[str, str], int]):
-  """The ids each field looks up, deduplicated, and the batch with ids replaced by slots.
+  """The distinct ids of each of `fields` ({(group, field): V}), numbered in order of first
+  occurrence among its N ids.
 
-  Every id array of a field is flattened into one list of N ids. The distinct ids get slots
-  0, 1, ... in order of first occurrence; the row table has min(N, V) slots (static), and the
-  slots past the number of distinct ids are unused.
-
-  Args:
-    batch: a model batch (see `pipeline.gather_batch`).
-    fields: {(group, field): vocabulary size V} of the fields to localise.
   Returns:
-    (batch with each id replaced by the slot of its first occurrence,
+    (the batch with each id replaced by its slot,
      {(group, field): the id of each slot [min(N, V)] int32, V at unused slots}).
   """
   new = {k: (dict(v) if isinstance(v, dict) else v) for k, v in batch.items()}

@@ -1,10 +1,5 @@
-"""The model, its train state and its jitted steps for a config: `setup`, and what it builds.
-
-`setup(config)` is the one place a command (training, evaluation, a benchmark, a test) turns a
-config into data, a model, a fresh replicated train state and the jitted train and eval steps.
-The loss is eq. (18) plus the L2 term of §4.3 (docs/model.md, "L2"); the optimiser is Adam
-(`mian_jax/optim.py`).
-"""
+"""`setup(config)`: the one place a config becomes data, a model, a fresh train state and the
+jitted train and eval steps. The loss is eq. (18) plus the L2 term of §4.3 (docs/model.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +18,6 @@ from flax.training import train_state as train_state_lib
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from mian_jax import config_defaults
 from mian_jax import data as data_lib
 from mian_jax import models
 from mian_jax import optim
@@ -39,11 +33,9 @@ L2_SCOPES = ("batch_embeddings", "all_weights", "none")  # config.train.l2_scope
 
 
 def l2_penalty(params, embedding_sq_norm: jax.Array, weights: jax.Array, scope: str):
-  """The L2 term of §4.3, coefficient applied by the caller (docs/model.md, "L2").
-
-  "batch_embeddings": mean over examples of the squared norm of the embeddings each looked up.
-  "all_weights":      sum of squares of every parameter except biases and LayerNorm scales.
-  """
+  """The L2 term of §4.3 without its coefficient (docs/model.md, "L2"): "batch_embeddings", the
+  mean squared norm of the embeddings each example looked up; "all_weights", the sum of squares
+  of every parameter but biases and LayerNorm scales."""
   if scope == "batch_embeddings":
     return jnp.sum(embedding_sq_norm * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   if scope == "all_weights":
@@ -60,12 +52,8 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> ja
 
 def loss_and_grads(state: TrainState, batch, dropout_rng: jax.Array, *, l2_weight: float,
                    l2_scope: str, sparse_embeddings: bool = False):
-  """The training loss of eq. (18) plus L2 (and a model's own aux loss), and its gradient.
-
-  With `sparse_embeddings` the gradient of each embedding table is `optim.IndexedRows` (the rows
-  the batch looked up, `mian_jax/sparse.py`); loss and every other gradient are unchanged.
-  Returns ((loss, bce, l2), grads with the structure of state.params).
-  """
+  """The loss of eq. (18) plus L2 (and a model's aux loss). Returns ((loss, bce, l2), grads),
+  each embedding table's gradient as `optim.IndexedRows` with `sparse_embeddings`."""
 
   def loss_fn(variables, batch):
     logits, aux = state.apply_fn(variables, batch, train=True, rngs={"dropout": dropout_rng})
@@ -95,20 +83,15 @@ def loss_and_grads(state: TrainState, batch, dropout_rng: jax.Array, *, l2_weigh
 
 
 def dropout_key(seed: int) -> jax.Array:
-  """The run's dropout stream: folded from its init key PRNGKey(seed), so that it is no other
-  run's init key (as PRNGKey(seed + 1) would be)."""
+  """The run's dropout stream, folded from its init key (PRNGKey(seed + 1) is another's)."""
   return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
 
 def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2_scope: str,
                sparse_embeddings: bool = False):
-  """One optimisation step on a global batch. Pure; jitted once by the caller.
-
-  Dropout masks come from fold_in(rng, step), so a resumed run draws the same masks. With
-  `sparse_embeddings`, `state.tx` must accept row-sparse gradients (`optim.lazy_adam`).
-  `batch` is a nested batch or a `PackedBatch` of one.
-  Returns (new_state, metrics) with scalar metrics "loss", "bce", "l2".
-  """
+  """One optimisation step on a global batch (or its `PackedBatch`); dropout from
+  fold_in(rng, step), so a resumed run draws the same masks. Returns (new_state,
+  {"loss", "bce", "l2"})."""
   if isinstance(batch, sharding.PackedBatch):
     batch = batch.unpack()
   dropout_rng = jax.random.fold_in(rng, state.step)
@@ -122,12 +105,8 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2
 
 def eval_step(state: TrainState, batch, *, with_attention: bool, chunk_rows: int = 0,
               data_shards: int = 1):
-  """Click probabilities [B] (and attention weights) for a batch, deterministic.
-
-  `batch` is a nested batch or a `PackedBatch` of one. With `chunk_rows` > 0 each of the
-  `data_shards` blocks of B / data_shards rows is computed `chunk_rows` rows at a time
-  (`_in_chunks`) when that divides it: the same values, in a working set that fits a CPU cache.
-  """
+  """{"prob": [B]} (and "attention") for a batch (or its `PackedBatch`). With `chunk_rows` > 0,
+  each device's rows are computed that many at a time when that divides them (`_in_chunks`)."""
   if isinstance(batch, sharding.PackedBatch):
     batch = batch.unpack()
   rows = jax.tree.leaves(batch)[0].shape[0] // data_shards if chunk_rows else 0
@@ -142,12 +121,8 @@ def eval_step(state: TrainState, batch, *, with_attention: bool, chunk_rows: int
 
 
 def _in_chunks(fn, batch, chunk: int):
-  """fn(batch) as a loop (`lax.map`) over chunks of `chunk` rows of a [B, ...] tree.
-
-  Chunk j holds rows j, j + B/chunk, j + 2 B/chunk, ...: every block of B/shards rows
-  (one device's, for a batch sharded along "data") gives chunk/shards rows to each chunk, so
-  no row leaves its device.
-  """
+  """fn(batch) as a `lax.map` over chunks of `chunk` rows of a [B, ...] tree; chunk j holds rows
+  j, j + B/chunk, ..., so each device gives rows to each chunk and no row leaves its device."""
   b = jax.tree.leaves(batch)[0].shape[0]
   split = lambda x: jnp.swapaxes(x.reshape(chunk, b // chunk, *x.shape[1:]), 0, 1)  # noqa: E731
   out = jax.lax.map(fn, jax.tree.map(split, batch))
@@ -156,9 +131,8 @@ def _in_chunks(fn, batch, chunk: int):
 
 def create_train_state(model, tx, batch, rng: jax.Array, mesh,
                        row_sharded_fields: frozenset[str] = frozenset()) -> TrainState:
-  """Initialises parameters from `rng` and a sample batch: the embedding tables of
-  `row_sharded_fields` (and their optimiser moments) row-sharded over "model", everything else
-  replicated (`sharding.state_shardings`). The values do not depend on the shardings."""
+  """A state initialised from `rng` and a sample batch: the tables of `row_sharded_fields` (and
+  their moments) row-sharded over "model", the rest replicated (`sharding.state_shardings`)."""
 
   def init(rng):
     params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
@@ -173,9 +147,8 @@ def create_train_state(model, tx, batch, rng: jax.Array, mesh,
 # device while its client thread pool has fewer than 2 threads per device, e.g. 2 CPU devices
 # on 2 cores (docs/performance.md, "DIN hung with two CPU devices").
 MAX_STEPS_IN_FLIGHT_ON_CPU = 8
-# On CPUs the eval step computes this many rows of a device's batch at a time: MIAN's
-# [rows, heads, T, T] attention then stays in cache, 3-4x faster than 1,024 rows at once
-# (docs/training.md, "What a validation costs").
+# Rows of a device's batch an eval step computes at a time on CPUs: MIAN's attention then stays
+# in cache (docs/training.md, "What a validation costs").
 EVAL_CHUNK_ROWS_ON_CPU = 128
 
 
@@ -184,9 +157,8 @@ def _train_metrics(out):
 
 
 class BoundedStep:
-  """A jitted step that keeps at most `limit` of its calls unfinished: a call first waits for
-  the oldest one's `track(output)` (default: a train step's metrics; an eval step's outputs
-  with `track=None`). Other attributes: `step`'s."""
+  """A jitted step that keeps at most `limit` calls unfinished: a call first waits for the
+  oldest one's `track(output)` (None: the whole output). Other attributes: `step`'s."""
 
   def __init__(self, step, limit: int, track=_train_metrics):
     self.step, self.limit, self._pending = step, limit, collections.deque()
@@ -204,33 +176,36 @@ class BoundedStep:
 
 
 def bound_in_flight(step, mesh, limit: int | None = None, track=_train_metrics):
-  """`step` as a `BoundedStep` of `limit`, or `step` itself for limit 0. limit None: the
-  bound MAX_STEPS_IN_FLIGHT_ON_CPU on a mesh of several local CPU devices, else 0."""
+  """`step` as a `BoundedStep` of `limit` (None: MAX_STEPS_IN_FLIGHT_ON_CPU on several local
+  CPU devices, else 0), or `step` itself for limit 0."""
   if limit is None:
     cpus = len(mesh.local_devices) > 1 and mesh.local_devices[0].platform == "cpu"
     limit = MAX_STEPS_IN_FLIGHT_ON_CPU if cpus else 0
   return BoundedStep(step, limit, track) if limit > 0 else step
 
 
-def make_train_step(train_config: ConfigDict, mesh, state_sharding=None):
-  """The jitted train step; `state_sharding` (default: replicated) is the state's, e.g.
-  `sharding.shardings_of(state)`."""
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+def _shardings(mesh, state_sharding):
+  """(the state's sharding, default replicated; along "data"; replicated)."""
+  replicated = NamedSharding(mesh, P())
   state_sharding = replicated if state_sharding is None else state_sharding
+  return state_sharding, NamedSharding(mesh, P("data")), replicated
+
+
+def make_train_step(train_config: ConfigDict, mesh, state_sharding=None):
+  """The jitted train step; `state_sharding` is the state's (`sharding.shardings_of`)."""
+  state_sharding, data, replicated = _shardings(mesh, state_sharding)
   step = functools.partial(train_step, l2_weight=train_config.l2_weight,
                            l2_scope=train_config.l2_scope,
-                           sparse_embeddings=train_config.get("optimizer", "adam") == "lazy_adam")
+                           sparse_embeddings=train_config.optimizer == "lazy_adam")
   return bound_in_flight(jax.jit(step, in_shardings=(state_sharding, data, replicated),
                                  out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
                          mesh)
 
 
 def make_eval_step(mesh, with_attention: bool = False, state_sharding=None):
-  """The jitted eval step, on CPUs in chunks of EVAL_CHUNK_ROWS_ON_CPU rows per device. With
-  row-sharded tables it has collectives (the lookups), so it is bounded like the train step
-  (`bound_in_flight`)."""
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  state_sharding = replicated if state_sharding is None else state_sharding
+  """The jitted eval step, on CPUs in chunks of EVAL_CHUNK_ROWS_ON_CPU rows per device; bounded
+  like the train step, since row-sharded lookups are collectives."""
+  state_sharding, data, _ = _shardings(mesh, state_sharding)
   cpu = mesh.local_devices[0].platform == "cpu"
   step = functools.partial(eval_step, with_attention=with_attention,
                            chunk_rows=EVAL_CHUNK_ROWS_ON_CPU if cpu else 0,
@@ -241,20 +216,8 @@ def make_eval_step(mesh, with_attention: bool = False, state_sharding=None):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """What `setup` builds from a config.
-
-  Attributes:
-    config: the config it was built from.
-    mesh: the ("data", "model") mesh the state and batches live on.
-    data_dir, schema: the prepared data (`mian_jax.data.ensure_prepared`).
-    data_checksum: the prepared data's SHA-256, verified against the one recorded at
-      preparation (empty when `setup(verify_data=False)`).
-    model: the Flax module.
-    state: a fresh train state, initialised from `train.seed` (replicated, but for the
-      row-sharded tables of `config.sharding`).
-    train_step: jitted (state, batch, rng) -> (state, {"loss", "bce", "l2"}); donates state.
-    eval_step: jitted (state, batch) -> {"prob": [B]}.
-  """
+  """What `setup` builds: `data_checksum` is the prepared data's verified SHA-256 ("" unless
+  verified); `state` a fresh one from `train.seed`; `train_step` donates its state."""
 
   config: ConfigDict
   mesh: jax.sharding.Mesh
@@ -267,7 +230,7 @@ class Run:
   eval_step: Callable
 
   def train_batches(self) -> pipeline.TrainBatches:
-    """This process's batches of the training split, in the order of `train.seed`."""
+    """This process's training batches, in the order of `train.seed`."""
     return pipeline.TrainBatches(
         schema_lib.load_split(self.data_dir, "train", self.schema), self.schema,
         self.config.train.batch_size, seed=self.config.train.seed,
@@ -276,44 +239,23 @@ class Run:
 
 def setup(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
           verify_data: bool = True) -> Run:
-  """Prepares (or finds) the data, builds the model, a fresh state and the jitted steps.
-
-  Args:
-    config: a full config (configs/<dataset>.py), already checked (`config_checks`).
-    mesh: default `sharding.create_mesh(model=config.sharding.model)` (every device of every
-      process).
-    verify_data: re-hash the prepared data against its recorded checksum (about 0.3 s per
-      200 MB); DataError if it changed since preparation.
-  """
-  mesh = sharding.create_mesh(model=sharding_config(config).model) if mesh is None else mesh
+  """Prepares (or finds) the data, builds the model, a fresh state and the jitted steps on
+  `mesh` (default: every device); `verify_data` re-hashes the data (DataError if changed)."""
+  mesh = sharding.create_mesh(model=config.sharding.model) if mesh is None else mesh
   data_dir, schema = data_lib.ensure_prepared(config.data)
   checksum = schema_lib.verify_dataset_checksum(data_dir) if verify_data else ""
   sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
   sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
-  model, state, train_step, eval_step = build(
-      config, schema.features, sharding.to_global(sharding.local_part(sample), mesh), mesh)
-  return Run(config=config, mesh=mesh, data_dir=data_dir, schema=schema,
-             data_checksum=checksum, model=model, state=state, train_step=train_step,
-             eval_step=eval_step)
-
-
-def sharding_config(config: ConfigDict) -> ConfigDict:
-  """config.sharding, or its defaults for a config recorded before it existed."""
-  return config.get("sharding") or config_defaults.sharding_defaults()
+  sample = sharding.to_global(sharding.local_part(sample), mesh)
+  return Run(config, mesh, data_dir, schema, checksum,
+             *build(config, schema.features, sample, mesh))
 
 
 def build(config: ConfigDict, features: schema_lib.FeatureSpec, sample, mesh):
-  """The model of `config` for `features`, a fresh train state on `mesh` from `train.seed`
-  (the tables `config.sharding` names row-sharded, their rows padded; the rest replicated),
-  and the jitted train and eval steps for that state's shardings.
-
-  Args:
-    sample: a global batch (on `mesh`) to initialise the parameters from.
-
-  Returns:
-    (model, state, train_step, eval_step).
-  """
-  shard = sharding_config(config)
+  """(model, state, train_step, eval_step) of `config` for `features` on `mesh`, the state
+  initialised from `sample` (a global batch) with the tables `config.sharding` names padded
+  and row-sharded."""
+  shard = config.sharding
   if shard.row_multiple % mesh.shape["model"]:
     raise ConfigError(f"sharding.model={mesh.shape['model']} must divide "
                       f"sharding.row_multiple={shard.row_multiple}")

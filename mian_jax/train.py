@@ -1,13 +1,9 @@
-"""The training loop: `train_and_evaluate(config, workdir)`, which trains (or resumes) a run,
-validates it, keeps its best step and reports it.
-
-The model, state and jitted steps come from `steps.setup`; batches are placed on the mesh by
-`sharding`; validation and the final report use `evaluate`; checkpoints `checkpointing`; what a
-workdir records and accepts on a rerun `workdir`.
-"""
+"""The training loop: `train_and_evaluate(config, workdir)` trains (or resumes) a run, validates
+it, keeps its best step and reports it (docs/training.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -39,7 +35,7 @@ from mian_jax.errors import ConfigError, NonFiniteLossError, Preempted
 def check_loss(step: int, history: list[dict[str, float]], last_saved: int | None,
                max_bce: float) -> None:
   """Raises NonFiniteLossError if a logged loss is non-finite or its cross-entropy exceeds
-  `max_bce` (a diverged run: its logits are huge, so every later prediction saturates)."""
+  `max_bce` (a diverged run: every later prediction saturates)."""
   for m in history:
     finite = all(math.isfinite(v) for v in m.values())
     if finite and m["bce"] <= max_bce:
@@ -54,8 +50,7 @@ def check_loss(step: int, history: list[dict[str, float]], last_saved: int | Non
 
 
 def improves(auc: float, best: float | None) -> bool:
-  """Whether a validation AUC beats the best so far (strictly: a tie keeps the earlier step;
-  an undefined AUC, NaN, never does)."""
+  """Whether a validation AUC beats the best so far (a tie keeps the earlier step; NaN never)."""
   return math.isfinite(auc) and (best is None or auc > best)
 
 
@@ -65,20 +60,13 @@ def stopped_early(meta: dict[str, Any], patience: int) -> bool:
 
 
 class StopSignals:
-  """Turns SIGTERM and SIGINT into a request to stop after the current step.
-
-  Schedulers and preemptible machines send SIGTERM before they kill; the loop then saves a
-  checkpoint at the step it reached and raises `Preempted`. A second signal gets the previous
-  handler (a second Ctrl-C interrupts at once). In a multi-process run the processes agree
-  every `sync_every` steps (a tiny all-gather), so all save the same step.
-  """
+  """Turns SIGTERM and SIGINT into a request to stop after the current step; a second signal
+  gets the previous handler. Several processes agree every `sync_every` steps."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, sync_every: int):
-    self.sync_every = sync_every
-    self.signum = 0
-    self._previous = {}
+    self.sync_every, self.signum, self._previous = sync_every, 0, {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -93,8 +81,7 @@ class StopSignals:
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
+    self.__exit__()  # a second signal gets the previous handler
     logging.warning("Received %s: saving a checkpoint after this step, then stopping",
                     signal.Signals(signum).name)
 
@@ -109,24 +96,23 @@ class StopSignals:
 
 def run_header(config: ConfigDict, workdir: str, data_dir: str, schema, state, start_step: int,
                total_steps: int, steps_per_epoch: int) -> str:
-  """The few lines a run logs before its first progress line (the full config is in
-  `<workdir>/config.json`, the parameter table in `<workdir>/parameters.txt`)."""
+  """The few lines a run logs before its first progress line."""
   num_params = int(parameter_overview.count_parameters(state.params))
   examples = ", ".join(f"{s} {n:,}" for s, n in schema.num_examples)
   if start_step >= total_steps > 0 and start_step:
-    steps = (f"already at step {start_step:,}, at or past the budget of {total_steps:,} steps: "
-             "nothing to train, evaluating")
+    span = (f"already at step {start_step:,}, at or past the budget of {total_steps:,} steps: "
+            "nothing to train, evaluating")
   else:
     epochs = total_steps / steps_per_epoch
-    steps = (f"steps {start_step:,} -> {total_steps:,} ({epochs:.3g} "
-             f"epoch{'' if epochs == 1 else 's'} of {steps_per_epoch:,})")
+    span = (f"steps {start_step:,} -> {total_steps:,} ({epochs:.3g} "
+            f"epoch{'' if epochs == 1 else 's'} of {steps_per_epoch:,})")
   return "\n".join([
       f"Run in {workdir} ({'resumed' if start_step else 'new'}); config: "
       f"{workdir_lib.config_path(workdir)}",
       f"  model {config.model.name}: {num_params:,} parameters (table: "
       f"{os.path.join(workdir, 'parameters.txt')})",
       f"  data {config.data.source}: {data_dir} ({examples} examples)",
-      f"  train {steps}; global batch {config.train.batch_size} on {jax.device_count()} "
+      f"  train {span}; global batch {config.train.batch_size} on {jax.device_count()} "
       f"device(s); validation every {validation_every(config.train, steps_per_epoch):,}, "
       f"checkpoint every {config.checkpoint.every_steps:,} steps",
   ])
@@ -144,8 +130,7 @@ def closing_line(workdir: str, results: dict[str, dict[str, Any]]) -> str:
 
 
 def total_train_steps(train_config: ConfigDict, steps_per_epoch: int) -> int:
-  """The step budget: `train.num_train_steps`, or `train.num_epochs` of the training split.
-  Raises ConfigError if that is no step at all."""
+  """`train.num_train_steps`, or `train.num_epochs` of the training split (ConfigError if 0)."""
   if train_config.num_train_steps > 0:
     return train_config.num_train_steps
   total = int(train_config.num_epochs * steps_per_epoch)
@@ -156,18 +141,14 @@ def total_train_steps(train_config: ConfigDict, steps_per_epoch: int) -> int:
 
 
 def validation_every(train_config: ConfigDict, steps_per_epoch: int) -> int:
-  """Steps between validations: `train.eval_every_steps`, or `train.eval_every_epochs` of an
-  epoch rounded to a step (at least 1) where that is the one set (`config_checks`)."""
-  epochs = train_config.get("eval_every_epochs", 0.0)  # absent from configs recorded before it
-  if epochs > 0:
-    return max(1, round(epochs * steps_per_epoch))
-  return train_config.eval_every_steps
+  """`train.eval_every_steps`, or `train.eval_every_epochs` of an epoch (at least 1 step)."""
+  epochs = train_config.eval_every_epochs
+  return max(1, round(epochs * steps_per_epoch)) if epochs > 0 else train_config.eval_every_steps
 
 
 def periodic_valid_rows(run: steps.Run) -> np.ndarray | None:
-  """The validation rows of the periodic validations (`eval.periodic_valid_examples`, whole
-  users, drawn from `train.seed`: the same on every resume); None for the whole split."""
-  num_examples = run.config.eval.get("periodic_valid_examples", 0)
+  """The rows of the periodic validations (whole users, from `train.seed`); None: all."""
+  num_examples = run.config.eval.periodic_valid_examples
   if num_examples <= 0:
     return None
   group_id = schema_lib.load_split(run.data_dir, "valid", run.schema)["group_id"]
@@ -175,15 +156,7 @@ def periodic_valid_rows(run: steps.Run) -> np.ndarray | None:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
-  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns final metrics.
-
-  Validation runs every `train.eval_every_steps` (or `train.eval_every_epochs`) and at the last
-  step, on `eval.periodic_valid_examples` of the validation split (0: all of it); each better
-  AUC is saved to `<workdir>/checkpoints_best`. With `train.early_stopping_patience` > 0,
-  training stops after that many validations without a better AUC. The reported parameters
-  are those of the best validation step (`eval.report_step="best"`) or of the last step
-  ("last"), validated once more on the whole split unless that validation already was. SIGTERM
-  or SIGINT saves a checkpoint at the step reached and raises `Preempted`; a rerun resumes there.
+  """Trains (resuming from `workdir`), validates, keeps the best step and reports it.
 
   Returns:
     {"valid": metrics, "test": metrics} of the reported parameters; each also carries
@@ -211,11 +184,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
 class Loop:
   """One run of the training loop over a `steps.Run`, in `workdir`.
 
-  Its fields are the loop's whole state: `meta` (saved in every checkpoint: progress, the best
-  validation step and its AUC, the data's identity), `last_saved` (the newest good checkpoint
-  of this run), `pending` (train metrics of the steps since the last log line),
-  `valid_rows` (the rows of the periodic validations; None: the whole split) and `validated`
-  (this process's validation results of the last and of the best step, by step).
+  `meta` is saved in every checkpoint (progress, best step and AUC, the data's identity);
+  `pending` holds the train metrics since the last log line; `validated` this process's
+  validation results of the last and the best step.
   """
 
   run: steps.Run
@@ -240,17 +211,13 @@ class Loop:
     if self.writer is not None:
       self.writer.close()
 
-  # --------------------------------------------------------------------------- resume
-
   def restore(self):
     """The state to start from: the newest good checkpoint of the workdir, else the fresh one;
     `meta` becomes the checkpoint's. A checkpoint trained on other data (or of other shapes)
     stops the run before any array is read, moving nothing (`checkpointing.OtherRunError`)."""
-    run, state = self.run, self.run.state
-    identity = {"schema_fingerprint": run.schema.fingerprint(),
-                "data_checksum": run.data_checksum or None}  # "": not verified, not compared
+    state = self.run.state
     restored = checkpointing.restore(self.manager, state, workdir=self.workdir,
-                                     identity=identity)
+                                     identity=checkpointing.identity(self.run))
     if restored is not None:
       state, restored_meta = restored
       self.meta.update(restored_meta)
@@ -258,17 +225,16 @@ class Loop:
     self.meta.update(checkpointing.reconcile_best(self.best_manager, state, self.meta))
     return state
 
-  # --------------------------------------------------------------------------- saving
-
   def progress(self, step: int, steps_per_epoch: int) -> dict[str, Any]:
     run = self.run
     return dict(step=step, epoch=step // steps_per_epoch,
                 examples_seen=step * run.config.train.batch_size,
                 schema_fingerprint=run.schema.fingerprint(), data_checksum=run.data_checksum)
 
-  def check_pending(self, step: int) -> None:
-    check_loss(step, jax.device_get(self.pending), self.last_saved,
-               self.run.config.train.max_bce)
+  def check_pending(self, step: int) -> list[dict[str, float]]:
+    history = jax.device_get(self.pending)
+    check_loss(step, history, self.last_saved, self.run.config.train.max_bce)
+    return history
 
   def save(self, state, step: int, steps_per_epoch: int) -> None:
     self.check_pending(step)
@@ -292,8 +258,6 @@ class Loop:
     else:
       self.meta["evals_since_best"] += 1
     return valid
-
-  # --------------------------------------------------------------------------- the loop
 
   def train_and_report(self) -> dict[str, dict[str, Any]]:
     run, config, workdir = self.run, self.run.config, self.workdir
@@ -322,16 +286,16 @@ class Loop:
 
     rng = steps.dropout_key(config.train.seed)
     t_window, steps_window = time.perf_counter(), 0
-    with StopSignals(sync_every=config.train.log_every_steps) as signals:
-      device_batches = batches.iterate(
-          start_step, total_steps, transform=lambda b: sharding.pack_to_global(b, run.mesh))
+    device_batches = batches.iterate(
+        start_step, total_steps, transform=lambda b: sharding.pack_to_global(b, run.mesh))
+    # Closing the batches stops their prefetch thread on every way out of the loop.
+    with StopSignals(config.train.log_every_steps) as signals, contextlib.closing(device_batches):
       for step, batch in zip(range(start_step + 1, total_steps + 1), device_batches):
         state, step_metrics = run.train_step(state, batch, rng)
         self.pending.append(step_metrics)
         steps_window += 1
         if step % config.train.log_every_steps == 0 or step == total_steps:
-          history = jax.device_get(self.pending)
-          check_loss(step, history, self.last_saved, config.train.max_bce)
+          history = self.check_pending(step)
           _log_progress(self.writer, step, total_steps, history,
                         steps_window / max(time.perf_counter() - t_window, 1e-9),
                         config.train.batch_size)
@@ -363,15 +327,13 @@ class Loop:
 
   def report(self, state) -> dict[str, dict[str, Any]]:
     """Evaluates the reported step on valid and test (valid only with `eval.final_test` off)
-    and writes `eval/<split>_metrics.json`. A validation of that step on the whole split in
-    this process is reused; one on a subsample is not, and then the whole split's "valid/..."
-    scalars are written in the row of the test scalars."""
+    and writes `eval/<split>_metrics.json`, reusing this process's validation of that step on
+    the whole split."""
     report_state, selection = select_reported_state(
         state, self.meta, self.run.config.eval.report_step, self.best_manager)
     step = int(report_state.step)
     results = {}
-    # A config recorded before eval.final_test existed reports test, as it did then.
-    splits = ("valid", "test") if self.run.config.eval.get("final_test", True) else ("valid",)
+    splits = ("valid", "test") if self.run.config.eval.final_test else ("valid",)
     reported = {}  # scalars of this report, one row (a resumed run drops it with test's)
     for split in splits:
       known = self.validated.get(step) if split == "valid" else None
@@ -391,11 +353,8 @@ class Loop:
 
 def select_reported_state(state, meta: dict[str, Any], report_step: str, best_manager):
   """The parameters to report: `state` (the last step) or, with `report_step="best"`, those of
-  the best validation step (restored from `best_manager` unless that is the last step).
-
-  Returns (state, selection) where selection is {"selected", "best_step", "best_valid_auc",
-  "last_step"}, written beside the metrics.
-  """
+  the best validation step. Returns (state, {"selected", "best_step", "best_valid_auc",
+  "last_step"})."""
   last_step = int(state.step)
   selected = report_step
   if selected == "best" and meta["best_step"] is None:

@@ -1,12 +1,7 @@
-"""What a workdir records about its run, and how a rerun is checked against it.
-
-A workdir holds one run. `<workdir>/config.json` records the config it runs with, and every
-checkpoint's meta records the data it trained on (`data_identity`). A rerun on the same workdir
-resumes that run, so its config must mean the same run: keys that change the parameter tree,
-the optimiser, the data or the meaning of a checkpoint must be equal (`check_rerun`); only the
-keys in `RESUMABLE_KEYS` (step budget, logging and evaluation cadence, where files lie) may
-differ. Commands given a `--workdir` but no `--config` take the recorded config
-(`with_recorded_config`), so `evaluate`, a resume and later tools need no flags repeated.
+"""A run's config and its reopening: the config loaded from a file and overrides
+(`load_config`), recorded in `<workdir>/config.json` (`recorded_config`), checked on a rerun
+(`check_rerun`: only `RESUMABLE_KEYS` may differ), and a checkpoint restored with it
+(`restore_run`, for evaluate, predict and export; training resumes in `train.Loop`).
 """
 
 from __future__ import annotations
@@ -16,7 +11,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mian_jax.errors import ConfigError
+import jax
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from mian_jax import checkpointing, config_checks, config_defaults, steps
+from mian_jax.errors import ConfigError, DataError
 
 CONFIG_FILE = "config.json"
 # The config file that returns a workdir's recorded config (`--config=<it>:<workdir>`).
@@ -25,14 +25,11 @@ RECORDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reco
 # Keys a rerun may change: how long to train, how often to log, evaluate and save, how to
 # report, and where the (checksummed, so still verified) data files lie.
 RESUMABLE_KEYS = frozenset({
-    "train.num_train_steps", "train.num_epochs", "train.log_every_steps",
+    "train.num_train_steps", "train.num_epochs", "train.log_every_steps", "train.max_bce",
     "train.eval_every_steps", "train.eval_every_epochs", "train.early_stopping_patience",
-    "train.max_bce",
-    "checkpoint.every_steps",
-    "checkpoint.max_to_keep", "eval.batch_size", "eval.report_step", "eval.final_test",
-    "data.raw_dir",
-    "data.prepared_dir", "data.tabular.path", "data.tabular.train_path",
-    "data.tabular.valid_path", "data.tabular.test_path",
+    "checkpoint.every_steps", "checkpoint.max_to_keep", "eval.batch_size", "eval.report_step",
+    "eval.final_test", "data.raw_dir", "data.prepared_dir", "data.tabular.path",
+    "data.tabular.train_path", "data.tabular.valid_path", "data.tabular.test_path",
     "sharding.model",  # the mesh's shape: where rows live, not what is computed
 })
 
@@ -62,13 +59,10 @@ def read_recorded_config(workdir: str) -> dict[str, Any] | None:
 
 
 def has_trained_state(workdir: str) -> bool:
-  """Whether a workdir holds anything a changed config would invalidate: checkpoints or
-  evaluation results."""
-  for name in ("checkpoints", "checkpoints_best", "eval"):
-    path = os.path.join(workdir, name)
-    if os.path.isdir(path) and os.listdir(path):
-      return True
-  return False
+  """Whether a workdir holds checkpoints or evaluation results (a changed config would
+  invalidate them)."""
+  paths = [os.path.join(workdir, name) for name in ("checkpoints", "checkpoints_best", "eval")]
+  return any(os.path.isdir(path) and os.listdir(path) for path in paths)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,14 +83,14 @@ def _comparable(value):
   return value
 
 
-def identity_differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-  """"key: recorded -> requested" for each differing key outside RESUMABLE_KEYS."""
+def config_differences(recorded: dict[str, Any], requested: dict[str, Any],
+                       ignore: frozenset[str] = frozenset()) -> list[str]:
+  """"key: recorded -> requested" for each key outside `ignore` whose values differ."""
   a, b = flatten(recorded), flatten(requested)
   missing = "(absent)"
   return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
           for k in sorted(set(a) | set(b))
-          if k not in RESUMABLE_KEYS
-          and _comparable(a.get(k, missing)) != _comparable(b.get(k, missing))]
+          if k not in ignore and _comparable(a.get(k, missing)) != _comparable(b.get(k, missing))]
 
 
 def check_rerun(workdir: str, requested: dict[str, Any]) -> None:
@@ -105,7 +99,7 @@ def check_rerun(workdir: str, requested: dict[str, Any]) -> None:
   recorded = read_recorded_config(workdir)
   if recorded is None or not has_trained_state(workdir):
     return
-  differences = identity_differences(recorded, requested)
+  differences = config_differences(recorded, requested, RESUMABLE_KEYS)
   if differences:
     shown = "; ".join(differences[:5])
     more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
@@ -127,14 +121,107 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
 
 def with_recorded_config(argv: list[str]) -> list[str]:
   """argv with `--config=<RECORDED_CONFIG>:<workdir>` added when it names a --workdir that
-  records a config and gives no --config; otherwise argv unchanged.
-
-  `--config.<key>=<value>` overrides then apply to the recorded config, and are checked
-  against it like any rerun.
-  """
+  records a config and gives no --config (overrides then apply to the recorded config)."""
   if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
     return argv
   workdir = _flag_value(argv[1:], "workdir")
   if not workdir or not os.path.isfile(config_path(workdir)):
     return argv
   return [argv[0], f"--config={RECORDED_CONFIG}:{os.path.abspath(workdir)}", *argv[1:]]
+
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def recorded_config(workdir: str) -> ConfigDict:
+  """The config `workdir` records, equal to the one it ran with key for key and type for type
+  (JSON's lists become the tuples the config held). DataError if there is none."""
+  if not os.path.isdir(workdir):
+    raise DataError(f"--workdir={workdir} does not exist")
+  recorded = read_recorded_config(workdir)
+  if recorded is None:
+    raise DataError(f"{workdir} has no {CONFIG_FILE}: it is not a training workdir")
+  expected = flatten({k: v for k, v in config_defaults.get_base_config().to_dict().items()
+                      if k != "data"})  # the data keys depend on the source
+  missing = sorted(set(expected) - set(flatten(recorded)))
+  if missing:
+    raise DataError(f"{config_path(workdir)} lacks {', '.join(missing)}: it was recorded by an "
+                    "older version; add them with the values that run used, or retrain")
+  return ConfigDict(_tuples(recorded))
+
+
+def load_config(config: str | ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
+  """A config file ("configs/<x>.py[:arg]") or a ConfigDict with `--config.<key>=<value>`
+  overrides applied as `python -m mian_jax.main` applies them (locked: an unknown key or a
+  value of another type is an error), then checked (`config_checks`). ConfigError (one line)
+  for a flag that is no override, a bad key or value, a file that does not load."""
+  for flag in overrides:
+    if not flag.startswith("--config.") or "=" not in flag:
+      raise ConfigError(f"{flag!r} is not a config override (--config.<key>=<value>)")
+  is_file = isinstance(config, str)
+  argv = ["load_config", *([f"--config={config}"] if is_file else []), *overrides]
+  flag_values = flags.FlagValues()
+  try:
+    if is_file:
+      config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
+                                      lock_config=True, sys_argv=argv)
+    else:
+      config_flags.DEFINE_config_dict("config", config.copy_and_resolve_references(),
+                                      flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    config_checks.check_config(flag_values.config)
+  except ConfigError:
+    raise
+  except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError,
+          SyntaxError) as e:
+    raise ConfigError(_one_line(e)) from None
+  return flag_values.config
+
+
+def _one_line(e: BaseException) -> str:
+  while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]  # ml_collections wraps a missing key's KeyError
+  text = " ".join((e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).split())
+  return f"unknown config key {text}" if isinstance(e, KeyError) else text
+
+
+def parse_step(text: str) -> int | str:
+  """"latest", "best" or a step number (an int)."""
+  if text in ("latest", "best"):
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise ConfigError(f"--step={text!r}: expected latest, best or a step number") from None
+
+
+def restore_run(workdir: str, step: int | str = "latest", config: ConfigDict | None = None):
+  """`steps.setup` of the run in `workdir` (with its recorded config, or `config`, which must
+  mean the same run) and its checkpoint `step` ("latest", "best" from `checkpoints_best`, or a
+  step number) restored into its state; returns (steps.Run, TrainState, the checkpoint's meta).
+
+  Raises ConfigError for a config of another run, DataError for no (readable) checkpoint or
+  one trained on other data.
+  """
+  config = recorded_config(workdir) if config is None else config
+  config_checks.check_config(config, jax.device_count())
+  check_workdir_path(workdir)
+  check_rerun(workdir, config.to_dict())
+  best = step == "best"
+  directory = (checkpointing.best_checkpoint_dir if best else checkpointing.checkpoint_dir)(
+      workdir)
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise DataError(f"no checkpoints in {workdir} (expected {directory})")
+  run = steps.setup(config)
+  manager = (checkpointing.create_best_manager(workdir, read_only=True) if best else
+             checkpointing.create_manager(workdir, config.checkpoint, read_only=True))
+  restored = checkpointing.restore(manager, run.state,
+                                   step=step if isinstance(step, int) else None,
+                                   identity=checkpointing.identity(run))
+  manager.close()
+  if restored is None:
+    raise DataError(f"no readable checkpoint in {directory}")
+  return run, *restored

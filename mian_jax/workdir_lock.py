@@ -1,20 +1,8 @@
-"""One run per workdir: an exclusive lock on `<workdir>/.lock` for as long as a run writes.
-
-Two runs on one workdir would interleave checkpoints, and the second one's orbax manager would
-delete the first one's in-flight save as a leftover temporary directory. So a run holds
-`fcntl.flock(LOCK_EX | LOCK_NB)` on `<workdir>/.lock`, and a second one fails at once with a
-one-line WorkdirBusyError naming the holder (pid, host, start time, command: written into the
-file by the holder). The kernel drops the lock when its process exits, however it exits
-(SIGKILL included), so a lock file left behind never blocks a later run; the file itself is
-kept, since deleting it would let a third run lock a fresh file while a second still holds
-the old one.
-
-In a multi-process run only process 0 locks: the lock stands for the whole run, and on a
-shared file system process 1 would find process 0's lock (flock over NFS is a lock across
-hosts). Process 0's verdict is broadcast, so every process of a second run fails together.
-
-On a file system without flock support (some FUSE mounts), the run goes on unlocked with a
-warning: a missing lock must not stop training.
+"""One run per workdir: an exclusive `flock` on `<workdir>/.lock` while a run writes (a second
+run's orbax manager would delete the first one's save in flight). A second run fails at once
+naming the holder (written into the file); the kernel drops the lock however its process ends,
+and the file is kept (deleting it would let a third run lock a fresh file). Only process 0
+locks and broadcasts its verdict; without flock support the run goes on with a warning.
 """
 
 from __future__ import annotations
@@ -56,8 +44,8 @@ def _busy_message(workdir: str, holder: str) -> str:
 
 
 def _try_lock(workdir: str) -> tuple[int | None, str]:
-  """Process 0's attempt. Returns (file descriptor, "") when locked, (None, message) when
-  another run holds the lock, (None, "") when the file system cannot lock."""
+  """Process 0's attempt: (fd, "") when locked, (None, message) when another run holds the
+  lock, (None, "") when the file system cannot lock."""
   os.makedirs(workdir, exist_ok=True)
   fd = os.open(lock_path(workdir), os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -79,16 +67,11 @@ def _try_lock(workdir: str) -> tuple[int | None, str]:
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
-  """Holds the workdir's lock for the body (creating the workdir if needed).
-
-  Every process of a run enters it (process 0 locks, the others learn its verdict).
-
-  Raises:
-    WorkdirBusyError: another run holds the lock.
-  """
+  """Holds the workdir's lock (creating the workdir) for the body, on every process of a run;
+  WorkdirBusyError if another run holds it."""
   workdir = os.path.abspath(workdir)
   created = not os.path.exists(workdir)
-  fd, busy = (_try_lock(workdir) if jax.process_index() == 0 else (None, ""))
+  fd, busy = _try_lock(workdir) if jax.process_index() == 0 else (None, "")
   if jax.process_count() > 1:  # every process of a second run stops, not only process 0
     if multihost_utils.broadcast_one_to_all(np.int32(bool(busy))) and not busy:
       busy = f"workdir {workdir} is in use by another run (see process 0's error)"

@@ -1,11 +1,5 @@
-"""Metric writers (TensorBoard event files plus a machine-readable JSONL file), the atomic
-file writes every command uses (`write_text_atomic`, `write_json_atomic`) and the JSONL
-appending of the benchmarks (`append_jsonl`).
-
-clu's `metric_writers` import TensorFlow unconditionally (see docs/toolchain.md), so this small
-writer follows clu's interface (`write_scalars`, `write_hparams`, `flush`, `close`) on top of
-TensorBoard's TF-free `tensorboard.summary.Writer`. Only process 0 writes.
-"""
+"""Metric writers (TensorBoard events and a JSON-lines file, through TensorBoard's TF-free
+writer: clu's import TensorFlow, docs/toolchain.md), atomic JSON and text writes, JSONL rows."""
 
 from __future__ import annotations
 
@@ -24,14 +18,9 @@ from mian_jax import fileio
 
 
 class MetricWriter:
-  """Writes scalars to `<logdir>` (TensorBoard events) and `<logdir>/metrics.jsonl` (a
-  non-finite value as null, as in every JSON file of a run).
-
-  A resumed run passes the step it resumes from: rows of later steps (written before an
-  interruption, and about to be written again) and the earlier final report's test rows (the
-  run reports again when it ends) are dropped from metrics.jsonl first, so no row appears
-  twice. TensorBoard shows the newest event of a step.
-  """
+  """clu's writer interface on process 0: scalars to `<logdir>` (TensorBoard) and
+  `<logdir>/metrics.jsonl` (non-finite as null). A resumed run passes its step: later rows and
+  the last report's test rows, about to be written again, are dropped first."""
 
   def __init__(self, logdir: str, resume_step: int | None = None):
     self._active = jax.process_index() == 0
@@ -60,11 +49,6 @@ class MetricWriter:
       fileio.write_text_atomic(os.path.join(os.path.dirname(self._jsonl.name), "hparams.json"),
                                json.dumps(dict(hparams), indent=2, sort_keys=True, default=str))
 
-  def flush(self) -> None:
-    if self._active:
-      self._events.flush()
-      self._jsonl.flush()
-
   def close(self) -> None:
     if self._active:
       self._events.close()
@@ -73,8 +57,8 @@ class MetricWriter:
 
 
 def drop_rows_after(path: str, step: int, drop_prefix: str = "test/") -> int:
-  """Rewrites a metrics.jsonl without the rows of steps after `step`, the rows with a key
-  starting with `drop_prefix`, and a torn last line; atomic. Returns how many were dropped."""
+  """Rewrites a metrics.jsonl (atomically) without the rows after `step`, those with a key
+  starting with `drop_prefix`, and a torn line. Returns how many were dropped."""
   with open(path) as f:
     lines = f.readlines()
   kept = []
@@ -91,31 +75,27 @@ def drop_rows_after(path: str, step: int, drop_prefix: str = "test/") -> int:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """Reads back a metrics.jsonl file; a null (a non-finite value, which JSON cannot hold) is
-  read as NaN."""
+  """The rows of a metrics.jsonl file, null read as NaN."""
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]
 
 
 def append_jsonl(path: str, rows: Iterable[Mapping]) -> None:
-  """Appends one JSON object per row, one a line, to `path` (its directory created if need be).
-  Rows already there are kept: a results file collects the rows of many runs."""
+  """Appends one JSON object per row, one a line, to `path` (its directory created)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a") as f:
     f.writelines(json.dumps(dict(row)) + "\n" for row in rows)
 
 
 def write_text_atomic(path: str, text: str) -> None:
-  """Writes a file on process 0 through a temporary file and a rename: readers never see half
-  a file, and the other processes of a multi-process run write nothing."""
+  """`fileio.write_text_atomic` on process 0 only."""
   if jax.process_index() == 0:
     fileio.write_text_atomic(path, text)
 
 
 def write_json_atomic(path: str, content: dict) -> None:
-  """Writes strict JSON atomically (`write_text_atomic`). A non-finite number, which JSON
-  cannot hold, is written as null with a warning naming it."""
+  """Writes strict JSON atomically on process 0, a non-finite number as null (with a warning)."""
   write_text_atomic(path, json.dumps(_finite_or_null(content, path), indent=2, sort_keys=True,
                                      allow_nan=False))
 
@@ -142,8 +122,8 @@ def hms(seconds: float) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                    numeric: Sequence[bool] | None = None, missing: str = "") -> str:
-  """A GitHub-flavoured Markdown table, ending in a newline; floats with 4 decimals, a
-  non-finite one as `missing`; `numeric` columns are right-aligned."""
+  """A Markdown table ending in a newline: floats with 4 decimals (non-finite: `missing`),
+  `numeric` columns right-aligned."""
   numeric = numeric or [False] * len(headers)
 
   def cell(value):

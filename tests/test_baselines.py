@@ -351,9 +351,9 @@ class _DINBeforeTheSwitches(base.DeepModel):
     parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
     parts += [interest, layers.flatten_fields(e.item)]
     parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
-    h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
-                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
-                                                           deterministic=not train)
+    h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, self.dropout_rng,
+                   "dice" if self.use_dice else "prelu", name="mlp")(jnp.concatenate(parts, -1),
+                                                                     deterministic=not train)
     logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
     return logits.astype(jnp.float32), {"attention": {"din": weights},
                                         "embedding_sq_norm": e.sq_norm}
@@ -380,9 +380,9 @@ class _DIENBeforeTheSwitches(DIEN):
     parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
     parts += [layers.flatten_fields(e.item), interest]
     parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
-    h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
-                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
-                                                           deterministic=not train)
+    h = layers.MLP(self.mlp_dims, self.dropout_rate, kernel_init, self.dropout_rng,
+                   "dice" if self.use_dice else "prelu", name="mlp")(jnp.concatenate(parts, -1),
+                                                                     deterministic=not train)
     logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
     if self.use_aux_loss and self.is_initializing():
       self._aux_loss(batch, states, behaviours, e.mask, kernel_init, train)
@@ -403,7 +403,8 @@ def test_paper_inputs_are_bit_identical_to_the_model_before_the_switches(name):
                                             "dropout_rng", "init_std", "dense_init",
                                             "numeric_embedding", "use_dice")}
   extra = ({"attention_mlp_dims": model.attention_mlp_dims} if name == "din" else
-           {k: getattr(model, k) for k in ("gru_dim", "use_aux_loss", "aux_mlp_dims")})
+           {k: getattr(model, k) for k in ("gru_dim", "use_aux_loss", "aux_loss_weight",
+                                                "aux_mlp_dims", "baseline_inputs")})
   old = old_cls(features=model.features, **kwargs, **extra)
   old_params = old.init(jax.random.PRNGKey(0), batch, train=False)["params"]
   assert jax.tree.structure(old_params) == jax.tree.structure(params)  # checkpoints restore

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import common, compare_deepctr
+from benchmarks import compare_deepctr
+from mian_jax import workdir
 from mian_jax.data import schema as schema_lib
 from tests.helpers import REPO
 
@@ -108,7 +109,7 @@ def test_config_overrides_are_config_flags():
   assert args.overrides == ["--config.train.num_epochs=2", "--config.model.mlp_dims=(64, 16)"]
   with pytest.raises(SystemExit):
     compare_deepctr.parse_args(["--config=configs/synthetic.py", "--set", "train.num_epochs=2"])
-  config = common.load_config(
+  config = workdir.load_config(
       os.path.join(REPO, "configs", "synthetic.py"),
       ["--config.data.synthetic.num_train=4000", "--config.train.num_epochs=2",
        "--config.model.mlp_dims=(64, 16)", "--config.model.use_dice=True",
@@ -118,7 +119,7 @@ def test_config_overrides_are_config_flags():
   assert tuple(config.model.mlp_dims) == (64, 16)
   assert config.model.use_dice is True and config.train.l2_scope == "none"
   with pytest.raises(ValueError, match="unknown config key"):
-    common.load_config(os.path.join(REPO, "configs", "synthetic.py"),
+    workdir.load_config(os.path.join(REPO, "configs", "synthetic.py"),
                        ["--config.train.no_such_key=1"])
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs import tabular as tabular_config
-from mian_jax import evaluate, export, models, serving, steps, train
-from mian_jax.data import pipeline, tabular, vocab
+from mian_jax import encoding, evaluate, export, models, serving, steps, train
+from mian_jax import workdir as workdir_lib
+from mian_jax.data import pipeline, tabular
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
 from tests import test_vocab
@@ -107,7 +108,7 @@ def test_exported_scores_equal_in_process_scores(name, tmp_path, monkeypatch):
 
 def test_the_command_exports_the_checkpoint_with_its_signature_and_manifest(trained):
   workdir, out, _ = trained
-  run, state, meta = export.restore_checkpoint(workdir)
+  run, state, meta = workdir_lib.restore_run(workdir)
   assert sorted(os.listdir(out)) == sorted(
       ["model.jaxexport", "params.npz", "signature.json", "manifest.json", "schema.json",
        *(["vocab"] if os.path.isdir(os.path.join(run.data_dir, "vocab")) else [])])
@@ -142,7 +143,8 @@ with np.load(sys.argv[2]) as batch:
   out = scorer.score(dict(batch))
 heavy = sorted(m for m, module in sys.modules.items() if module is not None and (
     m.split(".")[0] in ("flax", "ml_collections", "optax", "orbax")
-    or m.startswith("mian_jax.") and m not in ("mian_jax.serving", "mian_jax.fileio")))
+    or m.startswith("mian_jax.") and m not in ("mian_jax.serving", "mian_jax.encoding",
+                                               "mian_jax.errors", "mian_jax.fileio")))
 print(heavy)
 print(" ".join(repr(float(p)) for p in out["prob"]))
 """
@@ -277,16 +279,6 @@ def test_a_platform_that_cannot_be_lowered_for_is_left_out_and_recorded(tmp_path
 _HASH_CSV = test_vocab.CSV  # the hand-worked tabular log of tests/test_vocab.py
 
 
-def test_encode_hashes_as_the_data_package_does():
-  texts = ["i1", "café", "商品-42", "😀", "u\udcffD", "", "Ünïcödé ☃", "7.0"]
-  assert [serving._stable_hash(t) for t in texts] == [vocab.stable_hash(t) for t in texts]
-  assert serving.HASH_FUNCTION == vocab.HASH_FUNCTION
-  tokens = [*texts, None, "café"]
-  for buckets in (1, 97, 1 << 30):
-    np.testing.assert_array_equal(serving._hash_ids(tokens, buckets, schema_lib.NUM_RESERVED_IDS),
-                                  vocab.hash_ids(tokens, buckets))
-
-
 def test_encode_of_hashed_fields_equals_the_prepared_columns(tmp_path):
   """Scorer.encode with the vocab/ of a tabular directory whose item_id, category and city are
   hashed: the raw test rows encode to the prepared test split (the model is not needed)."""
@@ -316,36 +308,13 @@ def test_encode_of_hashed_fields_equals_the_prepared_columns(tmp_path):
   assert set(batch) == set(scorer.input_names)
   for name in scorer.input_names:
     np.testing.assert_allclose(batch[name], test[name], rtol=1e-6, err_msg=name)
-  assert batch["item.item_id"][0] != serving.OOV_ID and batch["user.city"][1] == serving.OOV_ID
+  assert batch["item.item_id"][0] != encoding.OOV_ID
+  assert batch["user.city"][1] == encoding.OOV_ID
   # Hashed fields: only a missing value counts (a@50's city); hours 13, 14 are not in the
   # training vocabulary of hour (9, 10, 11).
   assert unseen == {"item.item_id": 0, "item.category": 0, "user.age_group": 0,
                     "user.gender": 0, "user.city": 1, "context.hour": 2, "context.device": 0,
                     "hist.item_id": 0, "hist.category": 0}
-
-
-def test_the_loaders_encoders_compute_what_the_data_package_computes():
-  """serving's copy of `vocab.apply_encoder`, for every encoder kind the sources write."""
-  seconds = [0, 86399, 1_400_000_000.5, 4_102_444_799, None, float("nan")]
-  encoders_and_raw = [
-      ({"kind": "calendar", "unit": unit, "of": "s"}, seconds)
-      for unit in ("year", "month", "weekday", "hour")] + [
-      ({"kind": "buckets", "edges": [1, 2, 8], "first_id": 2, "missing_bucket": 4, "of": "d"},
-       [0, 1, 1.5, 7.99, 8, 400, None]),
-      ({"kind": "buckets", "edges": [18, 25], "names": ["1", "18", "25"], "missing": "none",
-        "of": "age"}, [3, 18, 24.9, 80, None]),
-      ({"kind": "year_span", "width": 5, "missing": "unknown", "of": "year"},
-       [1994, 1995, 1999.5, None]),
-      ({"kind": "prefix", "length": 3, "of": "zip"}, [" 94043", "T8H1N", 12, None]),
-      ({"kind": "rule", "rule": "given", "of": "x"}, ["a", 3, None]),
-      ({"kind": "standardise", "mean": 2.0, "std": 4.0, "of": "x"}, [2, 6, -2.5]),
-      (vocab.hash_encoder(97, "x"), ["é", "7", None])]
-  for encoder, raw in encoders_and_raw:
-    ours, theirs = serving._apply_encoder(encoder, raw), vocab.apply_encoder(encoder, raw)
-    assert ours.dtype == theirs.dtype, encoder
-    np.testing.assert_array_equal(ours, theirs, err_msg=str(encoder))
-  with pytest.raises(ValueError, match="is not a number"):
-    serving._apply_encoder({"kind": "calendar", "unit": "hour", "of": "s"}, ["noon"])
 
 
 # ------------------------------------------------ the manifest covers every file; modes

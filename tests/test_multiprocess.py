@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from mian_jax import evaluate, recorded_config, train
+from mian_jax import recorded_config, train
+from mian_jax import workdir as workdir_lib
 from tests.helpers import REPO, TINY, tiny_config
 
 pytestmark = pytest.mark.slow  # real runs, several processes or devices: `pytest -m slow`
@@ -47,8 +48,7 @@ def _final_params(workdir, cache):
   """(step, {path: array}) of the latest checkpoint, restored in this (one) process."""
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("MIAN_JAX_CACHE", cache)
-    _, state, _ = evaluate.restore_checkpoint(recorded_config.get_config(str(workdir)),
-                                              str(workdir), "latest")
+    _, state, _ = workdir_lib.restore_run(str(workdir))
   step = int(jax.device_get(state.step))
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
   return step, {jax.tree_util.keystr(path): np.asarray(value) for path, value in flat}

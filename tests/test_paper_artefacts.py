@@ -13,6 +13,7 @@ import pytest
 
 from launch import figure5, figure6, runner, table4
 from mian_jax import recorded_config, writers
+from mian_jax import workdir as workdir_lib
 from tests.helpers import REPO, TINY, markdown_rows
 
 pytestmark = pytest.mark.slow  # real runs, several processes or devices: `pytest -m slow`
@@ -159,7 +160,7 @@ def test_the_recorded_config_is_the_config_of_the_run(table4_runs, monkeypatch):
   run = runner.Run("no Transformer", (), 0, str(workdir),
                    ("--config.model.transformer=none", *RUN_TINY))
   requested = runner.resolve_config("configs/synthetic.py", run.flags())
-  assert not runner.config_differences(json.loads(json.dumps(config.to_dict())), requested)
+  assert not workdir_lib.config_differences(json.loads(json.dumps(config.to_dict())), requested)
   assert isinstance(config.model.mlp_dims, tuple) and config.model.mlp_dims == (8, 4)
 
 

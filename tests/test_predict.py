@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs import tabular as tabular_config
-from mian_jax import evaluate, export, predict, recorded_config, serving, train
+from mian_jax import encoding, evaluate, export, predict, recorded_config, serving, train
 from mian_jax import data as data_lib
 from mian_jax import metrics as metrics_lib
+from mian_jax import workdir as workdir_lib
 from mian_jax.data import amazon, interaction_log, movielens, tabular, vocab
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import DataError
@@ -114,7 +115,7 @@ def test_scores_of_the_test_period_reproduce_evaluate(trained, predicted):
   config = recorded_config.get_config(trained.workdir)
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("MIAN_JAX_CACHE", trained.cache)
-    run, state, _ = evaluate.restore_checkpoint(config, trained.workdir, "latest")
+    run, state, _ = workdir_lib.restore_run(trained.workdir, "latest", config)
   reference = evaluate.predict_split(state, run.eval_step, run.data_dir, run.schema, "test",
                                      config.eval.batch_size, run.mesh)
   # The prepared test split: the rows of the last 10% of time, in time order (distinct times).
@@ -206,7 +207,7 @@ def test_the_export_loader_encodes_raw_records_to_the_scores_of_predict(trained,
   config = recorded_config.get_config(trained.workdir)
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("MIAN_JAX_CACHE", trained.cache)
-    run, state, meta = evaluate.restore_checkpoint(config, trained.workdir, "latest")
+    run, state, meta = workdir_lib.restore_run(trained.workdir, "latest", config)
   export.export_run(run, state, str(tmp_path / "export"), platforms=("cpu",), meta=meta)
   # What a server holds: the request's raw values and each user's earlier clicks.
   columns = dict(zip(HEADER, zip(*trained.rows)))
@@ -241,7 +242,7 @@ def test_a_workdir_of_another_source_is_a_one_line_error(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "synthetic"}}))
   with pytest.raises(DataError, match=r"predict scores raw records of the sources \['amazon', "
                      ".* was trained on data.source='synthetic', which has none"):
-    predict.load_config(str(tmp_path))
+    predict.predict(str(tmp_path), str(tmp_path / "in.csv"), str(tmp_path / "out.csv"))
 
 
 def test_history_of_the_input_matches_a_plain_loop(trained):
@@ -415,7 +416,7 @@ def test_predict_on_a_movielens_workdir_reproduces_evaluate_on_the_test_period(t
   assert out["input_row"].tolist() == list(range(len(rows)))
   assert out[["user", "movie"]].values.tolist() == [r[:2] for r in rows]
   assert stats["rows_scored"] == len(rows) and stats["step"] == 4
-  run, state, _ = evaluate.restore_checkpoint(config, str(tmp_path / "run"), "latest")
+  run, state, _ = workdir_lib.restore_run(str(tmp_path / "run"), "latest", config)
   reference = evaluate.predict_split(state, run.eval_step, run.data_dir, run.schema, "test",
                                      config.eval.batch_size, run.mesh)
   seconds = np.array([r[3] for r in ratings])
@@ -567,7 +568,7 @@ def test_evaluate_predictions_carry_the_row_and_the_raw_item_id(trained):
   test = log.assign(t=ts)[interaction_log.time_split(ts, 0.1, 0.1) == interaction_log.TEST]
   test = test.sort_values("t")  # the prepared test split: the last 10% of time, in time order
   assert out["row"].tolist() == list(range(len(test)))
-  known = out["item.item_id"] != serving.OOV_ID
+  known = out["item.item_id"] != encoding.OOV_ID
   assert known.sum() > 20
   assert out["item_id"][known].tolist() == test["item_id"][known.to_numpy()].tolist()
   assert out["item_id"][~known].isna().all()

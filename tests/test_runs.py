@@ -371,3 +371,15 @@ def test_prepared_data_changed_after_preparation_or_other_data_on_resume_is_refu
   np.save(label, values[::-1].copy())
   with pytest.raises(DataError, match="changed after it was prepared"):
     train.train_and_evaluate(on_dir[1], str(tmp_path / "w2"))
+
+
+def test_a_recorded_config_without_a_key_of_today_is_a_one_line_error(tmp_path):
+  config = tiny_config()
+  recorded = json.loads(config.to_json())
+  del recorded["eval"]["periodic_valid_examples"]
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  with pytest.raises(DataError, match=r"lacks eval.periodic_valid_examples: .*older version"):
+    workdir_lib.recorded_config(str(tmp_path))
+  recorded["eval"]["periodic_valid_examples"] = 0
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  assert workdir_lib.recorded_config(str(tmp_path)).eval.periodic_valid_examples == 0

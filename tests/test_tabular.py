@@ -13,7 +13,7 @@ import pytest
 
 from configs import tabular as tabular_config
 from mian_jax import data as data_lib
-from mian_jax import fileio
+from mian_jax import encoding, fileio
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import tabular, vocab
 from mian_jax.errors import ConfigError, DataError
@@ -256,7 +256,7 @@ HASHED = "item_id:hash(1000),category:hash(50),price:numeric"
 
 
 def _hash_id(value, buckets):
-  return schema_lib.NUM_RESERVED_IDS + vocab.stable_hash(value) % buckets
+  return schema_lib.NUM_RESERVED_IDS + encoding.stable_hash(value) % buckets
 
 
 def test_hashed_fields_give_values_unseen_in_training_their_own_ids(tmp_path):

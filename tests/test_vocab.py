@@ -18,6 +18,7 @@ from configs import books as books_config
 from configs import movielens as movielens_config
 from configs import synthetic as synthetic_config
 from configs import tabular as tabular_config
+from mian_jax import encoding
 from mian_jax.data import amazon, amazon_like, movielens, synthetic, tabular, vocab
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import DataError
@@ -198,7 +199,7 @@ def test_movielens_raw_values_encode_to_the_prepared_columns(tmp_path):
       for field in table.fields:
         ids, _ = vocab.encode_field(vocabularies, encoders, field, table.get(field, keys))
         np.testing.assert_array_equal(ids, splits[split][field], err_msg=f"{key} -> {field}")
-  assert vocab.apply_encoder(encoders["context.time_since_last"],
+  assert encoding.apply_encoder(encoders["context.time_since_last"],
                             [None, 10, 2 * 86400, 40 * 86400]).tolist() == [
       "none", "lt_1h", "lt_1w", "ge_30d"]
 
@@ -397,13 +398,13 @@ GOLDEN_HASHES = {"i1": 778860755400141486, "café": 16417751708935026519,
 
 
 def test_stable_hash_is_pinned_and_hash_ids_stay_in_range():
-  assert {t: vocab.stable_hash(t) for t in GOLDEN_HASHES} == GOLDEN_HASHES
+  assert {t: encoding.stable_hash(t) for t in GOLDEN_HASHES} == GOLDEN_HASHES
   values = ["i1", 7, None, float("nan"), "i1", "café", 7.0, pd.NA]
   ids, missing = vocab.HashedVocabulary("item.item_id", 10).encode(values)
-  h = {t: 2 + vocab.stable_hash(t) % 10 for t in ("i1", "7", "café", "7.0")}  # str(value)
+  h = {t: 2 + encoding.stable_hash(t) % 10 for t in ("i1", "7", "café", "7.0")}  # str(value)
   assert ids.dtype == np.int32 and missing == 3
   assert ids.tolist() == [h["i1"], h["7"], OOV, OOV, h["i1"], h["café"], h["7.0"], OOV]
-  many = vocab.hash_ids([f"v{k}" for k in range(5000)], 3)
+  many = encoding.hash_ids([f"v{k}" for k in range(5000)], 3)
   assert set(many.tolist()) == {2, 3, 4}
 
 
@@ -411,7 +412,7 @@ def test_hash_collisions_are_near_the_birthday_expectation():
   # n distinct values into N buckets: about n(n - 1) / (2N) colliding pairs (50 here, Poisson
   # standard deviation about 7); a hash that clumped would give many more.
   n, buckets = 10_000, 1_000_000
-  ids = vocab.hash_ids([f"item-{k}" for k in range(n)], buckets)
+  ids = encoding.hash_ids([f"item-{k}" for k in range(n)], buckets)
   counts = np.bincount(ids)
   pairs = int((counts * (counts - 1) // 2).sum())
   expected = n * (n - 1) / (2 * buckets)
@@ -468,7 +469,7 @@ def test_a_hash_encoder_of_another_function_is_a_one_line_error(tmp_path):
   other = {**encoders["item.item_id"], "function": "xxh64 mod buckets"}
   with pytest.raises(DataError, match="hash function 'xxh64 mod buckets' is not the one this "
                      "version computes"):
-    vocab.apply_encoder(other, ["i1"])
+    encoding.apply_encoder(other, ["i1"])
   path = os.path.join(directory, "vocab", "encoders.json")
   with open(path) as f:
     content = json.load(f)
@@ -478,3 +479,8 @@ def test_a_hash_encoder_of_another_function_is_a_one_line_error(tmp_path):
   with pytest.raises(DataError, match="item.item_id is hashed into 999 buckets from id 2, but "
                      "the schema's vocab_size is 1002"):
     vocab.load_vocabularies(directory)
+
+
+def test_a_numeric_encoder_given_a_non_number_is_a_one_line_error():
+  with pytest.raises(DataError, match="a 'calendar' encoder \\(s\\) is not a number"):
+    encoding.apply_encoder({"kind": "calendar", "unit": "hour", "of": "s"}, ["noon"])

@@ -1,12 +1,6 @@
-"""Data sources. Each writes the prepared-data format of `schema.py`; training reads only that.
-
-`config.data.source` picks the source (docs/data.md):
-  "synthetic"  generated from `config.data.synthetic` (no download);
-  "amazon"     Amazon Books / Electronics 2014 5-core (downloaded if missing);
-  "amazon_like" generated shopping histories in the Amazon format, with the true probabilities;
-  "movielens"  MovieLens-100K / 1M from their raw files;
-  "tabular"    the user's own CSV / Parquet logs;
-  "prepared"   an existing prepared directory given by `config.data.prepared_dir`.
+"""Data sources and the prepared-data cache: `ensure_prepared` returns the prepared directory
+of `config.data` (source "synthetic", "amazon", "amazon_like", "movielens", "tabular", or
+"prepared": `data.prepared_dir` as it is), preparing it first if needed (docs/data.md).
 """
 
 from __future__ import annotations
@@ -23,16 +17,13 @@ from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError
 from mian_jax.fileio import cache_root, sha256_file, write_text_atomic
 
-# source name -> module whose `prepare(data_config, directory)` writes the prepared directory
-# (imported on use, so a source's dependencies load only when it is used).
-PREPARERS = {"synthetic": "mian_jax.data.synthetic", "amazon": "mian_jax.data.amazon",
-             "amazon_like": "mian_jax.data.amazon_like",
-             "movielens": "mian_jax.data.movielens", "tabular": "mian_jax.data.tabular"}
+# source -> the module whose `prepare(data_config, directory)` writes it (imported on use).
+PREPARERS = {source: f"mian_jax.data.{source}"
+             for source in ("synthetic", "amazon", "amazon_like", "movielens", "tabular")}
 
 
 # (source, protocol) -> the revision of its splits where they changed within a format version,
-# so copies prepared before are not reused. Amazon din and dien, revision 2: a validation split
-# of their own (before, valid was a copy of test; docs/data.md).
+# so copies prepared before are not reused (docs/data.md).
 SPLIT_REVISIONS = {(source, protocol): 2 for source in ("amazon", "amazon_like")
                    for protocol in ("din", "dien")}
 
@@ -49,8 +40,7 @@ def settings_key(data_config: ConfigDict) -> str:
 
 
 def prepared_dir(data_config: ConfigDict, raw: dict | None = None) -> str:
-  """`data.prepared_dir`, else `<cache>/prepared/<source>-<settings_key>`, with
-  `-<raw_key(raw)>` added for a source that reads raw files (`raw`: their `raw_manifest`)."""
+  """`data.prepared_dir`, else `<cache>/prepared/<source>-<settings_key>[-<raw_key(raw)>]`."""
   if data_config.prepared_dir:
     return os.path.expanduser(data_config.prepared_dir)
   if data_config.source == "prepared":
@@ -59,10 +49,7 @@ def prepared_dir(data_config: ConfigDict, raw: dict | None = None) -> str:
   return os.path.join(cache_root(), "prepared", f"{name}-{raw_key(raw)}" if raw else name)
 
 
-# ----------------------------------------------------------------------------- raw files
-
-# In a prepared directory: the raw files it was prepared from, with their SHA-256 (not part of
-# the data's checksum, which covers what training reads).
+# In a prepared directory: the raw files it was prepared from (outside the data's checksum).
 RAW_MANIFEST = "raw_files.json"
 
 
@@ -96,9 +83,7 @@ def read_raw_manifest(directory: str) -> dict | None:
 
 
 def _write_raw_manifest(directory: str, manifest: dict) -> None:
-  path = os.path.join(directory, RAW_MANIFEST)
-  # atomic: concurrent writers of the same directory write the same
-  write_text_atomic(path, json.dumps(manifest, indent=2))
+  write_text_atomic(os.path.join(directory, RAW_MANIFEST), json.dumps(manifest, indent=2))
 
 
 def _cached_copies(data_config: ConfigDict) -> list[str]:
@@ -111,10 +96,9 @@ def _cached_copies(data_config: ConfigDict) -> list[str]:
 
 
 def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, str | None]:
-  """(raw_manifest of the source's raw files, None), or (None, the one cached copy of these
-  settings) when the raw files are gone but it remains (e.g. deleted to save space). Raises the
-  source's DataError when the files are missing and no single copy remains; downloads them
-  first where the source can (Amazon)."""
+  """(raw_manifest of the source's raw files, None); or, the files gone, (None, the one cached
+  copy of these settings) or (None, None) for a prepared `data.prepared_dir`. Else the source's
+  DataError, after a download where it can (Amazon)."""
   try:
     return raw_manifest(module.raw_files(data_config, download=False)), None
   except DataError as missing:
@@ -135,25 +119,9 @@ def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, st
   return raw_manifest(module.raw_files(data_config, download=True)), None
 
 
-def _check_raw_manifest(directory: str, manifest: dict) -> None:
-  """Raises DataError if a user-named prepared directory records other raw files' bytes."""
-  recorded = read_raw_manifest(directory)
-  if recorded is None:
-    logging.info("%s records no raw files (%s; prepared before they were recorded): not "
-                 "compared with %s", directory, RAW_MANIFEST, describe_raw(manifest))
-    return
-  if raw_key(recorded) != raw_key(manifest):
-    raise DataError(f"data.prepared_dir={directory} was prepared from other raw files "
-                    f"({describe_raw(recorded)}; now {describe_raw(manifest)}); delete it to "
-                    "prepare it again, or choose another directory")
-
-
 def _clear_damaged(directory: str, in_cache: bool) -> None:
-  """Makes room for preparing `directory`, which has no schema.json, so holds no prepared data.
-
-  Nothing to do if it is absent or empty. A damaged cache entry (e.g. schema.json deleted) is
-  removed and prepared again; a directory the user named is never deleted: DataError.
-  """
+  """Makes room for preparing `directory` (no schema.json): a damaged cache entry is removed; a
+  non-empty directory the user named is never deleted: DataError."""
   if not os.path.isdir(directory) or not os.listdir(directory):
     return
   if not in_cache:
@@ -169,20 +137,13 @@ def _clear_damaged(directory: str, in_cache: bool) -> None:
 def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
   """Returns (directory, schema) of the prepared data, preparing it first if needed.
 
-  A source that reads raw files (tabular, MovieLens, Amazon: a module with `raw_files`) is
-  cached by their contents too: every call hashes them (SHA-256), so a file edited in place
-  gets a new directory, and a user-named `data.prepared_dir` prepared from other bytes is a
-  DataError. The directory's RAW_MANIFEST records them, and the log names them.
-
-  Raises:
-    DataError / ConfigError with a one-line reason when the data is missing or does not
-    match the config.
+  A source with `raw_files` is also keyed by their SHA-256 (a `data.prepared_dir` prepared from
+  other bytes: DataError). DataError / ConfigError when the data is missing or does not match.
   """
-  raw, directory = None, None
-  if data_config.source in PREPARERS:
-    module = importlib.import_module(PREPARERS[data_config.source])
-    if hasattr(module, "raw_files"):
-      raw, directory = _raw_files_or_copy(data_config, module)
+  module = (importlib.import_module(PREPARERS[data_config.source])
+            if data_config.source in PREPARERS else None)
+  raw, directory = (_raw_files_or_copy(data_config, module) if hasattr(module, "raw_files")
+                    else (None, None))
   directory = directory or prepared_dir(data_config, raw)
   schema_path = os.path.join(directory, "schema.json")
   if not os.path.isfile(schema_path):
@@ -193,14 +154,20 @@ def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
                         f"expected one of {sorted(PREPARERS) + ['prepared']}")
     _clear_damaged(directory, in_cache=not data_config.prepared_dir)
     logging.info("Preparing %s data into %s", data_config.source, directory)
-    importlib.import_module(PREPARERS[data_config.source]).prepare(data_config, directory)
+    module.prepare(data_config, directory)
     if raw is not None:
       _write_raw_manifest(directory, raw)
   elif raw is not None:
-    if data_config.prepared_dir:
-      _check_raw_manifest(directory, raw)
-    elif read_raw_manifest(directory) is None:  # its name holds their key: record them
+    recorded = read_raw_manifest(directory)
+    if recorded is None and not data_config.prepared_dir:  # its name holds their key
       _write_raw_manifest(directory, raw)
+    elif recorded is None:
+      logging.info("%s records no raw files (%s): not compared with %s", directory,
+                   RAW_MANIFEST, describe_raw(raw))
+    elif data_config.prepared_dir and raw_key(recorded) != raw_key(raw):
+      raise DataError(f"data.prepared_dir={directory} was prepared from other raw files "
+                      f"({describe_raw(recorded)}; now {describe_raw(raw)}); delete it to "
+                      "prepare it again, or choose another directory")
   if raw is not None:
     logging.info("Prepared data %s comes from %s", directory, describe_raw(raw))
   schema = schema_lib.read_schema(directory)

@@ -1,38 +1,8 @@
 """Amazon 2014 5-core reviews (Books, Electronics) in the prepared format (docs/data.md).
 
-Raw files (McAuley et al., SNAP), gzipped or plain, looked up in `config.data.raw_dir` (default
-`cache_root()/raw/amazon`) and downloaded there when missing:
-
-  reviews_<Name>_5.json(.gz)  one JSON object per line: reviewerID, asin, unixReviewTime, ...
-  meta_<Name>.json(.gz)       one Python literal per line: asin, categories (list of paths), ...
-
-Three protocols (`config.data.protocol`), described step by step in docs/data.md:
-
-  "din"   the DIN reference preprocessing (zhougr1993/DeepInterestNetwork);
-  "dien"  the DIEN reference preprocessing (mouna99/dien);
-  "mian"  the paper's §4.1 statement with a validation split separate from test (default).
-
-The references have no validation split (they select on test); din and dien here hold one out
-of the training data, as their test is held out (`protocol_targets`), and keep their test split.
-
-All three write the same fields:
-
-  item.item_id, item.category           candidate item (and hist.item_id, hist.category)
-  user.user_id                          the reviewer
-  user.activity                         bucketed number of the user's earlier reviews
-  context.year, .month, .weekday        of the review being predicted (UTC)
-  context.gap                           bucketed days since the user's previous review
-
-The maps behind these ids, the bucket edges and each asin's category are kept in the prepared
-directory's vocab/ (`vocabularies`, vocab.py).
-
-Parsing the raw files (and counting what cannot be used) is `amazon_raw.py`; this module joins
-the parsed reviews with categories, applies a protocol and builds the examples.
-
-Every feature of an example is computed from the target review and the user's earlier reviews
-only (no future leakage); negatives share the positive's user and context features. Of repeated
-reviews of one item by one reviewer only the earliest is kept (`data.drop_duplicate_reviews`,
-default True), so a target is never among its own behaviours.
+Joins the parsed raw files (`amazon_raw.py`) with categories, applies a protocol ("din", "dien"
+or "mian", `config.data.protocol`) and builds the examples; every feature of an example comes
+from the target review and the user's earlier reviews only.
 """
 
 from __future__ import annotations
@@ -79,9 +49,6 @@ NEGATIVE_CHUNK = 1 << 20  # rows per chunk when checking negatives against the u
 EXTRA_BLOCK = 1 << 19  # target rows per call of the extra columns (e.g. amazon_like's click_prob)
 
 
-# ----------------------------------------------------------------------------- raw files
-
-
 def raw_file_names(dataset: str) -> tuple[str, str]:
   """(reviews, metadata) file names of `dataset` ("books" | "electronics"), gzipped."""
   if dataset not in DATASETS:
@@ -94,40 +61,26 @@ def default_raw_dir() -> str:
   return os.path.join(cache_root(), "raw", "amazon")
 
 
-def locate_raw_files(data_config: ConfigDict, download: bool = True) -> tuple[str, str]:
-  """Paths of the (reviews, metadata) files, downloading those that are missing (with
-  `download` False: DataError instead).
-
-  A file counts as present as `<name>.json.gz` or as the uncompressed `<name>.json`.
-  """
+def raw_files(data_config: ConfigDict, download: bool = True) -> list[str]:
+  """[reviews, metadata] paths, as `<name>.json.gz` or plain `<name>.json`; the missing ones
+  are downloaded (with `download` False: DataError instead)."""
   raw_dir = os.path.expanduser(data_config.raw_dir or default_raw_dir())
   base_url = data_config.get("base_url", SNAP_URL) or SNAP_URL
   paths, missing = [], []
   for name in raw_file_names(data_config.dataset):
     gz_path = os.path.join(raw_dir, name)
     plain_path = gz_path[:-len(".gz")]
-    if os.path.isfile(gz_path) or not os.path.isfile(plain_path):
-      paths.append(gz_path)
-      if not os.path.isfile(gz_path):
-        missing.append((base_url.rstrip("/") + "/" + name, gz_path))
-    else:
-      paths.append(plain_path)
+    paths.append(plain_path if os.path.isfile(plain_path) and not os.path.isfile(gz_path)
+                 else gz_path)
+    if paths[-1] == gz_path and not os.path.isfile(gz_path):
+      missing.append((base_url.rstrip("/") + "/" + name, gz_path))
   if missing and not download:
     raise DataError(f"amazon: {', '.join(p for _, p in missing)} not found")
   if missing:
     logging.info("Amazon raw files missing under %s; downloading %d file(s)", raw_dir,
                  len(missing))
     download_lib.ensure_files(missing)
-  return paths[0], paths[1]
-
-
-def raw_files(data_config: ConfigDict, download: bool = True) -> list[str]:
-  """[reviews, metadata] (the prepared-data cache is keyed by their bytes,
-  `mian_jax.data.raw_manifest`), downloaded first if missing and `download`."""
-  return list(locate_raw_files(data_config, download))
-
-
-# ----------------------------------------------------------------------------- joined reviews
+  return paths
 
 
 @dataclasses.dataclass
@@ -135,11 +88,9 @@ class Reviews:
   """Reviews joined with categories, dense ids, sorted by (user, time, file order).
 
   user [R] in [0, U), item [R] in [0, I), time [R] seconds; item_category [I] in [0, C);
-  start [U] first row of each user; count [U] reviews of each user; pos [R] rank of the review
-  within its user (0 = oldest). Ids are ranks of the sorted reviewerID / asin / category
-  strings (as DIN's remap), so they do not depend on the file order; user_keys [U],
-  item_keys [I] and category_keys [C] hold those sorted strings (the reviewerID / asin /
-  category of each id).
+  start [U], count [U] each user's first row and number of reviews; pos [R] rank within the
+  user (0 = oldest). Ids are ranks of the sorted strings (as DIN's remap): user_keys [U],
+  item_keys [I], category_keys [C] hold the reviewerID / asin / category of each id.
   """
   user: np.ndarray
   item: np.ndarray
@@ -156,13 +107,17 @@ class Reviews:
   category_keys: np.ndarray | None = None
 
 
-def _dense_ranks(keys: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, int]:
-  """Maps indices of `keys` to the ranks of the used keys in sorted order (-1 if unused)."""
-  order = np.argsort(keys, kind="stable")
+def _dense_ranks(keys: list[str], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(rank [K] of each key among the keys that `ids` use, in sorted order, -1 if unused;
+  the used keys, sorted)."""
+  names = np.array(keys, dtype=str)
+  used = np.zeros(len(names), bool)
+  used[ids] = True
+  order = np.argsort(names, kind="stable")
   order = order[used[order]]
-  ranks = np.full(len(keys), -1, np.int64)
+  ranks = np.full(len(names), -1, np.int64)
   ranks[order] = np.arange(len(order))
-  return ranks, len(order)
+  return ranks, names[order]
 
 
 def join_reviews(raw: amazon_raw.RawReviews, categories: list[str | None]) -> tuple[Reviews, int]:
@@ -171,22 +126,12 @@ def join_reviews(raw: amazon_raw.RawReviews, categories: list[str | None]) -> tu
   keep = has_meta[raw.item] if len(raw.item) else np.zeros(0, bool)
   dropped = int((~keep).sum())
   kept = (lambda a: a) if not dropped else (lambda a: a[keep])  # noqa: E731 - no copy if all
-  user_used = np.zeros(len(raw.user_keys), bool)
-  user_used[kept(raw.user)] = True
-  item_used = np.zeros(len(raw.item_keys), bool)
-  item_used[kept(raw.item)] = True
-  user_names = np.array(raw.user_keys, dtype=str)
-  item_names = np.array(raw.item_keys, dtype=str)
-  user_rank, num_users = _dense_ranks(user_names, user_used)
-  item_rank, num_items = _dense_ranks(item_names, item_used)
-  user_keys = np.empty(num_users, user_names.dtype)
-  user_keys[user_rank[user_used]] = user_names[user_used]
-  item_keys = np.empty(num_items, item_names.dtype)
-  item_keys[item_rank[item_used]] = item_names[item_used]
-  used_items = np.flatnonzero(item_used)
-  item_cat_names = np.array([categories[i] for i in used_items], dtype=str)
-  cat_names, cat_index = np.unique(item_cat_names, return_inverse=True)
-  item_category = np.zeros(num_items, np.int64)
+  user_rank, user_keys = _dense_ranks(raw.user_keys, kept(raw.user))
+  item_rank, item_keys = _dense_ranks(raw.item_keys, kept(raw.item))
+  used_items = np.flatnonzero(item_rank >= 0)
+  cat_names, cat_index = np.unique(np.array([categories[i] for i in used_items], dtype=str),
+                                   return_inverse=True)
+  item_category = np.zeros(len(item_keys), np.int64)
   item_category[item_rank[used_items]] = cat_index
   user = user_rank[kept(raw.user)]
   when = kept(raw.time)
@@ -197,22 +142,16 @@ def join_reviews(raw: amazon_raw.RawReviews, categories: list[str | None]) -> tu
   when = when[order]
   item = item_rank[kept(raw.item)][order]
   del order
-  count = np.bincount(user, minlength=num_users).astype(np.int64)
+  count = np.bincount(user, minlength=len(user_keys)).astype(np.int64)
   start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
   pos = np.arange(len(user), dtype=np.int64) - start[user]
-  return Reviews(user, item, when, item_category, start, count, pos, num_users, num_items,
-                 len(cat_names), user_keys, item_keys, cat_names), dropped
-
-
-# ----------------------------------------------------------------------------- negatives
+  return Reviews(user, item, when, item_category, start, count, pos, len(user_keys),
+                 len(item_keys), len(cat_names), user_keys, item_keys, cat_names), dropped
 
 
 def uniform_negatives(rng: np.random.Generator, reviews: Reviews, rows: np.ndarray) -> np.ndarray:
-  """For each target row, a uniformly random item that the row's user never reviewed.
-
-  (DIN build_dataset.py gen_neg: randint over all items until not in the user's pos_list.)
-  A user who reviewed every item cannot get a negative: DataError.
-  """
+  """For each target row, a uniformly random item that the row's user never reviewed (DIN
+  gen_neg); DataError if a user reviewed every item."""
   positive_keys = np.sort(reviews.user * reviews.num_items + reviews.item)
   positive_keys = positive_keys[np.flatnonzero(np.diff(positive_keys, prepend=-1))]  # unique
   if len(rows) and (np.bincount(positive_keys // reviews.num_items) >= reviews.num_items).any():
@@ -225,7 +164,7 @@ def uniform_negatives(rng: np.random.Generator, reviews: Reviews, rows: np.ndarr
     return at[positive_keys[found] == keys]
 
   negatives = rng.integers(reviews.num_items, size=len(rows))
-  # The first round over all rows in chunks (bounds temporary memory), then the redraws.
+  # The first round in chunks (bounds temporary memory), then the redraws.
   redo = np.concatenate([np.zeros(0, np.int64)] + [
       reviewed(np.arange(lo, min(lo + NEGATIVE_CHUNK, len(rows))))
       for lo in range(0, len(rows), NEGATIVE_CHUNK)])
@@ -251,12 +190,8 @@ def popularity_negatives(rng: np.random.Generator, reviews: Reviews,
   return negatives
 
 
-# ----------------------------------------------------------------------------- protocols
-
-
 def validation_users(valid_rng: np.random.Generator, eligible: np.ndarray) -> np.ndarray:
-  """[U] bool: ceil(VALID_USER_SHARE x the eligible users) of them, a seeded random choice
-  (never none while one is eligible, so small data still get a validation split)."""
+  """[U] bool: a seeded random ceil(VALID_USER_SHARE x the eligible users) of them."""
   users = np.flatnonzero(eligible)
   chosen = valid_rng.permutation(users)[:int(np.ceil(VALID_USER_SHARE * len(users)))]
   out = np.zeros(len(eligible), bool)
@@ -266,19 +201,16 @@ def validation_users(valid_rng: np.random.Generator, eligible: np.ndarray) -> np
 
 def protocol_targets(protocol: str, reviews: Reviews, rng: np.random.Generator,
                      valid_rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Sorted row indices of the reviews that are prediction targets, per split.
+  """{split: sorted row indices of the target reviews} (docs/data.md; n = the user's count).
 
-  din:  test = review n-1 of each user (n = the user's count), train = reviews 1..n-2, but for
-        the validation users (`validation_users` of those with n >= 3, drawn from
-        `valid_rng`), whose review n-2 is valid instead: the test, one step earlier in time.
-  dien: only review n-1 of each user (with >= 1 earlier review); users go to test with
-        probability 1/10 (split_by_user.py: randint(1, 10) == 2), else train, but for the
-        validation users (`validation_users` of the others), held out as the test users are.
+  din:  test = review n-1, train = reviews 1..n-2, but valid = review n-2 of the validation
+        users (`validation_users` of those with n >= 3).
+  dien: review n-1 only; test users with probability 1/10 (split_by_user.py), validation users
+        of the others, the rest train.
   mian: train = reviews 1..n-3, valid = review n-2, test = review n-1.
 
-  `rng` is drawn from exactly as in the references (dien: the test users), so the test split,
-  and the negatives drawn from `rng` next, do not depend on the validation draw. No target is
-  in two splits.
+  `rng` is drawn from as in the references, so neither the test split nor the negatives drawn
+  next depend on the validation draw (`valid_rng`).
   """
   pos, n = reviews.pos, reviews.count[reviews.user]
   last = (pos >= 1) & (pos == n - 1)
@@ -293,34 +225,16 @@ def protocol_targets(protocol: str, reviews: Reviews, rng: np.random.Generator,
     test = last & to_test[reviews.user]
     valid = last & to_valid[reviews.user]
     train = last & ~to_test[reviews.user] & ~to_valid[reviews.user]
-  elif protocol == "mian":
+  else:  # mian
     train = (pos >= 1) & (pos <= n - 3)
     valid = (pos >= 1) & (pos == n - 2)
     test = last
-  else:
-    raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
   return {"train": np.flatnonzero(train), "valid": np.flatnonzero(valid),
           "test": np.flatnonzero(test)}
 
 
-def draw_negatives(protocol: str, reviews: Reviews, rng: np.random.Generator) -> np.ndarray:
-  """[R] one negative item per review row (drawn for every row, as the references do)."""
-  rows = np.arange(len(reviews.item))
-  if protocol == "dien":
-    return popularity_negatives(rng, reviews, rows)
-  return uniform_negatives(rng, reviews, rows)
-
-
-# ----------------------------------------------------------------------------- examples
-
-
 def _ids(x: np.ndarray) -> np.ndarray:
   return (x + schema_lib.NUM_RESERVED_IDS).astype(np.int32)
-
-
-def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """[M] and [M] -> [2M] as a0, b0, a1, b1, ..."""
-  return np.stack([a, b], axis=1).reshape(-1)
 
 
 def behaviour_ids(reviews: Reviews) -> tuple[np.ndarray, np.ndarray]:
@@ -331,16 +245,13 @@ def behaviour_ids(reviews: Reviews) -> tuple[np.ndarray, np.ndarray]:
           np.concatenate([_ids(reviews.item_category[reviews.item]), pad]))
 
 
-def _fill_history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
-                  out_item: np.ndarray, out_cat: np.ndarray,
-                  behaviours: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-  """Writes the behaviours of each target row into rows 2k and 2k+1 of out_item / out_cat.
-
-  Behaviours of row r: the user's reviews strictly before r, the most recent max_seq_len of
-  them, newest first (slot t = the (t+1)-th most recent), left-aligned, padded with 0.
-  Shapes: rows [M]; outs [2M, T]. behaviours: `behaviour_ids(reviews)`, if already at hand.
-  """
-  item_ids, cat_ids = behaviours or behaviour_ids(reviews)
+def _history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
+             behaviours: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """([2M, T], [2M, T]) item and category behaviours of target rows [M], in rows 2k and 2k+1:
+  the user's most recent T reviews before the row, newest first, padded with 0.
+  behaviours: `behaviour_ids(reviews)`."""
+  out_item, out_cat = (np.empty((2 * len(rows), max_seq_len), np.int32) for _ in range(2))
+  item_ids, cat_ids = behaviours
   t = np.arange(max_seq_len)
   for lo in range(0, len(rows), HIST_CHUNK):
     r = rows[lo:lo + HIST_CHUNK]
@@ -350,6 +261,7 @@ def _fill_history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
       pair = out[2 * lo:2 * (lo + len(r))].reshape(len(r), 2, max_seq_len)
       pair[:, 0] = ids.take(index, mode="clip")  # in range: clip only skips the bounds check
       pair[:, 1] = pair[:, 0]
+  return out_item, out_cat
 
 
 def year_of(seconds: np.ndarray) -> np.ndarray:
@@ -361,27 +273,20 @@ def year_of(seconds: np.ndarray) -> np.ndarray:
 def calendar(seconds: np.ndarray, years: np.ndarray) -> dict[str, np.ndarray]:
   """0-based year (index into `years`), month 0..11, weekday 0..6 (Monday = 0), all UTC."""
   days = np.floor_divide(seconds, SECONDS_PER_DAY)
-  date = days.astype("datetime64[D]")
-  year = year_of(seconds)
-  month = date.astype("datetime64[M]").astype(np.int64) % 12
+  month = days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12
   weekday = (days + 3) % 7  # 1970-01-01 was a Thursday
-  return {"year": np.searchsorted(years, year), "month": month, "weekday": weekday}
+  return {"year": np.searchsorted(years, year_of(seconds)), "month": month, "weekday": weekday}
 
 
-def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
-                   max_seq_len: int, years: np.ndarray,
-                   behaviours: tuple[np.ndarray, np.ndarray] | None = None
+def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, max_seq_len: int,
+                   years: np.ndarray, behaviours: tuple[np.ndarray, np.ndarray]
                    ) -> dict[str, np.ndarray]:
   """Columns of 2M examples for M target rows: example 2k is the positive (the reviewed item,
-  label 1), 2k+1 the negative (negatives[rows[k]], label 0), both with the same behaviours,
-  user and context features. behaviours: `behaviour_ids(reviews)`, if already at hand."""
-  m = len(rows)
-  hist_item = np.empty((2 * m, max_seq_len), np.int32)
-  hist_cat = np.empty((2 * m, max_seq_len), np.int32)
-  _fill_history(reviews, rows, max_seq_len, hist_item, hist_cat, behaviours)
+  label 1), 2k+1 the negative (negatives[rows[k]], label 0), with the same other features."""
+  hist_item, hist_cat = _history(reviews, rows, max_seq_len, behaviours)
   pos = reviews.pos[rows]
   both = lambda x: np.repeat(x, 2)  # noqa: E731
-  cand = _interleave(reviews.item[rows], negatives[rows])
+  cand = np.stack([reviews.item[rows], negatives[rows]], axis=1).reshape(-1)  # interleaved
   has_previous = pos >= 1
   gap_days = np.where(has_previous,
                       (reviews.time[rows] - reviews.time[np.maximum(rows - 1, 0)])
@@ -401,7 +306,7 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
       "context.month": _ids(both(cal["month"])),
       "context.weekday": _ids(both(cal["weekday"])),
       "context.gap": _ids(both(gap)),
-      "label": np.tile(np.array([1.0, 0.0], np.float32), m),
+      "label": np.tile(np.array([1.0, 0.0], np.float32), len(rows)),
       "group_id": both(reviews.user[rows]).astype(np.int64),
   }
 
@@ -409,8 +314,8 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray,
 def example_blocks(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, max_seq_len: int,
                    years: np.ndarray, extra_columns: ExtraColumns | None,
                    split: str) -> Iterator[dict[str, np.ndarray]]:
-  """`build_examples` (and `extra_columns`) of target rows `rows`, EXAMPLE_BLOCK rows at a time,
-  in order, with progress lines: a split is written without being held in memory whole."""
+  """`build_examples` (and `extra_columns`) of `rows`, EXAMPLE_BLOCK rows at a time, so that a
+  split is written without being held in memory whole."""
   progress = amazon_raw.Progress(f"amazon: building {split} examples", 2 * len(rows),
                                  "examples")
   behaviours = behaviour_ids(reviews)
@@ -432,10 +337,8 @@ def example_blocks(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, ma
 
 
 def vocabularies(reviews: Reviews, years: np.ndarray, protocol: str) -> dict[str, Any]:
-  """The keyword arguments of `vocab.write_vocabularies` for prepared Amazon data: the maps of
-  reviewerID, asin, category and calendar values, the encoders of the bucketed fields, and each
-  asin's category."""
-  review_time = "unixReviewTime (seconds)"
+  """The keyword arguments of `vocab.write_vocabularies`: the maps of reviewerID, asin,
+  category and calendar values, the encoders of the derived fields, and each asin's category."""
   category_rule = ("last element of the first category path" if protocol == "dien"
                    else "last element of the last category path")
   return {
@@ -458,9 +361,9 @@ def vocabularies(reviews: Reviews, years: np.ndarray, protocol: str) -> dict[str
                           "first_id": schema_lib.NUM_RESERVED_IDS,
                           "of": "whole days (floor) since the reviewer's previous review; "
                                 "missing for the first review"},
-          "context.year": {"kind": "calendar", "unit": "year", "of": review_time},
-          "context.month": {"kind": "calendar", "unit": "month", "of": review_time},
-          "context.weekday": {"kind": "calendar", "unit": "weekday", "of": review_time},
+          **{f"context.{unit}": {"kind": "calendar", "unit": unit,
+                                 "of": "unixReviewTime (seconds)"}
+             for unit in ("year", "month", "weekday")},
       },
       "lookups": {"item.item_id": {
           "keys": reviews.item_keys.tolist(),
@@ -489,8 +392,6 @@ def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
                            extra_columns=extra_columns, source=source)
 
 
-# ----------------------------------------------------------------------------- predict
-
 # The columns of records to score (`mian_jax.predict`), named as in the raw reviews file, and
 # optionally the label (1 = a review, the item was bought; 0 = not).
 PREDICT_COLUMNS = dict(user_id="reviewerID", item_id="asin", timestamp="unixReviewTime",
@@ -505,14 +406,10 @@ def predict_reader(data_config: ConfigDict) -> ConfigDict:
 
 def behaviours_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.ndarray,
                         max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Each row's behaviours as `_fill_history` builds them: the same user's reviews before the
-  row in (time, row order), as `join_reviews` orders reviews (ties in file order).
+  """Each row's behaviours as `_history` builds them: the same user's reviews (is_review [N])
+  before the row in (time, row order). users, seconds: [N].
 
-  Args:
-    users: [N] user keys; seconds: [N] times; is_review: [N] bool, which rows are reviews.
-
-  Returns:
-    (indices [N, T] of rows, newest first, -1 = padding; counts [N] of all such reviews).
+  Returns (indices [N, T] of rows, newest first, -1 = padding; counts [N] of all such reviews).
   """
   n = len(users)
   codes = pd.factorize(pd.Series(users), sort=True)[0]
@@ -536,14 +433,11 @@ def behaviours_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.nd
 
 def encode_records(records: tabular.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Review records -> the columns of a prepared split and the unseen values per field.
+  """Review records -> (the columns of a prepared split, the unseen values per field).
 
-  Each row is a review of `asin` by `reviewerID` at `unixReviewTime` (label 1, or every row
-  when the input has no label column), or a candidate to score that is not a review (label
-  0 or empty). A row's behaviours are the reviewer's reviews before it in (time, input
-  order) (`behaviours_in_order`): put a candidate before the review of the same time that it
-  should not see. user.activity counts them, context.gap is the whole days since the newest;
-  the category of an asin comes from the lookup kept in `directory`/vocab/.
+  A row with label 1 (every row, without a label column) is a review, and a behaviour of the
+  reviewer's later rows (`behaviours_in_order`); other rows are candidates to score. The
+  category of an asin comes from the lookup in `directory`/vocab/.
   """
   log = records.log
   vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
@@ -574,14 +468,10 @@ def encode_records(records: tabular.Records, directory: str,
   return columns, unseen
 
 
-# ----------------------------------------------------------------------------- entry points
-
-
 def _first_skipped_text(first_skipped: Mapping[str, str]) -> str:
   """"; first skipped: bad_time at line 3: ..." (empty if nothing was skipped)."""
-  if not first_skipped:
-    return ""
-  return "; first skipped: " + "; ".join(f"{k} at {v}" for k, v in first_skipped.items())
+  text = "; ".join(f"{k} at {v}" for k, v in first_skipped.items())
+  return f"; first skipped: {text}" if text else ""
 
 
 def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> None:
@@ -599,8 +489,7 @@ def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> No
   if r["kept"] == 0:
     raise DataError(f"amazon: no review of {paths[0]} has an item with categories in "
                     f"{paths[1]} (reviews {r}, metadata {m})")
-  for what, ratio, path in (("reviews", stats["bad_row_ratio"]["reviews"], paths[0]),
-                            ("metadata", stats["bad_row_ratio"]["metadata"], paths[1])):
+  for (what, ratio), path in zip(stats["bad_row_ratio"].items(), paths):
     if ratio > max_ratio:
       raise DataError(f"amazon: {ratio:.2%} of the {what} lines of {path} are bad, above "
                       f"data.max_bad_row_ratio={max_ratio:g} (reviews {r}, metadata {m})"
@@ -610,10 +499,7 @@ def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> No
 def load_reviews(reviews_path: str, meta_path: str, protocol: str, max_bad_row_ratio: float,
                  drop_duplicates: bool = True) -> tuple[Reviews, dict]:
   """Parses and joins the raw files; returns (Reviews, stats) or raises DataError.
-
-  drop_duplicates: keep only the earliest review of each (reviewer, asin) pair
-  (`drop_duplicate_reviews`); the number dropped is stats["reviews"]["duplicate_reviews"].
-  """
+  drop_duplicates: keep only the earliest review of each (reviewer, asin) pair."""
   raw = amazon_raw.read_reviews(reviews_path)
   logging.info("amazon: parsed %s: %s", reviews_path, raw.counts)
   duplicates = 0
@@ -646,9 +532,7 @@ ExtraColumns = Callable[[Reviews, np.ndarray, np.ndarray], dict[str, np.ndarray]
 def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: str,
                        directory: str, extra_columns: ExtraColumns | None = None) -> dict:
   """Prepares `directory` from the given raw files; returns the stats written to stats.json.
-
-  extra_columns, if given, adds its columns to every split (e.g. amazon_like's click_prob).
-  """
+  extra_columns, if given, adds its columns to every split (e.g. amazon_like's click_prob)."""
   protocol = data_config.protocol
   if protocol not in PROTOCOLS:
     raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
@@ -661,7 +545,9 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
   with amazon_raw.stage("drawing targets and negatives"):
     targets = protocol_targets(protocol, reviews, rng,
                                np.random.default_rng([seed, VALID_STREAM]))
-    negatives = draw_negatives(protocol, reviews, rng)
+    # One negative per review row, as the references draw them.
+    negatives = (popularity_negatives if protocol == "dien" else uniform_negatives)(
+        rng, reviews, np.arange(len(reviews.item)))
   years = np.unique(year_of(reviews.time))
   sizes = {s: 2 * len(targets[s]) for s in schema_lib.SPLITS}
   for split, size in sizes.items():
@@ -685,8 +571,7 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
     first = next(splits["train"])  # its columns name the extra columns of the schema
     splits["train"] = itertools.chain([first], splits["train"])
     extra_names = tuple(sorted(k.split(".", 1)[1] for k in first if k.startswith("extra.")))
-    source = (f"amazon({data_config.dataset}, protocol={protocol}, "
-              f"seed={data_config.get('seed', 0)})")
+    source = f"amazon({data_config.dataset}, protocol={protocol}, seed={seed})"
     schema = make_schema(reviews, len(years), data_config.max_seq_len, sizes, source,
                          extra_names)
     write_vocabularies = functools.partial(vocab.write_vocabularies,
@@ -703,5 +588,4 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
 
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Finds (or downloads) the raw files of `data_config.dataset` and prepares `directory`."""
-  reviews_path, meta_path = locate_raw_files(data_config)
-  prepare_from_files(data_config, reviews_path, meta_path, directory)
+  prepare_from_files(data_config, *raw_files(data_config), directory)

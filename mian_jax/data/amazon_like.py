@@ -1,43 +1,10 @@
 """An Amazon-like benchmark: synthetic shopping histories written as raw Amazon 2014 files, with
 the true purchase probability of every candidate known (docs/data.md, "Amazon-like benchmark").
 
-The raw files go through the real Amazon preparation (`amazon_raw.py` parsing, `amazon.py`
-protocols, negatives, features), and every prepared example gets `extra.click_prob`, the
-Bayes-optimal probability that it is the positive of its pair, so each evaluation reports an
-oracle AUC.
-Settings: `config.data.generator` (configs/amazon_like.py, one comment per setting).
-
-The generative story (day d, month m(d); the shopper never buys an item twice):
-
-  Catalogue  I items in C categories of uneven size (Dirichlet shares, at least
-             `min_items_per_category` each). Within a category, the popularity share pi_i is
-             log-normal, normalised to sum to 1 per category. Each category has a month profile
-             season[c, m]: gift categories peak in Nov-Dec, summer ones in July, the rest are
-             flat up to small noise. Each category a has a few complementary categories: the
-             transition row T[a, :] puts `repeat_share` on a itself and splits the rest
-             equally over its complements. Each item has K complementary items (a camera's
-             lens), mostly in a complementary category, popular ones more likely.
-  Users      U users, each with a few favourite categories. Taste over categories:
-               taste_u(d)[c] = floor / C + (1 - floor) sum_k w_uk(d) [fav_uk = c],
-               w_u(d) = (1 - f) w_start_u + f w_end_u,  f = 1 - exp(-(d - d0_u) / drift_days),
-             w_start, w_end ~ Dirichlet over the favourites, d0_u the user's first review day:
-             interests move slowly, so recent behaviour says more than old.
-  Time       n_u >= 5 reviews per user (5 + a floored log-normal, mean about 13), on strictly
-             increasing whole days: log-normal gaps (>= 1 day) around a per-user typical gap,
-             the span placed inside [first_date, last_date], later starts more likely.
-  Choice     The t-th purchase of user u, on day d, after purchases x_0 .. x_{t-1}, is item i
-             with probability p_i = w_i / Z, Z = sum_j w_j, where
-               w_i = [i not in x_0..x_{t-1}] (a_u(d, c_i) pi_i + sum_{k<W} h_k n_k(i) / K),
-               a_u(d, c) = exp(season[c, m(d)]) (taste_u(d)[c] + lambda T[c(x_{t-1}), c]),
-             h_k = complement_weight complement_decay^k and n_k(i) the number of times i is
-             listed among the K complements of x_{t-1-k}. A shopper buys from taste (weighted by
-             the season), from a need the last purchase created in a related category, or a
-             complement of a recent purchase. Equivalently: a softmax over the items not yet
-             bought of the score log w_i.
-
-The truth (`truth_<name>.npz`, no pickle) holds these latent parameters and, for every review,
-log Z (computed anyway when sampling), so the purchase probability of any candidate at any
-review is exact and cheap: w_i / Z (`purchase_probability`).
+The raw files go through the real Amazon preparation, and every prepared example gets
+`extra.click_prob`, its Bayes-optimal probability of being the positive of its pair. The
+generative story, in the notation used below, is in docs/data.md; its settings are
+`config.data.generator`.
 """
 
 from __future__ import annotations
@@ -62,16 +29,13 @@ from mian_jax.fileio import cache_root
 
 SECONDS_PER_DAY = amazon.SECONDS_PER_DAY
 DAYS_PER_YEAR = 365.25
-# Month-of-year shapes (January = 0) of the seasonal categories, scaled by the amplitudes.
+# Month-of-year shapes (January = 0) of the seasonal categories.
 GIFT_PROFILE = np.array([0.0] * 10 + [0.5, 1.0])  # Nov half, Dec full
 SUMMER_PROFILE = np.cos(2 * np.pi * (np.arange(12) - 6) / 12)  # July +1, January -1
-# Elements per array of one chunk of users (bounds the temporary memory of the sampler), and
-# (review, item) pairs per chunk when computing probabilities.
-CHUNK_ELEMENTS = 1 << 22
-PAIR_CHUNK = 1 << 18
-# Sampling: an unrestricted draw is rejected when it is an item already bought. Rows whose
-# acceptance probability is below MIN_ACCEPTANCE, or still rejected after MAX_REJECTION_ROUNDS,
-# are drawn exactly from their dense weights over all items instead.
+CHUNK_ELEMENTS = 1 << 22  # elements per array of one chunk of users (bounds sampler memory)
+PAIR_CHUNK = 1 << 18  # (review, item) pairs per chunk when computing probabilities
+# Rows whose acceptance probability is below MIN_ACCEPTANCE, or still rejected after
+# MAX_REJECTION_ROUNDS, are drawn from their dense weights over all items instead.
 MIN_ACCEPTANCE = 0.05
 MAX_REJECTION_ROUNDS = 64
 WRITE_CHUNK = 200_000  # lines per write
@@ -84,20 +48,15 @@ _USER_SCRAMBLE, _USER_OFFSET, _USER_MODULUS = 25_214_903_917, 0x2545F4914F6CD, 1
 _ITEM_SCRAMBLE, _ITEM_OFFSET, _ITEM_MODULUS = 6_364_136_223, 1_442_695_041, 10 ** 10
 
 
-# ----------------------------------------------------------------------------- the latent world
-
-
 @dataclasses.dataclass
 class World:
-  """The latent parameters and the generated reviews (R of them, user-major, oldest first).
+  """The latent parameters and the R generated reviews (user-major, oldest first).
 
-  Catalogue: item_category [I] in [0, C); item_share [I] popularity pi within its category;
-  season [C, 12] log factor per month; transition [C, C] rows T[a, :] summing to 1;
-  complements [I, K] items.
-  Users: favourites [U, F] distinct categories; taste_start, taste_end [U, F] weights.
-  Reviews: event_start [U], event_count [U]; event_item [R]; event_day [R] days since
-  1970-01-01; log_z [R] log of the choice normaliser Z.
-  Scalars: taste_floor, taste_drift_days, transition_weight; complement_mass [W] = h_k / K.
+  item_category [I] in [0, C); item_share [I] popularity pi within its category; season
+  [C, 12] log factor per month; transition [C, C] rows T[a, :]; complements [I, K] items;
+  favourites [U, F] distinct categories; taste_start, taste_end [U, F] weights; event_start,
+  event_count [U]; event_item [R]; event_day [R] days since 1970-01-01; log_z [R] log Z;
+  complement_mass [W] = h_k / K.
   """
   user_names: np.ndarray
   item_names: np.ndarray
@@ -158,12 +117,10 @@ def save_world(world: World, path: str) -> None:
 
 
 def load_world(path: str) -> World:
+  cast = {"str": str, "float": float}  # field types, as strings (postponed annotations)
   with np.load(path, allow_pickle=False) as npz:
-    values = {}
-    for f in dataclasses.fields(World):
-      a = npz[f.name]
-      values[f.name] = (str(a) if f.type == "str" else float(a) if f.type == "float" else a)
-  return World(**values)
+    return World(**{f.name: cast.get(f.type, np.asarray)(npz[f.name])
+                    for f in dataclasses.fields(World)})
 
 
 def generator_key(g: ConfigDict) -> str:
@@ -175,27 +132,27 @@ def generator_key(g: ConfigDict) -> str:
 def check_settings(g: ConfigDict) -> None:
   """Raises ConfigError for generator settings that cannot produce a valid data set."""
   window = _day(g.last_date) - _day(g.first_date)
-  problems = []
-  if g.num_categories * g.min_items_per_category > g.num_items:
-    problems.append("num_items < num_categories * min_items_per_category")
-  if min(g.min_items_per_category, g.num_complement_items, g.complement_window) < 1:
-    problems.append("min_items_per_category, num_complement_items and complement_window must "
-                    "be >= 1 (complement_weight=0 turns complements off)")
-  if not 1 <= g.num_favourite_categories <= g.num_categories:
-    problems.append("num_favourite_categories must lie in [1, num_categories]")
-  if not g.min_reviews_per_user < g.mean_reviews_per_user - 0.5:
-    problems.append("mean_reviews_per_user must exceed min_reviews_per_user + 0.5")
-  if not g.min_reviews_per_user <= g.max_reviews_per_user < min(g.num_items, window + 1):
-    problems.append("need min_reviews_per_user <= max_reviews_per_user < num_items and < the "
-                    "number of days from first_date to last_date")
-  if not 0 <= g.gift_category_share + g.summer_category_share <= 1:
-    problems.append("gift_category_share + summer_category_share must lie in [0, 1]")
-  if not (0 < g.taste_floor <= 1 and 0 <= g.repeat_share <= 1
-          and 0 <= g.complement_cross_share <= 1):
-    problems.append("taste_floor must lie in (0, 1], repeat_share and complement_cross_share "
-                    "in [0, 1]")
-  if len(g.rating_probs) != 5 or abs(sum(g.rating_probs) - 1) > 1e-9:
-    problems.append("rating_probs must be 5 probabilities summing to 1")
+  checks = [
+      (g.num_categories * g.min_items_per_category <= g.num_items,
+       "num_items < num_categories * min_items_per_category"),
+      (min(g.min_items_per_category, g.num_complement_items, g.complement_window) >= 1,
+       "min_items_per_category, num_complement_items and complement_window must be >= 1 "
+       "(complement_weight=0 turns complements off)"),
+      (1 <= g.num_favourite_categories <= g.num_categories,
+       "num_favourite_categories must lie in [1, num_categories]"),
+      (g.min_reviews_per_user < g.mean_reviews_per_user - 0.5,
+       "mean_reviews_per_user must exceed min_reviews_per_user + 0.5"),
+      (g.min_reviews_per_user <= g.max_reviews_per_user < min(g.num_items, window + 1),
+       "need min_reviews_per_user <= max_reviews_per_user < num_items and < the number of days "
+       "from first_date to last_date"),
+      (0 <= g.gift_category_share + g.summer_category_share <= 1,
+       "gift_category_share + summer_category_share must lie in [0, 1]"),
+      (0 < g.taste_floor <= 1 and 0 <= g.repeat_share <= 1 and 0 <= g.complement_cross_share <= 1,
+       "taste_floor must lie in (0, 1], repeat_share and complement_cross_share in [0, 1]"),
+      (len(g.rating_probs) == 5 and abs(sum(g.rating_probs) - 1) <= 1e-9,
+       "rating_probs must be 5 probabilities summing to 1"),
+  ]
+  problems = [message for ok, message in checks if not ok]
   if problems:
     raise ConfigError("data.generator: " + "; ".join(problems))
 
@@ -237,7 +194,7 @@ def _draw_in_categories(rng, categories, order, cumulative, end):
 
 
 def make_catalogue(g: ConfigDict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Categories, popularity, seasons, transitions and complements (see the module docstring)."""
+  """Categories, popularity, seasons, transitions and complements (docs/data.md)."""
   num_c, num_i = g.num_categories, g.num_items
   size_share = rng.dirichlet(np.full(num_c, g.category_size_concentration))
   sizes = g.min_items_per_category + rng.multinomial(
@@ -337,9 +294,6 @@ def make_schedule(g: ConfigDict, rng: np.random.Generator) -> tuple[np.ndarray, 
   return count, (begin[user] + offset).astype(np.int64)
 
 
-# ----------------------------------------------------------------------------- the choice model
-
-
 def category_appeal(world: World, user: np.ndarray, day: np.ndarray, prev_category: np.ndarray,
                     category: np.ndarray | None = None) -> np.ndarray:
   """a_u(d, c) = exp(season[c, m(d)]) (taste_u(d)[c] + lambda T[c_prev, c]) at N reviews.
@@ -415,9 +369,6 @@ def purchase_probability(world: World, events: np.ndarray, items: np.ndarray) ->
     e, i = events[lo:lo + PAIR_CHUNK], items[lo:lo + PAIR_CHUNK]
     out[lo:lo + len(e)] = purchase_weight(world, e, i) * np.exp(-world.log_z[e])
   return out
-
-
-# ----------------------------------------------------------------------------- sampling
 
 
 def _inverse_cdf(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
@@ -537,9 +488,6 @@ def make_world(g: ConfigDict) -> World:
   return world
 
 
-# ----------------------------------------------------------------------------- raw files
-
-
 def raw_paths(directory: str, name: str) -> dict[str, str]:
   return {"reviews": os.path.join(directory, f"reviews_{name}_5.json.gz"),
           "meta": os.path.join(directory, f"meta_{name}.json.gz"),
@@ -628,9 +576,6 @@ def generate(g: ConfigDict, directory: str) -> World:
                "in %.1fs", len(world.event_count), world.num_items, len(world.event_item),
                sampled - started, directory, time.time() - sampled)
   return world
-
-
-# ----------------------------------------------------------------------------- preparation
 
 
 def default_raw_dir(g: ConfigDict) -> str:

@@ -1,15 +1,7 @@
 """Parsing the raw Amazon 2014 files: review lines (JSON) and metadata lines (Python literals).
 
-`read_reviews` streams the review file in blocks of BLOCK_BYTES through pyarrow's JSON reader
-into compact columns (`RawReviews`: int codes and times, no Python object per row); a block
-that pyarrow could read differently, and every line that is not a clean review, goes through
-the line-level rules of `review_of_line` (`parse_reviews`), so the result is exactly that of
-reading every line with `json.loads` (docs/data.md, "Preparation at scale"). Metadata lines
-go through `parse_metadata`. Every line that cannot be used (malformed JSON or literals,
-missing fields, implausible times, undecodable bytes) is counted and reported instead of
-failing; `drop_duplicate_reviews` drops repeated reviews of one item by one reviewer. Long
-reads log progress lines. `mian_jax/data/amazon.py` turns the result into the protocols'
-examples.
+Reviews are read in blocks by pyarrow's JSON reader with exactly the outcome of `json.loads` per
+line (docs/data.md, "Preparation at scale"); unusable lines are counted, not fatal.
 """
 
 from __future__ import annotations
@@ -51,14 +43,11 @@ _ARROW_PARSE = pa_json.ParseOptions(
                                ("unixReviewTime", pa.int64())]),
     unexpected_field_behavior="ignore")
 _ARROW_READ = pa_json.ReadOptions(use_threads=True, block_size=1 << 22)
-# Bytes after which a block cannot be given to pyarrow as it is: \r (json.loads' line reading
-# also ends lines there).
-_ARROW_UNSAFE = (b"\r",)
+_ARROW_UNSAFE = (b"\r",)  # json.loads' line reading ends lines there too: not for pyarrow
 
 
 class Progress:
-  """Logs "<what>: <rows> rows (<rows/s>), <share of the input>, ETA" at most every
-  PROGRESS_SECONDS while a long stage runs; `done` logs the stage's total time."""
+  """Logs "<what>: <rows> rows (<rows/s>), <share>, ETA" at most every PROGRESS_SECONDS."""
 
   def __init__(self, what: str, total: float | None = None, unit: str = "rows"):
     self.what, self.total, self.unit = what, total, unit
@@ -93,8 +82,7 @@ def peak_rss_gb() -> float:
 
 @contextlib.contextmanager
 def stage(what: str) -> Iterator[None]:
-  """Logs how long the `with` body took (wall and CPU time of all threads) and the peak RSS so
-  far: one line per stage."""
+  """Logs the wall and CPU time of the `with` body and the peak RSS so far."""
   started, cpu_started = time.time(), time.process_time()
   yield
   logging.info("amazon: %s took %.1fs, CPU %.1fs (peak RSS so far %.2f GB)", what,
@@ -114,26 +102,22 @@ def _open_binary(path: str) -> tuple[io.BufferedReader, io.BufferedIOBase]:
 
 
 def open_text(path: str) -> io.TextIOBase:
-  """Opens a text file for reading, gunzipping it if it starts with the gzip magic bytes.
-
-  Bytes that are not UTF-8 decode to lone surrogates (errors="surrogateescape"), so two ids
-  that differ only there stay two ids (with errors="replace" both would read as U+FFFD).
-  """
+  """The text of a file, gunzipped if it starts with the gzip magic bytes."""
   return _as_text(_open_binary(path)[1])
 
 
 def _as_text(stream) -> io.TextIOBase:
+  # Bytes that are not UTF-8 become lone surrogates: ids that differ only there stay distinct.
   return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
 
 
 def parse_file(path: str, parse: Callable[[io.TextIOBase], object]):
-  """parse(<the opened file>); a damaged file is a DataError naming it and what to do."""
+  """parse(<the opened text file>); a damaged file is a DataError."""
   return _read_checked(path, lambda stored, content: parse(_as_text(content)))
 
 
 def _read_checked(path: str, read: Callable[[io.BufferedReader, io.BufferedIOBase], object]):
-  """read(<the file as stored>, <its content>), closing both; a damaged file is a DataError
-  naming it and what to do."""
+  """read(<the file as stored>, <its content>), closing both; a damaged file is a DataError."""
   try:
     stored, content = _open_binary(path)
     with stored, content:
@@ -159,18 +143,11 @@ def _text_lines(path: str, stored: io.BufferedReader, content, what: str) -> Ite
   progress.done(count)
 
 
-# ----------------------------------------------------------------------------- reviews
-
-
 @dataclasses.dataclass
 class RawReviews:
-  """The needed fields of the parsed review lines, in file order (R reviews).
-
-  user, item: [R] int64 indices into user_keys / item_keys (first-seen order).
-  time: [R] int64 unixReviewTime in seconds.
-  line: [R] int64 1-based line number of each review in its file.
-  first_skipped: the first skipped line of each kind (a key of `counts`): "line N: <what>".
-  """
+  """The parsed reviews in file order: user, item [R] int64 indices into user_keys / item_keys
+  (first-seen order), time [R] seconds, line [R] 1-based line numbers; first_skipped: the
+  first skipped line of each kind of `counts`, "line N: <what>"."""
   user_keys: list[str]
   item_keys: list[str]
   user: np.ndarray
@@ -182,10 +159,9 @@ class RawReviews:
 
 
 def review_of_line(line: str) -> tuple[str, object, object, object]:
-  """(outcome, reviewerID, asin, unixReviewTime) of one review line; outcome is "review",
-  "blank_lines", "malformed_lines" (not a JSON object), "missing_fields" (reviewerID / asin
-  not non-empty strings, or unixReviewTime not an integer) or "bad_time" (unixReviewTime not a
-  Unix time in seconds between 1970 and 2099, timestamps.py: negative, milliseconds, ...)."""
+  """(outcome, reviewerID, asin, unixReviewTime) of one line; outcome: "review", "blank_lines",
+  "malformed_lines", "missing_fields" (ids not non-empty strings, time not an int) or
+  "bad_time" (not plausible Unix seconds, timestamps.py)."""
   if not line.strip():
     return "blank_lines", None, None, None
   try:
@@ -204,9 +180,8 @@ def review_of_line(line: str) -> tuple[str, object, object, object]:
 
 
 class _ReviewColumns:
-  """Parsed reviews gathered block by block: per block the distinct reviewerIDs and asins (in
-  first-seen order) with each review's index into them, the time and line columns, and the line
-  counts; `result` numbers the keys of all blocks at once."""
+  """Parsed reviews gathered block by block (keys per block, in first-seen order, and columns)
+  and the line counts; `result` numbers the keys of all blocks at once."""
 
   def __init__(self):
     self.blocks: list[tuple] = []  # (users, user [n], items, item [n], time [n], line [n])
@@ -244,9 +219,8 @@ class _ReviewColumns:
     return count
 
   def add_block(self, block: bytes, first_number: int) -> int:
-    """Parses whole lines `block` (numbered from first_number) with pyarrow, or, where pyarrow
-    cannot be trusted with it, in pieces (`SPLIT_PIECES`) or line by line; returns the number
-    of lines."""
+    """Parses whole lines `block` (numbered from first_number) with pyarrow, or where pyarrow
+    cannot be trusted with it, in SPLIT_PIECES pieces or line by line; returns the lines."""
     parsed = _arrow_reviews(block, first_number)
     if parsed is not None:
       table, lines, line_numbers, clean = parsed
@@ -266,9 +240,8 @@ class _ReviewColumns:
 
   def _add_table(self, table: pa.Table, block: bytes, first_number: int,
                  line_numbers: np.ndarray, clean: np.ndarray) -> bool:
-    """Adds pyarrow's rows; the rows that are not clean reviews are read again by
-    `review_of_line` (json.loads decides their outcome). False (nothing added) if one of them
-    is a review after all, which would put it out of file order."""
+    """Adds pyarrow's rows, reading those that are not clean reviews again with
+    `review_of_line`; False (nothing added) if one of them is a review after all."""
     if not clean.all():
       starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + 1])
       skipped = []
@@ -312,18 +285,16 @@ class _ReviewColumns:
 
 
 def _arrow_reviews(block: bytes, first_number: int):
-  """pyarrow's parse of `block`: (table of REVIEW_FIELDS, lines, [rows] line numbers,
-  [rows] bool clean), clean = a review with non-empty ids and a plausible time; None where
-  pyarrow's reading could differ from json.loads' (the block then goes line by line)."""
+  """pyarrow's parse of `block`: (table of REVIEW_FIELDS, lines, [rows] line numbers, [rows]
+  clean: non-empty ids and a plausible time), or None where it could differ from json.loads'."""
   if any(x in block for x in _ARROW_UNSAFE):
     return None
   data = np.frombuffer(block, np.uint8)
   ends = np.flatnonzero(data == ord("\n"))
   lines = len(ends) + (bool(block) and block[-1:] != b"\n")
   starts = np.concatenate([[0], ends + 1])[:lines]
-  # Every line starts with "{" or is empty: a line of a JSON value that is not an object (a
-  # block of "null" lines crashes pyarrow 26), with leading whitespace or a byte order mark
-  # (which pyarrow skips) goes to json.loads.
+  # Only lines that start with "{" or are empty: not other JSON values (a block of "null"
+  # lines crashes pyarrow 26), leading whitespace or a byte order mark (pyarrow skips them).
   first_byte = data[starts]
   blank = first_byte == ord("\n")
   if not (blank | (first_byte == ord("{"))).all():
@@ -352,15 +323,8 @@ def _arrow_reviews(block: bytes, first_number: int):
 
 
 def _number_keys(blocks: list[tuple]) -> tuple[list[str], list[np.ndarray]]:
-  """Numbers the keys of all blocks in first-seen order.
-
-  Args:
-    blocks: per block, (its distinct keys in first-seen order, a pyarrow array or a list of
-      str; [rows] indices into them).
-
-  Returns:
-    (all distinct keys in first-seen order, per block [rows] int64 codes into them).
-  """
+  """(all distinct keys in first-seen order, per block [rows] int64 codes into them) of blocks
+  given as (distinct keys, a pyarrow array or a list of str; [rows] indices into them)."""
   if all(isinstance(keys, pa.Array) for keys, _ in blocks):  # no block was read line by line
     encoded = pc.dictionary_encode(pa.chunked_array([k for k, _ in blocks], pa.string()))
     numbers = np.concatenate([np.zeros(0, np.int64)]
@@ -394,17 +358,15 @@ def _blocks(stream, block_bytes: int) -> Iterator[bytes]:
 
 
 def parse_reviews(lines: Iterable[str]) -> RawReviews:
-  """Parses JSON review lines one by one (`review_of_line`); blank lines are skipped, bad lines
-  counted (not fatal here)."""
+  """Parses JSON review lines one by one (`review_of_line`), counting the bad ones."""
   columns = _ReviewColumns()
   columns.add_lines(lines)
   return columns.result()
 
 
 def read_reviews(path: str, block_bytes: int | None = None) -> RawReviews:
-  """Parses the review file at `path` (gzipped or plain) in blocks of whole lines, with the
-  outcome of `parse_reviews` on its lines, and logs progress; a damaged file is a DataError.
-  block_bytes: uncompressed bytes per block (default BLOCK_BYTES)."""
+  """`parse_reviews` of the file at `path` (gzipped or plain), read in blocks of about
+  block_bytes (default BLOCK_BYTES); a damaged file is a DataError."""
 
   def read(stored, content) -> RawReviews:
     columns = _ReviewColumns()
@@ -422,19 +384,20 @@ def read_reviews(path: str, block_bytes: int | None = None) -> RawReviews:
 
 
 def drop_duplicate_reviews(raw: RawReviews) -> tuple[RawReviews, int]:
-  """Keeps the earliest review of each (reviewer, asin) pair, ties in file order.
-
-  A repeated review would make the target of one example a behaviour of its own history (the
-  label leaks). Returns (the reviews without repeats, the number dropped); the first dropped
-  line goes to first_skipped["duplicate_reviews"].
-  """
+  """(reviews without repeats, number dropped): the earliest review of each (reviewer, asin)
+  pair, ties in file order, is kept, so that no target is among its own behaviours."""
+  # Temporaries are freed as soon as they are used: at 50 M reviews each is 400 MB.
   key = raw.user * max(len(raw.item_keys), 1) + raw.item
   sorted_key = np.sort(key)
-  if not (sorted_key[1:] == sorted_key[:-1]).any():
+  repeated = bool((sorted_key[1:] == sorted_key[:-1]).any())
+  del sorted_key
+  if not repeated:
     return raw, 0
   order = np.lexsort((raw.time, key))  # stable: equal (pair, time) keep file order
+  key = key[order]
   duplicate = np.zeros(len(key), bool)
-  duplicate[order[1:]] = key[order[1:]] == key[order[:-1]]
+  duplicate[order[1:]] = key[1:] == key[:-1]
+  del key, order
   keep = ~duplicate
   first = int(np.flatnonzero(duplicate)[0])
   first_skipped = dict(raw.first_skipped)
@@ -448,26 +411,19 @@ def drop_duplicate_reviews(raw: RawReviews) -> tuple[RawReviews, int]:
       first_skipped=first_skipped), int(duplicate.sum())
 
 
-# Fast path: most metadata lines are of items that no review mentions. Such a line is skipped
-# without parsing when `_unreviewed_line` proves that, were it a valid literal, its 'asin'
-# would be the unwanted value after the prefix {'asin': '<asin>'. A second key evaluating to
-# 'asin' needs the text 'asin' or "asin" (plain, triple-quoted or u/r-prefixed literals), a
-# backslash escape, or adjacent string literals ('as' 'in'); lines with any of these are parsed
-# in full. So the fast path returns exactly what ast.literal_eval would lead to; the one
-# difference is that a malformed line of an unreviewed item is counted as skipped_unreviewed
-# instead of malformed_lines.
+# Fast path (docs/data.md): a line that starts {'asin': '<unwanted asin>' and cannot hold a
+# second key evaluating to 'asin' (the text 'asin' / "asin" once, no backslash, no adjacent
+# string literals 'as' 'in') is skipped unparsed, as `skipped_unreviewed`.
 _ASIN_PREFIX = re.compile(r"\s*\{\s*'asin'\s*:\s*'([^'\\]*)'")
 _ADJACENT_STRINGS = re.compile(r"""['"]\s*[uUrRbBfF]{0,2}['"]""")
-# Undecodable bytes (lone surrogates, see open_text) written as the escape \udcXX that a Python
-# string literal turns back into the same character.
+# Lone surrogates (undecodable bytes) as the escapes \udcXX that a literal turns back into them.
 _SURROGATE_ESCAPES = {0xDC00 + b: f"\\udc{b:02x}" for b in range(0x80, 0x100)}
 _LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
 
 
 def _literal_eval_line(text: str):
-  """ast.literal_eval(text), or None if malformed. compile() cannot take lone surrogates, so a
-  line with undecodable bytes is parsed with them escaped (the asin then matches the one that
-  parse_reviews read from the same bytes)."""
+  """ast.literal_eval(text), or None if malformed; lone surrogates, which compile() rejects,
+  are parsed escaped."""
   try:
     return ast.literal_eval(text)
   except UnicodeEncodeError:
@@ -479,11 +435,8 @@ def _literal_eval_line(text: str):
     return None
 
 
-# Most metadata lines hold only single-quoted strings without escapes, numbers, lists and
-# dicts: with ' read as ", such a line is JSON of the same value, which json.loads reads several
-# times faster than ast.literal_eval. A line with a double quote or a backslash, or with any other
-# character outside its strings (True, None, tuples, u'', NaN, ...), and any line json.loads
-# rejects, is left to ast.literal_eval.
+# A line of single-quoted strings without escapes, numbers, lists and dicts is, with ' read as ",
+# JSON of the same value, which json.loads reads several times faster than ast.literal_eval.
 _QUOTED = re.compile(r"'[^']*'")
 _NOT_JSON_OUTSIDE_STRINGS = re.compile(r"[^0-9 \t\[\]{},:.eE+-]")
 
@@ -508,11 +461,8 @@ def _unreviewed_line(line: str, wanted: Mapping[str, int]) -> bool:
 
 
 def category_of(categories, protocol: str) -> str | None:
-  """The category string of one item under `protocol`, or None if `categories` is unusable.
-
-  din, mian: the last element of the last category path (DIN: x[-1][-1]).
-  dien: the last element of the first path (DIEN process_data.py: categories[0][-1]).
-  """
+  """The category of one item, or None if `categories` is unusable: the last element of the
+  last category path (din, mian; DIN: x[-1][-1]) or of the first (dien: categories[0][-1])."""
   if not isinstance(categories, list) or not categories:
     return None
   path = categories[0] if protocol == "dien" else categories[-1]
@@ -521,53 +471,40 @@ def category_of(categories, protocol: str) -> str | None:
   return path[-1]
 
 
+def _metadata_outcome(line: str, wanted: Mapping[str, int], protocol: str,
+                      categories: list[str | None]) -> str:
+  """The outcome of parsing one metadata line (a key of `parse_metadata`'s counts); the first
+  usable line of a wanted asin sets its category."""
+  obj = _literal(line.strip())
+  if not isinstance(obj, dict):
+    return "malformed_lines"
+  asin = obj.get("asin")
+  if not isinstance(asin, str):
+    return "missing_fields"
+  index = wanted.get(asin)
+  if index is None:
+    return "skipped_unreviewed"
+  if categories[index] is not None:
+    return "duplicate_asin"
+  categories[index] = category_of(obj.get("categories"), protocol)
+  return "missing_fields" if categories[index] is None else "items_found"
+
+
 def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: str):
-  """Category of each wanted asin from Python-literal metadata lines (ast.literal_eval only).
-
-  Args:
-    lines: the metadata lines.
-    wanted: asin -> index, the items that reviews mention.
-    protocol: picks the category rule (`category_of`).
-
-  Returns:
-    (categories, counts): categories is a list, per wanted index, of the category string or
-    None (no usable metadata line); counts the line outcomes. The first line of an asin wins.
-  """
+  """(categories, counts) of Python-literal metadata lines: per index of `wanted` (asin ->
+  index) the category (`category_of`) of the asin's first usable line, or None; counts of the
+  line outcomes."""
   categories: list[str | None] = [None] * len(wanted)
-  seen = np.zeros(len(wanted), bool)
-  lines_total = blank = skipped = malformed = missing = duplicate = 0
+  counts = dict.fromkeys(("lines", "blank_lines", "skipped_unreviewed", "malformed_lines",
+                          "missing_fields", "duplicate_asin", "items_found"), 0)
   for line in lines:
-    lines_total += 1
+    counts["lines"] += 1
     if not line.strip():
-      blank += 1
-      continue
-    if _unreviewed_line(line, wanted):
-      skipped += 1
-      continue
-    obj = _literal(line.strip())
-    if not isinstance(obj, dict):
-      malformed += 1
-      continue
-    asin = obj.get("asin")
-    if not isinstance(asin, str):
-      missing += 1
-      continue
-    index = wanted.get(asin)
-    if index is None:
-      skipped += 1
-      continue
-    if seen[index]:
-      duplicate += 1
-      continue
-    category = category_of(obj.get("categories"), protocol)
-    if category is None:
-      missing += 1
-      continue
-    seen[index] = True
-    categories[index] = category
-  counts = {"lines": lines_total, "blank_lines": blank, "skipped_unreviewed": skipped,
-            "malformed_lines": malformed, "missing_fields": missing,
-            "duplicate_asin": duplicate, "items_found": int(seen.sum())}
+      counts["blank_lines"] += 1
+    elif _unreviewed_line(line, wanted):  # most lines: skipped unparsed
+      counts["skipped_unreviewed"] += 1
+    else:
+      counts[_metadata_outcome(line, wanted, protocol, categories)] += 1
   return categories, counts
 
 

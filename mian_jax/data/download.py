@@ -1,10 +1,7 @@
-"""Downloads raw data files: progress bar, resume, size and checksum checks (urllib only).
+"""Downloads raw data files (urllib only): progress bar, resume, size and checksum checks.
 
-A download writes `<target>.part` and renames it to `<target>` only once it is complete and
-verified, so a file at `target` is always whole. An interrupted download resumes from the
-`.part` file with an HTTP Range request; a server that ignores Range restarts it from zero.
-Without network access the error is one line naming every URL and target path, so a user can
-fetch the files by hand and rerun.
+A download writes `<target>.part`, resumed with an HTTP Range request, and renames it to
+`<target>` once complete and verified.
 """
 
 from __future__ import annotations
@@ -46,10 +43,7 @@ def _total_size(response, offset: int) -> int | None:
 
 
 def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
-  try:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    return None
+  from tqdm import tqdm  # noqa: PLC0415 - on use; a dependency of the pinned optuna
   return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
               desc=name, disable=not enabled or not sys.stderr.isatty(), file=sys.stderr)
 
@@ -64,19 +58,12 @@ class UnreachableError(DataError):
 
 def download(url: str, target: str, *, size: int | None = None, sha256: str | None = None,
              timeout: float = 60.0, progress: bool = True) -> str:
-  """Downloads `url` to `target` (resuming `<target>.part`); returns `target`.
+  """Downloads `url` (http(s) or file) to `target`, resuming `<target>.part`; returns `target`.
 
-  Args:
-    url: http(s) or file URL.
-    target: final path; its directory is created. An existing file is verified and kept.
-    size: expected size in bytes, if known (else the server's Content-Length is checked).
-    sha256: expected hex digest, if known.
-    timeout: socket timeout in seconds.
-    progress: show a tqdm progress bar on a terminal.
-
-  Raises:
-    DataError: unreachable URL (one line with URL and target), HTTP error, truncated
-      download, size or checksum mismatch.
+  An existing `target` is verified and kept. size, sha256: expected, if known (else the
+  server's Content-Length is checked); progress: a tqdm bar on a terminal. DataError for an
+  unreachable URL (one line naming URL and target), an HTTP error, a truncated download or a
+  size or checksum mismatch.
   """
   if os.path.isfile(target):
     _verify(target, url, size, sha256)
@@ -112,23 +99,18 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
                       f"expected {size}")
     logging.info("Downloading %s to %s (%s bytes%s)", url, target, total,
                  f", resuming at {offset}" if offset else "")
-    bar = _progress_bar(total, offset, os.path.basename(target), progress)
-    try:
-      with open(part, "ab" if offset else "wb") as f:
-        while True:
-          try:
-            block = response.read(CHUNK_BYTES)
-          except OSError as e:
-            raise DataError(f"download of {url} to {target} interrupted after "
-                            f"{f.tell()} bytes ({e}); rerun to resume from {part}") from None
-          if not block:
-            break
-          f.write(block)
-          if bar is not None:
-            bar.update(len(block))
-    finally:
-      if bar is not None:
-        bar.close()
+    with (_progress_bar(total, offset, os.path.basename(target), progress) as bar,
+          open(part, "ab" if offset else "wb") as f):
+      while True:
+        try:
+          block = response.read(CHUNK_BYTES)
+        except OSError as e:
+          raise DataError(f"download of {url} to {target} interrupted after "
+                          f"{f.tell()} bytes ({e}); rerun to resume from {part}") from None
+        if not block:
+          break
+        f.write(block)
+        bar.update(len(block))
   received = os.path.getsize(part)
   if total is not None and received < total:
     raise DataError(f"download of {url} to {target} stopped at {received} of {total} bytes; "
@@ -147,11 +129,8 @@ def _finish(part: str, target: str, url: str, size: int | None, sha256: str | No
 
 
 def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> list[str]:
-  """Downloads each missing (url, target); one DataError listing every file that failed.
-
-  Returns the target paths. Files already present are kept (and verified when `kwargs` give a
-  size or checksum, which then applies to every file).
-  """
+  """Downloads each missing (url, target) (`download(**kwargs)`); returns the targets, or
+  raises one DataError listing every file that failed."""
   failures = []
   for url, target in files:
     try:

@@ -1,26 +1,9 @@
-"""Interaction log -> prepared examples: the engine shared by the MovieLens and tabular sources.
+"""Interaction log -> prepared examples: the engine of the MovieLens and tabular sources.
 
-A *log* is a pandas DataFrame with one row per example (an impression or a rating):
-
-  user              the user (any hashable value; becomes group_id)
-  timestamp         int64/float64, larger = later
-  label             float 0/1
-  split             int8 index into schema.SPLITS (0 train, 1 valid, 2 test)
-  item.<f>, user.<f>, context.<f>   raw field values (categorical: anything; numeric: float)
-
-Behaviours of an example are the same user's *behaviour rows* (all rows, or only those marked,
-e.g. clicks) whose timestamp is strictly smaller than the example's: rows with an equal timestamp
-are simultaneous and never see each other, so no example ever sees its own label or anything later.
-The most recent `max_seq_len` are kept, newest first (slot 0 = the most recent), left-aligned
-and padded with id 0.
-
-Vocabularies of categorical fields are built from the training split only (candidate values, plus
-behaviour values from list columns); values unseen there, and missing values, map to OOV id 1.
-They are returned for `vocab.write_vocabularies`, so the prepared directory keeps them. A field
-given a number of hash buckets has no vocabulary: every value is hashed (`vocab.hash_ids`), so
-values unseen in training get ids too; only missing values map to OOV id 1.
-Numeric fields are standardised with the training split's mean and standard deviation.
-Everything is vectorised (numpy/pandas); there is no per-row Python loop.
+A log is a DataFrame, one row per example: `user`, `timestamp` (larger = later), `label` (0/1),
+`split` (int8 index into schema.SPLITS) and the raw field values `item.<f>`, `user.<f>`,
+`context.<f>`. Behaviours, splits, vocabularies and standardisation: docs/data.md ("Rules shared
+by both sources").
 """
 
 from __future__ import annotations
@@ -35,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mian_jax import encoding
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import vocab as vocab_lib
 from mian_jax.errors import DataError
@@ -44,19 +28,13 @@ TRAIN, VALID, TEST = 0, 1, 2
 
 @dataclasses.dataclass(frozen=True)
 class LogSpec:
-  """Which log columns become which model fields.
-
-  Fields are (name, kind) pairs with kind "categorical" or "numeric". The first item field is the
-  item id. `behavior_fields` names categorical item fields that also form the behaviour sequence.
-  """
+  """Which log columns become which model fields: (name, "categorical" | "numeric") pairs, the
+  first item field the item id; `behavior_fields` are categorical item fields."""
   item_fields: tuple[tuple[str, str], ...]
   behavior_fields: tuple[str, ...]
   user_fields: tuple[tuple[str, str], ...]
   context_fields: tuple[tuple[str, str], ...]
   max_seq_len: int
-
-
-# ----------------------------------------------------------------------------- bad rows
 
 
 class BadRows:
@@ -68,12 +46,9 @@ class BadRows:
 
   def record(self, name: str, total: int, bad: np.ndarray, reason: str,
              line_numbers: Sequence[int] | None = None, lines: Sequence | None = None) -> None:
-    """Adds the rows flagged in the boolean mask `bad` ([total]) under `reason`.
-
-    line_numbers[i] is the 1-based file line of row i (anything indexable; only the first bad
-    row's is looked up), else rows are named by position; lines[i] is the text or value shown
-    for it.
-    """
+    """Adds the rows flagged in the mask `bad` [total] under `reason`. line_numbers[i]: the
+    file line of row i (indexable; only the first bad row's is looked up), else rows are named
+    by position; lines[i]: the text or value shown for it."""
     entry = self.files.setdefault(name, {"rows": int(total), "bad": 0, "reasons": {},
                                          "first_bad": None})
     count = int(np.count_nonzero(bad))
@@ -109,13 +84,10 @@ def _shown(value) -> str:
 
 def read_delimited(path: str, sep: str, names: Sequence[str], bad: BadRows,
                    encoding: str = "latin-1") -> pd.DataFrame:
-  """Reads a headerless delimited text file as strings, counting malformed rows.
+  """A headerless delimited text file as strings, with a `_line` column (1-based line numbers).
 
-  Blank lines are skipped. A line with another number of fields than `names` is malformed: it is
-  counted in `bad` and dropped. The result has a `_line` column (1-based line numbers).
-
-  Raises:
-    DataError: the file is missing, unreadable or holds no rows.
+  Blank lines are skipped; a line with another number of fields than `names` is counted in `bad`
+  and dropped. DataError if the file is missing, unreadable or holds no rows.
   """
   if not os.path.isfile(path):
     raise DataError(f"file not found: {path}")
@@ -150,18 +122,13 @@ def to_int(frame: pd.DataFrame, columns: Sequence[str], bad: BadRows, name: str,
   ok = np.ones(len(frame), bool)
   for c in columns:
     v = parsed[c].to_numpy(dtype=np.float64, na_value=np.nan)
-    good = np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0**63)  # fits int64
-    if lo is not None:
-      good &= v >= lo
-    if hi is not None:
-      good &= v <= hi
+    good = (np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0**63)  # fits int64
+            & (v >= (-np.inf if lo is None else lo)) & (v <= (np.inf if hi is None else hi)))
     bad.record(name, len(frame), ok & ~good, f"{c} is not an integer"
                + (f" in [{lo}, {hi}]" if lo is not None or hi is not None else ""),
                frame["_line"].to_numpy() if "_line" in frame else None)
     ok &= good
-  out = frame[ok].copy()
-  for c in columns:
-    out[c] = parsed[c][ok].astype(np.int64)
+  out = frame[ok].assign(**{c: parsed[c][ok].astype(np.int64) for c in columns})
   return out.reset_index(drop=True)
 
 
@@ -171,9 +138,6 @@ def drop_duplicate_keys(frame: pd.DataFrame, key: str, bad: BadRows, name: str) 
   bad.record(name, len(frame), dup, f"duplicate {key}",
              frame["_line"].to_numpy() if "_line" in frame else None)
   return frame[~dup].reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------- time
 
 
 def time_split(timestamps: np.ndarray, valid_fraction: float, test_fraction: float) -> np.ndarray:
@@ -215,28 +179,19 @@ def previous_time_gap(users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
 
 
 def _run_starts(u: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """For rows sorted by (user, time): index of each row's user run and (user, time) run start."""
-  n = len(u)
-  idx = np.arange(n)
-  new_user = np.ones(n, bool)
+  """For rows sorted by (user, time): where each row's user run and (user, time) run start."""
+  idx = np.arange(len(u))
+  new_user = np.ones(len(u), bool)
   new_user[1:] = u[1:] != u[:-1]
   new_time = new_user.copy()
   new_time[1:] |= t[1:] != t[:-1]
-  user_start = np.maximum.accumulate(np.where(new_user, idx, 0)) if n else idx
-  group_start = np.maximum.accumulate(np.where(new_time, idx, 0)) if n else idx
-  return user_start, group_start
-
-
-# ----------------------------------------------------------------------------- encoding
+  return tuple(np.maximum.accumulate(np.where(new, idx, 0)) for new in (new_user, new_time))
 
 
 def _as_tokens(values: pd.Series) -> pd.Series:
   """Categorical raw values as strings; missing stays missing (None)."""
   s = pd.Series(values).reset_index(drop=True)
-  missing = s.isna().to_numpy()
-  tokens = s.astype(str).astype(object)
-  tokens[missing] = None
-  return tokens
+  return s.astype(str).astype(object).where(s.notna(), None)
 
 
 def build_vocab(train_tokens: Sequence[pd.Series]) -> np.ndarray:
@@ -247,12 +202,8 @@ def build_vocab(train_tokens: Sequence[pd.Series]) -> np.ndarray:
 
 def encode(tokens: pd.Series, vocab: np.ndarray) -> np.ndarray:
   """Token -> int32 id: vocab[k] -> k + 2; unseen or missing -> OOV id 1."""
-  index = pd.Index(vocab, dtype=object)
-  pos = index.get_indexer(pd.Series(tokens, dtype=object))
+  pos = pd.Index(vocab, dtype=object).get_indexer(pd.Series(tokens, dtype=object))
   return np.where(pos >= 0, pos + schema_lib.NUM_RESERVED_IDS, schema_lib.OOV_ID).astype(np.int32)
-
-
-# ----------------------------------------------------------------------------- examples
 
 
 @dataclasses.dataclass
@@ -263,23 +214,25 @@ class ListBehaviours:
   offsets: np.ndarray  # [N + 1] int64
 
 
-def _history_from_log(u, t, behavior_mask, max_seq_len):
-  """For rows sorted by (user, time): behaviour-row indices [N, T] and lengths [N].
-
-  Behaviours of row i: rows j of the same user with t[j] < t[i] and behavior_mask[j];
-  the last `max_seq_len` of them, newest first. Unused positions hold index -1.
-  """
-  n = len(u)
-  user_start, group_start = _run_starts(u, t)
-  beh_rows = np.flatnonzero(behavior_mask)  # sorted, so per user in time order
-  cum = np.concatenate([[0], np.cumsum(behavior_mask, dtype=np.int64)])
-  end = cum[group_start]  # behaviours strictly before this row's timestamp (global rank)
-  begin = cum[user_start]
-  lengths = np.minimum(end - begin, max_seq_len)
+def _history_from_log(users, ts, mask, max_seq_len):
+  """Behaviour log rows [N, T] (-1 = padding) and int32 lengths [N], in log row order: of row i,
+  the rows j of the same user with ts[j] < ts[i] and mask[j] (default all), the last
+  `max_seq_len` of them, newest first (ties in log order)."""
+  n = len(users)
+  by_user = np.lexsort((np.arange(n), ts, users))
+  mask = np.ones(n, bool) if mask is None else np.asarray(mask, bool)[by_user]
+  user_start, group_start = _run_starts(users[by_user], ts[by_user])
+  beh_rows = np.append(by_user[np.flatnonzero(mask)], -1)  # per user in time order; -1 last
+  cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+  end = cum[group_start]  # behaviours strictly before the row's timestamp (global rank)
+  lengths = np.minimum(end - cum[user_start], max_seq_len)
   pos = (end - 1)[:, None] - np.arange(max_seq_len)[None, :]
   valid = np.arange(max_seq_len)[None, :] < lengths[:, None]
-  rows = np.where(valid, beh_rows[np.where(valid, pos, 0)] if len(beh_rows) else -1, -1)
-  return rows.reshape(n, max_seq_len), lengths.astype(np.int32)
+  indices = np.empty((n, max_seq_len), np.int64)
+  indices[by_user] = beh_rows[np.where(valid, pos, -1)]
+  hist_len = np.empty(n, np.int32)
+  hist_len[by_user] = lengths
+  return indices, hist_len
 
 
 def _history_from_lists(lists: ListBehaviours, max_seq_len):
@@ -290,6 +243,17 @@ def _history_from_lists(lists: ListBehaviours, max_seq_len):
   pos = (off[1:] - 1)[:, None] - np.arange(max_seq_len)[None, :]
   valid = np.arange(max_seq_len)[None, :] < lengths[:, None]
   return np.where(valid, pos, -1), lengths.astype(np.int32)
+
+
+def history_indices(log: pd.DataFrame, max_seq_len: int, mask: np.ndarray | None = None,
+                    lists: ListBehaviours | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's behaviours as `build_examples` builds them: (indices [N, T], int32 lengths [N])
+  in log row order, newest first, -1 = padding. An index is a log row (`_history_from_log`), or
+  with `lists` a position in the flat list values (the last T of the row's list)."""
+  if lists is not None:
+    return _history_from_lists(lists, max_seq_len)
+  return _history_from_log(pd.factorize(log["user"], sort=True)[0],
+                           log["timestamp"].to_numpy(np.float64), mask, max_seq_len)
 
 
 def history_column(ids: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -325,26 +289,14 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
                    lists: ListBehaviours | None = None,
                    describe_row: Callable[[int], str] | None = None,
                    hash_buckets: Mapping[str, int] | None = None):
-  """Turns a log into prepared columns.
+  """A log -> (schema, {split: columns}, info), columns in (timestamp, user, log row) order.
 
-  Args:
-    log: see the module docstring; one row per example.
-    spec: the field groups.
-    source: free text recorded in schema.json.
-    behavior_mask: [N] bool, which rows count as behaviours (default: all rows). Ignored when
-      `lists` is given.
-    lists: behaviours given per row instead of built from the log (rows in `log` order).
-    describe_row: where log row i comes from (e.g. "log.csv line 7"), for error messages.
-    hash_buckets: categorical column ("item.brand") -> number of hash buckets: its ids are
-      2 + stable hash mod buckets (`vocab.hash_ids`, candidates and behaviours alike) instead
-      of a training vocabulary.
-
-  Returns:
-    (schema, {split: columns}, info) with columns in the order (timestamp, user, log row) and
-    info holding the vocabularies' sizes ("vocab_sizes"), numeric statistics ("numeric"), the
-    vocabularies ("vocabularies": column -> values in id order from 2) and the encoders of the
-    numeric (standardise) and hashed (hash) fields ("encoders"), the last two for
-    `vocab.write_vocabularies`.
+  behavior_mask: [N] bool, the rows that count as behaviours (default all; ignored with `lists`,
+  behaviours given per row). describe_row(i): where log row i comes from ("log.csv line 7").
+  hash_buckets: column ("item.brand") -> buckets: ids 2 + stable hash mod buckets, candidates and
+  behaviours alike, instead of a training vocabulary. info: "vocab_sizes", "numeric" (mean, std)
+  and, for `vocab.write_vocabularies`, "vocabularies" (column -> values in id order from 2) and
+  "encoders" (of the numeric and hashed fields).
   """
   n = len(log)
   if n == 0:
@@ -354,54 +306,42 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
     raise DataError(f"{source}: the training split is empty (too few rows or timestamps)")
   users = pd.factorize(log["user"], sort=True)[0]
   ts = log["timestamp"].to_numpy(np.float64)
-  by_user = np.lexsort((np.arange(n), ts, users))  # history order
   out_order = np.lexsort((np.arange(n), users, ts))  # output order: chronological
   train = split_code == TRAIN
-
-  # Behaviour gather indices (into the log / the flat list values), in log row order.
-  if lists is None:
-    mask = np.ones(n, bool) if behavior_mask is None else np.asarray(behavior_mask, bool)
-    hist_sorted, len_sorted = _history_from_log(users[by_user], ts[by_user], mask[by_user],
-                                                spec.max_seq_len)
-    hist_idx = np.full((n, spec.max_seq_len), -1, np.int64)
-    hist_idx[by_user] = np.where(hist_sorted >= 0, by_user[np.maximum(hist_sorted, 0)], -1)
-    hist_len = np.empty(n, np.int32)
-    hist_len[by_user] = len_sorted
+  if lists is None:  # gather indices into the log rows / the flat list values
+    hist_idx, hist_len = _history_from_log(users, ts, behavior_mask, spec.max_seq_len)
   else:
     hist_idx, hist_len = _history_from_lists(lists, spec.max_seq_len)
-    flat_rows = np.repeat(np.arange(n), np.diff(lists.offsets))
-    flat_train = train[flat_rows]
+    flat_train = train[np.repeat(np.arange(n), np.diff(lists.offsets))]
 
   columns: dict[str, np.ndarray] = {}
   info: dict[str, Any] = {"vocab_sizes": {}, "numeric": {}, "vocabularies": {}, "encoders": {}}
-  fields: dict[str, tuple[schema_lib.Field, ...]] = {}
-  for group, group_fields in (("item", spec.item_fields), ("user", spec.user_fields),
-                              ("context", spec.context_fields)):
-    made = []
-    for name, kind in group_fields:
+  fields: dict[str, list[schema_lib.Field]] = {g: [] for g in schema_lib.GROUPS}
+  for group, made in fields.items():
+    for name, kind in getattr(spec, f"{group}_fields"):
       col = f"{group}.{name}"
+      is_behavior = group == "item" and name in spec.behavior_fields
       if kind == "categorical":
         tokens = _as_tokens(log[col])
         if col in (hash_buckets or {}):
           buckets = hash_buckets[col]
-          encode_tokens = functools.partial(vocab_lib.hash_ids, buckets=buckets)
+          encode_tokens = functools.partial(encoding.hash_ids, buckets=buckets)
           size = schema_lib.NUM_RESERVED_IDS + buckets
           info["encoders"][col] = vocab_lib.hash_encoder(buckets, f"the value of {name}")
         else:
           seen = [tokens[train]]
-          if group == "item" and lists is not None and name in spec.behavior_fields:
+          if is_behavior and lists is not None:
             seen.append(_as_tokens(lists.flat[name])[flat_train])
           vocab = build_vocab(seen)
           encode_tokens = functools.partial(encode, vocab=vocab)
           size = len(vocab) + schema_lib.NUM_RESERVED_IDS
-          if size <= schema_lib.NUM_RESERVED_IDS:
+          if not len(vocab):
             raise DataError(f"{source}: field {col!r} has no values in the training split")
           info["vocabularies"][col] = vocab
-        ids = encode_tokens(tokens)
-        columns[col] = ids
+        columns[col] = ids = encode_tokens(tokens)
         info["vocab_sizes"][col] = size
         made.append(schema_lib.Field(name, "categorical", size))
-        if group == "item" and name in spec.behavior_fields:
+        if is_behavior:
           source_ids = ids if lists is None else encode_tokens(_as_tokens(lists.flat[name]))
           columns[f"hist.{name}"] = history_column(source_ids, hist_idx)
       else:
@@ -414,29 +354,20 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
         info["encoders"][col] = {"kind": "standardise", "of": f"the value of {name}",
                                  "mean": mean, "std": std}
         made.append(schema_lib.Field(name, "numeric"))
-    fields[group] = tuple(made)
-  columns["hist_len"] = hist_len
-  columns["label"] = log["label"].to_numpy(np.float32)
-  columns["group_id"] = users.astype(np.int64)
-
-  features = schema_lib.FeatureSpec(
-      item_fields=fields["item"], behavior_fields=tuple(spec.behavior_fields),
-      user_fields=fields["user"], context_fields=fields["context"],
-      max_seq_len=spec.max_seq_len)
-  splits = {}
-  for code, split in enumerate(schema_lib.SPLITS):
-    rows = out_order[split_code[out_order] == code]
-    splits[split] = {name: np.ascontiguousarray(a[rows]) for name, a in columns.items()}
+  columns.update(hist_len=hist_len, label=log["label"].to_numpy(np.float32),
+                 group_id=users.astype(np.int64))
+  features = schema_lib.FeatureSpec(**{f"{g}_fields": tuple(fs) for g, fs in fields.items()},
+                                    behavior_fields=tuple(spec.behavior_fields),
+                                    max_seq_len=spec.max_seq_len)
+  rows = {s: out_order[split_code[out_order] == code] for code, s in enumerate(schema_lib.SPLITS)}
+  splits = {s: {name: np.ascontiguousarray(a[r]) for name, a in columns.items()}
+            for s, r in rows.items()}
   schema = schema_lib.Schema(
-      features=features,
-      num_examples=tuple((s, len(splits[s]["label"])) for s in schema_lib.SPLITS),
-      source=source)
+      features=features, source=source,
+      num_examples=tuple((s, len(splits[s]["label"])) for s in schema_lib.SPLITS))
   for split in schema_lib.SPLITS:
     schema_lib.validate_columns(schema, split, splits[split])
   return schema, splits, info
-
-
-# ----------------------------------------------------------------------------- output
 
 
 def write_with_stats(directory: str, schema: schema_lib.Schema,

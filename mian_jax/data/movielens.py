@@ -1,44 +1,7 @@
 """MovieLens-100K and MovieLens-1M from their original raw files (docs/data.md).
 
-Files, read from `config.data.raw_dir` (or a `ml-100k` / `ml-1m` folder inside it), latin-1:
-
-  100k: u.data  user \\t movie \\t rating \\t timestamp
-        u.user  user|age|gender|occupation|zip
-        u.item  movie|title|release date|video date|url|19 genre flags (u.genre order)
-  1m:   ratings.dat  user::movie::rating::timestamp
-        users.dat    user::gender::age group::occupation code::zip
-        movies.dat   movie::title (year)::genre|genre|...
-
-Every rating is one example:
-
-  label       rating >= data.movielens.click_threshold (default 4) is a click (1), else 0.
-  item        movie_id; genre = the first listed genre (both files list genres alphabetically,
-              100K after "unknown"); release_year = 5-year bucket of the release year (from the
-              release date in 100K, the "(year)" in the title in 1M; "unknown" if absent).
-  behaviours  (movie_id, genre) of the user's ratings with a strictly earlier timestamp (any
-              rating value: having watched a movie is the behaviour), the most recent
-              data.max_seq_len kept, newest first.
-  user        user_id, age_group (the 1M groups 1/18/25/35/45/50/56; 100K ages are mapped to
-              them), gender, occupation, zip_prefix (first data.movielens.zip_prefix_len chars).
-  context     from the rating's Unix timestamp, in UTC: hour, weekday, month, and
-              time_since_last = bucketed time since the user's previous (strictly earlier)
-              rating: none / < 1 h / < 1 day / < 1 week / < 30 days / longer.
-
-Split: a global time cut. Ratings sorted by time; the last `test_fraction` (default 10%) are
-test, the `valid_fraction` before them valid, the rest train; ratings with the same timestamp
-never straddle a cut. A global cut (rather than per-user leave-last-out) means every training
-example is strictly earlier than every valid/test example, so nothing learned in training (item
-popularity, embeddings) comes from the evaluation period. Behaviours of a valid/test example may
-include the user's earlier training-period ratings (the past), never later ones. User profiles
-are static in MovieLens, so user fields carry no future information. Vocabularies come from the
-training split only; unseen values (e.g. movies first rated in the test period) map to OOV id 1.
-They, the encoders of the derived fields (`encoders`) and every user's and movie's raw attributes
-are kept in the prepared directory's vocab/ (vocab.py).
-
-Malformed lines (wrong field count, non-integer ids, ratings outside 1..5, unknown users or
-movies, duplicate ids, timestamps that are not Unix seconds of 1970..2099, e.g. milliseconds)
-are counted per file, reported in stats.json["bad_rows"], and above
-data.max_bad_row_ratio the preparation fails with a DataError.
+Every rating is one example (label: rating >= data.movielens.click_threshold); behaviours are
+the user's strictly earlier ratings; the splits are a global time cut (`interaction_log.py`).
 """
 
 from __future__ import annotations
@@ -126,66 +89,60 @@ def gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
   return np.where(np.isnan(gap_seconds), "none", names)
 
 
-def _read_100k(raw_dir: str, bad: interaction_log.BadRows):
-  path = lambda f: os.path.join(raw_dir, f)  # noqa: E731
+def _read_100k(paths: list[str], bad: interaction_log.BadRows):
+  """(ratings, users, movies) of the 100K files (u.data, u.user, u.item)."""
   ratings = interaction_log.read_delimited(
-      path("u.data"), "\t", ("user", "movie", "rating", "timestamp"), bad)
+      paths[0], "\t", ("user", "movie", "rating", "timestamp"), bad)
   users = interaction_log.read_delimited(
-      path("u.user"), "|", ("user", "age", "gender", "occupation", "zip"), bad)
+      paths[1], "|", ("user", "age", "gender", "occupation", "zip"), bad)
   users = interaction_log.to_int(users, ("user", "age"), bad, "u.user", lo=0)
   users["age_group"] = age_group(users["age"].to_numpy())
   flags = [f"g{i}" for i in range(len(GENRES_100K))]
   movies = interaction_log.read_delimited(
-      path("u.item"), "|", ("movie", "title", "release", "video", "url", *flags), bad)
+      paths[2], "|", ("movie", "title", "release", "video", "url", *flags), bad)
   movies = interaction_log.to_int(movies, ("movie", *flags), bad, "u.item", lo=0, hi=None)
   flag_matrix = movies[flags].to_numpy(np.int64) > 0
   first = np.argmax(flag_matrix, axis=1)
   movies["genre"] = np.where(flag_matrix.any(axis=1), np.asarray(GENRES_100K, object)[first],
                              "unknown")
-  year = pd.to_numeric(movies["release"].str.strip().str[-4:], errors="coerce")
-  movies["year"] = year
-  return ratings, "u.data", users, "u.user", movies, "u.item"
+  movies["year"] = pd.to_numeric(movies["release"].str.strip().str[-4:], errors="coerce")
+  return ratings, users, movies
 
 
-def _read_1m(raw_dir: str, bad: interaction_log.BadRows):
-  path = lambda f: os.path.join(raw_dir, f)  # noqa: E731
-  ratings = interaction_log.read_delimited(path("ratings.dat"), "::",
+def _read_1m(paths: list[str], bad: interaction_log.BadRows):
+  """(ratings, users, movies) of the 1M files (ratings.dat, users.dat, movies.dat)."""
+  ratings = interaction_log.read_delimited(paths[0], "::",
                                            ("user", "movie", "rating", "timestamp"), bad)
-  users = interaction_log.read_delimited(path("users.dat"), "::",
+  users = interaction_log.read_delimited(paths[1], "::",
                                          ("user", "gender", "age_group", "occupation", "zip"), bad)
   users = interaction_log.to_int(users, ("user", "age_group"), bad, "users.dat", lo=0)
-  movies = interaction_log.read_delimited(path("movies.dat"), "::", ("movie", "title", "genres"),
-                                          bad)
+  movies = interaction_log.read_delimited(paths[2], "::", ("movie", "title", "genres"), bad)
   movies = interaction_log.to_int(movies, ("movie",), bad, "movies.dat", lo=0)
   movies["genre"] = movies["genres"].str.split("|", n=1, regex=False).str[0].str.strip()
   movies["genre"] = movies["genre"].where(movies["genre"] != "", "unknown")
   movies["year"] = pd.to_numeric(movies["title"].str.extract(r"\((\d{4})\)\s*$")[0],
                                  errors="coerce")
-  return ratings, "ratings.dat", users, "users.dat", movies, "movies.dat"
+  return ratings, users, movies
 
 
 def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.DataFrame, dict]:
-  """Reads and joins the raw files into a log (see interaction_log.py), one row per valid rating.
-
-  Returns:
-    (log, lookups): lookups are the raw profile of every user and the raw genre and release
-    year of every movie of the files, for `vocab.write_vocabularies`.
-  """
+  """(log, lookups): the joined log (interaction_log.py), one row per valid rating, and the
+  raw profile of every user and genre and release year of every movie, for vocab/."""
   c = data_config.movielens
-  raw_dir = resolve_raw_dir(data_config)
   reader = _read_100k if c.variant == "100k" else _read_1m
-  ratings, r_name, users, u_name, movies, m_name = reader(raw_dir, bad)
+  ratings, users, movies = reader(raw_files(data_config), bad)
+  r_name, u_name, m_name = FILES[c.variant]
   users = interaction_log.drop_duplicate_keys(users, "user", bad, u_name)
   movies = interaction_log.drop_duplicate_keys(movies, "movie", bad, m_name)
   ratings = interaction_log.to_int(ratings, ("user", "movie", "rating", "timestamp"), bad, r_name,
                                    lo=0)
   lines = ratings["_line"].to_numpy()
-  bad.record(r_name, 0, ~ratings["rating"].between(1, 5).to_numpy(), "rating outside 1..5", lines)
-  bad.record(r_name, 0, ~ratings["user"].isin(users["user"]).to_numpy(), "unknown user", lines)
-  bad.record(r_name, 0, ~ratings["movie"].isin(movies["movie"]).to_numpy(), "unknown movie",
-             lines)
-  ok = (ratings["rating"].between(1, 5) & ratings["user"].isin(users["user"])
-        & ratings["movie"].isin(movies["movie"])).to_numpy()
+  ok = np.ones(len(ratings), bool)
+  for reason, good in (("rating outside 1..5", ratings["rating"].between(1, 5)),
+                       ("unknown user", ratings["user"].isin(users["user"])),
+                       ("unknown movie", ratings["movie"].isin(movies["movie"]))):
+    bad.record(r_name, 0, ~good.to_numpy(), reason, lines)
+    ok &= good.to_numpy()
   seconds = ratings["timestamp"].to_numpy()
   implausible = ok & ~timestamps.plausible(seconds)
   hints = np.array([timestamps.unit_hint(v) for v in seconds[implausible]], dtype=object)
@@ -242,7 +199,6 @@ def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.
 def encoders(data_config: ConfigDict) -> dict[str, dict]:
   """How the derived fields come from raw quantities (vocab.py's encoders)."""
   c = data_config.movielens
-  seconds = "the rating's Unix timestamp (seconds)"
   out = {
       "item.genre": {"kind": "rule", "of": "the movie's genres",
                      "rule": "the first listed genre (100K: first flag in u.genre order; 1M: "
@@ -251,9 +207,9 @@ def encoders(data_config: ConfigDict) -> dict[str, dict]:
                             "of": "the release year (100K: of the release date; 1M: the "
                                   "'(year)' ending the title)"},
       "user.zip_prefix": {"kind": "prefix", "length": c.zip_prefix_len, "of": "the zip code"},
-      "context.hour": {"kind": "calendar", "unit": "hour", "of": seconds},
-      "context.weekday": {"kind": "calendar", "unit": "weekday", "of": seconds},
-      "context.month": {"kind": "calendar", "unit": "month", "of": seconds},
+      **{f"context.{unit}": {"kind": "calendar", "unit": unit,
+                             "of": "the rating's Unix timestamp (seconds)"}
+         for unit in ("hour", "weekday", "month")},
       "context.time_since_last": {
           "kind": "buckets", "edges": list(GAP_BOUNDS), "names": list(GAP_NAMES),
           "missing": "none",
@@ -307,10 +263,8 @@ def generate_with_vocabularies(data_config: ConfigDict):
   return schema, splits, stats, write_vocabularies
 
 
-# ----------------------------------------------------------------------------- predict
-
-# The columns of records to score (`mian_jax.predict`): the user and movie ids of the raw files,
-# the Unix timestamp, and optionally the label (1 = rating >= click_threshold, 0 = below).
+# The columns of records to score (`mian_jax.predict`); the label (rating >= click_threshold) is
+# optional.
 PREDICT_COLUMNS = dict(user_id="user", item_id="movie", timestamp="timestamp", label="label")
 
 
@@ -322,14 +276,11 @@ def predict_reader(data_config: ConfigDict) -> ConfigDict:
 
 def encode_records(records: tabular.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Rating records -> the columns of a prepared split and the unseen values per field.
+  """Rating records -> (the columns of a prepared split, the unseen values per field).
 
-  Each row is a rating of `movie` by `user` at `timestamp` (a behaviour, as every rating is
-  in preparation), or, with an empty label in a label column, a candidate to score (not a
-  behaviour); without a label column every row is a rating. The
-  user's profile and the movie's genre and release year come from the lookups kept in
-  `directory`/vocab/; behaviours (strictly earlier ratings, `tabular.history_indices`) and
-  time_since_last from the rows of `records`, as preparation builds them from the log.
+  A row with a label (every row, without a label column) is a rating, and a behaviour of the
+  user's later rows (`interaction_log.history_indices`); a row with an empty label is a candidate to
+  score. Profiles, genres and release years come from the lookups in `directory`/vocab/.
   """
   log = records.log
   vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
@@ -339,7 +290,7 @@ def encode_records(records: tabular.Records, directory: str,
   label = log["label"].to_numpy(np.float32)
   rated = (~np.isnan(label) if PREDICT_COLUMNS["label"] in records.table.column_names
            else np.ones(len(log), bool))
-  indices, hist_len = tabular.history_indices(log, data_config.max_seq_len, rated)
+  indices, hist_len = interaction_log.history_indices(log, data_config.max_seq_len, rated)
   newest = indices[:, 0]  # the latest strictly earlier rating, -1 if none
   raw = {"item.movie_id": movies, "user.user_id": users,
          "context.time_since_last": np.where(newest >= 0, seconds - seconds[newest], np.nan)}

@@ -1,13 +1,13 @@
 """Batches from a prepared split: deterministic, resumable, and sharded by process.
 
 Training order is a pure function of (seed, step): epoch e = step // steps_per_epoch is a fresh
-permutation drawn from (seed, e), and step s reads rows [b * B, (b + 1) * B) of it. A resumed run
-therefore needs only the step to continue exactly where it stopped. Each process reads only its
-own slice of each global batch (rows [p * B / P, (p + 1) * B / P)), so no host holds all data.
+permutation drawn from (seed, e), and step s reads rows [b * B, (b + 1) * B) of it, so a resumed
+run needs only the step. Each process reads only its slice of each global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Mapping
@@ -64,12 +64,11 @@ class TrainBatches:
     self._seed = seed
     self._slice = local_slice(global_batch_size, process_index, process_count)
     self._epoch, self._perm = -1, np.empty(0, np.int64)
-    self.rows_read = 0  # training rows this process has gathered (`batch`)
+    self.rows_read = 0  # training rows this process's `iterate` has handed out
 
   def rows(self, step: int) -> np.ndarray:
-    """Row indices of this process's part of global batch `step`: its slice of the global
-    batch's rows, sorted (for mmap locality) before slicing, so that the global batch is laid
-    out over the devices the same way whatever the number of processes."""
+    """This process's row indices of global batch `step`: the global batch's rows sorted (mmap
+    locality), then sliced, so the devices get the same rows whatever the process count."""
     epoch, b = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._perm = np.random.default_rng([self._seed, epoch]).permutation(self.num_examples)
@@ -78,20 +77,19 @@ class TrainBatches:
     return rows[self._slice]
 
   def batch(self, step: int) -> Batch:
-    rows = self.rows(step)
-    self.rows_read += len(rows)
-    return gather_batch(self._columns, self._schema, rows)
+    return gather_batch(self._columns, self._schema, self.rows(step))
 
   def iterate(self, start_step: int, end_step: int, prefetch: int = 2,
               transform=None) -> Iterator[Batch]:
-    """Batches for steps [start_step, end_step), read ahead in a background thread.
-
-    `transform` (e.g. the copy to the devices) runs in that thread too, so that a step's
-    batch is on the device before the step asks for it.
-    """
+    """Batches for steps [start_step, end_step), gathered and `transform`ed (e.g. copied to the
+    devices) `prefetch` steps ahead in a thread that close() stops (`prefetch_iterator`)."""
     transform = transform or (lambda batch: batch)
-    return prefetch_iterator((transform(self.batch(s)) for s in range(start_step, end_step)),
-                             prefetch)
+    ahead = prefetch_iterator((transform(self.batch(s)) for s in range(start_step, end_step)),
+                              prefetch)
+    with contextlib.closing(ahead):
+      for batch in ahead:
+        self.rows_read += self._slice.stop - self._slice.start
+        yield batch
 
 
 def eval_batches(columns: Mapping[str, np.ndarray], schema: Schema, split: str,
@@ -113,23 +111,36 @@ def eval_batches(columns: Mapping[str, np.ndarray], schema: Schema, split: str,
 
 
 def prefetch_iterator(iterator: Iterator, size: int) -> Iterator:
-  """Runs `iterator` `size` items ahead in a daemon thread; re-raises its errors."""
+  """Runs `iterator` `size` items ahead in a daemon thread ("prefetch"); re-raises its errors.
+  Closing this generator stops the thread (which never blocks on a full queue) and joins it."""
   if size <= 0:
     yield from iterator
     return
   q: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
+  stop, done = threading.Event(), object()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      with contextlib.suppress(queue.Full):
+        q.put(item, timeout=0.05)
+        return True
+    return False
 
   def worker():
     try:
-      for item in iterator:
-        q.put(item)
+      if not all(put(item) for item in iterator):
+        return
     except BaseException as e:  # noqa: BLE001 - handed to the consumer
-      q.put(e)
-    q.put(done)
+      put(e)
+    put(done)
 
-  threading.Thread(target=worker, daemon=True).start()
-  while (item := q.get()) is not done:
-    if isinstance(item, BaseException):
-      raise item
-    yield item
+  thread = threading.Thread(target=worker, daemon=True, name="prefetch")
+  thread.start()
+  try:
+    while (item := q.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    thread.join()

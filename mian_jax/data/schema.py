@@ -1,29 +1,9 @@
-"""The prepared-data format that every data source writes (see docs/data.md).
+"""The prepared-data format that every data source writes (docs/data.md).
 
-A prepared data set is a directory:
-
-  schema.json                 the field groups of §3.1, vocabulary sizes, example counts
-  train/<column>.npy          one NumPy array per column (no pickle), mmap-able
-  valid/<column>.npy
-  test/<column>.npy
-  vocab/                      the raw-value -> id maps and encoders of the fields (vocab.py);
-                              absent in directories prepared before they were saved
-
-Columns of every split (N examples, T = max_seq_len):
-
-  item.<name>      [N]    candidate-item field (int32 id, or float32 if numeric)
-  hist.<name>      [N, T] behaviour field, newest first (slot t = the (t+1)-th most recent
-                          behaviour, so a slot means one recency for every user), padded with
-                          id 0 at the end
-  hist_len         [N]    int32, number of valid behaviours (0..T)
-  user.<name>      [N]    user-specific field
-  context.<name>   [N]    context field
-  label            [N]    float32 in {0, 1}
-  group_id         [N]    int64, the user for gAUC (need not be a model field)
-  extra.<name>     [N]    optional float32 side columns (e.g. the synthetic click probability)
-
-Categorical ids: 0 is padding, 1 is the reserved out-of-vocabulary id, real values start at 2;
-`vocab_size` counts both reserved ids. Ids outside [0, vocab_size) are rejected at load time.
+A directory: schema.json (the field groups of §3.1, vocabulary sizes, example counts),
+<split>/<column>.npy per split (item.<f> [N], hist.<f> [N, T] newest first padded with 0,
+hist_len, user.<f>, context.<f>, label, group_id, extra.<f>) and vocab/ (vocab.py).
+Ids: 0 padding, 1 out of vocabulary, values from 2; ids outside [0, vocab_size) are rejected.
 """
 
 from __future__ import annotations
@@ -46,9 +26,7 @@ import numpy as np
 
 from mian_jax.errors import DataError
 
-# 2: behaviours newest first (version 1 stored them oldest first, so slot t meant a different
-# recency for every user).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # 2: behaviours newest first
 SPLITS = ("train", "valid", "test")
 PAD_ID = 0
 OOV_ID = 1
@@ -56,10 +34,8 @@ NUM_RESERVED_IDS = 2
 GROUPS = ("item", "user", "context")
 VOCAB_DIR = "vocab"  # the vocabularies and encoders of the fields (vocab.py)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
-# Data are written to a temporary sibling `.tmp-<name>-<host>-<pid>-<random>` first. One whose
-# owner died is removed by the next preparation in that parent directory: at once if the owner ran
-# on this host (its pid is gone); a `.tmp-<name>-*` of another host, or of older versions (no
-# owner in the name), once nothing was written to it for this long.
+# A temporary sibling `.tmp-<name>-*` that no process of this host owns is stale once nothing
+# was written to it for this long (`remove_stale_tmp`).
 STALE_TMP_SECONDS = 3600
 
 
@@ -102,17 +78,11 @@ class Schema:
   def to_json(self) -> dict[str, Any]:
     f = self.features
     fields = lambda group: [dataclasses.asdict(x) for x in group]  # noqa: E731
-    return {
-        "format_version": FORMAT_VERSION,
-        "max_seq_len": f.max_seq_len,
-        "item_fields": fields(f.item_fields),
-        "behavior_fields": list(f.behavior_fields),
-        "user_fields": fields(f.user_fields),
-        "context_fields": fields(f.context_fields),
-        "num_examples": dict(self.num_examples),
-        "extra_columns": list(self.extra_columns),
-        "source": self.source,
-    }
+    return {"format_version": FORMAT_VERSION, "max_seq_len": f.max_seq_len,
+            "item_fields": fields(f.item_fields), "behavior_fields": list(f.behavior_fields),
+            "user_fields": fields(f.user_fields), "context_fields": fields(f.context_fields),
+            "num_examples": dict(self.num_examples), "extra_columns": list(self.extra_columns),
+            "source": self.source}
 
   def fingerprint(self) -> str:
     """A short hash of the features (not the sizes): checkpoints record it."""
@@ -122,21 +92,14 @@ class Schema:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
   def columns(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Column name -> (dtype kind, per-example shape) for every column of a split."""
+    """Column name -> (dtype, per-example shape) for every column of a split."""
     f = self.features
-    cols: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for group, group_fields in (("item", f.item_fields), ("user", f.user_fields),
-                                ("context", f.context_fields)):
-      for x in group_fields:
-        cols[f"{group}.{x.name}"] = ("int32" if x.is_categorical else "float32", ())
-    for name in f.behavior_fields:
-      cols[f"hist.{name}"] = ("int32", (f.max_seq_len,))
-    cols["hist_len"] = ("int32", ())
-    cols["label"] = ("float32", ())
-    cols["group_id"] = ("int64", ())
-    for name in self.extra_columns:
-      cols[f"extra.{name}"] = ("float32", ())
-    return cols
+    return {
+        **{f"{g}.{x.name}": ("int32" if x.is_categorical else "float32", ())
+           for g in GROUPS for x in getattr(f, f"{g}_fields")},
+        **{f"hist.{name}": ("int32", (f.max_seq_len,)) for name in f.behavior_fields},
+        "hist_len": ("int32", ()), "label": ("float32", ()), "group_id": ("int64", ()),
+        **{f"extra.{name}": ("float32", ()) for name in self.extra_columns}}
 
 
 def _field_from_json(d: Mapping[str, Any], where: str) -> Field:
@@ -208,21 +171,13 @@ def write_prepared(directory: str, schema: Schema,
                    splits: Mapping[str, Mapping[str, np.ndarray]],
                    extra_files: Mapping[str, Mapping[str, Any]] | None = None,
                    write_vocabularies: Callable[[str], None] | None = None) -> str:
-  """Writes a prepared data set atomically: it appears complete under `directory` or not at all.
+  """Writes a prepared data set atomically (complete under `directory`, or not at all); returns
+  its checksum.
 
-  Args:
-    directory: final location; must not exist yet.
-    schema: the schema; its num_examples must agree with the arrays.
-    splits: split -> column -> array, with exactly the columns of `schema.columns()`; or
-      split -> an iterable of such mappings, consecutive blocks of the split's rows, written
-      as they come (`_write_blocks`), so that a split need not fit in memory.
-    extra_files: optional file name -> JSON-able dict written beside schema.json. "stats.json"
-      is always written, with the key "checksum" set to `dataset_checksum` of the result.
-    write_vocabularies: called with the temporary directory before the checksum is taken, to
-      write its vocab/ folder (e.g. a `functools.partial` of `vocab.write_vocabularies`).
-
-  Returns:
-    The data set's checksum.
+  splits: split -> column -> array (exactly `schema.columns()`), or split -> an iterable of such
+  mappings, consecutive row blocks written as they come (`_write_blocks`). extra_files: file
+  name -> JSON-able dict beside schema.json; stats.json is always written, with "checksum".
+  write_vocabularies(tmp) writes vocab/ before the checksum is taken.
   """
   for split in SPLITS:
     if isinstance(splits[split], Mapping):
@@ -265,8 +220,7 @@ def write_prepared(directory: str, schema: Schema,
 
 def _write_blocks(split_dir: str, schema: Schema, split: str,
                   blocks: Iterable[Mapping[str, np.ndarray]]) -> None:
-  """Writes a split given as consecutive row blocks, each checked by `validate_columns`, into
-  the same .npy files (byte for byte) that np.save writes for the whole split."""
+  """Writes a split given as checked row blocks into the .npy files np.save writes for it."""
   columns = schema.columns()
   size = schema.size(split)
   written = 0
@@ -292,7 +246,7 @@ def _host() -> str:
 
 
 def _tmp_prefix(directory: str) -> str:
-  """`.tmp-<name>-<host>-<pid>-`: names the temporary sibling's owner (see STALE_TMP_SECONDS)."""
+  """`.tmp-<name>-<host>-<pid>-`: names the temporary sibling's owner."""
   return f".tmp-{os.path.basename(os.path.abspath(directory))}-{_host()}-{os.getpid()}-"
 
 
@@ -308,19 +262,13 @@ def _pid_alive(pid: int) -> bool:
 
 def _last_write(path: str) -> float:
   """Newest modification time of `path` and the entries directly inside it."""
-  times = [os.path.getmtime(path)]
   with os.scandir(path) as entries:
-    times += [e.stat(follow_symlinks=False).st_mtime for e in entries]
-  return max(times)
+    return max([os.path.getmtime(path), *(e.stat(follow_symlinks=False).st_mtime for e in entries)])
 
 
 def remove_stale_tmp(directory: str) -> list[str]:
-  """Removes temporary directories that dead preparations left beside `directory`; returns them.
-
-  Any `.tmp-*-<host>-<pid>-<random>` of this host whose process `pid` is gone, and any other
-  `.tmp-<name>-*` of this directory's name (another host's, or of older versions) to which
-  nothing was written for STALE_TMP_SECONDS. A live preparation's directory is never touched.
-  """
+  """Removes and returns the temporary siblings of dead preparations: `.tmp-*-<host>-<pid>-*`
+  of this host whose pid is gone, and other `.tmp-<name>-*` stale for STALE_TMP_SECONDS."""
   parent = os.path.dirname(os.path.abspath(directory))
   same_name = f".tmp-{os.path.basename(os.path.abspath(directory))}-"
   this_host = re.compile(rf"\.tmp-.+-{re.escape(_host())}-(\d+)-[a-z0-9_]{{8}}")
@@ -359,20 +307,13 @@ def discard(directory: str) -> None:
 
 
 def dataset_checksum(directory: str) -> str:
-  """sha256 over schema.json, every column file of every split and every file under vocab/,
-  in a fixed order.
-
-  Two preparations with the same checksum hold byte-identical training data and vocabularies.
-  A directory without vocab/ (prepared before vocabularies were saved) keeps its old checksum.
-  """
+  """sha256 over schema.json, every column file of every split and every file under vocab/ (if
+  any), in a fixed order: equal for byte-identical data and vocabularies."""
   digest = hashlib.sha256()
-  paths = [os.path.join(directory, "schema.json")]
-  for split in SPLITS:
-    split_dir = os.path.join(directory, split)
-    paths += [os.path.join(split_dir, name) for name in sorted(os.listdir(split_dir))]
-  vocab_dir = os.path.join(directory, VOCAB_DIR)
-  if os.path.isdir(vocab_dir):
-    paths += [os.path.join(vocab_dir, name) for name in sorted(os.listdir(vocab_dir))]
+  folders = [*SPLITS, *([VOCAB_DIR] if os.path.isdir(os.path.join(directory, VOCAB_DIR)) else [])]
+  paths = [os.path.join(directory, "schema.json")] + [
+      os.path.join(directory, d, name) for d in folders
+      for name in sorted(os.listdir(os.path.join(directory, d)))]
   for path in paths:
     digest.update(os.path.relpath(path, directory).encode())
     with open(path, "rb") as f:
@@ -382,12 +323,8 @@ def dataset_checksum(directory: str) -> str:
 
 
 def verify_dataset_checksum(directory: str) -> str:
-  """Re-hashes a prepared directory and checks it against the checksum its preparation
-  recorded in stats.json; returns the checksum (the data's identity, which runs record).
-
-  Raises DataError if the files changed since preparation. A directory without a recorded
-  checksum (hand-made, or older) is accepted as it is.
-  """
+  """The directory's checksum; DataError if it differs from the one stats.json recorded at
+  preparation (a directory without one, e.g. hand-made, is accepted)."""
   checksum = dataset_checksum(directory)
   try:
     with open(os.path.join(directory, "stats.json")) as f:
@@ -418,14 +355,11 @@ def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarra
       raise DataError(f"split {split!r}, column {name!r}: expected {dtype}{[n, *shape]}, "
                       f"got {a.dtype}{list(a.shape)}")
   f = schema.features
-  for group, fields in (("item", f.item_fields), ("user", f.user_fields),
-                        ("context", f.context_fields)):
-    for x in fields:
-      a = columns[f"{group}.{x.name}"]
-      if x.is_categorical:
-        _check_ids(a, 1, x.vocab_size, f"split {split!r}, column '{group}.{x.name}'")
-      elif n and not np.isfinite(a).all():
-        raise DataError(f"split {split!r}, column '{group}.{x.name}': non-finite values")
+  for x, name in ((x, f"{g}.{x.name}") for g in GROUPS for x in getattr(f, f"{g}_fields")):
+    if x.is_categorical:
+      _check_ids(columns[name], 1, x.vocab_size, f"split {split!r}, column '{name}'")
+    elif n and not np.isfinite(columns[name]).all():
+      raise DataError(f"split {split!r}, column '{name}': non-finite values")
   lengths = columns["hist_len"]
   if n and (lengths.min() < 0 or lengths.max() > f.max_seq_len):
     raise DataError(f"split {split!r}: hist_len outside [0, {f.max_seq_len}]")
@@ -436,8 +370,7 @@ def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarra
     _check_ids(a, 0, f.item_field(name).vocab_size, where)
     if np.any((a == PAD_ID) == valid):
       raise DataError(f"{where}: padding id 0 must fill exactly the positions >= hist_len")
-  labels = columns["label"]
-  if n and not np.isin(labels, (0.0, 1.0)).all():
+  if n and not np.isin(columns["label"], (0.0, 1.0)).all():
     raise DataError(f"split {split!r}: labels must be 0 or 1")
 
 

@@ -1,25 +1,8 @@
 """A synthetic CTR data set with planted structure of the kinds MIAN exists to capture.
 
-Everything is a deterministic function of `config.data.synthetic` (seed included). The click
-probability of an example is known and stored (`extra.click_prob`), so evaluation can report the
-Bayes-oracle AUC beside the model's. See docs/data.md for the full generative story; in short,
-
-  logit = bias + item_bias[i]
-        + relevance_weight  * sum_t r^age(t) R[category(b_t), category(i)] / sum_t r^age(t)  (a)
-        + user_weight       * U_j[u_j, category(i)],  j = user_field_of[category(i)]       (b)
-        + context_weight    * C_k[c_k, category(i)],  k = context_field_of[category(i)]    (c)
-
-where R, U_j and C_k are random low-rank interaction tables with unit standard deviation, b_t are
-the behaviours and age(t) = 0 for the most recent one, so (a) is the recency-weighted relevance of
-the candidate to the behaviours. Recent behaviours come from the user's current interests, older
-ones from old interests. In (b) and (c) *which* field matters depends on the candidate: each
-category is tied to one of the user fields (gender, age group, occupation) and one of the context
-fields (season, hour, weekday), so a model must select fields per candidate (what IUIM's and
-ICIM's attention of eqs. 10-13 is for), not just learn one fixed field's interaction. (d): a
-share of users are inactive: their history is either short (possibly empty) or stale, i.e.
-entirely old; a stale history is irrelevant to today's clicks (term (a) is 0), and only the
-context field `days_since_last` (bucketed time since the last behaviour) tells stale users apart.
-Half of all candidates are random items, mostly unrelated to any behaviour.
+A deterministic function of `config.data.synthetic`; the click probability of every example is
+stored (`extra.click_prob`) for the oracle AUC. The generative story, terms (a)-(d) of the
+logit, is in docs/data.md ("The synthetic source").
 """
 
 from __future__ import annotations
@@ -48,12 +31,6 @@ def _low_rank_table(rng: np.random.Generator, rows: int, cols: int, rank: int) -
   return (table - table.mean()) / table.std()
 
 
-def _draw_from_categories(rng, categories, items_by_category, category_starts, category_counts):
-  """A uniformly random item of each given category. All arrays share a shape."""
-  offsets = (rng.random(categories.shape) * category_counts[categories]).astype(np.int64)
-  return items_by_category[category_starts[categories] + offsets]
-
-
 class _World:
   """The latent users, items and interaction tables shared by all splits."""
 
@@ -61,8 +38,7 @@ class _World:
     self.c = c
     self.item_category = rng.integers(c.num_categories, size=c.num_items)
     self.item_bias = rng.normal(0.0, c.item_bias_std, size=c.num_items)
-    order = np.argsort(self.item_category, kind="stable")
-    self.items_by_category = order
+    self.items_by_category = np.argsort(self.item_category, kind="stable")
     self.category_counts = np.bincount(self.item_category, minlength=c.num_categories)
     if (self.category_counts == 0).any():
       raise ConfigError("data.synthetic: every category needs at least one item; "
@@ -86,8 +62,9 @@ class _World:
                                            c.interaction_rank)
 
   def draw_items(self, rng, categories):
-    return _draw_from_categories(rng, categories, self.items_by_category,
-                                 self.category_starts, self.category_counts)
+    """A uniformly random item of each given category (any shape)."""
+    offsets = (rng.random(categories.shape) * self.category_counts[categories]).astype(np.int64)
+    return self.items_by_category[self.category_starts[categories] + offsets]
 
 
 def _interest_draw(rng, interests, users, shape, focus):
@@ -157,13 +134,13 @@ def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len
   label = (rng.random(n) < click_prob).astype(np.float32)
 
   ids = lambda x: (x + schema_lib.NUM_RESERVED_IDS).astype(np.int32)  # noqa: E731
+  hist = lambda x: schema_lib.newest_first(  # noqa: E731
+      np.where(valid, ids(x), schema_lib.PAD_ID).astype(np.int32), lengths)
   return {
       "item.item_id": ids(cand_item),
       "item.category": ids(cand_category),
-      "hist.item_id": schema_lib.newest_first(
-          np.where(valid, ids(hist_item), schema_lib.PAD_ID).astype(np.int32), lengths),
-      "hist.category": schema_lib.newest_first(
-          np.where(valid, ids(hist_category), schema_lib.PAD_ID).astype(np.int32), lengths),
+      "hist.item_id": hist(hist_item),
+      "hist.category": hist(hist_category),
       "hist_len": lengths.astype(np.int32),
       "user.gender": ids(world.gender[users]),
       "user.age_group": ids(world.age_group[users]),
@@ -187,12 +164,11 @@ def make_schema(c: ConfigDict, max_seq_len: int) -> schema_lib.Schema:
       user_fields=(cat("gender", NUM_GENDERS), cat("age_group", NUM_AGE_GROUPS),
                    cat("occupation", c.num_occupations)),
       context_fields=(cat("season", NUM_SEASONS), cat("hour", NUM_HOURS),
-                      cat("weekday", NUM_WEEKDAYS),
-                   cat("days_since_last", NUM_RECENCY_BUCKETS)),
+                      cat("weekday", NUM_WEEKDAYS), cat("days_since_last", NUM_RECENCY_BUCKETS)),
       max_seq_len=max_seq_len)
   return schema_lib.Schema(
       features=features,
-      num_examples=(("train", c.num_train), ("valid", c.num_valid), ("test", c.num_test)),
+      num_examples=tuple((s, c[f"num_{s}"]) for s in schema_lib.SPLITS),
       extra_columns=("click_prob",),
       source=f"synthetic(seed={c.seed})")
 
@@ -221,8 +197,7 @@ def generate(c: ConfigDict, max_seq_len: int):
 
 
 def identity_vocabularies(schema: schema_lib.Schema) -> dict[str, list[str]]:
-  """Synthetic values have no names: the raw value of a field is the generator's 0-based index
-  k, written "k", and its id is k + 2. These maps record exactly that (for every field)."""
+  """Identity maps of every field: raw value "k" (the generator's 0-based index) -> id k + 2."""
   f = schema.features
   return {f"{group}.{x.name}": [str(k) for k in range(x.vocab_size - schema_lib.NUM_RESERVED_IDS)]
           for group, fields in (("item", f.item_fields), ("user", f.user_fields),

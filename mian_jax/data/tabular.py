@@ -1,43 +1,8 @@
-"""The user's own logs as CSV or Parquet (docs/data.md, configs/tabular.py).
+"""The user's own logs as CSV or Parquet (docs/data.md "Your own logs", configs/tabular.py).
 
-One row per example (an impression). `config.data.tabular` names the columns:
-
-  label, user_id, timestamp      required in every row (label 0/1 or true/false; timestamp a
-                                 number, e.g. Unix seconds, or a date-time string / Parquet
-                                 timestamp, converted to seconds)
-  item_fields / user_fields / context_fields
-                                 "name:kind,..." with kind categorical (default), numeric or
-                                 hash(N) (categorical, no vocabulary: the id is 2 + a stable hash
-                                 of the cell's text mod N, so values unseen in training get ids
-                                 too; `parse_fields`); the first item field is the item id
-  behavior_fields                item fields that form the behaviour sequence, e.g. "item_id,cat"
-  behavior_source = "log"        behaviours = the same user's rows with a strictly earlier
-                                 timestamp (`behavior_rows`: "clicks" = label 1 only, or "all"),
-                                 built like MovieLens: no future information can leak in
-  behavior_source = "list"       `behavior_columns` = "field:column,..." name list columns holding
-                                 each row's behaviours oldest first (Parquet lists, or CSV strings
-                                 separated by `list_sep`); their correctness is the user's job
-
-Splits: `path` = one file cut by time (the last `test_fraction` of rows by timestamp = test, the
-`valid_fraction` before = valid), or `train_path`, `valid_path`, `test_path` = pre-split files.
-
-Bad rows (counted per file, in stats.json["bad_rows"] with the file line of the first; above
-data.max_bad_row_ratio the preparation fails): CSV lines with too many fields, a missing or
-unparsable label, user id, timestamp or item id, a timestamp of the minority kind (a date among
-numbers, or a number among dates), a non-numeric numeric field, behaviour list columns of unequal
-length. A missing categorical value (hashed or not) maps to the OOV id 1. A named column absent
-from the file, a missing or empty file, a numeric value too large to standardise: DataError. A
-malformed field declaration: ConfigError.
-
-CSV columns are read as strings (ids such as "00194" and "194" stay distinct); a UTF-8
-byte-order mark before the header is dropped. A categorical field in a float column (Parquet
-writes integer ids with nulls so) is read as the text of its whole numbers (9.0 -> "9"); a
-value that is not whole is a DataError. A header that names a configured column twice is a
-DataError; one read as a single column holding ';', a tab or '|' hints at csv_sep.
-
-`python -m mian_jax.predict` reads the records it scores with the same pieces: `read_records`
-(one file, read and checked like a file of the log, the label optional) and `history_indices`
-(the behaviours, built as `interaction_log.build_examples` builds them).
+One row per example; `config.data.tabular` names the columns, the fields and where behaviours
+come from. `python -m mian_jax.predict` reads the records it scores with `read_records` (one file,
+read like a file of the log, the label optional, CSV, Parquet or JSON lines).
 """
 
 from __future__ import annotations
@@ -76,23 +41,23 @@ def _file_format(path: str, fmt: str) -> str:
 class CsvLines:
   """The 1-based file line on which each CSV record starts (record 1 = the header line).
 
-  pyarrow numbers records, skipping blank lines; a quoted value may span lines. Without either,
-  record r is line r, which `_same_as_records` checks by counting line breaks; otherwise the file
-  is scanned once. Both happen only when a line is asked for (messages about bad rows).
+  pyarrow's record numbers skip blank lines, and a quoted value may span lines: record r is line
+  r only without either (checked by counting line breaks), else the file is scanned once; both
+  only when a line is asked for (a bad row's message).
   """
 
   def __init__(self, path: str, encoding: str, num_records: int):
     self.path, self.encoding, self.num_records = path, encoding, num_records
-    self._starts: np.ndarray | None = None  # starts[r - 1] = line of record r
+
+  @functools.cached_property
+  def _starts(self) -> np.ndarray:  # _starts[r - 1] = the line of record r
+    return np.arange(1, self.num_records + 1) if self._same_as_records() else self._scan()
 
   def line(self, record: int) -> int:
-    if self._starts is None:
-      self._starts = (np.arange(1, self.num_records + 1) if self._same_as_records()
-                      else self._scan())
     return int(self._starts[record - 1]) if record <= len(self._starts) else record
 
   def rows(self, records: np.ndarray) -> _RowLines:
-    """Indexable: the file line of row i, whose record number is records[i]."""
+    """rows[i]: the file line of row i, whose record number is records[i]."""
     return _RowLines(self, records)
 
   def _same_as_records(self) -> bool:
@@ -117,7 +82,6 @@ class CsvLines:
 
 
 class _RowLines:
-  """rows[i] -> the file line of row i (see CsvLines.rows)."""
 
   def __init__(self, lines: CsvLines, records: np.ndarray):
     self.lines, self.records = lines, records
@@ -127,32 +91,25 @@ class _RowLines:
 
 
 def read_table(path: str, c: ConfigDict, bad: interaction_log.BadRows, fmt: str | None = None):
-  """Reads one CSV (all columns as strings), Parquet or JSON-lines file; counts CSV lines with
-  too many or too few fields, and JSON lines that are not an object, as malformed.
-
-  Args:
-    fmt: "csv", "parquet" or "jsonl"; default: by `c.format` (auto: by the file's extension).
-
-  Returns:
-    (table, lines): lines[i] is the file line of table row i (CSV, JSON lines), None for Parquet.
-  """
+  """One CSV (all columns as strings), Parquet or JSON-lines file (`fmt`; default by `c.format`)
+  -> (table, lines[i]: the file line of row i, None for Parquet). CSV lines with another number
+  of fields and JSON lines that are not an object are counted in `bad` as malformed."""
   if not os.path.isfile(path):
     raise DataError(f"file not found: {path}")
   name = os.path.basename(path)
   fmt = fmt or _file_format(path, c.format)
   if fmt == "jsonl":
     return _read_json_lines(path, c.encoding, bad)
+  invalid = []
   try:
     if fmt == "parquet":
       table = pq.read_table(path)
-      invalid = []
     else:
       with open(path, newline="", encoding=c.encoding) as f:
         header = next(csv.reader(f, delimiter=c.csv_sep), None)
       if not header:
         raise DataError(f"{path} is empty (no header line)")
       header[0] = header[0].removeprefix("\ufeff")  # pyarrow drops a byte-order mark too
-      invalid = []
       handler = lambda row: invalid.append((row.number, row.text)) or "skip"  # noqa: E731
       table = pa_csv.read_csv(
           path, read_options=pa_csv.ReadOptions(encoding=c.encoding, use_threads=False),
@@ -177,8 +134,7 @@ def read_table(path: str, c: ConfigDict, bad: interaction_log.BadRows, fmt: str 
 
 
 def _json_text(value):
-  """A JSON value as the text a CSV cell would hold: strings as they are, other scalars as JSON
-  writes them (9, 1.5, true), lists element by element; null stays None."""
+  """A JSON value as a CSV cell's text ("9", "true"), lists element by element; null: None."""
   if value is None or isinstance(value, str):
     return value
   if isinstance(value, list):
@@ -187,8 +143,7 @@ def _json_text(value):
 
 
 def _read_json_lines(path: str, encoding: str, bad: interaction_log.BadRows):
-  """Reads a JSON-lines file (one object per non-blank line) with every value as text, as CSV
-  cells are read, and lists (behaviour list columns) as lists of text; see `read_table`."""
+  """A JSON-lines file (an object per non-blank line), values as text, lists as lists of text."""
   records, numbers, texts, invalid = [], [], [], []
   try:
     with open(path, encoding=encoding) as f:
@@ -211,9 +166,8 @@ def _read_json_lines(path: str, encoding: str, bad: interaction_log.BadRows):
   invalid = np.asarray(invalid)
   numbers = np.asarray(numbers, np.int64)
   bad.record(os.path.basename(path), len(numbers), invalid, "not a JSON object", numbers, texts)
-  names = list(dict.fromkeys(k for record in records for k in record))
   columns = {}
-  for k in names:
+  for k in dict.fromkeys(k for record in records for k in record):
     values = [record.get(k) for record in records]
     is_list = any(isinstance(v, list) for v in values)
     try:
@@ -225,21 +179,16 @@ def _read_json_lines(path: str, encoding: str, bad: interaction_log.BadRows):
 
 
 def _timestamps(col: pa.ChunkedArray) -> tuple[np.ndarray, str]:
-  """Seconds as float64 (NaN = missing or unparsable) from numbers, numeric strings, dates or
-  timestamps, and what a present value must be ("a number" | "a date-time").
-
-  A string column is read as numbers if most of its present values are numbers, else as
-  date-times; the minority kind is then unparsable (bad rows), never the majority.
-  """
-  if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-    s = pd.to_datetime(col.to_pandas(), utc=True, errors="coerce")
-    seconds = (s.astype("int64") / 1e9).where(s.notna())
-    return seconds.to_numpy(np.float64, na_value=np.nan), "a date-time"
+  """Seconds as float64 (NaN = missing or unparsable) and what a present value must be ("a
+  number" | "a date-time"): a string column is numbers if most present values are, else dates."""
   s = col.to_pandas()
-  num = pd.to_numeric(s, errors="coerce")
-  if 2 * num.notna().sum() >= s.notna().sum():  # most present values are numbers
-    return num.to_numpy(np.float64, na_value=np.nan), "a number"
-  when = pd.to_datetime(s.astype(object), utc=True, errors="coerce", format="mixed")
+  if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+    when = pd.to_datetime(s, utc=True, errors="coerce")
+  else:
+    num = pd.to_numeric(s, errors="coerce")
+    if 2 * num.notna().sum() >= s.notna().sum():  # most present values are numbers
+      return num.to_numpy(np.float64, na_value=np.nan), "a number"
+    when = pd.to_datetime(s.astype(object), utc=True, errors="coerce", format="mixed")
   seconds = (when.astype("int64") / 1e9).where(when.notna())
   return seconds.to_numpy(np.float64, na_value=np.nan), "a date-time"
 
@@ -266,15 +215,11 @@ _HASH_KIND = re.compile(r"hash\(\s*(\d+)\s*\)")  # hash(N), N the number of buck
 
 
 def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], dict[str, int]]:
-  """A field declaration -> ((name, kind), ...) and {name: hash buckets} of its hashed fields.
+  """"a,b:numeric,c:hash(1000)" -> ((("a", "categorical"), ("b", "numeric"), ("c",
+  "categorical")), {"c": 1000}): kind defaults to categorical; a hashed field is categorical.
 
-  "a,b:numeric,c:hash(1000)" -> ((("a", "categorical"), ("b", "numeric"),
-  ("c", "categorical")), {"c": 1000}): kind defaults to categorical; a hashed field is
-  categorical, its ids 2 .. 2 + N - 1 (vocab.hash_ids) instead of a training vocabulary.
-
-  Raises:
-    ConfigError (one line, naming `where` and the field): an unknown kind, or hash(N) with N
-      not an integer from 1 to vocab.MAX_HASH_BUCKETS.
+  ConfigError naming `where` and the field: an unknown kind, or hash(N) with N not an integer
+  from 1 to vocab.MAX_HASH_BUCKETS.
   """
   fields, buckets = [], {}
   for part in (p.strip() for p in text.split(",")):
@@ -297,24 +242,14 @@ def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], di
   return tuple(fields), buckets
 
 
-def hash_buckets(c: ConfigDict) -> dict[str, int]:
-  """The hashed fields of a `data.tabular` config: {"item.brand": buckets, ...}."""
-  return {f"{g}.{name}": n for g in _GROUPS
-          for name, n in parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[1].items()}
-
-
-def _field_columns(c: ConfigDict):
+def _fields(c: ConfigDict):
+  """The checked fields of a `data.tabular` config: ({group: ((name, kind), ...)}, behavior)."""
   groups = {g: parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[0] for g in _GROUPS}
   if not groups["item"]:
     raise DataError("data.tabular.item_fields must name at least the item id column")
   behavior = tuple(x.strip() for x in c.behavior_fields.split(",") if x.strip())
-  return groups, behavior
-
-
-def _check_config(c: ConfigDict, groups, behavior):
-  item_kinds = dict(groups["item"])
   for name in behavior:
-    if item_kinds.get(name) != "categorical":
+    if dict(groups["item"]).get(name) != "categorical":
       raise DataError(f"data.tabular.behavior_fields: {name!r} must be a categorical item field")
   if c.behavior_source not in ("log", "list"):
     raise DataError(f"data.tabular.behavior_source={c.behavior_source!r}; expected 'log' or 'list'")
@@ -322,6 +257,7 @@ def _check_config(c: ConfigDict, groups, behavior):
     raise DataError(f"data.tabular.behavior_rows={c.behavior_rows!r}; expected 'clicks' or 'all'")
   if groups["item"][0][1] != "categorical":
     raise DataError("data.tabular.item_fields: the first field (the item id) must be categorical")
+  return groups, behavior
 
 
 def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
@@ -334,13 +270,8 @@ def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
 
 
 def _whole_numbers_as_text(col: pa.ChunkedArray, name: str, field: str) -> pd.Series:
-  """A float column of a categorical field (Parquet writes integer ids with nulls as floats)
-  as the text of its integers: 9.0 -> "9", as the cell of a CSV or an integer column reads, so
-  that the vocabulary finds it; NaN -> missing.
-
-  Raises:
-    DataError: a value that is not a whole number (a float is no category).
-  """
+  """A float column of a categorical field (Parquet's integer ids with nulls) as the text of
+  its integers, as a CSV cell reads: 9.0 -> "9", NaN -> missing; DataError if not whole."""
   values = col.to_numpy(zero_copy_only=False).astype(np.float64)
   present = ~np.isnan(values)
   whole = present & (np.floor(values) == values) & (np.abs(values) < 2.0**63)
@@ -366,21 +297,19 @@ def _separator_hint(table: pa.Table, name: str, c: ConfigDict) -> str | None:
   return None
 
 
-def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigDict, groups,
-                  behavior, bad: interaction_log.BadRows, lines=None, label_optional: bool = False):
-  """One file's rows -> (log frame, {field: ListArray} or None, kept table rows); bad rows
-  counted (lines[i]: the file line of row i, if known) and dropped.
-
-  With `label_optional` (records to score) the label column may be absent and a label cell
-  empty: such a row's label is NaN (unknown: never a click); any other non-0/1 label is bad.
-  """
+def _read_log_file(path: str, c: ConfigDict, groups, behavior, bad: interaction_log.BadRows,
+                   fmt: str | None = None, split_code: int | None = None,
+                   label_optional: bool = False):
+  """One file (`read_table`) -> (table, log frame, {field: ListArray} or None, (name, lines,
+  kept table rows)); bad rows counted and dropped. With `label_optional` (records to score) the
+  label column may be absent and a label empty: NaN, never a click."""
+  table, lines = read_table(path, c, bad, fmt)
+  name = os.path.basename(path)
   has_label = c.label in table.column_names or not label_optional
-  needed = {c.label: "label"} if has_label else {}
-  needed.update({c.user_id: "user_id", c.timestamp: "timestamp"})
-  for g, fields in groups.items():
-    needed.update({f: f"{g}_fields" for f, _ in fields})
   list_cols = _behavior_columns(c, behavior) if c.behavior_source == "list" else {}
-  needed.update({col: "behavior_columns" for col in list_cols.values()})
+  needed = {**({c.label: "label"} if has_label else {}), c.user_id: "user_id",
+            c.timestamp: "timestamp", **{f: f"{g}_fields" for g in groups for f, _ in groups[g]},
+            **{col: "behavior_columns" for col in list_cols.values()}}
   absent = [f"{col!r} ({key})" for col, key in needed.items() if col not in table.column_names]
   if absent:
     raise DataError(_separator_hint(table, name, c) or
@@ -427,24 +356,19 @@ def _table_to_log(table: pa.Table, name: str, split_code: int | None, c: ConfigD
       elif pa.types.is_floating(table[f].type):
         values = _whole_numbers_as_text(table[f], name, f)
       frame[f"{g}.{f}"] = values
-  lists = None
-  if list_cols:
-    lists = {b: _as_list_array(table[col], c.list_sep) for b, col in list_cols.items()}
+  lists = {b: _as_list_array(table[col], c.list_sep) for b, col in list_cols.items()}
+  if lists:
     lengths = [pc.fill_null(pc.list_value_length(a), 0).to_numpy() for a in lists.values()]
     flag(np.any([x != lengths[0] for x in lengths], axis=0), "behaviour lists of unequal length")
   log = pd.DataFrame({"user": user.astype(str), "timestamp": ts, "label": label, **frame})
   log["split"] = np.int8(split_code if split_code is not None else 0)
-  keep = pa.array(ok)
-  if lists is not None:
-    lists = {b: a.filter(keep) for b, a in lists.items()}
-  return log[ok].reset_index(drop=True), lists, np.flatnonzero(ok)
+  lists = {b: a.filter(pa.array(ok)) for b, a in lists.items()} if list_cols else None
+  return table, log[ok].reset_index(drop=True), lists, (name, lines, np.flatnonzero(ok))
 
 
 def _row_describer(sources):
-  """describe(i) -> where row i of the concatenated log comes from, e.g. "log.csv line 7".
-
-  sources: per file, in log order, (name, lines or None, kept table rows).
-  """
+  """describe(i): where row i of the log comes from ("log.csv line 7"); sources: per file, in
+  log order, (name, lines or None, kept table rows)."""
   offsets = np.cumsum([0] + [len(kept) for _, _, kept in sources])
 
   def describe(i: int) -> str:
@@ -484,24 +408,17 @@ def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
 def read_log(data_config: ConfigDict, bad: interaction_log.BadRows):
   """All files -> (log, groups, behavior, ListBehaviours or None, describe_row)."""
   c = data_config.tabular
-  groups, behavior = _field_columns(c)
-  _check_config(c, groups, behavior)
-  files = input_files(c)
-  parts, sources = [], []
-  for path, code in files:
-    table, lines = read_table(path, c, bad)
-    name = os.path.basename(path)
-    log, lists, kept = _table_to_log(table, name, code, c, groups, behavior, bad, lines)
-    parts.append((log, lists))
-    sources.append((name, lines, kept))
+  groups, behavior = _fields(c)
+  parts = [_read_log_file(path, c, groups, behavior, bad, split_code=code)
+           for path, code in input_files(c)]
   bad.check()
-  log = pd.concat([p[0] for p in parts], ignore_index=True)
+  log = pd.concat([p[1] for p in parts], ignore_index=True)
   if c.path:
     log["split"] = interaction_log.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
                                               c.test_fraction)
-  lists = (_list_behaviours([p[1] for p in parts], behavior)
+  lists = (_list_behaviours([p[2] for p in parts], behavior)
            if c.behavior_source == "list" else None)
-  return log, groups, behavior, lists, _row_describer(sources)
+  return log, groups, behavior, lists, _row_describer([p[3] for p in parts])
 
 
 def _list_behaviours(parts, behavior) -> interaction_log.ListBehaviours:
@@ -523,72 +440,31 @@ def behavior_mask(log: pd.DataFrame, behavior_rows: str) -> np.ndarray | None:
   return (log["label"].to_numpy() == 1) if behavior_rows == "clicks" else None
 
 
-def history_indices(log: pd.DataFrame, max_seq_len: int, mask: np.ndarray | None = None,
-                    lists: interaction_log.ListBehaviours | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Each row's behaviours as `interaction_log.build_examples` builds them: (indices [N, T],
-  int32 lengths [N]) in log row order, newest first, -1 = padding.
-
-  Without `lists`, an index is a log row: the same user's rows with a strictly earlier
-  timestamp among those in `mask` (default: all), ties in log order. With `lists`, it is a
-  position in the flat list values (the last T of the row's list).
-  """
-  if lists is not None:
-    return interaction_log._history_from_lists(lists, max_seq_len)
-  n = len(log)
-  users = pd.factorize(log["user"], sort=True)[0]
-  ts = log["timestamp"].to_numpy(np.float64)
-  by_user = np.lexsort((np.arange(n), ts, users))
-  mask = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
-  rows, lengths = interaction_log._history_from_log(users[by_user], ts[by_user], mask[by_user],
-                                                    max_seq_len)
-  indices = np.full((n, max_seq_len), -1, np.int64)
-  indices[by_user] = np.where(rows >= 0, by_user[np.maximum(rows, 0)], -1)
-  out_lengths = np.empty(n, np.int32)
-  out_lengths[by_user] = lengths
-  return indices, out_lengths
+history_indices = interaction_log.history_indices  # as preparation builds the behaviours
 
 
 @dataclasses.dataclass(frozen=True)
 class Records:
-  """Raw records of one file, read as preparation reads a file of the log (`read_records`).
-
-  Attributes:
-    log: the kept rows as a log (`logs` module docstring; split 0, label NaN where unknown).
-    lists: the behaviour list columns of the kept rows (behavior_source="list"), else None.
-    table: the file as read (raw values, every row).
-    kept: [N] the table rows that `log` holds, in file order.
-    groups: {"item" | "user" | "context": ((name, kind), ...)}; behavior: behaviour fields.
-    describe_row: where log row i comes from, e.g. "new.csv line 7".
-  """
-  log: pd.DataFrame
-  lists: interaction_log.ListBehaviours | None
-  table: pa.Table
-  kept: np.ndarray
-  groups: dict[str, tuple[tuple[str, str], ...]]
+  """The raw records of one file (`read_records`)."""
+  log: pd.DataFrame  # the kept rows as a log (split 0, label NaN where unknown)
+  lists: interaction_log.ListBehaviours | None  # behavior_source="list": their list columns
+  table: pa.Table  # the file as read (raw values, every row)
+  kept: np.ndarray  # [N] the table rows that `log` holds, in file order
+  groups: dict[str, tuple[tuple[str, str], ...]]  # {"item" | "user" | "context": fields}
   behavior: tuple[str, ...]
-  describe_row: Callable[[int], str]
+  describe_row: Callable[[int], str]  # where log row i comes from, e.g. "new.csv line 7"
 
 
 def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.BadRows,
                  fmt: str | None = None) -> Records:
-  """One file of raw records in the configured columns, checked like a file of the log (bad
-  rows counted in `bad` and dropped; `bad.check()` is the caller's), except that the label
-  column may be absent and a label empty (`_table_to_log`).
-
-  Args:
-    fmt: "csv", "parquet" or "jsonl"; default: by `tabular_config.format`.
-  """
-  c = tabular_config
-  groups, behavior = _field_columns(c)
-  _check_config(c, groups, behavior)
-  table, lines = read_table(path, c, bad, fmt)
-  name = os.path.basename(path)
-  log, lists, kept = _table_to_log(table, name, None, c, groups, behavior, bad, lines,
-                                   label_optional=True)
+  """One file of raw records (`fmt`, default by its `format`), read like a file of the log (bad
+  rows counted in `bad` and dropped; `bad.check()` is the caller's), the label optional."""
+  groups, behavior = _fields(tabular_config)
+  table, log, lists, source = _read_log_file(path, tabular_config, groups, behavior, bad, fmt,
+                                             label_optional=True)
   lists = _list_behaviours([lists], behavior) if lists is not None else None
-  return Records(log=log, lists=lists, table=table, kept=kept, groups=groups, behavior=behavior,
-                 describe_row=_row_describer([(name, lines, kept)]))
+  return Records(log=log, lists=lists, table=table, kept=source[2], groups=groups,
+                 behavior=behavior, describe_row=_row_describer([source]))
 
 
 def reader_config(user_id: str, timestamp: str, item_id: str, label: str = "label") -> ConfigDict:
@@ -609,13 +485,8 @@ def predict_reader(data_config: ConfigDict) -> ConfigDict:
 def encode_records(records: Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Records -> the columns of a prepared split (with label, without group_id) and the number
-  of unseen or missing values per categorical field ({"item.item_id": 3, ...}), with the
-  vocabularies and encoders kept in the prepared `directory`.
-
-  Behaviours as preparation built them (`history_indices`): with behavior_source="log", from
-  the earlier rows of the same user in `records` (clicks only with behavior_rows="clicks");
-  with "list", from the list columns.
-  """
+  of unseen or missing values per categorical field ({"item.item_id": 3, ...}), encoded with the
+  prepared `directory`'s vocabularies and encoders; behaviours as preparation builds them."""
   vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
   log = records.log
   columns, unseen = {}, {}
@@ -646,43 +517,35 @@ def generate(data_config: ConfigDict):
 
 def generate_with_vocabularies(data_config: ConfigDict):
   """Returns (schema, {split: columns}, stats, write_vocabularies), the last for
-  `schema.write_prepared`: the vocabularies of the categorical fields (the training split's
-  values) and the standardisation of the numeric ones."""
+  `schema.write_prepared`."""
   c = data_config.tabular
   bad = interaction_log.BadRows(data_config.max_bad_row_ratio)
   log, groups, behavior, lists, describe_row = read_log(data_config, bad)
-  spec = interaction_log.LogSpec(item_fields=groups["item"], behavior_fields=behavior,
-                                 user_fields=groups["user"], context_fields=groups["context"],
-                                 max_seq_len=data_config.max_seq_len)
-  mask = behavior_mask(log, c.behavior_rows)
-  source = f"tabular({c.path or c.train_path})"
-  hashed = hash_buckets(c)
-  schema, splits, info = interaction_log.build_examples(log, spec, source, behavior_mask=mask,
-                                                        lists=lists, describe_row=describe_row,
-                                                        hash_buckets=hashed)
-  if c.path:
-    split_text = (f"global time split: last {c.test_fraction:.0%} of rows by timestamp = test, "
-                  f"the {c.valid_fraction:.0%} before = valid")
-  else:
-    split_text = "pre-split files (train_path, valid_path, test_path)"
+  spec = interaction_log.LogSpec(**{f"{g}_fields": fields for g, fields in groups.items()},
+                                 behavior_fields=behavior, max_seq_len=data_config.max_seq_len)
+  hashed = {f"{g}.{name}": n for g in _GROUPS  # the hashed fields: {"item.brand": buckets}
+            for name, n in parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[1].items()}
+  schema, splits, info = interaction_log.build_examples(
+      log, spec, f"tabular({c.path or c.train_path})", lists=lists, describe_row=describe_row,
+      behavior_mask=behavior_mask(log, c.behavior_rows), hash_buckets=hashed)
+  split_text = (f"global time split: last {c.test_fraction:.0%} of rows by timestamp = test, "
+                f"the {c.valid_fraction:.0%} before = valid" if c.path
+                else "pre-split files (train_path, valid_path, test_path)")
   beh_text = (f"behaviours = the user's strictly earlier {c.behavior_rows} rows"
               if c.behavior_source == "log" else "behaviours = list columns of the input")
   item_id = f"item.{groups['item'][0][0]}"
   hash_text = "".join(f"; {field} hashed into {n} buckets (no vocabulary)"
                       for field, n in hashed.items())
+  category = f"item.{c.category_field}"
   stats = {
       "source": "tabular",
       "protocol": (f"label = column {c.label!r}; {split_text}; {beh_text}, last "
                    f"{data_config.max_seq_len}; vocabularies from train only{hash_text}"),
-      "num_rows": len(log),
-      "num_users": int(log["user"].nunique()),
+      "num_rows": len(log), "num_users": int(log["user"].nunique()),
       "num_items": int(log[item_id].nunique()),
-      "num_categories": (int(log[f"item.{c.category_field}"].nunique())
-                         if f"item.{c.category_field}" in log else None),
-      "vocab_sizes": info["vocab_sizes"],
-      "numeric_standardisation": info["numeric"],
-      "bad_rows": bad.summary(),
-  }
+      "num_categories": int(log[category].nunique()) if category in log else None,
+      "vocab_sizes": info["vocab_sizes"], "numeric_standardisation": info["numeric"],
+      "bad_rows": bad.summary()}
   write_vocabularies = functools.partial(
       vocab.write_vocabularies, vocabularies=info["vocabularies"], encoders=info["encoders"],
       note=("tabular: field <group>.<name> is the input column <name>; a categorical raw value "

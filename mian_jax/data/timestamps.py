@@ -1,9 +1,7 @@
 """Plausible Unix times in seconds, for the sources that turn timestamps into calendar features.
 
-A timestamp outside [1970-01-01, 2100-01-01) is not taken for a date: negative values, values in
-milliseconds (or micro-, nanoseconds) and overflowed integers would otherwise become new years,
-months and gaps. Sources count such rows as bad (docs/data.md), and the reason says when the
-values look like another unit.
+A timestamp outside [1970-01-01, 2100-01-01) (negative, in milliseconds, overflowed) is a bad row,
+and the reason says when it looks like another unit (docs/data.md).
 """
 
 from __future__ import annotations

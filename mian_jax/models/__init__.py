@@ -27,8 +27,7 @@ def literal_fields(cls) -> dict[str, tuple[str, ...]]:
           if typing.get_origin(hint) is typing.Literal}
 
 
-# "model.<field>" -> allowed values of every string choice of the models: declared once, by
-# the Literal types of their fields (a field shared by several models has one type).
+# "model.<field>" -> allowed values, declared once by the models' Literal-typed fields.
 CHOICES = {f"model.{name}": allowed
            for cls in MODELS.values() for name, allowed in literal_fields(cls).items()}
 

@@ -1,8 +1,5 @@
-"""Deep Interest Evolution Network (Zhou et al. 2019). Readings: docs/baselines.md.
-
-Shapes: B batch, T behaviours, D embed_dim, d_i = D * #item fields, d_b = D * #behaviour
-fields, H = gru_dim.
-"""
+"""Deep Interest Evolution Network (Zhou et al. 2019), read as docs/baselines.md says.
+Shapes: B batch, T behaviours, d_b = embed_dim * #behaviour fields, H = gru_dim."""
 
 from __future__ import annotations
 
@@ -14,43 +11,29 @@ import optax
 from mian_jax.models import base, layers
 
 
-class DIEN(base.DeepModel):
-  """Interest extractor GRU over the behaviours (eq. 1) with the auxiliary loss (eq. 3),
-  attention a_t = softmax_t(h_t W e_a) over valid t (eq. 5), interest evolving AUGRU (eqs. 6-7)
-  whose state after the last valid behaviour h'_T joins the MLP's input:
-
-    "paper":     [e_u; e_i; h'_T; e_c]              (Fig. 4)
-    "reference": [e_u; e_i; h'_T; e_c; s; s * e_a]  (+ the authors' script/model.py inputs,
-                                                     s = sum_t e_b^t over valid t)
-
-  aux["attention"]["dien"]: a_t [B, T]. aux["aux_loss"]: aux_loss_weight * L_aux (eq. 4's
-  alpha * L_aux) in training with use_aux_loss, else 0; the train step adds it to the loss.
-  Negatives for L_aux: for each (example, position), a behaviour of another example of the
-  batch (a random other row, then a random valid position of it), dropped if it equals the
-  positive; the random numbers come from the "dropout" stream the train step passes.
-  """
-  use_dice: bool = False
-  gru_dim: int = 32
-  use_aux_loss: bool = True
-  aux_loss_weight: float = 1.0
-  aux_mlp_dims: tuple[int, ...] = (100, 50)
-  baseline_inputs: base.BaselineInputs = "reference"
+class DIEN(base.InterestModel):
+  """Interest extractor GRU (eq. 1) with the auxiliary loss (eq. 3), attention
+  a_t = softmax_t(h_t W e_a) over valid t (eq. 5), interest evolving AUGRU (eqs. 6-7) whose last
+  valid state h'_T joins the MLP's input: [e_u; e_i; h'_T; e_c] ("paper", Fig. 4), or
+  [e_u; e_i; h'_T; e_c; s; s * e_a] ("reference"), s = sum_t e_b^t over valid t.
+  aux["attention"]["dien"]: a_t [B, T]; aux["aux_loss"]: aux_loss_weight * L_aux (eq. 4) in
+  training with use_aux_loss, else 0 (the train step adds it to the loss)."""
+  gru_dim: int
+  use_aux_loss: bool
+  aux_loss_weight: float
+  aux_mlp_dims: tuple[int, ...]
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
     f = self.features
     base.require_behaviours(f, "dien")
     kernel_init = self.kernel_init()
-    # The GRUs read behaviours in time order; they are stored newest first (docs/data.md).
-    batch = {**batch, "hist": {k: layers.reverse_valid(v, batch["hist_len"])
-                               for k, v in batch["hist"].items()}}
+    batch = base.oldest_first(batch)  # the GRUs read behaviours in time order
     e = self.embed(batch)
-    behaviours = layers.flatten_fields(e.hist)                                    # [B, T, d_b]
-    # Inference unrolls both GRUs over time: same result, a much faster forward pass on a CPU.
+    behaviours = layers.flatten_fields(e.hist)                             # [B, T, d_b]
+    # Unrolled at inference: same result, a much faster forward pass on a CPU.
     states, _ = layers.GRU(self.gru_dim, kernel_init, unroll=not train,
-                           name="interest_extractor")(
-        behaviours, e.mask)                                                # eq. 1: [B, T, H]
-
+                           name="interest_extractor")(behaviours, e.mask)  # eq. 1: [B, T, H]
     e_a = base.candidate_query(f, e.item)                                  # [B, d_b]
     w = self.param("attention_kernel", kernel_init, (self.gru_dim, e_a.shape[-1]))
     attention = layers.masked_softmax(jnp.einsum("bth,hd,bd->bt", states, w, e_a),
@@ -59,16 +42,11 @@ class DIEN(base.DeepModel):
                              name="interest_evolving")(
         states, e.mask, attention)                                         # eqs. 6-7: [B, H]
 
-    parts = [layers.flatten_fields(x) for x in (e.user,) if x is not None]
-    parts += [layers.flatten_fields(e.item), interest]
-    parts += [layers.flatten_fields(x) for x in (e.context,) if x is not None]
+    parts = [base.flat(e.user), base.flat(e.item), interest, base.flat(e.context)]
     if self.baseline_inputs == "reference":
       history_sum = layers.flatten_fields(layers.pool_sequence(e.hist, e.mask, "sum"))
       parts += [history_sum, history_sum * e_a]                            # [B, d_b] each
-    h = layers.ActivationMLP(self.mlp_dims, self.dropout_rate, kernel_init, self.use_dice,
-                             self.dropout_rng, name="mlp")(jnp.concatenate(parts, -1),
-                                                           deterministic=not train)
-    logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
+    logits = self.head(parts, train=train)
 
     aux_loss = jnp.zeros((), jnp.float32)
     if self.use_aux_loss and (train or self.is_initializing()):
@@ -97,9 +75,9 @@ class DIEN(base.DeepModel):
     return total / jnp.maximum(jnp.sum(pair), 1.0)
 
   def _sample_negatives(self, batch, behaviours, mask):
-    """For each (b, t): a random other row b' != b, then a random valid position of b'.
-    Returns (negatives [B, T, d_b], usable [B, T] bool: b' has behaviours, b' != b, and the
-    sampled behaviour differs from e_b^t in some field)."""
+    """For each (b, t): a random other row b' != b, then a random valid position of b', from
+    the "dropout" stream. Returns (negatives [B, T, d_b], usable [B, T] bool: b' has
+    behaviours, b' != b, and the sampled behaviour differs from e_b^t in some field)."""
     b, t = mask.shape
     row_key, pos_key = jax.random.split(self.make_rng("dropout"))
     offset = jax.random.randint(row_key, (b, t), 1, max(b, 2))
@@ -115,8 +93,8 @@ class DIEN(base.DeepModel):
 
 
 class _AuxiliaryNet(nn.Module):
-  """The auxiliary network sigma(h_t, e) of eq. 3, read as an MLP over [h_t; e] (as in the
-  authors' code) returning a logit. h: [B, T', H]; e: [B, T', d_b] -> [B, T']."""
+  """Eq. 3's sigma(h_t, e), an MLP over [h_t; e] as in the authors' code, returning a logit.
+  h: [B, T', H]; e: [B, T', d_b] -> [B, T']."""
   dims: tuple[int, ...]
   kernel_init: nn.initializers.Initializer
 

@@ -1,11 +1,6 @@
-"""Shared CTR layers: field embeddings, MLP, attention pooling, the Transformer block.
-
-Equation numbers refer to Zhang et al., "Multi-Interactive Attention Network for Fine-grained
-Feature Learning in CTR Prediction", WSDM 2021. Design decisions: docs/model.md.
-The baselines' layers (FM term, cross network, CIN, Dice, local activation unit, GRU/AUGRU,
-field pooling) are at the end; their equations are numbered as in their own papers and their
-readings are in docs/baselines.md.
-"""
+"""Shared CTR layers: field embeddings, MLP, attention pooling, the Transformer block (equations
+of the MIAN paper, readings in docs/model.md), then the baselines' layers (equations of their own
+papers, readings in docs/baselines.md)."""
 
 from __future__ import annotations
 
@@ -21,11 +16,10 @@ from mian_jax.data.schema import FeatureSpec, Field
 
 Array = jax.Array
 
-# The string choices of these layers, each declared once here. A model field that passes one on
-# is typed with the same alias; mian_jax.models.CHOICES collects them from the models' fields
-# and config_checks checks a config against them.
+# The string choices of these layers, declared once; models.CHOICES collects them from the
+# models' fields typed with these aliases.
 DenseInit = Literal["lecun_normal", "truncated_normal"]
-DropoutRng = Literal["hash", "threefry"]  # where dropout's random bits come from, see below
+DropoutRng = Literal["hash", "threefry"]  # dropout's random bits (docs/performance.md)
 NumericEmbedding = Literal["linear", "pad"]
 ScoreActivation = Literal["tanh", "none"]
 GimCombine = Literal["project_sum", "weighted_concat"]
@@ -34,15 +28,11 @@ SequencePooling = Literal["mean", "sum"]
 DinAttentionNorm = Literal["none", "softmax", "scaled_softmax"]  # LocalActivationUnit
 
 
-def truncated_normal(stddev: float) -> nn.initializers.Initializer:
-  return nn.initializers.truncated_normal(stddev=stddev)
-
-
 def dense_initializer(kind: DenseInit, init_std: float) -> nn.initializers.Initializer:
   """Initialiser of dense kernels: "truncated_normal" (std `init_std`, §4.3 read literally) or
   "lecun_normal" (std 1/sqrt(fan_in), which keeps activations at unit scale; docs/model.md)."""
   if kind == "truncated_normal":
-    return truncated_normal(init_std)
+    return nn.initializers.truncated_normal(init_std)
   return nn.initializers.lecun_normal()
 
 
@@ -60,12 +50,8 @@ def reverse_valid(x: Array, lengths: Array) -> Array:
 
 
 def masked_softmax(scores: Array, mask: Array | None) -> Array:
-  """Softmax over the last axis restricted to `mask`; all-masked rows give all zeros.
-
-  Args:
-    scores: [..., N] float.
-    mask: [..., N] bool, or None for no masking.
-  """
+  """Softmax over the last axis of scores [..., N] restricted to mask [..., N] (bool or None);
+  all-masked rows give all zeros."""
   if mask is None:
     return jax.nn.softmax(scores, axis=-1)
   scores = jnp.where(mask, scores, -jnp.inf)
@@ -76,14 +62,8 @@ def masked_softmax(scores: Array, mask: Array | None) -> Array:
   return weights / jnp.where(total > 0, total, 1.0)
 
 
-# ----------------------------------------------------------------------------- dropout
-# Where the random bits of dropout come from (`DropoutRng`, config.model.dropout_rng;
-# docs/performance.md):
-#   "hash":     a counter-based hash keyed by 64 random bits from the "dropout" stream. All
-#               element-wise, so XLA fuses it into the op that applies the mask; on a CPU the
-#               MIAN train step is about 1.7-1.9x faster than with "threefry".
-#   "threefry": jax.random.bernoulli, JAX's default generator: bit-identical to flax's
-#               nn.Dropout (the runs reported before the switch used it).
+# Dropout's random bits (`DropoutRng`, docs/performance.md): "hash", an element-wise counter
+# hash that XLA fuses into the masking op, or "threefry", jax.random.bernoulli as in nn.Dropout.
 
 
 def mix32(x: Array) -> Array:
@@ -116,11 +96,8 @@ def keep_mask(rng: Array, shape: tuple[int, ...], rate: float, rng_impl: Dropout
 
 
 class Dropout(nn.Module):
-  """Inverted dropout, flax's nn.Dropout with a choice of random bits (`rng_impl`).
-
-  Keeps each element with probability 1 - rate and scales kept ones by 1 / (1 - rate). With
-  "threefry" it is bit-identical to nn.Dropout under the same "dropout" stream and module path.
-  """
+  """Inverted dropout with a choice of random bits; with "threefry", bit-identical to
+  nn.Dropout under the same "dropout" stream and module path."""
   rate: float
   rng_impl: DropoutRng = "hash"
 
@@ -135,9 +112,8 @@ class Dropout(nn.Module):
 
 
 def attention_with_dropout(rng_impl: DropoutRng):
-  """An `attention_fn` for nn.MultiHeadDotProductAttention: nn.dot_product_attention whose
-  dropout of the attention weights draws its bits with `rng_impl`. As flax's default
-  (broadcast_dropout=True), one [q_len, k_len] mask is shared by all examples and heads."""
+  """nn.dot_product_attention whose weights' dropout draws its bits with `rng_impl`; as flax's
+  broadcast_dropout=True, one [q_len, k_len] mask is shared by all examples and heads."""
   if rng_impl == "threefry":
     return nn.dot_product_attention
 
@@ -157,22 +133,15 @@ SPARSE_ROWS = "sparse_rows"  # collection of row tables, see mian_jax/sparse.py
 
 
 class GroupEmbedding(nn.Module):
-  """Eq. (2): one embedding per field of a group.
-
-  A categorical field is looked up in its own table V_i; a numeric scalar x becomes
-  `x * v_i` with a learned vector v_i ("linear") or `[x, 0, ..., 0]` ("pad"), so that every
-  field has width `embed_dim` (see docs/model.md, "numeric fields").
-
-  The same instance may be called on several inputs (candidate item and behaviour sequence),
-  which then share tables.
-  """
+  """Eq. (2): a categorical field looked up in its table V_i, a numeric x as x * v_i
+  ("linear", v_i learned) or [x, 0, ..., 0] ("pad"). Calls of one instance share tables."""
   fields: tuple[Field, ...]
   embed_dim: int
   init_std: float
   numeric_embedding: NumericEmbedding = "linear"
 
   def setup(self):
-    init = truncated_normal(self.init_std)
+    init = nn.initializers.truncated_normal(self.init_std)
     self.tables = {f.name: nn.Embed(f.vocab_size, self.embed_dim, embedding_init=init,
                                     name=f"embed_{f.name}")
                    for f in self.fields if f.is_categorical}
@@ -201,28 +170,31 @@ class GroupEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-  """Eq. (16): R_l = ReLU(W_l R_{l-1} + b_l), with dropout after each hidden layer."""
+  """Eq. (16): R_l = act(W_l R_{l-1} + b_l), then dropout, per hidden layer; act ReLU or, in
+  DIN and DIEN, PReLU (one slope, initially 0.25) or Dice."""
   dims: tuple[int, ...]
   dropout_rate: float
   kernel_init: nn.initializers.Initializer
   dropout_rng: DropoutRng = "hash"
+  activation: Literal["relu", "prelu", "dice"] = "relu"
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
-    for dim in self.dims:
-      x = nn.relu(nn.Dense(dim, kernel_init=self.kernel_init)(x))
+    for i, dim in enumerate(self.dims):
+      x = nn.Dense(dim, kernel_init=self.kernel_init, name=f"Dense_{i}")(x)
+      if self.activation == "relu":
+        x = nn.relu(x)
+      elif self.activation == "dice":
+        x = Dice(name=f"activation_{i}")(x)
+      else:
+        x = nn.PReLU(negative_slope_init=0.25, name=f"activation_{i}")(x)
       x = Dropout(self.dropout_rate, self.dropout_rng)(x, deterministic=deterministic)
     return x
 
 
 class AttentionPool(nn.Module):
-  """Eqs. (7)-(9), (10)-(11), (12)-(13): additive attention pooling of N vectors.
-
-    alpha_n = softmax_n(act(V_n . W_n + b_n)) over valid n,   R = sum_n alpha_n V_n
-
-  with act = tanh as in the paper ("none" leaves the score linear). `per_slot` gives every
-  slot n its own (W_n, b_n), as the paper's subscripts suggest; otherwise one (W, b) is shared.
-  """
+  """Eqs. (7)-(9), (10)-(11), (12)-(13): alpha_n = softmax_n(act(V_n . W_n + b_n)) over valid n,
+  R = sum_n alpha_n V_n; act tanh or "none"; (W_n, b_n) per slot or one shared (W, b)."""
   per_slot: bool
   kernel_init: nn.initializers.Initializer
   score_activation: ScoreActivation = "tanh"
@@ -253,13 +225,9 @@ class AttentionPool(nn.Module):
 
 
 class GlobalAttention(nn.Module):
-  """Eqs. (14)-(15): attention over the L parts r_l of r_g, which have different widths.
-
-    alpha_l = softmax_l(act(r_l . W_l + b_l))
-    "project_sum":      R_g = sum_l alpha_l P_l r_l   (P_l: [d_l, gim_dim], eq. 15 read literally
-                                                       once the parts share a width)
-    "weighted_concat":  R_g = [alpha_1 r_1; ...; alpha_L r_L]
-  """
+  """Eqs. (14)-(15) over parts r_l of different widths: alpha_l = softmax_l(act(r_l . W_l + b_l)),
+  R_g = sum_l alpha_l P_l r_l ("project_sum", P_l: [d_l, dim]) or [alpha_1 r_1; ...; alpha_L r_L]
+  ("weighted_concat")."""
   combine: GimCombine
   dim: int
   kernel_init: nn.initializers.Initializer
@@ -285,13 +253,8 @@ class GlobalAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Eqs. (3)-(5): one Transformer block over a padded sequence.
-
-    "pre_ln"  (Xiong et al. 2020): x += MHA(LN(x)); x += FFN(LN(x)); x = LN(x)
-    "post_ln" (Vaswani et al. 2017): x = LN(x + MHA(x)); x = LN(x + FFN(x))
-
-  Padded positions are masked as keys, so they never change a valid position's output.
-  """
+  """Eqs. (3)-(5), one block, padding masked as keys. "pre_ln" (Xiong et al. 2020):
+  x += MHA(LN(x)); x += FFN(LN(x)); x = LN(x). "post_ln": x = LN(x + MHA(x)); x = LN(x + FFN(x))."""
   num_heads: int
   ffn_dim: int
   dropout_rate: float
@@ -324,14 +287,6 @@ class TransformerBlock(nn.Module):
       return nn.LayerNorm(name="ln_final")(x)
     x = nn.LayerNorm(name="ln_attention")(x + dropout(attend(x)))
     return nn.LayerNorm(name="ln_ffn")(x + dropout(feed_forward(x)))
-
-
-# ----------------------------------------------------------------------------- baselines
-# Shared pieces of the seven baselines (docs/baselines.md). B batch, T behaviours, F fields,
-# D embed_dim, d any feature width, H hidden width.
-
-PRELU_INIT = 0.25  # initial negative slope of PReLU (He et al. 2015)
-DICE_EPS = 1e-8  # epsilon inside Dice's normalisation (Zhou et al. 2018, eq. 14)
 
 
 class FieldEmbeddings(NamedTuple):
@@ -372,15 +327,16 @@ class InputEmbedding(nn.Module):
     return FieldEmbeddings(item, hist, user, context, mask, sq_norm)
 
 
-def pool_sequence(hist: Array, mask: Array, mode: SequencePooling) -> Array:
-  """Field pooling of a behaviour sequence: [B, T, F, D] -> [B, F, D], over valid positions.
+# ----------------------------------------------------------------------------- baselines
+# B batch, T behaviours, F fields, D embed_dim, d any feature width, H hidden width.
 
-  "mean": sum / number of valid behaviours (zeros for an empty history); "sum": plain sum.
-  `hist` must already be zero at padded positions (as `InputEmbedding` returns it).
-  """
-  # A contraction, not a masked jnp.sum: XLA's CPU backend lowers the product-and-reduce to a
-  # slow YNNPACK reduction, and this form to a fast batched product (DeepFM's whole
-  # forward pass 3x faster; docs/performance.md).
+DICE_EPS = 1e-8  # epsilon inside Dice's normalisation (Zhou et al. 2018, eq. 14)
+
+
+def pool_sequence(hist: Array, mask: Array, mode: SequencePooling) -> Array:
+  """[B, T, F, D] -> [B, F, D]: sum or mean over valid positions (zeros for an empty history).
+  `hist` must be zero at padded positions, as `InputEmbedding` returns it."""
+  # A contraction, not a masked jnp.sum: 3x faster on XLA's CPU backend (docs/performance.md).
   total = jnp.einsum("btfd,bt->bfd", hist, mask.astype(hist.dtype))
   if mode == "sum":
     return total
@@ -421,10 +377,8 @@ def fm_second_order(v: Array) -> Array:
 
 
 class CrossNetwork(nn.Module):
-  """DCN's cross network (Wang et al. 2017, eq. 3), one weight *vector* w_l per layer:
-
-    x_{l+1} = x_0 x_l^T w_l + b_l + x_l,   x_l, w_l, b_l: [d].
-  """
+  """DCN's cross network (Wang et al. 2017, eq. 3): x_{l+1} = x_0 x_l^T w_l + b_l + x_l, with
+  x_l, w_l, b_l: [d]."""
   num_layers: int
   kernel_init: nn.initializers.Initializer
 
@@ -441,14 +395,9 @@ class CrossNetwork(nn.Module):
 
 
 class CIN(nn.Module):
-  """xDeepFM's Compressed Interaction Network (Lian et al. 2018, eqs. 6, 9):
-
-    X^k_{h,*} = sum_{i=1}^{H_{k-1}} sum_{j=1}^{m} W^{k,h}_{ij} (X^{k-1}_{i,*} o X^0_{j,*}),
-    p^k_h = sum_d X^k_{h,d},   p+ = [p^1; ...; p^K].
-
-  Every feature map of a layer feeds the next (no "split half") and there is no activation,
-  as in the paper (docs/baselines.md).
-  """
+  """xDeepFM's CIN (Lian et al. 2018, eqs. 6, 9), no activation, no "split half":
+  X^k_{h,*} = sum_{i=1}^{H_{k-1}} sum_{j=1}^{m} W^{k,h}_{ij} (X^{k-1}_{i,*} o X^0_{j,*}),
+  p^k_h = sum_d X^k_{h,d}, p+ = [p^1; ...; p^K]."""
   layer_sizes: tuple[int, ...]
   kernel_init: nn.initializers.Initializer
 
@@ -466,15 +415,8 @@ class CIN(nn.Module):
 
 
 class Dice(nn.Module):
-  """DIN's data-adaptive activation (Zhou et al. 2018, eq. 14):
-
-    f(s) = p(s) s + (1 - p(s)) alpha s,   p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps)).
-
-  The paper takes E[s], Var[s] over the mini-batch in training and from moving averages at
-  inference. The train step here carries parameters only (no batch statistics), so E[s] and
-  Var[s] are taken over the H hidden units of each row instead: stateless, and no statistics
-  are shared between the rows of a batch (docs/baselines.md). alpha is learned per unit.
-  """
+  """DIN's Dice (Zhou et al. 2018, eq. 14): f(s) = p(s) s + (1 - p(s)) alpha s with
+  p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps)), E, Var over each row's units, not the batch."""
 
   @nn.compact
   def __call__(self, s: Array) -> Array:
@@ -486,41 +428,10 @@ class Dice(nn.Module):
     return p * s + (1.0 - p) * alpha * s
 
 
-def din_activation(use_dice: bool, name: str) -> nn.Module:
-  """DIN's hidden activation: Dice or PReLU (one learned slope, initialised as He et al.)."""
-  if use_dice:
-    return Dice(name=name)
-  return nn.PReLU(negative_slope_init=PRELU_INIT, name=name)
-
-
-class ActivationMLP(nn.Module):
-  """DIN/DIEN's MLP: Dense -> PReLU or Dice -> dropout per hidden layer."""
-  dims: tuple[int, ...]
-  dropout_rate: float
-  kernel_init: nn.initializers.Initializer
-  use_dice: bool = False
-  dropout_rng: DropoutRng = "hash"
-
-  @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool) -> Array:
-    for i, dim in enumerate(self.dims):
-      x = nn.Dense(dim, kernel_init=self.kernel_init, name=f"Dense_{i}")(x)
-      x = din_activation(self.use_dice, f"activation_{i}")(x)
-      x = Dropout(self.dropout_rate, self.dropout_rng)(x, deterministic=deterministic)
-    return x
-
-
 class LocalActivationUnit(nn.Module):
-  """DIN's local activation unit (Zhou et al. 2018, eq. 3 and Fig. 2):
-
-    s_t = MLP([q; k_t; q - k_t; q * k_t]),
-
-  and the weight a_t of behaviour t given the candidate q, over valid t only (`normalization`):
-    "none":           a_t = s_t, zero at padded t (the paper: no softmax, keeps the intensity);
-    "softmax":        a_t = softmax_t(s_t) (the DIEN authors' din_attention);
-    "scaled_softmax": a_t = softmax_t(s_t / sqrt(d)) (the DIN authors' din/model.py).
-  A history without valid behaviours gets all-zero weights.
-  """
+  """DIN's local activation unit (Zhou et al. 2018, eq. 3, Fig. 2): s_t = MLP([q; k_t; q - k_t;
+  q * k_t]), and a_t over valid t (zero elsewhere) = s_t ("none", the paper), softmax_t(s_t)
+  ("softmax") or softmax_t(s_t / sqrt(d)) ("scaled_softmax"); docs/baselines.md."""
   hidden_dims: tuple[int, ...]
   kernel_init: nn.initializers.Initializer
   use_dice: bool = False
@@ -531,8 +442,8 @@ class LocalActivationUnit(nn.Module):
     """query: [B, d]; keys: [B, T, d]; mask: [B, T] bool. Returns weights [B, T]."""
     q = jnp.broadcast_to(query[:, None, :], keys.shape)
     x = jnp.concatenate([q, keys, q - keys, q * keys], axis=-1)
-    x = ActivationMLP(self.hidden_dims, 0.0, self.kernel_init, self.use_dice, name="mlp")(
-        x, deterministic=True)
+    x = MLP(self.hidden_dims, 0.0, self.kernel_init,
+            activation="dice" if self.use_dice else "prelu", name="mlp")(x, deterministic=True)
     score = nn.Dense(1, kernel_init=self.kernel_init, name="score")(x)[..., 0]
     if self.normalization == "softmax":
       return masked_softmax(score, mask)
@@ -541,39 +452,17 @@ class LocalActivationUnit(nn.Module):
     return jnp.where(mask, score, 0.0)
 
 
-def gru_cell(x_proj: Array, h: Array, recurrent_kernel: Array,
-             attention: Array | None = None) -> Array:
-  """One GRU step (DIEN eq. 1) or, given `attention`, one AUGRU step (DIEN eqs. 6-7).
+class GRU(nn.Module):
+  """DIEN's GRU (eq. 1) over a padded sequence or, given attention a, its AUGRU (eqs. 6-7):
 
     u = sigmoid(W^u i + U^u h + b^u),  r = sigmoid(W^r i + U^r h + b^r),
     h~ = tanh(W^h i + r o (U^h h) + b^h),  u' = a u (AUGRU only),  h' = (1 - u') o h + u' o h~
 
-  x_proj: [B, 3H] = [W^u i + b^u; W^r i + b^r; W^h i + b^h]; h: [B, H];
-  recurrent_kernel: [H, 3H] = [U^u, U^r, U^h]; attention: [B] or None. Returns h' [B, H].
-  """
-  xu, xr, xh = jnp.split(x_proj, 3, axis=-1)
-  hu, hr, hh = jnp.split(h @ recurrent_kernel, 3, axis=-1)
-  u = jax.nn.sigmoid(xu + hu)
-  r = jax.nn.sigmoid(xr + hr)
-  candidate = jnp.tanh(xh + r * hh)
-  if attention is not None:
-    u = attention[:, None] * u
-  return (1.0 - u) * h + u * candidate
-
-
-class GRU(nn.Module):
-  """A GRU over a padded sequence with `jax.lax.scan` (DIEN's interest extractor, eq. 1), or,
-  when called with attention scores, the AUGRU (DIEN's interest evolving layer, eqs. 6-7).
-
-  The state is frozen on padded steps, so the final state is the state after the last valid
-  step and padding never changes any output. Outputs are zero at padded steps.
+  The state is frozen on padded steps (final state = after the last valid one); outputs are 0.
   """
   hidden_dim: int
   kernel_init: nn.initializers.Initializer
-  # Unroll the loop over time: False keeps a `while` loop (what training uses), True writes out
-  # every step, which XLA then fuses across steps. On a CPU, unrolled, DIEN's forward pass was
-  # 3.8x faster, but its backward pass 4x slower (docs/performance.md).
-  unroll: bool = False
+  unroll: bool = False  # write out every step: faster forward, slower backward on a CPU
 
   @nn.compact
   def __call__(self, inputs: Array, mask: Array,
@@ -585,8 +474,14 @@ class GRU(nn.Module):
     kernel = self.param("recurrent_kernel", self.kernel_init, (h_dim, 3 * h_dim))
 
     def step(h, xs):
-      x_t, m_t, a_t = xs
-      h = jnp.where(m_t[:, None], gru_cell(x_t, h, kernel, a_t), h)
+      x_t, m_t, a_t = xs  # x_t = [W^u i + b^u; W^r i + b^r; W^h i + b^h]: [B, 3H]
+      xu, xr, xh = jnp.split(x_t, 3, axis=-1)
+      hu, hr, hh = jnp.split(h @ kernel, 3, axis=-1)  # kernel = [U^u, U^r, U^h]
+      u = jax.nn.sigmoid(xu + hu)
+      candidate = jnp.tanh(xh + jax.nn.sigmoid(xr + hr) * hh)
+      if a_t is not None:
+        u = a_t[:, None] * u
+      h = jnp.where(m_t[:, None], (1.0 - u) * h + u * candidate, h)
       return h, h * m_t[:, None]
 
     time_major = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # noqa: E731
