@@ -272,3 +272,41 @@ def test_serving_benchmark_measures_deepctr_torch_predict_with_the_peer():
     assert r["measured"] and r["calls"] >= 1 and 0 < r["latency_p50_ms"] <= r["latency_p99_ms"]
     assert {"torch_version", "deepctr_torch_version", "torch_threads"} <= set(r)
   assert len(markdown_rows(serving.format_table(rows))) == len(rows)
+
+
+def test_scale_summary_reads_rates_validation_times_and_the_curve():
+  from benchmarks import scale  # noqa: PLC0415
+  records = [
+      {"step": 100, "time": 10.0, "train/loss": 0.69, "train/samples_per_second": 50.0},
+      {"step": 200, "time": 12.0, "train/loss": 0.60, "train/samples_per_second": 1000.0},
+      {"step": 200, "time": 15.0, "valid_subsample/auc": 0.70},
+      {"step": 300, "time": 17.0, "train/loss": 0.55, "train/samples_per_second": 3000.0},
+      {"step": 300, "time": 18.0, "valid_subsample/auc": 0.75},
+      {"step": 300, "time": 48.0, "valid/auc": 0.76},
+  ]
+  s = scale.summarise_run(records, train_examples=2_000_000, evals_per_epoch=10)
+  assert s["samples_per_s"] == 2000.0  # the first rate (compilation) left out
+  assert s["periodic_valid_s"] == 2.0  # median of 3 s and 1 s
+  assert s["full_valid_s"] == 30.0
+  assert s["curve"] == [(200, 0.70), (300, 0.75)]
+  assert s["epoch_h"] == pytest.approx(1000 / 3600)
+  assert s["valid_share_of_epoch"] == pytest.approx(10 * 2.0 / 1000)
+  # A validation split smaller than the subsample: the periodic ones log "valid/".
+  whole = [r for r in records[:-1] if "valid_subsample/auc" not in r] + [
+      {"step": 300, "time": 18.0, "valid/auc": 0.75}]
+  assert scale.summarise_run(whole, 10, 10)["curve"] == [(300, 0.75)]
+
+
+@pytest.mark.slow
+def test_scale_benchmark_prepares_trains_and_reports(tmp_path):
+  from benchmarks import scale  # noqa: PLC0415
+  out = tmp_path / "scale"
+  result = scale.main([f"--out={out}", "--size=small", "--steps=40", "--eval_every=20",
+                       "--models=mian,din"])
+  assert result["prepare"]["num_samples"]["train"] > 0
+  assert [r["model"] for r in result["runs"]] == ["mian", "din"]
+  for run in result["runs"]:
+    assert [s for s, _ in run["curve"]] == [20, 40]
+    assert run["samples_per_s"] > 0 and run["peak_rss_gb"] >= run["peak_anon_rss_gb"] > 0
+  assert (out / "valid_auc.png").stat().st_size > 0
+  assert "| mian |" in (out / "scale.md").read_text()
