@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -695,20 +696,16 @@ def _resume_edited_deleted(ctx: Ctx) -> Observed:
   return _protected(ctx, lambda: ctx.module("mian_jax.main", "--workdir=run", timeout=180))
 
 
-@probe("resume", "resume with another model config (embed_dim)", "fail",
-       "stops naming model.embed_dim, run untouched", r"embed_dim", needs_run=True)
-def _resume_other_model(ctx: Ctx) -> Observed:
+def _resume_with(ctx: Ctx, flag: str) -> Observed:
   ctx.copy("run")
-  return _protected(ctx, lambda: ctx.module("mian_jax.main", "--workdir=run",
-                                            "--config.model.embed_dim=8", timeout=180))
+  return _protected(ctx, lambda: ctx.module("mian_jax.main", "--workdir=run", flag, timeout=180))
 
 
-@probe("resume", "resume with another optimiser setting (learning_rate)", "fail",
-       "stops naming train.learning_rate, run untouched", r"learning_rate", needs_run=True)
-def _resume_other_lr(ctx: Ctx) -> Observed:
-  ctx.copy("run")
-  return _protected(ctx, lambda: ctx.module("mian_jax.main", "--workdir=run",
-                                            "--config.train.learning_rate=0.5", timeout=180))
+for _what, _key, _value in (("another model config", "model.embed_dim", 8),
+                            ("another optimiser setting", "train.learning_rate", 0.5)):
+  _name = _key.split(".")[1]
+  probe("resume", f"resume with {_what} ({_name})", "fail", f"stops naming {_key}, run untouched",
+        _name, needs_run=True)(functools.partial(_resume_with, flag=f"--config.{_key}={_value}"))
 
 
 @probe("resume", "resume with a damaged latest checkpoint", "succeed",
@@ -799,24 +796,24 @@ def _leftover_tmp(ctx: Ctx) -> Observed:
 # --- stale prepared data
 
 
-@probe("stale data", "prepare after the CSV was edited in place (labels)", "succeed",
-       "a new checksum", cost=15)
-def _prepare_after_edit(ctx: Ctx) -> Observed:
+def _prepare_edit_prepare(ctx: Ctx, keep_mtime: bool) -> Observed:
   first = _prepare(ctx)
-  _edit_labels_in_place(ctx.path("log.csv"), ctx.base.rows, keep_mtime=False)
+  _edit_labels_in_place(ctx.path("log.csv"), ctx.base.rows, keep_mtime=keep_mtime)
   proc = _prepare(ctx)
   before, after = _checksum(first), _checksum(proc)
   return Observed(proc, f"same checksum {after} as before the edit" if before == after else None)
+
+
+@probe("stale data", "prepare after the CSV was edited in place (labels)", "succeed",
+       "a new checksum", cost=15)
+def _prepare_after_edit(ctx: Ctx) -> Observed:
+  return _prepare_edit_prepare(ctx, keep_mtime=False)
 
 
 @probe("stale data", "prepare after an in-place edit keeping size and mtime", "succeed",
        "a new checksum", cost=15)
 def _prepare_after_edit_mtime(ctx: Ctx) -> Observed:
-  first = _prepare(ctx)
-  _edit_labels_in_place(ctx.path("log.csv"), ctx.base.rows, keep_mtime=True)
-  proc = _prepare(ctx)
-  before, after = _checksum(first), _checksum(proc)
-  return Observed(proc, f"same checksum {after} as before the edit" if before == after else None)
+  return _prepare_edit_prepare(ctx, keep_mtime=True)
 
 
 @probe("stale data", "prepare after a pre-split train file was edited in place", "succeed",
@@ -984,18 +981,6 @@ def _sweep_signal(ctx: Ctx, signum: int, group: bool) -> Observed:
   return Observed(proc, _saved_checkpoint(os.path.dirname(logs[0])), logs=_read(logs[0]))
 
 
-@probe("signals", "Ctrl-C (SIGINT to the group) on launch.sweep during training", "stop",
-       "child saves, one line, no orphan", cost=50)
-def _sweep_ctrl_c(ctx: Ctx) -> Observed:
-  return _sweep_signal(ctx, signal.SIGINT, group=True)
-
-
-@probe("signals", "SIGTERM to launch.sweep during training", "stop",
-       "child saves, one line, no orphan", cost=50)
-def _sweep_sigterm(ctx: Ctx) -> Observed:
-  return _sweep_signal(ctx, signal.SIGTERM, group=False)
-
-
 def _local_signal(ctx: Ctx, signum: int, group: bool) -> Observed:
   proc = ctx.module("launch.local", "--num_processes=2", "--cpu_devices_per_process=1", "--",
                     *tabular_flags(*LONG_STEPS), "--workdir=run2", timeout=240,
@@ -1005,16 +990,15 @@ def _local_signal(ctx: Ctx, signum: int, group: bool) -> Observed:
   return Observed(proc, _saved_checkpoint(ctx.path("run2")))
 
 
-@probe("signals", "Ctrl-C (SIGINT to the group) on launch.local during training", "stop",
-       "processes save, one line, no orphan", cost=70)
-def _local_ctrl_c(ctx: Ctx) -> Observed:
-  return _local_signal(ctx, signal.SIGINT, group=True)
-
-
-@probe("signals", "SIGTERM to launch.local during training", "stop",
-       "processes save, one line, no orphan", cost=70)
-def _local_sigterm(ctx: Ctx) -> Observed:
-  return _local_signal(ctx, signal.SIGTERM, group=False)
+# Ctrl-C reaches the terminal's whole process group; SIGTERM only the launcher.
+for _tool, _run, _saves, _cost in (
+    ("launch.sweep", _sweep_signal, "child saves", 50),
+    ("launch.local", _local_signal, "processes save", 70)):
+  for _how, _signum, _group in (("Ctrl-C (SIGINT to the group) on", signal.SIGINT, True),
+                                ("SIGTERM to", signal.SIGTERM, False)):
+    probe("signals", f"{_how} {_tool} during training", "stop",
+          f"{_saves}, one line, no orphan", cost=_cost)(
+              functools.partial(_run, signum=_signum, group=_group))
 
 
 # --- export artefacts

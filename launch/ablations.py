@@ -146,10 +146,8 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 
 def plot(summary: pd.DataFrame, path: str, title: str = "Test AUC per variant") -> None:
-  oracle = summary.oracle_auc.dropna()
-  runner.plot_bars(list(summary.index), summary.auc_mean, summary.auc_std, path, title,
-                   f"test AUC (mean ± std over {runner.plural(int(summary.seeds.max()), 'seed')})",
-                   oracle=float(oracle.iloc[0]) if len(oracle) else None)
+  runner.plot_summary(summary, list(summary.index), summary.auc_mean, summary.auc_std, path,
+                      title, "test AUC")
 
 
 def main():

@@ -317,6 +317,15 @@ def mean_std(mean: float, std: float) -> str:
   return f"{mean:.4f}" if std is None or not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
 
 
+def plot_summary(summary, labels: Sequence[str], means, stds, path: str, title: str,
+                 what: str) -> None:
+  """`plot_bars` of a summary table with columns `seeds` and `oracle_auc` (its first oracle)."""
+  oracle = summary.oracle_auc.dropna()
+  plot_bars(labels, means, stds, path, title,
+            f"{what} (mean ± std over {plural(int(summary.seeds.max()), 'seed')})",
+            oracle=float(oracle.iloc[0]) if len(oracle) else None)
+
+
 def plot_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[float], path: str,
               title: str, xlabel: str, oracle: float | None = None) -> None:
   """Horizontal bars (first label on top) with error bars and value labels, the x-axis zoomed

@@ -624,12 +624,9 @@ def write_outputs(runs: pd.DataFrame, keys: Sequence[str], out: str, budget: str
   summary.to_csv(os.path.join(out, "summary.csv"))
   writers.write_text_atomic(os.path.join(out, "summary.md"),
                             summary_markdown(summary, budget, title))
-  oracle = summary.oracle_auc.dropna()
-  runner.plot_bars(list(summary.index), summary.test_auc_mean, summary.test_auc_std,
-                   os.path.join(out, "summary.png"), title,
-                   f"test AUC at the best trial (mean ± std over "
-                   f"{runner.plural(int(summary.seeds.max()), 'seed')})",
-                   oracle=float(oracle.iloc[0]) if len(oracle) else None)
+  runner.plot_summary(summary, list(summary.index), summary.test_auc_mean,
+                      summary.test_auc_std, os.path.join(out, "summary.png"), title,
+                      "test AUC at the best trial")
   return summary
 
 

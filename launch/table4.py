@@ -103,12 +103,9 @@ def write_outputs(frame: pd.DataFrame, out: str, title: str) -> pd.DataFrame:
           f"non-public commercial data set): {paper}.")
   writers.write_text_atomic(os.path.join(out, "table4.md"),
                             f"# {title}\n\n{table_markdown(summary)}\n{note}\n")
-  oracle = summary.oracle_auc.dropna()
-  runner.plot_bars([LABELS[n] for n in summary.index], summary.auc_mean, summary.auc_std,
-                   os.path.join(out, "table4.png"), title,
-                   f"test AUC at the best validation step (mean ± std over "
-                   f"{runner.plural(int(summary.seeds.max()), 'seed')})",
-                   oracle=float(oracle.iloc[0]) if len(oracle) else None)
+  runner.plot_summary(summary, [LABELS[n] for n in summary.index], summary.auc_mean,
+                      summary.auc_std, os.path.join(out, "table4.png"), title,
+                      "test AUC at the best validation step")
   return summary
 
 
