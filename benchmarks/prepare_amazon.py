@@ -192,7 +192,8 @@ def main():
   lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
   kept = ("meta_gz_mb", "generate_s", "text_chars")
   result = dict(json.loads(lines[-1][len("RESULT "):]), source=args.source,
-                **({"scale": args.scale} if args.source == "synthetic" else {"size": args.size}),
+                **({"size": args.size} if args.source == "amazon_like" else
+                   {} if args.skip_generate else {"scale": args.scale}),
                 load_average_before=round(load_before, 1),
                 load_average_after=round(os.getloadavg()[0], 1), cores=os.cpu_count(),
                 reviews_gz_mb=round(os.path.getsize(reviews) / 2 ** 20, 1),
