@@ -59,8 +59,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from launch import ablations, runner, search_spaces
-from mian_jax import writers
-from mian_jax import workdir as workdir_lib
+from mian_jax import cli, writers
 from mian_jax.errors import ConfigError
 from mian_jax.models import MODELS as MODEL_CLASSES
 
@@ -135,7 +134,7 @@ def plan(names: Sequence[str], config: str, extra: Sequence[str], grid: str = ""
     if space_grid is not None:
       sources["the grid"] = [f"--config.{key}=0" for key in space_grid]
     runner.check_no_key_twice(sources)
-    defaults = workdir_lib.flatten(runner.resolve_config(config, overrides))
+    defaults = cli.flatten(runner.resolve_config(config, overrides))
     if space_grid is not None:
       entries.append(Entry(name, tuple(overrides), space_grid, None))
       continue

@@ -1,13 +1,9 @@
-"""Orbax checkpoints under `<workdir>/checkpoints`, and the order in which a run resumes.
+"""Orbax checkpoints under `<workdir>/checkpoints` (the best validation step in
+`checkpoints_best/`), checked by checksum and against the run before any array is read.
 
 Resume order (written here once): the newest readable checkpoint in the workdir, else an older
-readable one (an unreadable newer one is moved to `<workdir>/checkpoints_damaged/` with a
-warning), else a fresh start from the config's seed. `<workdir>/checkpoints_best/` holds the
-step of the best validation AUC. A checkpoint holds `state` (params, optimizer state, step) and
-`meta` (progress, best validation, the data's identity); the data position is a function of the
-step. A non-finite state is never saved; `<step>/sha256sums.json` is checked before a restore
-(damage), and the meta and array shapes before any array is read (another run: `OtherRunError`,
-nothing moved). docs/training.md, "Checkpoints and resume", says more.
+readable one (an unreadable newer one is moved to `<workdir>/checkpoints_damaged/`), else a fresh
+start from the config's seed. docs/training.md, "Checkpoints and resume", says more.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ from ml_collections import ConfigDict
 
 from mian_jax.errors import (DataError, DiskFullError, NonFiniteStateError, describe,
                              file_system_error)
-from mian_jax.fileio import sha256_file, write_text_atomic
+from mian_jax.fileio import relative_files, sha256_file, write_text_atomic
 
 # Inside each step directory: orbax ignores it, and deletes or moves it with its step.
 CHECKSUM_FILE = "sha256sums.json"
@@ -62,8 +58,7 @@ def best_checkpoint_dir(workdir: str) -> str:
 def _manager(directory: str, max_to_keep: int, read_only: bool) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: a process killed mid-save leaves `<step>.orbax-checkpoint-tmp*`.
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only,
-                                         cleanup_tmp_directories=not read_only)
+                                         read_only=read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
@@ -117,9 +112,8 @@ def save(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
         "check the data for extreme values)")
   finalize(manager)
   try:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
-                 force=True)
+    manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
   except Exception as e:  # noqa: BLE001 - orbax wraps the OSError
     _raise_if_disk_full(e, manager)
     raise
@@ -163,24 +157,12 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def _file_digests(step_dir: str) -> dict[str, str]:
-  """{path relative to `step_dir`: sha256} of every file but the checksum file itself."""
-  digests = {}
-  for root, dirs, files in os.walk(step_dir):
-    dirs.sort()
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      relative = os.path.relpath(path, step_dir).replace(os.sep, "/")
-      if not relative.startswith(CHECKSUM_FILE):  # nor its temporary copy
-        digests[relative] = sha256_file(path)
-  return digests
-
-
 def write_checksums(step_dir: str) -> None:
   """Writes `<step_dir>/sha256sums.json` atomically (a killed writer leaves no partial file)."""
-  content = {"algorithm": "sha256", "files": _file_digests(step_dir)}
-  write_text_atomic(os.path.join(step_dir, CHECKSUM_FILE), json.dumps(content, indent=1),
-                    fsync=True)
+  files = {path: sha256_file(os.path.join(step_dir, path)) for path in relative_files(step_dir)
+           if not path.startswith(CHECKSUM_FILE)}  # nor its temporary copy
+  write_text_atomic(os.path.join(step_dir, CHECKSUM_FILE),
+                    json.dumps({"algorithm": "sha256", "files": files}, indent=1), fsync=True)
 
 
 def verify_checksums(step_dir: str) -> bool:
@@ -226,7 +208,7 @@ def reconcile_best(best_manager: ocp.CheckpointManager, state,
   `meta`. A newer best step is deleted (training redoes it identically); a missing one is
   saved from `state` if that is the resumed step, else forgotten with a warning (best_step
   and best_valid_auc None: selection starts again)."""
-  best_step = meta.get("best_step")
+  best_step = meta["best_step"]
   for step in best_manager.all_steps():
     if step != best_step:
       best_manager.delete(step)
@@ -236,32 +218,24 @@ def reconcile_best(best_manager: ocp.CheckpointManager, state,
     save(best_manager, state, meta)
     return meta
   logging.warning("The best checkpoint (step %d, validation AUC %s) is not in %s; selection "
-                  "starts again from the next validation", best_step, meta.get("best_valid_auc"),
+                  "starts again from the next validation", best_step, meta["best_valid_auc"],
                   best_manager.directory)
   return {**meta, "best_valid_auc": None, "best_step": None}
 
 
-def _path_name(path) -> str:
-  """A tree path as "params/embedding/embed_item_id/embedding", whether its keys are dict keys,
-  attributes (optax's named tuples) or indices, as orbax names them on disk."""
-  def part(key):
-    return next((getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)), key)
-
-  return "/".join(str(part(key)) for key in path)
-
-
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
-  """{path name: shape} of every array leaf of `tree`."""
+  """{path name ("params/embedding/embed_item_id/embedding", as orbax names it on disk): shape}
+  of every array leaf of `tree`."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(x, "shape", ()))
+          for path, x in leaves}
 
 
 def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
   """{path name: shape} of the state's arrays saved at `step`, from orbax's metadata files
   (no array is read)."""
   handler = ocp.StandardCheckpointHandler()
-  metadata = handler.metadata(epath.Path(_step_dir(manager, step)) / "state")
-  return _shapes(getattr(metadata, "tree", metadata))
+  return _shapes(handler.metadata(epath.Path(_step_dir(manager, step)) / "state").tree)
 
 
 def _shape_difference(name: str, here: tuple[int, ...], saved: tuple[int, ...]) -> str:
@@ -335,35 +309,27 @@ def _restore_step(manager, step: int, state, identity: dict[str, Any]):
 def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
             workdir: str | None = None, identity: dict[str, Any] | None = None):
   """(state, meta) restored into the structure and shardings of `state` (a fresh TrainState),
-  or None when no checkpoint is readable.
-
-  `step`: that step (DataError if it is missing, unreadable or damaged), or None for the resume
-  order of the module docstring, damaged steps moved aside into `workdir` (None: left).
-  `identity` (`identity(run)`) is checked before any array is read: OtherRunError, moving
-  nothing, for another run's checkpoint.
-  """
+  or None when no checkpoint is readable. `step`: that step (DataError if it is missing,
+  unreadable or damaged), or None for the resume order of the module docstring, damaged steps
+  moved aside into `workdir` (None: left). `identity` (`identity(run)`) is checked before any
+  array is read: OtherRunError, moving nothing, for another run's checkpoint."""
   identity = identity or {}
   finalize(manager)  # a save of this run lands and is hashed before it is read
   steps = sorted(manager.all_steps(), reverse=True)
-  if step is not None:
-    if step not in steps:
-      raise DataError(f"no checkpoint for step {step} in {manager.directory} "
-                      f"(available: {sorted(steps) or 'none'})")
-    try:
-      return _restore_step(manager, step, state, identity)
-    except OtherRunError:
-      raise
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
-      raise DataError(f"checkpoint {step} in {manager.directory} is unreadable or damaged "
-                      f"({describe(e)})") from None
+  if step is not None and step not in steps:
+    raise DataError(f"no checkpoint for step {step} in {manager.directory} "
+                    f"(available: {sorted(steps) or 'none'})")
   damaged, result = [], None
-  for s in steps:
+  for s in steps if step is None else [step]:
     try:
       result = _restore_step(manager, s, state, identity)
       break
     except OtherRunError:
       raise  # before `_move_aside`: another run's checkpoints stay where they are
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
+      if step is not None:
+        raise DataError(f"checkpoint {step} in {manager.directory} is unreadable or damaged "
+                        f"({describe(e)})") from None
       logging.warning("Checkpoint at step %d is damaged and is skipped (%s)", s, describe(e))
       damaged.append(s)
   if damaged and workdir is not None:

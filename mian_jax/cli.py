@@ -67,9 +67,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     if not _has_config():
       _fail("--show_config needs --config=<config file>")
     name = flags.FLAGS["config"].config_filename  # path[:arg]
-    _print_and_exit(describe_config(flags.FLAGS.config, name,
-                                    [config_defaults.__file__, name.split(":", 1)[0]]))
+    try:
+      sys.stdout.write(describe_config(flags.FLAGS.config, name,
+                                       [config_defaults.__file__, name.split(":", 1)[0]]))
+      sys.stdout.flush()
+    except BrokenPipeError:  # `--show_config | head`
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
   return argv
+
+
+def flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of `--name=v` or `--name v` in argv (the last one given), else None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def require_run(argv: Sequence[str]) -> None:
@@ -78,13 +94,7 @@ def require_run(argv: Sequence[str]) -> None:
   args = list(argv[1:])
   if any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in args):
     return
-  workdir = None
-  for i, arg in enumerate(args):
-    if arg.startswith("--workdir="):
-      workdir = arg.split("=", 1)[1]
-    elif arg == "--workdir" and i + 1 < len(args):
-      workdir = args[i + 1]
-  if workdir:
+  if workdir := flag_value(args, "workdir"):
     state = "does not exist" if not os.path.exists(workdir) else "holds no config.json"
     _fail(f"no run in {workdir} (it {state}); pass the --workdir of a training run "
           "(python -m mian_jax.main --config=... --workdir=...)")
@@ -93,15 +103,6 @@ def require_run(argv: Sequence[str]) -> None:
 def _has_config() -> bool:
   return ("config" in flags.FLAGS and flags.FLAGS["config"].present
           and flags.FLAGS["config"].value is not None)
-
-
-def _print_and_exit(text: str) -> None:
-  try:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-  except BrokenPipeError:  # `--show_config | head`
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-  sys.exit(0)
 
 
 def _unknown_key_message(argv: Sequence[str]) -> str | None:
@@ -148,7 +149,8 @@ def describe_config(config: ConfigDict, name: str, sources: Sequence[str]) -> st
   for path in sources:
     if path.endswith(".py") and os.path.isfile(path):
       comments.update(config_comments(path))
-  rows = [(key, repr(value), comments.get(key, "")) for key, value in _leaves(config)]
+  rows = [(key, repr(value), comments.get(key, ""))
+          for key, value in flatten(config.to_dict()).items()]
   key_width = max((len(key) for key, _, _ in rows), default=0)
   value_width = max((len(value) for _, value, _ in rows if len(value) <= 20), default=0)
   lines = [f"# {name}: {len(rows)} keys; set one with --config.<key>=<value>"]
@@ -160,12 +162,15 @@ def describe_config(config: ConfigDict, name: str, sources: Sequence[str]) -> st
   return "\n".join(lines) + "\n"
 
 
-def _leaves(config: ConfigDict, prefix: str = ""):
-  for key, value in config.items():
-    if isinstance(value, ConfigDict):
-      yield from _leaves(value, f"{prefix}{key}.")
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
-      yield f"{prefix}{key}", value
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def config_comments(path: str) -> dict[str, str]:
@@ -198,22 +203,21 @@ def config_comments(path: str) -> dict[str, str]:
   calls = []  # (caller, callee, key under the caller's config)
   assignments = []  # (function, key under its config, first line, last line)
   for function in functions:
-    statements = [n for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.AnnAssign))]
+    statements = [(n, n.targets if isinstance(n, ast.Assign) else [n.target])
+                  for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.AnnAssign))]
     names = {n.value.id: "" for n in ast.walk(function)
              if isinstance(n, ast.Return) and isinstance(n.value, ast.Name)}
     if "config" in [a.arg for a in function.args.args]:
       names["config"] = ""
     for _ in range(3):  # aliases of aliases
-      for statement in statements:
-        targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+      for statement, targets in statements:
         keys = [_key(t, names) for t in [*targets, statement.value]]
         key = next((k for k in keys if k is not None), None)
         if key is not None:
           for target in targets:
             if isinstance(target, ast.Name):
               names.setdefault(target.id, key)
-    for statement in statements:
-      targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+    for statement, targets in statements:
       for target in targets:
         key = _key(target, names)
         if key:
@@ -287,29 +291,22 @@ def _exit_with(message: str) -> None:
   sys.exit(f"error: {message}")
 
 
-class _QuietLibraries:
-  """Drops orbax's INFO lines (every step of every save), and the tracebacks of a full or
-  read-only disk that orbax or asyncio log (`run_or_exit` reports it in one line)."""
-
-  def filter(self, record) -> bool:
-    from_orbax = "/orbax/" in record.pathname
-    if not (from_orbax or record.name == "asyncio"):
-      return True
-    if record.exc_info and file_system_error(record.exc_info[1]) is not None:
-      return False
-    return record.levelno > 20 or not from_orbax
+def _quiet_libraries(record) -> bool:
+  """A log filter: drops orbax's INFO lines (every step of every save), and the tracebacks of a
+  full or read-only disk that orbax or asyncio log (`run_or_exit` reports it in one line)."""
+  from_orbax = "/orbax/" in record.pathname
+  if not (from_orbax or record.name == "asyncio"):
+    return True
+  if record.exc_info and file_system_error(record.exc_info[1]) is not None:
+    return False
+  return record.levelno > 20 or not from_orbax
 
 
-class _NoBackendProbes:
-  """Drops JAX's INFO lines about backends it probed and skipped ("Unable to initialize backend
-  'tpu'" on every machine without a TPU); warnings and errors stay."""
-
-  def filter(self, record) -> bool:
-    return not (record.levelno <= py_logging.INFO
-                and record.getMessage().startswith("Unable to initialize backend"))
-
-
-_NO_BACKEND_PROBES = _NoBackendProbes()  # one instance: a second addFilter of it is a no-op
+def _no_backend_probes(record) -> bool:
+  """A log filter: drops JAX's INFO lines about backends it probed and skipped ("Unable to
+  initialize backend 'tpu'" on every machine without a TPU); warnings and errors stay."""
+  return not (record.levelno <= py_logging.INFO
+              and record.getMessage().startswith("Unable to initialize backend"))
 
 
 def init_process(argv: Sequence[str] = ()) -> None:
@@ -319,12 +316,17 @@ def init_process(argv: Sequence[str] = ()) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
   init_distributed()
-  enable_compilation_cache()
+  # Compiled programs persist in $MIAN_JAX_COMPILATION_CACHE (default: in the cache; "": off).
+  cache = os.environ.get("MIAN_JAX_COMPILATION_CACHE",
+                         os.path.join(fileio.cache_root(), "jax_compilation_cache"))
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def quiet_library_logs() -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  py_logging.getLogger("jax._src.xla_bridge").addFilter(_NO_BACKEND_PROBES)
+  logging.get_absl_handler().addFilter(_quiet_libraries)  # a second addFilter is a no-op
+  py_logging.getLogger("jax._src.xla_bridge").addFilter(_no_backend_probes)
 
 
 def init_distributed() -> None:
@@ -338,13 +340,3 @@ def init_distributed() -> None:
                   num_processes=int(os.environ["MIAN_JAX_NUM_PROCESSES"]),
                   process_id=int(os.environ["MIAN_JAX_PROCESS_ID"]))
   jax.distributed.initialize(**kwargs)
-
-
-def enable_compilation_cache() -> None:
-  """Compiled programs persist in $MIAN_JAX_COMPILATION_CACHE (default: in the cache; "": off)."""
-  cache = os.environ.get("MIAN_JAX_COMPILATION_CACHE")
-  if cache is None:
-    cache = os.path.join(fileio.cache_root(), "jax_compilation_cache")
-  if cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -18,12 +18,8 @@ from mian_jax.models import MODELS
 # The step whose metrics a run reports (read by train.select_reported_state).
 REPORT_STEPS = ("best", "last")
 # key -> allowed values of every string-valued choice in the configs.
-CHOICES = {
-    **models.CHOICES,
-    "train.l2_scope": steps.L2_SCOPES,
-    "train.optimizer": optim.OPTIMIZERS,
-    "eval.report_step": REPORT_STEPS,
-}
+CHOICES = {**models.CHOICES, "train.l2_scope": steps.L2_SCOPES,
+           "train.optimizer": optim.OPTIMIZERS, "eval.report_step": REPORT_STEPS}
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
             "model.gru_dim", "train.batch_size", "train.learning_rate",
             "train.log_every_steps", "eval.batch_size", "checkpoint.every_steps",
@@ -56,7 +52,12 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     for key in keys:
       if fails(_get(config, key), 0):
         raise ConfigError(f"config.{key} must be {sign} 0, got {_get(config, key)!r}")
-  check_validation_cadence(config.train)
+  train = config.train
+  if (train.eval_every_steps > 0) == (train.eval_every_epochs > 0):
+    raise ConfigError(f"config.train.eval_every_steps={train.eval_every_steps} and "
+                      f"train.eval_every_epochs={train.eval_every_epochs:g}: set exactly one of "
+                      "them > 0 (validation every that many steps or that fraction of an epoch), "
+                      "the other to 0")
   for key, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items():
     if key.rsplit(".", 1)[-1] == "seed" and (not _is_int(value) or value < 0):  # numpy, JAX
       raise ConfigError(f"config.{key} must be an integer >= 0, got {value!r}")
@@ -85,16 +86,6 @@ def check_config(config: ConfigDict, num_devices: int = 1) -> None:
     if _get(config, key) % num_devices:
       raise ConfigError(f"config.{key}={_get(config, key)} must be divisible by the "
                         f"{num_devices} devices (the global batch is split over them)")
-
-
-def check_validation_cadence(train: ConfigDict) -> None:
-  """ConfigError unless exactly one of train.eval_every_steps and _epochs is > 0."""
-  every_steps, every_epochs = train.eval_every_steps, train.eval_every_epochs
-  if (every_steps > 0) != (every_epochs > 0):
-    return
-  given = (f"train.eval_every_steps={every_steps} and train.eval_every_epochs={every_epochs:g}")
-  raise ConfigError(f"config.{given}: set exactly one of them > 0 (validation every that many "
-                    "steps or that fraction of an epoch), the other to 0")
 
 
 def valid_is_test(data_dir: str) -> bool:

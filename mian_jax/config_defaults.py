@@ -111,20 +111,14 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept
 
   # Row-sharded embedding tables over a data x model mesh (docs/training.md, "Sharded ...").
-  config.sharding = sharding_defaults()
-  if reading == "paper_literal":
-    config.update_from_flattened_dict(PAPER_LITERAL)
-  return config
-
-
-def sharding_defaults() -> ml_collections.ConfigDict:
-  """config.sharding's defaults; also those of a run recorded without config.sharding."""
-  sharding = ml_collections.ConfigDict()
+  sharding = config.sharding = ml_collections.ConfigDict()
   sharding.model = 1  # devices along "model" (1: pure data parallelism)
   sharding.row_shard_min_rows = 0  # row-shard the tables of at least this many ids (0: none)
   sharding.row_shard_fields = ""  # e.g. "item_id,user_id": row-shard these, whatever their size
   sharding.row_multiple = 64  # a sharded table's rows are rounded up to this; "model" divides it
-  return sharding
+  if reading == "paper_literal":
+    config.update_from_flattened_dict(PAPER_LITERAL)
+  return config
 
 
 def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:

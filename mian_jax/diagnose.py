@@ -13,7 +13,6 @@ the oracle where the data knows the click probability. The item is the first beh
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import numpy as np
@@ -50,10 +49,8 @@ def load_columns(data_dir: str, schema: schema_lib.Schema, split: str,
     raise DataError(f"--item_field={item_field!r} is not a categorical item field of "
                     f"{data_dir} (choose from {names})")
   columns = schema_lib.load_split(data_dir, split, schema)
-  out = {"user": np.asarray(columns["group_id"]),
-         "item": np.asarray(columns[f"item.{item_field}"]),
-         "hist_len": np.asarray(columns["hist_len"]),
-         "label": np.asarray(columns["label"])}
+  out = {"user": np.asarray(columns["group_id"]), "item": np.asarray(columns[f"item.{item_field}"]),
+         "hist_len": np.asarray(columns["hist_len"]), "label": np.asarray(columns["label"])}
   if "extra.click_prob" in columns:  # generated data: the true click probability [N]
     out["click_prob"] = np.asarray(columns["extra.click_prob"], np.float64)
   return out
@@ -118,17 +115,13 @@ def split_summary(train: dict[str, np.ndarray], split: dict[str, np.ndarray],
   baselines = {name: {"auc": metrics.auc(labels, scores),
                       "gauc": metrics.gauc(labels, scores, split["user"])[0]}
                for name, scores in baseline_scores(train, split, smoothing).items()}
-  return {
-      "examples": int(labels.size),
-      "positive_rate": _mean(labels),
-      "users": int(np.unique(split["user"]).size),
-      "items": int(np.unique(split["item"]).size),
-      "cold_user_share": _mean(cold_user),
-      "cold_item_share": _mean(cold_item),
-      "empty_history_share": _mean(split["hist_len"] == 0),
-      "short_history_share": _mean(split["hist_len"] < SHORT_HISTORY),
-      "baselines": baselines,
-  }
+  return {"examples": int(labels.size), "positive_rate": _mean(labels),
+          "users": int(np.unique(split["user"]).size),
+          "items": int(np.unique(split["item"]).size),
+          "cold_user_share": _mean(cold_user), "cold_item_share": _mean(cold_item),
+          "empty_history_share": _mean(split["hist_len"] == 0),
+          "short_history_share": _mean(split["hist_len"] < SHORT_HISTORY),
+          "baselines": baselines}
 
 
 def history_bucket_name(low: int, high: int | None) -> str:
@@ -257,15 +250,6 @@ def to_markdown(report: dict) -> str:
   return "\n".join(parts)
 
 
-def _json_safe(x):
-  """NaN -> None, recursively (strict JSON has no NaN)."""
-  if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
-  if isinstance(x, float) and np.isnan(x):
-    return None
-  return x
-
-
 def run(config, predictions: list[str], predictions_split: str, item_field: str | None,
         out: str | None) -> str:
   """Prepares the data if needed, diagnoses it, writes the outputs; returns the markdown."""
@@ -275,6 +259,5 @@ def run(config, predictions: list[str], predictions_split: str, item_field: str 
   text = to_markdown(report)
   if out:
     writers.write_text_atomic(os.path.join(out, "diagnostics.md"), text)
-    writers.write_text_atomic(os.path.join(out, "diagnostics.json"),
-                              json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
+    writers.write_json_atomic(os.path.join(out, "diagnostics.json"), report, warn=False)
   return text

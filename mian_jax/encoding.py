@@ -14,7 +14,7 @@ import numpy as np
 
 from mian_jax.errors import DataError
 
-OOV_ID = 1  # the id of an unseen or missing value (data/schema.py: OOV_ID)
+OOV_ID = 1  # the id of an unseen or missing value (0 pads behaviours: data/schema.py)
 FIRST_ID = 2  # the first id of a value (data/schema.py: NUM_RESERVED_IDS)
 HASH_FUNCTION = "blake2b-8-le mod buckets"  # `stable_hash`, as encoders.json names it
 ENCODERS_FILE = "encoders.json"  # in vocab/: {"version", "note", "fields": {field: encoder}}
@@ -120,7 +120,8 @@ class Lookup:
     return [None if t is None or t not in row else values[row[t]] for t in tokens(keys)]
 
 
-def _calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
+def calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
+  """UTC year, month 1..12, weekday 0..6 (Monday = 0) or hour of Unix seconds [N] (int64)."""
   s = np.floor(seconds).astype(np.int64)
   days = np.floor_divide(s, _SECONDS_PER_DAY)
   if unit == "year":
@@ -164,7 +165,7 @@ def apply_encoder(encoder: Mapping[str, Any], raw: Sequence[Any]) -> np.ndarray:
   if kind == "calendar":
     if encoder["unit"] not in _CALENDAR_UNITS:
       raise DataError(f"encoder {encoder}: unit must be one of {_CALENDAR_UNITS}")
-    values = _calendar(encoder["unit"], np.nan_to_num(x))
+    values = calendar(encoder["unit"], np.nan_to_num(x))
     return np.where(is_missing, None, values.astype(str).astype(object))
   if kind == "year_span":
     width = int(encoder["width"])

@@ -1,10 +1,9 @@
-"""Evaluation: predictions and exact metrics of a split (training validates and reports with
-them), and the command that evaluates a saved checkpoint:
+"""Predictions and exact metrics of a split (training validates with them), and the command
+that evaluates a checkpoint of a run (its recorded config unless --config is given):
 
   python -m mian_jax.evaluate --workdir=runs/synthetic [--step=latest|best|N] \
       [--split=valid|test] [--predictions] [--config=configs/synthetic.py] [--config.k=v ...]
 
-The run is reopened by `workdir.restore_run` (its recorded config unless --config is given).
 Writes `<workdir>/eval/<split>_metrics_step<N>.json` and, with --predictions,
 `<split>_predictions_step<N>.parquet` (docs/training.md says their columns).
 """
@@ -161,18 +160,12 @@ def write_predictions(path: str, predictions: dict, attention_names: dict[str, t
   score, label, group_id, extras and attention."""
   columns = {**(keys or {}), "score": predictions["prob"], "label": predictions["label"],
              "group_id": predictions["group_id"]}
-  for key, values in predictions.items():
-    if key.startswith("extra."):
-      columns[key[len("extra."):]] = values
-  table = pa.table(columns)
-  for key, values in predictions.items():
-    if key.startswith("attention."):
-      name = key[len("attention."):]
-      table = table.append_column(f"attention_{name}",
-                                  pa.FixedSizeListArray.from_arrays(values.ravel(),
-                                                                    values.shape[1]))
-  metadata = {f"attention_{k}": ",".join(v) for k, v in attention_names.items()}
-  table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+  columns.update({k.removeprefix("extra."): v for k, v in predictions.items()
+                  if k.startswith("extra.")})
+  columns.update({k.replace(".", "_", 1): pa.FixedSizeListArray.from_arrays(v.ravel(), v.shape[1])
+                  for k, v in predictions.items() if k.startswith("attention.")})
+  table = pa.table(columns).replace_schema_metadata(
+      {f"attention_{k}": ",".join(v) for k, v in attention_names.items()})
   with fileio.atomic_path(path) as tmp:
     pq.write_table(table, tmp)
 
@@ -180,12 +173,10 @@ def write_predictions(path: str, predictions: dict, attention_names: dict[str, t
 def attention_names(run: steps.Run) -> dict[str, tuple[str, ...]]:
   """What each attention module's weights are over: GIM's parts (if the model has a GIM),
   IUIM's user fields, ICIM's context fields."""
-  names = {}
-  if hasattr(run.model, "gim_part_names"):
-    names["gim"] = run.model.gim_part_names()
-  names["iuim"] = tuple(f.name for f in run.schema.features.user_fields)
-  names["icim"] = tuple(f.name for f in run.schema.features.context_fields)
-  return names
+  features = run.schema.features
+  gim = {"gim": run.model.gim_part_names()} if hasattr(run.model, "gim_part_names") else {}
+  return {**gim, "iuim": tuple(f.name for f in features.user_fields),
+          "icim": tuple(f.name for f in features.context_fields)}
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str,
@@ -226,10 +217,8 @@ def _define_flags() -> None:  # only as a command: training imports this module
 def main(argv):
   cli.init_process(argv)
   flag = flags.FLAGS
-  result = cli.run_or_exit(lambda: evaluate_checkpoint(flag.config, flag.workdir,
-                                                       workdir_lib.parse_step(flag.step),
-                                                       flag.split,
-                                                       flag.predictions))
+  result = cli.run_or_exit(lambda: evaluate_checkpoint(
+      flag.config, flag.workdir, workdir_lib.parse_step(flag.step), flag.split, flag.predictions))
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in sorted(result.items())))
 

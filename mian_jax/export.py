@@ -1,13 +1,8 @@
-"""Exports a checkpoint as a scoring function that runs without the model code (`jax.export`).
+"""Exports a checkpoint as a scoring function that runs without the model code (`jax.export`),
+which `serving.Scorer` loads with only jax and numpy (docs/serving.md, "The export directory").
 
   python -m mian_jax.export --workdir=runs/synthetic --out=exports/synthetic \
       [--step=best|latest|N] [--platforms=cpu,cuda]
-
-The run is reopened by `workdir.restore_run`; its eval step (with attention) is lowered once,
-with a symbolic batch size `b`, for every platform this jaxlib can lower for, and written with
-its parameters, signature, schema, vocab/ and a manifest of checksums into a directory that
-appears complete or not at all (docs/serving.md, "The export directory"). `serving.Scorer`
-loads it with only jax and numpy.
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ from flax import traverse_util
 
 from mian_jax import cli, evaluate, fileio, serving, steps
 from mian_jax import workdir as workdir_lib
+from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError, describe
 from mian_jax.serving import (EXPORT_FILE, FORMAT_VERSION, MANIFEST_FILE, PARAMS_FILE,
@@ -40,26 +36,12 @@ NOT_INPUTS = ("label", "weight", "group_id")
 # What the weights of an attention module over the behaviour sequence are over.
 OVER_HISTORY = "hist"
 _PARAM_SEP = "/"
-_INPUT_GROUPS = ("item", "hist", "user", "context")
 
 
 def input_columns(schema: schema_lib.Schema) -> dict[str, tuple[str, tuple[int, ...]]]:
   """The columns a model reads when scoring: name -> (dtype, per-example shape)."""
   return {name: spec for name, spec in schema.columns().items()
           if name not in NOT_INPUTS and not name.startswith("extra.")}
-
-
-def nest(inputs: Mapping[str, Any]) -> dict[str, Any]:
-  """{"item.x": a, "hist_len": l, ...} -> the nested batch of `pipeline.gather_batch`
-  ({"item": {"x": a}, "hist": {}, ..., "hist_len": l}), without label and weight."""
-  batch: dict[str, Any] = {group: {} for group in _INPUT_GROUPS}
-  for name, value in inputs.items():
-    group, _, field = name.partition(".")
-    if field:
-      batch[group][field] = value
-    else:
-      batch[name] = value
-  return batch
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
@@ -75,7 +57,8 @@ def scoring_function(state):
 
   def score(params, inputs):
     params = traverse_util.unflatten_dict(params, sep=_PARAM_SEP)
-    out = steps.eval_step(template.replace(params=params), nest(inputs), with_attention=True)
+    out = steps.eval_step(template.replace(params=params), pipeline.nest(inputs),
+                          with_attention=True)
     return {"prob": out["prob"],
             **{f"attention.{name}": value for name, value in out["attention"].items()}}
 
@@ -119,10 +102,7 @@ def signature(exported, schema: schema_lib.Schema,
               attention_names: Mapping[str, Sequence[str]]) -> dict[str, Any]:
   """What signature.json says: the inputs, with the ids each may hold, and the outputs."""
   f = schema.features
-  vocab = {f"{group}.{x.name}": x.vocab_size
-           for group, fields in (("item", f.item_fields), ("user", f.user_fields),
-                                 ("context", f.context_fields))
-           for x in fields if x.is_categorical}
+  vocab = {name: x.vocab_size for name, x in f.fields().items() if x.is_categorical}
   inputs = []
   for name, (dtype, shape) in input_columns(schema).items():
     entry: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(shape)}

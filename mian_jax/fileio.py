@@ -27,6 +27,12 @@ def sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
+def relative_files(directory: str) -> list[str]:
+  """Every file under `directory` as sorted relative paths with "/" ("vocab/item.json")."""
+  return sorted(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+                for root, _, files in os.walk(directory) for name in files)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary sibling of `path` to write; renamed onto `path` when the block ends

@@ -1,13 +1,8 @@
-"""Scores raw records with a trained checkpoint: rows of your own logs in, one score per row out.
+"""Scores raw records with a trained checkpoint: rows of your own logs in, one score per row out
+(docs/serving.md, "Predict": what each source reads, what is written).
 
   python -m mian_jax.predict --workdir=runs/mine --input=new.csv --output=scores.parquet \
       [--step=latest|best|N] [--attention] [--skip_bad_rows] [--batch_size=N]
-
-The run is reopened by `workdir.restore_run`; sources with raw records (tabular, amazon,
-amazon_like, movielens) read and encode them (`<source>.predict_reader`, `encode_records`) as
-preparation did, behaviours from the earlier rows of the same user in the input. Writes the
-input's key columns, `input_row`, `score` (and with --attention one column per attention
-weight) and `<output>.stats.json`. docs/serving.md, "Predict", says what each source reads.
 """
 
 from __future__ import annotations
@@ -27,7 +22,8 @@ from absl import app, flags, logging
 
 from mian_jax import cli, evaluate, fileio, sharding, steps, writers
 from mian_jax import workdir as workdir_lib
-from mian_jax.data import interaction_log, pipeline, tabular
+from mian_jax.data import interaction_log, pipeline
+from mian_jax.data import records as records_lib
 from mian_jax.errors import ConfigError, DataError
 
 PROGRESS_EVERY_S = 10.0  # a progress line at most this often (so only on large inputs)
@@ -35,13 +31,6 @@ PROGRESS_EVERY_S = 10.0  # a progress line at most this often (so only on large 
 RAW_RECORD_SOURCES = {"tabular": "mian_jax.data.tabular", "amazon": "mian_jax.data.amazon",
                       "amazon_like": "mian_jax.data.amazon",
                       "movielens": "mian_jax.data.movielens"}
-_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
-            ".json": "jsonl"}
-
-
-def input_format(path: str) -> str:
-  """"parquet", "jsonl" or "csv", by the file's extension."""
-  return _FORMATS.get(os.path.splitext(path)[1].lower(), "csv")
 
 
 def output_format(path: str) -> str:
@@ -63,34 +52,15 @@ def source_module(config, workdir: str):
   return importlib.import_module(RAW_RECORD_SOURCES[config.data.source])
 
 
-class _BadRows(interaction_log.BadRows):
-  """`interaction_log.BadRows` that also keeps each file's earliest bad row (by file line)."""
-
-  def __init__(self):
-    super().__init__(max_ratio=1.0)
-    self.earliest: dict[str, tuple[int, str]] = {}
-
-  def record(self, name, total, bad, reason, line_numbers=None, lines=None) -> None:
-    super().record(name, total, bad, reason, line_numbers, lines)
-    if np.any(bad):
-      i = int(np.flatnonzero(bad)[0])
-      where = int(line_numbers[i]) if line_numbers is not None else i + 1
-      if name not in self.earliest or where < self.earliest[name][0]:
-        one = interaction_log.BadRows(max_ratio=1.0)
-        one.record(name, total, bad, reason, line_numbers, lines)
-        self.earliest[name] = (where, one.files[name]["first_bad"])
-
-
-def read_input(path: str, tabular_config, skip_bad_rows: bool,
-               fmt: str | None = None) -> tuple[tabular.Records, dict[str, Any]]:
-  """The records of `path` (`tabular.read_records`) and its bad rows ("bad": how many,
+def read_input(path: str, tabular_config,
+               skip_bad_rows: bool) -> tuple[records_lib.Records, dict[str, Any]]:
+  """The records of `path` (`records.read_records`) and its bad rows ("bad": how many,
   "reasons": {reason: count}, "first_bad": e.g. "line 7 (reason) 'value'"); DataError naming
   the earliest malformed row unless `skip_bad_rows`."""
-  bad = _BadRows()
-  records = tabular.read_records(path, tabular_config, bad, fmt or input_format(path))
+  bad = interaction_log.BadRows(max_ratio=1.0, earliest=True)
+  records = records_lib.read_records(path, tabular_config, bad, records_lib.file_format(path))
   name = os.path.basename(path)
-  summary = {"bad": 0, "reasons": {}, **bad.summary().get(name, {}),
-             "first_bad": bad.earliest.get(name, (0, None))[1]}
+  summary = {"bad": 0, "reasons": {}, "first_bad": None, **bad.summary().get(name, {})}
   if summary["bad"] and not skip_bad_rows:
     raise DataError(f"{name} {summary['first_bad']}: a malformed row ({summary['bad']} in all: "
                     f"{summary['reasons']}); fix it, or pass --skip_bad_rows to skip and count "
@@ -98,14 +68,13 @@ def read_input(path: str, tabular_config, skip_bad_rows: bool,
   return records, summary
 
 
-def unlabelled_history_warning(config, records: tabular.Records, path: str) -> str | None:
+def unlabelled_history_warning(config, records: records_lib.Records, path: str) -> str | None:
   """The warning for an input without a label column whose behaviours are the user's earlier
   clicks (tabular, behavior_rows="clicks"): every history is empty. None otherwise."""
   if config.data.source != "tabular":
     return None
   c = config.data.tabular
-  if c.label in records.table.column_names or (c.behavior_source, c.behavior_rows) != (
-      "log", "clicks"):
+  if records.labelled or (c.behavior_source, c.behavior_rows) != ("log", "clicks"):
     return None
   return (f"{os.path.basename(path)} has no label column {c.label!r}: no row is taken as a past "
           "click, so every behaviour history is empty (the run builds histories from the "
@@ -167,11 +136,11 @@ def attention_column_names(module: str, width: int,
   return [f"attention.{module}.{name}" for name in over]
 
 
-def output_table(records: tabular.Records, reader, outputs: Mapping[str, np.ndarray],
+def output_table(records: records_lib.Records, reader, outputs: Mapping[str, np.ndarray],
                  names: Mapping[str, tuple[str, ...]]) -> pa.Table:
   """The kept input rows' key columns as read, `input_row`, `score`, and the attention."""
   keys = [reader.user_id, records.groups["item"][0][0], reader.timestamp]
-  if reader.label in records.table.column_names:
+  if records.labelled:
     keys.append(reader.label)
   table = records.table.select(list(dict.fromkeys(keys))).take(pa.array(records.kept))
   columns = {"input_row": records.kept.astype(np.int64),

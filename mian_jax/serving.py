@@ -4,13 +4,12 @@
   batch, unseen = scorer.encode({"item.item_id": ["i1", "i7"], "hist.item_id": [["i3"], []], ...})
   out = scorer.score(batch)  # {"prob": [B], "attention.<module>": [B, n]}
 
-No Flax, no model code, no config library: a serving process carries none of them. `score`
-takes encoded inputs (signature.json); `encode` makes them from raw values with the export's
-vocab/ (`mian_jax.encoding`). docs/serving.md says what each accepts.
+No Flax, no model code, no config library; docs/serving.md says what each method accepts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -19,9 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mian_jax import encoding
+from mian_jax import encoding, fileio
 from mian_jax.encoding import ENCODERS_FILE
-from mian_jax.fileio import sha256_file
 
 FORMAT_VERSION = 1  # of the export directory (mian_jax/export.py)
 EXPORT_FILE = "model.jaxexport"
@@ -52,17 +50,8 @@ def _read_versioned(path: str) -> dict[str, Any]:
 
 
 def export_files(export_dir: str) -> list[str]:
-  """Every file of an export directory but manifest.json (what its checksums cover), as sorted
-  relative paths with "/" ("model.jaxexport", "vocab/item.item_id.json", ...)."""
-  found = []
-  for root, dirs, files in os.walk(export_dir):
-    dirs.sort()
-    relative = os.path.relpath(root, export_dir)
-    for name in files:
-      path = name if relative == "." else f"{relative}/{name}".replace(os.sep, "/")
-      if path != MANIFEST_FILE:
-        found.append(path)
-  return sorted(found)
+  """Every file of an export directory but manifest.json (what its checksums cover)."""
+  return [path for path in fileio.relative_files(export_dir) if path != MANIFEST_FILE]
 
 
 def check_files(export_dir: str, manifest: Mapping[str, Any]) -> None:
@@ -74,7 +63,7 @@ def check_files(export_dir: str, manifest: Mapping[str, Any]) -> None:
     if not os.path.isfile(path):
       raise ValueError(f"{path} is missing: the export directory is incomplete; export the "
                        "checkpoint again")
-    if sha256_file(path) != digest:
+    if fileio.sha256_file(path) != digest:
       raise ValueError(f"{path} differs from the checksum in {MANIFEST_FILE}: the export "
                        "was changed or damaged; export the checkpoint again")
   for name in export_files(export_dir):
@@ -121,8 +110,6 @@ class Scorer:
     self._outputs = [x["name"] for x in self.signature["outputs"]]
     self._call = jax.jit(exported.call)
     self._vocabularies: dict[str, encoding.Vocabulary | None] = {}  # read on first use
-    self._encoder_table: dict[str, Any] | None = None
-    self._lookup_table: dict[str, encoding.Lookup] | None = None
 
   @classmethod
   def load(cls, export_dir: str, device: jax.Device | None = None) -> Scorer:
@@ -147,12 +134,10 @@ class Scorer:
 
   def encode(self, records: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Raw values -> (the encoded batch `score` takes, {field: number of unseen or missing
-    values}), with the export's vocab/ (docs/serving.md, "Encode raw values").
-
-    `records` holds B raw values per input `<group>.<name>` and B lists (oldest first) per
-    behaviour field `hist.<name>`; a field a lookup gives (`derived_fields`) may be left out.
-    Raises ValueError (one line, naming the field) for what it cannot encode.
-    """
+    values}), with the export's vocab/ (docs/serving.md, "Encode raw values"). `records` holds B
+    raw values per input `<group>.<name>` and B lists (oldest first) per behaviour field
+    `hist.<name>`; a field a lookup gives (`derived_fields`) may be left out. ValueError (one
+    line, naming the field) for what it cannot encode."""
     if self.vocab_dir is None:
       raise ValueError(f"{self.export_dir} has no {VOCAB_DIR}/ (its data were prepared before "
                        "vocabularies were saved): encode the ids yourself")
@@ -173,9 +158,7 @@ class Scorer:
     num_rows = len(records[required[0]]) if required else 0
     hist = [name for name in wanted if name.startswith("hist.")]
     batch, unseen = {}, {}
-    for name in wanted:
-      if name in hist:
-        continue
+    for name in [name for name in wanted if name not in hist]:
       raw = records[name] if name in records else self._looked_up(records, name, derived)
       if self._inputs[name]["dtype"] == "int32":
         batch[name], unseen[name] = self._ids(name, name, raw)
@@ -190,8 +173,7 @@ class Scorer:
       for row, x in enumerate(records[name]):
         if x is not None:
           _check_sequence(x, f"behaviour field {name!r} row {row}", "its behaviours")
-      lists = [list(x) if x is not None else [] for x in records[name]]
-      kept = [x[len(x) - max_len:] if len(x) > max_len else x for x in lists]
+      kept = [list(x)[-max_len:] if x is not None else [] for x in records[name]]  # T >= 1
       row_lengths = np.asarray([len(x) for x in kept], np.int32)
       if flat and (row_lengths != lengths).any():
         raise ValueError(f"behaviour lists {name!r} and {next(iter(flat))!r} differ in length "
@@ -211,7 +193,7 @@ class Scorer:
     lookup's field)}, e.g. {"item.category": ("item.item_id", "item.category"),
     "hist.category": ("hist.item_id", "item.category")}."""
     out = {}
-    for key, lookup in self._lookups().items():
+    for key, lookup in self._lookups.items():
       for field in lookup.fields:
         group, name = field.split(".", 1)
         out[field] = (key, field)
@@ -224,30 +206,28 @@ class Scorer:
                  derived: Mapping[str, tuple[str, str]]) -> list[Any]:
     """The raw values of `name` looked up by the raw values of its key input."""
     key, field = derived[name]
-    lookups = self._lookups()
+    lookups = self._lookups
     lookup = lookups[key if key in lookups else f"item.{key[len('hist.'):]}"]
     return lookup.get(field, records[key])
 
+  @functools.cached_property
   def _lookups(self) -> dict[str, encoding.Lookup]:
-    """key field -> its vocab/lookup.*, read once."""
-    if self._lookup_table is None:
-      contents = [_read_json(os.path.join(self.vocab_dir, file))
-                  for file in sorted(os.listdir(self.vocab_dir))
-                  if file.startswith(encoding.LOOKUP_PREFIX)]
-      self._lookup_table = {c["key"]: encoding.Lookup(c["key"], tuple(c["keys"]), c["fields"])
-                            for c in contents}
-    return self._lookup_table
+    """key field -> its vocab/lookup.*."""
+    contents = [_read_json(os.path.join(self.vocab_dir, file))
+                for file in sorted(os.listdir(self.vocab_dir))
+                if file.startswith(encoding.LOOKUP_PREFIX)]
+    return {c["key"]: encoding.Lookup(c["key"], tuple(c["keys"]), c["fields"]) for c in contents}
 
   def _ids(self, name: str, field: str, raw) -> tuple[np.ndarray, int]:
     """Raw values of `field` -> (int32 ids, how many are OOV_ID) (`encoding.encode_field`)."""
     try:
-      return encoding.encode_field(field, self._vocabulary(field), self._encoders().get(field),
+      return encoding.encode_field(field, self._vocabulary(field), self._encoders.get(field),
                                    raw)
     except ValueError as e:
       raise ValueError(f"field {name!r}: {e}") from None
 
   def _standardise(self, name: str, values) -> np.ndarray:
-    encoder = self._encoders().get(name)
+    encoder = self._encoders.get(name)
     if encoder is None or encoder.get("kind") != "standardise":
       raise ValueError(f"numeric field {name!r} has no standardise encoder in "
                        f"{VOCAB_DIR}/{ENCODERS_FILE}; encode it yourself")
@@ -260,11 +240,10 @@ class Scorer:
                        "finite number")
     return ((x - encoder["mean"]) / encoder["std"]).astype(np.float32)
 
+  @functools.cached_property
   def _encoders(self) -> dict[str, Any]:
-    """vocab/encoders.json's fields, read once."""
-    if self._encoder_table is None:
-      self._encoder_table = _read_json(os.path.join(self.vocab_dir, ENCODERS_FILE))["fields"]
-    return self._encoder_table
+    """vocab/encoders.json's fields."""
+    return _read_json(os.path.join(self.vocab_dir, ENCODERS_FILE))["fields"]
 
   def _vocabulary(self, field: str) -> encoding.Vocabulary | None:
     """vocab/<field>.json, read once; None for a field without one (hashed, computed)."""
@@ -284,19 +263,14 @@ class Scorer:
     return tuple(self._outputs)
 
   def check_inputs(self, batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-    """An encoded batch, checked against signature.json and cast to its dtypes, and B.
-
-    `batch`: {"item.item_id": [B], "hist.item_id": [B, T], ...}, or nested as
-    `pipeline.gather_batch` makes it; ignored inputs (label, weight, ...) may be present.
-    Raises ValueError (one line, naming the field) for a missing or unknown input, a wrong dtype
-    or shape, inputs of different lengths, an id outside its range.
-    """
-    flat: dict[str, Any] = {}
-    for key, value in batch.items():
-      if isinstance(value, Mapping):
-        flat.update({f"{key}.{name}": v for name, v in value.items()})
-      else:
-        flat[key] = value
+    """(An encoded batch checked against signature.json and cast to its dtypes, B). `batch`:
+    {"item.item_id": [B], "hist.item_id": [B, T], ...}, or nested as `pipeline.gather_batch`
+    makes it; ignored inputs (label, weight, ...) may be present. ValueError (one line, naming
+    the field) for a missing or unknown input, a wrong dtype or shape, inputs of different
+    lengths, an id outside its range."""
+    flat = {k: v for k, v in batch.items() if not isinstance(v, Mapping)}
+    flat.update({f"{key}.{name}": v for key, value in batch.items() if isinstance(value, Mapping)
+                 for name, v in value.items()})
     unknown = sorted(k for k in flat if k not in self._inputs and k not in self._ignored
                      and not k.startswith("extra."))
     if unknown:

@@ -39,8 +39,7 @@ def row_sharded_fields(features, sharding_config) -> frozenset[str]:
   """The categorical fields whose tables are row-sharded: those with at least
   `row_shard_min_rows` ids (when > 0) and those `row_shard_fields` names (ConfigError unless
   categorical fields of the data)."""
-  fields = {f.name: f for group in (features.item_fields, features.user_fields,
-                                    features.context_fields) for f in group}
+  fields = {f.name: f for f in features.fields().values()}
   named = {x.strip() for x in sharding_config.row_shard_fields.split(",") if x.strip()}
   categorical = sorted(n for n, f in fields.items() if f.is_categorical)
   unknown = sorted(named - set(categorical))

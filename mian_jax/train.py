@@ -4,7 +4,6 @@ it, keeps its best step and reports it (docs/training.md)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import signal
@@ -14,7 +13,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
 from jax.experimental import multihost_utils
@@ -56,7 +54,7 @@ def improves(auc: float, best: float | None) -> bool:
 
 def stopped_early(meta: dict[str, Any], patience: int) -> bool:
   """Whether `patience` validations in a row brought no better AUC (patience 0: never)."""
-  return patience > 0 and meta.get("evals_since_best", 0) >= patience
+  return patience > 0 and meta["evals_since_best"] >= patience
 
 
 class StopSignals:
@@ -156,12 +154,9 @@ def periodic_valid_rows(run: steps.Run) -> np.ndarray | None:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
-  """Trains (resuming from `workdir`), validates, keeps the best step and reports it.
-
-  Returns:
-    {"valid": metrics, "test": metrics} of the reported parameters; each also carries
-    "step", "selected", "best_step", "best_valid_auc" and "last_step".
-  """
+  """Trains (resuming from `workdir`), validates, keeps the best step and reports it: returns
+  {"valid": metrics, "test": metrics} of the reported parameters, each with "step", "selected",
+  "best_step", "best_valid_auc" and "last_step"."""
   config_checks.check_config(config, jax.device_count())
   workdir = os.path.abspath(workdir)
   workdir_lib.check_workdir_path(workdir)
@@ -180,30 +175,22 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
       loop.close()
 
 
-@dataclasses.dataclass
 class Loop:
-  """One run of the training loop over a `steps.Run`, in `workdir`.
+  """One run of the training loop over a `steps.Run`, in `workdir`. `meta` is saved in every
+  checkpoint (progress, best step and AUC, the data's identity); `pending` holds the train
+  metrics since the last log line; `validated` this process's validation results of the last
+  and the best step."""
 
-  `meta` is saved in every checkpoint (progress, best step and AUC, the data's identity);
-  `pending` holds the train metrics since the last log line; `validated` this process's
-  validation results of the last and the best step.
-  """
-
-  run: steps.Run
-  workdir: str
-  manager: ocp.CheckpointManager = dataclasses.field(init=False)
-  best_manager: ocp.CheckpointManager = dataclasses.field(init=False)
-  writer: writers.MetricWriter | None = dataclasses.field(init=False, default=None)
-  meta: dict[str, Any] = dataclasses.field(init=False)
-  last_saved: int | None = dataclasses.field(init=False, default=None)
-  pending: list[dict[str, jax.Array]] = dataclasses.field(init=False, default_factory=list)
-  valid_rows: np.ndarray | None = dataclasses.field(init=False, default=None)
-  validated: dict[int, dict[str, Any]] = dataclasses.field(init=False, default_factory=dict)
-
-  def __post_init__(self):
-    self.manager = checkpointing.create_manager(self.workdir, self.run.config.checkpoint)
-    self.best_manager = checkpointing.create_best_manager(self.workdir)
-    self.meta = {"best_valid_auc": None, "best_step": None, "evals_since_best": 0}
+  def __init__(self, run: steps.Run, workdir: str):
+    self.run, self.workdir = run, workdir
+    self.manager = checkpointing.create_manager(workdir, run.config.checkpoint)
+    self.best_manager = checkpointing.create_best_manager(workdir)
+    self.writer: writers.MetricWriter | None = None
+    self.meta: dict[str, Any] = {"best_valid_auc": None, "best_step": None, "evals_since_best": 0}
+    self.last_saved: int | None = None
+    self.pending: list[dict[str, jax.Array]] = []
+    self.valid_rows: np.ndarray | None = None
+    self.validated: dict[int, dict[str, Any]] = {}
 
   def close(self) -> None:
     for manager in (self.manager, self.best_manager):
@@ -305,8 +292,7 @@ class Loop:
           t_window = time.perf_counter()  # evaluation time is not training throughput
         stop = stopped_early(self.meta, patience)
         signum = signals.requested(step)
-        if (step % config.checkpoint.every_steps == 0 or step == total_steps or stop or
-            signum):
+        if step % config.checkpoint.every_steps == 0 or step == total_steps or stop or signum:
           self.save(state, step, per_epoch)
         if signum:
           checkpointing.finalize(self.manager)

@@ -15,8 +15,8 @@ import jax
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from mian_jax import checkpointing, config_checks, config_defaults, steps
-from mian_jax.errors import ConfigError, DataError
+from mian_jax import checkpointing, cli, config_checks, config_defaults, steps
+from mian_jax.errors import ConfigError, DataError, one_line
 
 CONFIG_FILE = "config.json"
 # The config file that returns a workdir's recorded config (`--config=<it>:<workdir>`).
@@ -58,47 +58,23 @@ def read_recorded_config(workdir: str) -> dict[str, Any] | None:
                       "another --workdir") from None
 
 
-def has_trained_state(workdir: str) -> bool:
-  """Whether a workdir holds checkpoints or evaluation results (a changed config would
-  invalidate them)."""
-  paths = [os.path.join(workdir, name) for name in ("checkpoints", "checkpoints_best", "eval")]
-  return any(os.path.isdir(path) and os.listdir(path) for path in paths)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def _comparable(value):
-  """JSON has no tuples: compare lists and tuples alike."""
-  if isinstance(value, (list, tuple)):
-    return [_comparable(v) for v in value]
-  return value
-
-
 def config_differences(recorded: dict[str, Any], requested: dict[str, Any],
                        ignore: frozenset[str] = frozenset()) -> list[str]:
   """"key: recorded -> requested" for each key outside `ignore` whose values differ."""
-  a, b = flatten(recorded), flatten(requested)
+  a, b = cli.flatten(recorded), cli.flatten(requested)
   missing = "(absent)"
   return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
           for k in sorted(set(a) | set(b))
-          if k not in ignore and _comparable(a.get(k, missing)) != _comparable(b.get(k, missing))]
+          if k not in ignore and _tuples(a.get(k, missing)) != _tuples(b.get(k, missing))]
 
 
 def check_rerun(workdir: str, requested: dict[str, Any]) -> None:
   """Raises ConfigError (one line, naming the keys) if `workdir` holds a trained run whose
   recorded config differs from `requested` in a key that is not resumable. Moves nothing."""
   recorded = read_recorded_config(workdir)
-  if recorded is None or not has_trained_state(workdir):
-    return
+  trained = [os.path.join(workdir, name) for name in ("checkpoints", "checkpoints_best", "eval")]
+  if recorded is None or not any(os.path.isdir(p) and os.listdir(p) for p in trained):
+    return  # nothing a changed config would invalidate
   differences = config_differences(recorded, requested, RESUMABLE_KEYS)
   if differences:
     shown = "; ".join(differences[:5])
@@ -108,32 +84,22 @@ def check_rerun(workdir: str, requested: dict[str, Any]) -> None:
         "rerun without --config (its config.json is used), or use another --workdir")
 
 
-def _flag_value(argv: Sequence[str], name: str) -> str | None:
-  """The value of `--name=v` or `--name v` in argv (the last one given), else None."""
-  value = None
-  for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      value = arg.split("=", 1)[1]
-    elif arg == f"--{name}" and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
-
-
 def with_recorded_config(argv: list[str]) -> list[str]:
   """argv with `--config=<RECORDED_CONFIG>:<workdir>` added when it names a --workdir that
   records a config and gives no --config (overrides then apply to the recorded config)."""
   if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
     return argv
-  workdir = _flag_value(argv[1:], "workdir")
+  workdir = cli.flag_value(argv[1:], "workdir")
   if not workdir or not os.path.isfile(config_path(workdir)):
     return argv
   return [argv[0], f"--config={RECORDED_CONFIG}:{os.path.abspath(workdir)}", *argv[1:]]
 
 
 def _tuples(value):
+  """JSON's lists as the tuples a config holds, also to compare the two alike."""
   if isinstance(value, dict):
     return {k: _tuples(v) for k, v in value.items()}
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def recorded_config(workdir: str) -> ConfigDict:
@@ -144,9 +110,9 @@ def recorded_config(workdir: str) -> ConfigDict:
   recorded = read_recorded_config(workdir)
   if recorded is None:
     raise DataError(f"{workdir} has no {CONFIG_FILE}: it is not a training workdir")
-  expected = flatten({k: v for k, v in config_defaults.get_base_config().to_dict().items()
-                      if k != "data"})  # the data keys depend on the source
-  missing = sorted(set(expected) - set(flatten(recorded)))
+  expected = cli.flatten(config_defaults.get_base_config().to_dict())
+  missing = sorted(k for k in set(expected) - set(cli.flatten(recorded))
+                   if not k.startswith("data."))  # the data keys depend on the source
   if missing:
     raise DataError(f"{config_path(workdir)} lacks {', '.join(missing)}: it was recorded by an "
                     "older version; add them with the values that run used, or retrain")
@@ -184,7 +150,7 @@ def load_config(config: str | ConfigDict, overrides: Sequence[str] = ()) -> Conf
 def _one_line(e: BaseException) -> str:
   while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], BaseException):
     e = e.args[0]  # ml_collections wraps a missing key's KeyError
-  text = " ".join((e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).split())
+  text = one_line(e)
   return f"unknown config key {text}" if isinstance(e, KeyError) else text
 
 
@@ -199,13 +165,10 @@ def parse_step(text: str) -> int | str:
 
 
 def restore_run(workdir: str, step: int | str = "latest", config: ConfigDict | None = None):
-  """`steps.setup` of the run in `workdir` (with its recorded config, or `config`, which must
-  mean the same run) and its checkpoint `step` ("latest", "best" from `checkpoints_best`, or a
-  step number) restored into its state; returns (steps.Run, TrainState, the checkpoint's meta).
-
-  Raises ConfigError for a config of another run, DataError for no (readable) checkpoint or
-  one trained on other data.
-  """
+  """(steps.Run, TrainState, meta) of checkpoint `step` ("latest", "best" from
+  `checkpoints_best`, or a step number) of the run in `workdir`, set up with its recorded config
+  or `config` (which must mean the same run). ConfigError for a config of another run,
+  DataError for no (readable) checkpoint or one trained on other data."""
   config = recorded_config(workdir) if config is None else config
   config_checks.check_config(config, jax.device_count())
   check_workdir_path(workdir)
@@ -218,8 +181,7 @@ def restore_run(workdir: str, step: int | str = "latest", config: ConfigDict | N
   run = steps.setup(config)
   manager = (checkpointing.create_best_manager(workdir, read_only=True) if best else
              checkpointing.create_manager(workdir, config.checkpoint, read_only=True))
-  restored = checkpointing.restore(manager, run.state,
-                                   step=step if isinstance(step, int) else None,
+  restored = checkpointing.restore(manager, run.state, step if isinstance(step, int) else None,
                                    identity=checkpointing.identity(run))
   manager.close()
   if restored is None:

@@ -94,10 +94,11 @@ def write_text_atomic(path: str, text: str) -> None:
     fileio.write_text_atomic(path, text)
 
 
-def write_json_atomic(path: str, content: dict) -> None:
-  """Writes strict JSON atomically on process 0, a non-finite number as null (with a warning)."""
-  write_text_atomic(path, json.dumps(_finite_or_null(content, path), indent=2, sort_keys=True,
-                                     allow_nan=False))
+def write_json_atomic(path: str, content: dict, warn: bool = True) -> None:
+  """Writes strict JSON atomically on process 0, a non-finite number as null (with a warning
+  unless not `warn`)."""
+  write_text_atomic(path, json.dumps(_finite_or_null(content, path if warn else ""), indent=2,
+                                     sort_keys=True, allow_nan=False))
 
 
 def _finite_or_null(value, path: str, key: str = ""):
@@ -108,7 +109,8 @@ def _finite_or_null(value, path: str, key: str = ""):
   if isinstance(value, (np.floating, np.integer)):
     value = value.item()
   if isinstance(value, float) and not math.isfinite(value):
-    logging.warning("%s: %s is %s, written as null", path, key, value)
+    if path:
+      logging.warning("%s: %s is %s, written as null", path, key, value)
     return None
   return value
 

@@ -53,7 +53,7 @@ def config_for(raw_dir, variant="100k", **overrides):
 
 
 def test_hand_worked_example(tmp_path):
-  schema, splits, stats = movielens.generate(config_for(write_100k(tmp_path / "raw")).data)
+  schema, splits, stats, _ = movielens.generate(config_for(write_100k(tmp_path / "raw")).data)
   # 10 ratings sorted by time: 1,2,2,3,4,5 h = train; t_valid = 6th = 50 h; t_test = 8th = 70 h.
   assert schema.num_examples == (("train", 6), ("valid", 2), ("test", 2))
   assert (stats["num_users"], stats["num_items"], stats["num_categories"]) == (3, 4, 4)
@@ -153,7 +153,7 @@ def test_movielens_1m_files(tmp_path):
   config = config_for(str(tmp_path), variant="1m")  # finds the ml-1m folder inside raw_dir
   config.data.movielens.valid_fraction = 0.0
   config.data.movielens.test_fraction = 0.2
-  schema, splits, stats = movielens.generate(config.data)
+  schema, splits, stats, _ = movielens.generate(config.data)
   assert stats["source"] == "movielens-1m" and stats["num_categories"] == 2
   tr = splits["train"]
   # Train order by time: u2m2 (..275), u1m1 (..760), u2m1 (..968), u1m2 (2109).
@@ -193,7 +193,7 @@ def test_empty_file_fails(tmp_path):
 def test_malformed_rows_are_counted_and_limited(tmp_path):
   raw = write_100k(tmp_path / "raw", extra_data_lines=["1\t2\tthree\t100", "9\t1\t4\t100",
                                                        "garbage"])
-  _, splits, stats = movielens.generate(config_for(raw, max_bad_row_ratio=0.5).data)
+  _, splits, stats, _ = movielens.generate(config_for(raw, max_bad_row_ratio=0.5).data)
   bad = stats["bad_rows"]["u.data"]
   assert (bad["rows"], bad["bad"]) == (13, 3)
   assert set(bad["reasons"]) == {"expected 4 '\\t'-separated fields",
@@ -222,7 +222,7 @@ def test_prepare_cli_prints_stats_and_checksum(tmp_path):
 def test_real_movielens_100k():
   config = movielens_config.get_config("100k")  # data.raw_dir = $MIAN_JAX_MOVIELENS_DIR
   assert config.data.raw_dir == os.environ["MIAN_JAX_MOVIELENS_DIR"]
-  schema, splits, stats = movielens.generate(config.data)
+  schema, splits, stats, _ = movielens.generate(config.data)
   assert stats["num_ratings"] == 100_000
   assert (stats["num_users"], stats["num_items"], stats["num_categories"]) == (943, 1682, 19)
   assert sum(schema.size(s) for s in schema_lib.SPLITS) == 100_000
@@ -234,7 +234,7 @@ def test_implausible_timestamps_are_counted_with_their_unit(tmp_path):
   ms = 893_286_638_000  # 1998-04-22 in milliseconds
   raw = write_100k(tmp_path / "raw", extra_data_lines=[f"1\t4\t4\t{ms}", f"2\t1\t4\t{2**62}",
                                                        f"3\t2\t4\t{10**20}", "3\t3\t4\t-5"])
-  _, _, stats = movielens.generate(config_for(raw, max_bad_row_ratio=0.5).data)
+  _, _, stats, _ = movielens.generate(config_for(raw, max_bad_row_ratio=0.5).data)
   bad = stats["bad_rows"]["u.data"]
   assert bad["reasons"] == {
       "timestamp is not an integer in [0, None]": 2,  # 10**20 overflows int64; -5

@@ -35,7 +35,8 @@ def test_rows_read_counts_only_batches_handed_out():
   columns = {"hist_len": np.zeros(n, np.int32), "label": np.zeros(n, np.float32)}
   features = types.SimpleNamespace(item_fields=(), behavior_fields=(), user_fields=(),
                                    context_fields=())
-  schema = types.SimpleNamespace(features=features, size=lambda split: n)
+  schema = types.SimpleNamespace(features=features, size=lambda split: n,
+                                 columns=lambda: dict.fromkeys(columns))
   batches = pipeline.TrainBatches(columns, schema, 8, seed=0, process_index=1, process_count=2)
   read_ahead = []
   it = batches.iterate(0, 1000, prefetch=3, transform=lambda b: read_ahead.append(1) or b)

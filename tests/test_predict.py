@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs import tabular as tabular_config
-from mian_jax import encoding, evaluate, export, predict, recorded_config, serving, train
+from mian_jax import (config_defaults, encoding, evaluate, export, predict, recorded_config,
+                      serving, train)
 from mian_jax import data as data_lib
 from mian_jax import metrics as metrics_lib
 from mian_jax import workdir as workdir_lib
@@ -239,7 +240,7 @@ def test_the_export_loader_encodes_raw_records_to_the_scores_of_predict(trained,
 
 
 def test_a_workdir_of_another_source_is_a_one_line_error(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "synthetic"}}))
+  (tmp_path / "config.json").write_text(config_defaults.get_base_config().to_json())
   with pytest.raises(DataError, match=r"predict scores raw records of the sources \['amazon', "
                      ".* was trained on data.source='synthetic', which has none"):
     predict.predict(str(tmp_path), str(tmp_path / "in.csv"), str(tmp_path / "out.csv"))
@@ -248,8 +249,8 @@ def test_a_workdir_of_another_source_is_a_one_line_error(tmp_path):
 def test_history_of_the_input_matches_a_plain_loop(trained):
   config = recorded_config.get_config(trained.workdir).data.tabular
   records, _ = predict.read_input(trained.log, config, False)
-  indices, lengths = tabular.history_indices(records.log, MAX_SEQ_LEN,
-                                             tabular.behavior_mask(records.log, "clicks"))
+  indices, lengths = interaction_log.history_indices(
+      records.log, MAX_SEQ_LEN, tabular.behavior_mask(records.log, "clicks"))
   items = records.log["item.item_id"].to_numpy(object)
   for row, expected in enumerate(_history(trained.rows, "item_id")):
     newest_first = expected[::-1][:MAX_SEQ_LEN]

@@ -15,7 +15,7 @@ from configs import tabular as tabular_config
 from mian_jax import data as data_lib
 from mian_jax import encoding, fileio
 from mian_jax.data import schema as schema_lib
-from mian_jax.data import tabular, vocab
+from mian_jax.data import records, tabular, vocab
 from mian_jax.errors import ConfigError, DataError
 from tests.helpers import REPO
 
@@ -46,7 +46,7 @@ def config_for(**tabular_overrides):
 
 def test_hand_worked_csv_with_behaviours_from_clicks(tmp_path):
   config = config_for(path=write_csv(tmp_path / "log.csv"))
-  schema, splits, stats = tabular.generate(config.data)
+  schema, splits, stats, _ = tabular.generate(config.data)
   # ts sorted 10,15,20,30,40,50: t_valid = 4th = 30, t_test = 5th = 40.
   assert schema.num_examples == (("train", 3), ("valid", 1), ("test", 2))
   assert (stats["num_users"], stats["num_items"], stats["num_categories"]) == (2, 4, 3)
@@ -72,7 +72,7 @@ def test_hand_worked_csv_with_behaviours_from_clicks(tmp_path):
 
 def test_all_rows_as_behaviours(tmp_path):
   config = config_for(path=write_csv(tmp_path / "log.csv"), behavior_rows="all")
-  _, splits, _ = tabular.generate(config.data)
+  _, splits, _, _ = tabular.generate(config.data)
   # a@30 (valid) now sees i1@10 and i2@20 (stored newest first).
   np.testing.assert_array_equal(splits["valid"]["hist.item_id"], [[3, 2]])
 
@@ -91,7 +91,7 @@ def test_parquet_list_columns_and_pre_split_files(tmp_path):
       test_path=write("test.parquet", ["u2"], [4], ["c"], [None]),
       item_fields="item_id,category", user_fields="", context_fields="device",
       behavior_fields="item_id", behavior_source="list", behavior_columns="item_id:hist_items")
-  schema, splits, _ = tabular.generate(config.data)
+  schema, splits, _, _ = tabular.generate(config.data)
   assert schema.num_examples == (("train", 2), ("valid", 1), ("test", 1))
   # Vocabulary: training candidates and training behaviours a, b, c -> 2, 3, 4; d -> OOV.
   # Lists are given oldest first and stored newest first (the last T = 2 of them).
@@ -108,7 +108,7 @@ def test_csv_list_columns(tmp_path):
                       item_fields="item_id,category", user_fields="", context_fields="",
                       behavior_fields="item_id", behavior_source="list",
                       behavior_columns="item_id:hist")
-  _, splits, _ = tabular.generate(config.data)
+  _, splits, _, _ = tabular.generate(config.data)
   np.testing.assert_array_equal(splits["train"]["hist.item_id"], [[0, 0], [2, 0], [3, 2]])
 
 
@@ -118,7 +118,7 @@ def test_bad_rows_are_counted_and_limited(tmp_path):
                  "a,62,1,i1,c1,cheap,20,F,x,9,ios",  # non-numeric price
                  "a,63,1,i1,c1,1.0,20,F,x,9,ios,extra"]  # too many fields
   path = write_csv(tmp_path / "log.csv", rows)
-  _, splits, stats = tabular.generate(_with_ratio(config_for(path=path), 0.5).data)
+  _, splits, stats, _ = tabular.generate(_with_ratio(config_for(path=path), 0.5).data)
   bad = stats["bad_rows"]["log.csv"]
   assert (bad["rows"], bad["bad"]) == (10, 4)
   assert sum(len(s["label"]) for s in splits.values()) == 6
@@ -169,9 +169,9 @@ def test_ids_stay_strings_and_a_byte_order_mark_is_dropped(tmp_path):
     rows.append(",".join(fields))
   path = tmp_path / "bom.csv"
   path.write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8-sig")
-  _, splits, stats = tabular.generate(config_for(path=str(path)).data)
+  _, splits, stats, _ = tabular.generate(config_for(path=str(path)).data)
   assert (stats["num_users"], stats["num_items"]) == (2, 4)
-  _, expected, _ = tabular.generate(config_for(path=write_csv(tmp_path / "log.csv")).data)
+  _, expected, _, _ = tabular.generate(config_for(path=write_csv(tmp_path / "log.csv")).data)
   for split in splits:
     for name, column in expected[split].items():
       np.testing.assert_array_equal(splits[split][name], column, err_msg=f"{split} {name}")
@@ -201,7 +201,7 @@ def test_a_few_dates_among_unix_seconds_are_the_bad_rows(tmp_path):
   with pytest.raises(DataError, match=r"log.csv: 3 of 40 rows are malformed .*first: line 11 "
                      r"\(timestamp 'ts' is not a number like most rows\) '2014-05-01'"):
     tabular.generate(config_for(path=path).data)
-  _, _, stats = tabular.generate(_with_ratio(config_for(path=path), 0.1).data)
+  _, _, stats, _ = tabular.generate(_with_ratio(config_for(path=path), 0.1).data)
   assert stats["num_rows"] == 37 and stats["bad_rows"]["log.csv"]["bad"] == 3
 
 
@@ -226,7 +226,7 @@ def test_ragged_lines_name_their_file_line(tmp_path):
 
 
 def test_hash_declarations_parse_and_malformed_ones_are_one_line_config_errors(tmp_path):
-  fields, buckets = tabular.parse_fields(" brand:hash(100000), price:numeric,shop,tag:hash( 7 )",
+  fields, buckets = records.parse_fields(" brand:hash(100000), price:numeric,shop,tag:hash( 7 )",
                                          "data.tabular.item_fields")
   assert fields == (("brand", "categorical"), ("price", "numeric"), ("shop", "categorical"),
                     ("tag", "categorical"))
@@ -234,17 +234,17 @@ def test_hash_declarations_parse_and_malformed_ones_are_one_line_config_errors(t
   for kind in ("hash(0)", "hash(-5)", "hash()", "hash", "hash(abc)", "hash(1e6)",
                f"hash({vocab.MAX_HASH_BUCKETS + 1})"):
     with pytest.raises(ConfigError) as e:
-      tabular.parse_fields(f"item_id,brand:{kind}", "data.tabular.item_fields")
+      records.parse_fields(f"item_id,brand:{kind}", "data.tabular.item_fields")
     message = str(e.value)
     assert message.startswith(f"data.tabular.item_fields: field 'brand' has kind {kind!r}")
     assert "\n" not in message
   with pytest.raises(ConfigError, match=r"field 'brand' has kind 'hash\(0\)'; a hashed field is "
                      r"hash\(N\) with N, the number of buckets, an integer from 1 to \d+ "
                      r"\(e.g. brand:hash\(100000\)\)"):
-    tabular.parse_fields("brand:hash(0)", "data.tabular.item_fields")
+    records.parse_fields("brand:hash(0)", "data.tabular.item_fields")
   with pytest.raises(ConfigError, match="kind 'hsh'; expected 'categorical', 'numeric' or "
                      r"'hash\(N\)'"):
-    tabular.parse_fields("brand:hsh", "data.tabular.item_fields")
+    records.parse_fields("brand:hsh", "data.tabular.item_fields")
   # Through a config, before any file is read.
   path = write_csv(tmp_path / "log.csv")
   with pytest.raises(ConfigError, match=r"data.tabular.user_fields: field 'city' has kind "
@@ -264,7 +264,7 @@ def test_hashed_fields_give_values_unseen_in_training_their_own_ids(tmp_path):
   rows[5] = "a,50,0,i1,,1.0,20,F,x,14,ios"  # a@50 has no category
   config = config_for(path=write_csv(tmp_path / "log.csv", rows), item_fields=HASHED,
                       user_fields="age_group,gender,city:hash(10)")
-  schema, splits, stats = tabular.generate(config.data)
+  schema, splits, stats, _ = tabular.generate(config.data)
   f = schema.features
   assert [(x.name, x.vocab_size) for x in f.item_fields] == [
       ("item_id", 1002), ("category", 52), ("price", 0)]
@@ -295,7 +295,7 @@ def test_hashed_list_behaviours(tmp_path):
                       item_fields="item_id:hash(100),category", user_fields="",
                       context_fields="", behavior_fields="item_id", behavior_source="list",
                       behavior_columns="item_id:hist")
-  _, splits, _ = tabular.generate(config.data)
+  _, splits, _, _ = tabular.generate(config.data)
   h = {v: _hash_id(v, 100) for v in ("i1", "i2", "i9")}
   np.testing.assert_array_equal(splits["train"]["hist.item_id"],
                                 [[0, 0], [h["i1"], 0], [h["i1"], h["i9"]]])

@@ -20,8 +20,10 @@ import pandas as pd
 from absl import logging
 from ml_collections import ConfigDict
 
-from mian_jax.data import amazon_raw, interaction_log, tabular
+from mian_jax import encoding
+from mian_jax.data import amazon_raw, interaction_log
 from mian_jax.data import download as download_lib
+from mian_jax.data import records as records_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import vocab
 from mian_jax.errors import ConfigError, DataError
@@ -266,16 +268,14 @@ def _history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
 
 def year_of(seconds: np.ndarray) -> np.ndarray:
   """[R] UTC calendar year of each unix time."""
-  days = np.floor_divide(seconds, SECONDS_PER_DAY).astype("datetime64[D]")
-  return days.astype("datetime64[Y]").astype(np.int64) + 1970
+  return encoding.calendar("year", seconds)
 
 
 def calendar(seconds: np.ndarray, years: np.ndarray) -> dict[str, np.ndarray]:
   """0-based year (index into `years`), month 0..11, weekday 0..6 (Monday = 0), all UTC."""
-  days = np.floor_divide(seconds, SECONDS_PER_DAY)
-  month = days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12
-  weekday = (days + 3) % 7  # 1970-01-01 was a Thursday
-  return {"year": np.searchsorted(years, year_of(seconds)), "month": month, "weekday": weekday}
+  return {"year": np.searchsorted(years, year_of(seconds)),
+          "month": encoding.calendar("month", seconds) - 1,
+          "weekday": encoding.calendar("weekday", seconds)}
 
 
 def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, max_seq_len: int,
@@ -399,9 +399,9 @@ PREDICT_COLUMNS = dict(user_id="reviewerID", item_id="asin", timestamp="unixRevi
 
 
 def predict_reader(data_config: ConfigDict) -> ConfigDict:
-  """How predict reads review records (`tabular.read_records`): PREDICT_COLUMNS."""
+  """How predict reads review records (`records.read_records`): PREDICT_COLUMNS."""
   del data_config  # the same columns for every dataset and protocol
-  return tabular.reader_config(**PREDICT_COLUMNS)
+  return records_lib.reader_config(**PREDICT_COLUMNS)
 
 
 def behaviours_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.ndarray,
@@ -411,27 +411,13 @@ def behaviours_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.nd
 
   Returns (indices [N, T] of rows, newest first, -1 = padding; counts [N] of all such reviews).
   """
-  n = len(users)
-  codes = pd.factorize(pd.Series(users), sort=True)[0]
-  order = np.lexsort((np.arange(n), seconds, codes))
-  u, review = codes[order], np.asarray(is_review, bool)[order]
-  before = np.concatenate([[0], np.cumsum(review)])[:n]  # reviews before each sorted row
-  new_user = np.ones(n, bool)
-  new_user[1:] = u[1:] != u[:-1]
-  user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
-  counts = before - before[user_start]
-  t = np.arange(max_seq_len)
-  valid = t[None, :] < np.minimum(counts, max_seq_len)[:, None]
-  reviews = order[np.flatnonzero(review)]  # rows of the reviews, in sorted order
-  slot = np.where(valid, before[:, None] - 1 - t[None, :], 0)
-  indices = np.full((n, max_seq_len), -1, np.int64)
-  indices[order] = np.where(valid, reviews[slot] if len(reviews) else -1, -1)
-  out_counts = np.empty(n, np.int64)
-  out_counts[order] = counts
-  return indices, out_counts
+  rank = np.empty(len(users), np.int64)  # the row's place in (time, row) order: no ties
+  rank[np.lexsort((np.arange(len(users)), seconds))] = np.arange(len(users))
+  return interaction_log.history_from_log(pd.factorize(pd.Series(users), sort=True)[0], rank,
+                                          is_review, max_seq_len)
 
 
-def encode_records(records: tabular.Records, directory: str,
+def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Review records -> (the columns of a prepared split, the unseen values per field).
 
@@ -440,12 +426,9 @@ def encode_records(records: tabular.Records, directory: str,
   category of an asin comes from the lookup in `directory`/vocab/.
   """
   log = records.log
-  vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
   categories = vocab.load_lookups(directory)["item.item_id"]
   asins, seconds = log["item.asin"].to_numpy(object), log["timestamp"].to_numpy(np.float64)
-  label = log["label"].to_numpy(np.float32)
-  is_review = (label == 1 if PREDICT_COLUMNS["label"] in records.table.column_names
-               else np.ones(len(log), bool))
+  is_review = log["label"].to_numpy() == 1 if records.labelled else np.ones(len(log), bool)
   indices, counts = behaviours_in_order(log["user"].to_numpy(object), seconds, is_review,
                                         data_config.max_seq_len)
   newest = indices[:, 0]
@@ -458,14 +441,8 @@ def encode_records(records: tabular.Records, directory: str,
       "context.gap": np.where(newest >= 0, np.floor_divide(
           seconds - seconds[np.maximum(newest, 0)], SECONDS_PER_DAY), np.nan),
   }
-  columns, unseen = {}, {}
-  for field, values in raw.items():
-    columns[field], unseen[field] = vocab.encode_field(vocabularies, encoders, field, values)
-  for name in ("item_id", "category"):
-    columns[f"hist.{name}"] = interaction_log.history_column(columns[f"item.{name}"], indices)
-  columns["hist_len"] = np.minimum(counts, data_config.max_seq_len).astype(np.int32)
-  columns["label"] = np.nan_to_num(label)
-  return columns, unseen
+  return records_lib.encode(records, directory, raw, ("item_id", "category"), indices,
+                            np.minimum(counts, data_config.max_seq_len))
 
 
 def _first_skipped_text(first_skipped: Mapping[str, str]) -> str:

@@ -1,10 +1,7 @@
-"""An Amazon-like benchmark: synthetic shopping histories written as raw Amazon 2014 files, with
-the true purchase probability of every candidate known (docs/data.md, "Amazon-like benchmark").
-
-The raw files go through the real Amazon preparation, and every prepared example gets
-`extra.click_prob`, its Bayes-optimal probability of being the positive of its pair. The
-generative story, in the notation used below, is in docs/data.md; its settings are
-`config.data.generator`.
+"""An Amazon-like benchmark: synthetic shopping histories written as raw Amazon 2014 files and
+prepared by the real Amazon pipeline, each example with `extra.click_prob`, its Bayes-optimal
+probability of being the positive of its pair (docs/data.md, "Amazon-like benchmark": the
+generative story in the notation used below; `config.data.generator`: its settings).
 """
 
 from __future__ import annotations

@@ -38,11 +38,13 @@ class LogSpec:
 
 
 class BadRows:
-  """Counts malformed rows per input file and fails above a ratio (never silently drops much)."""
+  """Counts malformed rows per input file and fails above a ratio (never silently drops much).
+  A file's "first_bad": the first row recorded, or with `earliest` the earliest in the file."""
 
-  def __init__(self, max_ratio: float):
-    self.max_ratio = float(max_ratio)
+  def __init__(self, max_ratio: float, earliest: bool = False):
+    self.max_ratio, self.earliest = float(max_ratio), earliest
     self.files: dict[str, dict[str, Any]] = {}
+    self._first_at: dict[str, int] = {}  # the line (or row) of each file's first_bad
 
   def record(self, name: str, total: int, bad: np.ndarray, reason: str,
              line_numbers: Sequence[int] | None = None, lines: Sequence | None = None) -> None:
@@ -56,11 +58,13 @@ class BadRows:
       return
     entry["bad"] += count
     entry["reasons"][reason] = entry["reasons"].get(reason, 0) + count
-    if entry["first_bad"] is None:
+    if entry["first_bad"] is None or self.earliest:
       i = int(np.flatnonzero(bad)[0])
-      where = f"line {int(line_numbers[i])}" if line_numbers is not None else f"row {i + 1}"
-      text = f" {_shown(lines[i])}" if lines is not None else ""
-      entry["first_bad"] = f"{where} ({reason}){text}"
+      at = int(line_numbers[i]) if line_numbers is not None else i + 1
+      if entry["first_bad"] is None or at < self._first_at[name]:
+        text = f" {_shown(lines[i])}" if lines is not None else ""
+        where = "line" if line_numbers is not None else "row"
+        entry["first_bad"], self._first_at[name] = f"{where} {at} ({reason}){text}", at
 
   def check(self) -> None:
     """Raises DataError if any file's share of bad rows exceeds `max_ratio`."""
@@ -203,7 +207,7 @@ def build_vocab(train_tokens: Sequence[pd.Series]) -> np.ndarray:
 def encode(tokens: pd.Series, vocab: np.ndarray) -> np.ndarray:
   """Token -> int32 id: vocab[k] -> k + 2; unseen or missing -> OOV id 1."""
   pos = pd.Index(vocab, dtype=object).get_indexer(pd.Series(tokens, dtype=object))
-  return np.where(pos >= 0, pos + schema_lib.NUM_RESERVED_IDS, schema_lib.OOV_ID).astype(np.int32)
+  return np.where(pos >= 0, pos + encoding.FIRST_ID, encoding.OOV_ID).astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -214,10 +218,11 @@ class ListBehaviours:
   offsets: np.ndarray  # [N + 1] int64
 
 
-def _history_from_log(users, ts, mask, max_seq_len):
-  """Behaviour log rows [N, T] (-1 = padding) and int32 lengths [N], in log row order: of row i,
-  the rows j of the same user with ts[j] < ts[i] and mask[j] (default all), the last
-  `max_seq_len` of them, newest first (ties in log order)."""
+def history_from_log(users: np.ndarray, ts: np.ndarray, mask: np.ndarray | None,
+                     max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Behaviour log rows [N, T] (-1 = padding) and int64 counts [N] (not capped at T), in log row
+  order: of row i, the rows j of the same user with ts[j] < ts[i] and mask[j] (default all),
+  the last `max_seq_len` of them, newest first (ties in log order)."""
   n = len(users)
   by_user = np.lexsort((np.arange(n), ts, users))
   mask = np.ones(n, bool) if mask is None else np.asarray(mask, bool)[by_user]
@@ -225,14 +230,14 @@ def _history_from_log(users, ts, mask, max_seq_len):
   beh_rows = np.append(by_user[np.flatnonzero(mask)], -1)  # per user in time order; -1 last
   cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
   end = cum[group_start]  # behaviours strictly before the row's timestamp (global rank)
-  lengths = np.minimum(end - cum[user_start], max_seq_len)
+  counts = end - cum[user_start]
   pos = (end - 1)[:, None] - np.arange(max_seq_len)[None, :]
-  valid = np.arange(max_seq_len)[None, :] < lengths[:, None]
+  valid = np.arange(max_seq_len)[None, :] < np.minimum(counts, max_seq_len)[:, None]
   indices = np.empty((n, max_seq_len), np.int64)
   indices[by_user] = beh_rows[np.where(valid, pos, -1)]
-  hist_len = np.empty(n, np.int32)
-  hist_len[by_user] = lengths
-  return indices, hist_len
+  out = np.empty(n, np.int64)
+  out[by_user] = counts
+  return indices, out
 
 
 def _history_from_lists(lists: ListBehaviours, max_seq_len):
@@ -248,12 +253,13 @@ def _history_from_lists(lists: ListBehaviours, max_seq_len):
 def history_indices(log: pd.DataFrame, max_seq_len: int, mask: np.ndarray | None = None,
                     lists: ListBehaviours | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Each row's behaviours as `build_examples` builds them: (indices [N, T], int32 lengths [N])
-  in log row order, newest first, -1 = padding. An index is a log row (`_history_from_log`), or
+  in log row order, newest first, -1 = padding. An index is a log row (`history_from_log`), or
   with `lists` a position in the flat list values (the last T of the row's list)."""
   if lists is not None:
     return _history_from_lists(lists, max_seq_len)
-  return _history_from_log(pd.factorize(log["user"], sort=True)[0],
-                           log["timestamp"].to_numpy(np.float64), mask, max_seq_len)
+  indices, counts = history_from_log(pd.factorize(log["user"], sort=True)[0],
+                                     log["timestamp"].to_numpy(np.float64), mask, max_seq_len)
+  return indices, np.minimum(counts, max_seq_len).astype(np.int32)
 
 
 def history_column(ids: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -309,7 +315,7 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
   out_order = np.lexsort((np.arange(n), users, ts))  # output order: chronological
   train = split_code == TRAIN
   if lists is None:  # gather indices into the log rows / the flat list values
-    hist_idx, hist_len = _history_from_log(users, ts, behavior_mask, spec.max_seq_len)
+    hist_idx, hist_len = history_from_log(users, ts, behavior_mask, spec.max_seq_len)
   else:
     hist_idx, hist_len = _history_from_lists(lists, spec.max_seq_len)
     flat_train = train[np.repeat(np.arange(n), np.diff(lists.offsets))]
@@ -354,8 +360,8 @@ def build_examples(log: pd.DataFrame, spec: LogSpec, source: str,
         info["encoders"][col] = {"kind": "standardise", "of": f"the value of {name}",
                                  "mean": mean, "std": std}
         made.append(schema_lib.Field(name, "numeric"))
-  columns.update(hist_len=hist_len, label=log["label"].to_numpy(np.float32),
-                 group_id=users.astype(np.int64))
+  columns.update(hist_len=np.minimum(hist_len, spec.max_seq_len).astype(np.int32),
+                 label=log["label"].to_numpy(np.float32), group_id=users.astype(np.int64))
   features = schema_lib.FeatureSpec(**{f"{g}_fields": tuple(fs) for g, fs in fields.items()},
                                     behavior_fields=tuple(spec.behavior_fields),
                                     max_seq_len=spec.max_seq_len)

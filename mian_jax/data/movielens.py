@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from ml_collections import ConfigDict
 
-from mian_jax.data import interaction_log, tabular, timestamps, vocab
+from mian_jax.data import interaction_log, timestamps, vocab
+from mian_jax.data import records as records_lib
 from mian_jax.errors import DataError
 
 ENV_VAR = "MIAN_JAX_MOVIELENS_DIR"
@@ -222,11 +223,6 @@ def encoders(data_config: ConfigDict) -> dict[str, dict]:
 
 
 def generate(data_config: ConfigDict):
-  """Returns (schema, {split: columns}, stats) for the MovieLens settings in `data_config`."""
-  return generate_with_vocabularies(data_config)[:3]
-
-
-def generate_with_vocabularies(data_config: ConfigDict):
   """Returns (schema, {split: columns}, stats, write_vocabularies), the last for
   `schema.write_prepared`: the vocabularies (training split), encoders and lookups."""
   c = data_config.movielens
@@ -269,27 +265,25 @@ PREDICT_COLUMNS = dict(user_id="user", item_id="movie", timestamp="timestamp", l
 
 
 def predict_reader(data_config: ConfigDict) -> ConfigDict:
-  """How predict reads rating records (`tabular.read_records`): PREDICT_COLUMNS."""
+  """How predict reads rating records (`records.read_records`): PREDICT_COLUMNS."""
   del data_config  # the same columns for 100K and 1M
-  return tabular.reader_config(**PREDICT_COLUMNS)
+  return records_lib.reader_config(**PREDICT_COLUMNS)
 
 
-def encode_records(records: tabular.Records, directory: str,
+def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Rating records -> (the columns of a prepared split, the unseen values per field).
 
   A row with a label (every row, without a label column) is a rating, and a behaviour of the
-  user's later rows (`interaction_log.history_indices`); a row with an empty label is a candidate to
-  score. Profiles, genres and release years come from the lookups in `directory`/vocab/.
+  user's later rows (`interaction_log.history_indices`); a row with an empty label is a
+  candidate to score. Profiles, genres and release years come from the lookups in
+  `directory`/vocab/.
   """
   log = records.log
-  vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
   lookups = vocab.load_lookups(directory)
   users, movies = log["user"].to_numpy(object), log["item.movie"].to_numpy(object)
   seconds = log["timestamp"].to_numpy(np.float64)
-  label = log["label"].to_numpy(np.float32)
-  rated = (~np.isnan(label) if PREDICT_COLUMNS["label"] in records.table.column_names
-           else np.ones(len(log), bool))
+  rated = log["label"].notna().to_numpy() if records.labelled else np.ones(len(log), bool)
   indices, hist_len = interaction_log.history_indices(log, data_config.max_seq_len, rated)
   newest = indices[:, 0]  # the latest strictly earlier rating, -1 if none
   raw = {"item.movie_id": movies, "user.user_id": users,
@@ -297,17 +291,10 @@ def encode_records(records: tabular.Records, directory: str,
   for key, values in (("item.movie_id", movies), ("user.user_id", users)):
     raw.update({field: lookups[key].get(field, values) for field in lookups[key].fields})
   raw.update({f"context.{unit}": seconds for unit in ("hour", "weekday", "month")})
-  columns, unseen = {}, {}
-  for field, values in raw.items():
-    columns[field], unseen[field] = vocab.encode_field(vocabularies, encoders, field, values)
-  for name in SPEC_FIELDS["behavior_fields"]:
-    columns[f"hist.{name}"] = interaction_log.history_column(columns[f"item.{name}"], indices)
-  columns["hist_len"] = hist_len
-  columns["label"] = np.nan_to_num(label)
-  return columns, unseen
+  return records_lib.encode(records, directory, raw, SPEC_FIELDS["behavior_fields"], indices,
+                            hist_len)
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Reads the raw MovieLens files and writes the prepared data (atomically) to `directory`."""
-  schema, splits, stats, write_vocabularies = generate_with_vocabularies(data_config)
-  interaction_log.write_with_stats(directory, schema, splits, stats, write_vocabularies)
+  interaction_log.write_with_stats(directory, *generate(data_config))

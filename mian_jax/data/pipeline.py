@@ -11,6 +11,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -20,25 +21,31 @@ from mian_jax.errors import ConfigError
 Batch = dict  # nested dict of numpy arrays, see `gather_batch`
 
 
+def nest(columns: Mapping[str, Any]) -> Batch:
+  """{"item.x": a, "hist_len": l, ...} -> {"item": {"x": a}, "hist": {}, "user": {},
+  "context": {}, "hist_len": l, ...}: the nesting of the batches the models take."""
+  batch: Batch = {group: {} for group in ("item", "hist", "user", "context")}
+  for name, value in columns.items():
+    group, _, field = name.partition(".")
+    if field:
+      batch[group][field] = value
+    else:
+      batch[name] = value
+  return batch
+
+
 def gather_batch(columns: Mapping[str, np.ndarray], schema: Schema,
                  rows: np.ndarray) -> Batch:
-  """Reads `rows` of a split into the nested batch the models take.
+  """Reads `rows` of a split into the nested batch the models take (`nest`).
 
   Returns:
     {"item": {name: [B]}, "hist": {name: [B, T]}, "hist_len": [B],
      "user": {name: [B]}, "context": {name: [B]}, "label": [B], "weight": [B]}
   """
-  f = schema.features
-  take = lambda name: np.asarray(columns[name][rows])  # noqa: E731
-  return {
-      "item": {x.name: take(f"item.{x.name}") for x in f.item_fields},
-      "hist": {name: take(f"hist.{name}") for name in f.behavior_fields},
-      "hist_len": take("hist_len"),
-      "user": {x.name: take(f"user.{x.name}") for x in f.user_fields},
-      "context": {x.name: take(f"context.{x.name}") for x in f.context_fields},
-      "label": take("label"),
-      "weight": np.ones(len(rows), np.float32),
-  }
+  batch = nest({name: np.asarray(columns[name][rows]) for name in schema.columns()
+                if name != "group_id" and not name.startswith("extra.")})
+  batch["weight"] = np.ones(len(rows), np.float32)
+  return batch
 
 
 def local_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:

@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from mian_jax.encoding import FIRST_ID as NUM_RESERVED_IDS, OOV_ID  # noqa: F401 (re-exported)
 from mian_jax.errors import DataError
 
 FORMAT_VERSION = 2  # 2: behaviours newest first
 SPLITS = ("train", "valid", "test")
 PAD_ID = 0
-OOV_ID = 1
-NUM_RESERVED_IDS = 2
 GROUPS = ("item", "user", "context")
 VOCAB_DIR = "vocab"  # the vocabularies and encoders of the fields (vocab.py)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -62,6 +61,10 @@ class FeatureSpec:
 
   def item_field(self, name: str) -> Field:
     return next(f for f in self.item_fields if f.name == name)
+
+  def fields(self) -> dict[str, Field]:
+    """"<group>.<name>" -> Field of every item, user and context field."""
+    return {f"{g}.{x.name}": x for g in GROUPS for x in getattr(self, f"{g}_fields")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +98,8 @@ class Schema:
     """Column name -> (dtype, per-example shape) for every column of a split."""
     f = self.features
     return {
-        **{f"{g}.{x.name}": ("int32" if x.is_categorical else "float32", ())
-           for g in GROUPS for x in getattr(f, f"{g}_fields")},
+        **{name: ("int32" if x.is_categorical else "float32", ())
+           for name, x in f.fields().items()},
         **{f"hist.{name}": ("int32", (f.max_seq_len,)) for name in f.behavior_fields},
         "hist_len": ("int32", ()), "label": ("float32", ()), "group_id": ("int64", ()),
         **{f"extra.{name}": ("float32", ()) for name in self.extra_columns}}
@@ -355,7 +358,7 @@ def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarra
       raise DataError(f"split {split!r}, column {name!r}: expected {dtype}{[n, *shape]}, "
                       f"got {a.dtype}{list(a.shape)}")
   f = schema.features
-  for x, name in ((x, f"{g}.{x.name}") for g in GROUPS for x in getattr(f, f"{g}_fields")):
+  for name, x in f.fields().items():
     if x.is_categorical:
       _check_ids(columns[name], 1, x.vocab_size, f"split {split!r}, column '{name}'")
     elif n and not np.isfinite(columns[name]).all():

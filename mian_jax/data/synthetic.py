@@ -198,10 +198,8 @@ def generate(c: ConfigDict, max_seq_len: int):
 
 def identity_vocabularies(schema: schema_lib.Schema) -> dict[str, list[str]]:
   """Identity maps of every field: raw value "k" (the generator's 0-based index) -> id k + 2."""
-  f = schema.features
-  return {f"{group}.{x.name}": [str(k) for k in range(x.vocab_size - schema_lib.NUM_RESERVED_IDS)]
-          for group, fields in (("item", f.item_fields), ("user", f.user_fields),
-                                ("context", f.context_fields)) for x in fields}
+  return {name: [str(k) for k in range(x.vocab_size - schema_lib.NUM_RESERVED_IDS)]
+          for name, x in schema.features.fields().items()}
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:

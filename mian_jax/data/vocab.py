@@ -108,11 +108,7 @@ def load_vocabularies(directory: str) -> dict[str, Vocabulary | HashedVocabulary
   (a hashed field: its HashedVocabulary); DataError (one line) for missing or bad files."""
   path = _vocab_dir(directory)
   schema = schema_lib.read_schema(directory)
-  sizes = {f"{group}.{x.name}": x.vocab_size
-           for group, fields in (("item", schema.features.item_fields),
-                                 ("user", schema.features.user_fields),
-                                 ("context", schema.features.context_fields))
-           for x in fields if x.is_categorical}
+  sizes = {name: x.vocab_size for name, x in schema.features.fields().items() if x.is_categorical}
   out = {}
   for name in sorted(os.listdir(path)):
     field = name.removesuffix(".json")

@@ -1,0 +1,457 @@
+"""Raw records read into a checked log: CSV (with each row's file line), Parquet or JSON lines,
+in the columns and fields a `data.tabular` config names (docs/data.md, "Your own logs"). The
+tabular source reads its logs with it, and `python -m mian_jax.predict` the records it scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from ml_collections import ConfigDict
+
+from mian_jax.data import interaction_log, vocab
+from mian_jax.errors import ConfigError, DataError
+
+_TRUE = ("1", "1.0", "true", "True", "TRUE")
+_FALSE = ("0", "0.0", "false", "False", "FALSE")
+_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+               ".json": "jsonl"}
+
+
+def file_format(path: str) -> str:
+  """"parquet", "jsonl" or "csv", by the file's extension."""
+  return _EXTENSIONS.get(os.path.splitext(path)[1].lower(), "csv")
+
+
+def _configured_format(path: str, fmt: str) -> str:
+  """data.tabular.format: "csv", "parquet", or "auto": Parquet by the extension, else CSV."""
+  if fmt == "auto":
+    return "parquet" if file_format(path) == "parquet" else "csv"
+  if fmt not in ("csv", "parquet"):
+    raise DataError(f"data.tabular.format={fmt!r}; expected 'auto', 'csv' or 'parquet'")
+  return fmt
+
+
+class CsvLines:
+  """The 1-based file line on which each CSV record starts (record 1 = the header line).
+
+  pyarrow's record numbers skip blank lines, and a quoted value may span lines: record r is line
+  r only without either (checked by counting line breaks), else the file is scanned once; both
+  only when a line is asked for (a bad row's message).
+  """
+
+  def __init__(self, path: str, encoding: str, num_records: int):
+    self.path, self.encoding, self.num_records = path, encoding, num_records
+
+  @functools.cached_property
+  def _starts(self) -> np.ndarray:  # _starts[r - 1] = the line of record r
+    return np.arange(1, self.num_records + 1) if self._same_as_records() else self._scan()
+
+  def line(self, record: int) -> int:
+    return int(self._starts[record - 1]) if record <= len(self._starts) else record
+
+  def rows(self, records: np.ndarray) -> _RowLines:
+    """rows[i]: the file line of row i, whose record number is records[i]."""
+    return _RowLines(self, records)
+
+  def _same_as_records(self) -> bool:
+    if "\n".encode(self.encoding) != b"\n":  # not ASCII-compatible (e.g. UTF-16): scan
+      return False
+    breaks, last = 0, b""
+    with open(self.path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 24), b""):
+        breaks += block.count(b"\n")
+        last = block[-1:]
+    return breaks + (last not in (b"", b"\n")) == self.num_records
+
+  def _scan(self) -> np.ndarray:
+    starts, inside = [], False
+    with open(self.path, encoding=self.encoding, newline="") as f:
+      for number, text in enumerate(f, 1):
+        if not inside and text not in ("\n", "\r\n", "\r"):
+          starts.append(number)
+        if text.count('"') % 2:  # an odd number of quotes opens or closes a quoted value
+          inside = not inside
+    return np.asarray(starts, np.int64)
+
+
+class _RowLines:
+
+  def __init__(self, lines: CsvLines, records: np.ndarray):
+    self.lines, self.records = lines, records
+
+  def __getitem__(self, i) -> int:
+    return self.lines.line(int(self.records[i]))
+
+
+def read_table(path: str, c: ConfigDict, bad: interaction_log.BadRows, fmt: str | None = None):
+  """One CSV (all columns as strings), Parquet or JSON-lines file (`fmt`; default by `c.format`)
+  -> (table, lines[i]: the file line of row i, None for Parquet). CSV lines with another number
+  of fields and JSON lines that are not an object are counted in `bad` as malformed."""
+  if not os.path.isfile(path):
+    raise DataError(f"file not found: {path}")
+  name = os.path.basename(path)
+  fmt = fmt or _configured_format(path, c.format)
+  if fmt == "jsonl":
+    return _read_json_lines(path, c.encoding, bad)
+  invalid = []
+  try:
+    if fmt == "parquet":
+      table = pq.read_table(path)
+    else:
+      with open(path, newline="", encoding=c.encoding) as f:
+        header = next(csv.reader(f, delimiter=c.csv_sep), None)
+      if not header:
+        raise DataError(f"{path} is empty (no header line)")
+      header[0] = header[0].removeprefix("\ufeff")  # pyarrow drops a byte-order mark too
+      handler = lambda row: invalid.append((row.number, row.text)) or "skip"  # noqa: E731
+      table = pa_csv.read_csv(
+          path, read_options=pa_csv.ReadOptions(encoding=c.encoding, use_threads=False),
+          parse_options=pa_csv.ParseOptions(delimiter=c.csv_sep, invalid_row_handler=handler),
+          convert_options=pa_csv.ConvertOptions(column_types={h: pa.string() for h in header},
+                                                strings_can_be_null=True))
+  except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+    raise DataError(f"cannot read {path}: {' '.join(str(e).split())[:300]}") from None
+  total = table.num_rows + len(invalid)
+  if total == 0:
+    raise DataError(f"{path} is empty (no data rows)")
+  if fmt == "parquet":
+    return table, None
+  # Records 2 .. total + 1 follow the header; pyarrow names the skipped ones.
+  records = np.arange(2, total + 2)
+  skipped = np.zeros(total, bool)
+  skipped[[number - 2 for number, _ in invalid if number]] = True
+  lines = CsvLines(path, c.encoding, total + 1)
+  bad.record(name, total, skipped, "wrong number of fields", lines.rows(records),
+             {int(number) - 2: text for number, text in invalid if number})
+  return table, lines.rows(records[~skipped])
+
+
+def _json_text(value):
+  """A JSON value as a CSV cell's text ("9", "true"), lists element by element; null: None."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, list):
+    return [_json_text(v) for v in value]
+  return json.dumps(value)
+
+
+def _read_json_lines(path: str, encoding: str, bad: interaction_log.BadRows):
+  """A JSON-lines file (an object per non-blank line), values as text, lists as lists of text."""
+  records, numbers, texts, invalid = [], [], [], []
+  try:
+    with open(path, encoding=encoding) as f:
+      for number, text in enumerate(f, 1):
+        if not text.strip():
+          continue
+        try:
+          record = json.loads(text)
+        except ValueError:
+          record = None
+        invalid.append(not isinstance(record, dict))
+        numbers.append(number)
+        texts.append(text.rstrip("\n"))
+        if isinstance(record, dict):
+          records.append({k: _json_text(v) for k, v in record.items()})
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f"cannot read {path}: {' '.join(str(e).split())[:300]}") from None
+  if not numbers:
+    raise DataError(f"{path} is empty (no data rows)")
+  invalid = np.asarray(invalid)
+  numbers = np.asarray(numbers, np.int64)
+  bad.record(os.path.basename(path), len(numbers), invalid, "not a JSON object", numbers, texts)
+  columns = {}
+  for k in dict.fromkeys(k for record in records for k in record):
+    values = [record.get(k) for record in records]
+    is_list = any(isinstance(v, list) for v in values)
+    try:
+      columns[k] = pa.array(values, pa.list_(pa.string()) if is_list else pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+      raise DataError(f"{path}: {k!r} holds lists in some lines and single values in others; "
+                      "a behaviour list column must hold lists (or null) only") from None
+  return pa.table(columns), numbers[~invalid]
+
+
+def _timestamps(col: pa.ChunkedArray) -> tuple[np.ndarray, str]:
+  """Seconds as float64 (NaN = missing or unparsable) and what a present value must be ("a
+  number" | "a date-time"): a string column is numbers if most present values are, else dates."""
+  s = col.to_pandas()
+  if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+    when = pd.to_datetime(s, utc=True, errors="coerce")
+  else:
+    num = pd.to_numeric(s, errors="coerce")
+    if 2 * num.notna().sum() >= s.notna().sum():  # most present values are numbers
+      return num.to_numpy(np.float64, na_value=np.nan), "a number"
+    when = pd.to_datetime(s.astype(object), utc=True, errors="coerce", format="mixed")
+  seconds = (when.astype("int64") / 1e9).where(when.notna())
+  return seconds.to_numpy(np.float64, na_value=np.nan), "a date-time"
+
+
+def _labels(col: pa.ChunkedArray) -> np.ndarray:
+  """0/1 as float32; NaN where the value is neither."""
+  s = col.to_pandas().astype(object).astype(str).str.strip()
+  return np.where(s.isin(_TRUE), 1.0, np.where(s.isin(_FALSE), 0.0, np.nan))
+
+
+def _as_list_array(col: pa.ChunkedArray, sep: str) -> pa.Array:
+  """A list column as a ListArray; CSV strings are split on `sep`, empty strings = empty list."""
+  arr = col.combine_chunks()
+  if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+    return arr
+  s = arr.cast(pa.string())
+  empty = pc.equal(pc.utf8_trim_whitespace(s), "")
+  s = pc.if_else(empty, pa.scalar(None, pa.string()), s)
+  return pc.split_pattern(s, sep)
+
+
+_GROUPS = ("item", "user", "context")
+_HASH_KIND = re.compile(r"hash\(\s*(\d+)\s*\)")  # hash(N), N the number of buckets
+
+
+def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], dict[str, int]]:
+  """"a,b:numeric,c:hash(1000)" -> ((("a", "categorical"), ("b", "numeric"), ("c",
+  "categorical")), {"c": 1000}): kind defaults to categorical; a hashed field is categorical.
+
+  ConfigError naming `where` and the field: an unknown kind, or hash(N) with N not an integer
+  from 1 to vocab.MAX_HASH_BUCKETS.
+  """
+  fields, buckets = [], {}
+  for part in (p.strip() for p in text.split(",")):
+    if not part:
+      continue
+    name, _, kind = (x.strip() for x in part.partition(":"))
+    kind = kind or "categorical"
+    if kind.startswith("hash"):
+      match = _HASH_KIND.fullmatch(kind)
+      if match is None or not 1 <= int(match.group(1)) <= vocab.MAX_HASH_BUCKETS:
+        raise ConfigError(f"{where}: field {name!r} has kind {kind!r}; a hashed field is "
+                          f"hash(N) with N, the number of buckets, an integer from 1 to "
+                          f"{vocab.MAX_HASH_BUCKETS} (e.g. {name}:hash(100000))")
+      buckets[name] = int(match.group(1))
+      kind = "categorical"
+    elif kind not in ("categorical", "numeric"):
+      raise ConfigError(f"{where}: field {name!r} has kind {kind!r}; expected 'categorical', "
+                        "'numeric' or 'hash(N)'")
+    fields.append((name, kind))
+  return tuple(fields), buckets
+
+
+def config_fields(c: ConfigDict):
+  """The checked fields of a `data.tabular` config: ({group: ((name, kind), ...)}, behavior)."""
+  groups = {g: parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[0] for g in _GROUPS}
+  if not groups["item"]:
+    raise DataError("data.tabular.item_fields must name at least the item id column")
+  behavior = tuple(x.strip() for x in c.behavior_fields.split(",") if x.strip())
+  for name in behavior:
+    if dict(groups["item"]).get(name) != "categorical":
+      raise DataError(f"data.tabular.behavior_fields: {name!r} must be a categorical item field")
+  if c.behavior_source not in ("log", "list"):
+    raise DataError(f"data.tabular.behavior_source={c.behavior_source!r}; expected 'log' or 'list'")
+  if c.behavior_rows not in ("clicks", "all"):
+    raise DataError(f"data.tabular.behavior_rows={c.behavior_rows!r}; expected 'clicks' or 'all'")
+  if groups["item"][0][1] != "categorical":
+    raise DataError("data.tabular.item_fields: the first field (the item id) must be categorical")
+  return groups, behavior
+
+
+def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
+  pairs = dict(p.strip().split(":", 1) for p in c.behavior_columns.split(",") if ":" in p)
+  missing = [b for b in behavior if b not in pairs]
+  if missing:
+    raise DataError(f"data.tabular.behavior_columns must map every behaviour field "
+                    f"('field:column,...'); missing {missing}")
+  return {k.strip(): v.strip() for k, v in pairs.items()}
+
+
+def _whole_numbers_as_text(col: pa.ChunkedArray, name: str, field: str) -> pd.Series:
+  """A float column of a categorical field (Parquet's integer ids with nulls) as the text of
+  its integers, as a CSV cell reads: 9.0 -> "9", NaN -> missing; DataError if not whole."""
+  values = col.to_numpy(zero_copy_only=False).astype(np.float64)
+  present = ~np.isnan(values)
+  whole = present & (np.floor(values) == values) & (np.abs(values) < 2.0**63)
+  if (present & ~whole).any():
+    example = float(values[present & ~whole][0])
+    raise DataError(f"{name}: categorical field {field!r} is a column of floats holding "
+                    f"{example!r}, which is not a whole number; store the field as integers or "
+                    "text, or declare it numeric")
+  text = [str(int(v)) if ok else None for v, ok in zip(values, present)]
+  return pa.array(text, pa.string()).to_pandas()
+
+
+def _separator_hint(table: pa.Table, name: str, c: ConfigDict) -> str | None:
+  """The error for a CSV header read as one column that holds another separator, else None."""
+  if len(table.column_names) != 1:
+    return None
+  header = table.column_names[0]
+  for sep, shown in ((";", "';'"), ("\t", "$'\\t'"), ("|", "'|'")):
+    if sep != c.csv_sep and sep in header:
+      return (f"{name}: the header was read as one column, {header[:60]!r}, with "
+              f"data.tabular.csv_sep={c.csv_sep!r}; if {sep!r} separates the fields, pass "
+              f"--config.data.tabular.csv_sep={shown}")
+  return None
+
+
+def read_file(path: str, c: ConfigDict, groups, behavior, bad: interaction_log.BadRows,
+              fmt: str | None = None, split_code: int | None = None,
+              label_optional: bool = False):
+  """One file (`read_table`) -> (table, log frame, {field: ListArray} or None, (name, lines,
+  kept table rows)); bad rows counted and dropped. With `label_optional` (records to score) the
+  label column may be absent and a label empty: NaN, never a click."""
+  table, lines = read_table(path, c, bad, fmt)
+  name = os.path.basename(path)
+  has_label = c.label in table.column_names or not label_optional
+  list_cols = _behavior_columns(c, behavior) if c.behavior_source == "list" else {}
+  needed = {**({c.label: "label"} if has_label else {}), c.user_id: "user_id",
+            c.timestamp: "timestamp", **{f: f"{g}_fields" for g in groups for f, _ in groups[g]},
+            **{col: "behavior_columns" for col in list_cols.values()}}
+  absent = [f"{col!r} ({key})" for col, key in needed.items() if col not in table.column_names]
+  if absent:
+    raise DataError(_separator_hint(table, name, c) or
+                    f"{name}: column(s) {', '.join(absent)} named in data.tabular not found; "
+                    f"the file has {table.column_names}")
+  twice = [col for col in needed if table.column_names.count(col) > 1]
+  if twice:
+    raise DataError(f"{name}: the header names column {twice[0]!r} "
+                    f"{table.column_names.count(twice[0])} times; rename or drop the copies")
+  n = table.num_rows
+  ok = np.ones(n, bool)
+
+  def flag(mask, reason, column=None):
+    """Counts the rows in `mask` not flagged before; shows the first one's `column` value."""
+    nonlocal ok
+    mask = ok & mask
+    if mask.any():
+      shown = table[column].to_pandas().to_numpy() if column is not None else None
+      bad.record(name, 0, mask, reason, lines, shown)
+    ok &= ~mask
+
+  label = _labels(table[c.label]) if has_label else np.full(n, np.nan)
+  if has_label:
+    unparsed = np.isnan(label)
+    if label_optional:  # an empty cell is an unknown label, not a bad one
+      unparsed &= table[c.label].is_valid().to_numpy(zero_copy_only=False)
+    flag(unparsed, f"label {c.label!r} is not 0/1", c.label)
+  user = table[c.user_id].to_pandas()
+  flag(user.isna().to_numpy(), f"user id {c.user_id!r} missing")
+  ts, kind = _timestamps(table[c.timestamp])
+  present = table[c.timestamp].is_valid().to_numpy(zero_copy_only=False)
+  flag(~present, f"timestamp {c.timestamp!r} missing")
+  flag(~np.isfinite(ts), f"timestamp {c.timestamp!r} is not {kind} like most rows", c.timestamp)
+  item_id = groups["item"][0][0]
+  flag(table[item_id].to_pandas().isna().to_numpy(), f"item id {item_id!r} missing")
+  frame = {}
+  for g, fields in groups.items():
+    for f, kind in fields:
+      values = table[f].to_pandas()
+      if kind == "numeric":
+        values = pd.to_numeric(values, errors="coerce")
+        flag(~np.isfinite(values.to_numpy(np.float64, na_value=np.nan)),
+             f"numeric field {f!r} missing or not a number", f)
+      elif pa.types.is_floating(table[f].type):
+        values = _whole_numbers_as_text(table[f], name, f)
+      frame[f"{g}.{f}"] = values
+  lists = {b: _as_list_array(table[col], c.list_sep) for b, col in list_cols.items()}
+  if lists:
+    lengths = [pc.fill_null(pc.list_value_length(a), 0).to_numpy() for a in lists.values()]
+    flag(np.any([x != lengths[0] for x in lengths], axis=0), "behaviour lists of unequal length")
+  log = pd.DataFrame({"user": user.astype(str), "timestamp": ts, "label": label, **frame})
+  log["split"] = np.int8(split_code if split_code is not None else 0)
+  lists = {b: a.filter(pa.array(ok)) for b, a in lists.items()} if list_cols else None
+  return table, log[ok].reset_index(drop=True), lists, (name, lines, np.flatnonzero(ok))
+
+
+def row_describer(sources):
+  """describe(i): where row i of the log comes from ("log.csv line 7"); sources: per file, in
+  log order, (name, lines or None, kept table rows)."""
+  offsets = np.cumsum([0] + [len(kept) for _, _, kept in sources])
+
+  def describe(i: int) -> str:
+    part = int(np.searchsorted(offsets, i, side="right")) - 1
+    name, lines, kept = sources[part]
+    row = int(kept[i - offsets[part]])
+    return f"{name} line {lines[row]}" if lines is not None else f"{name} row {row + 1}"
+  return describe
+
+
+def list_behaviours(parts, behavior) -> interaction_log.ListBehaviours:
+  """Per file {field: ListArray} -> the behaviours of the concatenated rows (values stripped)."""
+  flat, offsets = {}, None
+  for b in behavior:
+    arrays = [part[b] for part in parts]
+    lengths = np.concatenate([pc.fill_null(pc.list_value_length(a), 0).to_numpy()
+                              for a in arrays]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = pa.concat_arrays([pc.list_flatten(a).cast(pa.string()) for a in arrays])
+    flat[b] = pd.Series(values.to_pandas(), dtype=object).str.strip()
+  return interaction_log.ListBehaviours(flat=flat, offsets=offsets)
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """The raw records of one file (`read_records`)."""
+  log: pd.DataFrame  # the kept rows as a log (split 0, label NaN where unknown)
+  lists: interaction_log.ListBehaviours | None  # behavior_source="list": their list columns
+  table: pa.Table  # the file as read (raw values, every row)
+  kept: np.ndarray  # [N] the table rows that `log` holds, in file order
+  groups: dict[str, tuple[tuple[str, str], ...]]  # {"item" | "user" | "context": fields}
+  behavior: tuple[str, ...]
+  describe_row: Callable[[int], str]  # where log row i comes from, e.g. "new.csv line 7"
+  labelled: bool  # the file has the label column
+
+
+def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.BadRows,
+                 fmt: str | None = None) -> Records:
+  """One file of raw records (`fmt`, default by its `format`), read like a file of the log (bad
+  rows counted in `bad` and dropped; `bad.check()` is the caller's), the label optional."""
+  groups, behavior = config_fields(tabular_config)
+  table, log, lists, source = read_file(path, tabular_config, groups, behavior, bad, fmt,
+                                        label_optional=True)
+  lists = list_behaviours([lists], behavior) if lists is not None else None
+  return Records(log=log, lists=lists, table=table, kept=source[2], groups=groups,
+                 behavior=behavior, describe_row=row_describer([source]),
+                 labelled=tabular_config.label in table.column_names)
+
+
+def reader_config(user_id: str, timestamp: str, item_id: str, label: str = "label") -> ConfigDict:
+  """A `data.tabular` config with which `read_records` reads another source's raw records
+  (predict): the given columns, the item id the only field, behaviours from the log."""
+  return ConfigDict(dict(
+      format="auto", csv_sep=",", encoding="utf-8", label=label, user_id=user_id,
+      timestamp=timestamp, item_fields=f"{item_id}:categorical", user_fields="",
+      context_fields="", behavior_fields=item_id, behavior_source="log", behavior_rows="all",
+      behavior_columns="", list_sep="|"))
+
+
+def encode(records: Records, directory: str, raw: Mapping[str, Any], behavior: tuple[str, ...],
+           indices: np.ndarray, hist_len: np.ndarray) -> tuple[dict, dict[str, int]]:
+  """Raw values per field [N] -> (the columns of a prepared split, without group_id; the number
+  of unseen or missing values per categorical field), encoded with `directory`'s vocab/. The
+  behaviours of row i: the ids of the rows (with `records.lists`, list values) indices[i]."""
+  vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
+  columns, unseen = {}, {}
+  for field, values in raw.items():
+    columns[field], count = vocab.encode_field(vocabularies, encoders, field, values)
+    if columns[field].dtype == np.int32:  # ids; a numeric field is float32
+      unseen[field] = count
+  for name in behavior:
+    ids = columns[f"item.{name}"]
+    if records.lists is not None:
+      ids, unseen[f"hist.{name}"] = vocab.encode_field(vocabularies, encoders, f"item.{name}",
+                                                       records.lists.flat[name])
+    columns[f"hist.{name}"] = interaction_log.history_column(ids, indices)
+  columns["hist_len"] = hist_len.astype(np.int32)
+  columns["label"] = np.nan_to_num(records.log["label"].to_numpy(np.float32))
+  return columns, unseen
