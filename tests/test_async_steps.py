@@ -187,7 +187,7 @@ def _toy() -> None:
     w = jax.device_put(jnp.ones((256, 256)), replicated)
     jax.block_until_ready(fn(jax.device_put(jnp.ones((256, 256)), replicated), x))  # compiles
     watchdog.arm(label)
-    for i in range(200):  # unbounded, it deadlocks after about 40
+    for i in range(2000):  # unbounded, it deadlocks after about 40 (later on a busy machine)
       w, metric = fn(w, x)
       watchdog.tick(i + 1)
     jax.block_until_ready(metric)
