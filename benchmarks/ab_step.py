@@ -19,12 +19,13 @@ samples/s and the median's ratio to the first variant's; appends one JSON object
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import statistics
 import sys
 import time
+
+from absl import flags
 
 from benchmarks import common
 from mian_jax import writers
@@ -90,22 +91,19 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  common.define_model_flags(fv, "mian", 128, "lazy_adam", "electronics")
+  flags.DEFINE_multi_string("variant", None, "'name' or 'name: --config.<key>=<value> ...' "
+                            "(repeat; the first is the reference)", flag_values=fv)
+  flags.mark_flag_as_required("variant", flag_values=fv)
+  flags.DEFINE_integer("rounds", 5, "alternating rounds", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("steps", 40, "steps per variant per round", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_string("out", "", "append one JSON object per variant", flag_values=fv)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="mian")
-  parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--vocab", default="electronics", choices=sorted(common.VOCABS))
-  parser.add_argument("--optimizer", default="lazy_adam", choices=common.OPTIMIZERS)
-  parser.add_argument("--variant", action="append", required=True,
-                      help="'name' or 'name: --config.<key>=<value> ...' (repeat; the first "
-                           "is the reference)")
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=40, help="steps per variant per round")
-  parser.add_argument("--out", default="", help="append one JSON object per variant")
-  args = parser.parse_args(argv)
-  if args.rounds < 1 or args.steps < 1:
-    parser.error("--rounds and --steps must be at least 1")
+  args = common.parse_flags(argv, __doc__, define_flags)
   try:
     variants = [parse_variant(v) for v in args.variant]
     for name, overrides in variants:  # fail before any compilation

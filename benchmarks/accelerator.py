@@ -20,8 +20,9 @@ about 2 x --seconds. Results print as a table and append one JSON object per row
 
 from __future__ import annotations
 
-import argparse
 import time
+
+from absl import flags
 
 from benchmarks import common, throughput
 from mian_jax import writers
@@ -72,27 +73,30 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("batch_sizes", DEFAULT_BATCH_SIZES, "comma-separated batch sizes",
+                      flag_values=fv)
+  flags.DEFINE_string("optimizers", "lazy_adam,adam", "comma-separated optimizers",
+                      flag_values=fv)
+  flags.DEFINE_enum("vocab", "books", sorted(common.VOCABS), "vocabulary sizes", flag_values=fv)
+  flags.DEFINE_float("seconds", 5.0, "steady-state time per pair", flag_values=fv)
+  flags.DEFINE_string("model", "mian", "the model", flag_values=fv)
+  flags.DEFINE_string("meshes", "", "comma list of <data>x<model> shapes using every device, "
+                      "e.g. 8x1,4x2,1x8 (default: all devices along data)", flag_values=fv)
+  flags.DEFINE_integer("row_shard_min_rows", DEFAULT_ROW_SHARD_MIN_ROWS, "on a mesh with "
+                       "model > 1, tables of at least this many rows are row-sharded over model",
+                       flag_values=fv)
+  flags.DEFINE_string("out", "runs/accelerator.jsonl", "JSONL file rows are appended to",
+                      flag_values=fv)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch_sizes", default=DEFAULT_BATCH_SIZES)
-  parser.add_argument("--optimizers", default="lazy_adam,adam")
-  parser.add_argument("--vocab", default="books", choices=sorted(common.VOCABS))
-  parser.add_argument("--seconds", type=float, default=5.0, help="steady-state time per pair")
-  parser.add_argument("--model", default="mian")
-  parser.add_argument("--meshes", default="",
-                      help="comma list of <data>x<model> shapes using every device, e.g. "
-                           "8x1,4x2,1x8 (default: all devices along data)")
-  parser.add_argument("--row_shard_min_rows", type=int, default=DEFAULT_ROW_SHARD_MIN_ROWS,
-                      help="on a mesh with model > 1, tables of at least this many rows are "
-                           "row-sharded over model")
-  parser.add_argument("--out", default="runs/accelerator.jsonl")
-  args = parser.parse_args(argv)
+  args = common.parse_flags(argv, __doc__, define_flags)
   import jax  # noqa: PLC0415
   try:
     meshes = parse_meshes(args.meshes, jax.device_count())
   except ValueError as e:
-    parser.error(str(e))
+    common.usage_error(str(e))
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): "
         f"{jax.devices()[0].device_kind}", flush=True)
   rows, start = [], time.perf_counter()

@@ -1,6 +1,6 @@
-"""What the benchmarks share: synthetic Amazon-sized arrays, base configs (overridden with
-`mian_jax.workdir.load_config`), the model / state / step set-up on arrays in memory, and the
-DeepCTR-Torch peer subprocess.
+"""What the benchmarks share: flag parsing (the launch tools' too), synthetic Amazon-sized
+arrays, base configs (overridden with `mian_jax.workdir.load_config`), the model / state / step
+set-up on arrays in memory, and the DeepCTR-Torch peer subprocess.
 
 A benchmark that trains on a prepared data directory uses `mian_jax.steps.setup`; one that
 measures on arrays it draws itself (throughput, ab_step, profile_step, roofline) uses
@@ -17,10 +17,12 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
-from typing import Any
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
+from absl import flags
 from ml_collections import ConfigDict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +34,69 @@ MAX_SEQ_LEN = 30
 OPTIMIZERS = ("adam", "lazy_adam")
 PEER_MODULE = "benchmarks.deepctr_peer"  # run by the peer's python, from the repository root
 DEFAULT_PEER_PYTHON = os.environ.get("MIAN_JAX_PEER_PYTHON", ".venv-torch/bin/python")
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+_HELP = {"-h", "-help", "--help", "--helpshort", "--helpfull"}
+
+
+def parse_flags(argv: Sequence[str] | None, usage: str,
+                define: Callable[[flags.FlagValues], None], rest: str | None = None,
+                config_overrides: bool = False) -> types.SimpleNamespace:
+  """`argv` (None: sys.argv[1:]) parsed by absl against the flags `define(fv)` declares on a
+  fresh FlagValues, so that main(argv) can run many times in one process. Returns the values;
+  as attribute `rest` (if named) the arguments after a `--` (absl stops there) and any other
+  non-flag argument, which are an error otherwise; with `config_overrides`, as `overrides`
+  the `--config.<key>=<value>` flags given anywhere. --help prints `usage` and the flags; a
+  bad flag is one line `error: ...` and exit status 2."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  define(fv)
+  if _HELP.intersection(argv[:argv.index("--")] if "--" in argv else argv):
+    print(f"{usage.strip()}\n\nflags:\n{fv.get_help(include_special_flags=False)}")
+    sys.exit(0)
+  overrides = [a for a in argv if config_overrides and a.startswith("--config.")]
+  try:
+    remaining = fv(["", *(a for a in argv if a not in overrides)])[1:]
+  except flags.Error as e:
+    usage_error(str(e))
+  if remaining and rest is None:
+    usage_error(f"unrecognized arguments: {' '.join(remaining)}")
+  return types.SimpleNamespace(**fv.flag_values_dict(), **({rest: remaining} if rest else {}),
+                               **({"overrides": overrides} if config_overrides else {}))
+
+
+def usage_error(message: str) -> NoReturn:
+  """`error: <message>` on one line of stderr, exit status 2 (a usage error)."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def define_model_flags(fv: flags.FlagValues, model: str, batch_size: int, optimizer: str,
+                       vocab: str) -> None:
+  """--model, --batch_size, --optimizer and --vocab with these defaults."""
+  flags.DEFINE_string("model", model, "the model (mian_jax.models.MODELS)", flag_values=fv)
+  flags.DEFINE_integer("batch_size", batch_size, "examples per step", flag_values=fv)
+  flags.DEFINE_enum("optimizer", optimizer, list(OPTIMIZERS), "config.train.optimizer",
+                    flag_values=fv)
+  flags.DEFINE_enum("vocab", vocab, sorted(VOCABS), "vocabulary sizes (VOCABS)", flag_values=fv)
+
+
+
+def define_config_flag(fv: flags.FlagValues) -> None:
+  """A required --config=<file>[:<arg>] (a config file, as `mian_jax.main` takes it)."""
+  flags.DEFINE_string("config", None, "configs/<dataset>.py[:arg]", flag_values=fv)
+  flags.mark_flag_as_required("config", flag_values=fv)
+
+
+def define_peer_flags(fv: flags.FlagValues) -> None:
+  """--peer_python and --peer_threads: how the DeepCTR-Torch peer runs."""
+  flags.DEFINE_string("peer_python", DEFAULT_PEER_PYTHON,
+                      "python of a venv with torch and deepctr-torch", flag_values=fv)
+  flags.DEFINE_integer("peer_threads", 0,
+                       "torch.set_num_threads for the peer; 0 = os.cpu_count()", flag_values=fv)
 
 
 # ----------------------------------------------------------------------------- data and configs

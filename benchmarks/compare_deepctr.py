@@ -51,8 +51,8 @@ How the settings are matched (details and the remaining differences: docs/baseli
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -61,10 +61,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from benchmarks import common
 
@@ -252,29 +254,24 @@ def run_theirs(config, model: str, seed: int, data_dir: str, spec: dict, steps: 
 # ----------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  """The flags; the `--config.<key>=<value>` overrides end up in `overrides`."""
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              epilog="Config overrides: --config.<key>=<value> (repeatable).")
-  p.add_argument("--config", required=True, help="configs/<dataset>.py[:arg]")
-  p.add_argument("--models", default="din,deepfm", help=f"comma list of {MODELS}")
-  p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
-  p.add_argument("--out", default="runs/compare.jsonl", help="JSONL file results are appended to")
-  p.add_argument("--peer_python", default=common.DEFAULT_PEER_PYTHON,
-                 help="python of the venv with torch and deepctr-torch")
-  p.add_argument("--peer_l2", default="matched", help="'matched' | 'literal' | a number")
-  p.add_argument("--peer_dense_init", default="deepctr", choices=("deepctr", "lecun"),
-                 help="DeepCTR-Torch's own dense-layer init, or mian_jax's LeCun-normal")
-  p.add_argument("--peer_threads", type=int, default=0,
-                 help="torch.set_num_threads for the peer; 0 = os.cpu_count() (see the docstring)")
-  p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
-  p.add_argument("--peer_timeout", type=float, default=3600.0, help="seconds per peer run")
-  args, overrides = p.parse_known_args(argv)
-  unknown = [x for x in overrides if not x.startswith("--config.")]
-  if unknown:
-    p.error(f"unrecognized arguments: {' '.join(unknown)}")
-  args.overrides = overrides
-  return args
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags; `--config.<key>=<value>` overrides (repeatable) may come anywhere."""
+  string = functools.partial(flags.DEFINE_string, flag_values=fv)
+  common.define_config_flag(fv)
+  string("models", "din,deepfm", f"comma list of {MODELS}")
+  string("seeds", "0,1,2", "comma list of training seeds")
+  string("out", "runs/compare.jsonl", "JSONL file results are appended to")
+  common.define_peer_flags(fv)
+  string("peer_l2", "matched", "'matched' | 'literal' | a number")
+  flags.DEFINE_enum("peer_dense_init", "deepctr", ["deepctr", "lecun"],
+                    "DeepCTR-Torch's own dense-layer init, or mian_jax's LeCun-normal",
+                    flag_values=fv)
+  string("impls", ",".join(IMPLS), f"comma list of {IMPLS}")
+  flags.DEFINE_float("peer_timeout", 3600.0, "seconds per peer run", flag_values=fv)
+
+
+def parse_args(argv=None) -> types.SimpleNamespace:
+  return common.parse_flags(argv, __doc__, define_flags, config_overrides=True)
 
 
 def main(argv=None) -> None:

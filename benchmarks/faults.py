@@ -33,7 +33,6 @@ Writes `<out>/faults.md` (counts per outcome, one row per probe), `<out>/faults.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -55,6 +54,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from absl import flags
+
+from benchmarks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -637,6 +639,16 @@ def probe(cls: str, name: str, kind: str, text: str, match: str = "", status: in
   return register
 
 
+def command_probe(cls: str, name: str, kind: str, text: str, match: str, command: Sequence[str],
+                  timeout: float = 120, **options) -> None:
+  """A probe of one `python -m <command>` (after copying the base run if it needs one)."""
+  def run(ctx: Ctx) -> Observed:
+    if options.get("needs_run"):
+      ctx.copy("run")
+    return Observed(ctx.module(*command, timeout=timeout))
+  probe(cls, name, kind, text, match, **options)(run)
+
+
 def _protected(ctx: Ctx, action: Callable[[], Proc], workdir: str = "run",
                allowed: Sequence[str] = ()) -> Observed:
   """Runs `action` and reports the files of `workdir`'s run that it changed (but `allowed`)."""
@@ -908,25 +920,20 @@ def _busy_port(ctx: Ctx) -> Observed:
   return Observed(proc)
 
 
-@probe("launchers", "launch.local: a misspelt config key in every process", "fail",
-       "one line naming the key", r"unknown config key", cost=15)
-def _local_bad_key(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("launch.local", "--num_processes=2", "--cpu_devices_per_process=1",
-                             "--", *tabular_flags("--config.train.batchsize=8"),
-                             "--workdir=run2", timeout=90))
+command_probe("launchers", "launch.local: a misspelt config key in every process", "fail",
+              "one line naming the key", r"unknown config key",
+              ["launch.local", "--num_processes=2", "--cpu_devices_per_process=1", "--",
+               *tabular_flags("--config.train.batchsize=8"), "--workdir=run2"], timeout=90, cost=15)
 
 
-@probe("launchers", "launch.local: no entry point arguments", "fail", "usage error",
-       r"--|argument", cost=3)
-def _local_no_args(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("launch.local", "--num_processes=2"))
+command_probe("launchers", "launch.local: no entry point arguments", "fail", "usage error",
+              r"--|argument", ["launch.local", "--num_processes=2"], cost=3)
 
 
-@probe("launchers", "launch.sweep: unknown model", "fail", "one line naming the model",
-       r"nosuchmodel|unknown", cost=6)
-def _sweep_unknown_model(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("launch.sweep", f"--config={TABULAR_CONFIG}", "--models=nosuchmodel",
-                             "--seeds=0", "--out=sweep", "--", *DATA, *MODEL))
+command_probe("launchers", "launch.sweep: unknown model", "fail", "one line naming the model",
+              r"nosuchmodel|unknown",
+              ["launch.sweep", f"--config={TABULAR_CONFIG}", "--models=nosuchmodel", "--seeds=0",
+               "--out=sweep", "--", *DATA, *MODEL], cost=6)
 
 
 # --- signals
@@ -1284,25 +1291,22 @@ def _bad_timestamps(ctx: Ctx) -> Observed:
   return Observed(_prepare(ctx))
 
 
-@probe("input", "main: unknown config key", "fail", "one line with a suggestion",
-       r"unknown config key.*batch_size", cost=5)
-def _unknown_key(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("mian_jax.main", *tabular_flags("--config.train.batchsize=8"),
-                             "--workdir=run2"))
+command_probe("input", "main: unknown config key", "fail", "one line with a suggestion",
+              r"unknown config key.*batch_size",
+              ["mian_jax.main", *tabular_flags("--config.train.batchsize=8"), "--workdir=run2"],
+              cost=5)
 
 
-@probe("input", "main: a value of the wrong type (batch_size=abc)", "fail",
-       "one line naming the key", r"batch_size", cost=5)
-def _wrong_type(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("mian_jax.main", *tabular_flags("--config.train.batch_size=abc"),
-                             "--workdir=run2"))
+command_probe("input", "main: a value of the wrong type (batch_size=abc)", "fail",
+              "one line naming the key", r"batch_size",
+              ["mian_jax.main", *tabular_flags("--config.train.batch_size=abc"), "--workdir=run2"],
+              cost=5)
 
 
-@probe("input", "main: an out-of-range value (batch_size=-4)", "fail",
-       "one line naming the key", r"batch_size", cost=8)
-def _out_of_range(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("mian_jax.main", *tabular_flags("--config.train.batch_size=-4"),
-                             "--workdir=run2"))
+command_probe("input", "main: an out-of-range value (batch_size=-4)", "fail",
+              "one line naming the key", r"batch_size",
+              ["mian_jax.main", *tabular_flags("--config.train.batch_size=-4"), "--workdir=run2"],
+              cost=8)
 
 
 @probe("input", "main: unknown config argument (tabular.py:foo=1)", "fail",
@@ -1319,18 +1323,14 @@ def _missing_csv(ctx: Ctx) -> Observed:
   return Observed(_prepare(ctx, "--config.data.tabular.path=nope.csv"))
 
 
-@probe("input", "main: the config file is missing", "fail", "one line naming the file",
-       r"nope\.py|config", cost=5)
-def _missing_config(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("mian_jax.main", "--config=nope.py", "--workdir=run2"))
+command_probe("input", "main: the config file is missing", "fail", "one line naming the file",
+              r"nope\.py|config", ["mian_jax.main", "--config=nope.py", "--workdir=run2"], cost=5)
 
 
-@probe("input", "predict: the input file is missing", "fail", "one line naming the file",
-       r"nope\.csv", needs_run=True)
-def _missing_input(ctx: Ctx) -> Observed:
-  ctx.copy("run")
-  return Observed(ctx.module("mian_jax.predict", "--workdir=run", "--input=nope.csv",
-                             "--output=scores.csv"))
+command_probe("input", "predict: the input file is missing", "fail", "one line naming the file",
+              r"nope\.csv",
+              ["mian_jax.predict", "--workdir=run", "--input=nope.csv", "--output=scores.csv"],
+              needs_run=True)
 
 
 @probe("input", "Scorer.encode: a field missing", "fail", "one line naming the field",
@@ -1380,12 +1380,10 @@ def _ro_evaluate(ctx: Ctx) -> Observed:
   return Observed(ctx.module("mian_jax.evaluate", "--workdir=run"))
 
 
-@probe("tracebacks", "predict --batch_size=-5", "fail", "one line naming --batch_size",
-       r"batch_size", needs_run=True)
-def _negative_batch(ctx: Ctx) -> Observed:
-  ctx.copy("run")
-  return Observed(ctx.module("mian_jax.predict", "--workdir=run", "--input=log.csv",
-                             "--output=scores.csv", "--batch_size=-5"))
+command_probe("tracebacks", "predict --batch_size=-5", "fail", "one line naming --batch_size",
+              r"batch_size",
+              ["mian_jax.predict", "--workdir=run", "--input=log.csv", "--output=scores.csv",
+               "--batch_size=-5"], needs_run=True)
 
 
 @probe("tracebacks", "config file with a syntax error", "fail",
@@ -1396,10 +1394,9 @@ def _config_syntax(ctx: Ctx) -> Observed:
   return Observed(ctx.module("mian_jax.main", "--config=broken.py", "--workdir=run2"))
 
 
-@probe("tracebacks", "evaluate on a missing workdir", "fail", "one line: no run there",
-       r"^(?!.*Flag --config).*(no run|not found|does not exist|no such|missing)", cost=5)
-def _evaluate_missing(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("mian_jax.evaluate", "--workdir=nope"))
+command_probe("tracebacks", "evaluate on a missing workdir", "fail", "one line: no run there",
+              r"^(?!.*Flag --config).*(no run|not found|does not exist|no such|missing)",
+              ["mian_jax.evaluate", "--workdir=nope"], cost=5)
 
 
 @probe("tracebacks", "evaluate on an empty workdir", "fail", "one line: no run there",
@@ -1431,11 +1428,9 @@ def _scores_differ(ctx: Ctx, output: str) -> str | None:
   return f"{moved} of {len(scores)} scores differ from the base run's" if moved else None
 
 
-@probe("tracebacks", "evaluate --step=999 (no such checkpoint)", "fail",
-       "one line naming the steps there", r"999", needs_run=True)
-def _missing_step(ctx: Ctx) -> Observed:
-  ctx.copy("run")
-  return Observed(ctx.module("mian_jax.evaluate", "--workdir=run", "--step=999"))
+command_probe("tracebacks", "evaluate --step=999 (no such checkpoint)", "fail",
+              "one line naming the steps there", r"999",
+              ["mian_jax.evaluate", "--workdir=run", "--step=999"], needs_run=True)
 
 
 @probe("tracebacks", "predict into a directory that does not exist", "either",
@@ -1448,18 +1443,14 @@ def _predict_missing_dir(ctx: Ctx) -> Observed:
   return Observed(proc, None if ok else "exit 0 but no scores file")
 
 
-@probe("tracebacks", "export --platforms=nope", "fail", "one line naming the platform",
-       r"nope|platform", needs_run=True)
-def _bad_platform(ctx: Ctx) -> Observed:
-  ctx.copy("run")
-  return Observed(ctx.module("mian_jax.export", "--workdir=run", "--out=out",
-                             "--platforms=nope"))
+command_probe("tracebacks", "export --platforms=nope", "fail", "one line naming the platform",
+              r"nope|platform",
+              ["mian_jax.export", "--workdir=run", "--out=out", "--platforms=nope"], needs_run=True)
 
 
-@probe("tracebacks", "export from a missing workdir", "fail", "one line: no run there",
-       r"nope|no run|not found|does not exist|no such|missing", cost=6)
-def _export_missing(ctx: Ctx) -> Observed:
-  return Observed(ctx.module("mian_jax.export", "--workdir=nope", "--out=out"))
+command_probe("tracebacks", "export from a missing workdir", "fail", "one line: no run there",
+              r"nope|no run|not found|does not exist|no such|missing",
+              ["mian_jax.export", "--workdir=nope", "--out=out"], cost=6)
 
 
 # --- disk full
@@ -1483,29 +1474,31 @@ def _disk_full_train(ctx: Ctx) -> Observed:
                              "--workdir=disk/run", timeout=240))
 
 
+def _write_to_full_disk(ctx: Ctx, leave_bytes: int, output: str, *command: str) -> Observed:
+  """`python -m <command>` on a copy of the base run, writing `output` onto a full disk/ (about
+  `leave_bytes` free); a problem if it left some of `output` there."""
+  ctx.copy("run")
+  why = _full_disk(ctx, leave_bytes)
+  if why:
+    return Observed(Proc(0), skipped=why)
+  proc = ctx.module(*command)
+  path = ctx.path("disk", output)
+  left = os.path.exists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
+  return Observed(proc, f"left a partial disk/{output}" if left else None)
+
+
 @probe("disk full", "export onto a full disk", "fail",
        "one line: no space left; no partial export", r"space|disk|full", needs_run=True)
 def _disk_full_export(ctx: Ctx) -> Observed:
-  ctx.copy("run")
-  why = _full_disk(ctx, 40_000)
-  if why:
-    return Observed(Proc(0), skipped=why)
-  proc = ctx.module("mian_jax.export", "--workdir=run", "--out=disk/export", "--platforms=cpu")
-  left = os.path.isdir(ctx.path("disk", "export")) and os.listdir(ctx.path("disk", "export"))
-  return Observed(proc, f"left a partial export: {sorted(left)}" if left else None)
+  return _write_to_full_disk(ctx, 40_000, "export", "mian_jax.export", "--workdir=run",
+                             "--out=disk/export", "--platforms=cpu")
 
 
 @probe("disk full", "predict onto a full disk", "fail",
        "one line: no space left; no partial output", r"space|disk|full", needs_run=True)
 def _disk_full_predict(ctx: Ctx) -> Observed:
-  ctx.copy("run")
-  why = _full_disk(ctx, 0)
-  if why:
-    return Observed(Proc(0), skipped=why)
-  proc = ctx.module("mian_jax.predict", "--workdir=run", "--input=log.csv",
-                    "--output=disk/scores.csv")
-  left = os.path.exists(ctx.path("disk", "scores.csv"))
-  return Observed(proc, "left a partial disk/scores.csv" if left else None)
+  return _write_to_full_disk(ctx, 0, "scores.csv", "mian_jax.predict", "--workdir=run",
+                             "--input=log.csv", "--output=disk/scores.csv")
 
 
 # --- permissions (the harness runs with umask 022)
@@ -1667,16 +1660,18 @@ def commit_label() -> str:
   return head + (" with uncommitted changes" if git("status", "--porcelain") else "")
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("out", "runs/faults", "where faults.md, faults.json and logs/ go",
+                      flag_values=fv)
+  flags.DEFINE_string("only", "", "regex: run the probes whose class or name matches",
+                      flag_values=fv)
+  flags.DEFINE_integer("jobs", 2, "probes run at a time", flag_values=fv)
+  flags.DEFINE_bool("keep", False, "keep the scratch directory", flag_values=fv)
+  flags.DEFINE_bool("list", False, "list the probes and exit", flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="runs/faults")
-  parser.add_argument("--only", default="", help="regex: run the probes whose class or name "
-                      "matches")
-  parser.add_argument("--jobs", type=int, default=2, help="probes run at a time")
-  parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
-  parser.add_argument("--list", action="store_true", help="list the probes and exit")
-  args = parser.parse_args(argv)
+  args = common.parse_flags(argv, __doc__, define_flags)
   probes = [p for p in PROBES if re.search(args.only, f"{p.cls}: {p.name}", re.I)]
   if args.list or not probes:
     for p in probes:

@@ -21,8 +21,8 @@ Target at Books size: <= 60 s and <= 3 GB peak RSS on 2 cores (issue 22).
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import functools
 import gzip
 import json
 import os
@@ -34,6 +34,7 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
 
 from benchmarks import common
 
@@ -159,17 +160,23 @@ def stage_table(log: str) -> str:
   return "\n".join(lines + [f"| {s} | {w} | {c} | {r} |" for s, w, c, r in rows])
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dir", required=True, help="where the raw files and output go")
-  parser.add_argument("--source", default="synthetic", choices=("synthetic", "amazon_like"))
-  parser.add_argument("--size", default="books", help="amazon_like: configs/amazon_like.py size")
-  parser.add_argument("--scale", type=float, default=1.0, help="synthetic: 1 = Books size")
-  parser.add_argument("--text_chars", type=int, default=5, help="synthetic: reviewText length")
-  parser.add_argument("--protocol", default="mian", choices=("mian", "din", "dien"))
-  parser.add_argument("--skip_generate", action="store_true", help="reuse the synthetic files")
-  parser.add_argument("--child", nargs=2, metavar=("REVIEWS", "META"), help=argparse.SUPPRESS)
-  args = parser.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+  string = functools.partial(flags.DEFINE_string, flag_values=fv)
+  enum = functools.partial(flags.DEFINE_enum, flag_values=fv)
+  string("dir", None, "where the raw files and output go")
+  flags.mark_flag_as_required("dir", flag_values=fv)
+  enum("source", "synthetic", ["synthetic", "amazon_like"], "where the raw files come from")
+  string("size", "books", "amazon_like: configs/amazon_like.py size")
+  flags.DEFINE_float("scale", 1.0, "synthetic: 1 = Books size", flag_values=fv)
+  flags.DEFINE_integer("text_chars", 5, "synthetic: reviewText length", flag_values=fv)
+  enum("protocol", "mian", ["mian", "din", "dien"], "the preparation protocol")
+  flags.DEFINE_bool("skip_generate", False, "reuse the synthetic files", flag_values=fv)
+  flags.DEFINE_multi_string("child", None, "internal: --child=REVIEWS --child=META prepares "
+                            "those files in this process", flag_values=fv)
+
+
+def main(argv=None):
+  args = common.parse_flags(argv, __doc__, define_flags)
   if args.child:
     print("RESULT " + json.dumps(prepare_child(args.dir, args.protocol, *args.child)),
           flush=True)
@@ -185,8 +192,8 @@ def main():
   load_before = os.getloadavg()[0]
   child = subprocess.run([sys.executable, "-m", "benchmarks.prepare_amazon",
                           "--dir", os.path.abspath(args.dir), "--protocol", args.protocol,
-                          "--child", reviews, meta], cwd=common.ROOT, capture_output=True,
-                         text=True, check=False)
+                          "--child", reviews, "--child", meta], cwd=common.ROOT,
+                         capture_output=True, text=True, check=False)
   if child.returncode:
     sys.exit(f"the preparation failed:\n{child.stderr[-4000:]}")
   lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]

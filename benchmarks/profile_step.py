@@ -13,7 +13,6 @@ sums the device time of every XLA operation of the step by the Flax module that 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -23,6 +22,8 @@ import re
 import sys
 import tempfile
 import time
+
+from absl import flags
 
 from benchmarks import common
 
@@ -84,18 +85,16 @@ def profile(model: str, batch_size: int, optimizer: str, vocab: str, num_steps: 
   return wall_ms, sources, op_times(trace[-1], "jit_train_step")
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  common.define_model_flags(fv, "mian", 128, "lazy_adam", "electronics")
+  flags.DEFINE_integer("steps", 20, "steps traced", flag_values=fv)
+  flags.DEFINE_integer("depth", 4, "op_name components per group", flag_values=fv)
+  flags.DEFINE_integer("top", 25, "groups printed", flag_values=fv)
+  flags.DEFINE_string("trace_dir", "", "default: a new temporary directory", flag_values=fv)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="mian")
-  parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--optimizer", default="lazy_adam", choices=common.OPTIMIZERS)
-  parser.add_argument("--vocab", default="electronics", choices=sorted(common.VOCABS))
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--depth", type=int, default=4, help="op_name components per group")
-  parser.add_argument("--top", type=int, default=25)
-  parser.add_argument("--trace_dir", default="", help="default: a new temporary directory")
-  args = parser.parse_args(argv)
+  args = common.parse_flags(argv, __doc__, define_flags)
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile-step-")
   wall_ms, sources, times = profile(args.model, args.batch_size, args.optimizer, args.vocab,
                                     args.steps, trace_dir)

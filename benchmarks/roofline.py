@@ -16,10 +16,10 @@ of a large element-wise read+write (GB/s). Prints a markdown table and appends J
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
+from absl import flags
 
 from benchmarks import common, compare_deepctr
 from mian_jax import writers
@@ -85,14 +85,18 @@ def model_costs(model_name: str, vocab: str, batch_size: int) -> dict:
                                            schema, np.asarray(columns["hist_len"]))}
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("models", "mian,din,dien,deepfm,xdeepfm,dcn,wide_deep,lr",
+                      "comma-separated models", flag_values=fv)
+  flags.DEFINE_enum("vocab", "electronics", sorted(common.VOCABS), "vocabulary sizes",
+                    flag_values=fv)
+  flags.DEFINE_integer("batch_size", 128, "examples per step", flag_values=fv)
+  flags.DEFINE_string("out", "runs/roofline.jsonl", "JSONL file rows are appended to",
+                      flag_values=fv)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", default="mian,din,dien,deepfm,xdeepfm,dcn,wide_deep,lr")
-  parser.add_argument("--vocab", default="electronics", choices=sorted(common.VOCABS))
-  parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--out", default="runs/roofline.jsonl")
-  args = parser.parse_args(argv)
+  args = common.parse_flags(argv, __doc__, define_flags)
   ceilings = machine_ceilings()
   print(f"ceilings: float32 matmul {ceilings['matmul_gflops']:.0f} GFLOP/s, element-wise "
         f"read+write {ceilings['stream_gbps']:.1f} GB/s\n")

@@ -21,7 +21,7 @@ AUC >= 0.68 at step 3,000, one periodic validation <= 60 s.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
 import statistics
@@ -29,6 +29,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from absl import flags
 
 from benchmarks import common
 from mian_jax import writers
@@ -180,23 +182,23 @@ def plot(runs: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="prepared data, runs and the report")
-  parser.add_argument("--size", default="books", help="configs/amazon_like.py size")
-  parser.add_argument("--models", default="mian,din,dien")
-  parser.add_argument("--steps", type=int, default=3000)
-  parser.add_argument("--eval_every", type=int, default=500)
-  parser.add_argument("--evals_per_epoch", type=int, default=10,
-                      help="periodic validations an epoch (the Amazon configs' 0.1 epoch)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--skip_prepare", action="store_true", help="reuse <out>/prepared")
-  parser.add_argument("overrides", nargs="*", help="--config.* flags after --, every model")
-  return parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags; --config.* flags for every model go after a `--`."""
+  string = functools.partial(flags.DEFINE_string, flag_values=fv)
+  integer = functools.partial(flags.DEFINE_integer, flag_values=fv)
+  string("out", None, "prepared data, runs and the report")
+  flags.mark_flag_as_required("out", flag_values=fv)
+  string("size", "books", "configs/amazon_like.py size")
+  string("models", "mian,din,dien", "comma-separated models")
+  integer("steps", 3000, "training steps per model")
+  integer("eval_every", 500, "steps between periodic validations")
+  integer("evals_per_epoch", 10, "periodic validations an epoch (the Amazon configs' 0.1 epoch)")
+  integer("seed", 0, "training seed")
+  flags.DEFINE_bool("skip_prepare", False, "reuse <out>/prepared", flag_values=fv)
 
 
 def main(argv=None) -> dict:
-  args = parse_args(argv)
+  args = common.parse_flags(argv, __doc__, define_flags, rest="overrides")
   args.out = os.path.abspath(args.out)
   os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
   prepared = prepare(args)

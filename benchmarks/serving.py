@@ -49,7 +49,6 @@ One JSON object per row is appended to --out; a Markdown table ends the run.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -57,10 +56,12 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from benchmarks import common, compare_deepctr
 
@@ -255,38 +256,30 @@ def format_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  """The flags; the `--config.<key>=<value>` overrides end up in `overrides`."""
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="Config overrides: --config.<key>=<value> (repeatable).")
-  p.add_argument("--config", required=True, help="configs/<dataset>.py[:arg]")
-  p.add_argument("--models", default="mian,din", help="comma list of models")
-  p.add_argument("--out", default="runs/serving.jsonl", help="JSONL file rows are appended to")
-  p.add_argument("--seconds", type=float, default=10.0,
-                 help="timed seconds per (model, implementation, batch size)")
-  p.add_argument("--batch_sizes", default="1,1024", help="comma list of batch sizes")
-  p.add_argument("--rounds", type=int, default=4,
-                 help="rounds alternating the two implementations per batch size")
-  p.add_argument("--peer", action="store_true",
-                 help="also measure DeepCTR-Torch's predict (DIN, DeepFM) with --peer_python")
-  p.add_argument("--peer_python", default=common.DEFAULT_PEER_PYTHON,
-                 help="python of a venv with torch and deepctr-torch")
-  p.add_argument("--peer_threads", type=int, default=0,
-                 help="torch.set_num_threads for the peer; 0 = os.cpu_count()")
-  args, overrides = p.parse_known_args(argv)
-  unknown = [x for x in overrides if not x.startswith("--config.")]
-  if unknown:
-    p.error(f"unrecognized arguments: {' '.join(unknown)}")
-  try:
-    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
-  except ValueError:
-    p.error(f"--batch_sizes={args.batch_sizes!r}: expected comma-separated integers")
-  if not args.batch_sizes or min(args.batch_sizes) < 1:
-    p.error("--batch_sizes: expected positive batch sizes")
-  if args.seconds <= 0 or args.rounds < 1:
-    p.error("--seconds must be positive and --rounds at least 1")
-  args.overrides = overrides
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags; `--config.<key>=<value>` overrides (repeatable) may come anywhere."""
+  common.define_config_flag(fv)
+  flags.DEFINE_string("models", "mian,din", "comma list of models", flag_values=fv)
+  flags.DEFINE_string("out", "runs/serving.jsonl", "JSONL file rows are appended to",
+                      flag_values=fv)
+  flags.DEFINE_float("seconds", 10.0, "timed seconds per (model, implementation, batch size)",
+                     flag_values=fv)
+  flags.DEFINE_string("batch_sizes", "1,1024", "comma list of batch sizes", flag_values=fv)
+  flags.DEFINE_integer("rounds", 4, "rounds alternating the two implementations per batch size",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("peer", False, "also measure DeepCTR-Torch's predict (DIN, DeepFM) with "
+                    "--peer_python", flag_values=fv)
+  common.define_peer_flags(fv)
+
+
+def parse_args(argv=None) -> types.SimpleNamespace:
+  args = common.parse_flags(argv, __doc__, define_flags, config_overrides=True)
+  sizes = [x for x in args.batch_sizes.split(",") if x]
+  if not sizes or not all(x.isdigit() and int(x) > 0 for x in sizes):
+    common.usage_error(f"--batch_sizes={args.batch_sizes!r}: expected positive integers")
+  if args.seconds <= 0:
+    common.usage_error("--seconds must be positive")
+  args.batch_sizes = [int(x) for x in sizes]
   return args
 
 

@@ -49,8 +49,8 @@ With 2 busy cores, fewer peer threads can be much faster (see compare_deepctr.py
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -60,8 +60,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
+from absl import flags
 
 from benchmarks import common, compare_deepctr
 from mian_jax import writers
@@ -165,7 +167,7 @@ def state_bytes_per_device(state) -> int:
              for shard in leaf.addressable_shards if shard.device == device)
 
 
-def run_ours(model: str, batch: int, args: argparse.Namespace, data_dir: str = "") -> dict:
+def run_ours(model: str, batch: int, args: types.SimpleNamespace, data_dir: str = "") -> dict:
   """`measure` in a child process (so that peak RSS is the pair's own)."""
   command = [sys.executable, "-m", "benchmarks.throughput", f"--single={model},{batch}",
              f"--vocab={args.vocab}", f"--seconds={args.seconds}",
@@ -273,34 +275,31 @@ def format_summary(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", default="mian,din")
-  parser.add_argument("--batch_sizes", default="128,1024")
-  parser.add_argument("--vocab", default="electronics", choices=sorted(common.VOCABS))
-  parser.add_argument("--seconds", type=float, default=20.0, help="steady-state time per pair")
-  parser.add_argument("--optimizer", default="adam", choices=common.OPTIMIZERS,
-                      help="config.train.optimizer of our models")
-  parser.add_argument("--max_steps_in_flight", type=int, default=None,
-                      help="unfinished train steps allowed (steps.bound_in_flight); 0: "
-                      "unbounded; default: 8 on several CPU devices (an XLA:CPU deadlock, "
-                      "docs/performance.md), else unbounded")
-  parser.add_argument("--out", default="runs/throughput.jsonl")
-  parser.add_argument("--peer", action="store_true",
-                      help="also measure DeepCTR-Torch's DIN / DeepFM, alternating with ours")
-  parser.add_argument("--repeats", type=int, default=1,
-                      help="runs per implementation and pair (alternating); medians reported")
-  parser.add_argument("--peer_python", default=common.DEFAULT_PEER_PYTHON,
-                      help="python of the venv with torch and deepctr-torch")
-  parser.add_argument("--peer_threads", type=int, default=0,
-                      help="torch.set_num_threads for the peer; 0 = os.cpu_count()")
-  parser.add_argument("--single", default="", help=argparse.SUPPRESS)  # model,batch: child mode
-  parser.add_argument("--data_dir", default="", help=argparse.SUPPRESS)  # child: shared arrays
-  args = parser.parse_args(argv)
-  if args.repeats < 1:
-    parser.error(f"--repeats={args.repeats}: expected at least 1")
-  return args
+def define_flags(fv: flags.FlagValues) -> None:
+  string = functools.partial(flags.DEFINE_string, flag_values=fv)
+  string("models", "mian,din", "comma-separated models")
+  string("batch_sizes", "128,1024", "comma-separated batch sizes")
+  flags.DEFINE_enum("vocab", "electronics", sorted(common.VOCABS), "vocabulary sizes",
+                    flag_values=fv)
+  flags.DEFINE_float("seconds", 20.0, "steady-state time per pair", flag_values=fv)
+  flags.DEFINE_enum("optimizer", "adam", list(common.OPTIMIZERS),
+                    "config.train.optimizer of our models", flag_values=fv)
+  flags.DEFINE_integer("max_steps_in_flight", None, "unfinished train steps allowed "
+                       "(steps.bound_in_flight); 0: unbounded; default: 8 on several CPU devices "
+                       "(an XLA:CPU deadlock, docs/performance.md), else unbounded",
+                       flag_values=fv)
+  string("out", "runs/throughput.jsonl", "JSONL file rows are appended to")
+  flags.DEFINE_bool("peer", False, "also measure DeepCTR-Torch's DIN / DeepFM, alternating "
+                    "with ours", flag_values=fv)
+  flags.DEFINE_integer("repeats", 1, "runs per implementation and pair (alternating); medians "
+                       "reported", lower_bound=1, flag_values=fv)
+  common.define_peer_flags(fv)
+  string("single", "", "internal: model,batch of a child measuring one pair")
+  string("data_dir", "", "internal: the child's shared arrays")
+
+
+def parse_args(argv=None) -> types.SimpleNamespace:
+  return common.parse_flags(argv, __doc__, define_flags)
 
 
 def measure_pair(model: str, batch: int, args, data: dict | None) -> list[dict]:

@@ -24,6 +24,7 @@ import os
 import sys
 
 import pandas as pd
+from absl import flags
 
 from launch import runner
 from mian_jax import writers
@@ -150,11 +151,14 @@ def plot(summary: pd.DataFrame, path: str, title: str = "Test AUC per variant") 
                       title, "test AUC")
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  runner.define_launch_flags(fv, out="runs/ablations")
+  flags.DEFINE_string("variants", ",".join(VARIANTS),
+                      f"comma-separated subset of: {', '.join(VARIANTS)}", flag_values=fv)
+
+
 def main():
-  parser = runner.launch_parser(__doc__, out="runs/ablations")
-  parser.add_argument("--variants", default=",".join(VARIANTS),
-                      help=f"comma-separated subset of: {', '.join(VARIANTS)}")
-  args = parser.parse_args()
+  args = runner.parse_flags(None, __doc__, define_flags, rest="overrides")
   seeds = [int(s) for s in args.seeds.split(",")]
   try:
     variants = parse_variants(args.variants)

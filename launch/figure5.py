@@ -16,7 +16,6 @@ validation AUC of the seed mean and its step, and each seed's best validation AU
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from absl import flags
 
 from launch import runner, table4
 from mian_jax import writers
@@ -208,17 +208,18 @@ def draw(runs: str, loss_key: str = "train/loss", window: int = 5) -> pd.DataFra
   return best
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("runs", "runs/table4", "the --out of python -m launch.table4",
+                      flag_values=fv)
+  flags.DEFINE_string("loss_key", "train/loss",
+                      "the logged training scalar to draw (train/loss, train/bce)", flag_values=fv)
+  flags.DEFINE_integer("smooth_window", 5,
+                       "logged loss values per centred moving mean (1: no smoothing)",
+                       lower_bound=1, flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--runs", default="runs/table4", help="the --out of python -m launch.table4")
-  parser.add_argument("--loss_key", default="train/loss",
-                      help="the logged training scalar to draw (train/loss, train/bce)")
-  parser.add_argument("--smooth_window", type=int, default=5,
-                      help="logged loss values per centred moving mean (1: no smoothing)")
-  args = parser.parse_args(argv)
-  if args.smooth_window < 1:
-    sys.exit(f"error: --smooth_window={args.smooth_window}: expected at least 1")
+  args = runner.parse_flags(argv, __doc__, define_flags)
   try:
     best = draw(args.runs, args.loss_key, args.smooth_window)
   except runner.LaunchError as e:

@@ -20,7 +20,6 @@ often it is an example's largest weight.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from absl import flags
 
 from launch import runner
 from mian_jax import writers
@@ -190,17 +190,18 @@ def draw(workdir: str, cases: int = 14, seed: int = 0, split: str = "test",
   return text
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "a MIAN training run with GIM on", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_integer("cases", 14, "examples to draw (the paper: 14)", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the sample", flag_values=fv)
+  flags.DEFINE_enum("split", "test", ["valid", "test"], "the split to draw from", flag_values=fv)
+  flags.DEFINE_string("step", "best", "best, latest or a step number", flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="a MIAN training run with GIM on")
-  parser.add_argument("--cases", type=int, default=14, help="examples to draw (the paper: 14)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
-  parser.add_argument("--split", default="test", choices=("valid", "test"))
-  parser.add_argument("--step", default="best", help="best, latest or a step number")
-  args = parser.parse_args(argv)
-  if args.cases < 1:
-    sys.exit(f"error: --cases={args.cases}: expected at least 1")
+  args = runner.parse_flags(argv, __doc__, define_flags)
   try:
     text = draw(args.workdir, args.cases, args.seed, args.split, args.step)
   except runner.LaunchError as e:

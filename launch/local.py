@@ -24,7 +24,6 @@ On a cluster, use launch/multihost.sh on each host (or launch/slurm.sbatch under
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import re
@@ -36,6 +35,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+
+from absl import flags
+
+from benchmarks.common import parse_flags, usage_error  # not launch.runner: it imports jax
 
 TIMEOUT_STATUS = 124  # as timeout(1)
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
@@ -241,33 +244,31 @@ def _install(handler) -> dict:
   return {s: signal.signal(s, h) for s, h in wanted.items()}
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("num_processes", None, "processes to start", lower_bound=1,
+                       flag_values=fv)
+  flags.mark_flag_as_required("num_processes", flag_values=fv)
+  flags.DEFINE_integer("cpu_devices_per_process", 0,
+                       "CPU devices each process sees (0: as the environment says)",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_string("module", "mian_jax.main", "the entry point every process runs",
+                      flag_values=fv)
+  flags.DEFINE_float("timeout", 0.0, "seconds; 0 = none", flag_values=fv)
+  flags.DEFINE_float("grace", 10.0, "seconds between SIGTERM and SIGKILL when stopping processes",
+                     flag_values=fv)
+  flags.DEFINE_integer("port", 0, "the coordinator's port on 127.0.0.1 (0: a free one)",
+                       lower_bound=0, upper_bound=65535, flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  passed = argv[argv.index("--") + 1:] if "--" in argv else []
-  own = argv[:argv.index("--")] if "--" in argv else argv
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--num_processes", type=int, required=True)
-  p.add_argument("--cpu_devices_per_process", type=int, default=0,
-                 help="CPU devices each process sees (0: as the environment says)")
-  p.add_argument("--module", default="mian_jax.main", help="the entry point every process runs")
-  p.add_argument("--timeout", type=float, default=0, help="seconds; 0 = none")
-  p.add_argument("--grace", type=float, default=10.0,
-                 help="seconds between SIGTERM and SIGKILL when stopping processes")
-  p.add_argument("--port", type=int, default=0,
-                 help="the coordinator's port on 127.0.0.1 (0: a free one)")
-  a = p.parse_args(own)
-  if a.num_processes < 1 or a.cpu_devices_per_process < 0 or not 0 <= a.port < 65536:
-    p.error("--num_processes must be at least 1, --cpu_devices_per_process at least 0 and "
-            "--port in 0..65535")
-  if not passed:
-    p.error("give the entry point's arguments after --, e.g. -- --config=configs/synthetic.py")
+  a = parse_flags(argv, __doc__, define_flags, rest="passed")
+  if not a.passed:
+    usage_error("give the entry point's arguments after --, e.g. -- --config=configs/synthetic.py")
   try:
-    sys.exit(launch(passed, a.num_processes, a.cpu_devices_per_process, a.module, a.timeout,
+    sys.exit(launch(a.passed, a.num_processes, a.cpu_devices_per_process, a.module, a.timeout,
                     a.grace, port=a.port))
   except PortInUseError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    usage_error(str(e))
 
 
 if __name__ == "__main__":

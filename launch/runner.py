@@ -20,7 +20,6 @@ test number is never chosen on test.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import fcntl
@@ -35,8 +34,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from absl import flags
 
-from mian_jax import workdir_lock
+from benchmarks.common import parse_flags, usage_error  # noqa: F401  (every tool's flags)
 from mian_jax.writers import hms, markdown_table  # noqa: F401  (the launchers' tables)
 from mian_jax import workdir as workdir_lib
 
@@ -63,20 +63,16 @@ class Run:
     return [f"--config.train.seed={self.seed}", *self.overrides]
 
 
-def launch_parser(description: str, out: str) -> argparse.ArgumentParser:
-  """An argument parser with the flags every launch tool shares: --config, --seeds, --out
-  (default `out`), --rerun_changed, and --config.* overrides for every run after a `--`."""
-  parser = argparse.ArgumentParser(description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/synthetic.py")
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--out", default=out)
-  parser.add_argument("--rerun_changed", action="store_true",
-                      help="move a workdir whose recorded config differs aside and rerun it")
-  parser.add_argument("overrides", nargs="*",
-                      help="extra --config.* overrides for every run, after a `--`, e.g. "
-                           "`-- --config.train.optimizer=lazy_adam`")
-  return parser
+def define_launch_flags(fv: flags.FlagValues, out: str) -> None:
+  """The flags every launch tool shares: --config, --seeds, --out (default `out`),
+  --rerun_changed; --config.* overrides for every run go after a `--`."""
+  flags.DEFINE_string("config", "configs/synthetic.py", "the config file of every run",
+                      flag_values=fv)
+  flags.DEFINE_string("seeds", "0,1,2", "comma-separated training seeds", flag_values=fv)
+  flags.DEFINE_string("out", out, "where the runs and the outputs go", flag_values=fv)
+  flags.DEFINE_bool("rerun_changed", False,
+                    "move a workdir whose recorded config differs aside and rerun it",
+                    flag_values=fv)
 
 
 def slug(text: str) -> str:
@@ -182,9 +178,9 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 def wait_until_free(workdir: str, echo: Callable[[str], None] = print,
                     timeout_s: float = 600.0) -> None:
-  """Waits until no process holds `workdir`'s run lock (mian_jax.workdir_lock), e.g. the child
+  """Waits until no process holds `workdir`'s run lock (mian_jax.workdir.hold), e.g. the child
   of a killed launcher still saving its checkpoint. Raises LaunchError after `timeout_s`."""
-  path = workdir_lock.lock_path(workdir)
+  path = workdir_lib.lock_path(workdir)
   if not os.path.isfile(path):
     return
   deadline, said = time.monotonic() + timeout_s, False

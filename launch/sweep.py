@@ -40,10 +40,10 @@ test once per seed (`python -m mian_jax.evaluate --split=test --step=best`). Out
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -51,11 +51,13 @@ import os
 import socket
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import optuna
 import pandas as pd
+from absl import flags
 from optuna.trial import TrialState
 
 from launch import ablations, runner, search_spaces
@@ -601,7 +603,7 @@ def summary_markdown(summary: pd.DataFrame, budget: str, title: str) -> str:
           "interval is Welch's t over seeds. Chosen parameters: summary.csv.\n")
 
 
-def budget_line(sweep: Sweep, args: argparse.Namespace) -> str:
+def budget_line(sweep: Sweep, args: types.SimpleNamespace) -> str:
   search = (f"a grid of {args.trials} points (`{args.grid}`)" if sweep.grid else
             f"TPE (seed {sweep.search_seed}), the first trial the config's defaults")
   extra = " ".join(args.overrides) or "none"
@@ -632,34 +634,27 @@ def write_outputs(runs: pd.DataFrame, keys: Sequence[str], out: str, budget: str
 # ----------------------------------------------------------------------------- the command
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = runner.launch_parser(__doc__, out="runs/sweep")
-  parser.add_argument("--models", default=",".join(MODELS),
-                      help="comma-separated models (default: all eight)")
-  parser.add_argument("--variants", default="",
-                      help=f"comma-separated extra entries of ablations.VARIANTS: "
-                           f"{', '.join(ablations.VARIANTS)}")
-  parser.add_argument("--trials", type=int, default=0,
-                      help="finished trials per model (default: 20; with --space=grid, its size)")
-  parser.add_argument("--space", default="", choices=("default", "grid"),
-                      help="default: launch/search_spaces.py; grid: --grid, every point once "
-                           "(what --grid alone means)")
-  parser.add_argument("--grid", default="", help="'key=v1,v2;key2=w1,w2' for --space=grid")
-  parser.add_argument("--storage", default="",
-                      help="journal file or database URL of the studies (default: "
-                           "<out>/optuna_journal.log); share it to run several workers")
-  parser.add_argument("--report_config", default="",
-                      help="search on --config (e.g. a subsample of users), then train each "
-                           "model's best setting on this config, once per seed, and report "
-                           "those runs (default: report the best trial's own runs)")
-  parser.add_argument("--report_seeds", default="",
-                      help="seeds of the --report_config runs (default: --seeds)")
-  parser.add_argument("--search_seed", type=int, default=0, help="seed of the TPE sampler")
-  parser.add_argument("--prune_startup", type=int, default=5,
-                      help="trials of a study finished before the pruner stops any")
-  parser.add_argument("--prune_warmup", type=int, default=0,
-                      help="training steps before a trial can be pruned")
-  return parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  runner.define_launch_flags(fv, out="runs/sweep")
+  string = functools.partial(flags.DEFINE_string, flag_values=fv)
+  integer = functools.partial(flags.DEFINE_integer, flag_values=fv)
+  string("models", ",".join(MODELS), "comma-separated models (default: all eight)")
+  string("variants", "", "comma-separated extra entries of ablations.VARIANTS: "
+         f"{', '.join(ablations.VARIANTS)}")
+  integer("trials", 0, "finished trials per model (default: 20; with --space=grid, its size)")
+  flags.DEFINE_enum("space", "", ["", "default", "grid"],
+                    "default: launch/search_spaces.py; grid: --grid, every point once (what "
+                    "--grid alone means)", flag_values=fv)
+  string("grid", "", "'key=v1,v2;key2=w1,w2' for --space=grid")
+  string("storage", "", "journal file or database URL of the studies (default: "
+         "<out>/optuna_journal.log); share it to run several workers")
+  string("report_config", "", "search on --config (e.g. a subsample of users), then train each "
+         "model's best setting on this config, once per seed, and report those runs (default: "
+         "report the best trial's own runs)")
+  string("report_seeds", "", "seeds of the --report_config runs (default: --seeds)")
+  integer("search_seed", 0, "seed of the TPE sampler")
+  integer("prune_startup", 5, "trials of a study finished before the pruner stops any")
+  integer("prune_warmup", 0, "training steps before a trial can be pruned")
 
 
 def entry_names(models: str, variants: str) -> list[str]:
@@ -669,7 +664,7 @@ def entry_names(models: str, variants: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-  args = parse_args(argv)
+  args = runner.parse_flags(argv, __doc__, define_flags, rest="overrides")
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   seeds = [int(s) for s in args.seeds.split(",")]
   grid = args.space == "grid" or (not args.space and bool(args.grid))

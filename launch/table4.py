@@ -19,7 +19,6 @@ steps, the oracle AUC when the data knows it) and `table4.png` (test AUC with er
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -109,12 +108,10 @@ def write_outputs(frame: pd.DataFrame, out: str, title: str) -> pd.DataFrame:
   return summary
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  return runner.launch_parser(__doc__, out="runs/table4").parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-  args = parse_args(argv)
+  args = runner.parse_flags(argv, __doc__,
+                            lambda fv: runner.define_launch_flags(fv, out="runs/table4"),
+                            rest="overrides")
   seeds = [int(s) for s in args.seeds.split(",")]
   try:
     for flag in args.overrides:

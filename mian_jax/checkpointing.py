@@ -8,6 +8,7 @@ start from the config's seed. docs/training.md, "Checkpoints and resume", says m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import re
 import shutil
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,11 +25,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from mian_jax import sharding
 from mian_jax.errors import (DataError, DiskFullError, NonFiniteStateError, describe,
-                             file_system_error)
+                             file_system_error, first_of)
 from mian_jax.fileio import relative_files, sha256_file, write_text_atomic
 
 # Inside each step directory: orbax ignores it, and deletes or moves it with its step.
@@ -38,8 +40,7 @@ _TABLE_PATH = re.compile(r"params/.*embed_(?P<field>[^/]+)/embedding$")
 
 
 class OtherRunError(DataError):
-  """A readable checkpoint of another run (other data, other shapes): never damage, so never
-  moved aside."""
+  """A readable checkpoint of another run (other data, shapes): not damage, never moved aside."""
 
 
 # Steps a manager saved in this process whose checksums are not written yet.
@@ -55,22 +56,16 @@ def best_checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints_best")
 
 
-def _manager(directory: str, max_to_keep: int, read_only: bool) -> ocp.CheckpointManager:
+def create_manager(workdir: str, checkpoint_config: ConfigDict, read_only: bool = False,
+                   best: bool = False) -> ocp.CheckpointManager:
+  """The newest `checkpoint.max_to_keep` checkpoints, `<workdir>/checkpoints`; with `best`, the
+  best validation step's alone, `<workdir>/checkpoints_best`."""
   # cleanup_tmp_directories: a process killed mid-save leaves `<step>.orbax-checkpoint-tmp*`.
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
-
-
-def create_manager(workdir: str, checkpoint_config: ConfigDict,
-                   read_only: bool = False) -> ocp.CheckpointManager:
-  """The newest `checkpoint.max_to_keep` checkpoints, `<workdir>/checkpoints`."""
-  return _manager(checkpoint_dir(workdir), checkpoint_config.max_to_keep, read_only)
-
-
-def create_best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
-  """The checkpoint of the best validation AUC, `<workdir>/checkpoints_best` (one step)."""
-  return _manager(best_checkpoint_dir(workdir), 1, read_only)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1 if best else checkpoint_config.max_to_keep, create=not read_only,
+      read_only=read_only, cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager((best_checkpoint_dir if best else checkpoint_dir)(workdir),
+                               options=options, item_names=("state", "meta"))
 
 
 def identity(run) -> dict[str, Any]:
@@ -86,20 +81,18 @@ def _state_tree(state) -> dict[str, Any]:
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack(checks).all() if checks else jnp.array(True)
+  return jnp.array([True] + [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+                             if jnp.issubdtype(x.dtype, jnp.inexact)]).all()
 
 
 def is_finite(state) -> bool:
-  """Whether every float leaf of `state.params` and `state.opt_state` is finite (the same
-  answer in every process: one jitted reduction with a replicated result)."""
-  result = _all_finite({"params": state.params, "opt_state": state.opt_state})
-  return bool(np.asarray(result.addressable_data(0)))
+  """Whether every float leaf of the params and optimizer state is finite (the same answer in
+  every process: one jitted reduction with a replicated result)."""
+  return bool(np.asarray(_all_finite((state.params, state.opt_state)).addressable_data(0)))
 
 
 def save(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
-  """Saves asynchronously, after `finalize` of the previous save (end with `close`, so that
+  """Saves asynchronously, after `finalize` of the previous save (end with `finalize`, so that
   the last one is hashed too); NonFiniteStateError, saving nothing, for a non-finite state."""
   step = int(meta["step"])
   if not is_finite(state):
@@ -111,58 +104,43 @@ def save(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
         f"and was NOT saved to {manager.directory}; {where} (lower train.learning_rate or "
         "check the data for extreme values)")
   finalize(manager)
-  try:
+  with _disk_full_in_one_line(manager):
     manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
-  except Exception as e:  # noqa: BLE001 - orbax wraps the OSError
-    _raise_if_disk_full(e, manager)
-    raise
   _unhashed.setdefault(manager, set()).add(step)
 
 
-def _raise_if_disk_full(e: BaseException, manager: ocp.CheckpointManager) -> None:
-  """DiskFullError (one line) if `e` comes from a full disk, instead of orbax's traceback."""
-  cause = file_system_error(e)
-  if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-    raise DiskFullError(f"disk full: a checkpoint save to {manager.directory} failed "
-                        f"({cause.strerror}); free space on that file system and rerun the same "
-                        "command: it resumes from the last complete checkpoint") from None
+@contextlib.contextmanager
+def _disk_full_in_one_line(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """Raises DiskFullError (one line) for an error of a full disk, not orbax's traceback."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - orbax wraps the OSError
+    cause = file_system_error(e)
+    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise DiskFullError(f"disk full: a checkpoint save to {manager.directory} failed "
+                          f"({cause.strerror}); free space on that file system and rerun the "
+                          "same command: it resumes from the last complete checkpoint") from None
+    raise
 
 
 def finalize(manager: ocp.CheckpointManager) -> None:
   """Waits for the manager's saves to land (collective), then process 0 writes the checksum
   file of each step this process saved that is still on disk. Cheap when nothing is pending."""
-  try:
-    manager.wait_until_finished()
-  except Exception as e:  # noqa: BLE001 - a background save failed
-    _unhashed.pop(manager, None)
-    _raise_if_disk_full(e, manager)
-    raise
   steps = _unhashed.pop(manager, set())
-  if jax.process_index() != 0:
-    return
-  for step in sorted(steps):
+  with _disk_full_in_one_line(manager):  # a background save failed
+    manager.wait_until_finished()
+  for step in sorted(steps) if jax.process_index() == 0 else []:
     step_dir = _step_dir(manager, step)
     if os.path.isdir(step_dir):  # else rotated away or moved aside since
-      write_checksums(step_dir)
-
-
-def close(manager: ocp.CheckpointManager) -> None:
-  """`finalize`, then `manager.close()`: how a run ends with a manager it saved with."""
-  finalize(manager)
-  manager.close()
+      files = {p: sha256_file(os.path.join(step_dir, p)) for p in relative_files(step_dir)
+               if not p.startswith(CHECKSUM_FILE)}  # nor its temporary copy
+      write_text_atomic(os.path.join(step_dir, CHECKSUM_FILE),
+                        json.dumps({"algorithm": "sha256", "files": files}, indent=1), fsync=True)
 
 
 def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
-
-
-def write_checksums(step_dir: str) -> None:
-  """Writes `<step_dir>/sha256sums.json` atomically (a killed writer leaves no partial file)."""
-  files = {path: sha256_file(os.path.join(step_dir, path)) for path in relative_files(step_dir)
-           if not path.startswith(CHECKSUM_FILE)}  # nor its temporary copy
-  write_text_atomic(os.path.join(step_dir, CHECKSUM_FILE),
-                    json.dumps({"algorithm": "sha256", "files": files}, indent=1), fsync=True)
 
 
 def verify_checksums(step_dir: str) -> bool:
@@ -187,27 +165,22 @@ def verify_checksums(step_dir: str) -> bool:
 
 def _verify_step(manager: ocp.CheckpointManager, step: int) -> None:
   """Process 0 checks the step's checksums; every process raises DataError if they differ."""
-  error = ""
-  if jax.process_index() == 0:
-    try:
-      if not verify_checksums(_step_dir(manager, step)):
-        logging.info("Checkpoint %s has no %s (the run stopped before writing it); restoring "
-                     "it unverified", _step_dir(manager, step), CHECKSUM_FILE)
-    except DataError as e:
-      error = str(e)
-  if jax.process_count() > 1:  # one verdict for all, or the processes would part ways
-    if multihost_utils.broadcast_one_to_all(np.int32(bool(error))) and not error:
-      error = "checksums differ (details in process 0's log)"
-  if error:
+  error, step_dir = "", _step_dir(manager, step)
+  try:
+    if jax.process_index() == 0 and not verify_checksums(step_dir):
+      logging.info("Checkpoint %s has no %s (the run stopped before writing it); restoring it "
+                   "unverified", step_dir, CHECKSUM_FILE)
+  except DataError as e:
+    error = str(e)
+  if error := sharding.process_zero_verdict(error, "checksums differ (details in process 0's log)"):
     raise DataError(error)
 
 
 def reconcile_best(best_manager: ocp.CheckpointManager, state,
                    meta: dict[str, Any]) -> dict[str, Any]:
-  """Makes `checkpoints_best` hold exactly the step the resumed `meta` calls best; returns
-  `meta`. A newer best step is deleted (training redoes it identically); a missing one is
-  saved from `state` if that is the resumed step, else forgotten with a warning (best_step
-  and best_valid_auc None: selection starts again)."""
+  """`meta`, `checkpoints_best` made to hold exactly the step it calls best: a newer best step
+  is deleted (training redoes it); a missing one is saved from `state` if that is the resumed
+  step, else forgotten with a warning (best_step, best_valid_auc None: selection restarts)."""
   best_step = meta["best_step"]
   for step in best_manager.all_steps():
     if step != best_step:
@@ -224,26 +197,10 @@ def reconcile_best(best_manager: ocp.CheckpointManager, state,
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
-  """{path name ("params/embedding/embed_item_id/embedding", as orbax names it on disk): shape}
-  of every array leaf of `tree`."""
+  """{path as orbax names it on disk ("params/.../embed_item_id/embedding"): shape} of `tree`."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(x, "shape", ()))
           for path, x in leaves}
-
-
-def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
-  """{path name: shape} of the state's arrays saved at `step`, from orbax's metadata files
-  (no array is read)."""
-  handler = ocp.StandardCheckpointHandler()
-  return _shapes(handler.metadata(epath.Path(_step_dir(manager, step)) / "state").tree)
-
-
-def _shape_difference(name: str, here: tuple[int, ...], saved: tuple[int, ...]) -> str:
-  table = _TABLE_PATH.search(name)
-  if table and len(here) == len(saved) == 2 and here[1] == saved[1]:
-    return (f"table {table['field']} has {here[0]} rows for this data, {saved[0]} in the "
-            "checkpoint")
-  return f"{name} has shape {here} here, {saved} in the checkpoint"
 
 
 def other_run_differences(meta: dict[str, Any], identity: dict[str, Any],
@@ -253,66 +210,59 @@ def other_run_differences(meta: dict[str, Any], identity: dict[str, Any],
   shape (`here`, `saved`: {path name: shape}), then `identity` values (a None one, or one the
   checkpoint's `meta` lacks, is not compared) it records otherwise, then, only if the
   parameters agree (the optimizer's moments mirror them), the other state's differences."""
-  def tree_differences(names):
+  def tree_differences(params: bool):
     out = []
-    for name in sorted(names):
+    for name in sorted(n for n in set(here) | set(saved) if n.startswith("params/") == params):
       if name not in saved:
         out.append(f"the checkpoint has no {name}")
       elif name not in here:
         out.append(f"the checkpoint has {name}, this model has not")
       elif here[name] != saved[name]:
-        out.append(_shape_difference(name, here[name], saved[name]))
+        a, b, table = here[name], saved[name], _TABLE_PATH.search(name)
+        rows = table and len(a) == len(b) == 2 and a[1] == b[1]
+        out.append(f"table {table['field']} has {a[0]} rows for this data, {b[0]} in the "
+                   "checkpoint" if rows else f"{name} has shape {a} here, {b} in the checkpoint")
     return out
 
-  names = set(here) | set(saved)
-  params = tree_differences(n for n in names if n.startswith("params/"))
+  params = tree_differences(True)
   recorded_otherwise = [
       f"{key.replace('_', ' ')} {str(value)[:12]} for this data, {str(meta[key])[:12]} in the "
       "checkpoint" for key, value in identity.items()
       if value is not None and meta.get(key) is not None and meta[key] != value]
-  rest = [] if params else tree_differences(n for n in names if not n.startswith("params/"))
-  return params + recorded_otherwise + rest
-
-
-def _check_same_run(manager, step: int, state, meta: dict[str, Any],
-                    identity: dict[str, Any]) -> None:
-  """Raises OtherRunError (one line) if checkpoint `step` belongs to another run."""
-  differences = other_run_differences(meta, identity, _shapes(_state_tree(state)),
-                                      _saved_shapes(manager, step))
-  if not differences:
-    return
-  shown = "; ".join(differences[:3])
-  more = f"; and {len(differences) - 3} more" if len(differences) > 3 else ""
-  data_differs = any(meta.get(k) not in (None, v) for k, v in identity.items() if v is not None)
-  what = "other data" if data_differs else "other data or with another model"
-  raise OtherRunError(
-      f"checkpoint {step} in {manager.directory} was trained on {what} ({shown}{more}); "
-      "nothing was moved: resume it with its own data, or use another --workdir")
+  return params + recorded_otherwise + ([] if params else tree_differences(False))
 
 
 def _restore_step(manager, step: int, state, identity: dict[str, Any]):
-  """Checksums (damage), then meta, identity and shapes (another run), then the arrays."""
+  """Checksums (damage), then meta, identity and shapes (another run: OtherRunError, no array
+  read, the saved shapes from orbax's metadata files), then the arrays."""
   _verify_step(manager, step)
   meta = dict(manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))["meta"])
-  _check_same_run(manager, step, state, meta, identity)
+  saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(_step_dir(manager, step)) / "state").tree
+  if differences := other_run_differences(meta, identity, _shapes(_state_tree(state)),
+                                          _shapes(saved)):
+    data_differs = any(meta.get(k) not in (None, v) for k, v in identity.items() if v is not None)
+    what = "other data" if data_differs else "other data or with another model"
+    raise OtherRunError(
+        f"checkpoint {step} in {manager.directory} was trained on {what} "
+        f"({first_of(differences, 3)}); nothing was moved: resume it with its own data, or use "
+        "another --workdir")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  tree = restored["state"]
+  tree = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
   state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
   if not is_finite(state):
     raise DataError("the restored parameters or optimizer state hold NaN or infinite values")
-  return state, dict(restored["meta"])
+  return state, meta
 
 
 def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
             workdir: str | None = None, identity: dict[str, Any] | None = None):
   """(state, meta) restored into the structure and shardings of `state` (a fresh TrainState),
-  or None when no checkpoint is readable. `step`: that step (DataError if it is missing,
-  unreadable or damaged), or None for the resume order of the module docstring, damaged steps
-  moved aside into `workdir` (None: left). `identity` (`identity(run)`) is checked before any
-  array is read: OtherRunError, moving nothing, for another run's checkpoint."""
+  or None when none is readable. `step`: that step (DataError if missing or damaged), or None:
+  the resume order of the module docstring, damaged steps moved aside into `workdir` (None:
+  left). OtherRunError, moving nothing, if the checkpoint disagrees with `identity(run)`."""
   identity = identity or {}
   finalize(manager)  # a save of this run lands and is hashed before it is read
   steps = sorted(manager.all_steps(), reverse=True)

@@ -11,14 +11,17 @@ import os
 import re
 import sys
 import tokenize
+import traceback
 from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
+from flax import traverse_util
 from ml_collections import ConfigDict
 
 from mian_jax import config_defaults, fileio
-from mian_jax.errors import MianError, file_system_error, file_system_message, one_line
+from mian_jax.errors import (ConfigError, MianError, file_system_error, file_system_message,
+                             one_line)
 
 flags.DEFINE_bool(
     "show_config", False,
@@ -40,9 +43,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     try:
       argv = flags.FLAGS(argv)
-    except flags.IllegalFlagValueError:
-      # All flags were parsed and a validator failed (a required --workdir left out): that is
-      # no obstacle to showing the config.
+    except flags.IllegalFlagValueError:  # a validator failed (a required --workdir left out)
       if not (flags.FLAGS.is_parsed() and flags.FLAGS.show_config and _has_config()):
         raise
     if _has_config():
@@ -50,14 +51,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     text = str(e)
     if "Traceback" in text:  # an exception inside get_config(arg): keep flag and last line
-      lines = [line.strip() for line in text.splitlines() if line.strip()]
-      text = f"{text.split(': ', 1)[0]}: {lines[-1]}"
+      text = f"{text.split(': ', 1)[0]}: {text.strip().splitlines()[-1].strip()}"
     _fail(text)
   except (KeyError, AttributeError) as e:  # misspelt --config.<key>
     _fail(_unknown_key_message(argv) or f"unknown config key {one_line(e)}")
   except OSError as e:  # config file missing or broken
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    _fail(f"cannot load the config file: {lines[-1] if lines else e}")
+    last = (str(e).strip() or type(e).__name__).splitlines()[-1].strip()
+    _fail(f"cannot load the config file: {last}")
   except SyntaxError as e:  # a config file that is not valid Python
     where = f"{e.filename} line {e.lineno}" if e.filename else "the config file"
     _fail(f"{where}: SyntaxError: {e.msg}")
@@ -66,10 +66,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   if flags.FLAGS.show_config:
     if not _has_config():
       _fail("--show_config needs --config=<config file>")
-    name = flags.FLAGS["config"].config_filename  # path[:arg]
     try:
-      sys.stdout.write(describe_config(flags.FLAGS.config, name,
-                                       [config_defaults.__file__, name.split(":", 1)[0]]))
+      sys.stdout.write(describe_config(flags.FLAGS.config, flags.FLAGS["config"].config_filename))
       sys.stdout.flush()
     except BrokenPipeError:  # `--show_config | head`
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -78,23 +76,33 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def flag_value(argv: Sequence[str], name: str) -> str | None:
-  """The value of `--name=v` or `--name v` in argv (the last one given), else None."""
+  """The value of `--name=v` or `--name v` (or `-name`) in argv, the last one given, else None."""
   value = None
   for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      value = arg.split("=", 1)[1]
-    elif arg == f"--{name}" and i + 1 < len(argv):
+    if match := re.fullmatch(rf"--?{name}=(.*)", arg):
+      value = match.group(1)
+    elif re.fullmatch(rf"--?{name}", arg) and i + 1 < len(argv):
       value = argv[i + 1]
   return value
+
+
+def define_checkpoint_flags(verb: str, workdir_help: str = "holds checkpoints/") -> None:
+  """--workdir and --step, for the commands that read a checkpoint of a training run."""
+  flags.DEFINE_string("workdir", None, f"Workdir of a training run ({workdir_help}).")
+  flags.DEFINE_string("step", "latest", f"Checkpoint to {verb}: latest, best (of validation "
+                      "AUC) or a step number.")
+
+
+def check_one_process(command: str) -> None:
+  """ConfigError in a multi-process run, for a command that runs in one process."""
+  if jax.process_count() > 1:
+    raise ConfigError(f"{command} runs in one process; start it without MIAN_JAX_DISTRIBUTED")
 
 
 def require_run(argv: Sequence[str]) -> None:
   """For commands that read a trained run: --workdir without --config (after
   `workdir.with_recorded_config`: none recorded) exits with `error: no run in WORKDIR` (2)."""
-  args = list(argv[1:])
-  if any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in args):
-    return
-  if workdir := flag_value(args, "workdir"):
+  if flag_value(argv[1:], "config") is None and (workdir := flag_value(argv[1:], "workdir")):
     state = "does not exist" if not os.path.exists(workdir) else "holds no config.json"
     _fail(f"no run in {workdir} (it {state}); pass the --workdir of a training run "
           "(python -m mian_jax.main --config=... --workdir=...)")
@@ -106,47 +114,28 @@ def _has_config() -> bool:
 
 
 def _unknown_key_message(argv: Sequence[str]) -> str | None:
-  """'unknown config key a.b (did you mean a.c?)' for the first --config.<key> the config lacks
-  (ml_collections suggests only the first wrong part); None if none or the config won't load."""
+  """'unknown config key a.b (did you mean a.c?)' for the first --config.<key> the config lacks,
+  matched whole (ml_collections suggests one part: "train" for trian.batchsize); None if there
+  is none or the config does not load."""
   args = flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)
-  config_arg, keys = None, []
-  for i, arg in enumerate(args):
-    if match := re.fullmatch(r"--?config(=(.*))?", arg):
-      config_arg = match.group(2) if match.group(1) else next(iter(args[i + 1:i + 2]), None)
-    elif match := re.match(r"--?(?:no)?config\.([^=]+)", arg):
-      keys.append(match.group(1))
-  if config_arg is None:
-    return None
   try:
-    config = flags.FLAGS["config"].parser.parse(config_arg)
+    keys = list(flatten(flags.FLAGS["config"].parser.parse(flag_value(args, "config")).to_dict()))
   except Exception:  # noqa: BLE001 - only the original error is worth reporting
     return None
-  for key in keys:
-    if (suggestion := _closest_key(config, key)) != key:
-      return f"unknown config key {key}" + (f" (did you mean {suggestion}?)" if suggestion else "")
+  for arg in args:
+    match = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+    key = match.group(1) if match else None
+    if key and not any(k == key or k.startswith(f"{key}.") for k in keys):
+      close = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+      return f"unknown config key {key}" + (f" (did you mean {close[0]}?)" if close else "")
   return None
 
 
-def _closest_key(config, key: str) -> str | None:
-  """`key`, else the existing dotted key nearest to it part by part (None: a part matches none)."""
-  node, found = config, []
-  for part in key.split("."):
-    if not isinstance(node, ConfigDict):
-      return None
-    if part not in node:
-      part = next(iter(difflib.get_close_matches(part, list(node.keys()), n=1)), None)
-      if part is None:
-        return None
-    found.append(part)
-    node = node[part]
-  return ".".join(found)
-
-
-def describe_config(config: ConfigDict, name: str, sources: Sequence[str]) -> str:
-  """Every key of `config` (loaded from `name`) with its value and comment (`config_comments`
-  of the `sources`, a later one's winning), one aligned line each."""
+def describe_config(config: ConfigDict, name: str) -> str:
+  """Every key of `config` (loaded from `name`, path[:arg]) with its value and comment (from
+  config_defaults.py and the config file, the latter winning), one aligned line each."""
   comments = {}
-  for path in sources:
+  for path in (config_defaults.__file__, name.split(":", 1)[0]):
     if path.endswith(".py") and os.path.isfile(path):
       comments.update(config_comments(path))
   rows = [(key, repr(value), comments.get(key, ""))
@@ -162,71 +151,47 @@ def describe_config(config: ConfigDict, name: str, sources: Sequence[str]) -> st
   return "\n".join(lines) + "\n"
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict) -> dict:
   """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
+  return traverse_util.flatten_dict(tree, sep=".")
 
 
 def config_comments(path: str) -> dict[str, str]:
   """Dotted config key -> comment (the trailing `# ...` of the line that sets it, else the
-  comment lines right above), from a config file read with tokenize and ast, never run.
-
-  A function's returned name and a parameter `config` stand for the config; aliases
-  (`s = config.data.x = ConfigDict()`) and builders (`config.data.g = get_g()`) are followed.
-  """
+  comment lines right above), from a config file read with tokenize and ast, never run. A
+  function's returned name and a parameter `config` stand for the config; aliases
+  (`s = config.data.x = ConfigDict()`) and builders (`config.data.g = get_g()`) are followed."""
   with tokenize.open(path) as f:
     source = f.read()
-  trailing, above = {}, {}
-  block: list[str] = []
+  trailing, alone = {}, {}  # line -> a comment after code, a comment on a line of its own
   for token in tokenize.generate_tokens(io.StringIO(source).readline):
     if token.type == tokenize.COMMENT:
-      text = token.string.lstrip("#").strip()
-      if token.line[:token.start[1]].strip():
-        trailing[token.start[0]] = text
-      else:
-        block.append(text)
-    elif token.type == tokenize.NL and not token.line.strip():
-      block = []  # a blank line ends a comment block
-    elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
-      if block:
-        above[token.start[0]] = " ".join(block)
-      block = []
+      lines = trailing if token.line[:token.start[1]].strip() else alone
+      lines[token.start[0]] = token.string.lstrip("#").strip()
 
-  functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
+  functions = {n.name: n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
   prefixes: dict[str, str] = {}  # function -> where its returned config lands
   calls = []  # (caller, callee, key under the caller's config)
   assignments = []  # (function, key under its config, first line, last line)
-  for function in functions:
+  for function in functions.values():
     statements = [(n, n.targets if isinstance(n, ast.Assign) else [n.target])
                   for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.AnnAssign))]
     names = {n.value.id: "" for n in ast.walk(function)
              if isinstance(n, ast.Return) and isinstance(n.value, ast.Name)}
     if "config" in [a.arg for a in function.args.args]:
       names["config"] = ""
-    for _ in range(3):  # aliases of aliases
-      for statement, targets in statements:
-        keys = [_key(t, names) for t in [*targets, statement.value]]
-        key = next((k for k in keys if k is not None), None)
-        if key is not None:
-          for target in targets:
-            if isinstance(target, ast.Name):
-              names.setdefault(target.id, key)
-    for statement, targets in statements:
-      for target in targets:
-        key = _key(target, names)
-        if key:
+    for statement, targets in sorted(statements, key=lambda s: s[0].lineno):  # aliases first
+      keys = [_key(t, names) for t in [*targets, statement.value]]
+      alias = next((k for k in keys if k is not None), None)  # what a name target stands for
+      for target, key in zip(targets, keys):
+        if isinstance(target, ast.Name) and alias is not None:
+          names.setdefault(target.id, alias)
+        elif key:
           assignments.append((function.name, key, statement.lineno, statement.end_lineno))
-          if isinstance(statement.value, ast.Call):
-            callee = statement.value.func
-            name = callee.id if isinstance(callee, ast.Name) else getattr(callee, "attr", None)
-            if name in {f.name for f in functions}:
-              calls.append((function.name, name, key))
+          callee = statement.value.func if isinstance(statement.value, ast.Call) else None
+          name = callee.id if isinstance(callee, ast.Name) else getattr(callee, "attr", None)
+          if name in functions:
+            calls.append((function.name, name, key))
   for _ in range(3):  # nested builders
     for caller, callee, key in calls:
       prefixes[callee] = _join(prefixes.get(caller, ""), key)
@@ -234,9 +199,12 @@ def config_comments(path: str) -> dict[str, str]:
   found: dict[str, tuple[int, str]] = {}  # key -> (rank: trailing 0, above 1; comment)
   for function, key, first, last in assignments:
     key = _join(prefixes.get(function, ""), key)
+    above = first
+    while above - 1 in alone:  # the block of comment lines right above, up to a blank line
+      above -= 1
     comment = next((trailing[i] for i in range(first, last + 1) if i in trailing), None)
-    candidate = (0, comment) if comment else (1, above.get(first)) if first in above else None
-    if candidate and (key not in found or candidate[0] < found[key][0]):
+    candidate = (0, comment) if comment else (1, " ".join(alone[i] for i in range(above, first)))
+    if candidate[1] and (key not in found or candidate[0] < found[key][0]):
       found[key] = candidate
   return {key: comment for key, (_, comment) in found.items()}
 
@@ -256,38 +224,29 @@ def _join(prefix: str, key: str) -> str:
   return f"{prefix}.{key}" if prefix and key else prefix or key
 
 
-def run_or_exit(fn, *args):
-  """`fn(*args)`, a user error (MianError), a full or read-only disk or a lost peer becoming a
-  one-line message and exit 1."""
-  try:
-    return fn(*args)
-  except MianError as e:
-    _exit_with(one_line(e))
-  except Exception as e:  # noqa: BLE001 - only file-system errors and lost peers answered here
-    if lost_peer(e):
-      _exit_with("another process of this distributed run is gone (a collective lost its peer: "
-                 f"{one_line(e)[:160]}); the launcher names the process that ended; rerun to "
-                 "resume from the last checkpoint")
-    os_error = file_system_error(e)
-    if os_error is None:
-      raise
-    _exit_with(" ".join(file_system_message(os_error).split()))
-
-
 # What a collective's transport says when the process at the other end died.
 _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
-def lost_peer(error: BaseException) -> bool:
-  """Whether `error` is a JAX runtime error of a multi-process run whose peer went away."""
-  return (type(error).__name__ == "JaxRuntimeError" and jax.process_count() > 1
-          and any(text in str(error) for text in _LOST_PEER))
-
-
-def _exit_with(message: str) -> None:
-  """`error: <message>` on stderr, exit status 1; logged too where the log is not stderr."""
+def run_or_exit(fn, *args):
+  """`fn(*args)`, a user error (MianError), a full or read-only disk or a lost peer (a JAX
+  runtime error of a multi-process run whose peer went away) one line on stderr and exit 1."""
+  try:
+    return fn(*args)
+  except MianError as e:
+    message = one_line(e)
+  except Exception as e:  # noqa: BLE001 - only file-system errors and lost peers answered here
+    if (type(e).__name__ == "JaxRuntimeError" and jax.process_count() > 1
+        and any(text in str(e) for text in _LOST_PEER)):
+      message = ("another process of this distributed run is gone (a collective lost its peer: "
+                 f"{one_line(e)[:160]}); the launcher names the process that ended; rerun to "
+                 "resume from the last checkpoint")
+    elif (os_error := file_system_error(e)) is not None:
+      message = " ".join(file_system_message(os_error).split())
+    else:
+      raise
   if logging.get_absl_handler().python_handler.stream is not sys.stderr:
-    logging.error("%s", message)
+    logging.error("%s", message)  # also in the log where the log is not stderr
   sys.exit(f"error: {message}")
 
 
@@ -295,9 +254,8 @@ def _quiet_libraries(record) -> bool:
   """A log filter: drops orbax's INFO lines (every step of every save), and the tracebacks of a
   full or read-only disk that orbax or asyncio log (`run_or_exit` reports it in one line)."""
   from_orbax = "/orbax/" in record.pathname
-  if not (from_orbax or record.name == "asyncio"):
-    return True
-  if record.exc_info and file_system_error(record.exc_info[1]) is not None:
+  if ((from_orbax or record.name == "asyncio") and record.exc_info
+      and file_system_error(record.exc_info[1]) is not None):
     return False
   return record.levelno > 20 or not from_orbax
 
@@ -324,9 +282,27 @@ def init_process(argv: Sequence[str] = ()) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _closed_loop_callback(unraisable) -> bool:
+  """Whether an unraisable exception is tensorstore calling back into the event loop of an
+  orbax save that failed and closed it (no object, asyncio frames only): noise after the error."""
+  e, tb = unraisable.exc_value, unraisable.exc_traceback
+  frames = [f.f_code.co_filename for f, _ in traceback.walk_tb(tb)]
+  return (unraisable.object is None and isinstance(e, RuntimeError)
+          and str(e) == "Event loop is closed" and all("asyncio" in f for f in frames))
+
+
 def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_quiet_libraries)  # a second addFilter is a no-op
   py_logging.getLogger("jax._src.xla_bridge").addFilter(_no_backend_probes)
+  if getattr(sys.unraisablehook, "__wrapped__", None) is None:
+    previous = sys.unraisablehook
+
+    def hook(unraisable):  # printed by the interpreter, not logged: no log filter sees it
+      if not _closed_loop_callback(unraisable):
+        previous(unraisable)
+
+    hook.__wrapped__ = previous
+    sys.unraisablehook = hook
 
 
 def init_distributed() -> None:

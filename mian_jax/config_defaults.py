@@ -27,14 +27,12 @@ AMAZON_LITERAL = {
 def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   if reading not in READINGS:
     raise ValueError(f"config argument reading={reading!r}: expected one of {READINGS}")
-  config = ml_collections.ConfigDict()
-
-  config.data = ml_collections.ConfigDict()
+  config = ml_collections.ConfigDict(
+      {group: {} for group in ("data", "model", "train", "eval", "checkpoint", "sharding")})
   config.data.source = "synthetic"  # a source listed in mian_jax/data/__init__.py, or "prepared"
   config.data.prepared_dir = ""  # "" = a cache directory keyed by the data settings
   config.data.max_seq_len = 30  # T, behaviours per example (§4.3)
 
-  config.model = ml_collections.ConfigDict()
   config.model.name = "mian"  # a key of mian_jax.models.MODELS
   config.model.embed_dim = 16  # D, width of one field's embedding (not given in the paper)
   config.model.num_heads = 8  # Transformer heads (§4.3)
@@ -78,7 +76,6 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.model.aux_loss_weight = 1.0  # dien: alpha, the auxiliary loss weight (eq. 4)
   config.model.aux_mlp_dims = (100, 50)  # dien: auxiliary network hidden dims (authors' code)
 
-  config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, split over devices (§4.3)
   config.train.learning_rate = 1e-3  # Adam (§4.3)
   # "adam" | "lazy_adam" (leaves embedding rows a batch did not use alone; docs/performance.md)
@@ -99,19 +96,17 @@ def get_base_config(reading: str = "default") -> ml_collections.ConfigDict:
   config.train.eval_every_epochs = 0.0  # or every this fraction of an epoch (0: use the steps)
   config.train.early_stopping_patience = 0  # stop after N validations with no better AUC (0: off)
 
-  config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1024  # global evaluation batch
   config.eval.report_step = "best"  # final metrics of the "best" validation step | the "last" step
   config.eval.final_test = True  # evaluate the reported step on test at the end (False: valid only)
   # Periodic validation on about this many examples of whole users (0: the whole split)
   config.eval.periodic_valid_examples = 0
 
-  config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # plus one at the end of training
   config.checkpoint.max_to_keep = 3  # newest checkpoints kept
 
   # Row-sharded embedding tables over a data x model mesh (docs/training.md, "Sharded ...").
-  sharding = config.sharding = ml_collections.ConfigDict()
+  sharding = config.sharding
   sharding.model = 1  # devices along "model" (1: pure data parallelism)
   sharding.row_shard_min_rows = 0  # row-shard the tables of at least this many ids (0: none)
   sharding.row_shard_fields = ""  # e.g. "item_id,user_id": row-shard these, whatever their size

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -79,8 +80,7 @@ class Vocabulary:
     return self.first_id + len(self.values)
 
   def encode(self, values: Iterable[Any]) -> tuple[np.ndarray, int]:
-    """Raw values, looked up as str(value) -> (int32 ids [N], number of unseen or missing
-    values (None, NaN), mapped to OOV_ID)."""
+    """Raw values (as str(value)) -> (int32 ids [N], number of unseen or missing ones: OOV_ID)."""
     ids = self.ids
     return _count_oov(np.fromiter((OOV_ID if t is None else ids.get(t, OOV_ID)
                                    for t in tokens(values)), np.int32))
@@ -88,8 +88,7 @@ class Vocabulary:
 
 @dataclasses.dataclass(frozen=True)
 class HashedVocabulary:
-  """The ids of a hashed field (encoder kind "hash"): first_id + stable_hash(str(value)) mod
-  buckets; no values are kept, and no value is unseen. Encodes like a Vocabulary."""
+  """A hashed field (encoder kind "hash"): ids first_id + stable_hash(str(value)) mod buckets."""
   field: str
   buckets: int
   first_id: int = FIRST_ID
@@ -99,7 +98,6 @@ class HashedVocabulary:
     return self.first_id + self.buckets
 
   def encode(self, values: Iterable[Any]) -> tuple[np.ndarray, int]:
-    """Raw values -> (int32 ids [N], number of missing values (None, NaN), mapped to OOV_ID)."""
     return _count_oov(hash_ids(tokens(values), self.buckets, self.first_id))
 
 
@@ -120,6 +118,13 @@ class Lookup:
     return [None if t is None or t not in row else values[row[t]] for t in tokens(keys)]
 
 
+def read_lookups(vocab_dir: str, read_json) -> dict[str, Lookup]:
+  """key field -> Lookup of the vocab/lookup.<key>.json files, read with `read_json`."""
+  contents = [read_json(os.path.join(vocab_dir, name)) for name in sorted(os.listdir(vocab_dir))
+              if name.startswith(LOOKUP_PREFIX)]
+  return {c["key"]: Lookup(c["key"], tuple(c["keys"]), c["fields"]) for c in contents}
+
+
 def calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
   """UTC year, month 1..12, weekday 0..6 (Monday = 0) or hour of Unix seconds [N] (int64)."""
   s = np.floor(seconds).astype(np.int64)
@@ -134,9 +139,8 @@ def calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
 
 
 def apply_encoder(encoder: Mapping[str, Any], raw: Sequence[Any]) -> np.ndarray:
-  """Raw quantities [N] -> tokens (object [N], None = missing) to look up in the field's
-  vocabulary, or, for id-valued buckets and hash, int32 ids, or, for standardise, float32
-  values."""
+  """Raw quantities [N] -> tokens (object [N], None = missing) to look up in a vocabulary, or
+  int32 ids (id-valued buckets, hash), or float32 values (standardise)."""
   kind = encoder["kind"]
   if kind == "hash":
     check_hash_encoder(encoder)
@@ -181,8 +185,7 @@ def apply_encoder(encoder: Mapping[str, Any], raw: Sequence[Any]) -> np.ndarray:
 def encode_field(field: str, vocabulary: Vocabulary | HashedVocabulary | None,
                  encoder: Mapping[str, Any] | None, raw: Sequence[Any]) -> tuple[np.ndarray, int]:
   """A field's raw values [N] -> (its column [N], number of values mapped to OOV_ID): its
-  encoder, if any, then its vocabulary, unless the encoder already gives ids (id-valued
-  buckets, hash: only a missing value is OOV_ID there) or values (standardise)."""
+  encoder, if any, then its vocabulary unless the encoder gives ids or values."""
   values = raw if encoder is None else apply_encoder(encoder, raw)
   if encoder is not None and values.dtype != object:
     return _count_oov(values) if values.dtype == np.int32 else (values, 0)

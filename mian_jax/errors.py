@@ -15,8 +15,7 @@ class ConfigError(MianError, ValueError):
 
 
 def check_choice(key: str, value, allowed: tuple) -> None:
-  """Raises ConfigError, in the one line the CLI prints, unless `value` is one of `allowed`;
-  `key` is the dotted config key ("model.transformer")."""
+  """ConfigError, the one line the CLI prints, unless `value` (of config key `key`) is allowed."""
   if value not in allowed:
     raise ConfigError(f"config.{key}={value!r} is not one of {allowed}")
 
@@ -46,10 +45,9 @@ class Preempted(Exception):
   Not a MianError: nothing is wrong with the input, and the exit status says it was a signal."""
 
   def __init__(self, signum: int, step: int, workdir: str):
-    self.signum, self.step, self.workdir = signum, step, workdir
-    name = signal.Signals(signum).name
-    super().__init__(f"stopped by {name} at step {step} after saving a checkpoint; rerun the "
-                     f"same command to resume (workdir {workdir})")
+    self.signum = signum
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after saving a "
+                     f"checkpoint; rerun the same command to resume (workdir {workdir})")
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -89,6 +87,11 @@ def one_line(e: BaseException) -> str:
   """The message of `e` on one line (KeyError's repr quoting removed)."""
   text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
   return " ".join(text.split())
+
+
+def first_of(items: list[str], shown: int) -> str:
+  """The first `shown` items joined by "; ", then "; and N more" for the rest."""
+  return "; ".join(items[:shown]) + (f"; and {n} more" if (n := len(items) - shown) > 0 else "")
 
 
 def describe(e: BaseException) -> str:

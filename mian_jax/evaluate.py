@@ -1,17 +1,17 @@
 """Predictions and exact metrics of a split (training validates with them), and the command
-that evaluates a checkpoint of a run (its recorded config unless --config is given):
+that evaluates a checkpoint of a run (its recorded config unless --config is given), writing
+`<workdir>/eval/<split>_metrics_step<N>.json` and, with --predictions, its predictions
+`<split>_predictions_step<N>.parquet` (docs/training.md says their columns):
 
   python -m mian_jax.evaluate --workdir=runs/synthetic [--step=latest|best|N] \
       [--split=valid|test] [--predictions] [--config=configs/synthetic.py] [--config.k=v ...]
-
-Writes `<workdir>/eval/<split>_metrics_step<N>.json` and, with --predictions,
-`<split>_predictions_step<N>.parquet` (docs/training.md says their columns).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -28,42 +28,58 @@ from mian_jax.data import pipeline, vocab
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import DataError, NonFiniteLossError
 
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often (so only on large inputs)
+
+
+def predict_columns(state, eval_step, columns, schema: schema_lib.Schema, split: str,
+                    batch_size: int, mesh) -> dict[str, np.ndarray]:
+  """`eval_step`'s outputs over the `columns` of a split, in split order: "prob" [N] and, if it
+  gives attention, "attention.<module>" [N, n]; each batch fetched while the next one runs."""
+  outputs, positions = [], []
+  started = last_report = time.monotonic()
+  for batch, rows in pipeline.eval_batches(columns, schema, split, batch_size,
+                                           jax.process_index(), jax.process_count()):
+    # One host-to-device copy per batch (`sharding.PackedBatch`), not one per column.
+    outputs.append(eval_step(state, sharding.pack_to_global(batch, mesh)))
+    positions.append(rows)
+    if len(outputs) > 1:
+      outputs[-2] = sharding.to_host(outputs[-2])
+    now = time.monotonic()
+    if now - last_report >= PROGRESS_EVERY_S:
+      num_rows = schema.size(split)
+      done = min(len(outputs) * batch_size, num_rows)
+      rate = done / (now - started)
+      logging.info("Scored %d of %d rows (%.0f rows/s, ETA %.0f s)", done, num_rows, rate,
+                   (num_rows - done) / rate)
+      last_report = now
+  if not outputs:
+    return {"prob": np.zeros(0, np.float32)}
+  outputs[-1] = sharding.to_host(outputs[-1])
+  if jax.process_count() > 1:  # every process needs every process's row positions
+    positions = sharding.to_host([sharding.to_global(r, mesh) for r in positions])
+  rows = np.concatenate(positions)
+  keep = rows >= 0
+  order = np.argsort(rows[keep], kind="stable")
+  gather = lambda arrays: np.concatenate(arrays)[keep][order]  # noqa: E731
+  return {"prob": gather([o["prob"] for o in outputs]),
+          **{f"attention.{name}": gather([o["attention"][name] for o in outputs])
+             for name in outputs[0].get("attention", {})}}
+
 
 def predict_split(state, eval_step, data_dir: str, schema: schema_lib.Schema, split: str,
-                  batch_size: int, mesh, with_attention: bool = False,
-                  rows: np.ndarray | None = None) -> dict[str, Any]:
-  """The model's outputs over a whole split, or its `rows` only, as NumPy arrays in split
-  order: "prob", "label", "group_id", "extra.<name>" [N], and with `with_attention` (which
-  `eval_step` must have) "attention.<module>" [N, n]."""
+                  batch_size: int, mesh, rows: np.ndarray | None = None) -> dict[str, Any]:
+  """`predict_columns` of a whole split, or of its `rows` only, with its "label", "group_id"
+  and "extra.<name>" [N]."""
   columns = schema_lib.load_split(data_dir, split, schema)
   if rows is not None:  # the subset in memory, seen by the batching as a split of its own
     columns = {name: np.asarray(column[rows]) for name, column in columns.items()}
     sizes = dict(schema.num_examples, **{split: len(rows)})
     schema = dataclasses.replace(schema, num_examples=tuple(sizes.items()))
-  outputs, positions = [], []
-  for batch, batch_rows in pipeline.eval_batches(columns, schema, split, batch_size,
-                                                 jax.process_index(), jax.process_count()):
-    # One host-to-device copy per batch (`sharding.PackedBatch`), not one per column.
-    outputs.append(eval_step(state, sharding.pack_to_global(batch, mesh)))
-    positions.append(batch_rows)
-  if not outputs:
+  if not schema.size(split):
     raise DataError(f"split {split!r} of {data_dir} is empty")
-  outputs = sharding.to_host(outputs)
-  if jax.process_count() > 1:  # every process needs every process's row positions
-    positions = sharding.to_host([sharding.to_global(r, mesh) for r in positions])
-  rows = np.concatenate(positions)
-  keep = rows >= 0
-  rows = rows[keep]
-  flat = {"prob": np.concatenate([o["prob"] for o in outputs])[keep]}
-  if with_attention:
-    for name in outputs[0]["attention"]:
-      flat[f"attention.{name}"] = np.concatenate([o["attention"][name] for o in outputs])[keep]
-  order = np.argsort(rows, kind="stable")
-  result = {k: v[order] for k, v in flat.items()}
-  result["label"] = np.asarray(columns["label"])
-  result["group_id"] = np.asarray(columns["group_id"])
-  for name in schema.extra_columns:
-    result[f"extra.{name}"] = np.asarray(columns[f"extra.{name}"])
+  result = predict_columns(state, eval_step, columns, schema, split, batch_size, mesh)
+  for name in ("label", "group_id", *(f"extra.{n}" for n in schema.extra_columns)):
+    result[name] = np.asarray(columns[name])
   return result
 
 
@@ -84,10 +100,9 @@ def evaluate_split(run: steps.Run, state, split: str, step: int, writer=None,
   and written to `writer` (if any); with "step" and, for a subsample, "subsample": True."""
   result = split_metrics(predict_split(state, run.eval_step, run.data_dir, run.schema, split,
                                        run.config.eval.batch_size, run.mesh, rows=rows))
-  result["step"] = step
-  name = split if rows is None else f"{split}_subsample"
+  result["step"], name = step, split
   if rows is not None:
-    result["subsample"] = True
+    name, result["subsample"] = f"{split}_subsample", True
   if writer is not None:
     writer.write_scalars(step, scalars(name, result))
   text = ", ".join(f"{k}={result[k]:.4f}" for k in ("auc", "gauc", "logloss", "oracle_auc")
@@ -107,17 +122,14 @@ _SUBSAMPLE_STREAM = 0x5ab5
 
 
 def valid_subsample(group_id: np.ndarray, num_examples: int, seed: int) -> np.ndarray | None:
-  """The rows, in split order, of whole groups (gAUC's users) drawn in an order from `seed`
-  until they hold `num_examples` rows (a pure function, so a resumed run validates on the same
-  rows); None (the whole split) for `num_examples` 0 or at least the split's size."""
+  """The rows, in split order, of whole groups (gAUC's users) drawn in an order from `seed` until
+  they hold `num_examples` rows; None (the whole split) for 0 or at least the split's size."""
   if num_examples <= 0 or num_examples >= len(group_id):
     return None
   _, group_of_row, sizes = np.unique(group_id, return_inverse=True, return_counts=True)
   order = np.random.default_rng([seed, _SUBSAMPLE_STREAM]).permutation(len(sizes))
   enough = int(np.searchsorted(np.cumsum(sizes[order]), num_examples)) + 1
-  chosen = np.zeros(len(sizes), bool)
-  chosen[order[:enough]] = True
-  return np.flatnonzero(chosen[group_of_row.ravel()])
+  return np.flatnonzero(np.isin(group_of_row.ravel(), order[:enough]))
 
 
 def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool) -> None:
@@ -130,42 +142,31 @@ def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool)
     writers.write_json_atomic(os.path.join(eval_dir, f"{split}_metrics.json"), result)
 
 
-def prediction_keys(data_dir: str, schema: schema_lib.Schema, split: str) -> dict[str, Any]:
-  """What joins a split's predictions back to the data, in split order: `row`, and for the item
-  id and a user field named user_id their ids (`item.<name>`) and, where the prepared data
-  keeps a vocabulary, raw values (`<name>`; None for the out-of-vocabulary id)."""
-  columns = schema_lib.load_split(data_dir, split, schema, validate=False)
-  keys: dict[str, Any] = {"row": np.arange(schema.size(split), dtype=np.int64)}
-  features = schema.features
+def write_predictions(path: str, predictions: dict, run: steps.Run, split: str) -> None:
+  """Writes a split's per-example predictions atomically: `row`, the ids of the item and user_id
+  fields (`item.<name>`) and, with a vocabulary, their raw values (`<name>`; None for OOV), then
+  score, label, group_id, extras and attention."""
+  data_dir, schema, features = run.data_dir, run.schema, run.schema.features
+  split_columns = schema_lib.load_split(data_dir, split, schema, validate=False)
+  columns: dict[str, Any] = {"row": np.arange(schema.size(split), dtype=np.int64)}
   fields = [f"item.{features.item_fields[0].name}"] + [
       f"user.{f.name}" for f in features.user_fields if f.name == "user_id"]
   has_vocab = os.path.isfile(os.path.join(data_dir, schema_lib.VOCAB_DIR, vocab.ENCODERS_FILE))
   vocabularies = vocab.load_vocabularies(data_dir) if has_vocab else {}
   for field in fields:
-    ids = np.asarray(columns[field])
-    keys[field] = ids
+    columns[field] = ids = np.asarray(split_columns[field])
     vocabulary = vocabularies.get(field)
-    if isinstance(vocabulary, vocab.Vocabulary) and vocabulary.values:
-      values = np.asarray(vocabulary.values, dtype=object)
-      k = ids.astype(np.int64) - vocabulary.first_id
-      known = (k >= 0) & (k < len(values))
-      keys[field.split(".", 1)[1]] = np.where(known, values[np.clip(k, 0, len(values) - 1)],
-                                              None)
-  return keys
-
-
-def write_predictions(path: str, predictions: dict, attention_names: dict[str, tuple],
-                      keys: dict[str, Any] | None = None) -> None:
-  """Writes per-example predictions atomically: the `keys` columns (`prediction_keys`), then
-  score, label, group_id, extras and attention."""
-  columns = {**(keys or {}), "score": predictions["prob"], "label": predictions["label"],
-             "group_id": predictions["group_id"]}
+    if isinstance(vocabulary, vocab.Vocabulary) and vocabulary.values:  # an id past it: None
+      by_id = np.asarray([None] * vocabulary.first_id + [*vocabulary.values, None], dtype=object)
+      columns[field.split(".", 1)[1]] = by_id[np.minimum(ids, len(by_id) - 1)]
+  columns.update(score=predictions["prob"], label=predictions["label"],
+                 group_id=predictions["group_id"])
   columns.update({k.removeprefix("extra."): v for k, v in predictions.items()
                   if k.startswith("extra.")})
   columns.update({k.replace(".", "_", 1): pa.FixedSizeListArray.from_arrays(v.ravel(), v.shape[1])
                   for k, v in predictions.items() if k.startswith("attention.")})
   table = pa.table(columns).replace_schema_metadata(
-      {f"attention_{k}": ",".join(v) for k, v in attention_names.items()})
+      {f"attention_{k}": ",".join(v) for k, v in attention_names(run).items()})
   with fileio.atomic_path(path) as tmp:
     pq.write_table(table, tmp)
 
@@ -187,7 +188,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
   eval_step = steps.make_eval_step(run.mesh, with_attention=with_predictions,
                                    state_sharding=sharding.shardings_of(state))
   predictions = predict_split(state, eval_step, run.data_dir, run.schema, split,
-                              config.eval.batch_size, run.mesh, with_attention=with_predictions)
+                              config.eval.batch_size, run.mesh)
   result = split_metrics(predictions)
   result["step"] = int(state.step)
   if step == "best":
@@ -197,16 +198,13 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
   logging.info("%s @ step %d: %s", split, result["step"], result)
   if with_predictions and jax.process_index() == 0:
     path = os.path.join(workdir, "eval", f"{split}_predictions_step{result['step']}.parquet")
-    write_predictions(path, predictions, attention_names(run),
-                      prediction_keys(run.data_dir, run.schema, split))
+    write_predictions(path, predictions, run, split)
     logging.info("Wrote predictions to %s", path)
   return result
 
 
 def _define_flags() -> None:  # only as a command: training imports this module
-  flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
-  flags.DEFINE_string("step", "latest", "Checkpoint to evaluate: latest, best (of validation "
-                      "AUC) or a step number.")
+  cli.define_checkpoint_flags("evaluate")
   flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
   flags.DEFINE_bool("predictions", False, "Also write per-example predictions to Parquet.")
   config_flags.DEFINE_config_file("config", None, "Config file used for training; default: the "

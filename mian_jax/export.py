@@ -33,8 +33,6 @@ SCHEMA_FILE = "schema.json"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what `jax.export` can lower for
 # Columns of a prepared split (and keys of a pipeline batch) that no model reads when scoring.
 NOT_INPUTS = ("label", "weight", "group_id")
-# What the weights of an attention module over the behaviour sequence are over.
-OVER_HISTORY = "hist"
 _PARAM_SEP = "/"
 
 
@@ -44,36 +42,25 @@ def input_columns(schema: schema_lib.Schema) -> dict[str, tuple[str, tuple[int, 
           if name not in NOT_INPUTS and not name.startswith("extra.")}
 
 
-def flat_params(params) -> dict[str, np.ndarray]:
-  """A parameter tree on the host as {"<module>/.../<name>": array}."""
-  flat = traverse_util.flatten_dict(jax.device_get(params), sep=_PARAM_SEP)
-  return {key: np.asarray(value) for key, value in flat.items()}
-
-
-def scoring_function(state):
-  """score(params, inputs) -> {"prob": [B], "attention.<module>": [B, n]}: `steps.eval_step`
-  (with attention) on flat parameters (`flat_params`) and flat inputs (`input_columns`)."""
+def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
+  """(score(params, inputs) -> {"prob": [B], "attention.<module>": [B, n]}, `steps.eval_step`
+  with attention on flat parameters {"<module>/.../<name>": array} and flat inputs, lowered with
+  a symbolic batch size for `platforms`; {platform this jaxlib cannot lower for, left out with a
+  warning: why}); ConfigError if none can be."""
   template = state.replace(params=None, opt_state=None)
 
+  @jax.jit
   def score(params, inputs):
     params = traverse_util.unflatten_dict(params, sep=_PARAM_SEP)
     out = steps.eval_step(template.replace(params=params), pipeline.nest(inputs),
                           with_attention=True)
-    return {"prob": out["prob"],
-            **{f"attention.{name}": value for name, value in out["attention"].items()}}
+    return {"prob": out["prob"], **{f"attention.{k}": v for k, v in out["attention"].items()}}
 
-  return score
-
-
-def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
-  """(`scoring_function(state)` lowered with a symbolic batch size for `platforms`, {platform
-  this jaxlib cannot lower for, left out with a warning: why}); ConfigError if none can be."""
   batch_size, = jax.export.symbolic_shape("b")
   inputs = {name: jax.ShapeDtypeStruct((batch_size, *shape), np.dtype(dtype))
             for name, (dtype, shape) in input_columns(schema).items()}
   params = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in
             traverse_util.flatten_dict(state.params, sep=_PARAM_SEP).items()}
-  score = jax.jit(scoring_function(state))
 
   def lower(for_platforms):
     return jax.export.export(score, platforms=tuple(for_platforms))(params, inputs)
@@ -81,38 +68,31 @@ def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
   try:
     return lower(platforms), {}
   except Exception as e:  # noqa: BLE001 - a lowering rule missing for some platform
-    error = e
+    error = describe(e)
   skipped = {}
   for platform in platforms:
     try:
       lower([platform])
     except Exception as e:  # noqa: BLE001
       skipped[platform] = describe(e)
-  usable = [p for p in platforms if p not in skipped]
-  if not usable:
-    raise ConfigError(f"cannot export for any of --platforms={','.join(platforms)} "
-                      f"({describe(error)})")
-  for platform, reason in skipped.items():
-    logging.warning("Not exporting for %s, which this jaxlib cannot lower for: %s", platform,
-                    reason)
-  return lower(usable), skipped
+      logging.warning("Not exporting for %s, which this jaxlib cannot lower for: %s", platform,
+                      skipped[platform])
+  if len(skipped) == len(platforms):
+    raise ConfigError(f"cannot export for any of --platforms={','.join(platforms)} ({error})")
+  return lower([p for p in platforms if p not in skipped]), skipped
 
 
 def signature(exported, schema: schema_lib.Schema,
               attention_names: Mapping[str, Sequence[str]]) -> dict[str, Any]:
   """What signature.json says: the inputs, with the ids each may hold, and the outputs."""
-  f = schema.features
-  vocab = {name: x.vocab_size for name, x in f.fields().items() if x.is_categorical}
-  inputs = []
-  for name, (dtype, shape) in input_columns(schema).items():
-    entry: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(shape)}
-    if name in vocab:  # ids 0 (padding) and 1 (out of vocabulary) are reserved
-      entry["range"] = [schema_lib.OOV_ID, vocab[name]]
-    elif name.startswith("hist."):
-      entry["range"] = [schema_lib.PAD_ID, f.item_field(name[len("hist."):]).vocab_size]
-    elif name == "hist_len":
-      entry["range"] = [0, f.max_seq_len + 1]
-    inputs.append(entry)
+  f = schema.features  # ids 0 (padding) and 1 (out of vocabulary) are reserved
+  ranges = {name: [schema_lib.OOV_ID, x.vocab_size]
+            for name, x in f.fields().items() if x.is_categorical}
+  ranges.update({f"hist.{name}": [schema_lib.PAD_ID, f.item_field(name).vocab_size]
+                 for name in f.behavior_fields}, hist_len=[0, f.max_seq_len + 1])
+  inputs = [{"name": name, "dtype": dtype, "shape": list(shape),
+             **({"range": ranges[name]} if name in ranges else {})}
+            for name, (dtype, shape) in input_columns(schema).items()]
   outputs = []
   avals = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
   for name in sorted(avals, key=lambda n: (n != "prob", n)):
@@ -120,22 +100,12 @@ def signature(exported, schema: schema_lib.Schema,
              "shape": [int(d) for d in avals[name].shape[1:]]}
     if name.startswith("attention."):
       module = name[len("attention."):]
-      entry["over"] = (list(attention_names[module]) if module in attention_names else
-                       OVER_HISTORY)
+      # a module missing from `attention_names` attends over the behaviour sequence
+      entry["over"] = list(attention_names[module]) if module in attention_names else "hist"
     outputs.append(entry)
-  return {
-      "format_version": FORMAT_VERSION,
-      "batch_dimension": "b",
-      "inputs": inputs,
-      "ignored_inputs": [*NOT_INPUTS, *(f"extra.{n}" for n in schema.extra_columns)],
-      "outputs": outputs,
-  }
-
-
-def _write_json(path: str, content: Mapping[str, Any]) -> None:
-  with open(path, "w") as f:
-    json.dump(content, f, indent=2)
-    f.write("\n")
+  return {"format_version": FORMAT_VERSION, "batch_dimension": "b", "inputs": inputs,
+          "ignored_inputs": [*NOT_INPUTS, *(f"extra.{n}" for n in schema.extra_columns)],
+          "outputs": outputs}
 
 
 def _readable_by_all(directory: str) -> None:
@@ -170,14 +140,16 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
     with open(os.path.join(tmp, EXPORT_FILE), "wb") as f:
       f.write(exported.serialize())
     np.savez(os.path.join(tmp, PARAMS_FILE), **params)
-    _write_json(os.path.join(tmp, SIGNATURE_FILE), signature_content)
+    fileio.write_text_atomic(os.path.join(tmp, SIGNATURE_FILE),
+                             json.dumps(signature_content, indent=2) + "\n")
     shutil.copyfile(os.path.join(data_dir, SCHEMA_FILE), os.path.join(tmp, SCHEMA_FILE))
     vocab_dir = os.path.join(data_dir, schema_lib.VOCAB_DIR)
     if os.path.isdir(vocab_dir):
       shutil.copytree(vocab_dir, os.path.join(tmp, VOCAB_DIR))
     files = {name: fileio.sha256_file(os.path.join(tmp, name))
              for name in serving.export_files(tmp)}
-    _write_json(os.path.join(tmp, MANIFEST_FILE), {**manifest, "sha256": files})
+    fileio.write_text_atomic(os.path.join(tmp, MANIFEST_FILE),
+                             json.dumps({**manifest, "sha256": files}, indent=2) + "\n")
     _readable_by_all(tmp)
     os.rename(tmp, out)  # replaces an empty `out`; fails if something was written there since
   except OSError as e:
@@ -188,35 +160,29 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
 
 
 def parse_platforms(text: str) -> tuple[str, ...]:
-  platforms = tuple(p.strip() for p in text.split(",") if p.strip())
-  unknown = [p for p in platforms if p not in PLATFORMS]
-  if unknown or not platforms:
+  platforms = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+  if not platforms or not set(platforms) <= set(PLATFORMS):
     raise ConfigError(f"--platforms={text!r}: expected a comma-separated subset of "
                       f"{','.join(PLATFORMS)}")
-  return tuple(dict.fromkeys(platforms))
+  return platforms
 
 
 def export_run(run: steps.Run, state, out: str, platforms: Sequence[str] = ("cpu", "cuda"),
                meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Exports `state` of `run` to `out`; returns the manifest."""
-  check_out_dir(out)
   meta = dict(meta or {})
   exported, skipped = export_scorer(state, run.schema, platforms)
-  manifest = {
-      "format_version": FORMAT_VERSION,
-      "model": run.config.model.name,
-      "step": int(jax.device_get(state.step)),
-      "data_checksum": meta.get("data_checksum", run.data_checksum),
-      "schema_fingerprint": run.schema.fingerprint(),
-      "platforms": list(exported.platforms),
-      "platforms_skipped": skipped,
-      "jax_version": jax.__version__,
-      "jaxlib_version": jaxlib.__version__,
-      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-  }
+  manifest = {"format_version": FORMAT_VERSION, "model": run.config.model.name,
+              "step": int(jax.device_get(state.step)),
+              "data_checksum": meta.get("data_checksum", run.data_checksum),
+              "schema_fingerprint": run.schema.fingerprint(),
+              "platforms": list(exported.platforms), "platforms_skipped": skipped,
+              "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
+              "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
   if meta.get("best_step") == manifest["step"] and meta.get("best_valid_auc") is not None:
     manifest["valid_auc"] = meta["best_valid_auc"]  # known for a step that was the best
-  write_export(out, exported, flat_params(state.params),
+  write_export(out, exported,
+               traverse_util.flatten_dict(jax.device_get(state.params), sep=_PARAM_SEP),
                signature(exported, run.schema, evaluate.attention_names(run)), manifest,
                run.data_dir)
   return manifest
@@ -225,8 +191,7 @@ def export_run(run: steps.Run, state, out: str, platforms: Sequence[str] = ("cpu
 def export_checkpoint(workdir: str, out: str, step: int | str = "latest",
                       platforms: Sequence[str] = ("cpu", "cuda")) -> dict[str, Any]:
   """Restores a checkpoint of `workdir` and exports it to `out`; returns the manifest."""
-  if jax.process_count() > 1:
-    raise ConfigError("the export runs in one process; start it without MIAN_JAX_DISTRIBUTED")
+  cli.check_one_process("the export")
   check_out_dir(out)
   run, state, meta = workdir_lib.restore_run(workdir, step)
   manifest = export_run(run, state, out, platforms, meta)
@@ -236,10 +201,8 @@ def export_checkpoint(workdir: str, out: str, step: int | str = "latest",
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "Workdir of a training run (holds checkpoints/).")
+  cli.define_checkpoint_flags("export")
   flags.DEFINE_string("out", None, "Export directory to create (absent or empty).")
-  flags.DEFINE_string("step", "latest", "Checkpoint to export: latest, best (of validation "
-                      "AUC) or a step number.")
   flags.DEFINE_string("platforms", "cpu,cuda", "Platforms to lower for (of "
                       f"{','.join(PLATFORMS)}); one this jaxlib cannot lower for is skipped.")
   flags.mark_flags_as_required(["workdir", "out"])

@@ -8,9 +8,6 @@ import hashlib
 import os
 from collections.abc import Iterator
 
-_CHUNK_BYTES = 4 << 20
-
-
 def cache_root() -> str:
   """Where prepared data sets are cached: $MIAN_JAX_CACHE, else ~/.cache/mian_jax."""
   default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
@@ -22,7 +19,7 @@ def sha256_file(path: str) -> str:
   """SHA-256 of a file's bytes, streamed (about 1.8 GB per CPU-second with SHA-NI)."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
-    while chunk := f.read(_CHUNK_BYTES):
+    while chunk := f.read(4 << 20):
       digest.update(chunk)
   return digest.hexdigest()
 

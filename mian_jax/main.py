@@ -35,9 +35,5 @@ def main(argv):
     sys.exit(128 + e.signum)
 
 
-def parse_flags(argv):
-  return cli.parse_flags(workdir_lib.with_recorded_config(argv))
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(workdir_lib.with_recorded_config(argv)))

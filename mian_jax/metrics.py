@@ -12,7 +12,7 @@ import pandas as pd
 LOGLOSS_EPS = 1e-7
 
 
-def _as_arrays(labels, scores, weights=None):
+def _as_arrays(labels, scores):
   labels = np.asarray(labels, np.float64).ravel()
   scores = np.asarray(scores, np.float64).ravel()
   if labels.shape != scores.shape:
@@ -20,9 +20,6 @@ def _as_arrays(labels, scores, weights=None):
   bad = int(np.sum(~np.isfinite(scores)))
   if bad:  # a NaN has no rank: AUC and gAUC would come out silently wrong (even negative)
     raise ValueError(f"{bad} of {scores.size} scores are not finite")
-  if weights is not None:
-    keep = np.asarray(weights).ravel() > 0
-    labels, scores = labels[keep], scores[keep]
   return labels, scores
 
 
@@ -30,8 +27,7 @@ def auc(labels, scores) -> float:
   """Exact ROC AUC; NaN when only one class is present."""
   labels, scores = _as_arrays(labels, scores)
   positives = labels > 0.5
-  n_pos = int(positives.sum())
-  n_neg = labels.size - n_pos
+  n_pos, n_neg = int(positives.sum()), int((~positives).sum())
   if n_pos == 0 or n_neg == 0:
     return float("nan")
   ranks = pd.Series(scores).rank(method="average").to_numpy()

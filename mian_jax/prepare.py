@@ -10,7 +10,7 @@ must match the one in stats.json.
 from __future__ import annotations
 
 import json
-import os
+import pathlib
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -18,7 +18,6 @@ from ml_collections import config_flags
 from mian_jax import cli, fileio
 from mian_jax import data as data_lib
 from mian_jax.data import schema as schema_lib
-from mian_jax.errors import DataError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<dataset>.py[:arg]).",
@@ -29,19 +28,13 @@ flags.mark_flags_as_required(["config"])
 def prepare_and_describe(data_config) -> tuple[str, dict]:
   """Prepares (if needed) and returns (directory, stats); stats.json holds the checksum."""
   directory, schema = data_lib.ensure_prepared(data_config)
-  path = os.path.join(directory, "stats.json")
-  stats = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      stats = json.load(f)
-  checksum = schema_lib.dataset_checksum(directory)
-  if stats.get("checksum") not in (None, checksum):
-    raise DataError(f"{directory}: the data no longer matches the checksum in stats.json "
-                    f"({stats['checksum']} != {checksum}); delete the directory and prepare again")
+  checksum = schema_lib.verify_dataset_checksum(directory)  # DataError if the data changed
+  path = pathlib.Path(directory, "stats.json")
+  stats = json.loads(path.read_text()) if path.is_file() else {}
   if "checksum" not in stats:  # sources that do not record it (e.g. synthetic)
     stats.setdefault("num_samples", {s: schema.size(s) for s in schema_lib.SPLITS})
     stats["checksum"] = checksum
-    fileio.write_text_atomic(path, json.dumps(stats, indent=2, sort_keys=True))
+    fileio.write_text_atomic(str(path), json.dumps(stats, indent=2, sort_keys=True))
   return directory, stats
 
 

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 from mian_jax import encoding, fileio
-from mian_jax.encoding import ENCODERS_FILE
 
 FORMAT_VERSION = 1  # of the export directory (mian_jax/export.py)
 EXPORT_FILE = "model.jaxexport"
@@ -30,20 +29,16 @@ VOCAB_DIR = "vocab"
 _INT32 = np.iinfo(np.int32)
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def _read_json(path: str, versioned: bool = False) -> dict[str, Any]:
   try:
     with open(path) as f:
-      return json.load(f)
+      content = json.load(f)
   except FileNotFoundError:
     raise ValueError(f"{path} is missing: {os.path.dirname(path)} is not an export directory "
                      "(python -m mian_jax.export)") from None
   except (OSError, ValueError) as e:
     raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
-
-
-def _read_versioned(path: str) -> dict[str, Any]:
-  content = _read_json(path)
-  if content.get("format_version") != FORMAT_VERSION:
+  if versioned and content.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path} has format_version {content.get('format_version')!r}; this "
                      f"loader reads {FORMAT_VERSION}: export the checkpoint again")
   return content
@@ -58,25 +53,18 @@ def check_files(export_dir: str, manifest: Mapping[str, Any]) -> None:
   """Raises ValueError (one line, naming the file) unless the files of `export_dir` are
   exactly those the manifest lists, each with its SHA-256."""
   expected = manifest.get("sha256", {})
-  for name, digest in expected.items():
+  for name in sorted({*expected, *export_files(export_dir)}):
     path = os.path.join(export_dir, *name.split("/"))
+    if name not in expected:
+      raise ValueError(f"{path} is not covered by the checksums in {MANIFEST_FILE}: a file was "
+                       "added to the export, or it was written by an older version; export the "
+                       "checkpoint again")
     if not os.path.isfile(path):
       raise ValueError(f"{path} is missing: the export directory is incomplete; export the "
                        "checkpoint again")
-    if fileio.sha256_file(path) != digest:
+    if fileio.sha256_file(path) != expected[name]:
       raise ValueError(f"{path} differs from the checksum in {MANIFEST_FILE}: the export "
                        "was changed or damaged; export the checkpoint again")
-  for name in export_files(export_dir):
-    if name not in expected:
-      raise ValueError(f"{os.path.join(export_dir, name)} is not covered by the checksums in "
-                       f"{MANIFEST_FILE}: a file was added to the export, or it was written "
-                       "by an older version; export the checkpoint again")
-
-
-def _backend_platforms() -> tuple[str, ...]:
-  """The `jax.export` platform names the default backend may run."""
-  backend = jax.default_backend()
-  return ("cuda", "rocm") if backend == "gpu" else (backend,)
 
 
 def _check_sequence(value: Any, what: str, holding: str) -> None:
@@ -88,9 +76,9 @@ def _check_sequence(value: Any, what: str, holding: str) -> None:
     raise ValueError(f"{what} is a {type(value).__name__}; give a list of {holding}")
 
 
-def bucket_size(num_rows: int) -> int:
-  """The padded batch size: the smallest power of two >= num_rows (>= 1)."""
-  return 1 << max(num_rows - 1, 0).bit_length()
+def _item_field(name: str) -> str:
+  """The field whose vocabulary encodes an input: item.<name> for hist.<name>."""
+  return f"item.{name[len('hist.'):]}" if name.startswith("hist.") else name
 
 
 class Scorer:
@@ -107,23 +95,24 @@ class Scorer:
     self._params = dict(params)
     self._inputs = {x["name"]: x for x in self.signature["inputs"]}
     self._ignored = frozenset(self.signature.get("ignored_inputs", ()))
-    self._outputs = [x["name"] for x in self.signature["outputs"]]
+    self.input_names = tuple(self._inputs)
+    self.output_names = tuple(x["name"] for x in self.signature["outputs"])
     self._call = jax.jit(exported.call)
     self._vocabularies: dict[str, encoding.Vocabulary | None] = {}  # read on first use
 
   @classmethod
   def load(cls, export_dir: str, device: jax.Device | None = None) -> Scorer:
-    """Reads an export directory, checks every file against the manifest's checksums and puts
-    the parameters on `device` (default: the first). ValueError (one line) for a directory that
-    is not an export, a changed, missing or added file, another format or platform."""
-    manifest = _read_versioned(os.path.join(export_dir, MANIFEST_FILE))
+    """An export directory, every file checked against the manifest, its parameters on `device`
+    (default: the first); ValueError (one line) for what is not an export of this platform."""
+    manifest = _read_json(os.path.join(export_dir, MANIFEST_FILE), versioned=True)
     check_files(export_dir, manifest)
-    signature = _read_versioned(os.path.join(export_dir, SIGNATURE_FILE))
-    running = _backend_platforms()
+    signature = _read_json(os.path.join(export_dir, SIGNATURE_FILE), versioned=True)
+    backend = jax.default_backend()
+    running = ("cuda", "rocm") if backend == "gpu" else (backend,)  # as `jax.export` names them
     exported_for = tuple(manifest.get("platforms", ()))
     if not set(running) & set(exported_for):
       raise ValueError(f"{export_dir} was exported for {','.join(exported_for)} but this "
-                       f"process runs on {jax.default_backend()}; export again with "
+                       f"process runs on {backend}; export again with "
                        f"--platforms={','.join((*exported_for, running[0]))}")
     with open(os.path.join(export_dir, EXPORT_FILE), "rb") as f:
       exported = jax.export.deserialize(bytearray(f.read()))
@@ -133,11 +122,9 @@ class Scorer:
     return cls(export_dir, exported, params, signature, manifest)
 
   def encode(self, records: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Raw values -> (the encoded batch `score` takes, {field: number of unseen or missing
-    values}), with the export's vocab/ (docs/serving.md, "Encode raw values"). `records` holds B
-    raw values per input `<group>.<name>` and B lists (oldest first) per behaviour field
-    `hist.<name>`; a field a lookup gives (`derived_fields`) may be left out. ValueError (one
-    line, naming the field) for what it cannot encode."""
+    """{input: B raw values, hist.<name>: B lists, oldest first} -> (the batch `score` takes,
+    {field: unseen or missing values}) with vocab/ (docs/serving.md, "Encode raw values"); an
+    input a lookup gives (`derived_fields`) may be left out. ValueError (one line) otherwise."""
     if self.vocab_dir is None:
       raise ValueError(f"{self.export_dir} has no {VOCAB_DIR}/ (its data were prepared before "
                        "vocabularies were saved): encode the ids yourself")
@@ -156,94 +143,72 @@ class Scorer:
         raise ValueError(f"field {name!r} has {len(records[name])} rows but {required[0]!r} "
                          f"has {len(records[required[0]])}")
     num_rows = len(records[required[0]]) if required else 0
-    hist = [name for name in wanted if name.startswith("hist.")]
-    batch, unseen = {}, {}
-    for name in [name for name in wanted if name not in hist]:
-      raw = records[name] if name in records else self._looked_up(records, name, derived)
-      if self._inputs[name]["dtype"] == "int32":
-        batch[name], unseen[name] = self._ids(name, name, raw)
-      else:
-        batch[name] = self._standardise(name, raw)
-    max_len = self._inputs[hist[0]]["shape"][0] if hist else 0
-    lengths, flat = np.zeros(num_rows, np.int32), {}
-    for name in sorted(hist, key=lambda n: n in derived):  # given lists first
-      if name in derived:
-        flat[name] = self._looked_up(flat, name, derived)
-        continue
+    given = [name for name in required if name.startswith("hist.")]
+    max_len = self._inputs[given[0]]["shape"][0] if given else 0
+    raw = {name: records[name] for name in required if name not in given}
+    lengths = np.zeros(num_rows, np.int32)
+    for name in given:
       for row, x in enumerate(records[name]):
         if x is not None:
           _check_sequence(x, f"behaviour field {name!r} row {row}", "its behaviours")
       kept = [list(x)[-max_len:] if x is not None else [] for x in records[name]]  # T >= 1
       row_lengths = np.asarray([len(x) for x in kept], np.int32)
-      if flat and (row_lengths != lengths).any():
-        raise ValueError(f"behaviour lists {name!r} and {next(iter(flat))!r} differ in length "
-                         f"in row {int(np.argmax(row_lengths != lengths))}")
-      lengths = row_lengths
-      flat[name] = [v for x in kept for v in reversed(x)]  # newest first
-    for name in hist:
-      ids, unseen[name] = self._ids(name, f"item.{name[len('hist.'):]}", flat[name])
-      column = np.zeros((num_rows, max_len), np.int32)
-      column[np.arange(max_len)[None, :] < lengths[:, None]] = ids
-      batch[name] = column
-    batch["hist_len"] = lengths
+      if name != given[0] and (row_lengths != lengths).any():
+        raise ValueError(f"behaviour lists {name!r} and {given[0]!r} differ in length in row "
+                         f"{int(np.argmax(row_lengths != lengths))}")
+      lengths, raw[name] = row_lengths, [v for x in kept for v in reversed(x)]  # newest first
+    for name, (key, field) in derived.items():  # the lookup of hist.<key> is item.<key>'s
+      raw[name] = self._lookups[_item_field(key)].get(field, raw[key])
+    batch, unseen = {"hist_len": lengths}, {}
+    for name in wanted:
+      if self._inputs[name]["dtype"] != "int32":
+        batch[name] = self._standardise(name, raw[name])
+        continue
+      field = _item_field(name)
+      try:
+        ids, unseen[name] = encoding.encode_field(field, self._vocabulary(field),
+                                                  self._encoders.get(field), raw[name])
+      except ValueError as e:
+        raise ValueError(f"field {name!r}: {e}") from None
+      if name.startswith("hist."):
+        ids, flat = np.zeros((num_rows, max_len), np.int32), ids
+        ids[np.arange(max_len)[None, :] < lengths[:, None]] = flat
+      batch[name] = ids
     return batch, unseen
 
   def derived_fields(self) -> dict[str, tuple[str, str]]:
-    """Inputs a lookup of vocab/ gives: {input: (the input whose raw value is the key, the
-    lookup's field)}, e.g. {"item.category": ("item.item_id", "item.category"),
-    "hist.category": ("hist.item_id", "item.category")}."""
+    """{input a lookup of vocab/ gives: (the input that is its key, the lookup's field)}, e.g.
+    {"item.category": ("item.item_id", "item.category"), "hist.category": ("hist.item_id", ...)}."""
     out = {}
     for key, lookup in self._lookups.items():
       for field in lookup.fields:
-        group, name = field.split(".", 1)
         out[field] = (key, field)
-        if group == "item" and key.startswith("item."):
-          out[f"hist.{name}"] = (f"hist.{key[len('item.'):]}", field)
+        if field.startswith("item.") and key.startswith("item."):
+          out[f"hist.{field[len('item.'):]}"] = (f"hist.{key[len('item.'):]}", field)
     return {name: source for name, source in out.items()
             if name in self._inputs and source[0] in self._inputs}
 
-  def _looked_up(self, records: Mapping[str, Any], name: str,
-                 derived: Mapping[str, tuple[str, str]]) -> list[Any]:
-    """The raw values of `name` looked up by the raw values of its key input."""
-    key, field = derived[name]
-    lookups = self._lookups
-    lookup = lookups[key if key in lookups else f"item.{key[len('hist.'):]}"]
-    return lookup.get(field, records[key])
-
   @functools.cached_property
   def _lookups(self) -> dict[str, encoding.Lookup]:
-    """key field -> its vocab/lookup.*."""
-    contents = [_read_json(os.path.join(self.vocab_dir, file))
-                for file in sorted(os.listdir(self.vocab_dir))
-                if file.startswith(encoding.LOOKUP_PREFIX)]
-    return {c["key"]: encoding.Lookup(c["key"], tuple(c["keys"]), c["fields"]) for c in contents}
-
-  def _ids(self, name: str, field: str, raw) -> tuple[np.ndarray, int]:
-    """Raw values of `field` -> (int32 ids, how many are OOV_ID) (`encoding.encode_field`)."""
-    try:
-      return encoding.encode_field(field, self._vocabulary(field), self._encoders.get(field),
-                                   raw)
-    except ValueError as e:
-      raise ValueError(f"field {name!r}: {e}") from None
+    return encoding.read_lookups(self.vocab_dir, _read_json)
 
   def _standardise(self, name: str, values) -> np.ndarray:
-    encoder = self._encoders.get(name)
-    if encoder is None or encoder.get("kind") != "standardise":
+    encoder = self._encoders.get(name, {})
+    if encoder.get("kind") != "standardise":
       raise ValueError(f"numeric field {name!r} has no standardise encoder in "
-                       f"{VOCAB_DIR}/{ENCODERS_FILE}; encode it yourself")
+                       f"{VOCAB_DIR}/{encoding.ENCODERS_FILE}; encode it yourself")
     try:
-      x = np.asarray([float(v) for v in values], np.float64)
-    except (TypeError, ValueError):
+      x = encoding.apply_encoder(encoder, values)  # NaN for a missing value
+    except ValueError:  # not a number
       x = np.asarray([np.nan])
     if not np.isfinite(x).all():
       raise ValueError(f"numeric field {name!r} holds a missing value or one that is not a "
                        "finite number")
-    return ((x - encoder["mean"]) / encoder["std"]).astype(np.float32)
+    return x
 
   @functools.cached_property
   def _encoders(self) -> dict[str, Any]:
-    """vocab/encoders.json's fields."""
-    return _read_json(os.path.join(self.vocab_dir, ENCODERS_FILE))["fields"]
+    return _read_json(os.path.join(self.vocab_dir, encoding.ENCODERS_FILE))["fields"]
 
   def _vocabulary(self, field: str) -> encoding.Vocabulary | None:
     """vocab/<field>.json, read once; None for a field without one (hashed, computed)."""
@@ -254,20 +219,10 @@ class Scorer:
           field, tuple(content["values"]), int(content["first_id"]))
     return self._vocabularies[field]
 
-  @property
-  def input_names(self) -> tuple[str, ...]:
-    return tuple(self._inputs)
-
-  @property
-  def output_names(self) -> tuple[str, ...]:
-    return tuple(self._outputs)
-
   def check_inputs(self, batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-    """(An encoded batch checked against signature.json and cast to its dtypes, B). `batch`:
-    {"item.item_id": [B], "hist.item_id": [B, T], ...}, or nested as `pipeline.gather_batch`
-    makes it; ignored inputs (label, weight, ...) may be present. ValueError (one line, naming
-    the field) for a missing or unknown input, a wrong dtype or shape, inputs of different
-    lengths, an id outside its range."""
+    """(An encoded batch, flat {"item.item_id": [B], ...} or nested as `pipeline.gather_batch`
+    makes it, checked against signature.json and cast to its dtypes, B). ValueError (one line,
+    naming the field) for a missing or unknown input, a wrong dtype, shape or id, unequal B."""
     flat = {k: v for k, v in batch.items() if not isinstance(v, Mapping)}
     flat.update({f"{key}.{name}": v for key, value in batch.items() if isinstance(value, Mapping)
                  for name, v in value.items()})
@@ -276,19 +231,17 @@ class Scorer:
     if unknown:
       raise ValueError(f"unknown input {unknown[0]!r}; the model reads "
                        f"{', '.join(self._inputs)}")
-    inputs, num_rows, first = {}, None, None
+    inputs = {}
     for name, spec in self._inputs.items():
       if name not in flat:
         raise ValueError(f"input {name!r} is missing ({spec['dtype']} of per-example shape "
                          f"{spec['shape']})")
-      array = np.asarray(flat[name])
-      inputs[name] = self._check_input(name, spec, array)
-      if num_rows is None:
-        num_rows, first = array.shape[0], name
-      elif array.shape[0] != num_rows:
-        raise ValueError(f"input {name!r} has {array.shape[0]} rows but {first!r} has "
-                         f"{num_rows}")
-    return inputs, int(num_rows or 0)
+      inputs[name] = self._check_input(name, spec, np.asarray(flat[name]))
+      first = next(iter(inputs))
+      if len(inputs[name]) != len(inputs[first]):
+        raise ValueError(f"input {name!r} has {len(inputs[name])} rows but {first!r} has "
+                         f"{len(inputs[first])}")
+    return inputs, len(next(iter(inputs.values()), ()))
 
   @staticmethod
   def _check_input(name: str, spec: Mapping[str, Any], array: np.ndarray) -> np.ndarray:
@@ -316,15 +269,14 @@ class Scorer:
 
   def score(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """{"prob": [B], "attention.<module>": [B, n], ...} (float32 NumPy) of an encoded batch
-    of any size (`check_inputs`), padded to a power of two so that a process compiles once per
-    power of two it meets; no model mixes rows, so padding changes no score."""
+    (`check_inputs`), padded to a power of two: one compilation per power of two met."""
     inputs, num_rows = self.check_inputs(batch)
     if num_rows == 0:
       return {x["name"]: np.zeros((0, *x["shape"]), x["dtype"])
               for x in self.signature["outputs"]}
-    padded = bucket_size(num_rows)
+    padded = 1 << (num_rows - 1).bit_length()  # the smallest power of two >= num_rows
     if padded > num_rows:
       rows = np.concatenate([np.arange(num_rows), np.zeros(padded - num_rows, np.int64)])
       inputs = {name: array[rows] for name, array in inputs.items()}
     out = jax.device_get(self._call(self._params, inputs))
-    return {name: np.asarray(out[name])[:num_rows] for name in self._outputs}
+    return {name: np.asarray(out[name])[:num_rows] for name in self.output_names}

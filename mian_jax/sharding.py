@@ -16,7 +16,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mian_jax.data import pipeline
 from mian_jax.errors import ConfigError
 
 
@@ -39,23 +38,18 @@ def row_sharded_fields(features, sharding_config) -> frozenset[str]:
   """The categorical fields whose tables are row-sharded: those with at least
   `row_shard_min_rows` ids (when > 0) and those `row_shard_fields` names (ConfigError unless
   categorical fields of the data)."""
-  fields = {f.name: f for f in features.fields().values()}
+  categorical = {f.name: f.vocab_size for f in features.fields().values() if f.is_categorical}
   named = {x.strip() for x in sharding_config.row_shard_fields.split(",") if x.strip()}
-  categorical = sorted(n for n, f in fields.items() if f.is_categorical)
   unknown = sorted(named - set(categorical))
   if unknown:
     raise ConfigError(f"sharding.row_shard_fields names {unknown}, which are not categorical "
-                      f"fields of the data ({categorical})")
-  by_size = {n for n, f in fields.items() if f.is_categorical and
-             sharding_config.row_shard_min_rows > 0 and
-             f.vocab_size >= sharding_config.row_shard_min_rows}
-  return frozenset(named | by_size)
+                      f"fields of the data ({sorted(categorical)})")
+  min_rows = sharding_config.row_shard_min_rows
+  return frozenset(named | {n for n, v in categorical.items() if 0 < min_rows <= v})
 
 
 def pad_rows(features, fields: frozenset[str], row_multiple: int):
   """`features` with the vocab sizes of `fields` rounded up to a multiple of `row_multiple`."""
-  if row_multiple < 1:
-    raise ConfigError(f"sharding.row_multiple={row_multiple} must be at least 1")
 
   def pad(f):
     size = -(-f.vocab_size // row_multiple) * row_multiple
@@ -109,11 +103,10 @@ class PackedBatch:
   def unpack(self):
     leaves, start = [], 0
     for shape, dtype in self.layout:
-      width = math.prod(shape)
-      column = self.packed[:, start:start + width]
+      column = self.packed[:, start:start + math.prod(shape)]
       leaves.append(jax.lax.bitcast_convert_type(column, jnp.dtype(dtype)).reshape(
           (self.packed.shape[0],) + shape))
-      start += width
+      start += math.prod(shape)
     return jax.tree.unflatten(self.treedef, leaves)
 
 
@@ -131,10 +124,12 @@ def pack_to_global(batch, mesh):
   return PackedBatch(to_global(packed, mesh), layout, treedef)
 
 
-def local_part(batch):
-  """This process's rows of a batch built identically on every process."""
-  part = pipeline.local_slice(len(batch["label"]), jax.process_index(), jax.process_count())
-  return jax.tree.map(lambda x: x[part], batch)
+def process_zero_verdict(error: str, elsewhere: str) -> str:
+  """Process 0's `error` ("": none) on every process, the others saying `elsewhere`: one
+  verdict for all, or the processes would part ways."""
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(error))):
+    return error or elsewhere
+  return error
 
 
 def to_host(tree):

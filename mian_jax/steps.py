@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 from flax.training import train_state as train_state_lib
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
@@ -22,7 +22,6 @@ from mian_jax import data as data_lib
 from mian_jax import models
 from mian_jax import optim
 from mian_jax import sharding
-from mian_jax import sparse
 from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError
@@ -33,9 +32,8 @@ L2_SCOPES = ("batch_embeddings", "all_weights", "none")  # config.train.l2_scope
 
 
 def l2_penalty(params, embedding_sq_norm: jax.Array, weights: jax.Array, scope: str):
-  """The L2 term of §4.3 without its coefficient (docs/model.md, "L2"): "batch_embeddings", the
-  mean squared norm of the embeddings each example looked up; "all_weights", the sum of squares
-  of every parameter but biases and LayerNorm scales."""
+  """The L2 term of §4.3 without its coefficient (docs/model.md, "L2"): the mean squared norm of
+  the embeddings each example looked up, or the sum of squares of all weights."""
   if scope == "batch_embeddings":
     return jnp.sum(embedding_sq_norm * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   if scope == "all_weights":
@@ -44,56 +42,32 @@ def l2_penalty(params, embedding_sq_norm: jax.Array, weights: jax.Array, scope: 
   return jnp.zeros((), jnp.float32)
 
 
-def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-  """Eq. (18), averaged over examples with weight > 0. float32 throughout."""
-  losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def loss_and_grads(state: TrainState, batch, dropout_rng: jax.Array, *, l2_weight: float,
                    l2_scope: str, sparse_embeddings: bool = False):
-  """The loss of eq. (18) plus L2 (and a model's aux loss). Returns ((loss, bce, l2), grads),
-  each embedding table's gradient as `optim.IndexedRows` with `sparse_embeddings`."""
+  """((loss, bce, l2), grads) of eq. (18) plus L2 (and a model's aux loss); with
+  `sparse_embeddings`, each table's gradient is `optim.IndexedRows`."""
 
   def loss_fn(variables, batch):
     logits, aux = state.apply_fn(variables, batch, train=True, rngs={"dropout": dropout_rng})
-    bce = weighted_bce(logits, batch["label"], batch["weight"])
+    losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), batch["label"])
+    bce = jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)  # (18)
     l2 = l2_penalty(variables["params"], aux["embedding_sq_norm"], batch["weight"], l2_scope)
     # aux["aux_loss"]: a model's own extra loss, already weighted (DIEN's alpha * L_aux).
     return bce + l2_weight * l2 + aux.get("aux_loss", 0.0), (bce, l2)
 
-  if not sparse_embeddings:
+  if sparse_embeddings:
+    (loss, (bce, l2)), grads = optim.value_and_grad(loss_fn, state.params, batch)
+  else:
     (loss, (bce, l2)), grads = jax.value_and_grad(
         lambda p: loss_fn({"params": p}, batch), has_aux=True)(state.params)
-    return (loss, bce, l2), grads
-
-  tables = sparse.find_tables(state.params)
-  dense, table_params = sparse.split_params(state.params, tables)
-  local_batch, distinct = sparse.localize_ids(batch, sparse.table_fields(tables, table_params))
-  rows = sparse.gather_rows(table_params, tables, distinct)
-
-  def sparse_loss_fn(dense, rows):
-    params = traverse_util.unflatten_dict({**dense, **table_params})  # the tables go unread
-    return loss_fn({"params": params, sparse.SPARSE_ROWS: sparse.rows_collection(rows)},
-                   local_batch)
-
-  (loss, (bce, l2)), (dense_grads, row_grads) = jax.value_and_grad(
-      sparse_loss_fn, argnums=(0, 1), has_aux=True)(dense, rows)
-  return (loss, bce, l2), sparse.merge_grads(dense_grads, row_grads, tables, distinct)
-
-
-def dropout_key(seed: int) -> jax.Array:
-  """The run's dropout stream, folded from its init key (PRNGKey(seed + 1) is another's)."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+  return (loss, bce, l2), grads
 
 
 def train_step(state: TrainState, batch, rng: jax.Array, *, l2_weight: float, l2_scope: str,
                sparse_embeddings: bool = False):
-  """One optimisation step on a global batch (or its `PackedBatch`); dropout from
-  fold_in(rng, step), so a resumed run draws the same masks. Returns (new_state,
-  {"loss", "bce", "l2"})."""
-  if isinstance(batch, sharding.PackedBatch):
-    batch = batch.unpack()
+  """(new_state, {"loss", "bce", "l2"}) of a global batch (or its `PackedBatch`); dropout from
+  fold_in(rng, step), so a resumed run draws the same masks."""
+  batch = batch.unpack() if isinstance(batch, sharding.PackedBatch) else batch
   dropout_rng = jax.random.fold_in(rng, state.step)
   (loss, bce, l2), grads = loss_and_grads(state, batch, dropout_rng, l2_weight=l2_weight,
                                           l2_scope=l2_scope, sparse_embeddings=sparse_embeddings)
@@ -107,8 +81,7 @@ def eval_step(state: TrainState, batch, *, with_attention: bool, chunk_rows: int
               data_shards: int = 1):
   """{"prob": [B]} (and "attention") for a batch (or its `PackedBatch`). With `chunk_rows` > 0,
   each device's rows are computed that many at a time when that divides them (`_in_chunks`)."""
-  if isinstance(batch, sharding.PackedBatch):
-    batch = batch.unpack()
+  batch = batch.unpack() if isinstance(batch, sharding.PackedBatch) else batch
   rows = jax.tree.leaves(batch)[0].shape[0] // data_shards if chunk_rows else 0
   if 0 < chunk_rows < rows and rows % chunk_rows == 0:
     step = functools.partial(eval_step, state, with_attention=with_attention)
@@ -131,15 +104,15 @@ def _in_chunks(fn, batch, chunk: int):
 
 def create_train_state(model, tx, batch, rng: jax.Array, mesh,
                        row_sharded_fields: frozenset[str] = frozenset()) -> TrainState:
-  """A state initialised from `rng` and a sample batch: the tables of `row_sharded_fields` (and
-  their moments) row-sharded over "model", the rest replicated (`sharding.state_shardings`)."""
+  """A state initialised from `rng` and a sample batch, the tables of `row_sharded_fields` (and
+  their moments) row-sharded over "model" (`sharding.state_shardings`)."""
 
   def init(rng):
     params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   abstract = jax.eval_shape(init, rng)
-  tables = [t.path for t in sparse.find_tables(abstract.params) if t.field in row_sharded_fields]
+  tables = [t.path for t in optim.find_tables(abstract.params) if t.field in row_sharded_fields]
   return jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh, tables))(rng)
 
 
@@ -150,17 +123,15 @@ MAX_STEPS_IN_FLIGHT_ON_CPU = 8
 # Rows of a device's batch an eval step computes at a time on CPUs: MIAN's attention then stays
 # in cache (docs/training.md, "What a validation costs").
 EVAL_CHUNK_ROWS_ON_CPU = 128
-
-
-def _train_metrics(out):
-  return out[1]  # a train step's (state, metrics): the state is donated to the next call
+# What a bounded train step waits for: its metrics (its state is donated to the next call).
+_METRICS = operator.itemgetter(1)
 
 
 class BoundedStep:
   """A jitted step that keeps at most `limit` calls unfinished: a call first waits for the
   oldest one's `track(output)` (None: the whole output). Other attributes: `step`'s."""
 
-  def __init__(self, step, limit: int, track=_train_metrics):
+  def __init__(self, step, limit: int, track=_METRICS):
     self.step, self.limit, self._pending = step, limit, collections.deque()
     self._track = track or (lambda out: out)
 
@@ -175,25 +146,19 @@ class BoundedStep:
     return getattr(self.step, name)
 
 
-def bound_in_flight(step, mesh, limit: int | None = None, track=_train_metrics):
+def bound_in_flight(step, mesh, limit: int | None = None, track=_METRICS):
   """`step` as a `BoundedStep` of `limit` (None: MAX_STEPS_IN_FLIGHT_ON_CPU on several local
-  CPU devices, else 0), or `step` itself for limit 0."""
+  CPU devices, else 0: `step` itself)."""
   if limit is None:
     cpus = len(mesh.local_devices) > 1 and mesh.local_devices[0].platform == "cpu"
     limit = MAX_STEPS_IN_FLIGHT_ON_CPU if cpus else 0
   return BoundedStep(step, limit, track) if limit > 0 else step
 
 
-def _shardings(mesh, state_sharding):
-  """(the state's sharding, default replicated; along "data"; replicated)."""
-  replicated = NamedSharding(mesh, P())
-  state_sharding = replicated if state_sharding is None else state_sharding
-  return state_sharding, NamedSharding(mesh, P("data")), replicated
-
-
 def make_train_step(train_config: ConfigDict, mesh, state_sharding=None):
-  """The jitted train step; `state_sharding` is the state's (`sharding.shardings_of`)."""
-  state_sharding, data, replicated = _shardings(mesh, state_sharding)
+  """The jitted train step; `state_sharding`: the state's (None: replicated)."""
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state_sharding = replicated if state_sharding is None else state_sharding
   step = functools.partial(train_step, l2_weight=train_config.l2_weight,
                            l2_scope=train_config.l2_scope,
                            sparse_embeddings=train_config.optimizer == "lazy_adam")
@@ -205,7 +170,8 @@ def make_train_step(train_config: ConfigDict, mesh, state_sharding=None):
 def make_eval_step(mesh, with_attention: bool = False, state_sharding=None):
   """The jitted eval step, on CPUs in chunks of EVAL_CHUNK_ROWS_ON_CPU rows per device; bounded
   like the train step, since row-sharded lookups are collectives."""
-  state_sharding, data, _ = _shardings(mesh, state_sharding)
+  data = NamedSharding(mesh, P("data"))
+  state_sharding = NamedSharding(mesh, P()) if state_sharding is None else state_sharding
   cpu = mesh.local_devices[0].platform == "cpu"
   step = functools.partial(eval_step, with_attention=with_attention,
                            chunk_rows=EVAL_CHUNK_ROWS_ON_CPU if cpu else 0,
@@ -216,8 +182,8 @@ def make_eval_step(mesh, with_attention: bool = False, state_sharding=None):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """What `setup` builds: `data_checksum` is the prepared data's verified SHA-256 ("" unless
-  verified); `state` a fresh one from `train.seed`; `train_step` donates its state."""
+  """What `setup` builds: `data_checksum` is the data's verified SHA-256 ("" unless verified);
+  `state` a fresh one from `train.seed`; `train_step` donates its state."""
 
   config: ConfigDict
   mesh: jax.sharding.Mesh
@@ -239,22 +205,22 @@ class Run:
 
 def setup(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
           verify_data: bool = True) -> Run:
-  """Prepares (or finds) the data, builds the model, a fresh state and the jitted steps on
-  `mesh` (default: every device); `verify_data` re-hashes the data (DataError if changed)."""
+  """The `Run` of `config` on `mesh` (default: every device), its data prepared (or found) and,
+  with `verify_data`, re-hashed (DataError if changed)."""
   mesh = sharding.create_mesh(model=config.sharding.model) if mesh is None else mesh
   data_dir, schema = data_lib.ensure_prepared(config.data)
   checksum = schema_lib.verify_dataset_checksum(data_dir) if verify_data else ""
   sample_columns = schema_lib.load_split(data_dir, "valid", schema, validate=False)
   sample = pipeline.gather_batch(sample_columns, schema, np.zeros(jax.device_count(), np.int64))
-  sample = sharding.to_global(sharding.local_part(sample), mesh)
+  part = pipeline.local_slice(len(sample["label"]), jax.process_index(), jax.process_count())
+  sample = sharding.to_global(jax.tree.map(lambda x: x[part], sample), mesh)
   return Run(config, mesh, data_dir, schema, checksum,
              *build(config, schema.features, sample, mesh))
 
 
 def build(config: ConfigDict, features: schema_lib.FeatureSpec, sample, mesh):
   """(model, state, train_step, eval_step) of `config` for `features` on `mesh`, the state
-  initialised from `sample` (a global batch) with the tables `config.sharding` names padded
-  and row-sharded."""
+  initialised from `sample` (a global batch), the tables `config.sharding` names row-sharded."""
   shard = config.sharding
   if shard.row_multiple % mesh.shape["model"]:
     raise ConfigError(f"sharding.model={mesh.shape['model']} must divide "

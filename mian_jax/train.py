@@ -24,27 +24,9 @@ from mian_jax import evaluate
 from mian_jax import sharding
 from mian_jax import steps
 from mian_jax import workdir as workdir_lib
-from mian_jax import workdir_lock
 from mian_jax import writers
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, NonFiniteLossError, Preempted
-
-
-def check_loss(step: int, history: list[dict[str, float]], last_saved: int | None,
-               max_bce: float) -> None:
-  """Raises NonFiniteLossError if a logged loss is non-finite or its cross-entropy exceeds
-  `max_bce` (a diverged run: every later prediction saturates)."""
-  for m in history:
-    finite = all(math.isfinite(v) for v in m.values())
-    if finite and m["bce"] <= max_bce:
-      continue
-    where = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
-             else "no checkpoint was written")
-    what = (f"non-finite loss {m}" if not finite else
-            f"cross-entropy {m['bce']:.4g} above train.max_bce={max_bce:g} (diverged)")
-    raise NonFiniteLossError(
-        f"{what} by step {step}; training stopped and {where} "
-        "(lower train.learning_rate or check the data for extreme values)")
 
 
 def improves(auc: float, best: float | None) -> bool:
@@ -52,23 +34,16 @@ def improves(auc: float, best: float | None) -> bool:
   return math.isfinite(auc) and (best is None or auc > best)
 
 
-def stopped_early(meta: dict[str, Any], patience: int) -> bool:
-  """Whether `patience` validations in a row brought no better AUC (patience 0: never)."""
-  return patience > 0 and meta["evals_since_best"] >= patience
-
-
 class StopSignals:
-  """Turns SIGTERM and SIGINT into a request to stop after the current step; a second signal
-  gets the previous handler. Several processes agree every `sync_every` steps."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  """SIGTERM and SIGINT as a request to stop after the current step (a second signal gets the
+  previous handler); several processes agree every `sync_every` steps."""
 
   def __init__(self, sync_every: int):
     self.sync_every, self.signum, self._previous = sync_every, 0, {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def __exit__(self, *exc):
@@ -85,35 +60,9 @@ class StopSignals:
 
   def requested(self, step: int) -> int:
     """The signal number to stop for (0: none), the same on every process."""
-    if jax.process_count() == 1:
-      return self.signum
-    if step % self.sync_every:
-      return 0
+    if jax.process_count() == 1 or step % self.sync_every:
+      return self.signum if jax.process_count() == 1 else 0
     return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
-
-
-def run_header(config: ConfigDict, workdir: str, data_dir: str, schema, state, start_step: int,
-               total_steps: int, steps_per_epoch: int) -> str:
-  """The few lines a run logs before its first progress line."""
-  num_params = int(parameter_overview.count_parameters(state.params))
-  examples = ", ".join(f"{s} {n:,}" for s, n in schema.num_examples)
-  if start_step >= total_steps > 0 and start_step:
-    span = (f"already at step {start_step:,}, at or past the budget of {total_steps:,} steps: "
-            "nothing to train, evaluating")
-  else:
-    epochs = total_steps / steps_per_epoch
-    span = (f"steps {start_step:,} -> {total_steps:,} ({epochs:.3g} "
-            f"epoch{'' if epochs == 1 else 's'} of {steps_per_epoch:,})")
-  return "\n".join([
-      f"Run in {workdir} ({'resumed' if start_step else 'new'}); config: "
-      f"{workdir_lib.config_path(workdir)}",
-      f"  model {config.model.name}: {num_params:,} parameters (table: "
-      f"{os.path.join(workdir, 'parameters.txt')})",
-      f"  data {config.data.source}: {data_dir} ({examples} examples)",
-      f"  train {span}; global batch {config.train.batch_size} on {jax.device_count()} "
-      f"device(s); validation every {validation_every(config.train, steps_per_epoch):,}, "
-      f"checkpoint every {config.checkpoint.every_steps:,} steps",
-  ])
 
 
 def closing_line(workdir: str, results: dict[str, dict[str, Any]]) -> str:
@@ -144,15 +93,6 @@ def validation_every(train_config: ConfigDict, steps_per_epoch: int) -> int:
   return max(1, round(epochs * steps_per_epoch)) if epochs > 0 else train_config.eval_every_steps
 
 
-def periodic_valid_rows(run: steps.Run) -> np.ndarray | None:
-  """The rows of the periodic validations (whole users, from `train.seed`); None: all."""
-  num_examples = run.config.eval.periodic_valid_examples
-  if num_examples <= 0:
-    return None
-  group_id = schema_lib.load_split(run.data_dir, "valid", run.schema)["group_id"]
-  return evaluate.valid_subsample(np.asarray(group_id), num_examples, run.config.train.seed)
-
-
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Trains (resuming from `workdir`), validates, keeps the best step and reports it: returns
   {"valid": metrics, "test": metrics} of the reported parameters, each with "step", "selected",
@@ -162,7 +102,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   workdir_lib.check_workdir_path(workdir)
   # The lock covers the checkpoint managers too: a second run's manager would delete the
   # first one's save in flight as a leftover temporary directory.
-  with workdir_lock.hold(workdir):
+  with workdir_lib.hold(workdir):
     workdir_lib.check_rerun(workdir, config.to_dict())
     run = steps.setup(config)
     config_checks.check_validation_split(config, run.data_dir)
@@ -176,87 +116,128 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
 
 
 class Loop:
-  """One run of the training loop over a `steps.Run`, in `workdir`. `meta` is saved in every
-  checkpoint (progress, best step and AUC, the data's identity); `pending` holds the train
-  metrics since the last log line; `validated` this process's validation results of the last
-  and the best step."""
+  """The training loop of a `steps.Run` in `workdir`. `meta`: saved in every checkpoint
+  (progress, best step and AUC, the data's identity); `pending`: the train metrics since the last
+  log line; `validated`: this process's validations of the last and the best step."""
 
   def __init__(self, run: steps.Run, workdir: str):
-    self.run, self.workdir = run, workdir
+    self.run, self.config, self.workdir = run, run.config, workdir
     self.manager = checkpointing.create_manager(workdir, run.config.checkpoint)
-    self.best_manager = checkpointing.create_best_manager(workdir)
-    self.writer: writers.MetricWriter | None = None
+    self.best_manager = checkpointing.create_manager(workdir, run.config.checkpoint, best=True)
     self.meta: dict[str, Any] = {"best_valid_auc": None, "best_step": None, "evals_since_best": 0}
-    self.last_saved: int | None = None
-    self.pending: list[dict[str, jax.Array]] = []
-    self.valid_rows: np.ndarray | None = None
-    self.validated: dict[int, dict[str, Any]] = {}
+    self.writer, self.last_saved, self.valid_rows, self.per_epoch = None, None, None, 1
+    self.pending, self.validated = [], {}
 
   def close(self) -> None:
     for manager in (self.manager, self.best_manager):
-      checkpointing.close(manager)  # also writes the checksums of its last saves
+      checkpointing.finalize(manager)  # also writes the checksums of its last saves
+      manager.close()
     if self.writer is not None:
       self.writer.close()
 
   def restore(self):
-    """The state to start from: the newest good checkpoint of the workdir, else the fresh one;
-    `meta` becomes the checkpoint's. A checkpoint trained on other data (or of other shapes)
-    stops the run before any array is read, moving nothing (`checkpointing.OtherRunError`)."""
-    state = self.run.state
-    restored = checkpointing.restore(self.manager, state, workdir=self.workdir,
+    """The newest good checkpoint of the workdir (`meta` becomes its), else the fresh state;
+    OtherRunError, before any array is read, for a checkpoint of another run."""
+    restored = checkpointing.restore(self.manager, self.run.state, workdir=self.workdir,
                                      identity=checkpointing.identity(self.run))
-    if restored is not None:
-      state, restored_meta = restored
-      self.meta.update(restored_meta)
-      self.last_saved = int(state.step)
+    state, meta = restored or (self.run.state, {})
+    self.meta.update(meta)
+    self.last_saved = int(state.step) if meta else None
     self.meta.update(checkpointing.reconcile_best(self.best_manager, state, self.meta))
     return state
 
-  def progress(self, step: int, steps_per_epoch: int) -> dict[str, Any]:
-    run = self.run
-    return dict(step=step, epoch=step // steps_per_epoch,
-                examples_seen=step * run.config.train.batch_size,
-                schema_fingerprint=run.schema.fingerprint(), data_checksum=run.data_checksum)
+  def progress(self, step: int) -> dict[str, Any]:
+    return dict(step=step, epoch=step // self.per_epoch,
+                examples_seen=step * self.config.train.batch_size,
+                schema_fingerprint=self.run.schema.fingerprint(),
+                data_checksum=self.run.data_checksum)
 
   def check_pending(self, step: int) -> list[dict[str, float]]:
-    history = jax.device_get(self.pending)
-    check_loss(step, history, self.last_saved, self.run.config.train.max_bce)
+    """The `pending` metrics; NonFiniteLossError if a loss is non-finite or its cross-entropy
+    exceeds `train.max_bce` (a diverged run: every later prediction saturates)."""
+    history, max_bce = jax.device_get(self.pending), self.config.train.max_bce
+    for m in history:
+      finite = all(math.isfinite(v) for v in m.values())
+      if finite and m["bce"] <= max_bce:
+        continue
+      where = (f"the last good checkpoint is step {self.last_saved}"
+               if self.last_saved is not None else "no checkpoint was written")
+      what = (f"non-finite loss {m}" if not finite else
+              f"cross-entropy {m['bce']:.4g} above train.max_bce={max_bce:g} (diverged)")
+      raise NonFiniteLossError(
+          f"{what} by step {step}; training stopped and {where} "
+          "(lower train.learning_rate or check the data for extreme values)")
     return history
 
-  def save(self, state, step: int, steps_per_epoch: int) -> None:
+  def save(self, state, step: int) -> None:
     self.check_pending(step)
-    self.meta.update(self.progress(step, steps_per_epoch))
+    self.meta.update(self.progress(step))
     # The best checkpoint lands first, so no saved meta names a best step that is not on disk.
     checkpointing.finalize(self.best_manager)
     checkpointing.save(self.manager, state, self.meta)
     self.last_saved = step
 
-  def validate(self, state, step: int, steps_per_epoch: int) -> dict[str, Any]:
+  def validate(self, state, step: int) -> None:
     self.check_pending(step)  # never save a bad best
     valid = evaluate.evaluate_split(self.run, state, "valid", step, self.writer,
                                     rows=self.valid_rows)
-    best = self.meta["best_step"]
-    self.validated = {s: v for s, v in self.validated.items() if s == best}
+    self.validated = {s: v for s, v in self.validated.items() if s == self.meta["best_step"]}
     self.validated[step] = valid
     if improves(valid["auc"], self.meta["best_valid_auc"]):
       self.meta.update(best_valid_auc=valid["auc"], best_step=step, evals_since_best=0)
-      checkpointing.save(self.best_manager, state,
-                         {**self.meta, **self.progress(step, steps_per_epoch)})
+      checkpointing.save(self.best_manager, state, {**self.meta, **self.progress(step)})
     else:
       self.meta["evals_since_best"] += 1
-    return valid
+
+  def log_progress(self, step: int, total_steps: int, seconds: float) -> None:
+    """Logs and writes the mean train metrics of the `pending` steps, then clears them."""
+    history = self.check_pending(step)
+    steps_per_second = len(history) / max(seconds, 1e-9)
+    summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+    summary["samples_per_second"] = steps_per_second * self.config.train.batch_size
+    self.writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+    logging.info("step %d/%d | loss %.4f | %.0f samples/s | ETA %s", step, total_steps,
+                 summary["loss"], summary["samples_per_second"],
+                 writers.hms((total_steps - step) / steps_per_second))
+    self.pending = []
+
+  def header(self, state, start_step: int, total_steps: int) -> str:
+    """The few lines a run logs before its first progress line."""
+    config, workdir, per_epoch = self.config, self.workdir, self.per_epoch
+    num_params = int(parameter_overview.count_parameters(state.params))
+    examples = ", ".join(f"{s} {n:,}" for s, n in self.run.schema.num_examples)
+    if start_step >= total_steps > 0:
+      span = (f"already at step {start_step:,}, at or past the budget of {total_steps:,} "
+              "steps: nothing to train, evaluating")
+    else:
+      epochs = total_steps / per_epoch
+      span = (f"steps {start_step:,} -> {total_steps:,} ({epochs:.3g} "
+              f"epoch{'' if epochs == 1 else 's'} of {per_epoch:,})")
+    return "\n".join([
+        f"Run in {workdir} ({'resumed' if start_step else 'new'}); config: "
+        f"{workdir_lib.config_path(workdir)}",
+        f"  model {config.model.name}: {num_params:,} parameters (table: "
+        f"{os.path.join(workdir, 'parameters.txt')})",
+        f"  data {config.data.source}: {self.run.data_dir} ({examples} examples)",
+        f"  train {span}; global batch {config.train.batch_size} on {jax.device_count()} "
+        f"device(s); validation every {validation_every(config.train, per_epoch):,}, "
+        f"checkpoint every {config.checkpoint.every_steps:,} steps",
+    ])
 
   def train_and_report(self) -> dict[str, dict[str, Any]]:
-    run, config, workdir = self.run, self.run.config, self.workdir
+    run, config, workdir = self.run, self.config, self.workdir
     batches = run.train_batches()
-    per_epoch = batches.steps_per_epoch
-    total_steps = total_train_steps(config.train, per_epoch)
-    eval_every = validation_every(config.train, per_epoch)
-    self.valid_rows = periodic_valid_rows(run)
+    self.per_epoch = batches.steps_per_epoch
+    total_steps = total_train_steps(config.train, self.per_epoch)
+    eval_every = validation_every(config.train, self.per_epoch)
+    if config.eval.periodic_valid_examples > 0:  # whole users, drawn from `train.seed`
+      group_id = schema_lib.load_split(run.data_dir, "valid", run.schema)["group_id"]
+      self.valid_rows = evaluate.valid_subsample(
+          np.asarray(group_id), config.eval.periodic_valid_examples, config.train.seed)
     state = self.restore()
     start_step = int(state.step)
     patience = config.train.early_stopping_patience
-    if stopped_early(self.meta, patience):
+    if 0 < patience <= self.meta["evals_since_best"]:  # no better AUC in `patience` validations
       logging.info("Stopped early at step %d (best validation AUC %s at step %s); not "
                    "training further", start_step, self.meta["best_valid_auc"],
                    self.meta["best_step"])
@@ -268,11 +249,10 @@ class Loop:
     writers.write_text_atomic(os.path.join(workdir, "parameters.txt"),
                               parameter_overview.get_parameter_overview(state.params) + "\n")
     writers.write_json_atomic(workdir_lib.config_path(workdir), config.to_dict())
-    logging.info("%s", run_header(config, workdir, run.data_dir, run.schema, state, start_step,
-                                  total_steps, per_epoch))
+    logging.info("%s", self.header(state, start_step, total_steps))
 
-    rng = steps.dropout_key(config.train.seed)
-    t_window, steps_window = time.perf_counter(), 0
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)  # not init's key
+    t_window = time.perf_counter()
     device_batches = batches.iterate(
         start_step, total_steps, transform=lambda b: sharding.pack_to_global(b, run.mesh))
     # Closing the batches stops their prefetch thread on every way out of the loop.
@@ -280,22 +260,18 @@ class Loop:
       for step, batch in zip(range(start_step + 1, total_steps + 1), device_batches):
         state, step_metrics = run.train_step(state, batch, rng)
         self.pending.append(step_metrics)
-        steps_window += 1
-        if step % config.train.log_every_steps == 0 or step == total_steps:
-          history = self.check_pending(step)
-          _log_progress(self.writer, step, total_steps, history,
-                        steps_window / max(time.perf_counter() - t_window, 1e-9),
-                        config.train.batch_size)
-          self.pending, t_window, steps_window = [], time.perf_counter(), 0
-        if step % eval_every == 0 or step == total_steps:
-          self.validate(state, step, per_epoch)
+        last = step == total_steps
+        if step % config.train.log_every_steps == 0 or last:
+          self.log_progress(step, total_steps, time.perf_counter() - t_window)
+          t_window = time.perf_counter()
+        if step % eval_every == 0 or last:
+          self.validate(state, step)
           t_window = time.perf_counter()  # evaluation time is not training throughput
-        stop = stopped_early(self.meta, patience)
+        stop = 0 < patience <= self.meta["evals_since_best"]
         signum = signals.requested(step)
-        if step % config.checkpoint.every_steps == 0 or step == total_steps or stop or signum:
-          self.save(state, step, per_epoch)
-        if signum:
-          checkpointing.finalize(self.manager)
+        if step % config.checkpoint.every_steps == 0 or last or stop or signum:
+          self.save(state, step)
+        if signum:  # `close` lands the save
           raise Preempted(signum, step, workdir)
         if stop:
           logging.info("Early stopping at step %d: no better validation AUC in %d "
@@ -306,27 +282,32 @@ class Loop:
     logging.info("Process %d of %d read %d training rows (its part of %d steps of %d)",
                  jax.process_index(), jax.process_count(), batches.rows_read,
                  int(state.step) - start_step, config.train.batch_size)
-    final_step = int(state.step)
-    if self.meta["best_step"] is None and final_step not in self.validated:
-      self.validate(state, final_step, per_epoch)  # best step unknown so far
+    if self.meta["best_step"] is None and int(state.step) not in self.validated:
+      self.validate(state, int(state.step))  # best step unknown so far
     return self.report(state)
 
   def report(self, state) -> dict[str, dict[str, Any]]:
-    """Evaluates the reported step on valid and test (valid only with `eval.final_test` off)
-    and writes `eval/<split>_metrics.json`, reusing this process's validation of that step on
-    the whole split."""
-    report_state, selection = select_reported_state(
-        state, self.meta, self.run.config.eval.report_step, self.best_manager)
-    step = int(report_state.step)
-    results = {}
-    splits = ("valid", "test") if self.run.config.eval.final_test else ("valid",)
-    reported = {}  # scalars of this report, one row (a resumed run drops it with test's)
-    for split in splits:
+    """Evaluates the step `eval.report_step` selects on valid and test (valid only with
+    `eval.final_test` off), reusing this process's validation of that step on the whole split,
+    and writes `eval/<split>_metrics.json`."""
+    meta, last_step, selected = self.meta, int(state.step), self.config.eval.report_step
+    if selected == "best" and meta["best_step"] is None:
+      logging.warning("No validation AUC was ever defined; reporting the last step")
+      selected = "last"
+    if selected == "best" and meta["best_step"] != last_step:
+      state, _ = checkpointing.restore(self.best_manager, state, step=meta["best_step"])
+    step = int(state.step)
+    logging.info("Reporting step %d (%s; best validation AUC %s at step %s)", step, selected,
+                 meta["best_valid_auc"], meta["best_step"])
+    selection = {"selected": selected, "best_step": meta["best_step"],
+                 "best_valid_auc": meta["best_valid_auc"], "last_step": last_step}
+    results, reported = {}, {}  # reported: this report's scalars (one row; dropped on resume)
+    for split in ("valid", "test") if self.config.eval.final_test else ("valid",):
       known = self.validated.get(step) if split == "valid" else None
       if known is not None and not known.get("subsample"):
         result = known  # its valid scalars were written when it was validated
       else:
-        result = evaluate.evaluate_split(self.run, report_state, split, step)
+        result = evaluate.evaluate_split(self.run, state, split, step)
         if split == "test" or self.valid_rows is not None:  # else written when validated
           reported.update(evaluate.scalars(split, result))
       results[split] = {**result, **selection}
@@ -335,30 +316,3 @@ class Loop:
       self.writer.write_scalars(step, reported)
     logging.info("%s", closing_line(self.workdir, results))
     return results
-
-
-def select_reported_state(state, meta: dict[str, Any], report_step: str, best_manager):
-  """The parameters to report: `state` (the last step) or, with `report_step="best"`, those of
-  the best validation step. Returns (state, {"selected", "best_step", "best_valid_auc",
-  "last_step"})."""
-  last_step = int(state.step)
-  selected = report_step
-  if selected == "best" and meta["best_step"] is None:
-    logging.warning("No validation AUC was ever defined; reporting the last step")
-    selected = "last"
-  if selected == "best" and meta["best_step"] != last_step:
-    checkpointing.finalize(best_manager)
-    state, _ = checkpointing.restore(best_manager, state, step=meta["best_step"])
-  logging.info("Reporting step %d (%s; best validation AUC %s at step %s)", int(state.step),
-               selected, meta["best_valid_auc"], meta["best_step"])
-  return state, {"selected": selected, "best_step": meta["best_step"],
-                 "best_valid_auc": meta["best_valid_auc"], "last_step": last_step}
-
-
-def _log_progress(writer, step, total_steps, history, steps_per_second, batch_size):
-  summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-  summary["samples_per_second"] = steps_per_second * batch_size
-  writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-  logging.info("step %d/%d | loss %.4f | %.0f samples/s | ETA %s", step, total_steps,
-               summary["loss"], summary["samples_per_second"],
-               writers.hms((total_steps - step) / steps_per_second))

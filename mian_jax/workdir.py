@@ -1,24 +1,35 @@
-"""A run's config and its reopening: the config loaded from a file and overrides
-(`load_config`), recorded in `<workdir>/config.json` (`recorded_config`), checked on a rerun
-(`check_rerun`: only `RESUMABLE_KEYS` may differ), and a checkpoint restored with it
-(`restore_run`, for evaluate, predict and export; training resumes in `train.Loop`).
+"""A run's workdir: its lock (`hold`), its config loaded from a file and overrides
+(`load_config`), recorded in `config.json` (`recorded_config`), checked on a rerun (`check_rerun`:
+only `RESUMABLE_KEYS` may differ), and a checkpoint restored with it (`restore_run`, for
+evaluate, predict and export; training resumes in `train.Loop`).
+
+The lock: process 0's `flock` on `<workdir>/.lock` (kept: deleting it would let a third run lock
+a fresh file) while a run writes, since a second run's orbax manager would delete the first
+one's save in flight; a second run fails at once, naming the holder written into the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
-from collections.abc import Sequence
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-from absl import flags
+from absl import flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from mian_jax import checkpointing, cli, config_checks, config_defaults, steps
-from mian_jax.errors import ConfigError, DataError, one_line
+from mian_jax import checkpointing, cli, config_checks, config_defaults, sharding, steps
+from mian_jax.errors import ConfigError, DataError, WorkdirBusyError, first_of, one_line
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 # The config file that returns a workdir's recorded config (`--config=<it>:<workdir>`).
 RECORDED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded_config.py")
 
@@ -43,6 +54,62 @@ def check_workdir_path(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
                       "(it is created if missing)")
+
+
+def lock_path(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), LOCK_FILE)
+
+
+def _try_lock(workdir: str) -> tuple[int | None, str]:
+  """Process 0's attempt: (fd, "") when locked, (None, message) when another run holds the
+  lock, (None, "") when the file system cannot lock."""
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(lock_path(workdir), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    os.close(fd)
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      pid, host, since, *_ = holder.split() + ["?", "?", "?"]
+      return None, (f"workdir {workdir} is in use by another run (pid {pid} on host {host} "
+                    f"since {since}); wait for it to finish or use another --workdir")
+    logging.warning("Cannot lock %s (%s): running without a workdir lock; make sure no other "
+                    "run uses %s", lock_path(workdir), e, workdir)
+    return None, ""
+  # The holder, one line: "pid host start-time command".
+  holder = (f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')} "
+            f"{os.path.basename(sys.executable)} {' '.join(sys.argv)}")
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (" ".join(holder.split()) + "\n").encode(), 0)
+  os.fsync(fd)
+  return fd, ""
+
+
+@contextlib.contextmanager
+def hold(workdir: str) -> Iterator[None]:
+  """Holds the workdir's lock (creating the workdir) for the body, on every process of a run;
+  WorkdirBusyError if another run holds it."""
+  workdir = os.path.abspath(workdir)
+  created = not os.path.exists(workdir)
+  fd, busy = _try_lock(workdir) if jax.process_index() == 0 else (None, "")
+  busy = sharding.process_zero_verdict(  # every process of a second run stops
+      busy, f"workdir {workdir} is in use by another run (see process 0's error)")
+  if busy:
+    raise WorkdirBusyError(busy)
+  try:
+    yield
+  except BaseException:
+    if fd is not None and created and os.listdir(workdir) == [LOCK_FILE]:
+      # A run that failed before writing anything leaves no workdir it created behind.
+      os.remove(lock_path(workdir))
+      os.rmdir(workdir)
+    raise
+  finally:
+    if fd is not None:
+      os.ftruncate(fd, 0)  # no stale holder text for a reader that races the next holder
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
 
 
 def read_recorded_config(workdir: str) -> dict[str, Any] | None:
@@ -77,20 +144,17 @@ def check_rerun(workdir: str, requested: dict[str, Any]) -> None:
     return  # nothing a changed config would invalidate
   differences = config_differences(recorded, requested, RESUMABLE_KEYS)
   if differences:
-    shown = "; ".join(differences[:5])
-    more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
     raise ConfigError(
-        f"{workdir} holds a run started with another config ({shown}{more}); to resume it, "
-        "rerun without --config (its config.json is used), or use another --workdir")
+        f"{workdir} holds a run started with another config ({first_of(differences, 5)}); to "
+        "resume it, rerun without --config (its config.json is used), or use another --workdir")
 
 
 def with_recorded_config(argv: list[str]) -> list[str]:
   """argv with `--config=<RECORDED_CONFIG>:<workdir>` added when it names a --workdir that
   records a config and gives no --config (overrides then apply to the recorded config)."""
-  if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
-    return argv
   workdir = cli.flag_value(argv[1:], "workdir")
-  if not workdir or not os.path.isfile(config_path(workdir)):
+  if (cli.flag_value(argv[1:], "config") is not None or not workdir
+      or not os.path.isfile(config_path(workdir))):
     return argv
   return [argv[0], f"--config={RECORDED_CONFIG}:{os.path.abspath(workdir)}", *argv[1:]]
 
@@ -179,8 +243,7 @@ def restore_run(workdir: str, step: int | str = "latest", config: ConfigDict | N
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise DataError(f"no checkpoints in {workdir} (expected {directory})")
   run = steps.setup(config)
-  manager = (checkpointing.create_best_manager(workdir, read_only=True) if best else
-             checkpointing.create_manager(workdir, config.checkpoint, read_only=True))
+  manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True, best=best)
   restored = checkpointing.restore(manager, run.state, step if isinstance(step, int) else None,
                                    identity=checkpointing.identity(run))
   manager.close()

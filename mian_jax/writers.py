@@ -36,11 +36,10 @@ class MetricWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
       return
-    clean = {k: float(v) for k, v in scalars.items()}
-    for name, value in clean.items():
-      self._events.add_scalar(name, value, step=step)
-    record = {"step": int(step), "time": time.time(),
-              **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
+    record = {"step": int(step), "time": time.time()}
+    for name, value in scalars.items():
+      self._events.add_scalar(name, float(value), step=step)
+      record[name] = float(value) if math.isfinite(value) else None
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
 
@@ -56,16 +55,16 @@ class MetricWriter:
       self._active = False
 
 
-def drop_rows_after(path: str, step: int, drop_prefix: str = "test/") -> int:
-  """Rewrites a metrics.jsonl (atomically) without the rows after `step`, those with a key
-  starting with `drop_prefix`, and a torn line. Returns how many were dropped."""
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites a metrics.jsonl (atomically) without the rows after `step`, those with a "test/"
+  key, and a torn line. Returns how many were dropped."""
   with open(path) as f:
     lines = f.readlines()
   kept = []
   for line in lines:
     try:
       row = json.loads(line)
-      if row["step"] <= step and not any(k.startswith(drop_prefix) for k in row):
+      if row["step"] <= step and not any(k.startswith("test/") for k in row):
         kept.append(line if line.endswith("\n") else line + "\n")
     except (ValueError, KeyError, TypeError):
       continue  # a line torn by a kill mid-write
@@ -117,9 +116,7 @@ def _finite_or_null(value, path: str, key: str = ""):
 
 def hms(seconds: float) -> str:
   """A duration as HH:MM:SS ("?" when unknown): progress lines and ETAs."""
-  if not math.isfinite(seconds):
-    return "?"
-  return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0)))
+  return time.strftime("%H:%M:%S", time.gmtime(max(seconds, 0))) if math.isfinite(seconds) else "?"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],

@@ -1,5 +1,6 @@
-"""Test setup: two simulated CPU devices and a private data cache. Shared helpers (the tiny
-config among them) live in tests/helpers.py."""
+"""Test setup: two simulated CPU devices, a private data cache per session, and XLA's compiled
+programs kept in ~/.cache/mian_jax_test_xla (shared by runs and xdist workers, not private).
+Shared helpers (the tiny config among them) live in tests/helpers.py."""
 
 import os
 
@@ -15,6 +16,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Persistent, not per session: a cold cache cost test_train.py and test_optim.py 38% more CPU
+# time (62 s against 45 s, measured). Holds only XLA programs, never data or results.
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.expanduser("~"), ".cache", "mian_jax_test_xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -24,3 +27,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 def _private_cache(tmp_path_factory, monkeypatch):
   """Prepared data goes to a per-session temporary cache, never the user's."""
   monkeypatch.setenv("MIAN_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_libraries():
+  """As every entry point does (after pytest's own hooks): drops the tensorstore callbacks into
+  the closed event loop of a failed orbax save or restore, shown otherwise as warnings."""
+  from mian_jax import cli  # noqa: PLC0415
+
+  cli.quiet_library_logs()

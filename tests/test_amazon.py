@@ -455,7 +455,7 @@ def _reviews_of(users, items, num_items):
   count = np.bincount(users)
   start = np.concatenate([[0], np.cumsum(count)[:-1]])
   return amazon.Reviews(users, items, np.arange(len(users)), np.zeros(num_items, np.int64),
-                        start, count, np.arange(len(users)) - start[users], len(count),
+                        count, np.arange(len(users)) - start[users], len(count),
                         num_items, 1)
 
 
@@ -723,6 +723,11 @@ def _reference_parse_reviews(lines):
                                as_array(times), counts, as_array(line_of), first)
 
 
+def _reference_read_reviews(path):
+  with gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape") as f:
+    return _reference_parse_reviews(f)
+
+
 def _injected_review_lines(user, item, when):
   """Review lines (bytes, without the newline) of every kind that pyarrow and json.loads might
   read differently; user / item / when: a real reviewerID, asin and time."""
@@ -786,8 +791,7 @@ def _damaged_amazon_like(tmp_path, seed=0):
 
 def test_block_reading_gives_the_line_by_line_result(tmp_path, monkeypatch):
   reviews_path, _ = _damaged_amazon_like(tmp_path)
-  with amazon_raw.open_text(reviews_path) as f:
-    expected = _reference_parse_reviews(f)
+  expected = _reference_read_reviews(reviews_path)
   monkeypatch.setattr(amazon_raw, "MIN_ARROW_LINES", 16)  # split rejected blocks down to 32 lines
   calls = []
   line_level = amazon_raw.review_of_line
@@ -795,7 +799,8 @@ def test_block_reading_gives_the_line_by_line_result(tmp_path, monkeypatch):
                       line_level(line))
   for block_bytes in (1 << 14, 1 << 25):  # many blocks, one block
     calls.clear()
-    got = amazon_raw.read_reviews(reviews_path, block_bytes=block_bytes)
+    monkeypatch.setattr(amazon_raw, "BLOCK_BYTES", block_bytes)
+    got = amazon_raw.read_reviews(reviews_path)
     assert got.counts == expected.counts
     assert got.first_skipped == expected.first_skipped
     assert got.user_keys == expected.user_keys and got.item_keys == expected.item_keys
@@ -812,8 +817,7 @@ def test_prepared_data_is_identical_to_line_by_line_reading(tmp_path, monkeypatc
   config = data_config(tmp_path / "raw", max_seq_len=4)
   prepared = {}
   with monkeypatch.context() as m:  # the replaced readers, and each split in one block
-    m.setattr(amazon_raw, "read_reviews",
-              lambda path: amazon_raw.parse_file(path, _reference_parse_reviews))
+    m.setattr(amazon_raw, "read_reviews", _reference_read_reviews)
     m.setattr(amazon_raw, "_literal", amazon_raw._literal_eval_line)
     prepared["reference"] = amazon.prepare_from_files(config, reviews_path, meta_path,
                                                       str(tmp_path / "reference"))

@@ -11,7 +11,7 @@ import pytest
 
 from configs import amazon_like as amazon_like_config
 from mian_jax import data as data_lib
-from mian_jax import metrics
+from mian_jax import encoding, metrics
 from mian_jax.data import amazon, amazon_raw
 from mian_jax.data import amazon_like
 from mian_jax.data import schema as schema_lib
@@ -150,14 +150,12 @@ def test_chunked_and_dense_sampling_paths(monkeypatch, tmp_path):
 def test_raw_files_parse_without_bad_rows(generated):
   config, truth, _ = generated
   paths = amazon_like.raw_paths(config.raw_dir, config.generator.name)
-  with amazon_raw.open_text(paths["reviews"]) as f:
-    raw = amazon_raw.parse_reviews(f)
+  raw = amazon_raw.read_reviews(paths["reviews"])
   assert raw.counts["parsed"] == raw.counts["lines"] == len(truth["event_item"])
   wanted = {asin: i for i, asin in enumerate(raw.item_keys)}
   item_index = {name: i for i, name in enumerate(truth["item_names"].tolist())}
   for protocol in amazon.PROTOCOLS:
-    with amazon_raw.open_text(paths["meta"]) as f:
-      categories, counts = amazon_raw.parse_metadata(f, wanted, protocol)
+    categories, counts = amazon_raw.read_metadata(paths["meta"], wanted, protocol)
     assert counts["malformed_lines"] == counts["missing_fields"] == 0
     assert counts["items_found"] == len(wanted)
     assert counts["skipped_unreviewed"] == len(truth["item_names"]) - len(wanted)
@@ -172,13 +170,12 @@ def test_raw_files_parse_without_bad_rows(generated):
 def test_five_core_strict_days_and_no_repeated_purchase(generated):
   config, _, _ = generated
   paths = amazon_like.raw_paths(config.raw_dir, config.generator.name)
-  with amazon_raw.open_text(paths["reviews"]) as f:
-    raw = amazon_raw.parse_reviews(f)
+  raw = amazon_raw.read_reviews(paths["reviews"])
   assert np.bincount(raw.user).min() >= 5
   assert len(np.unique(raw.user * len(raw.item_keys) + raw.item)) == len(raw.user)
   assert len(np.unique(raw.user * 10 ** 6 + raw.time // amazon.SECONDS_PER_DAY)) == len(raw.user)
   assert np.all(raw.time % amazon.SECONDS_PER_DAY == 0)
-  years = amazon.year_of(raw.time)
+  years = encoding.calendar("year", raw.time)
   assert years.min() >= 2008 and years.max() <= 2014
   mean = np.bincount(raw.user).mean()
   assert abs(mean - config.generator.mean_reviews_per_user) < 1.0
@@ -209,7 +206,7 @@ def test_seasonality_and_sequence_are_in_the_data(generated):
   paths = amazon_like.raw_paths(config.raw_dir, config.generator.name)
   reviews, _ = amazon.load_reviews(paths["reviews"], paths["meta"], "mian", 0.0)
   category = reviews.item_category[reviews.item]  # dense ids = generated ids (sorted names)
-  month = amazon.calendar(reviews.time, np.unique(amazon.year_of(reviews.time)))["month"]
+  month = encoding.calendar("month", reviews.time) - 1  # 0..11
   gift = int(np.argmax(truth["season"][:, 11] - truth["season"][:, 5]))
   share = lambda months: (category[np.isin(month, months)] == gift).mean()  # noqa: E731
   assert share([10, 11]) > 2 * share(list(range(2, 9)))

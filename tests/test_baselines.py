@@ -15,7 +15,7 @@ from mian_jax.data.pipeline import gather_batch
 from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
 from mian_jax.models.base import candidate_query
-from mian_jax.models.dien import DIEN
+from mian_jax.models.interest import DIEN
 from tests.helpers import np_softmax, tiny_config
 
 BASELINES = ("lr", "wide_deep", "dcn", "deepfm", "xdeepfm", "din", "dien")
@@ -432,10 +432,12 @@ def _mlp_input_and_embeddings(model, params, batch):
   return seen, aux
 
 
+@pytest.mark.parametrize("name", ["din", "dien"])
 @pytest.mark.parametrize("inputs", ["reference", "paper"])
-def test_din_mlp_reads_the_interest_times_the_candidate(inputs):
-  """The MLP input against NumPy: [e_u; v_U; e_i; e_c] (+ v_U * q), v_U = sum_t a_t e_b^t."""
-  model, params, batch, schema, _ = _setup("din", **{"model.baseline_inputs": inputs})
+def test_din_and_dien_mlp_inputs_against_numpy(name, inputs):
+  """The MLP input against NumPy. DIN: [e_u; v_U; e_i; e_c] (+ v_U * q), v_U = sum_t a_t e_b^t;
+  DIEN: [e_u; e_i; h'_T; e_c] (+ s; s * q), s = sum of valid e_b^t (q: the candidate's e_b)."""
+  model, params, batch, schema, _ = _setup(name, **{"model.baseline_inputs": inputs})
   seen, aux = _mlp_input_and_embeddings(model, params, batch)
   e = jax.tree.map(np.asarray, seen["embedding"])
   flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
@@ -443,29 +445,16 @@ def test_din_mlp_reads_the_interest_times_the_candidate(inputs):
   names = [x.name for x in f.item_fields]
   q = flat(e.item[:, [names.index(n) for n in f.behavior_fields]])
   keys = e.hist.reshape(*e.hist.shape[:2], -1)  # [B, T, d_b]
-  interest = np.einsum("bt,btd->bd", np.asarray(aux["attention"]["din"]), keys)
-  expected = [flat(e.user), interest, flat(e.item), flat(e.context)]
-  if inputs == "reference":
-    expected.append(interest * q)
-  np.testing.assert_allclose(seen["mlp"], np.concatenate(expected, -1), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("inputs", ["reference", "paper"])
-def test_dien_mlp_reads_the_history_sum_and_its_product_with_the_candidate(inputs):
-  """The MLP input against NumPy: [e_u; e_i; h'_T; e_c] (+ s; s * e_a), s = sum of valid e_b^t."""
-  model, params, batch, schema, _ = _setup("dien", **{"model.baseline_inputs": inputs})
-  seen, _ = _mlp_input_and_embeddings(model, params, batch)
-  e = jax.tree.map(np.asarray, seen["embedding"])
-  flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
-  f = schema.features
-  names = [x.name for x in f.item_fields]
-  e_a = flat(e.item[:, [names.index(n) for n in f.behavior_fields]])
-  valid = np.arange(f.max_seq_len)[None] < np.asarray(batch["hist_len"])[:, None]
-  history_sum = (e.hist.reshape(*e.hist.shape[:2], -1) * valid[..., None]).sum(1)
-  final_state = np.asarray(seen["interest_evolving"][1])
-  expected = [flat(e.user), flat(e.item), final_state, flat(e.context)]
-  if inputs == "reference":
-    expected += [history_sum, history_sum * e_a]
+  if name == "din":
+    interest = np.einsum("bt,btd->bd", np.asarray(aux["attention"]["din"]), keys)
+    expected = [flat(e.user), interest, flat(e.item), flat(e.context)]
+    expected += [interest * q] if inputs == "reference" else []
+  else:
+    valid = np.arange(f.max_seq_len)[None] < np.asarray(batch["hist_len"])[:, None]
+    history_sum = (keys * valid[..., None]).sum(1)
+    final_state = np.asarray(seen["interest_evolving"][1])
+    expected = [flat(e.user), flat(e.item), final_state, flat(e.context)]
+    expected += [history_sum, history_sum * q] if inputs == "reference" else []
   np.testing.assert_allclose(seen["mlp"], np.concatenate(expected, -1), rtol=1e-5, atol=1e-6)
 
 

@@ -4,6 +4,7 @@ uses its own venv and is skipped without it."""
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -62,10 +63,22 @@ def test_throughput_rejects_unknown_optimizer_and_zero_repeats():
       throughput.parse_args(argv)
 
 
-def test_throughput_config_takes_model_batch_and_optimizer():
-  config = common.make_config("din", 1024, "lazy_adam")
-  assert (config.model.name, config.train.batch_size) == ("din", 1024)
-  assert config.train.optimizer == "lazy_adam"
+def test_throughput_child_parses_the_flags_its_parent_was_given(monkeypatch):
+  """run_ours's `--single` child command, parsed as the child parses it, carries the parent's
+  --vocab, --seconds, --optimizer and --max_steps_in_flight, and the pair and data dir."""
+  parent = throughput.parse_args(["--vocab=tiny", "--seconds=0.5", "--optimizer=lazy_adam",
+                                  "--max_steps_in_flight=3"])
+  children = []
+
+  def fake_run(command, **kwargs):
+    children.append(throughput.parse_args(command[3:]))
+    return subprocess.CompletedProcess(command, 0, stdout='{"rate": 1}\n', stderr="")
+
+  monkeypatch.setattr(throughput.subprocess, "run", fake_run)
+  assert throughput.run_ours("din", 64, parent, "/data") == {"rate": 1}
+  (child,) = children
+  assert (child.single, child.data_dir, child.vocab, child.seconds, child.optimizer,
+          child.max_steps_in_flight) == ("din,64", "/data", "tiny", 0.5, "lazy_adam", 3)
 
 
 def test_peer_request_carries_our_hyperparameters_and_the_schema_columns():

@@ -218,7 +218,7 @@ def test_a_dead_preparations_temporary_directory_is_removed(tmp_path):
   killed = ("import os, sys, numpy as np\n"
             "from mian_jax.data import schema as s\n"
             "splits = {x: s.load_split(sys.argv[1], x) for x in s.SPLITS}\n"
-            "np.save = lambda *a, **k: os._exit(9)\n"
+            "np.lib.format.write_array_header_1_0 = lambda *a, **k: os._exit(9)\n"
             "s.write_prepared(sys.argv[2], s.read_schema(sys.argv[1]), splits)\n")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   assert subprocess.run([sys.executable, "-c", killed, source, target], cwd=repo,

@@ -1,5 +1,5 @@
-"""mian_jax/diagnose.py and its launcher `python -m launch.diagnose_split` on a tiny hand-built
-prepared data set (numbers worked out by hand)."""
+"""launch/diagnose_split.py, as a library and as `python -m launch.diagnose_split`, on a tiny
+hand-built prepared data set (numbers worked out by hand)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mian_jax import diagnose
+from launch import diagnose_split as diagnose
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import DataError
 from tests.helpers import REPO

@@ -84,8 +84,7 @@ def test_exported_scores_equal_in_process_scores(name, tmp_path, monkeypatch):
   run = steps.setup(tiny_config(**{"model.name": name}), verify_data=False)
   state = run.state
   reference = evaluate.predict_split(state, steps.make_eval_step(run.mesh, with_attention=True),
-                                     run.data_dir, run.schema, "valid", 64, run.mesh,
-                                     with_attention=True)
+                                     run.data_dir, run.schema, "valid", 64, run.mesh)
   # Scores that differ from row to row, so that a mix-up would show.
   assert np.isfinite(reference["prob"]).all() and reference["prob"].std() > 0.05
   manifest = export.export_run(run, state, str(tmp_path / "out"))
@@ -124,8 +123,7 @@ def test_the_command_exports_the_checkpoint_with_its_signature_and_manifest(trai
   assert signature["outputs"] == [{"name": "prob", "dtype": "float32", "shape": []}]
   # Its scores are those of the checkpoint in process.
   reference = evaluate.predict_split(state, steps.make_eval_step(run.mesh, with_attention=True),
-                                     run.data_dir, run.schema, "valid", 64, run.mesh,
-                                     with_attention=True)
+                                     run.data_dir, run.schema, "valid", 64, run.mesh)
   columns = schema_lib.load_split(run.data_dir, "valid", run.schema)
   differences = _max_differences(serving.Scorer.load(out), reference, columns, run.schema, 37)
   assert max(differences.values()) < TOLERANCE, differences

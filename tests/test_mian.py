@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from mian_jax import models
 from mian_jax.data import synthetic
@@ -159,20 +160,43 @@ def test_transformer_variants_change_the_parameter_tree():
   assert "transformer" not in none and "position_embedding" not in none
 
 
-@pytest.mark.parametrize("override", [
-    {"model.ibim_score_weights": "per_position"}, {"model.field_score_weights": "shared"},
-    {"model.gim_behavior": "concat"}, {"model.dense_init": "truncated_normal"},
-    {"model.score_activation": "none"}, {"model.ibim_score": "din"},
-    {"model.interaction_values": "concat"},
+@pytest.mark.parametrize("override,changed", [
+    ({"model.ibim_score_weights": "per_position"}, {"ibim_attention"}),  # W_t: [T, d]
+    ({"model.field_score_weights": "shared"}, {"iuim_attention", "icim_attention"}),
+    ({"model.gim_behavior": "concat"}, {"gim/project_2", "gim/score_2"}),  # e_b: T x d_b wide
+    ({"model.dense_init": "truncated_normal"}, set()),
+    ({"model.score_activation": "none"}, set()),
+    ({"model.ibim_score": "din"}, {"ibim_activation_unit"}),
+    ({"model.interaction_values": "concat"},  # no q * e_b: narrower V, no candidate projection
+     {"ibim_attention", "iuim_attention", "icim_attention", "iuim_candidate_projection",
+      "icim_candidate_projection",  # and GIM's R_ibim, R_iuim, R_icim (parts 4-6)
+      *(f"gim/{m}_{i}" for m in ("score", "project") for i in (4, 5, 6))}),
 ])
-def test_alternative_readings_run_and_differ(override):
+def test_alternative_readings_change_what_they_name(override, changed):
+  """Each reading adds, removes or reshapes the parameters of the modules `changed` and no
+  others. With the default weights wherever the trees agree, dense_init (an initialiser only)
+  is the same function, its kernels within 2 std; score_activation is another function."""
   model, params, batch, _ = _setup()
   alt_model, alt_params, _, _ = _setup(**override)
-  a, _ = _apply(model, params, batch)
-  b, _ = _apply(alt_model, alt_params, batch)
+  flat, alt_flat = (traverse_util.flatten_dict(p, sep="/") for p in (params, alt_params))
+  shape = lambda tree, path: getattr(tree.get(path), "shape", None)  # noqa: E731
+  differ = {path for path in flat.keys() | alt_flat.keys()
+            if shape(flat, path) != shape(alt_flat, path)}
+  inside = lambda path, module: path.startswith(f"{module}/")  # noqa: E731
+  assert all(any(inside(path, module) for module in changed) for path in differ)  # no others
+  assert all(any(inside(path, module) for path in differ) for module in changed)  # each of them
+  shared = {path: alt_flat[path] if path in differ else flat[path] for path in alt_flat}
+  a = _apply(model, params, batch)[0]
+  b = _apply(alt_model, traverse_util.unflatten_dict(shared, sep="/"), batch)[0]
   assert np.isfinite(b).all()
-  differs = jax.tree.structure(params) != jax.tree.structure(alt_params) or not np.allclose(a, b)
-  assert differs
+  if "model.dense_init" in override:
+    np.testing.assert_array_equal(a, b)
+    kernels = [path for path in flat if path.endswith("kernel") and "embedding" not in path]
+    bound = 2 * tiny_config().model.init_std
+    assert max(np.abs(alt_flat[k]).max() for k in kernels) <= bound
+    assert max(np.abs(flat[k]).max() for k in kernels) > 5 * bound  # lecun_normal
+  elif "model.score_activation" in override:
+    assert not np.allclose(a, b, atol=1e-4)
 
 
 def test_bilinear_score_is_the_additive_score_plus_e_i_M_h_t():
@@ -236,8 +260,10 @@ def test_dropout_only_in_training_and_keyed_by_rng():
   run = lambda seed: model.apply({"params": params}, batch, train=True,  # noqa: E731
                                  rngs={"dropout": jax.random.PRNGKey(seed)})[0]
   assert not np.allclose(run(0), run(1))
-  np.testing.assert_array_equal(run(0), run(0))
-  np.testing.assert_array_equal(_apply(model, params, batch)[0], _apply(model, params, batch)[0])
+  evaluated = _apply(model, params, batch)[0]  # no dropout rng: dropout would raise
+  assert not np.allclose(run(0), evaluated)
+  np.testing.assert_array_equal(model.apply({"params": params}, batch, train=False,
+                                            rngs={"dropout": jax.random.PRNGKey(0)})[0], evaluated)
 
 
 

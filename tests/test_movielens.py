@@ -111,10 +111,8 @@ def test_no_future_leakage_against_brute_force():
       "user": rng.integers(5, size=n), "timestamp": rng.integers(40, size=n),
       "label": rng.integers(2, size=n).astype(np.float32), "split": np.zeros(n, np.int8),
       "item.movie_id": np.arange(n).astype(str)})  # unique items identify the rows
-  spec = interaction_log.LogSpec(item_fields=(("movie_id", "categorical"),),
-                                 behavior_fields=("movie_id",), user_fields=(), context_fields=(),
-                                 max_seq_len=4)
-  _, splits, _ = interaction_log.build_examples(log, spec, "test")
+  _, splits, _ = interaction_log.build_examples(log, {"item": (("movie_id", "categorical"),)},
+                                                ("movie_id",), 4, "test")
   cols = splits["train"]
   vocab = np.asarray(sorted(log["item.movie_id"]), dtype=object)
   decode = lambda ids: [vocab[i - 2] for i in ids if i]  # noqa: E731

@@ -1,4 +1,5 @@
-"""Lazy Adam and row-sparse embedding gradients against dense Adam and dense gradients."""
+"""Lazy Adam and row-sparse embedding gradients against dense Adam and dense gradients (its
+end-to-end runs, resume and device equivalence: test_train.py, over both optimizers)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from mian_jax import config_checks, optim, sharding, sparse, steps, train
+from mian_jax import config_checks, optim, sharding, steps
 from mian_jax.errors import ConfigError
-from tests.helpers import final_params, tiny_config, train_on_devices
+from tests.helpers import tiny_config
 
 LR, B1, B2, EPS = 1e-2, 0.9, 0.999, 1e-8
 
@@ -80,7 +81,7 @@ def test_row_sparse_gradients_are_the_dense_gradients_rows(model_name):
   (loss_s, _, _), rows = jax.jit(lambda s, b: steps.loss_and_grads(
       s, b, rng, sparse_embeddings=True, **kwargs))(state, batch)
   assert float(loss_s) == pytest.approx(float(loss), rel=1e-6)
-  tables = {t.path for t in sparse.find_tables(state.params)}
+  tables = {t.path for t in optim.find_tables(state.params)}
   assert any(p[-3] == "item_embedding" for p in tables) and any(
       p[-3] == "user_embedding" for p in tables)
 
@@ -111,16 +112,6 @@ def test_lazy_adam_train_step_moves_only_the_rows_in_the_batch():
   np.testing.assert_array_equal(changed, used)
 
 
-def test_lazy_adam_trains_end_to_end(tmp_path):
-  config = tiny_config(**{"data.synthetic.num_train": 12000, "train.batch_size": 64,
-                          "train.num_train_steps": -1, "train.num_epochs": 1.0,
-                          "train.log_every_steps": 50, "train.eval_every_steps": 1000,
-                          "checkpoint.every_steps": 1000, "train.learning_rate": 3e-3,
-                          "train.optimizer": "lazy_adam"})
-  test = train.train_and_evaluate(config, str(tmp_path))["test"]
-  assert test["auc"] > 0.62, test  # chance is 0.5; dense Adam's run in test_train: same bar
-
-
 def test_lazy_adam_with_l2_on_all_weights_is_refused():
   config = tiny_config(**{"train.optimizer": "lazy_adam", "train.l2_scope": "all_weights"})
   with pytest.raises(ConfigError, match="lazy_adam"):
@@ -129,30 +120,10 @@ def test_lazy_adam_with_l2_on_all_weights_is_refused():
     config_checks.check_config(tiny_config(**{"train.optimizer": "sgd"}))
 
 
-def test_lazy_adam_gives_the_same_result_on_one_and_two_devices():
-  config = tiny_config(**{"train.optimizer": "lazy_adam"})
-  final = [jax.device_get(train_on_devices(config, devices, num_steps=3).params["embedding"])
-           for devices in (jax.devices()[:1], jax.devices()[:2])]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *final)
-
-
-@pytest.mark.slow
-def test_a_lazy_adam_run_resumes_exactly(tmp_path):
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  lazy = {"train.optimizer": "lazy_adam"}
-  train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 8}), straight)
-  train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 4}), resumed)
-  train.train_and_evaluate(tiny_config(**lazy, **{"train.num_train_steps": 8}), resumed)
-  a, _ = final_params(tiny_config(**lazy), straight)
-  b, meta = final_params(tiny_config(**lazy), resumed)
-  assert meta["step"] == 8
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
 def test_first_occurrence_matches_numpy():
   ids = np.random.default_rng(4).integers(0, 9, 50).astype(np.int32)
   _, first_index, inverse = np.unique(ids, return_index=True, return_inverse=True)
-  np.testing.assert_array_equal(sparse.first_occurrence(jnp.asarray(ids), 9),
+  np.testing.assert_array_equal(optim.first_occurrence(jnp.asarray(ids), 9),
                                 first_index[inverse])
 
 

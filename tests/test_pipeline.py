@@ -11,7 +11,7 @@ from mian_jax.data import pipeline
 
 
 def _prefetch_threads():
-  return [t for t in threading.enumerate() if t.name == "prefetch" and t.is_alive()]
+  return [t for t in threading.enumerate() if t.name.startswith("prefetch") and t.is_alive()]
 
 
 def _wait_until(condition, timeout=5.0):

@@ -332,11 +332,11 @@ def test_amazon_review_records_encode_to_the_prepared_test_split(tmp_path):
   assert unseen["item.category"] == unseen["hist.category"] == 0
 
 
-def test_amazon_behaviours_in_order_match_a_plain_loop():
+def test_amazon_behaviors_in_order_match_a_plain_loop():
   rng = np.random.default_rng(3)
   users, seconds = rng.integers(0, 4, 40).astype(str), rng.integers(0, 5, 40).astype(float)
   is_review = rng.random(40) < 0.7
-  indices, counts = amazon.behaviours_in_order(users, seconds, is_review, 3)
+  indices, counts = amazon.behaviors_in_order(users, seconds, is_review, 3)
   for i in range(40):
     earlier = [j for j in sorted(range(40), key=lambda j: (seconds[j], j))
                if users[j] == users[i] and is_review[j] and (seconds[j], j) < (seconds[i], i)]

@@ -14,11 +14,13 @@ from mian_jax.errors import NonFiniteLossError
 from tests.helpers import final_params, tiny_config, train_on_devices
 
 
-def test_short_run_learns_the_planted_signal(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+def test_short_run_learns_the_planted_signal(tmp_path, optimizer):
   config = tiny_config(**{"data.synthetic.num_train": 12000, "train.batch_size": 64,
                           "train.num_train_steps": -1, "train.num_epochs": 1.0,
                           "train.log_every_steps": 50, "train.eval_every_steps": 1000,
-                          "checkpoint.every_steps": 1000, "train.learning_rate": 3e-3})
+                          "checkpoint.every_steps": 1000, "train.learning_rate": 3e-3,
+                          "train.optimizer": optimizer})
   results = train.train_and_evaluate(config, str(tmp_path))
   test = results["test"]
   assert test["oracle_auc"] > 0.7
@@ -33,26 +35,30 @@ def test_short_run_learns_the_planted_signal(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_ends_with_identical_parameters(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+def test_interrupted_and_resumed_run_ends_with_identical_parameters(tmp_path, optimizer):
+  config = lambda num_steps: tiny_config(**{"train.optimizer": optimizer,  # noqa: E731
+                                            "train.num_train_steps": num_steps})
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 10}), straight)
-  train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 6}), resumed)
-  first, meta = final_params(tiny_config(), resumed)
+  train.train_and_evaluate(config(10), straight)
+  train.train_and_evaluate(config(6), resumed)
+  first, meta = final_params(config(10), resumed)
   assert meta["step"] == 6
-  train.train_and_evaluate(tiny_config(**{"train.num_train_steps": 10}), resumed)
-  a, meta_a = final_params(tiny_config(), straight)
-  b, meta_b = final_params(tiny_config(), resumed)
+  train.train_and_evaluate(config(10), resumed)
+  a, meta_a = final_params(config(10), straight)
+  b, meta_b = final_params(config(10), resumed)
   assert meta_a["step"] == meta_b["step"] == 10
   jax.tree.map(np.testing.assert_array_equal, a, b)
   with pytest.raises(AssertionError):
     jax.tree.map(np.testing.assert_array_equal, first, b)
 
 
-def test_one_and_two_devices_give_the_same_result():
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+def test_one_and_two_devices_give_the_same_result(optimizer):
   assert jax.device_count() == 2, "conftest asks for two simulated devices"
   final = []
   for devices in (jax.devices()[:1], jax.devices()):
-    state = train_on_devices(tiny_config(), devices, num_steps=4)
+    state = train_on_devices(tiny_config(**{"train.optimizer": optimizer}), devices, num_steps=4)
     assert state.params["logit"]["kernel"].sharding.mesh.size == len(devices)
     final.append(jax.device_get(state.params))
   # The attention key bias shifts every logit of a query equally, so softmax makes its gradient
@@ -92,15 +98,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   manager.close()
 
 
-@pytest.mark.slow
-def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(), workdir)  # checkpoints at 4 and 8
-  state_dir = os.path.join(workdir, "checkpoints", "8", "state")
+def _flip_bytes_of_largest_file(state_dir):
+  files = [os.path.join(root, f) for root, _, names in os.walk(state_dir) for f in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.seek(os.path.getsize(largest) // 2)
+    f.write(b"\xff" * 20)
+
+
+def _empty(state_dir):
   shutil.rmtree(state_dir)
   os.makedirs(state_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_flip_bytes_of_largest_file, _empty])
+def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog, damage):
+  """Issue 11, problem 10: bit-rot restored NaN parameters; metrics were NaN and gAUC negative."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(), workdir)  # checkpoints at 4 and 8
+  damage(os.path.join(workdir, "checkpoints", "8", "state"))
   results = train.train_and_evaluate(tiny_config(), workdir)  # resumes from 4, redoes 5-8
-  assert results["test"]["last_step"] == 8
+  assert results["test"]["last_step"] == 8 and np.isfinite(results["test"]["auc"])
   assert any("damaged" in r.getMessage() for r in caplog.records)
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))
   params, meta = final_params(tiny_config(), workdir)

@@ -42,8 +42,12 @@ def _categorical_fields(schema):
           if x.is_categorical}
 
 
+def _encode_field(vocabularies, encoders, field, raw):
+  return encoding.encode_field(field, vocabularies.get(field), encoders.get(field), raw)
+
+
 def _assert_encodes(vocabularies, encoders, field, raw, column, unseen=0):
-  ids, count = vocab.encode_field(vocabularies, encoders, field, raw)
+  ids, count = _encode_field(vocabularies, encoders, field, raw)
   np.testing.assert_array_equal(ids, column, err_msg=field)
   assert count == unseen, field
 
@@ -109,15 +113,19 @@ def test_tabular_raw_columns_encode_to_the_prepared_columns(tmp_path):
                                 splits["test"]["hist.item_id"][1])
 
 
-def test_tabular_list_behaviours_enter_the_vocabulary(tmp_path):
+@pytest.mark.parametrize("item_id", ["item_id", "item_id:hash(64)"])
+def test_tabular_list_behaviours_encode_like_the_prepared_ones(tmp_path, item_id):
   text = "user_id,ts,clicked,item_id,category,hist\na,1,1,i1,c,\na,2,0,i2,c,i1\nb,3,1,i1,c,i2|i9\n"
   directory = _prepare_tabular(
-      tmp_path, text, valid_fraction=0.0, test_fraction=0.0, item_fields="item_id,category",
+      tmp_path, text, valid_fraction=0.0, test_fraction=0.0, item_fields=f"{item_id},category",
       user_fields="", context_fields="", behavior_fields="item_id", behavior_source="list",
       behavior_columns="item_id:hist")
   _, splits, vocabularies, _, _ = _load(directory)
   items = vocabularies["item.item_id"]
-  assert items.values == ("i1", "i2", "i9")  # i9 occurs only as a behaviour
+  if item_id == "item_id":
+    assert items.values == ("i1", "i2", "i9")  # i9 occurs only as a behaviour
+  else:
+    assert isinstance(items, vocab.HashedVocabulary) and items.size == 66
   for row, raw in enumerate([[], ["i1"], ["i2", "i9"]]):
     np.testing.assert_array_equal(_history(items, raw, 2), splits["train"]["hist.item_id"][row])
 
@@ -189,7 +197,7 @@ def test_movielens_raw_values_encode_to_the_prepared_columns(tmp_path):
     }
     for field, values in raw.items():
       column = splits[split][field]
-      ids, unseen = vocab.encode_field(vocabularies, encoders, field, values)
+      ids, unseen = _encode_field(vocabularies, encoders, field, values)
       np.testing.assert_array_equal(ids, column, err_msg=f"{split} {field}")
       assert unseen == np.count_nonzero(column == OOV)
       if split == "train":
@@ -197,7 +205,7 @@ def test_movielens_raw_values_encode_to_the_prepared_columns(tmp_path):
     # Through the lookups, as a scorer given only (user, movie, time) would do it.
     for key, table, keys in (("item.movie_id", movies, movie), ("user.user_id", users, user)):
       for field in table.fields:
-        ids, _ = vocab.encode_field(vocabularies, encoders, field, table.get(field, keys))
+        ids, _ = _encode_field(vocabularies, encoders, field, table.get(field, keys))
         np.testing.assert_array_equal(ids, splits[split][field], err_msg=f"{key} -> {field}")
   assert encoding.apply_encoder(encoders["context.time_since_last"],
                             [None, 10, 2 * 86400, 40 * 86400]).tolist() == [
@@ -280,7 +288,7 @@ def test_amazon_raw_values_encode_to_the_prepared_columns(tmp_path):
                                   splits[split]["item.category"][1::2])
   assert items.get("item.category", ["i4", "nope"]) == ["Art", None]
   # The first review of a user has no previous one: its own bucket.
-  assert vocab.encode_field(vocabularies, encoders, "context.gap", [None, 0, 400])[0].tolist() \
+  assert _encode_field(vocabularies, encoders, "context.gap", [None, 0, 400])[0].tolist() \
       == [amazon.NO_PREVIOUS_GAP + 2, 2, 8]  # none, 0 days, 366+ days
 
 
@@ -434,7 +442,7 @@ def test_tabular_hashed_raw_columns_encode_to_the_prepared_columns(tmp_path):
   for split, raw in rows.items():
     for field in ("item.item_id", "item.category", "user.city"):
       column = splits[split][field]
-      ids, unseen = vocab.encode_field(vocabularies, encoders, field, raw[field.split(".")[1]])
+      ids, unseen = _encode_field(vocabularies, encoders, field, raw[field.split(".")[1]])
       np.testing.assert_array_equal(ids, column, err_msg=f"{split} {field}")
       assert unseen == np.count_nonzero(column == OOV)
   # i3 (valid) and i4 (test) were not seen in training: their own ids, none unseen; a@50's
@@ -448,19 +456,6 @@ def test_tabular_hashed_raw_columns_encode_to_the_prepared_columns(tmp_path):
   # Behaviours (a@50: earlier clicks i1, i3) through the field's vocabulary, as predict does.
   np.testing.assert_array_equal(_history(vocabularies["item.item_id"], ["i1", "i3"], 2),
                                 splits["test"]["hist.item_id"][1])
-
-
-def test_tabular_hashed_list_behaviours_encode_like_the_prepared_ones(tmp_path):
-  text = "user_id,ts,clicked,item_id,category,hist\na,1,1,i1,c,\na,2,0,i2,c,i1\nb,3,1,i1,c,i2|i9\n"
-  directory = _prepare_tabular(
-      tmp_path, text, valid_fraction=0.0, test_fraction=0.0,
-      item_fields="item_id:hash(64),category", user_fields="", context_fields="",
-      behavior_fields="item_id", behavior_source="list", behavior_columns="item_id:hist")
-  _, splits, vocabularies, _, _ = _load(directory)
-  items = vocabularies["item.item_id"]
-  assert isinstance(items, vocab.HashedVocabulary) and items.size == 66
-  for row, raw in enumerate([[], ["i1"], ["i2", "i9"]]):
-    np.testing.assert_array_equal(_history(items, raw, 2), splits["train"]["hist.item_id"][row])
 
 
 def test_a_hash_encoder_of_another_function_is_a_one_line_error(tmp_path):

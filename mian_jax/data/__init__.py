@@ -1,10 +1,10 @@
 """Data sources and the prepared-data cache: `ensure_prepared` returns the prepared directory
 of `config.data` (source "synthetic", "amazon", "amazon_like", "movielens", "tabular", or
-"prepared": `data.prepared_dir` as it is), preparing it first if needed (docs/data.md).
-"""
+"prepared": `data.prepared_dir` as it is), preparing it first if needed (docs/data.md)."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import json
@@ -82,19 +82,6 @@ def read_raw_manifest(directory: str) -> dict | None:
     return None
 
 
-def _write_raw_manifest(directory: str, manifest: dict) -> None:
-  write_text_atomic(os.path.join(directory, RAW_MANIFEST), json.dumps(manifest, indent=2))
-
-
-def _cached_copies(data_config: ConfigDict) -> list[str]:
-  """Complete cache entries of these settings, whatever raw files they came from."""
-  root = os.path.join(cache_root(), "prepared")
-  prefix = f"{data_config.source}-{settings_key(data_config)}-"
-  names = sorted(os.listdir(root)) if os.path.isdir(root) else []
-  return [os.path.join(root, n) for n in names
-          if n.startswith(prefix) and os.path.isfile(os.path.join(root, n, "schema.json"))]
-
-
 def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, str | None]:
   """(raw_manifest of the source's raw files, None); or, the files gone, (None, the one cached
   copy of these settings) or (None, None) for a prepared `data.prepared_dir`. Else the source's
@@ -102,7 +89,11 @@ def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, st
   try:
     return raw_manifest(module.raw_files(data_config, download=False)), None
   except DataError as missing:
-    copies = [] if data_config.prepared_dir else _cached_copies(data_config)
+    # Complete cache entries of these settings, whatever raw files they came from.
+    prefix = os.path.join(cache_root(), "prepared",
+                          f"{data_config.source}-{settings_key(data_config)}-")
+    copies = [] if data_config.prepared_dir else sorted(
+        os.path.dirname(p) for p in glob.glob(glob.escape(prefix) + "*/schema.json"))
     if len(copies) == 1:
       logging.warning("The raw files are missing (%s); using the data prepared from them before "
                       "in %s", missing, copies[0])
@@ -119,48 +110,36 @@ def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, st
   return raw_manifest(module.raw_files(data_config, download=True)), None
 
 
-def _clear_damaged(directory: str, in_cache: bool) -> None:
-  """Makes room for preparing `directory` (no schema.json): a damaged cache entry is removed; a
-  non-empty directory the user named is never deleted: DataError."""
-  if not os.path.isdir(directory) or not os.listdir(directory):
-    return
-  if not in_cache:
-    raise DataError(f"data.prepared_dir={directory} holds files but no schema.json, so it is no "
-                    "(complete) prepared data set; delete it to prepare it there again, or "
-                    "choose another directory")
-  if os.path.isfile(os.path.join(directory, "schema.json")):  # prepared meanwhile by another
-    return
-  logging.warning("%s has no schema.json (a damaged cache entry); preparing it again", directory)
-  schema_lib.discard(directory)
-
-
 def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
-  """Returns (directory, schema) of the prepared data, preparing it first if needed.
-
-  A source with `raw_files` is also keyed by their SHA-256 (a `data.prepared_dir` prepared from
-  other bytes: DataError). DataError / ConfigError when the data is missing or does not match.
-  """
+  """(directory, schema) of the prepared data, prepared first if needed; a source with
+  `raw_files` is also keyed by their SHA-256. DataError / ConfigError if missing or mismatched."""
   module = (importlib.import_module(PREPARERS[data_config.source])
             if data_config.source in PREPARERS else None)
   raw, directory = (_raw_files_or_copy(data_config, module) if hasattr(module, "raw_files")
                     else (None, None))
   directory = directory or prepared_dir(data_config, raw)
-  schema_path = os.path.join(directory, "schema.json")
-  if not os.path.isfile(schema_path):
+  fresh = not os.path.isfile(os.path.join(directory, "schema.json"))
+  if fresh:
     if data_config.source == "prepared":
       raise DataError(f"no prepared data at {directory} (missing schema.json)")
     if data_config.source not in PREPARERS:
       raise ConfigError(f"unknown data.source {data_config.source!r}; "
                         f"expected one of {sorted(PREPARERS) + ['prepared']}")
-    _clear_damaged(directory, in_cache=not data_config.prepared_dir)
+    if os.path.isdir(directory) and os.listdir(directory):  # never delete the user's directory
+      if data_config.prepared_dir:
+        raise DataError(f"data.prepared_dir={directory} holds files but no schema.json, so it is "
+                        "no (complete) prepared data set; delete it to prepare it there again, "
+                        "or choose another directory")
+      if not os.path.isfile(os.path.join(directory, "schema.json")):  # not prepared meanwhile
+        logging.warning("%s has no schema.json (a damaged cache entry); preparing it again",
+                        directory)
+        schema_lib.discard(directory)
     logging.info("Preparing %s data into %s", data_config.source, directory)
     module.prepare(data_config, directory)
-    if raw is not None:
-      _write_raw_manifest(directory, raw)
-  elif raw is not None:
-    recorded = read_raw_manifest(directory)
-    if recorded is None and not data_config.prepared_dir:  # its name holds their key
-      _write_raw_manifest(directory, raw)
+  if raw is not None:
+    recorded = None if fresh else read_raw_manifest(directory)
+    if recorded is None and (fresh or not data_config.prepared_dir):  # a cache name holds its key
+      write_text_atomic(os.path.join(directory, RAW_MANIFEST), json.dumps(raw, indent=2))
     elif recorded is None:
       logging.info("%s records no raw files (%s): not compared with %s", directory,
                    RAW_MANIFEST, describe_raw(raw))
@@ -168,7 +147,6 @@ def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
       raise DataError(f"data.prepared_dir={directory} was prepared from other raw files "
                       f"({describe_raw(recorded)}; now {describe_raw(raw)}); delete it to "
                       "prepare it again, or choose another directory")
-  if raw is not None:
     logging.info("Prepared data %s comes from %s", directory, describe_raw(raw))
   schema = schema_lib.read_schema(directory)
   if schema.features.max_seq_len != data_config.max_seq_len:

@@ -1,9 +1,6 @@
-"""Amazon 2014 5-core reviews (Books, Electronics) in the prepared format (docs/data.md).
-
-Joins the parsed raw files (`amazon_raw.py`) with categories, applies a protocol ("din", "dien"
-or "mian", `config.data.protocol`) and builds the examples; every feature of an example comes
-from the target review and the user's earlier reviews only.
-"""
+"""Amazon 2014 5-core reviews (Books, Electronics) in the prepared format (docs/data.md): joins
+the parsed raw files (`amazon_raw.py`) with categories and builds the examples of a protocol
+(`data.protocol`) from the target review and the user's earlier reviews only."""
 
 from __future__ import annotations
 
@@ -26,7 +23,7 @@ from mian_jax.data import download as download_lib
 from mian_jax.data import records as records_lib
 from mian_jax.data import schema as schema_lib
 from mian_jax.data import vocab
-from mian_jax.errors import ConfigError, DataError
+from mian_jax.errors import DataError, check_choice
 from mian_jax.fileio import cache_root
 
 SNAP_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
@@ -43,7 +40,6 @@ NO_PREVIOUS_GAP = len(GAP_EDGES_DAYS) + 1
 # din and dien: the share of the eligible users whose target is held out for validation.
 VALID_USER_SHARE = 0.1
 VALID_STREAM = 1  # the validation users are drawn from default_rng([data.seed, VALID_STREAM])
-HIST_CHUNK = 1 << 18  # examples per chunk when gathering behaviours (bounds temporary memory)
 # Target rows whose examples are built and written at once: bounds memory, and small enough
 # that the allocator reuses the blocks' memory (fresh large arrays cost page faults).
 EXAMPLE_BLOCK = 1 << 14
@@ -52,9 +48,8 @@ EXTRA_BLOCK = 1 << 19  # target rows per call of the extra columns (e.g. amazon_
 
 
 def raw_file_names(dataset: str) -> tuple[str, str]:
-  """(reviews, metadata) file names of `dataset` ("books" | "electronics"), gzipped."""
-  if dataset not in DATASETS:
-    raise ConfigError(f"data.dataset={dataset!r}: expected one of {sorted(DATASETS)}")
+  """(reviews, metadata) gzipped file names of `dataset`."""
+  check_choice("data.dataset", dataset, tuple(DATASETS))
   name = DATASETS[dataset]
   return f"reviews_{name}_5.json.gz", f"meta_{name}.json.gz"
 
@@ -64,18 +59,14 @@ def default_raw_dir() -> str:
 
 
 def raw_files(data_config: ConfigDict, download: bool = True) -> list[str]:
-  """[reviews, metadata] paths, as `<name>.json.gz` or plain `<name>.json`; the missing ones
-  are downloaded (with `download` False: DataError instead)."""
+  """[reviews, metadata] paths (`<name>.json.gz`, else `<name>.json`); downloads the missing ones
+  (with `download` False: DataError)."""
   raw_dir = os.path.expanduser(data_config.raw_dir or default_raw_dir())
-  base_url = data_config.get("base_url", SNAP_URL) or SNAP_URL
-  paths, missing = [], []
-  for name in raw_file_names(data_config.dataset):
-    gz_path = os.path.join(raw_dir, name)
-    plain_path = gz_path[:-len(".gz")]
-    paths.append(plain_path if os.path.isfile(plain_path) and not os.path.isfile(gz_path)
-                 else gz_path)
-    if paths[-1] == gz_path and not os.path.isfile(gz_path):
-      missing.append((base_url.rstrip("/") + "/" + name, gz_path))
+  base_url = (data_config.get("base_url", SNAP_URL) or SNAP_URL).rstrip("/")
+  paths = [os.path.join(raw_dir, name) for name in raw_file_names(data_config.dataset)]
+  paths = [p[:-len(".gz")] if not os.path.isfile(p) and os.path.isfile(p[:-len(".gz")]) else p
+           for p in paths]
+  missing = [(f"{base_url}/{os.path.basename(p)}", p) for p in paths if not os.path.isfile(p)]
   if missing and not download:
     raise DataError(f"amazon: {', '.join(p for _, p in missing)} not found")
   if missing:
@@ -87,18 +78,14 @@ def raw_files(data_config: ConfigDict, download: bool = True) -> list[str]:
 
 @dataclasses.dataclass
 class Reviews:
-  """Reviews joined with categories, dense ids, sorted by (user, time, file order).
-
-  user [R] in [0, U), item [R] in [0, I), time [R] seconds; item_category [I] in [0, C);
-  start [U], count [U] each user's first row and number of reviews; pos [R] rank within the
-  user (0 = oldest). Ids are ranks of the sorted strings (as DIN's remap): user_keys [U],
-  item_keys [I], category_keys [C] hold the reviewerID / asin / category of each id.
-  """
+  """Reviews joined with categories, sorted by (user, time, file order): user [R] in [0, U),
+  item [R] in [0, I), time [R] seconds, item_category [I] in [0, C), count [U], pos [R] rank
+  within the user (0 = oldest). Ids rank the sorted strings (as DIN's remap):
+  user_keys [U], item_keys [I], category_keys [C] hold the string of each id."""
   user: np.ndarray
   item: np.ndarray
   time: np.ndarray
   item_category: np.ndarray
-  start: np.ndarray
   count: np.ndarray
   pos: np.ndarray
   num_users: int
@@ -110,8 +97,7 @@ class Reviews:
 
 
 def _dense_ranks(keys: list[str], ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(rank [K] of each key among the keys that `ids` use, in sorted order, -1 if unused;
-  the used keys, sorted)."""
+  """(rank [K] of each key among the used keys (`ids`) sorted, -1 if unused; those keys)."""
   names = np.array(keys, dtype=str)
   used = np.zeros(len(names), bool)
   used[ids] = True
@@ -135,25 +121,22 @@ def join_reviews(raw: amazon_raw.RawReviews, categories: list[str | None]) -> tu
                                    return_inverse=True)
   item_category = np.zeros(len(item_keys), np.int64)
   item_category[item_rank[used_items]] = cat_index
-  user = user_rank[kept(raw.user)]
-  when = kept(raw.time)
-  # (user, time) in one int64 (times are plausible: 0 <= time < 2**32); a stable sort keeps
-  # the file order of ties. One column at a time bounds the temporary memory.
+  user, when = user_rank[kept(raw.user)], kept(raw.time)
+  # (user, time) in one int64 (plausible times are < 2**32); a stable sort keeps the file
+  # order of ties. One column at a time bounds the temporary memory.
   order = np.argsort(user << 32 | when, kind="stable")
   user = user[order]
   when = when[order]
   item = item_rank[kept(raw.item)][order]
   del order
   count = np.bincount(user, minlength=len(user_keys)).astype(np.int64)
-  start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-  pos = np.arange(len(user), dtype=np.int64) - start[user]
-  return Reviews(user, item, when, item_category, start, count, pos, len(user_keys),
+  pos = np.arange(len(user), dtype=np.int64) - (np.cumsum(count) - count)[user]
+  return Reviews(user, item, when, item_category, count, pos, len(user_keys),
                  len(item_keys), len(cat_names), user_keys, item_keys, cat_names), dropped
 
 
 def uniform_negatives(rng: np.random.Generator, reviews: Reviews, rows: np.ndarray) -> np.ndarray:
-  """For each target row, a uniformly random item that the row's user never reviewed (DIN
-  gen_neg); DataError if a user reviewed every item."""
+  """A uniformly random item that the row's user never reviewed, per target row (DIN gen_neg)."""
   positive_keys = np.sort(reviews.user * reviews.num_items + reviews.item)
   positive_keys = positive_keys[np.flatnonzero(np.diff(positive_keys, prepend=-1))]  # unique
   if len(rows) and (np.bincount(positive_keys // reviews.num_items) >= reviews.num_items).any():
@@ -161,15 +144,16 @@ def uniform_negatives(rng: np.random.Generator, reviews: Reviews, rows: np.ndarr
 
   def reviewed(at: np.ndarray) -> np.ndarray:
     """The entries of `at` (indices into rows) whose negative the row's user reviewed."""
-    keys = reviews.user[rows[at]] * reviews.num_items + negatives[at]
-    found = np.minimum(np.searchsorted(positive_keys, keys), len(positive_keys) - 1)
-    return at[positive_keys[found] == keys]
+    out = [np.zeros(0, np.int64)]
+    for lo in range(0, len(at), NEGATIVE_CHUNK):  # chunks bound the temporary memory
+      a = at[lo:lo + NEGATIVE_CHUNK]
+      keys = reviews.user[rows[a]] * reviews.num_items + negatives[a]
+      found = np.minimum(np.searchsorted(positive_keys, keys), len(positive_keys) - 1)
+      out.append(a[positive_keys[found] == keys])
+    return np.concatenate(out)
 
   negatives = rng.integers(reviews.num_items, size=len(rows))
-  # The first round in chunks (bounds temporary memory), then the redraws.
-  redo = np.concatenate([np.zeros(0, np.int64)] + [
-      reviewed(np.arange(lo, min(lo + NEGATIVE_CHUNK, len(rows))))
-      for lo in range(0, len(rows), NEGATIVE_CHUNK)])
+  redo = reviewed(np.arange(len(rows)))
   while len(redo):
     negatives[redo] = rng.integers(reviews.num_items, size=len(redo))
     redo = reviewed(redo)
@@ -178,9 +162,8 @@ def uniform_negatives(rng: np.random.Generator, reviews: Reviews, rows: np.ndarr
 
 def popularity_negatives(rng: np.random.Generator, reviews: Reviews,
                          rows: np.ndarray) -> np.ndarray:
-  """For each target row, the item of a uniformly random review row, redrawn while it equals
-  the target item (DIEN manual_join: item_list holds one entry per review, so this is
-  popularity-weighted and may return another item the same user reviewed)."""
+  """The item of a uniformly random review row per target row, redrawn while it is the target
+  (DIEN manual_join: popularity-weighted, possibly another item the user reviewed)."""
   if len(rows) and np.unique(reviews.item).size < 2:
     raise DataError("amazon: popularity negatives need at least two distinct items")
   targets = reviews.item[rows]
@@ -195,42 +178,32 @@ def popularity_negatives(rng: np.random.Generator, reviews: Reviews,
 def validation_users(valid_rng: np.random.Generator, eligible: np.ndarray) -> np.ndarray:
   """[U] bool: a seeded random ceil(VALID_USER_SHARE x the eligible users) of them."""
   users = np.flatnonzero(eligible)
-  chosen = valid_rng.permutation(users)[:int(np.ceil(VALID_USER_SHARE * len(users)))]
-  out = np.zeros(len(eligible), bool)
-  out[chosen] = True
-  return out
+  return np.isin(np.arange(len(eligible)),
+                 valid_rng.permutation(users)[:int(np.ceil(VALID_USER_SHARE * len(users)))])
 
 
 def protocol_targets(protocol: str, reviews: Reviews, rng: np.random.Generator,
                      valid_rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """{split: sorted row indices of the target reviews} (docs/data.md; n = the user's count).
-
-  din:  test = review n-1, train = reviews 1..n-2, but valid = review n-2 of the validation
-        users (`validation_users` of those with n >= 3).
-  dien: review n-1 only; test users with probability 1/10 (split_by_user.py), validation users
-        of the others, the rest train.
-  mian: train = reviews 1..n-3, valid = review n-2, test = review n-1.
-
-  `rng` is drawn from as in the references, so neither the test split nor the negatives drawn
-  next depend on the validation draw (`valid_rng`).
-  """
+  """{split: sorted row indices of the target reviews} (docs/data.md; n = the user's count):
+  din: test = review n-1, train = reviews 1..n-2 but valid = review n-2 of the validation
+  users (`validation_users` of those with n >= 3); dien: review n-1 only, test users with
+  probability 1/10 (split_by_user.py), validation users of the others, the rest train;
+  mian: train = reviews 1..n-3, valid = review n-2, test = review n-1. `rng` is drawn from as
+  in the references: the validation draw (`valid_rng`) changes neither test nor negatives."""
   pos, n = reviews.pos, reviews.count[reviews.user]
-  last = (pos >= 1) & (pos == n - 1)
+  test = last = (pos >= 1) & (pos == n - 1)
   if protocol == "din":
     to_valid = validation_users(valid_rng, reviews.count >= 3)[reviews.user]
-    test = last
     valid = (pos >= 1) & (pos == n - 2) & to_valid
     train = (pos >= 1) & (pos <= n - 2) & ~valid
   elif protocol == "dien":
     to_test = rng.integers(1, 11, size=reviews.num_users) == 2
     to_valid = validation_users(valid_rng, ~to_test & (reviews.count >= 2))
-    test = last & to_test[reviews.user]
-    valid = last & to_valid[reviews.user]
-    train = last & ~to_test[reviews.user] & ~to_valid[reviews.user]
+    test, valid = last & to_test[reviews.user], last & to_valid[reviews.user]
+    train = last & ~test & ~valid
   else:  # mian
     train = (pos >= 1) & (pos <= n - 3)
     valid = (pos >= 1) & (pos == n - 2)
-    test = last
   return {"train": np.flatnonzero(train), "valid": np.flatnonzero(valid),
           "test": np.flatnonzero(test)}
 
@@ -239,61 +212,25 @@ def _ids(x: np.ndarray) -> np.ndarray:
   return (x + schema_lib.NUM_RESERVED_IDS).astype(np.int32)
 
 
-def behaviour_ids(reviews: Reviews) -> tuple[np.ndarray, np.ndarray]:
-  """([R + 1], [R + 1]) int32 item and category ids of each review row, and PAD_ID at row R
-  (the row that padded behaviour slots point at)."""
-  pad = np.array([schema_lib.PAD_ID], np.int32)
-  return (np.concatenate([_ids(reviews.item), pad]),
-          np.concatenate([_ids(reviews.item_category[reviews.item]), pad]))
-
-
-def _history(reviews: Reviews, rows: np.ndarray, max_seq_len: int,
-             behaviours: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """([2M, T], [2M, T]) item and category behaviours of target rows [M], in rows 2k and 2k+1:
-  the user's most recent T reviews before the row, newest first, padded with 0.
-  behaviours: `behaviour_ids(reviews)`."""
-  out_item, out_cat = (np.empty((2 * len(rows), max_seq_len), np.int32) for _ in range(2))
-  item_ids, cat_ids = behaviours
-  t = np.arange(max_seq_len)
-  for lo in range(0, len(rows), HIST_CHUNK):
-    r = rows[lo:lo + HIST_CHUNK]
-    valid = t[None, :] < np.minimum(reviews.pos[r], max_seq_len)[:, None]
-    index = np.where(valid, (r - 1)[:, None] - t[None, :], len(reviews.item))  # pad row
-    for out, ids in ((out_item, item_ids), (out_cat, cat_ids)):
-      pair = out[2 * lo:2 * (lo + len(r))].reshape(len(r), 2, max_seq_len)
-      pair[:, 0] = ids.take(index, mode="clip")  # in range: clip only skips the bounds check
-      pair[:, 1] = pair[:, 0]
-  return out_item, out_cat
-
-
-def year_of(seconds: np.ndarray) -> np.ndarray:
-  """[R] UTC calendar year of each unix time."""
-  return encoding.calendar("year", seconds)
-
-
-def calendar(seconds: np.ndarray, years: np.ndarray) -> dict[str, np.ndarray]:
-  """0-based year (index into `years`), month 0..11, weekday 0..6 (Monday = 0), all UTC."""
-  return {"year": np.searchsorted(years, year_of(seconds)),
-          "month": encoding.calendar("month", seconds) - 1,
-          "weekday": encoding.calendar("weekday", seconds)}
-
-
 def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, max_seq_len: int,
-                   years: np.ndarray, behaviours: tuple[np.ndarray, np.ndarray]
+                   years: np.ndarray, behaviors: tuple[np.ndarray, np.ndarray]
                    ) -> dict[str, np.ndarray]:
-  """Columns of 2M examples for M target rows: example 2k is the positive (the reviewed item,
-  label 1), 2k+1 the negative (negatives[rows[k]], label 0), with the same other features."""
-  hist_item, hist_cat = _history(reviews, rows, max_seq_len, behaviours)
+  """Columns of 2M examples of M target rows: 2k the positive (the reviewed item, label 1),
+  2k+1 the negative (negatives[rows[k]], label 0), with the same other features; behaviours:
+  the user's T latest reviews before the row, newest first, padded. behaviors: [R + 1] int32
+  item and category ids of each review row, PAD_ID at row R."""
   pos = reviews.pos[rows]
+  t = np.arange(max_seq_len)
+  index = np.where(t < np.minimum(pos, max_seq_len)[:, None], (rows - 1)[:, None] - t,
+                   len(reviews.item))  # [M, T] review rows, R: padding
+  # In range: clip only skips the bounds check.
+  hist_item, hist_cat = (np.repeat(ids.take(index, mode="clip"), 2, axis=0) for ids in behaviors)
   both = lambda x: np.repeat(x, 2)  # noqa: E731
   cand = np.stack([reviews.item[rows], negatives[rows]], axis=1).reshape(-1)  # interleaved
-  has_previous = pos >= 1
-  gap_days = np.where(has_previous,
-                      (reviews.time[rows] - reviews.time[np.maximum(rows - 1, 0)])
-                      // SECONDS_PER_DAY, 0)
-  gap = np.where(has_previous, np.searchsorted(GAP_EDGES_DAYS, gap_days, side="right"),
+  seconds = reviews.time[rows]
+  gap_days = (seconds - reviews.time[np.maximum(rows - 1, 0)]) // SECONDS_PER_DAY
+  gap = np.where(pos >= 1, np.searchsorted(GAP_EDGES_DAYS, gap_days, side="right"),
                  NO_PREVIOUS_GAP)
-  cal = calendar(reviews.time[rows], years)
   return {
       "item.item_id": _ids(cand),
       "item.category": _ids(reviews.item_category[cand]),
@@ -302,9 +239,9 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, ma
       "hist_len": both(np.minimum(pos, max_seq_len)).astype(np.int32),
       "user.user_id": _ids(both(reviews.user[rows])),
       "user.activity": _ids(both(np.searchsorted(ACTIVITY_EDGES, pos, side="right"))),
-      "context.year": _ids(both(cal["year"])),
-      "context.month": _ids(both(cal["month"])),
-      "context.weekday": _ids(both(cal["weekday"])),
+      "context.year": _ids(both(np.searchsorted(years, encoding.calendar("year", seconds)))),
+      "context.month": _ids(both(encoding.calendar("month", seconds) - 1)),  # 0..11, UTC
+      "context.weekday": _ids(both(encoding.calendar("weekday", seconds))),  # Monday = 0
       "context.gap": _ids(both(gap)),
       "label": np.tile(np.array([1.0, 0.0], np.float32), len(rows)),
       "group_id": both(reviews.user[rows]).astype(np.int64),
@@ -314,31 +251,28 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, ma
 def example_blocks(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, max_seq_len: int,
                    years: np.ndarray, extra_columns: ExtraColumns | None,
                    split: str) -> Iterator[dict[str, np.ndarray]]:
-  """`build_examples` (and `extra_columns`) of `rows`, EXAMPLE_BLOCK rows at a time, so that a
-  split is written without being held in memory whole."""
+  """`build_examples` and `extra_columns` of `rows`, EXAMPLE_BLOCK rows at a time (a split is
+  never held in memory whole), the extra columns of up to EXTRA_BLOCK rows at once."""
   progress = amazon_raw.Progress(f"amazon: building {split} examples", 2 * len(rows),
                                  "examples")
-  behaviours = behaviour_ids(reviews)
-  extra, extra_lo = {}, 0  # the extra columns of target rows extra_lo, ...
-  for lo in range(0, len(rows), EXAMPLE_BLOCK):
-    block = rows[lo:lo + EXAMPLE_BLOCK]
-    columns = build_examples(reviews, block, negatives, max_seq_len, years, behaviours)
-    if extra_columns is not None:
-      if lo == 0 or lo + len(block) > extra_lo + max(EXTRA_BLOCK, EXAMPLE_BLOCK):
-        extra_lo = lo
-        group = rows[lo:lo + max(EXTRA_BLOCK, EXAMPLE_BLOCK)]
-        extra = extra_columns(reviews, group, negatives[group])
-      columns.update({k: v[2 * (lo - extra_lo):2 * (lo - extra_lo + len(block))]
-                      for k, v in extra.items()})
-    yield columns
-    done = 2 * (lo + len(block))
-    progress.update(done, done)
+  pad = np.array([schema_lib.PAD_ID], np.int32)  # row R: the padding of the behaviours
+  behaviors = tuple(np.concatenate([_ids(ids), pad])
+                    for ids in (reviews.item, reviews.item_category[reviews.item]))
+  group_size = max(EXTRA_BLOCK, EXAMPLE_BLOCK)
+  for group_lo in range(0, len(rows), group_size):
+    group = rows[group_lo:group_lo + group_size]
+    extra = extra_columns(reviews, group, negatives[group]) if extra_columns else {}
+    for lo in range(0, len(group), EXAMPLE_BLOCK):
+      block = group[lo:lo + EXAMPLE_BLOCK]
+      columns = build_examples(reviews, block, negatives, max_seq_len, years, behaviors)
+      yield columns | {k: v[2 * lo:2 * (lo + len(block))] for k, v in extra.items()}
+      done = 2 * (group_lo + lo + len(block))
+      progress.update(done, done)
   progress.done(2 * len(rows))
 
 
 def vocabularies(reviews: Reviews, years: np.ndarray, protocol: str) -> dict[str, Any]:
-  """The keyword arguments of `vocab.write_vocabularies`: the maps of reviewerID, asin,
-  category and calendar values, the encoders of the derived fields, and each asin's category."""
+  """The keyword arguments of `vocab.write_vocabularies`."""
   category_rule = ("last element of the first category path" if protocol == "dien"
                    else "last element of the last category path")
   return {
@@ -392,25 +326,17 @@ def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
                            extra_columns=extra_columns, source=source)
 
 
-# The columns of records to score (`mian_jax.predict`), named as in the raw reviews file, and
-# optionally the label (1 = a review, the item was bought; 0 = not).
-PREDICT_COLUMNS = dict(user_id="reviewerID", item_id="asin", timestamp="unixReviewTime",
-                       label="label")
-
-
 def predict_reader(data_config: ConfigDict) -> ConfigDict:
-  """How predict reads review records (`records.read_records`): PREDICT_COLUMNS."""
+  """The columns of records to score (`mian_jax.predict`), as in the reviews; label 1: bought."""
   del data_config  # the same columns for every dataset and protocol
-  return records_lib.reader_config(**PREDICT_COLUMNS)
+  return records_lib.reader_config(user_id="reviewerID", item_id="asin",
+                                   timestamp="unixReviewTime", label="label")
 
 
-def behaviours_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.ndarray,
-                        max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Each row's behaviours as `_history` builds them: the same user's reviews (is_review [N])
-  before the row in (time, row order). users, seconds: [N].
-
-  Returns (indices [N, T] of rows, newest first, -1 = padding; counts [N] of all such reviews).
-  """
+def behaviors_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.ndarray,
+                       max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's behaviours as `build_examples` builds them: the user's reviews (is_review [N])
+  before the row in (time, row) order; returns (rows [N, T] newest first, -1 = pad; counts [N])."""
   rank = np.empty(len(users), np.int64)  # the row's place in (time, row) order: no ties
   rank[np.lexsort((np.arange(len(users)), seconds))] = np.arange(len(users))
   return interaction_log.history_from_log(pd.factorize(pd.Series(users), sort=True)[0], rank,
@@ -419,18 +345,14 @@ def behaviours_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.nd
 
 def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Review records -> (the columns of a prepared split, the unseen values per field).
-
-  A row with label 1 (every row, without a label column) is a review, and a behaviour of the
-  reviewer's later rows (`behaviours_in_order`); other rows are candidates to score. The
-  category of an asin comes from the lookup in `directory`/vocab/.
-  """
+  """Review records -> (the columns of a prepared split, the unseen values per field). A row
+  with label 1 (or without labels) is a review, a behaviour of the reviewer's later rows."""
   log = records.log
   categories = vocab.load_lookups(directory)["item.item_id"]
   asins, seconds = log["item.asin"].to_numpy(object), log["timestamp"].to_numpy(np.float64)
   is_review = log["label"].to_numpy() == 1 if records.labelled else np.ones(len(log), bool)
-  indices, counts = behaviours_in_order(log["user"].to_numpy(object), seconds, is_review,
-                                        data_config.max_seq_len)
+  indices, counts = behaviors_in_order(log["user"].to_numpy(object), seconds, is_review,
+                                       data_config.max_seq_len)
   newest = indices[:, 0]
   raw = {
       "item.item_id": asins,
@@ -446,20 +368,18 @@ def encode_records(records: records_lib.Records, directory: str,
 
 
 def _first_skipped_text(first_skipped: Mapping[str, str]) -> str:
-  """"; first skipped: bad_time at line 3: ..." (empty if nothing was skipped)."""
   text = "; ".join(f"{k} at {v}" for k, v in first_skipped.items())
   return f"; first skipped: {text}" if text else ""
 
 
 def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> None:
   r, m = stats["reviews"], stats["metadata"]
-  review_bad = (r["malformed_lines"] + r["missing_fields"] + r["bad_time"]
-                + r["without_metadata"])
+  review_bad = r["malformed_lines"] + r["missing_fields"] + r["bad_time"] + r["without_metadata"]
   review_lines = r["lines"] - r["blank_lines"]
-  meta_bad = m["malformed_lines"] + m["missing_fields"]
   meta_lines = m["lines"] - m["blank_lines"] - m["skipped_unreviewed"]
-  stats["bad_row_ratio"] = {"reviews": review_bad / max(review_lines, 1),
-                            "metadata": meta_bad / max(meta_lines, 1)}
+  stats["bad_row_ratio"] = {
+      "reviews": review_bad / max(review_lines, 1),
+      "metadata": (m["malformed_lines"] + m["missing_fields"]) / max(meta_lines, 1)}
   first = _first_skipped_text(stats["first_skipped"]["reviews"])
   if review_lines == 0 or r["parsed"] == 0:
     raise DataError(f"amazon: no usable review lines in {paths[0]} ({r}){first}")
@@ -475,8 +395,7 @@ def _check_bad_rows(stats: dict, max_ratio: float, paths: tuple[str, str]) -> No
 
 def load_reviews(reviews_path: str, meta_path: str, protocol: str, max_bad_row_ratio: float,
                  drop_duplicates: bool = True) -> tuple[Reviews, dict]:
-  """Parses and joins the raw files; returns (Reviews, stats) or raises DataError.
-  drop_duplicates: keep only the earliest review of each (reviewer, asin) pair."""
+  """(Reviews, stats) of the raw files, or DataError; drop_duplicates: `drop_duplicate_reviews`."""
   raw = amazon_raw.read_reviews(reviews_path)
   logging.info("amazon: parsed %s: %s", reviews_path, raw.counts)
   duplicates = 0
@@ -508,11 +427,9 @@ ExtraColumns = Callable[[Reviews, np.ndarray, np.ndarray], dict[str, np.ndarray]
 
 def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: str,
                        directory: str, extra_columns: ExtraColumns | None = None) -> dict:
-  """Prepares `directory` from the given raw files; returns the stats written to stats.json.
-  extra_columns, if given, adds its columns to every split (e.g. amazon_like's click_prob)."""
+  """Prepares `directory` (`extra_columns` in every split); returns what stats.json holds."""
   protocol = data_config.protocol
-  if protocol not in PROTOCOLS:
-    raise ConfigError(f"data.protocol={protocol!r}: expected one of {PROTOCOLS}")
+  check_choice("data.protocol", protocol, PROTOCOLS)
   started = time.time()
   reviews, stats = load_reviews(reviews_path, meta_path, protocol,
                                 data_config.max_bad_row_ratio,
@@ -525,7 +442,7 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
     # One negative per review row, as the references draw them.
     negatives = (popularity_negatives if protocol == "dien" else uniform_negatives)(
         rng, reviews, np.arange(len(reviews.item)))
-  years = np.unique(year_of(reviews.time))
+  years = np.unique(encoding.calendar("year", reviews.time))
   sizes = {s: 2 * len(targets[s]) for s in schema_lib.SPLITS}
   for split, size in sizes.items():
     if size == 0:
@@ -564,5 +481,4 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:
-  """Finds (or downloads) the raw files of `data_config.dataset` and prepares `directory`."""
   prepare_from_files(data_config, *raw_files(data_config), directory)

@@ -1,8 +1,6 @@
-"""An Amazon-like benchmark: synthetic shopping histories written as raw Amazon 2014 files and
-prepared by the real Amazon pipeline, each example with `extra.click_prob`, its Bayes-optimal
-probability of being the positive of its pair (docs/data.md, "Amazon-like benchmark": the
-generative story in the notation used below; `config.data.generator`: its settings).
-"""
+"""The Amazon-like benchmark: synthetic shopping histories as raw Amazon 2014 files, prepared
+by the Amazon pipeline with `extra.click_prob`, each example's Bayes-optimal probability of
+being the positive of its pair (docs/data.md, "Amazon-like benchmark", gives the notation)."""
 
 from __future__ import annotations
 
@@ -24,7 +22,6 @@ from mian_jax.data import amazon
 from mian_jax.errors import ConfigError, DataError
 from mian_jax.fileio import cache_root
 
-SECONDS_PER_DAY = amazon.SECONDS_PER_DAY
 DAYS_PER_YEAR = 365.25
 # Month-of-year shapes (January = 0) of the seasonal categories.
 GIFT_PROFILE = np.array([0.0] * 10 + [0.5, 1.0])  # Nov half, Dec full
@@ -39,22 +36,15 @@ WRITE_CHUNK = 200_000  # lines per write
 SUMMARIES = ("Disappointing", "Not great", "OK", "Good", "Great")
 TEXTS = ("Did not work for me.", "Expected more.", "Does the job.", "Works well.",
          "Exactly what I needed.")
-# Names: index * multiplier + offset modulo 2^52 (users, 13 hex digits) or 10^10 (items, 10
-# digits); the multipliers are coprime with the moduli, so names are unique and unsorted.
-_USER_SCRAMBLE, _USER_OFFSET, _USER_MODULUS = 25_214_903_917, 0x2545F4914F6CD, 1 << 52
-_ITEM_SCRAMBLE, _ITEM_OFFSET, _ITEM_MODULUS = 6_364_136_223, 1_442_695_041, 10 ** 10
 
 
 @dataclasses.dataclass
 class World:
-  """The latent parameters and the R generated reviews (user-major, oldest first).
-
-  item_category [I] in [0, C); item_share [I] popularity pi within its category; season
-  [C, 12] log factor per month; transition [C, C] rows T[a, :]; complements [I, K] items;
-  favourites [U, F] distinct categories; taste_start, taste_end [U, F] weights; event_start,
-  event_count [U]; event_item [R]; event_day [R] days since 1970-01-01; log_z [R] log Z;
-  complement_mass [W] = h_k / K.
-  """
+  """The latent parameters and the R generated reviews (user-major, oldest first):
+  item_category [I] in [0, C); item_share [I] pi within its category; season [C, 12] log
+  factors; transition [C, C] T; complements [I, K]; favourites [U, F] distinct categories;
+  taste_start, taste_end [U, F]; event_start, event_count [U]; event_item [R]; event_day [R]
+  days since 1970-01-01; log_z [R] log Z; complement_mass [W] h_k / K."""
   user_names: np.ndarray
   item_names: np.ndarray
   item_category: np.ndarray
@@ -76,41 +66,27 @@ class World:
   complement_mass: np.ndarray
   settings_key: str
 
-  @property
-  def num_categories(self) -> int:
-    return self.season.shape[0]
-
-  @property
-  def num_items(self) -> int:
-    return len(self.item_category)
+  def __post_init__(self):
+    self.num_categories, self.num_items = len(self.season), len(self.item_category)
 
   @functools.cached_property
-  def first_day(self) -> np.ndarray:
-    """[U] day of each user's first review (d0 of the taste drift)."""
+  def first_day(self) -> np.ndarray:  # [U] day of each user's first review (d0 of the drift)
     return self.event_day[self.event_start]
 
   @functools.cached_property
-  def season_factor(self) -> np.ndarray:
-    """[12, C] exp(season), month-major."""
+  def season_factor(self) -> np.ndarray:  # [12, C] exp(season), month-major
     return np.exp(self.season.T)
 
   @functools.cached_property
-  def event_user(self) -> np.ndarray:
-    """[R] user of each review."""
+  def event_user(self) -> np.ndarray:  # [R]
     return np.repeat(np.arange(len(self.event_count)), self.event_count)
 
   @functools.cached_property
   def purchase_index(self) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, review): the sorted keys user * I + item of all reviews, and each one's review."""
+    """(the sorted keys user * I + item of all reviews, each one's review)."""
     keys = self.event_user.astype(np.int64) * self.num_items + self.event_item
     order = np.argsort(keys, kind="stable")
     return keys[order], order
-
-
-def save_world(world: World, path: str) -> None:
-  arrays = {f.name: np.asarray(getattr(world, f.name)) for f in dataclasses.fields(world)}
-  with open(path, "wb") as f:
-    np.savez_compressed(f, **arrays)
 
 
 def load_world(path: str) -> World:
@@ -121,7 +97,7 @@ def load_world(path: str) -> World:
 
 
 def generator_key(g: ConfigDict) -> str:
-  """A short hash of every generator setting: names the raw directory, stored in the truth."""
+  """A hash of every generator setting: names the raw directory, stored in the truth."""
   blob = json.dumps(g.to_dict(), sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -158,14 +134,9 @@ def _day(date: str) -> int:
   return int(np.datetime64(date, "D").astype(np.int64))
 
 
-def month_of(day: np.ndarray) -> np.ndarray:
-  """Month 0..11 (UTC) of days since 1970-01-01, as amazon.calendar computes it."""
-  return np.asarray(day).astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12
-
-
 def _top_k(rng: np.random.Generator, log_weights: np.ndarray, k: int) -> np.ndarray:
-  """[N, k] distinct indices per row, drawn without replacement with the given weights
-  (Gumbel top-k). log_weights: [N, C] (-inf = never)."""
+  """[N, k] distinct indices per row of log_weights [N, C] (-inf: never), drawn without
+  replacement (Gumbel top-k)."""
   keys = log_weights + rng.gumbel(size=log_weights.shape)
   return np.argpartition(-keys, k - 1, axis=1)[:, :k]
 
@@ -175,11 +146,10 @@ def _category_cumulative(item_category: np.ndarray, item_share: np.ndarray):
   items[end[c-1]:end[c]], and cumulative runs from c (exclusive) to c + 1 over them, so an item
   of c with probability pi is items[searchsorted(cumulative, c + u, "right")], u ~ U[0, 1)."""
   order = np.argsort(item_category, kind="stable")
-  cats = item_category[order]
-  end = np.cumsum(np.bincount(item_category, minlength=cats.max() + 1))
+  cats, size = item_category[order], np.bincount(item_category)
+  end = np.cumsum(size)
   total = np.cumsum(item_share[order])
-  before = np.concatenate([[0.0], total])[end - np.bincount(item_category)][cats]
-  cumulative = cats + (total - before)
+  cumulative = cats + (total - np.concatenate([[0.0], total])[end - size][cats])
   cumulative[end - 1] = np.arange(len(end)) + 1.0  # exactly c + 1 at each category's end
   return order, cumulative, end
 
@@ -202,12 +172,10 @@ def make_catalogue(g: ConfigDict, rng: np.random.Generator) -> dict[str, np.ndar
   # Seasons: a fixed number of gift and summer categories, the rest flat with noise.
   num_gift = round(g.gift_category_share * num_c)
   num_summer = round(g.summer_category_share * num_c)
-  kind = np.zeros(num_c, np.int64)
   shuffled = rng.permutation(num_c)
-  kind[shuffled[:num_gift]], kind[shuffled[num_gift:num_gift + num_summer]] = 1, 2
   season = rng.normal(0.0, g.season_noise, (num_c, 12))
-  season[kind == 1] += g.gift_amplitude * GIFT_PROFILE
-  season[kind == 2] += g.summer_amplitude * SUMMER_PROFILE
+  season[shuffled[:num_gift]] += g.gift_amplitude * GIFT_PROFILE
+  season[shuffled[num_gift:num_gift + num_summer]] += g.summer_amplitude * SUMMER_PROFILE
   # Category transitions: repeat_share on itself, the rest over complementary categories drawn
   # in proportion to their size (big categories complement many).
   num_cc = min(g.num_complement_categories, num_c - 1)
@@ -257,8 +225,7 @@ def make_users(g: ConfigDict, rng: np.random.Generator,
 
 def make_schedule(g: ConfigDict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """(count [U], day [R]): reviews per user and their strictly increasing days, user-major."""
-  u = g.num_users
-  sigma = g.activity_sigma
+  u, sigma = g.num_users, g.activity_sigma
   # floor(X) of a log-normal X has mean about E[X] - 1/2.
   mu = np.log(g.mean_reviews_per_user - g.min_reviews_per_user + 0.5) - sigma ** 2 / 2
   extra = np.floor(rng.lognormal(mu, sigma, u)).astype(np.int64)
@@ -273,8 +240,7 @@ def make_schedule(g: ConfigDict, rng: np.random.Generator) -> tuple[np.ndarray, 
   first, last = _day(g.first_date), _day(g.last_date)
   window = last - first
   span = np.bincount(user, gap, u)
-  slack = span - (count - 1)
-  scale = np.where(span > window, (window - (count - 1)) / np.maximum(slack, 1), 1.0)
+  scale = np.where(span > window, (window - (count - 1)) / np.maximum(span - (count - 1), 1), 1.0)
   gap = np.where(pos == 0, 0, 1 + np.floor((gap - 1) * scale[user]))
   offset = np.cumsum(gap)
   offset -= offset[start][user]
@@ -283,25 +249,21 @@ def make_schedule(g: ConfigDict, rng: np.random.Generator) -> tuple[np.ndarray, 
   room = window - span
   growth = g.growth_per_year / DAYS_PER_YEAR
   v = rng.random(u)
-  if growth > 0:
-    begin = np.log1p(v * np.expm1(growth * room)) / growth
-  else:
-    begin = v * room
+  begin = np.log1p(v * np.expm1(growth * room)) / growth if growth > 0 else v * room
   begin = first + np.minimum(np.floor(begin), room)
   return count, (begin[user] + offset).astype(np.int64)
 
 
-def category_appeal(world: World, user: np.ndarray, day: np.ndarray, prev_category: np.ndarray,
+def category_appeal(world: World, events: np.ndarray, last: np.ndarray,
                     category: np.ndarray | None = None) -> np.ndarray:
-  """a_u(d, c) = exp(season[c, m(d)]) (taste_u(d)[c] + lambda T[c_prev, c]) at N reviews.
-
-  user, day, prev_category (-1: no previous purchase): [N]. With category [N], returns [N]
-  (one category per review); with category None, [N, C] (every category).
-  """
+  """a_u(d, c) = exp(season[c, m(d)]) (taste_u(d)[c] + lambda T[c_prev, c]) at review events [N]
+  after purchases last [N] (-1: none); returns [N] at category [N], or [N, C] (None)."""
+  user, day = world.event_user[events], world.event_day[events]
   f = -np.expm1(-(day - world.first_day[user]) / world.taste_drift_days)[:, None]
   weights = (1.0 - f) * world.taste_start[user] + f * world.taste_end[user]  # [N, F]
   floor = world.taste_floor / world.num_categories
-  month, prev, has_prev = month_of(day), np.maximum(prev_category, 0), prev_category >= 0
+  month = day.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12  # UTC
+  prev, has_prev = world.item_category[np.maximum(last, 0)], last >= 0
   if category is None:
     taste = np.full((len(user), world.num_categories), floor)
     np.put_along_axis(taste, world.favourites[user], floor + (1.0 - world.taste_floor) * weights,
@@ -317,11 +279,8 @@ def category_appeal(world: World, user: np.ndarray, day: np.ndarray, prev_catego
 
 
 def complement_slots(world: World, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Items boosted by recent purchases and their mass h_k / K.
-
-  recent: [B, W] the last W purchases, newest first, -1 where there is none.
-  Returns (items [B, W*K], -1 where none; mass [B, W*K], 0 where none).
-  """
+  """(items [B, W*K] boosted by recent purchases, -1: none; their mass h_k / K [B, W*K]);
+  recent: [B, W] the last W purchases, newest first, -1: none."""
   k = world.complements.shape[1]
   has = recent >= 0
   items = np.where(has[..., None], world.complements[np.maximum(recent, 0)], -1)
@@ -347,12 +306,8 @@ def _bought_before(world: World, events: np.ndarray, items: np.ndarray) -> np.nd
 
 def purchase_weight(world: World, events: np.ndarray, items: np.ndarray) -> np.ndarray:
   """[P] the unnormalised weight w_i of item items[p] at review events[p] (index into event_*)."""
-  events, items = np.asarray(events, np.int64), np.asarray(items, np.int64)
   recent = _recent_purchases(world, events)
-  prev_category = np.where(recent[:, 0] >= 0, world.item_category[np.maximum(recent[:, 0], 0)],
-                           -1)
-  appeal = category_appeal(world, world.event_user[events], world.event_day[events],
-                           prev_category, world.item_category[items])
+  appeal = category_appeal(world, events, recent[:, 0], world.item_category[items])
   slots, mass = complement_slots(world, recent)
   weight = appeal * world.item_share[items] + (mass * (slots == items[:, None])).sum(1)
   return np.where(_bought_before(world, events, items), 0.0, weight)
@@ -376,8 +331,8 @@ def _inverse_cdf(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
 
 
 def _draw_unrestricted(rng, catalogue, appeal, slots, mass):
-  """[N] items drawn proportionally to the weights without the not-bought factor: a taste or
-  transition draw (category ~ appeal, item ~ pi in it) or a complement slot ~ its mass."""
+  """[N] items drawn by the weights without the not-bought factor: a category ~ appeal and an
+  item ~ pi in it, or a complement slot ~ its mass."""
   n = len(appeal)
   from_category = rng.random(n) * (appeal.sum(1) + mass.sum(1)) < appeal.sum(1)
   category = _inverse_cdf(rng, appeal)
@@ -422,20 +377,14 @@ def _draw(rng, world, catalogue, appeal, slots, mass, bought, acceptance):
 
 
 def _sample_users(world: World, users: np.ndarray, catalogue, rng: np.random.Generator) -> None:
-  """Samples the purchases of `users` (sorted by decreasing count), step t for all at once;
-  writes world.event_item and world.log_z."""
+  """Samples world.event_item and log_z of `users` (by decreasing count), step t at once."""
   count = world.event_count[users]
-  window = len(world.complement_mass)
-  history = np.full((len(users), count.max()), -1, np.int64)
   for t in range(count.max()):
     active = int((count > t).sum())  # a prefix, as the users are sorted by decreasing count
     events = world.event_start[users[:active]] + t
-    bought = history[:active, :t]
-    recent = np.full((active, window), -1, np.int64)
-    back = min(t, window)
-    recent[:, :back] = bought[:, t - back:][:, ::-1]
-    prev_category = np.where(t > 0, world.item_category[np.maximum(recent[:, 0], 0)], -1)
-    appeal = category_appeal(world, users[:active], world.event_day[events], prev_category)
+    bought = world.event_item[(events - t)[:, None] + np.arange(t)]  # [active, t]
+    recent = _recent_purchases(world, events)
+    appeal = category_appeal(world, events, recent[:, 0])
     slots, mass = complement_slots(world, recent)
     total = appeal.sum(1) + mass.sum(1)
     rows = np.arange(active)[:, None]
@@ -443,9 +392,8 @@ def _sample_users(world: World, users: np.ndarray, catalogue, rng: np.random.Gen
                      + (mass[:, None, :] * (slots[:, None, :] == bought[:, :, None])).sum(2))
     z = total - bought_weight.sum(1)
     world.log_z[events] = np.log(z)
-    item = _draw(rng, world, catalogue, appeal, slots, mass, bought, z / total)
-    history[:active, t] = item
-    world.event_item[events] = item
+    world.event_item[events] = _draw(rng, world, catalogue, appeal, slots, mass, bought,
+                                     z / total)
 
 
 def sample_purchases(world: World, seed: int) -> None:
@@ -459,6 +407,7 @@ def sample_purchases(world: World, seed: int) -> None:
 
 
 def _names(count: int, multiplier: int, offset: int, modulus: int, fmt: str) -> np.ndarray:
+  # The multipliers are coprime with the moduli: the names are unique, and unsorted.
   values = (np.arange(count, dtype=np.int64) * multiplier + offset) % modulus
   return np.array([fmt.format(v) for v in values.tolist()])
 
@@ -470,11 +419,10 @@ def make_world(g: ConfigDict) -> World:
   catalogue = make_catalogue(g, rng)
   users = make_users(g, rng, catalogue.pop("category_size"))
   count, day = make_schedule(g, np.random.default_rng([g.seed, 2]))
-  window = g.complement_window
-  decay = g.complement_weight * g.complement_decay ** np.arange(window)
+  decay = g.complement_weight * g.complement_decay ** np.arange(g.complement_window)
   world = World(
-      user_names=_names(g.num_users, _USER_SCRAMBLE, _USER_OFFSET, _USER_MODULUS, "A{:013X}"),
-      item_names=_names(g.num_items, _ITEM_SCRAMBLE, _ITEM_OFFSET, _ITEM_MODULUS, "{:010d}"),
+      user_names=_names(g.num_users, 25_214_903_917, 0x2545F4914F6CD, 1 << 52, "A{:013X}"),
+      item_names=_names(g.num_items, 6_364_136_223, 1_442_695_041, 10 ** 10, "{:010d}"),
       **catalogue, **users,
       event_start=np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64),
       event_count=count, event_item=np.full(len(day), -1, np.int64), event_day=day,
@@ -493,8 +441,7 @@ def raw_paths(directory: str, name: str) -> dict[str, str]:
 
 def _gzip_lines(path: str, lines) -> None:
   """Writes text lines gzipped, with mtime 0 so equal content gives equal bytes."""
-  with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
-                                             compresslevel=6) as f:
+  with gzip.GzipFile(path, "wb", compresslevel=6, mtime=0) as f:
     for block in lines:
       f.write(block.encode("utf-8"))
 
@@ -503,29 +450,21 @@ def _review_blocks(world: World, g: ConfigDict, rng: np.random.Generator):
   """The review lines (ordered by item, as the real files), WRITE_CHUNK at a time."""
   order = np.argsort(world.event_item, kind="stable")
   stars = rng.choice(5, size=len(order), p=np.asarray(g.rating_probs)) + 1
-  date = world.event_day.astype("datetime64[D]")
-  month_start = date.astype("datetime64[M]")
-  year = month_start.astype("datetime64[Y]").astype(np.int64) + 1970
-  month = month_start.astype(np.int64) % 12 + 1
-  day_of_month = (date - month_start.astype("datetime64[D]")).astype(np.int64) + 1
-  user = world.event_user
   user_names, item_names = world.user_names.tolist(), world.item_names.tolist()
   for lo in range(0, len(order), WRITE_CHUNK):
     e = order[lo:lo + WRITE_CHUNK]
+    dates = np.datetime_as_string(world.event_day[e].astype("datetime64[D]")).tolist()
     yield "".join(
         f'{{"reviewerID": "{user_names[u]}", "asin": "{item_names[i]}", '
         f'"helpful": [0, 0], "reviewText": "{TEXTS[s - 1]}", "overall": {s}.0, '
-        f'"summary": "{SUMMARIES[s - 1]}", "unixReviewTime": {d * SECONDS_PER_DAY}, '
-        f'"reviewTime": "{m:02d} {dm}, {y}"}}\n'
-        for u, i, s, d, m, dm, y in zip(
-            user[e].tolist(), world.event_item[e].tolist(), stars[e].tolist(),
-            world.event_day[e].tolist(), month[e].tolist(), day_of_month[e].tolist(),
-            year[e].tolist()))
+        f'"summary": "{SUMMARIES[s - 1]}", "unixReviewTime": {d * amazon.SECONDS_PER_DAY}, '
+        f'"reviewTime": "{ymd[5:7]} {int(ymd[8:])}, {ymd[:4]}"}}\n'
+        for u, i, s, d, ymd in zip(world.event_user[e].tolist(), world.event_item[e].tolist(),
+                                   stars[e].tolist(), world.event_day[e].tolist(), dates))
 
 
 def _meta_blocks(world: World, g: ConfigDict, rng: np.random.Generator):
-  """One Python-literal line per item (reviewed or not), in asin order: asin, title, price,
-  salesRank (by expected popularity), categories [[name, "Category <c>"]], related."""
+  """One Python-literal metadata line per item (reviewed or not), in asin order."""
   width = len(str(world.num_categories - 1))
   cat_share = np.bincount(world.item_category) / world.num_items
   expected = cat_share[world.item_category] * world.item_share
@@ -545,9 +484,8 @@ def _meta_blocks(world: World, g: ConfigDict, rng: np.random.Generator):
 
 
 def generate(g: ConfigDict, directory: str) -> World:
-  """Generates the world and writes reviews_<name>_5.json.gz, meta_<name>.json.gz and
-  truth_<name>.npz into `directory`, atomically: into a temporary sibling that is renamed (or,
-  if `directory` already exists, whose files are renamed into it, the truth last)."""
+  """Generates the world and writes its `raw_paths` into `directory` atomically: through a
+  temporary sibling renamed to it (or, if it exists, whose files are, the truth last)."""
   started = time.time()
   world = make_world(g)
   sampled = time.time()
@@ -560,7 +498,8 @@ def generate(g: ConfigDict, directory: str) -> World:
     rng = np.random.default_rng([g.seed, 4])
     _gzip_lines(paths["reviews"], _review_blocks(world, g, rng))
     _gzip_lines(paths["meta"], _meta_blocks(world, g, rng))
-    save_world(world, paths["truth"])
+    np.savez_compressed(paths["truth"], **{f.name: np.asarray(getattr(world, f.name))
+                                           for f in dataclasses.fields(world)})
     try:
       os.rename(tmp, directory)
     except OSError:
@@ -580,7 +519,7 @@ def default_raw_dir(g: ConfigDict) -> str:
 
 
 def _generated_index(names: np.ndarray, keys: np.ndarray, what: str) -> np.ndarray:
-  """[K] index into `names` of each key; DataError if one is missing."""
+  """[K] index into `names` of each key, or DataError."""
   order = np.argsort(names)
   at = np.minimum(np.searchsorted(names[order], keys), len(names) - 1)
   if not np.array_equal(names[order][at], keys):
@@ -588,43 +527,32 @@ def _generated_index(names: np.ndarray, keys: np.ndarray, what: str) -> np.ndarr
   return order[at]
 
 
-def negative_rate(protocol: str, reviews: amazon.Reviews, rows: np.ndarray,
-                  items: np.ndarray) -> np.ndarray:
-  """[M] q: the probability that the negative sampler of `protocol` draws items[k] for target
-  row rows[k]. mian, din: uniform over the items the user never reviewed, 1 / (I - n_u);
-  dien: an item of a uniformly random review row, count_i / R (its redraw while equal to the
-  target is ignored: it would depend on which candidate is the target)."""
-  if protocol == "dien":
-    counts = np.bincount(reviews.item, minlength=reviews.num_items)
-    return counts[items] / len(reviews.item)
-  return np.full(len(rows), 1.0) / (reviews.num_items - reviews.count[reviews.user[rows]])
-
-
 def click_prob_columns(world: World, protocol: str, reviews: amazon.Reviews, rows: np.ndarray,
                        negatives: np.ndarray) -> dict[str, np.ndarray]:
-  """{"extra.click_prob": [2M] float32}: for the positive (2k) and negative (2k+1) of target
-  row rows[k], the Bayes-optimal posterior p / (p + q) that the candidate is the positive,
-  p its true purchase probability at that review, q its negative-sampling probability."""
+  """{"extra.click_prob": [2M] float32}: p / (p + q) of the positive (2k) and negative (2k+1)
+  of target row rows[k]; p: the true purchase probability, q: that of the protocol's negative
+  sampler: mian, din 1 / (I - n_u); dien count_i / R (ignoring its redraw of the target)."""
   user = _generated_index(world.user_names, reviews.user_keys, "reviewerID")[reviews.user[rows]]
   item_of = _generated_index(world.item_names, reviews.item_keys, "asin")
   events = world.event_start[user] + reviews.pos[rows]
   positive, negative = item_of[reviews.item[rows]], item_of[negatives]
   if (np.any(reviews.pos[rows] >= world.event_count[user])
       or not np.array_equal(world.event_item[events], positive)
-      or not np.array_equal(world.event_day[events] * SECONDS_PER_DAY, reviews.time[rows])):
+      or not np.array_equal(world.event_day[events] * amazon.SECONDS_PER_DAY, reviews.time[rows])):
     raise DataError("amazon_like: the reviews do not match the truth file; delete the raw "
                     "directory to generate it again")
+  uniform = 1.0 / (reviews.num_items - reviews.count[reviews.user[rows]])
+  popular = np.bincount(reviews.item, minlength=reviews.num_items) / len(reviews.item)
   columns = []
   for items, dense in ((positive, reviews.item[rows]), (negative, negatives)):
     p = purchase_probability(world, events, items)
-    q = negative_rate(protocol, reviews, rows, dense)
+    q = popular[dense] if protocol == "dien" else uniform
     columns.append(p / (p + q))
   return {"extra.click_prob": np.stack(columns, axis=1).reshape(-1).astype(np.float32)}
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:
-  """Generates the raw files if missing (in data.raw_dir, default <cache>/raw/amazon_like-<hash
-  of data.generator>) and prepares them with the Amazon pipeline, adding extra.click_prob."""
+  """Generates the raw files if missing, then prepares them as Amazon's with extra.click_prob."""
   g = data_config.generator
   raw_dir = os.path.expanduser(data_config.raw_dir or default_raw_dir(g))
   paths = raw_paths(raw_dir, g.name)

@@ -1,8 +1,6 @@
-"""Parsing the raw Amazon 2014 files: review lines (JSON) and metadata lines (Python literals).
-
-Reviews are read in blocks by pyarrow's JSON reader with exactly the outcome of `json.loads` per
-line (docs/data.md, "Preparation at scale"); unusable lines are counted, not fatal.
-"""
+"""Parsing the raw Amazon 2014 files: review lines (JSON, read in blocks by pyarrow with exactly
+`json.loads`' outcome per line: docs/data.md) and metadata lines (Python literals); unusable
+lines are counted, not fatal."""
 
 from __future__ import annotations
 
@@ -18,7 +16,7 @@ import resource
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -43,41 +41,37 @@ _ARROW_PARSE = pa_json.ParseOptions(
                                ("unixReviewTime", pa.int64())]),
     unexpected_field_behavior="ignore")
 _ARROW_READ = pa_json.ReadOptions(use_threads=True, block_size=1 << 22)
-_ARROW_UNSAFE = (b"\r",)  # json.loads' line reading ends lines there too: not for pyarrow
 
 
 class Progress:
-  """Logs "<what>: <rows> rows (<rows/s>), <share>, ETA" at most every PROGRESS_SECONDS."""
+  """Logs "<what>: <n> <unit> (<n/s>/s), <share>, ETA" at most every PROGRESS_SECONDS."""
 
-  def __init__(self, what: str, total: float | None = None, unit: str = "rows"):
+  def __init__(self, what: str, total: float, unit: str):
     self.what, self.total, self.unit = what, total, unit
     self.started = self.last = time.time()
     self.cpu_started = time.process_time()
 
-  def update(self, rows: int, position: float | None = None) -> None:
+  def update(self, rows: int, position: float) -> None:
     """rows: done so far; position: how far through `total` (e.g. compressed bytes read)."""
     now = time.time()
     if now - self.last < PROGRESS_SECONDS:
       return
-    self.last = now
-    elapsed = now - self.started
+    self.last, elapsed = now, now - self.started
     line = f"{self.what}: {rows:,} {self.unit} ({rows / max(elapsed, 1e-9):,.0f}/s)"
-    if self.total and position is not None and position > 0:
+    if self.total and position > 0:
       share = min(position / self.total, 1.0)
       line += f", {share:.0%}, ETA {elapsed * (1 - share) / share:.0f}s"
     logging.info("%s", line)
 
-  def done(self, rows: int) -> float:
+  def done(self, rows: int) -> None:
     elapsed = time.time() - self.started
     logging.info("%s: %s %s in %.1fs, CPU %.1fs (%s/s; peak RSS so far %.2f GB)", self.what,
                  f"{rows:,}", self.unit, elapsed, time.process_time() - self.cpu_started,
                  f"{rows / max(elapsed, 1e-9):,.0f}", peak_rss_gb())
-    return elapsed
 
 
 def peak_rss_gb() -> float:
-  """This process's peak resident memory so far, in GB (2**30 bytes; Linux reports KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 @contextlib.contextmanager
@@ -89,39 +83,35 @@ def stage(what: str) -> Iterator[None]:
                time.time() - started, time.process_time() - cpu_started, peak_rss_gb())
 
 
-def _open_binary(path: str) -> tuple[io.BufferedReader, io.BufferedIOBase]:
-  """(the file as stored, its content): gunzipped if it starts with the gzip magic bytes."""
-  if not os.path.isfile(path):
-    raise DataError(f"raw file not found: {path}")
-  stored = open(path, "rb")  # noqa: SIM115 - closed by the caller with the content stream
-  magic = stored.read(2)
-  stored.seek(0)
-  if magic == GZIP_MAGIC:
-    return stored, gzip.GzipFile(fileobj=stored, mode="rb")
-  return stored, stored
-
-
-def open_text(path: str) -> io.TextIOBase:
-  """The text of a file, gunzipped if it starts with the gzip magic bytes."""
-  return _as_text(_open_binary(path)[1])
-
-
 def _as_text(stream) -> io.TextIOBase:
   # Bytes that are not UTF-8 become lone surrogates: ids that differ only there stay distinct.
   return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
 
 
-def parse_file(path: str, parse: Callable[[io.TextIOBase], object]):
-  """parse(<the opened text file>); a damaged file is a DataError."""
-  return _read_checked(path, lambda stored, content: parse(_as_text(content)))
-
-
-def _read_checked(path: str, read: Callable[[io.BufferedReader, io.BufferedIOBase], object]):
-  """read(<the file as stored>, <its content>), closing both; a damaged file is a DataError."""
+def _blocks(path: str, what: str) -> Iterator[bytes]:
+  """Whole lines of `path` (gzipped or plain), ~BLOCK_BYTES at a time, logging progress."""
+  if not os.path.isfile(path):
+    raise DataError(f"raw file not found: {path}")
   try:
-    stored, content = _open_binary(path)
-    with stored, content:
-      return read(stored, content)
+    with open(path, "rb") as stored:
+      magic = stored.read(2)
+      stored.seek(0)
+      content = gzip.GzipFile(fileobj=stored) if magic == GZIP_MAGIC else stored
+      progress = Progress(f"amazon: reading {what} {os.path.basename(path)}",
+                          os.path.getsize(path), "lines")
+      rest, lines = b"", 0
+      while chunk := content.read(BLOCK_BYTES):
+        cut = chunk.rfind(b"\n") + 1
+        if cut:
+          block, rest = rest + chunk[:cut], chunk[cut:]
+          lines += block.count(b"\n")
+          yield block
+          progress.update(lines, stored.tell())
+        else:
+          rest += chunk
+      if rest:
+        yield rest
+      progress.done(lines + bool(rest))
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated / corrupt gzip stream
     problem = ("ends before its gzip stream does (a truncated download?)"
                if isinstance(e, EOFError) else f"is not a valid gzip file ({e})")
@@ -131,23 +121,10 @@ def _read_checked(path: str, read: Callable[[io.BufferedReader, io.BufferedIOBas
     raise DataError(f"amazon: cannot read {path}: {e}") from None
 
 
-def _text_lines(path: str, stored: io.BufferedReader, content, what: str) -> Iterator[str]:
-  """The lines of `content`, with a progress line (lines, share of `stored` read, ETA)."""
-  progress = Progress(f"amazon: reading {what} {os.path.basename(path)}",
-                      os.path.getsize(path), "lines")
-  count = 0
-  for count, line in enumerate(_as_text(content), 1):
-    if not count & 0xFFFF:
-      progress.update(count, stored.tell())
-    yield line
-  progress.done(count)
-
-
 @dataclasses.dataclass
 class RawReviews:
-  """The parsed reviews in file order: user, item [R] int64 indices into user_keys / item_keys
-  (first-seen order), time [R] seconds, line [R] 1-based line numbers; first_skipped: the
-  first skipped line of each kind of `counts`, "line N: <what>"."""
+  """The reviews in file order: user, item [R] int64 indices into user_keys / item_keys
+  (first-seen order), time [R] seconds, line [R] numbers; first_skipped: "line N: <what>"."""
   user_keys: list[str]
   item_keys: list[str]
   user: np.ndarray
@@ -159,9 +136,8 @@ class RawReviews:
 
 
 def review_of_line(line: str) -> tuple[str, object, object, object]:
-  """(outcome, reviewerID, asin, unixReviewTime) of one line; outcome: "review", "blank_lines",
-  "malformed_lines", "missing_fields" (ids not non-empty strings, time not an int) or
-  "bad_time" (not plausible Unix seconds, timestamps.py)."""
+  """(outcome, reviewerID, asin, unixReviewTime) of one line; outcome: "review" or a count of
+  `_ReviewColumns` ("missing_fields": ids not non-empty strings or time not an int)."""
   if not line.strip():
     return "blank_lines", None, None, None
   try:
@@ -180,8 +156,8 @@ def review_of_line(line: str) -> tuple[str, object, object, object]:
 
 
 class _ReviewColumns:
-  """Parsed reviews gathered block by block (keys per block, in first-seen order, and columns)
-  and the line counts; `result` numbers the keys of all blocks at once."""
+  """Reviews gathered block by block (each block's keys in first-seen order, its columns) and
+  line counts; `result` numbers the keys of all blocks at once."""
 
   def __init__(self):
     self.blocks: list[tuple] = []  # (users, user [n], items, item [n], time [n], line [n])
@@ -196,7 +172,7 @@ class _ReviewColumns:
           timestamps.describe(when, "unixReviewTime") if outcome == "bad_time"
           else f"{line[:80]!r}")
 
-  def add_lines(self, lines: Iterable[str], first_number: int = 1) -> int:
+  def add_lines(self, lines: Iterable[str], first_number: int) -> int:
     """Parses `lines` (numbered from first_number) one by one; returns how many there were."""
     users: dict[str, int] = {}
     items: dict[str, int] = {}
@@ -211,23 +187,18 @@ class _ReviewColumns:
       i_ids.append(items.setdefault(item, len(items)))
       times.append(when)
       line_of.append(number)
-    count = number - first_number + 1
-    self.counts["lines"] += count
-    u_ids, i_ids, times, line_of = (np.frombuffer(a, np.int64)
-                                    for a in (u_ids, i_ids, times, line_of))
-    self.blocks.append((list(users), u_ids, list(items), i_ids, times, line_of))
-    return count
+    self.counts["lines"] += number - first_number + 1
+    as_numpy = lambda a: np.frombuffer(a, np.int64)  # noqa: E731
+    self.blocks.append((list(users), as_numpy(u_ids), list(items), as_numpy(i_ids),
+                        as_numpy(times), as_numpy(line_of)))
+    return number - first_number + 1
 
   def add_block(self, block: bytes, first_number: int) -> int:
     """Parses whole lines `block` (numbered from first_number) with pyarrow, or where pyarrow
     cannot be trusted with it, in SPLIT_PIECES pieces or line by line; returns the lines."""
-    parsed = _arrow_reviews(block, first_number)
-    if parsed is not None:
-      table, lines, line_numbers, clean = parsed
-      if self._add_table(table, block, first_number, line_numbers, clean):
-        self.counts["lines"] += lines
-        self.counts["blank_lines"] += lines - len(line_numbers)
-        return lines
+    lines = self._add_arrow(block, first_number)
+    if lines is not None:
+      return lines
     ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + 1
     if len(ends) < 2 * MIN_ARROW_LINES:
       return self.add_lines(_as_text(io.BytesIO(block)), first_number)
@@ -238,36 +209,64 @@ class _ReviewColumns:
       number += self.add_block(block[lo:hi], number)
     return number - first_number
 
-  def _add_table(self, table: pa.Table, block: bytes, first_number: int,
-                 line_numbers: np.ndarray, clean: np.ndarray) -> bool:
-    """Adds pyarrow's rows, reading those that are not clean reviews again with
-    `review_of_line`; False (nothing added) if one of them is a review after all."""
+  def _add_arrow(self, block: bytes, first_number: int) -> int | None:
+    """Adds pyarrow's parse of `block` (lines that are not clean reviews read again by
+    `review_of_line`); returns the lines, or None (nothing added) if json.loads could differ."""
+    if b"\r" in block:  # json.loads' line reading ends lines there too, pyarrow does not
+      return None
+    data = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(data == ord("\n"))
+    lines = len(ends) + (block[-1:] != b"\n")
+    # Only lines that start with "{" or are empty: not other JSON values (a block of "null"
+    # lines crashes pyarrow 26), leading whitespace or a byte order mark (pyarrow skips them).
+    first_byte = data[np.concatenate([[0], ends + 1])[:lines]]
+    blank = first_byte == ord("\n")
+    if not (blank | (first_byte == ord("{"))).all():
+      return None
+    opening = np.flatnonzero((data == ord("[")) | (data == ord("{")))
+    if len(opening) and np.bincount(np.searchsorted(ends, opening)).max() >= MAX_ARROW_NESTING:
+      return None
+    try:
+      table = pa_json.read_json(pa.py_buffer(block), read_options=_ARROW_READ,
+                                parse_options=_ARROW_PARSE)
+      for name in REVIEW_FIELDS[:2]:
+        table.column(name).validate(full=True)  # undecodable bytes: json.loads reads them
+    except pa.ArrowInvalid:
+      return None
+    if table.num_rows != lines - blank.sum():  # pyarrow skips empty lines; 2 objects on a line
+      return None
+    line_numbers = first_number + np.flatnonzero(~blank)
+    user, item, when = (table.column(n) for n in REVIEW_FIELDS)
+    non_empty = lambda c: pc.fill_null(pc.greater(pc.binary_length(c), 0), False)  # noqa: E731
+    clean = (non_empty(user).to_numpy(zero_copy_only=False)
+             & non_empty(item).to_numpy(zero_copy_only=False)
+             & pc.is_valid(when).to_numpy(zero_copy_only=False)
+             & timestamps.plausible(pc.fill_null(when, -1).to_numpy()))
     if not clean.all():
-      starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + 1])
+      texts = block.splitlines(keepends=True)  # at "\n" only: no "\r" in an Arrow block
       skipped = []
       for number in line_numbers[~clean].tolist():
-        lo = starts[number - first_number]
-        hi = block.find(b"\n", lo) + 1 or len(block)
-        line = block[lo:hi].decode("utf-8", "surrogateescape")
-        outcome, _, _, when = review_of_line(line)
+        line = texts[number - first_number].decode("utf-8", "surrogateescape")
+        outcome, _, _, seconds = review_of_line(line)
         if outcome == "review":
-          return False
-        skipped.append((outcome, number, line, when))
+          return None
+        skipped.append((outcome, number, line, seconds))
       for args in skipped:
         self.skip(*args)
-      table = table.filter(pa.array(clean))
-      line_numbers = line_numbers[clean]
+      table, line_numbers = table.filter(pa.array(clean)), line_numbers[clean]
     users, items = (pc.dictionary_encode(table.column(name).combine_chunks())
                     for name in REVIEW_FIELDS[:2])
     self.blocks.append((users.dictionary, users.indices.to_numpy(), items.dictionary,
                         items.indices.to_numpy(), table.column("unixReviewTime").to_numpy(),
                         line_numbers))
-    return True
+    self.counts["lines"] += lines
+    self.counts["blank_lines"] += int(blank.sum())
+    return lines
 
   def result(self) -> RawReviews:
     blocks, self.blocks = self.blocks, []
-    user_keys, users = _number_keys([(b[0], b[1]) for b in blocks])
-    item_keys, items = _number_keys([(b[2], b[3]) for b in blocks])
+    user_keys, users = _number_keys([b[:2] for b in blocks])
+    item_keys, items = _number_keys([b[2:4] for b in blocks])
     columns = [users, items, [b[4] for b in blocks], [b[5] for b in blocks]]
     del blocks
     joined = []
@@ -284,47 +283,9 @@ class _ReviewColumns:
     return RawReviews(user_keys, item_keys, user, item, times, self.counts, line, self.first)
 
 
-def _arrow_reviews(block: bytes, first_number: int):
-  """pyarrow's parse of `block`: (table of REVIEW_FIELDS, lines, [rows] line numbers, [rows]
-  clean: non-empty ids and a plausible time), or None where it could differ from json.loads'."""
-  if any(x in block for x in _ARROW_UNSAFE):
-    return None
-  data = np.frombuffer(block, np.uint8)
-  ends = np.flatnonzero(data == ord("\n"))
-  lines = len(ends) + (bool(block) and block[-1:] != b"\n")
-  starts = np.concatenate([[0], ends + 1])[:lines]
-  # Only lines that start with "{" or are empty: not other JSON values (a block of "null"
-  # lines crashes pyarrow 26), leading whitespace or a byte order mark (pyarrow skips them).
-  first_byte = data[starts]
-  blank = first_byte == ord("\n")
-  if not (blank | (first_byte == ord("{"))).all():
-    return None
-  opening = np.flatnonzero((data == ord("[")) | (data == ord("{")))
-  if len(opening) and np.bincount(np.searchsorted(ends, opening)).max() >= MAX_ARROW_NESTING:
-    return None
-  try:
-    table = pa_json.read_json(pa.py_buffer(block), read_options=_ARROW_READ,
-                              parse_options=_ARROW_PARSE) if lines else None
-    for name in REVIEW_FIELDS[:2]:
-      table.column(name).validate(full=True)  # undecodable bytes: json.loads reads them
-  except (pa.ArrowInvalid, AttributeError):
-    return None
-  if table.num_rows != lines - blank.sum():  # pyarrow skips empty lines; two objects on a line
-    return None
-  line_numbers = first_number + np.flatnonzero(~blank)
-  user, item, when = (table.column(n) for n in REVIEW_FIELDS)
-  non_empty = lambda c: pc.fill_null(pc.greater(pc.binary_length(c), 0), False)  # noqa: E731
-  seconds = pc.fill_null(when, -1).to_numpy()
-  clean = (non_empty(user).to_numpy(zero_copy_only=False)
-           & non_empty(item).to_numpy(zero_copy_only=False)
-           & pc.is_valid(when).to_numpy(zero_copy_only=False)
-           & timestamps.plausible(seconds))
-  return table, lines, line_numbers, clean
-
-
 def _number_keys(blocks: list[tuple]) -> tuple[list[str], list[np.ndarray]]:
-  """(all distinct keys in first-seen order, per block [rows] int64 codes into them) of blocks
-  given as (distinct keys, a pyarrow array or a list of str; [rows] indices into them)."""
+  """(all keys in first-seen order, per block [rows] codes into them) of blocks (distinct keys,
+  a pyarrow array or a list; [rows] indices into them)."""
   if all(isinstance(keys, pa.Array) for keys, _ in blocks):  # no block was read line by line
     encoded = pc.dictionary_encode(pa.chunked_array([k for k, _ in blocks], pa.string()))
     numbers = np.concatenate([np.zeros(0, np.int64)]
@@ -336,63 +297,27 @@ def _number_keys(blocks: list[tuple]) -> tuple[list[str], list[np.ndarray]]:
                            for k in (keys.to_pylist() if isinstance(keys, pa.Array) else keys)),
                           np.int64)
     keys = list(index)
-  codes, lo = [], 0
-  for block_keys, local in blocks:
-    codes.append(numbers[lo:lo + len(block_keys)][local])
-    lo += len(block_keys)
-  return keys, codes
+  starts = np.cumsum([0] + [len(block_keys) for block_keys, _ in blocks])
+  return keys, [numbers[lo:][local] for lo, (_, local) in zip(starts.tolist(), blocks)]
 
 
-def _blocks(stream, block_bytes: int) -> Iterator[bytes]:
-  """Whole lines of `stream`, about block_bytes at a time (the last may lack its newline)."""
-  rest = b""
-  while chunk := stream.read(block_bytes):
-    cut = chunk.rfind(b"\n") + 1
-    if cut:
-      yield rest + chunk[:cut]
-      rest = chunk[cut:]
-    else:
-      rest += chunk
-  if rest:
-    yield rest
-
-
-def parse_reviews(lines: Iterable[str]) -> RawReviews:
-  """Parses JSON review lines one by one (`review_of_line`), counting the bad ones."""
-  columns = _ReviewColumns()
-  columns.add_lines(lines)
+def read_reviews(path: str) -> RawReviews:
+  """The reviews of `path` (gzipped or plain) as `review_of_line` reads them, or DataError."""
+  columns, number = _ReviewColumns(), 1
+  for block in _blocks(path, "reviews"):
+    number += columns.add_block(block, number)
   return columns.result()
 
 
-def read_reviews(path: str, block_bytes: int | None = None) -> RawReviews:
-  """`parse_reviews` of the file at `path` (gzipped or plain), read in blocks of about
-  block_bytes (default BLOCK_BYTES); a damaged file is a DataError."""
-
-  def read(stored, content) -> RawReviews:
-    columns = _ReviewColumns()
-    progress = Progress(f"amazon: reading reviews {os.path.basename(path)}",
-                        os.path.getsize(path), "lines")
-    number = 1
-    for block in _blocks(content, block_bytes or BLOCK_BYTES):
-      number += columns.add_block(block, number)
-      progress.update(number - 1, stored.tell())
-    raw = columns.result()
-    progress.done(number - 1)
-    return raw
-
-  return _read_checked(path, read)
-
-
 def drop_duplicate_reviews(raw: RawReviews) -> tuple[RawReviews, int]:
-  """(reviews without repeats, number dropped): the earliest review of each (reviewer, asin)
-  pair, ties in file order, is kept, so that no target is among its own behaviours."""
+  """(reviews, number dropped): keeps the earliest review of each (reviewer, asin) pair, ties
+  in file order, so that no target is among its own behaviours."""
   # Temporaries are freed as soon as they are used: at 50 M reviews each is 400 MB.
   key = raw.user * max(len(raw.item_keys), 1) + raw.item
   sorted_key = np.sort(key)
-  repeated = bool((sorted_key[1:] == sorted_key[:-1]).any())
-  del sorted_key
-  if not repeated:
+  if not (sorted_key[1:] == sorted_key[:-1]).any():
     return raw, 0
+  del sorted_key
   order = np.lexsort((raw.time, key))  # stable: equal (pair, time) keep file order
   key = key[order]
   duplicate = np.zeros(len(key), bool)
@@ -400,15 +325,12 @@ def drop_duplicate_reviews(raw: RawReviews) -> tuple[RawReviews, int]:
   del key, order
   keep = ~duplicate
   first = int(np.flatnonzero(duplicate)[0])
-  first_skipped = dict(raw.first_skipped)
-  where = f"line {raw.line[first]}" if raw.line is not None else f"review {first + 1}"
-  first_skipped["duplicate_reviews"] = (
-      f"{where}: reviewer {raw.user_keys[raw.user[first]]!r} reviewed asin "
-      f"{raw.item_keys[raw.item[first]]!r} before")
-  return dataclasses.replace(
-      raw, user=raw.user[keep], item=raw.item[keep], time=raw.time[keep],
-      line=raw.line[keep] if raw.line is not None else None,
-      first_skipped=first_skipped), int(duplicate.sum())
+  first_skipped = dict(raw.first_skipped, duplicate_reviews=(
+      f"line {raw.line[first]}: reviewer {raw.user_keys[raw.user[first]]!r} reviewed asin "
+      f"{raw.item_keys[raw.item[first]]!r} before"))
+  kept = dataclasses.replace(raw, user=raw.user[keep], item=raw.item[keep], time=raw.time[keep],
+                             line=raw.line[keep], first_skipped=first_skipped)
+  return kept, int(duplicate.sum())
 
 
 # Fast path (docs/data.md): a line that starts {'asin': '<unwanted asin>' and cannot hold a
@@ -422,8 +344,7 @@ _LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionErr
 
 
 def _literal_eval_line(text: str):
-  """ast.literal_eval(text), or None if malformed; lone surrogates, which compile() rejects,
-  are parsed escaped."""
+  """ast.literal_eval(text), None if malformed; lone surrogates (compile() rejects them) escaped."""
   try:
     return ast.literal_eval(text)
   except UnicodeEncodeError:
@@ -461,8 +382,8 @@ def _unreviewed_line(line: str, wanted: Mapping[str, int]) -> bool:
 
 
 def category_of(categories, protocol: str) -> str | None:
-  """The category of one item, or None if `categories` is unusable: the last element of the
-  last category path (din, mian; DIN: x[-1][-1]) or of the first (dien: categories[0][-1])."""
+  """The last element of the last category path (din, mian; DIN: x[-1][-1]) or of the first
+  (dien: categories[0][-1]); None if `categories` is unusable."""
   if not isinstance(categories, list) or not categories:
     return None
   path = categories[0] if protocol == "dien" else categories[-1]
@@ -473,8 +394,7 @@ def category_of(categories, protocol: str) -> str | None:
 
 def _metadata_outcome(line: str, wanted: Mapping[str, int], protocol: str,
                       categories: list[str | None]) -> str:
-  """The outcome of parsing one metadata line (a key of `parse_metadata`'s counts); the first
-  usable line of a wanted asin sets its category."""
+  """The outcome (a count of `parse_metadata`) of one line; sets the category of a wanted asin."""
   obj = _literal(line.strip())
   if not isinstance(obj, dict):
     return "malformed_lines"
@@ -491,9 +411,8 @@ def _metadata_outcome(line: str, wanted: Mapping[str, int], protocol: str,
 
 
 def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: str):
-  """(categories, counts) of Python-literal metadata lines: per index of `wanted` (asin ->
-  index) the category (`category_of`) of the asin's first usable line, or None; counts of the
-  line outcomes."""
+  """(categories, counts) of Python-literal metadata lines: per index of `wanted` (asin -> index)
+  the `category_of` the asin's first usable line, or None; counts of the line outcomes."""
   categories: list[str | None] = [None] * len(wanted)
   counts = dict.fromkeys(("lines", "blank_lines", "skipped_unreviewed", "malformed_lines",
                           "missing_fields", "duplicate_asin", "items_found"), 0)
@@ -509,7 +428,6 @@ def parse_metadata(lines: Iterable[str], wanted: Mapping[str, int], protocol: st
 
 
 def read_metadata(path: str, wanted: Mapping[str, int], protocol: str):
-  """`parse_metadata` of the metadata file at `path` (gzipped or plain), logging progress; a
-  damaged file is a DataError."""
-  return _read_checked(path, lambda stored, content: parse_metadata(
-      _text_lines(path, stored, content, "metadata"), wanted, protocol))
+  """`parse_metadata` of `path` (gzipped or plain), or DataError."""
+  return parse_metadata((line for block in _blocks(path, "metadata")
+                         for line in _as_text(io.BytesIO(block))), wanted, protocol)

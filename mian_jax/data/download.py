@@ -1,8 +1,5 @@
-"""Downloads raw data files (urllib only): progress bar, resume, size and checksum checks.
-
-A download writes `<target>.part`, resumed with an HTTP Range request, and renames it to
-`<target>` once complete and verified.
-"""
+"""Downloads raw data files (urllib only) with a progress bar and size and checksum checks,
+into `<target>.part` (resumed with an HTTP Range request), renamed once complete and verified."""
 
 from __future__ import annotations
 
@@ -21,33 +18,6 @@ CHUNK_BYTES = 1 << 20
 USER_AGENT = "mian-jax-downloader/1.0"
 
 
-def _verify(path: str, url: str, size: int | None, sha256: str | None) -> None:
-  """Raises DataError if the file at `path` has the wrong size or checksum."""
-  actual = os.path.getsize(path)
-  if size is not None and actual != size:
-    raise DataError(f"download of {url} to {path}: expected {size} bytes, got {actual}")
-  if sha256 is not None:
-    digest = sha256_file(path)
-    if digest != sha256.lower():
-      raise DataError(f"download of {url} to {path}: sha256 {digest} does not match the "
-                      f"expected {sha256.lower()}; the partial file was removed, retry")
-
-
-def _total_size(response, offset: int) -> int | None:
-  """The full file size from Content-Range ('bytes a-b/total') or Content-Length."""
-  content_range = response.headers.get("Content-Range", "")
-  if "/" in content_range and not content_range.endswith("/*"):
-    return int(content_range.rsplit("/", 1)[1])
-  length = response.headers.get("Content-Length")
-  return int(length) + offset if length is not None else None
-
-
-def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
-  from tqdm import tqdm  # noqa: PLC0415 - on use; a dependency of the pinned optuna
-  return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=name, disable=not enabled or not sys.stderr.isatty(), file=sys.stderr)
-
-
 class UnreachableError(DataError):
   """The server could not be reached (no network); `reason` says why, in a few words."""
 
@@ -56,18 +26,34 @@ class UnreachableError(DataError):
     self.reason = reason
 
 
+def _verified(path: str, url: str, size: int | None, sha256: str | None,
+              target: str | None = None) -> str:
+  """`path` if it has the expected size and checksum, else DataError; with `target`, `path` is
+  the part file: removed when it is wrong, else renamed to `target` (returned)."""
+  actual, problem = os.path.getsize(path), None
+  if size is not None and actual != size:
+    problem = f"expected {size} bytes, got {actual}"
+  elif sha256 is not None and (digest := sha256_file(path)) != sha256.lower():
+    problem = (f"sha256 {digest} does not match the expected {sha256.lower()}; the partial file "
+               "was removed, retry")
+  if problem and target:
+    os.remove(path)
+  if problem:
+    raise DataError(f"download of {url} to {path}: {problem}")
+  if target:
+    os.replace(path, target)
+  return target or path
+
+
 def download(url: str, target: str, *, size: int | None = None, sha256: str | None = None,
              timeout: float = 60.0, progress: bool = True) -> str:
-  """Downloads `url` (http(s) or file) to `target`, resuming `<target>.part`; returns `target`.
-
-  An existing `target` is verified and kept. size, sha256: expected, if known (else the
-  server's Content-Length is checked); progress: a tqdm bar on a terminal. DataError for an
-  unreachable URL (one line naming URL and target), an HTTP error, a truncated download or a
-  size or checksum mismatch.
-  """
+  """Downloads `url` (http(s) or file) to `target` (kept if it verifies); returns `target`.
+  size, sha256: expected, if known (else Content-Length is checked); progress: a tqdm bar on a
+  terminal. DataError (one line naming URL and target) for an unreachable URL, an HTTP error, a
+  truncated download or a size or checksum mismatch."""
+  from tqdm import tqdm  # noqa: PLC0415 - on use; a dependency of the pinned optuna
   if os.path.isfile(target):
-    _verify(target, url, size, sha256)
-    return target
+    return _verified(target, url, size, sha256)
   os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
   part = target + ".part"
   offset = os.path.getsize(part) if os.path.isfile(part) else 0
@@ -81,7 +67,7 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
     response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
   except urllib.error.HTTPError as e:
     if e.code == 416 and offset:  # Range not satisfiable: the .part file is already whole.
-      return _finish(part, target, url, size, sha256)
+      return _verified(part, url, size, sha256, target)
     raise DataError(f"download of {url} to {target} failed: HTTP {e.code} {e.reason}") from None
   except (urllib.error.URLError, OSError) as e:
     reason = getattr(e, "reason", e)
@@ -89,17 +75,23 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
                            f"it by hand to {target} (e.g. curl -L -o {target} {url}) and rerun",
                            reason=str(reason)) from None
   with response:
-    status = getattr(response, "status", 200)
-    if offset and status != 206:
+    if offset and getattr(response, "status", 200) != 206:
       logging.info("%s: the server ignored the Range request; restarting from 0", url)
       offset = 0
-    total = _total_size(response, offset)
+    # The full size: from Content-Range ('bytes a-b/total'), else Content-Length.
+    content_range, length = (response.headers.get(h) for h in ("Content-Range", "Content-Length"))
+    if content_range and "/" in content_range and not content_range.endswith("/*"):
+      total = int(content_range.rsplit("/", 1)[1])
+    else:
+      total = int(length) + offset if length is not None else None
     if size is not None and total is not None and total != size:
       raise DataError(f"download of {url} to {target}: the server announces {total} bytes, "
                       f"expected {size}")
     logging.info("Downloading %s to %s (%s bytes%s)", url, target, total,
                  f", resuming at {offset}" if offset else "")
-    with (_progress_bar(total, offset, os.path.basename(target), progress) as bar,
+    with (tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=os.path.basename(target), file=sys.stderr,
+               disable=not progress or not sys.stderr.isatty()) as bar,
           open(part, "ab" if offset else "wb") as f):
       while True:
         try:
@@ -115,22 +107,12 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
   if total is not None and received < total:
     raise DataError(f"download of {url} to {target} stopped at {received} of {total} bytes; "
                     f"rerun to resume from {part}")
-  return _finish(part, target, url, size if size is not None else total, sha256)
-
-
-def _finish(part: str, target: str, url: str, size: int | None, sha256: str | None) -> str:
-  try:
-    _verify(part, url, size, sha256)
-  except DataError:
-    os.remove(part)
-    raise
-  os.replace(part, target)
-  return target
+  return _verified(part, url, size if size is not None else total, sha256, target)
 
 
 def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> list[str]:
   """Downloads each missing (url, target) (`download(**kwargs)`); returns the targets, or
-  raises one DataError listing every file that failed."""
+  raises one DataError listing every file that failed, each URL and target said once."""
   failures = []
   for url, target in files:
     try:
@@ -140,14 +122,9 @@ def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> list[str]:
   if len(failures) == 1:
     raise failures[0][2]
   if failures:
-    raise DataError(_failures_message(failures))
+    hand, first = "; ".join(f"{url} -> {target}" for url, target, _ in failures), failures[0][2]
+    if all(isinstance(e, UnreachableError) for _, _, e in failures):
+      raise DataError(f"cannot download {len(failures)} files ({first.reason}); without network "
+                      f"access fetch them by hand and rerun: {hand}")
+    raise DataError(f"{len(failures)} downloads failed ({first}). Fetch by hand: {hand}")
   return [target for _, target in files]
-
-
-def _failures_message(failures: Sequence[tuple[str, str, DataError]]) -> str:
-  """One line for several failed downloads, each URL and target said once."""
-  hand = "; ".join(f"{url} -> {target}" for url, target, _ in failures)
-  if all(isinstance(e, UnreachableError) for _, _, e in failures):
-    return (f"cannot download {len(failures)} files ({failures[0][2].reason}); without network "
-            f"access fetch them by hand and rerun: {hand}")
-  return f"{len(failures)} downloads failed ({failures[0][2]}). Fetch by hand: {hand}"

@@ -1,8 +1,6 @@
-"""MovieLens-100K and MovieLens-1M from their original raw files (docs/data.md).
-
-Every rating is one example (label: rating >= data.movielens.click_threshold); behaviours are
-the user's strictly earlier ratings; the splits are a global time cut (`interaction_log.py`).
-"""
+"""MovieLens-100K and -1M from their raw files (docs/data.md): every rating is one example
+(label: rating >= data.movielens.click_threshold), behaviours the user's strictly earlier
+ratings, the splits a global time cut (`interaction_log.py`)."""
 
 from __future__ import annotations
 
@@ -31,19 +29,17 @@ AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)  # ML-1M codes: under 18, 18-24, ..., 5
 GAP_BOUNDS = (3600, 86400, 7 * 86400, 30 * 86400)
 GAP_NAMES = ("lt_1h", "lt_1d", "lt_1w", "lt_30d", "ge_30d")
 
-SPEC_FIELDS = dict(
-    item_fields=(("movie_id", "categorical"), ("genre", "categorical"),
-                 ("release_year", "categorical")),
-    behavior_fields=("movie_id", "genre"),
-    user_fields=(("user_id", "categorical"), ("age_group", "categorical"),
-                 ("gender", "categorical"), ("occupation", "categorical"),
-                 ("zip_prefix", "categorical")),
-    context_fields=(("hour", "categorical"), ("weekday", "categorical"),
-                    ("month", "categorical"), ("time_since_last", "categorical")))
+# The fields of the log, all categorical, and those that form the behaviours.
+FIELDS = {"item": ("movie_id", "genre", "release_year"),
+          "user": ("user_id", "age_group", "gender", "occupation", "zip_prefix"),
+          "context": ("hour", "weekday", "month", "time_since_last")}
+BEHAVIOR = ("movie_id", "genre")
 
 
-def resolve_raw_dir(data_config: ConfigDict) -> str:
-  """The folder holding the variant's raw files; DataError with instructions if there is none."""
+def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
+  """The variant's three raw files (the prepared-data cache is keyed by their bytes,
+  `mian_jax.data.raw_manifest`); DataError with instructions if missing (never downloaded)."""
+  del download  # the user unzips the files (the error says from where)
   variant = data_config.movielens.variant
   if variant not in FILES:
     raise DataError(f"data.movielens.variant={variant!r}; expected one of {sorted(FILES)}")
@@ -54,40 +50,12 @@ def resolve_raw_dir(data_config: ConfigDict) -> str:
     raise DataError(f"MovieLens-{variant.upper()}: no raw data folder given; {hint}")
   raw_dir = os.path.expanduser(raw_dir)
   for candidate in (raw_dir, os.path.join(raw_dir, f"ml-{variant}")):
-    if all(os.path.isfile(os.path.join(candidate, f)) for f in FILES[variant]):
-      return candidate
+    paths = [os.path.join(candidate, f) for f in FILES[variant]]
+    if all(map(os.path.isfile, paths)):
+      return paths
   missing = [f for f in FILES[variant] if not os.path.isfile(os.path.join(raw_dir, f))]
   raise DataError(f"MovieLens-{variant.upper()}: {', '.join(missing)} not found in {raw_dir}; "
                   f"{hint}")
-
-
-def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
-  """The variant's three raw files (the prepared-data cache is keyed by their bytes,
-  `mian_jax.data.raw_manifest`). DataError with instructions if missing; nothing is
-  downloaded."""
-  del download  # the user unzips the files (resolve_raw_dir says from where)
-  raw_dir = resolve_raw_dir(data_config)
-  return [os.path.join(raw_dir, f) for f in FILES[data_config.movielens.variant]]
-
-
-def age_group(age: np.ndarray) -> np.ndarray:
-  """Raw age (years) -> ML-1M age-group code (1, 18, 25, 35, 45, 50, 56). [N] -> [N]."""
-  bounds = np.asarray(AGE_GROUPS[1:])
-  return np.asarray(AGE_GROUPS)[np.searchsorted(bounds, np.asarray(age), side="right")]
-
-
-def year_bucket(year: pd.Series) -> pd.Series:
-  """Release year (float, NaN if unknown) -> "1990-1994"-style 5-year bucket or "unknown"."""
-  start = (np.floor(year / 5) * 5).astype("Int64")
-  out = start.astype(str) + "-" + (start + 4).astype(str)
-  return out.where(year.notna(), "unknown").astype(object)
-
-
-def gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
-  """Seconds since the previous rating (NaN = none) -> bucket name. [N] -> [N] object."""
-  bucket = np.searchsorted(GAP_BOUNDS, np.nan_to_num(gap_seconds), side="right")
-  names = np.asarray(GAP_NAMES, dtype=object)[bucket]
-  return np.where(np.isnan(gap_seconds), "none", names)
 
 
 def _read_100k(paths: list[str], bad: interaction_log.BadRows):
@@ -96,12 +64,13 @@ def _read_100k(paths: list[str], bad: interaction_log.BadRows):
       paths[0], "\t", ("user", "movie", "rating", "timestamp"), bad)
   users = interaction_log.read_delimited(
       paths[1], "|", ("user", "age", "gender", "occupation", "zip"), bad)
-  users = interaction_log.to_int(users, ("user", "age"), bad, "u.user", lo=0)
-  users["age_group"] = age_group(users["age"].to_numpy())
+  users = interaction_log.to_int(users, ("user", "age"), bad, "u.user")
+  users["age_group"] = np.asarray(AGE_GROUPS)[  # raw age -> the ML-1M age-group code
+      np.searchsorted(AGE_GROUPS[1:], users["age"].to_numpy(), side="right")]
   flags = [f"g{i}" for i in range(len(GENRES_100K))]
   movies = interaction_log.read_delimited(
       paths[2], "|", ("movie", "title", "release", "video", "url", *flags), bad)
-  movies = interaction_log.to_int(movies, ("movie", *flags), bad, "u.item", lo=0, hi=None)
+  movies = interaction_log.to_int(movies, ("movie", *flags), bad, "u.item")
   flag_matrix = movies[flags].to_numpy(np.int64) > 0
   first = np.argmax(flag_matrix, axis=1)
   movies["genre"] = np.where(flag_matrix.any(axis=1), np.asarray(GENRES_100K, object)[first],
@@ -116,9 +85,9 @@ def _read_1m(paths: list[str], bad: interaction_log.BadRows):
                                            ("user", "movie", "rating", "timestamp"), bad)
   users = interaction_log.read_delimited(paths[1], "::",
                                          ("user", "gender", "age_group", "occupation", "zip"), bad)
-  users = interaction_log.to_int(users, ("user", "age_group"), bad, "users.dat", lo=0)
+  users = interaction_log.to_int(users, ("user", "age_group"), bad, "users.dat")
   movies = interaction_log.read_delimited(paths[2], "::", ("movie", "title", "genres"), bad)
-  movies = interaction_log.to_int(movies, ("movie",), bad, "movies.dat", lo=0)
+  movies = interaction_log.to_int(movies, ("movie",), bad, "movies.dat")
   movies["genre"] = movies["genres"].str.split("|", n=1, regex=False).str[0].str.strip()
   movies["genre"] = movies["genre"].where(movies["genre"] != "", "unknown")
   movies["year"] = pd.to_numeric(movies["title"].str.extract(r"\((\d{4})\)\s*$")[0],
@@ -135,8 +104,7 @@ def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.
   r_name, u_name, m_name = FILES[c.variant]
   users = interaction_log.drop_duplicate_keys(users, "user", bad, u_name)
   movies = interaction_log.drop_duplicate_keys(movies, "movie", bad, m_name)
-  ratings = interaction_log.to_int(ratings, ("user", "movie", "rating", "timestamp"), bad, r_name,
-                                   lo=0)
+  ratings = interaction_log.to_int(ratings, ("user", "movie", "rating", "timestamp"), bad, r_name)
   lines = ratings["_line"].to_numpy()
   ok = np.ones(len(ratings), bool)
   for reason, good in (("rating outside 1..5", ratings["rating"].between(1, 5)),
@@ -154,21 +122,26 @@ def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.
                seconds)
   ratings = ratings[ok & ~implausible].reset_index(drop=True)
   bad.check()
-
+  for col in ("gender", "occupation", "zip"):
+    users[col] = users[col].astype(str).str.strip()
   r = ratings.merge(users[["user", "age_group", "gender", "occupation", "zip"]], on="user",
                     how="left", validate="many_to_one")
   r = r.merge(movies[["movie", "genre", "year"]], on="movie", how="left",
               validate="many_to_one")
+  seconds = r["timestamp"].to_numpy(np.float64)
+  newest = interaction_log.history_from_log(pd.factorize(r["user"], sort=True)[0], seconds,
+                                            None, 1)[0][:, 0]  # the previous rating, -1: none
+  gap = np.where(newest >= 0, seconds - seconds[newest], np.nan)
+  year = (np.floor(r["year"] / 5) * 5).astype("Int64")  # 5-year spans, "1990-1994"
   when = pd.to_datetime(r["timestamp"], unit="s", utc=True)
-  strip = lambda s: s.astype(str).str.strip()  # noqa: E731
   lookups = {
       "user.user_id": {
           "keys": users["user"].to_numpy(),
           # The raw age (100K, bucketed by the encoder) or the age-group code (1M).
           "user.age_group": users["age" if c.variant == "100k" else "age_group"].to_numpy(),
-          "user.gender": strip(users["gender"]).to_numpy(),
-          "user.occupation": strip(users["occupation"]).to_numpy(),
-          "user.zip_prefix": strip(users["zip"]).to_numpy()},
+          "user.gender": users["gender"].to_numpy(),
+          "user.occupation": users["occupation"].to_numpy(),
+          "user.zip_prefix": users["zip"].to_numpy()},
       "item.movie_id": {
           "keys": movies["movie"].to_numpy(),
           "item.genre": movies["genre"].to_numpy(),
@@ -182,17 +155,18 @@ def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.
                                           c.test_fraction),
       "item.movie_id": r["movie"].to_numpy(),
       "item.genre": r["genre"].to_numpy(),
-      "item.release_year": year_bucket(r["year"]).to_numpy(),
+      "item.release_year": (year.astype(str) + "-" + (year + 4).astype(str)).where(
+          r["year"].notna(), "unknown").to_numpy(object),
       "user.user_id": r["user"].to_numpy(),
       "user.age_group": r["age_group"].to_numpy(),
-      "user.gender": strip(r["gender"]).to_numpy(),
-      "user.occupation": strip(r["occupation"]).to_numpy(),
-      "user.zip_prefix": strip(r["zip"]).str[:c.zip_prefix_len].to_numpy(),
+      "user.gender": r["gender"].to_numpy(),
+      "user.occupation": r["occupation"].to_numpy(),
+      "user.zip_prefix": r["zip"].str[:c.zip_prefix_len].to_numpy(),
       "context.hour": when.dt.hour.to_numpy(),
       "context.weekday": when.dt.day_of_week.to_numpy(),
       "context.month": when.dt.month.to_numpy(),
-      "context.time_since_last": gap_bucket(
-          interaction_log.previous_time_gap(r["user"].to_numpy(), r["timestamp"].to_numpy())),
+      "context.time_since_last": np.where(np.isnan(gap), "none", np.asarray(GAP_NAMES, object)[
+          np.searchsorted(GAP_BOUNDS, np.nan_to_num(gap), side="right")]),
   })
   return log, lookups
 
@@ -223,15 +197,16 @@ def encoders(data_config: ConfigDict) -> dict[str, dict]:
 
 
 def generate(data_config: ConfigDict):
-  """Returns (schema, {split: columns}, stats, write_vocabularies), the last for
-  `schema.write_prepared`: the vocabularies (training split), encoders and lookups."""
+  """(schema, {split: columns}, stats, write_vocabularies for `schema.write_prepared`)."""
   c = data_config.movielens
   bad = interaction_log.BadRows(data_config.max_bad_row_ratio)
   log, lookups = read_log(data_config, bad)
-  spec = interaction_log.LogSpec(max_seq_len=data_config.max_seq_len, **SPEC_FIELDS)
   source = (f"movielens-{c.variant}(click=rating>={c.click_threshold}, global time split "
             f"valid={c.valid_fraction}, test={c.test_fraction})")
-  schema, splits, info = interaction_log.build_examples(log, spec, source)
+  schema, splits, info = interaction_log.build_examples(
+      log, {g: [(name, "categorical") for name in names] for g, names in FIELDS.items()},
+      BEHAVIOR, data_config.max_seq_len, source)
+  span = log.groupby("split")["timestamp"].agg(["min", "max"])
   stats = {
       "source": f"movielens-{c.variant}",
       "protocol": (f"label = rating >= {c.click_threshold}; global time split: last "
@@ -244,10 +219,8 @@ def generate(data_config: ConfigDict):
       "num_items": int(log["item.movie_id"].nunique()),
       "num_categories": int(log["item.genre"].nunique()),
       "vocab_sizes": info["vocab_sizes"],
-      "time_range": {s: [int(log["timestamp"][log["split"] == i].min()),
-                         int(log["timestamp"][log["split"] == i].max())]
-                     for i, s in enumerate(("train", "valid", "test"))
-                     if (log["split"] == i).any()},
+      "time_range": {("train", "valid", "test")[i]: [int(lo), int(hi)]
+                     for i, lo, hi in span.itertuples()},
       "bad_rows": bad.summary(),
   }
   write_vocabularies = functools.partial(
@@ -259,26 +232,18 @@ def generate(data_config: ConfigDict):
   return schema, splits, stats, write_vocabularies
 
 
-# The columns of records to score (`mian_jax.predict`); the label (rating >= click_threshold) is
-# optional.
-PREDICT_COLUMNS = dict(user_id="user", item_id="movie", timestamp="timestamp", label="label")
-
-
 def predict_reader(data_config: ConfigDict) -> ConfigDict:
-  """How predict reads rating records (`records.read_records`): PREDICT_COLUMNS."""
+  """How predict reads rating records (`records.read_records`); the label is optional."""
   del data_config  # the same columns for 100K and 1M
-  return records_lib.reader_config(**PREDICT_COLUMNS)
+  return records_lib.reader_config(user_id="user", item_id="movie", timestamp="timestamp")
 
 
 def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Rating records -> (the columns of a prepared split, the unseen values per field).
-
-  A row with a label (every row, without a label column) is a rating, and a behaviour of the
-  user's later rows (`interaction_log.history_indices`); a row with an empty label is a
-  candidate to score. Profiles, genres and release years come from the lookups in
-  `directory`/vocab/.
-  """
+  """Rating records -> (the columns of a prepared split, the unseen values per field). A row
+  with a label (every row, without a label column) is a rating and a behaviour of the user's
+  later rows; one with an empty label is a candidate to score. Profiles, genres and release
+  years come from the lookups in `directory`/vocab/."""
   log = records.log
   lookups = vocab.load_lookups(directory)
   users, movies = log["user"].to_numpy(object), log["item.movie"].to_numpy(object)
@@ -291,7 +256,7 @@ def encode_records(records: records_lib.Records, directory: str,
   for key, values in (("item.movie_id", movies), ("user.user_id", users)):
     raw.update({field: lookups[key].get(field, values) for field in lookups[key].fields})
   raw.update({f"context.{unit}": seconds for unit in ("hour", "weekday", "month")})
-  return records_lib.encode(records, directory, raw, SPEC_FIELDS["behavior_fields"], indices,
+  return records_lib.encode(records, directory, raw, BEHAVIOR, indices,
                             hist_len)
 
 

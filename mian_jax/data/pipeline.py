@@ -1,15 +1,12 @@
-"""Batches from a prepared split: deterministic, resumable, and sharded by process.
-
-Training order is a pure function of (seed, step): epoch e = step // steps_per_epoch is a fresh
-permutation drawn from (seed, e), and step s reads rows [b * B, (b + 1) * B) of it, so a resumed
-run needs only the step. Each process reads only its slice of each global batch.
-"""
+"""Batches from a prepared split, deterministic, resumable and sharded by process: epoch
+e = step // steps_per_epoch is a permutation drawn from (seed, e), and step s reads its rows
+[b * B, (b + 1) * B), so a resumed run needs only the step; each process reads its slice."""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
-import queue
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,30 +15,19 @@ import numpy as np
 from mian_jax.data.schema import Schema
 from mian_jax.errors import ConfigError
 
-Batch = dict  # nested dict of numpy arrays, see `gather_batch`
 
-
-def nest(columns: Mapping[str, Any]) -> Batch:
-  """{"item.x": a, "hist_len": l, ...} -> {"item": {"x": a}, "hist": {}, "user": {},
-  "context": {}, "hist_len": l, ...}: the nesting of the batches the models take."""
-  batch: Batch = {group: {} for group in ("item", "hist", "user", "context")}
+def nest(columns: Mapping[str, Any]) -> dict:
+  """{"item.x": a, "hist_len": l} -> {"item": {"x": a}, "hist": {}, ..., "hist_len": l}."""
+  batch = {group: {} for group in ("item", "hist", "user", "context")}
   for name, value in columns.items():
-    group, _, field = name.partition(".")
-    if field:
-      batch[group][field] = value
-    else:
-      batch[name] = value
+    group, dot, field = name.rpartition(".")
+    (batch[group] if dot else batch)[field] = value
   return batch
 
 
-def gather_batch(columns: Mapping[str, np.ndarray], schema: Schema,
-                 rows: np.ndarray) -> Batch:
-  """Reads `rows` of a split into the nested batch the models take (`nest`).
-
-  Returns:
-    {"item": {name: [B]}, "hist": {name: [B, T]}, "hist_len": [B],
-     "user": {name: [B]}, "context": {name: [B]}, "label": [B], "weight": [B]}
-  """
+def gather_batch(columns: Mapping[str, np.ndarray], schema: Schema, rows: np.ndarray) -> dict:
+  """`rows` of a split as the models' batch: {"item"|"user"|"context": {name: [B]}, "hist": {name:
+  [B, T]}, "hist_len", "label", "weight": [B]}."""
   batch = nest({name: np.asarray(columns[name][rows]) for name in schema.columns()
                 if name != "group_id" and not name.startswith("extra.")})
   batch["weight"] = np.ones(len(rows), np.float32)
@@ -61,14 +47,13 @@ class TrainBatches:
 
   def __init__(self, columns: Mapping[str, np.ndarray], schema: Schema, global_batch_size: int,
                seed: int, process_index: int = 0, process_count: int = 1):
-    self._columns, self._schema = columns, schema
+    self._columns, self._schema, self._seed = columns, schema, seed
     self.num_examples = schema.size("train")
     self.global_batch_size = global_batch_size
     self.steps_per_epoch = self.num_examples // global_batch_size
     if self.steps_per_epoch == 0:
       raise ConfigError(f"train.batch_size={global_batch_size} exceeds the "
                         f"{self.num_examples} training examples")
-    self._seed = seed
     self._slice = local_slice(global_batch_size, process_index, process_count)
     self._epoch, self._perm = -1, np.empty(0, np.int64)
     self.rows_read = 0  # training rows this process's `iterate` has handed out
@@ -83,11 +68,11 @@ class TrainBatches:
     rows = np.sort(self._perm[b * self.global_batch_size:(b + 1) * self.global_batch_size])
     return rows[self._slice]
 
-  def batch(self, step: int) -> Batch:
+  def batch(self, step: int) -> dict:
     return gather_batch(self._columns, self._schema, self.rows(step))
 
   def iterate(self, start_step: int, end_step: int, prefetch: int = 2,
-              transform=None) -> Iterator[Batch]:
+              transform=None) -> Iterator[dict]:
     """Batches for steps [start_step, end_step), gathered and `transform`ed (e.g. copied to the
     devices) `prefetch` steps ahead in a thread that close() stops (`prefetch_iterator`)."""
     transform = transform or (lambda batch: batch)
@@ -101,12 +86,9 @@ class TrainBatches:
 
 def eval_batches(columns: Mapping[str, np.ndarray], schema: Schema, split: str,
                  global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[tuple[Batch, np.ndarray]]:
-  """Every example of `split` once, in order, as fixed-size batches (one compiled shape).
-
-  The last global batch is padded with copies of row 0 whose `weight` is 0. Yields
-  (batch, rows), where rows are this process's row indices and -1 marks padding.
-  """
+                 process_count: int = 1) -> Iterator[tuple[dict, np.ndarray]]:
+  """Every example of `split` once, in order, as fixed-size batches (one compiled shape), the
+  last padded with copies of row 0 of `weight` 0: (batch, this process's rows, -1 = padding)."""
   n = schema.size(split)
   part = local_slice(global_batch_size, process_index, process_count)
   for start in range(0, n, global_batch_size):
@@ -118,36 +100,17 @@ def eval_batches(columns: Mapping[str, np.ndarray], schema: Schema, split: str,
 
 
 def prefetch_iterator(iterator: Iterator, size: int) -> Iterator:
-  """Runs `iterator` `size` items ahead in a daemon thread ("prefetch"); re-raises its errors.
-  Closing this generator stops the thread (which never blocks on a full queue) and joins it."""
+  """Runs `iterator` `size` items ahead in a "prefetch" thread; re-raises its errors. Closing
+  this generator cancels the items not started and joins the thread."""
   if size <= 0:
     yield from iterator
     return
-  q: queue.Queue = queue.Queue(maxsize=size)
-  stop, done = threading.Event(), object()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      with contextlib.suppress(queue.Full):
-        q.put(item, timeout=0.05)
-        return True
-    return False
-
-  def worker():
-    try:
-      if not all(put(item) for item in iterator):
-        return
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer
-      put(e)
-    put(done)
-
-  thread = threading.Thread(target=worker, daemon=True, name="prefetch")
-  thread.start()
+  done = object()
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+  ahead = collections.deque(pool.submit(next, iterator, done) for _ in range(size))
   try:
-    while (item := q.get()) is not done:
-      if isinstance(item, BaseException):
-        raise item
+    while (item := ahead.popleft().result()) is not done:
+      ahead.append(pool.submit(next, iterator, done))
       yield item
   finally:
-    stop.set()
-    thread.join()
+    pool.shutdown(cancel_futures=True)

@@ -1,7 +1,5 @@
-"""Raw records read into a checked log: CSV (with each row's file line), Parquet or JSON lines,
-in the columns and fields a `data.tabular` config names (docs/data.md, "Your own logs"). The
-tabular source reads its logs with it, and `python -m mian_jax.predict` the records it scores.
-"""
+"""CSV, Parquet or JSON-lines records read into a checked log, in the columns a `data.tabular`
+config names (docs/data.md, "Your own logs"): the tabular source's input and predict's records."""
 
 from __future__ import annotations
 
@@ -22,11 +20,12 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from ml_collections import ConfigDict
 
-from mian_jax.data import interaction_log, vocab
+from mian_jax import encoding
+from mian_jax.data import interaction_log, schema, vocab
 from mian_jax.errors import ConfigError, DataError
 
-_TRUE = ("1", "1.0", "true", "True", "TRUE")
-_FALSE = ("0", "0.0", "false", "False", "FALSE")
+_LABELS = {**dict.fromkeys(("1", "1.0", "true", "True", "TRUE"), 1.0),
+           **dict.fromkeys(("0", "0.0", "false", "False", "FALSE"), 0.0)}
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
                ".json": "jsonl"}
 
@@ -36,48 +35,25 @@ def file_format(path: str) -> str:
   return _EXTENSIONS.get(os.path.splitext(path)[1].lower(), "csv")
 
 
-def _configured_format(path: str, fmt: str) -> str:
-  """data.tabular.format: "csv", "parquet", or "auto": Parquet by the extension, else CSV."""
-  if fmt == "auto":
-    return "parquet" if file_format(path) == "parquet" else "csv"
-  if fmt not in ("csv", "parquet"):
-    raise DataError(f"data.tabular.format={fmt!r}; expected 'auto', 'csv' or 'parquet'")
-  return fmt
-
-
+@dataclasses.dataclass(frozen=True)
 class CsvLines:
-  """The 1-based file line on which each CSV record starts (record 1 = the header line).
-
-  pyarrow's record numbers skip blank lines, and a quoted value may span lines: record r is line
-  r only without either (checked by counting line breaks), else the file is scanned once; both
-  only when a line is asked for (a bad row's message).
-  """
-
-  def __init__(self, path: str, encoding: str, num_records: int):
-    self.path, self.encoding, self.num_records = path, encoding, num_records
+  """lines[i]: the 1-based file line where row i's CSV record (records[i]; 1 = the header)
+  starts, found only when asked: pyarrow's record numbers skip blank lines and multi-line values."""
+  path: str
+  encoding: str
+  num_records: int
+  records: np.ndarray
 
   @functools.cached_property
-  def _starts(self) -> np.ndarray:  # _starts[r - 1] = the line of record r
-    return np.arange(1, self.num_records + 1) if self._same_as_records() else self._scan()
-
-  def line(self, record: int) -> int:
-    return int(self._starts[record - 1]) if record <= len(self._starts) else record
-
-  def rows(self, records: np.ndarray) -> _RowLines:
-    """rows[i]: the file line of row i, whose record number is records[i]."""
-    return _RowLines(self, records)
-
-  def _same_as_records(self) -> bool:
-    if "\n".encode(self.encoding) != b"\n":  # not ASCII-compatible (e.g. UTF-16): scan
-      return False
-    breaks, last = 0, b""
-    with open(self.path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 24), b""):
-        breaks += block.count(b"\n")
-        last = block[-1:]
-    return breaks + (last not in (b"", b"\n")) == self.num_records
-
-  def _scan(self) -> np.ndarray:
+  def starts(self) -> np.ndarray:
+    """starts[r - 1]: the line of record r."""
+    if "\n".encode(self.encoding) == b"\n":  # ASCII-compatible (not e.g. UTF-16)
+      breaks, last = 0, b""
+      with open(self.path, "rb") as f:
+        while block := f.read(1 << 24):
+          breaks, last = breaks + block.count(b"\n"), block[-1:]
+      if breaks + (last not in (b"", b"\n")) == self.num_records:
+        return np.arange(1, self.num_records + 1)
     starts, inside = [], False
     with open(self.path, encoding=self.encoding, newline="") as f:
       for number, text in enumerate(f, 1):
@@ -87,24 +63,24 @@ class CsvLines:
           inside = not inside
     return np.asarray(starts, np.int64)
 
-
-class _RowLines:
-
-  def __init__(self, lines: CsvLines, records: np.ndarray):
-    self.lines, self.records = lines, records
-
   def __getitem__(self, i) -> int:
-    return self.lines.line(int(self.records[i]))
+    record = int(self.records[i])
+    return int(self.starts[record - 1]) if record <= len(self.starts) else record
+
+
+def _unreadable(path: str, e: Exception) -> DataError:
+  return DataError(f"cannot read {path}: {' '.join(str(e).split())[:300]}")
 
 
 def read_table(path: str, c: ConfigDict, bad: interaction_log.BadRows, fmt: str | None = None):
-  """One CSV (all columns as strings), Parquet or JSON-lines file (`fmt`; default by `c.format`)
-  -> (table, lines[i]: the file line of row i, None for Parquet). CSV lines with another number
-  of fields and JSON lines that are not an object are counted in `bad` as malformed."""
+  """A CSV (strings), Parquet or JSON-lines file (`fmt`, default by `c.format`) -> (table, lines[i]:
+  row i's file line, None for Parquet); malformed CSV or JSON lines counted in `bad`, dropped."""
   if not os.path.isfile(path):
     raise DataError(f"file not found: {path}")
-  name = os.path.basename(path)
-  fmt = fmt or _configured_format(path, c.format)
+  if fmt is None:  # data.tabular.format; "auto": Parquet by the extension, else CSV
+    if c.format not in ("auto", "csv", "parquet"):
+      raise DataError(f"data.tabular.format={c.format!r}; expected 'auto', 'csv' or 'parquet'")
+    fmt = c.format if c.format != "auto" else file_format(path).replace("jsonl", "csv")
   if fmt == "jsonl":
     return _read_json_lines(path, c.encoding, bad)
   invalid = []
@@ -124,55 +100,51 @@ def read_table(path: str, c: ConfigDict, bad: interaction_log.BadRows, fmt: str 
           convert_options=pa_csv.ConvertOptions(column_types={h: pa.string() for h in header},
                                                 strings_can_be_null=True))
   except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-    raise DataError(f"cannot read {path}: {' '.join(str(e).split())[:300]}") from None
+    raise _unreadable(path, e) from None
   total = table.num_rows + len(invalid)
   if total == 0:
     raise DataError(f"{path} is empty (no data rows)")
   if fmt == "parquet":
     return table, None
-  # Records 2 .. total + 1 follow the header; pyarrow names the skipped ones.
-  records = np.arange(2, total + 2)
-  skipped = np.zeros(total, bool)
+  skipped = np.zeros(total, bool)  # records 2 .. total + 1 follow the header
   skipped[[number - 2 for number, _ in invalid if number]] = True
-  lines = CsvLines(path, c.encoding, total + 1)
-  bad.record(name, total, skipped, "wrong number of fields", lines.rows(records),
+  lines = CsvLines(path, c.encoding, total + 1, np.arange(2, total + 2))
+  bad.record(os.path.basename(path), total, skipped, "wrong number of fields", lines,
              {int(number) - 2: text for number, text in invalid if number})
-  return table, lines.rows(records[~skipped])
+  return table, dataclasses.replace(lines, records=lines.records[~skipped])
 
 
 def _json_text(value):
   """A JSON value as a CSV cell's text ("9", "true"), lists element by element; null: None."""
-  if value is None or isinstance(value, str):
-    return value
   if isinstance(value, list):
     return [_json_text(v) for v in value]
-  return json.dumps(value)
+  return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+def _json_object(text: str) -> dict | None:
+  """A JSON line's object with its values as text; None if it is not an object."""
+  try:
+    record = json.loads(text)
+  except ValueError:
+    return None
+  return {k: _json_text(v) for k, v in record.items()} if isinstance(record, dict) else None
 
 
 def _read_json_lines(path: str, encoding: str, bad: interaction_log.BadRows):
   """A JSON-lines file (an object per non-blank line), values as text, lists as lists of text."""
-  records, numbers, texts, invalid = [], [], [], []
   try:
     with open(path, encoding=encoding) as f:
-      for number, text in enumerate(f, 1):
-        if not text.strip():
-          continue
-        try:
-          record = json.loads(text)
-        except ValueError:
-          record = None
-        invalid.append(not isinstance(record, dict))
-        numbers.append(number)
-        texts.append(text.rstrip("\n"))
-        if isinstance(record, dict):
-          records.append({k: _json_text(v) for k, v in record.items()})
+      lines = [(number, text.rstrip("\n")) for number, text in enumerate(f, 1) if text.strip()]
   except (OSError, UnicodeDecodeError) as e:
-    raise DataError(f"cannot read {path}: {' '.join(str(e).split())[:300]}") from None
-  if not numbers:
+    raise _unreadable(path, e) from None
+  if not lines:
     raise DataError(f"{path} is empty (no data rows)")
-  invalid = np.asarray(invalid)
-  numbers = np.asarray(numbers, np.int64)
-  bad.record(os.path.basename(path), len(numbers), invalid, "not a JSON object", numbers, texts)
+  parsed = [_json_object(text) for _, text in lines]
+  invalid = np.asarray([p is None for p in parsed])
+  numbers = np.asarray([number for number, _ in lines], np.int64)
+  bad.record(os.path.basename(path), len(lines), invalid, "not a JSON object", numbers,
+             [text for _, text in lines])
+  records = [p for p in parsed if p is not None]
   columns = {}
   for k in dict.fromkeys(k for record in records for k in record):
     values = [record.get(k) for record in records]
@@ -200,10 +172,8 @@ def _timestamps(col: pa.ChunkedArray) -> tuple[np.ndarray, str]:
   return seconds.to_numpy(np.float64, na_value=np.nan), "a date-time"
 
 
-def _labels(col: pa.ChunkedArray) -> np.ndarray:
-  """0/1 as float32; NaN where the value is neither."""
-  s = col.to_pandas().astype(object).astype(str).str.strip()
-  return np.where(s.isin(_TRUE), 1.0, np.where(s.isin(_FALSE), 0.0, np.nan))
+def _list_lengths(lists: pa.Array) -> np.ndarray:
+  return pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
 
 
 def _as_list_array(col: pa.ChunkedArray, sep: str) -> pa.Array:
@@ -212,26 +182,18 @@ def _as_list_array(col: pa.ChunkedArray, sep: str) -> pa.Array:
   if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
     return arr
   s = arr.cast(pa.string())
-  empty = pc.equal(pc.utf8_trim_whitespace(s), "")
-  s = pc.if_else(empty, pa.scalar(None, pa.string()), s)
+  s = pc.if_else(pc.equal(pc.utf8_trim_whitespace(s), ""), pa.scalar(None, pa.string()), s)
   return pc.split_pattern(s, sep)
 
 
-_GROUPS = ("item", "user", "context")
 _HASH_KIND = re.compile(r"hash\(\s*(\d+)\s*\)")  # hash(N), N the number of buckets
 
 
 def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], dict[str, int]]:
   """"a,b:numeric,c:hash(1000)" -> ((("a", "categorical"), ("b", "numeric"), ("c",
-  "categorical")), {"c": 1000}): kind defaults to categorical; a hashed field is categorical.
-
-  ConfigError naming `where` and the field: an unknown kind, or hash(N) with N not an integer
-  from 1 to vocab.MAX_HASH_BUCKETS.
-  """
+  "categorical")), {"c": 1000}); ConfigError naming `where` and the field for a bad kind."""
   fields, buckets = [], {}
-  for part in (p.strip() for p in text.split(",")):
-    if not part:
-      continue
+  for part in filter(None, (p.strip() for p in text.split(","))):
     name, _, kind = (x.strip() for x in part.partition(":"))
     kind = kind or "categorical"
     if kind.startswith("hash"):
@@ -240,8 +202,7 @@ def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], di
         raise ConfigError(f"{where}: field {name!r} has kind {kind!r}; a hashed field is "
                           f"hash(N) with N, the number of buckets, an integer from 1 to "
                           f"{vocab.MAX_HASH_BUCKETS} (e.g. {name}:hash(100000))")
-      buckets[name] = int(match.group(1))
-      kind = "categorical"
+      buckets[name], kind = int(match.group(1)), "categorical"
     elif kind not in ("categorical", "numeric"):
       raise ConfigError(f"{where}: field {name!r} has kind {kind!r}; expected 'categorical', "
                         "'numeric' or 'hash(N)'")
@@ -251,29 +212,19 @@ def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], di
 
 def config_fields(c: ConfigDict):
   """The checked fields of a `data.tabular` config: ({group: ((name, kind), ...)}, behavior)."""
-  groups = {g: parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[0] for g in _GROUPS}
+  groups = {g: parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[0] for g in schema.GROUPS}
   if not groups["item"]:
     raise DataError("data.tabular.item_fields must name at least the item id column")
   behavior = tuple(x.strip() for x in c.behavior_fields.split(",") if x.strip())
   for name in behavior:
     if dict(groups["item"]).get(name) != "categorical":
       raise DataError(f"data.tabular.behavior_fields: {name!r} must be a categorical item field")
-  if c.behavior_source not in ("log", "list"):
-    raise DataError(f"data.tabular.behavior_source={c.behavior_source!r}; expected 'log' or 'list'")
-  if c.behavior_rows not in ("clicks", "all"):
-    raise DataError(f"data.tabular.behavior_rows={c.behavior_rows!r}; expected 'clicks' or 'all'")
+  for key, choices in (("behavior_source", ("log", "list")), ("behavior_rows", ("clicks", "all"))):
+    if c[key] not in choices:
+      raise DataError(f"data.tabular.{key}={c[key]!r}; expected {choices[0]!r} or {choices[1]!r}")
   if groups["item"][0][1] != "categorical":
     raise DataError("data.tabular.item_fields: the first field (the item id) must be categorical")
   return groups, behavior
-
-
-def _behavior_columns(c: ConfigDict, behavior) -> dict[str, str]:
-  pairs = dict(p.strip().split(":", 1) for p in c.behavior_columns.split(",") if ":" in p)
-  missing = [b for b in behavior if b not in pairs]
-  if missing:
-    raise DataError(f"data.tabular.behavior_columns must map every behaviour field "
-                    f"('field:column,...'); missing {missing}")
-  return {k.strip(): v.strip() for k, v in pairs.items()}
 
 
 def _whole_numbers_as_text(col: pa.ChunkedArray, name: str, field: str) -> pd.Series:
@@ -283,10 +234,9 @@ def _whole_numbers_as_text(col: pa.ChunkedArray, name: str, field: str) -> pd.Se
   present = ~np.isnan(values)
   whole = present & (np.floor(values) == values) & (np.abs(values) < 2.0**63)
   if (present & ~whole).any():
-    example = float(values[present & ~whole][0])
     raise DataError(f"{name}: categorical field {field!r} is a column of floats holding "
-                    f"{example!r}, which is not a whole number; store the field as integers or "
-                    "text, or declare it numeric")
+                    f"{float(values[present & ~whole][0])!r}, which is not a whole number; store "
+                    "the field as integers or text, or declare it numeric")
   text = [str(int(v)) if ok else None for v, ok in zip(values, present)]
   return pa.array(text, pa.string()).to_pandas()
 
@@ -307,51 +257,52 @@ def _separator_hint(table: pa.Table, name: str, c: ConfigDict) -> str | None:
 def read_file(path: str, c: ConfigDict, groups, behavior, bad: interaction_log.BadRows,
               fmt: str | None = None, split_code: int | None = None,
               label_optional: bool = False):
-  """One file (`read_table`) -> (table, log frame, {field: ListArray} or None, (name, lines,
-  kept table rows)); bad rows counted and dropped. With `label_optional` (records to score) the
-  label column may be absent and a label empty: NaN, never a click."""
+  """One file -> (table, log, {field: ListArray} or None, (name, lines, kept table rows)), bad
+  rows counted and dropped. `label_optional` (to score): no label column or an empty label: NaN."""
   table, lines = read_table(path, c, bad, fmt)
-  name = os.path.basename(path)
-  has_label = c.label in table.column_names or not label_optional
-  list_cols = _behavior_columns(c, behavior) if c.behavior_source == "list" else {}
+  name, names = os.path.basename(path), table.column_names
+  has_label = c.label in names or not label_optional
+  list_cols = {}  # behaviour field -> its list column
+  if c.behavior_source == "list":
+    list_cols = dict((x.strip() for x in p.split(":", 1))
+                     for p in c.behavior_columns.split(",") if ":" in p)
+    if unmapped := [b for b in behavior if b not in list_cols]:
+      raise DataError(f"data.tabular.behavior_columns must map every behaviour field "
+                      f"('field:column,...'); missing {unmapped}")
   needed = {**({c.label: "label"} if has_label else {}), c.user_id: "user_id",
             c.timestamp: "timestamp", **{f: f"{g}_fields" for g in groups for f, _ in groups[g]},
             **{col: "behavior_columns" for col in list_cols.values()}}
-  absent = [f"{col!r} ({key})" for col, key in needed.items() if col not in table.column_names]
-  if absent:
+  if absent := [f"{col!r} ({key})" for col, key in needed.items() if col not in names]:
     raise DataError(_separator_hint(table, name, c) or
                     f"{name}: column(s) {', '.join(absent)} named in data.tabular not found; "
-                    f"the file has {table.column_names}")
-  twice = [col for col in needed if table.column_names.count(col) > 1]
-  if twice:
+                    f"the file has {names}")
+  if twice := [col for col in needed if names.count(col) > 1]:
     raise DataError(f"{name}: the header names column {twice[0]!r} "
-                    f"{table.column_names.count(twice[0])} times; rename or drop the copies")
-  n = table.num_rows
-  ok = np.ones(n, bool)
+                    f"{names.count(twice[0])} times; rename or drop the copies")
+  ok = np.ones(table.num_rows, bool)
+  valid = lambda col: table[col].is_valid().to_numpy(zero_copy_only=False)  # noqa: E731
+  missing = lambda col: table[col].to_pandas().isna().to_numpy()  # noqa: E731
 
   def flag(mask, reason, column=None):
     """Counts the rows in `mask` not flagged before; shows the first one's `column` value."""
-    nonlocal ok
     mask = ok & mask
     if mask.any():
-      shown = table[column].to_pandas().to_numpy() if column is not None else None
-      bad.record(name, 0, mask, reason, lines, shown)
-    ok &= ~mask
+      bad.record(name, 0, mask, reason, lines,
+                 None if column is None else table[column].to_pandas().to_numpy())
+    ok[mask] = False
 
-  label = _labels(table[c.label]) if has_label else np.full(n, np.nan)
-  if has_label:
-    unparsed = np.isnan(label)
-    if label_optional:  # an empty cell is an unknown label, not a bad one
-      unparsed &= table[c.label].is_valid().to_numpy(zero_copy_only=False)
-    flag(unparsed, f"label {c.label!r} is not 0/1", c.label)
-  user = table[c.user_id].to_pandas()
-  flag(user.isna().to_numpy(), f"user id {c.user_id!r} missing")
+  label = np.full(len(ok), np.nan)
+  if has_label:  # 0/1, NaN where the value is neither; to score, an empty label is unknown
+    text = table[c.label].to_pandas().astype(object).astype(str).str.strip()
+    label = text.map(_LABELS).to_numpy(np.float64)
+    flag(np.isnan(label) & (valid(c.label) | (not label_optional)),
+         f"label {c.label!r} is not 0/1", c.label)
+  flag(missing(c.user_id), f"user id {c.user_id!r} missing")
   ts, kind = _timestamps(table[c.timestamp])
-  present = table[c.timestamp].is_valid().to_numpy(zero_copy_only=False)
-  flag(~present, f"timestamp {c.timestamp!r} missing")
+  flag(~valid(c.timestamp), f"timestamp {c.timestamp!r} missing")
   flag(~np.isfinite(ts), f"timestamp {c.timestamp!r} is not {kind} like most rows", c.timestamp)
   item_id = groups["item"][0][0]
-  flag(table[item_id].to_pandas().isna().to_numpy(), f"item id {item_id!r} missing")
+  flag(missing(item_id), f"item id {item_id!r} missing")
   frame = {}
   for g, fields in groups.items():
     for f, kind in fields:
@@ -364,11 +315,10 @@ def read_file(path: str, c: ConfigDict, groups, behavior, bad: interaction_log.B
         values = _whole_numbers_as_text(table[f], name, f)
       frame[f"{g}.{f}"] = values
   lists = {b: _as_list_array(table[col], c.list_sep) for b, col in list_cols.items()}
-  if lists:
-    lengths = [pc.fill_null(pc.list_value_length(a), 0).to_numpy() for a in lists.values()]
-    flag(np.any([x != lengths[0] for x in lengths], axis=0), "behaviour lists of unequal length")
-  log = pd.DataFrame({"user": user.astype(str), "timestamp": ts, "label": label, **frame})
-  log["split"] = np.int8(split_code if split_code is not None else 0)
+  lengths = np.asarray([_list_lengths(a) for a in lists.values()])
+  flag((lengths != lengths[:1]).any(axis=0), "behaviour lists of unequal length")
+  log = pd.DataFrame({"user": table[c.user_id].to_pandas().astype(str), "timestamp": ts,
+                      "label": label, **frame, "split": np.int8(split_code or 0)})
   lists = {b: a.filter(pa.array(ok)) for b, a in lists.items()} if list_cols else None
   return table, log[ok].reset_index(drop=True), lists, (name, lines, np.flatnonzero(ok))
 
@@ -391,8 +341,7 @@ def list_behaviours(parts, behavior) -> interaction_log.ListBehaviours:
   flat, offsets = {}, None
   for b in behavior:
     arrays = [part[b] for part in parts]
-    lengths = np.concatenate([pc.fill_null(pc.list_value_length(a), 0).to_numpy()
-                              for a in arrays]).astype(np.int64)
+    lengths = np.concatenate([_list_lengths(a) for a in arrays]).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = pa.concat_arrays([pc.list_flatten(a).cast(pa.string()) for a in arrays])
     flat[b] = pd.Series(values.to_pandas(), dtype=object).str.strip()
@@ -419,9 +368,9 @@ def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.Bad
   groups, behavior = config_fields(tabular_config)
   table, log, lists, source = read_file(path, tabular_config, groups, behavior, bad, fmt,
                                         label_optional=True)
-  lists = list_behaviours([lists], behavior) if lists is not None else None
-  return Records(log=log, lists=lists, table=table, kept=source[2], groups=groups,
-                 behavior=behavior, describe_row=row_describer([source]),
+  return Records(log=log, lists=list_behaviours([lists], behavior) if lists is not None else None,
+                 table=table, kept=source[2], groups=groups, behavior=behavior,
+                 describe_row=row_describer([source]),
                  labelled=tabular_config.label in table.column_names)
 
 
@@ -437,20 +386,20 @@ def reader_config(user_id: str, timestamp: str, item_id: str, label: str = "labe
 
 def encode(records: Records, directory: str, raw: Mapping[str, Any], behavior: tuple[str, ...],
            indices: np.ndarray, hist_len: np.ndarray) -> tuple[dict, dict[str, int]]:
-  """Raw values per field [N] -> (the columns of a prepared split, without group_id; the number
-  of unseen or missing values per categorical field), encoded with `directory`'s vocab/. The
-  behaviours of row i: the ids of the rows (with `records.lists`, list values) indices[i]."""
+  """Raw values per field [N] -> (a prepared split's columns but group_id, encoded with vocab/;
+  unseen or missing values per categorical field); behaviours: the rows (or list values) indices."""
   vocabularies, encoders = vocab.load_vocabularies(directory), vocab.load_encoders(directory)
+  encode_field = lambda field, values: encoding.encode_field(  # noqa: E731
+      field, vocabularies.get(field), encoders.get(field), values)
   columns, unseen = {}, {}
   for field, values in raw.items():
-    columns[field], count = vocab.encode_field(vocabularies, encoders, field, values)
+    columns[field], count = encode_field(field, values)
     if columns[field].dtype == np.int32:  # ids; a numeric field is float32
       unseen[field] = count
   for name in behavior:
     ids = columns[f"item.{name}"]
     if records.lists is not None:
-      ids, unseen[f"hist.{name}"] = vocab.encode_field(vocabularies, encoders, f"item.{name}",
-                                                       records.lists.flat[name])
+      ids, unseen[f"hist.{name}"] = encode_field(f"item.{name}", records.lists.flat[name])
     columns[f"hist.{name}"] = interaction_log.history_column(ids, indices)
   columns["hist_len"] = hist_len.astype(np.int32)
   columns["label"] = np.nan_to_num(records.log["label"].to_numpy(np.float32))

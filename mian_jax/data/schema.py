@@ -1,10 +1,7 @@
-"""The prepared-data format that every data source writes (docs/data.md).
-
-A directory: schema.json (the field groups of §3.1, vocabulary sizes, example counts),
-<split>/<column>.npy per split (item.<f> [N], hist.<f> [N, T] newest first padded with 0,
-hist_len, user.<f>, context.<f>, label, group_id, extra.<f>) and vocab/ (vocab.py).
-Ids: 0 padding, 1 out of vocabulary, values from 2; ids outside [0, vocab_size) are rejected.
-"""
+"""The prepared-data format every data source writes (docs/data.md): schema.json (the field groups
+of §3.1, vocabulary sizes, example counts), <split>/<column>.npy (item.<f> [N], hist.<f> [N, T]
+newest first padded with 0, hist_len, user.<f>, context.<f>, label, group_id, extra.<f>) and
+vocab/ (vocab.py). Ids: 0 padding, 1 out of vocabulary, values from 2, all below vocab_size."""
 
 from __future__ import annotations
 
@@ -33,9 +30,7 @@ PAD_ID = 0
 GROUPS = ("item", "user", "context")
 VOCAB_DIR = "vocab"  # the vocabularies and encoders of the fields (vocab.py)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
-# A temporary sibling `.tmp-<name>-*` that no process of this host owns is stale once nothing
-# was written to it for this long (`remove_stale_tmp`).
-STALE_TMP_SECONDS = 3600
+STALE_TMP_SECONDS = 3600  # an unowned `.tmp-<name>-*` unchanged this long is stale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +143,8 @@ def schema_from_json(d: Mapping[str, Any], where: str = "schema.json") -> Schema
     names = [x.name for x in fs]
     if len(set(names)) != len(names):
       raise DataError(f"{where}: duplicate field names in {g}_fields: {names}")
-  features = FeatureSpec(item_fields=groups["item"], behavior_fields=behavior,
-                         user_fields=groups["user"], context_fields=groups["context"],
-                         max_seq_len=max_seq_len)
+  features = FeatureSpec(**{f"{g}_fields": fs for g, fs in groups.items()},
+                         behavior_fields=behavior, max_seq_len=max_seq_len)
   return Schema(features=features, num_examples=num_examples,
                 extra_columns=tuple(str(x) for x in d.get("extra_columns", ())),
                 source=str(d.get("source", "")))
@@ -174,30 +168,17 @@ def write_prepared(directory: str, schema: Schema,
                    splits: Mapping[str, Mapping[str, np.ndarray]],
                    extra_files: Mapping[str, Mapping[str, Any]] | None = None,
                    write_vocabularies: Callable[[str], None] | None = None) -> str:
-  """Writes a prepared data set atomically (complete under `directory`, or not at all); returns
-  its checksum.
-
-  splits: split -> column -> array (exactly `schema.columns()`), or split -> an iterable of such
-  mappings, consecutive row blocks written as they come (`_write_blocks`). extra_files: file
-  name -> JSON-able dict beside schema.json; stats.json is always written, with "checksum".
-  write_vocabularies(tmp) writes vocab/ before the checksum is taken.
-  """
-  for split in SPLITS:
-    if isinstance(splits[split], Mapping):
-      validate_columns(schema, split, splits[split])
+  """Writes a prepared data set atomically (all of `directory` or nothing); returns its checksum.
+  splits: split -> column -> array (`schema.columns()`), or split -> iterable of row blocks.
+  extra_files: name -> JSON dict beside schema.json (stats.json always, with "checksum");
+  write_vocabularies(tmp) writes vocab/ before the checksum is taken."""
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   remove_stale_tmp(directory)
   tmp = tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=parent)
   try:
     for split in SPLITS:
-      os.makedirs(os.path.join(tmp, split))
-      if not isinstance(splits[split], Mapping):
-        _write_blocks(os.path.join(tmp, split), schema, split, splits[split])
-        continue
-      for name, array in splits[split].items():
-        np.save(os.path.join(tmp, split, name + ".npy"), np.ascontiguousarray(array),
-                allow_pickle=False)
+      _write_blocks(tmp, schema, split, splits[split])
     with open(os.path.join(tmp, "schema.json"), "w") as f:
       json.dump(schema.to_json(), f, indent=2)
     if write_vocabularies is not None:
@@ -217,28 +198,26 @@ def write_prepared(directory: str, schema: Schema,
                       "exists, delete or move it, or choose another data.prepared_dir") from None
     return checksum
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename
 
 
-def _write_blocks(split_dir: str, schema: Schema, split: str,
-                  blocks: Iterable[Mapping[str, np.ndarray]]) -> None:
-  """Writes a split given as checked row blocks into the .npy files np.save writes for it."""
-  columns = schema.columns()
-  size = schema.size(split)
-  written = 0
+def _write_blocks(directory: str, schema: Schema, split: str,
+                  blocks: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]) -> None:
+  """Checks a split's columns (or row blocks) and writes directory/split/ as np.save would."""
+  columns, size, written = schema.columns(), schema.size(split), 0
+  os.makedirs(os.path.join(directory, split))
   with contextlib.ExitStack() as stack:
-    files = {name: stack.enter_context(open(os.path.join(split_dir, name + ".npy"), "wb"))
+    files = {name: stack.enter_context(open(os.path.join(directory, split, name + ".npy"), "wb"))
              for name in columns}
     for name, (dtype, shape) in columns.items():
       np.lib.format.write_array_header_1_0(files[name], {
           "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
           "shape": (size, *shape)})
-    for block in blocks:
+    for block in [blocks] if isinstance(blocks, Mapping) else blocks:
       rows = len(block["label"]) if "label" in block else 0
       validate_columns(schema, split, block, num_rows=rows)
       for name in columns:
-        files[name].write(memoryview(np.ascontiguousarray(block[name])).cast("B"))
+        np.ascontiguousarray(block[name]).tofile(files[name])
       written += rows
   if written != size:
     raise DataError(f"split {split!r}: {written} rows were written, the schema says {size}")
@@ -256,17 +235,9 @@ def _tmp_prefix(directory: str) -> str:
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except OSError:  # e.g. PermissionError: it exists, under another user
-    return True
+  except OSError as e:  # e.g. PermissionError: it exists, under another user
+    return not isinstance(e, ProcessLookupError)
   return True
-
-
-def _last_write(path: str) -> float:
-  """Newest modification time of `path` and the entries directly inside it."""
-  with os.scandir(path) as entries:
-    return max([os.path.getmtime(path), *(e.stat(follow_symlinks=False).st_mtime for e in entries)])
 
 
 def remove_stale_tmp(directory: str) -> list[str]:
@@ -276,19 +247,17 @@ def remove_stale_tmp(directory: str) -> list[str]:
   same_name = f".tmp-{os.path.basename(os.path.abspath(directory))}-"
   this_host = re.compile(rf"\.tmp-.+-{re.escape(_host())}-(\d+)-[a-z0-9_]{{8}}")
   removed = []
-  try:
-    names = os.listdir(parent)
-  except OSError:
-    return removed
-  for name in names:
+  for name in os.listdir(parent) if os.path.isdir(parent) else []:
     path = os.path.join(parent, name)
     owner = this_host.fullmatch(name)
-    if (not (owner or name.startswith(same_name)) or not os.path.isdir(path)
-        or os.path.islink(path)):
+    if not (owner or name.startswith(same_name)) or os.path.islink(path) or not os.path.isdir(path):
       continue
     try:
-      stale = (not _pid_alive(int(owner.group(1))) if owner
-               else time.time() - _last_write(path) > STALE_TMP_SECONDS)
+      if owner:
+        stale = not _pid_alive(int(owner.group(1)))
+      else:  # the newest change to it or to an entry directly inside it
+        newest = max(os.lstat(os.path.join(path, e)).st_mtime for e in [".", *os.listdir(path)])
+        stale = time.time() - newest > STALE_TMP_SECONDS
     except OSError:  # removed meanwhile by its owner or another cleaner
       continue
     if stale:
@@ -314,13 +283,11 @@ def dataset_checksum(directory: str) -> str:
   any), in a fixed order: equal for byte-identical data and vocabularies."""
   digest = hashlib.sha256()
   folders = [*SPLITS, *([VOCAB_DIR] if os.path.isdir(os.path.join(directory, VOCAB_DIR)) else [])]
-  paths = [os.path.join(directory, "schema.json")] + [
-      os.path.join(directory, d, name) for d in folders
-      for name in sorted(os.listdir(os.path.join(directory, d)))]
-  for path in paths:
-    digest.update(os.path.relpath(path, directory).encode())
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
+  for name in ["schema.json"] + [os.path.join(d, name) for d in folders
+                                 for name in sorted(os.listdir(os.path.join(directory, d)))]:
+    digest.update(name.encode())
+    with open(os.path.join(directory, name), "rb") as f:
+      while block := f.read(1 << 20):
         digest.update(block)
   return digest.hexdigest()
 
@@ -343,8 +310,7 @@ def verify_dataset_checksum(directory: str) -> str:
 
 def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarray],
                      num_rows: int | None = None) -> None:
-  """Checks names, dtypes, shapes and id ranges of one split's columns (of num_rows rows,
-  default the split's size); raises DataError."""
+  """DataError unless a split's columns (num_rows, default its size) fit names, shapes, ids."""
   expected = schema.columns()
   n = schema.size(split) if num_rows is None else num_rows
   missing = sorted(set(expected) - set(columns))
@@ -378,11 +344,9 @@ def validate_columns(schema: Schema, split: str, columns: Mapping[str, np.ndarra
 
 
 def newest_first(hist: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  """Reverses the valid prefix of each row: [N, T] oldest first -> newest first (padding stays
-  at the end). lengths: [N]."""
+  """[N, T] oldest first -> newest first: reverses each row's first lengths[i] entries."""
   t = np.arange(hist.shape[1])[None, :]
-  valid = t < lengths[:, None]
-  index = np.where(valid, lengths[:, None] - 1 - t, t)
+  index = np.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
   return np.take_along_axis(hist, index, axis=1)
 
 

@@ -1,9 +1,6 @@
-"""A synthetic CTR data set with planted structure of the kinds MIAN exists to capture.
-
-A deterministic function of `config.data.synthetic`; the click probability of every example is
-stored (`extra.click_prob`) for the oracle AUC. The generative story, terms (a)-(d) of the
-logit, is in docs/data.md ("The synthetic source").
-"""
+"""A synthetic CTR data set with planted structure of the kinds MIAN exists to capture, a
+deterministic function of `config.data.synthetic`; each click probability is stored
+(`extra.click_prob`) for the oracle AUC. Terms (a)-(d) of the logit: docs/data.md."""
 
 from __future__ import annotations
 
@@ -12,8 +9,8 @@ import functools
 import numpy as np
 from ml_collections import ConfigDict
 
+from mian_jax.data import interaction_log, vocab
 from mian_jax.data import schema as schema_lib
-from mian_jax.data import vocab
 from mian_jax.errors import ConfigError
 
 # Sizes of the profile and context vocabularies (values, before the two reserved ids).
@@ -196,23 +193,13 @@ def generate(c: ConfigDict, max_seq_len: int):
   return make_schema(c, max_seq_len), splits
 
 
-def identity_vocabularies(schema: schema_lib.Schema) -> dict[str, list[str]]:
-  """Identity maps of every field: raw value "k" (the generator's 0-based index) -> id k + 2."""
-  return {name: [str(k) for k in range(x.vocab_size - schema_lib.NUM_RESERVED_IDS)]
-          for name, x in schema.features.fields().items()}
-
-
 def prepare(data_config: ConfigDict, directory: str) -> None:
   """Generates the synthetic data set and writes it (atomically) to `directory`."""
   schema, splits = generate(data_config.synthetic, data_config.max_seq_len)
-  stats = {
-      "source": "synthetic",
-      "num_samples": {s: schema.size(s) for s in schema_lib.SPLITS},
-      "positive_rate": {s: float(splits[s]["label"].mean()) for s in schema_lib.SPLITS},
-  }
-  write_vocabularies = functools.partial(
-      vocab.write_vocabularies, vocabularies=identity_vocabularies(schema),
-      note="synthetic: no raw values; a field's raw value is the generator's 0-based index k "
-           "(\"k\"), its id k + 2 (identity maps)")
-  schema_lib.write_prepared(directory, schema, splits, extra_files={"stats.json": stats},
-                            write_vocabularies=write_vocabularies)
+  identity = {name: [str(k) for k in range(x.vocab_size - schema_lib.NUM_RESERVED_IDS)]
+              for name, x in schema.features.fields().items()}  # raw "k" -> id k + 2
+  note = ("synthetic: no raw values; a field's raw value is the generator's 0-based index k "
+          "(\"k\"), its id k + 2 (identity maps)")
+  interaction_log.write_with_stats(directory, schema, splits, {"source": "synthetic"},
+                                   functools.partial(vocab.write_vocabularies, note=note,
+                                                     vocabularies=identity))

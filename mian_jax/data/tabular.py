@@ -1,6 +1,5 @@
-"""The user's own logs as CSV or Parquet (docs/data.md "Your own logs", configs/tabular.py):
-one row per example, read by `records.py` in the columns and fields `config.data.tabular` names.
-"""
+"""The user's own logs, one row per example (docs/data.md "Your own logs", configs/tabular.py),
+read by `records.py` in the columns and fields `config.data.tabular` names."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from mian_jax.errors import DataError
 
 
 def input_files(c: ConfigDict) -> list[tuple[str, int | None]]:
-  """[(path, split code or None)] of the files `data.tabular` reads: `path` (split by time) or
-  the three pre-split files. Raises DataError if neither or both are given."""
+  """[(path, split code or None)]: `path` (split by time) or the three pre-split files."""
   split_paths = [c.train_path, c.valid_path, c.test_path]
   if c.path and any(split_paths):
     raise DataError("data.tabular: give either path (split by time) or train_path, valid_path "
@@ -33,34 +31,16 @@ def input_files(c: ConfigDict) -> list[tuple[str, int | None]]:
 
 def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
   """The files preparation reads, in order (the prepared-data cache is keyed by their bytes,
-  `mian_jax.data.raw_manifest`). Raises DataError if one is missing. Nothing is downloaded."""
+  `mian_jax.data.raw_manifest`); DataError if one is missing (never downloaded)."""
   del download  # the user's own files
   paths = [path for path, _ in input_files(data_config.tabular)]
-  for path in paths:
-    if not os.path.isfile(path):
-      raise DataError(f"file not found: {path}")
+  if missing := [p for p in paths if not os.path.isfile(p)]:
+    raise DataError(f"file not found: {missing[0]}")
   return paths
 
 
-def read_log(data_config: ConfigDict, bad: interaction_log.BadRows):
-  """All files -> (log, groups, behavior, ListBehaviours or None, describe_row)."""
-  c = data_config.tabular
-  groups, behavior = records_lib.config_fields(c)
-  parts = [records_lib.read_file(path, c, groups, behavior, bad, split_code=code)
-           for path, code in input_files(c)]
-  bad.check()
-  log = pd.concat([p[1] for p in parts], ignore_index=True)
-  if c.path:
-    log["split"] = interaction_log.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
-                                              c.test_fraction)
-  lists = (records_lib.list_behaviours([p[2] for p in parts], behavior)
-           if c.behavior_source == "list" else None)
-  return log, groups, behavior, lists, records_lib.row_describer([p[3] for p in parts])
-
-
 def behavior_mask(log: pd.DataFrame, behavior_rows: str) -> np.ndarray | None:
-  """Which log rows count as behaviours: the clicks (label 1; an unknown label is not one) for
-  behavior_rows="clicks", None (every row) for "all"."""
+  """The rows that are behaviours: the clicks (label 1) for "clicks", None (all) for "all"."""
   return (log["label"].to_numpy() == 1) if behavior_rows == "clicks" else None
 
 
@@ -71,9 +51,8 @@ def predict_reader(data_config: ConfigDict) -> ConfigDict:
 
 def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Records -> the columns of a prepared split (with label, without group_id) and the number
-  of unseen or missing values per categorical field ({"item.item_id": 3, ...}), encoded with the
-  prepared `directory`'s vocabularies and encoders; behaviours as preparation builds them."""
+  """Records -> (the columns of a prepared split, with label, without group_id; the unseen or
+  missing values per categorical field), encoded and with behaviours as preparation builds them."""
   log = records.log
   raw = {f"{group}.{name}": log[f"{group}.{name}"].to_numpy(
              object if kind == "categorical" else np.float64)
@@ -85,18 +64,25 @@ def encode_records(records: records_lib.Records, directory: str,
 
 
 def generate(data_config: ConfigDict):
-  """Returns (schema, {split: columns}, stats, write_vocabularies), the last for
-  `schema.write_prepared`."""
+  """(schema, {split: columns}, stats, write_vocabularies for `schema.write_prepared`)."""
   c = data_config.tabular
   bad = interaction_log.BadRows(data_config.max_bad_row_ratio)
-  log, groups, behavior, lists, describe_row = read_log(data_config, bad)
-  spec = interaction_log.LogSpec(**{f"{g}_fields": fields for g, fields in groups.items()},
-                                 behavior_fields=behavior, max_seq_len=data_config.max_seq_len)
+  groups, behavior = records_lib.config_fields(c)
+  parts = [records_lib.read_file(path, c, groups, behavior, bad, split_code=code)
+           for path, code in input_files(c)]
+  bad.check()
+  log = pd.concat([p[1] for p in parts], ignore_index=True)
+  if c.path:
+    log["split"] = interaction_log.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
+                                              c.test_fraction)
+  lists = (records_lib.list_behaviours([p[2] for p in parts], behavior)
+           if c.behavior_source == "list" else None)
   hashed = {f"{g}.{name}": n  # the hashed fields: {"item.brand": buckets}
             for g in groups for name, n in records_lib.parse_fields(
                 c[f"{g}_fields"], f"data.tabular.{g}_fields")[1].items()}
   schema, splits, info = interaction_log.build_examples(
-      log, spec, f"tabular({c.path or c.train_path})", lists=lists, describe_row=describe_row,
+      log, groups, behavior, data_config.max_seq_len, f"tabular({c.path or c.train_path})",
+      lists=lists, describe_row=records_lib.row_describer([p[3] for p in parts]),
       behavior_mask=behavior_mask(log, c.behavior_rows), hash_buckets=hashed)
   split_text = (f"global time split: last {c.test_fraction:.0%} of rows by timestamp = test, "
                 f"the {c.valid_fraction:.0%} before = valid" if c.path

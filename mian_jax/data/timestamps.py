@@ -1,8 +1,6 @@
-"""Plausible Unix times in seconds, for the sources that turn timestamps into calendar features.
-
-A timestamp outside [1970-01-01, 2100-01-01) (negative, in milliseconds, overflowed) is a bad row,
-and the reason says when it looks like another unit (docs/data.md).
-"""
+"""Plausible Unix times in seconds, for the sources that turn timestamps into calendar features:
+one outside [1970-01-01, 2100-01-01) is a bad row, whose reason says when it looks like another
+unit (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -21,8 +19,7 @@ def plausible(seconds: np.ndarray) -> np.ndarray:
 
 
 def unit_hint(value) -> str:
-  """What an implausible timestamp looks like: "" or e.g. "; it looks like milliseconds
-  (divide by 1000)"."""
+  """"" or e.g. "; it looks like milliseconds (divide by 1000)" for an implausible value."""
   for factor, unit in _UNITS:
     if MAX_SECONDS <= value < MAX_SECONDS * factor:
       return f"; it looks like {unit} (divide by {factor})"
@@ -30,6 +27,6 @@ def unit_hint(value) -> str:
 
 
 def describe(value, name: str = "timestamp") -> str:
-  """One line on why `value` is rejected, e.g. "timestamp 1388534400000 is not Unix seconds in
-  1970..2099; it looks like milliseconds (divide by 1000)"."""
+  """Why `value` is rejected, e.g. "timestamp 1388534400000 is not Unix seconds in 1970..2099;
+  it looks like milliseconds (divide by 1000)"."""
   return f"{name} {value} is not {RANGE_TEXT}{unit_hint(value)}"

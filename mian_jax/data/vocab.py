@@ -1,10 +1,6 @@
-"""Vocabularies kept with the prepared data (`<dir>/vocab/`): their files, written and read.
-
-The format (`vocab/<group>.<field>.json`, `vocab/lookup.<key>.json`, `vocab/encoders.json` and
-its encoder kinds) is described in docs/data.md, "Vocabularies"; the encoding itself, shared
-with the export's loader, is `mian_jax.encoding`. A field without an encoder is looked up in
-its vocabulary as str(raw value).
-"""
+"""Vocabularies kept with the prepared data (`<dir>/vocab/`), written and read: the format is in
+docs/data.md, "Vocabularies"; the encoding itself, shared with the export, is `mian_jax.encoding`
+(a field without an encoder is looked up in its vocabulary as str(raw value))."""
 
 from __future__ import annotations
 
@@ -20,17 +16,10 @@ from mian_jax.data import schema as schema_lib
 from mian_jax.encoding import HashedVocabulary, Lookup, Vocabulary
 from mian_jax.errors import DataError
 
-VOCAB_DIR = schema_lib.VOCAB_DIR
 ENCODERS_FILE = encoding.ENCODERS_FILE
 ENCODERS_VERSION = 1
 # Ids are int32: the largest hashed field has ids up to NUM_RESERVED_IDS + MAX_HASH_BUCKETS - 1.
 MAX_HASH_BUCKETS = int(np.iinfo(np.int32).max) + 1 - schema_lib.NUM_RESERVED_IDS
-
-
-def hash_encoder(buckets: int, of: str) -> dict[str, Any]:
-  """The encoders.json entry of a field hashed into `buckets` ids; `of` = what x is."""
-  return {"kind": "hash", "buckets": int(buckets), "first_id": schema_lib.NUM_RESERVED_IDS,
-          "function": encoding.HASH_FUNCTION, "of": of}
 
 
 def _json_value(value: Any) -> Any:
@@ -41,8 +30,7 @@ def _json_value(value: Any) -> Any:
 
 
 def _write_json(path: str, content: Any) -> None:
-  # ensure_ascii (the default) writes undecodable bytes kept as lone surrogates (amazon.py) as
-  # \udcXX escapes, which read back to the same strings.
+  # ensure_ascii: lone surrogates (undecodable bytes, amazon.py) as \udcXX escapes read back equal
   with open(path, "w") as f:
     json.dump(content, f, separators=(",", ":"), sort_keys=True)
 
@@ -51,11 +39,10 @@ def write_vocabularies(directory: str, vocabularies: Mapping[str, Sequence[Any]]
                        encoders: Mapping[str, Mapping[str, Any]] | None = None,
                        lookups: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
                        note: str = "") -> None:
-  """Writes `directory`/vocab/ (docs/data.md) into the temporary directory that
-  `schema.write_prepared` then checksums and publishes: `vocabularies` (field -> values in id
-  order, from id 2), `encoders` (field -> encoder), `lookups` (key field -> {"keys": raw keys,
-  field: its raw value per key}) and a free-text `note`."""
-  out = os.path.join(directory, VOCAB_DIR)
+  """Writes `directory`/vocab/ (in the temporary directory `schema.write_prepared` publishes):
+  `vocabularies` (field -> values in id order from 2), `encoders` (field -> encoder), `lookups`
+  (key field -> {"keys": raw keys, field: its raw value per key}) and a free-text `note`."""
+  out = os.path.join(directory, schema_lib.VOCAB_DIR)
   os.makedirs(out)
   for field, values in vocabularies.items():
     _write_json(os.path.join(out, f"{field}.json"),
@@ -74,9 +61,9 @@ def write_vocabularies(directory: str, vocabularies: Mapping[str, Sequence[Any]]
 
 
 def _vocab_dir(directory: str) -> str:
-  """directory/vocab; DataError (one line) if it is missing: deleted or damaged after
-  preparation, or never written (a directory prepared before vocabularies were saved)."""
-  path = os.path.join(directory, VOCAB_DIR)
+  """directory/vocab; DataError (one line) if it is missing: deleted or damaged, or never
+  written (prepared before vocabularies were saved)."""
+  path = os.path.join(directory, schema_lib.VOCAB_DIR)
   if os.path.isfile(os.path.join(path, ENCODERS_FILE)):
     return path
   schema_lib.read_schema(directory)  # a missing or foreign directory says so first
@@ -139,18 +126,5 @@ def load_encoders(directory: str) -> dict[str, dict[str, Any]]:
 
 def load_lookups(directory: str) -> dict[str, Lookup]:
   """key field -> Lookup of a prepared directory (empty if its source needs none)."""
-  path = _vocab_dir(directory)
-  out = {}
-  for name in sorted(os.listdir(path)):
-    if name.startswith(encoding.LOOKUP_PREFIX):
-      d = _read_json(os.path.join(path, name))
-      out[d["key"]] = Lookup(d["key"], tuple(d["keys"]), d["fields"])
-  return out
+  return encoding.read_lookups(_vocab_dir(directory), _read_json)
 
-
-def encode_field(vocabularies: Mapping[str, Vocabulary | HashedVocabulary],
-                 encoders: Mapping[str, Mapping[str, Any]], field: str,
-                 raw: Sequence[Any]) -> tuple[np.ndarray, int]:
-  """A field's raw values [N] -> (its prepared column [N], number of values mapped to OOV_ID)
-  (`encoding.encode_field`)."""
-  return encoding.encode_field(field, vocabularies.get(field), encoders.get(field), raw)

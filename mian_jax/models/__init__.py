@@ -9,11 +9,8 @@ from ml_collections import ConfigDict
 
 from mian_jax.data.schema import FeatureSpec
 from mian_jax.errors import ConfigError, check_choice
-from mian_jax.models.dcn import DCN
-from mian_jax.models.dien import DIEN
-from mian_jax.models.din import DIN
-from mian_jax.models.fm import DeepFM, XDeepFM
-from mian_jax.models.linear import LR, WideDeep
+from mian_jax.models.field_list import DCN, LR, DeepFM, WideDeep, XDeepFM
+from mian_jax.models.interest import DIEN, DIN
 from mian_jax.models.mian import MIAN
 
 # MIAN and the paper's baselines (docs/baselines.md).
@@ -38,8 +35,7 @@ def create_model(model_config: ConfigDict, features: FeatureSpec):
     raise ConfigError(f"unknown model.name {model_config.name!r}; expected one of {sorted(MODELS)}")
   cls = MODELS[model_config.name]
   wanted = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name", "features"}
-  missing = sorted(k for k in wanted if k not in model_config)
-  if missing:
+  if missing := sorted(k for k in wanted if k not in model_config):
     raise ConfigError(f"config.model lacks {missing}, needed by model {model_config.name!r}")
   kwargs = {k: model_config[k] for k in wanted}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}

@@ -1,6 +1,4 @@
-"""Shared CTR layers: field embeddings, MLP, attention pooling, the Transformer block (equations
-of the MIAN paper, readings in docs/model.md), then the baselines' layers (equations of their own
-papers, readings in docs/baselines.md)."""
+"""Shared CTR layers: MIAN's (docs/model.md), then the baselines' (docs/baselines.md)."""
 
 from __future__ import annotations
 
@@ -16,8 +14,7 @@ from mian_jax.data.schema import FeatureSpec, Field
 
 Array = jax.Array
 
-# The string choices of these layers, declared once; models.CHOICES collects them from the
-# models' fields typed with these aliases.
+# The string choices of these layers, declared once (models.CHOICES collects them).
 DenseInit = Literal["lecun_normal", "truncated_normal"]
 DropoutRng = Literal["hash", "threefry"]  # dropout's random bits (docs/performance.md)
 NumericEmbedding = Literal["linear", "pad"]
@@ -28,51 +25,34 @@ SequencePooling = Literal["mean", "sum"]
 DinAttentionNorm = Literal["none", "softmax", "scaled_softmax"]  # LocalActivationUnit
 
 
-def dense_initializer(kind: DenseInit, init_std: float) -> nn.initializers.Initializer:
-  """Initialiser of dense kernels: "truncated_normal" (std `init_std`, §4.3 read literally) or
-  "lecun_normal" (std 1/sqrt(fan_in), which keeps activations at unit scale; docs/model.md)."""
-  if kind == "truncated_normal":
-    return nn.initializers.truncated_normal(init_std)
-  return nn.initializers.lecun_normal()
-
-
-def flatten_fields(x: Array) -> Array:
-  """[..., F, D] -> [..., F * D]: the concatenation [x^1; ...; x^F] of eq. (1)."""
-  return x.reshape(*x.shape[:-2], -1)
+def flatten_fields(x: Array | None) -> Array | None:
+  """[..., F, D] -> [..., F * D]: the concatenation [x^1; ...; x^F] of eq. (1); None stays."""
+  return None if x is None else x.reshape(*x.shape[:-2], -1)
 
 
 def reverse_valid(x: Array, lengths: Array) -> Array:
-  """Reverses the first lengths[b] entries of each row along axis 1, leaving padding in place:
-  behaviours stored newest first -> oldest first, and back. x: [B, T, ...]; lengths: [B]."""
+  """x [B, T, ...] with each row's first lengths[b] entries reversed (newest <-> oldest first)."""
   t = jnp.arange(x.shape[1])[None, :]
   index = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
   return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def masked_softmax(scores: Array, mask: Array | None) -> Array:
-  """Softmax over the last axis of scores [..., N] restricted to mask [..., N] (bool or None);
-  all-masked rows give all zeros."""
+  """Softmax of scores [..., N] over the last axis within mask [..., N] (or None); 0 if empty."""
   if mask is None:
     return jax.nn.softmax(scores, axis=-1)
   scores = jnp.where(mask, scores, -jnp.inf)
   peak = jnp.max(scores, axis=-1, keepdims=True)
-  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-  weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+  weights = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
   total = jnp.sum(weights, axis=-1, keepdims=True)
   return weights / jnp.where(total > 0, total, 1.0)
-
-
-# Dropout's random bits (`DropoutRng`, docs/performance.md): "hash", an element-wise counter
-# hash that XLA fuses into the masking op, or "threefry", jax.random.bernoulli as in nn.Dropout.
 
 
 def mix32(x: Array) -> Array:
   """lowbias32 (C. Wellons, "Prospecting for hash functions", 2018): a bijection of uint32 in
   which every input bit flips each output bit with probability close to 1/2."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
+  for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+    x = (x ^ (x >> shift)) * jnp.uint32(multiplier)
   return x ^ (x >> 16)
 
 
@@ -83,12 +63,11 @@ def hash_bits(rng: Array, shape: tuple[int, ...]) -> Array:
   if size >= 2**32:
     raise ValueError(f"hash dropout counts elements in uint32; {shape} has {size}")
   seed = jax.random.bits(rng, (2,), jnp.uint32)
-  counter = jax.lax.iota(jnp.uint32, size).reshape(shape)
-  return mix32(mix32(counter ^ seed[0]) ^ seed[1])
+  return mix32(mix32(jax.lax.iota(jnp.uint32, size).reshape(shape) ^ seed[0]) ^ seed[1])
 
 
 def keep_mask(rng: Array, shape: tuple[int, ...], rate: float, rng_impl: DropoutRng) -> Array:
-  """bool [*shape], each element True with probability 1 - rate (see `DropoutRng`)."""
+  """bool [*shape], True with probability 1 - rate; "hash" bits fuse into the masking op."""
   if rng_impl == "threefry":
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
   threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
@@ -96,8 +75,7 @@ def keep_mask(rng: Array, shape: tuple[int, ...], rate: float, rng_impl: Dropout
 
 
 class Dropout(nn.Module):
-  """Inverted dropout with a choice of random bits; with "threefry", bit-identical to
-  nn.Dropout under the same "dropout" stream and module path."""
+  """Inverted dropout; with "threefry" bit-identical to nn.Dropout (same stream and path)."""
   rate: float
   rng_impl: DropoutRng = "hash"
 
@@ -129,7 +107,7 @@ def attention_with_dropout(rng_impl: DropoutRng):
   return attend
 
 
-SPARSE_ROWS = "sparse_rows"  # collection of row tables, see mian_jax/sparse.py
+SPARSE_ROWS = "sparse_rows"  # collection of row tables, see optim.value_and_grad
 
 
 class GroupEmbedding(nn.Module):
@@ -152,21 +130,19 @@ class GroupEmbedding(nn.Module):
   def __call__(self, inputs: Mapping[str, Array],
                names: Sequence[str] | None = None) -> Array:
     """Embeds fields `names` (default: all) of `inputs`, each [...]; returns [..., F, D]."""
-    by_name = {f.name: f for f in self.fields}
-    out = []
-    for name in names if names is not None else [f.name for f in self.fields]:
-      x = inputs[name]
-      if by_name[name].is_categorical and self.has_variable(SPARSE_ROWS, f"embed_{name}"):
-        # Row-sparse training (mian_jax/sparse.py): ids are positions in the batch's rows.
-        out.append(jnp.take(self.get_variable(SPARSE_ROWS, f"embed_{name}"), x, axis=0))
-      elif by_name[name].is_categorical:
-        out.append(self.tables[name](x))
-      elif self.numeric_embedding == "linear":
-        out.append(x.astype(jnp.float32)[..., None] * self.numeric[name])
-      else:
-        pad = jnp.zeros(x.shape + (self.embed_dim - 1,), jnp.float32)
-        out.append(jnp.concatenate([x.astype(jnp.float32)[..., None], pad], axis=-1))
-    return jnp.stack(out, axis=-2)
+    fields = {f.name: f for f in self.fields}
+    return jnp.stack([self._embed(fields[n], inputs[n]) for n in names or fields], axis=-2)
+
+  def _embed(self, field: Field, x: Array) -> Array:
+    if field.is_categorical and self.has_variable(SPARSE_ROWS, f"embed_{field.name}"):
+      # Row-sparse training (optim.value_and_grad): ids are positions in the batch's rows.
+      return jnp.take(self.get_variable(SPARSE_ROWS, f"embed_{field.name}"), x, axis=0)
+    if field.is_categorical:
+      return self.tables[field.name](x)
+    x = x.astype(jnp.float32)[..., None]
+    if self.numeric_embedding == "linear":
+      return x * self.numeric[field.name]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.embed_dim - 1)])
 
 
 class MLP(nn.Module):
@@ -184,10 +160,9 @@ class MLP(nn.Module):
       x = nn.Dense(dim, kernel_init=self.kernel_init, name=f"Dense_{i}")(x)
       if self.activation == "relu":
         x = nn.relu(x)
-      elif self.activation == "dice":
-        x = Dice(name=f"activation_{i}")(x)
       else:
-        x = nn.PReLU(negative_slope_init=0.25, name=f"activation_{i}")(x)
+        x = (Dice(name=f"activation_{i}") if self.activation == "dice"
+             else nn.PReLU(negative_slope_init=0.25, name=f"activation_{i}"))(x)
       x = Dropout(self.dropout_rate, self.dropout_rng)(x, deterministic=deterministic)
     return x
 
@@ -205,29 +180,25 @@ class AttentionPool(nn.Module):
     """values: [B, N, d]; mask: [B, N] bool or None; extra_scores: [B, N] added inside the
     activation (e.g. a bilinear query-key term). Returns (pooled [B, d], alpha [B, N])."""
     n, d = values.shape[-2:]
-    init = self.kernel_init
     if self.per_slot:  # n independent [d, 1] kernels, each initialised as a Dense kernel
       slot_init = lambda key, shape: jax.vmap(  # noqa: E731
-          lambda k: init(k, (shape[1], 1))[:, 0])(jax.random.split(key, shape[0]))
+          lambda k: self.kernel_init(k, (shape[1], 1))[:, 0])(jax.random.split(key, shape[0]))
       w = self.param("score_kernel", slot_init, (n, d))
       b = self.param("score_bias", nn.initializers.zeros, (n,))
       scores = jnp.einsum("bnd,nd->bn", values, w) + b
     else:
-      w = self.param("score_kernel", init, (d, 1))
+      w = self.param("score_kernel", self.kernel_init, (d, 1))
       b = self.param("score_bias", nn.initializers.zeros, ())
       scores = (values @ w)[..., 0] + b
     if extra_scores is not None:
       scores = scores + extra_scores
-    if self.score_activation == "tanh":
-      scores = jnp.tanh(scores)
-    alpha = masked_softmax(scores, mask)
+    alpha = masked_softmax(jnp.tanh(scores) if self.score_activation == "tanh" else scores, mask)
     return jnp.einsum("bn,bnd->bd", alpha, values), alpha
 
 
 class GlobalAttention(nn.Module):
-  """Eqs. (14)-(15) over parts r_l of different widths: alpha_l = softmax_l(act(r_l . W_l + b_l)),
-  R_g = sum_l alpha_l P_l r_l ("project_sum", P_l: [d_l, dim]) or [alpha_1 r_1; ...; alpha_L r_L]
-  ("weighted_concat")."""
+  """Eqs. (14)-(15): alpha_l = softmax_l(act(r_l . W_l + b_l)) over parts r_l [B, d_l]; R_g =
+  sum_l alpha_l P_l r_l ("project_sum", P_l: [d_l, dim]) or [alpha_l r_l]_l ("weighted_concat")."""
   combine: GimCombine
   dim: int
   kernel_init: nn.initializers.Initializer
@@ -236,18 +207,12 @@ class GlobalAttention(nn.Module):
   @nn.compact
   def __call__(self, parts: Sequence[Array]) -> tuple[Array, Array]:
     """parts: L arrays [B, d_l]. Returns (R_g, alpha [B, L])."""
-    init = self.kernel_init
-    scores = jnp.stack([
-        nn.Dense(1, kernel_init=init, name=f"score_{l}")(r)[:, 0] for l, r in enumerate(parts)
-    ], axis=-1)
-    if self.score_activation == "tanh":
-      scores = jnp.tanh(scores)
-    alpha = jax.nn.softmax(scores, axis=-1)
+    scores = jnp.stack([nn.Dense(1, kernel_init=self.kernel_init, name=f"score_{l}")(r)[:, 0]
+                        for l, r in enumerate(parts)], axis=-1)
+    alpha = jax.nn.softmax(jnp.tanh(scores) if self.score_activation == "tanh" else scores, -1)
     if self.combine == "project_sum":
-      projected = jnp.stack([
-          nn.Dense(self.dim, use_bias=False, kernel_init=init, name=f"project_{l}")(r)
-          for l, r in enumerate(parts)
-      ], axis=1)
+      projected = jnp.stack([nn.Dense(self.dim, use_bias=False, kernel_init=self.kernel_init,
+                                      name=f"project_{l}")(r) for l, r in enumerate(parts)], 1)
       return jnp.einsum("bl,bld->bd", alpha, projected), alpha
     return jnp.concatenate([alpha[:, l:l + 1] * r for l, r in enumerate(parts)], -1), alpha
 
@@ -265,21 +230,17 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, *, deterministic: bool) -> Array:
     """x: [B, T, d]; mask: [B, T] bool. Returns [B, T, d]."""
-    init = self.kernel_init
-    d = x.shape[-1]
-    attention_mask = nn.make_attention_mask(mask, mask)
     dropout = lambda y: Dropout(self.dropout_rate, self.dropout_rng)(  # noqa: E731
         y, deterministic=deterministic)
-
-    def attend(y):  # eq. (4)
-      return nn.MultiHeadDotProductAttention(
-          num_heads=self.num_heads, kernel_init=init, dropout_rate=self.dropout_rate,
-          deterministic=deterministic, attention_fn=attention_with_dropout(self.dropout_rng),
-          name="attention")(y, y, mask=attention_mask)
+    attention = nn.MultiHeadDotProductAttention(  # eq. (4)
+        num_heads=self.num_heads, kernel_init=self.kernel_init, dropout_rate=self.dropout_rate,
+        deterministic=deterministic, attention_fn=attention_with_dropout(self.dropout_rng),
+        name="attention")
+    attend = lambda y: attention(y, y, mask=nn.make_attention_mask(mask, mask))  # noqa: E731
 
     def feed_forward(y):  # eq. (5)
-      y = nn.relu(nn.Dense(self.ffn_dim, kernel_init=init, name="ffn_in")(y))
-      return nn.Dense(d, kernel_init=init, name="ffn_out")(y)
+      y = nn.relu(nn.Dense(self.ffn_dim, kernel_init=self.kernel_init, name="ffn_in")(y))
+      return nn.Dense(x.shape[-1], kernel_init=self.kernel_init, name="ffn_out")(y)
 
     if self.norm == "pre_ln":  # eq. (3) before each sub-layer
       x = x + dropout(attend(nn.LayerNorm(name="ln_attention")(x)))
@@ -300,8 +261,7 @@ class FieldEmbeddings(NamedTuple):
 
 
 class InputEmbedding(nn.Module):
-  """Eq. (2) for every group of a batch, as MIAN does: the candidate item and the behaviours
-  share the item tables; user and context fields have their own."""
+  """Eq. (2) for every field group; the candidate and the behaviours share the item tables."""
   features: FeatureSpec
   embed_dim: int
   init_std: float
@@ -317,13 +277,10 @@ class InputEmbedding(nn.Module):
     mask = jnp.arange(f.max_seq_len)[None, :] < batch["hist_len"][:, None]
     hist = (item_embedding(batch["hist"], f.behavior_fields) * mask[..., None, None]
             if f.behavior_fields else None)
-    user = group(f.user_fields, "user_embedding")(batch["user"]) if f.user_fields else None
-    context = (group(f.context_fields, "context_embedding")(batch["context"])
-               if f.context_fields else None)
-    sq_norm = jnp.sum(item**2, axis=(-2, -1))
-    for e in (hist, user, context):
-      if e is not None:
-        sq_norm += jnp.sum(e.reshape(e.shape[0], -1)**2, axis=-1)
+    user, context = (group(fields, f"{g}_embedding")(batch[g]) if fields else None
+                     for g, fields in (("user", f.user_fields), ("context", f.context_fields)))
+    sq_norm = sum(jnp.sum(e.reshape(e.shape[0], -1)**2, axis=-1)
+                  for e in (item, hist, user, context) if e is not None)
     return FieldEmbeddings(item, hist, user, context, mask, sq_norm)
 
 
@@ -345,20 +302,14 @@ def pool_sequence(hist: Array, mask: Array, mode: SequencePooling) -> Array:
 
 
 def stack_fields(e: FieldEmbeddings, pooling: SequencePooling) -> Array:
-  """All fields as one field list [B, F, D]: candidate fields, each behaviour field pooled
-  over the sequence into one field (`pool_sequence`), user fields, context fields."""
-  parts = [e.item]
-  if e.hist is not None:
-    parts.append(pool_sequence(e.hist, e.mask, pooling))
-  parts += [x for x in (e.user, e.context) if x is not None]
-  return jnp.concatenate(parts, axis=-2)
+  """[B, F, D]: candidate fields, behaviour fields pooled (`pool_sequence`), user, context."""
+  hist = None if e.hist is None else pool_sequence(e.hist, e.mask, pooling)
+  return jnp.concatenate([x for x in (e.item, hist, e.user, e.context) if x is not None], -2)
 
 
 class LinearTerm(nn.Module):
-  """The first-order / "wide" part: b + sum_f w_f(x_f), one scalar weight per categorical id
-  (a width-1 embedding) and per numeric field (x * w). A behaviour field contributes the
-  `pool_sequence` of its behaviours' weights. Returns (logit part [B], sq_norm [B] of the
-  weights each example looked up)."""
+  """The first-order / "wide" part b + sum_f w_f(x_f), `InputEmbedding` of width 1 over
+  `stack_fields`. Returns (logit part [B], sq_norm [B] of the weights looked up)."""
   features: FeatureSpec
   init_std: float
   sequence_pooling: SequencePooling = "mean"
@@ -377,20 +328,17 @@ def fm_second_order(v: Array) -> Array:
 
 
 class CrossNetwork(nn.Module):
-  """DCN's cross network (Wang et al. 2017, eq. 3): x_{l+1} = x_0 x_l^T w_l + b_l + x_l, with
-  x_l, w_l, b_l: [d]."""
+  """DCN's cross network (eq. 3): x_{l+1} = x_0 x_l^T w_l + b_l + x_l; x_l, w_l, b_l: [d]."""
   num_layers: int
   kernel_init: nn.initializers.Initializer
 
   @nn.compact
   def __call__(self, x0: Array) -> Array:
     """x0: [B, d] -> x_L [B, d]."""
-    d = x0.shape[-1]
     x = x0
     for l in range(self.num_layers):
-      w = self.param(f"kernel_{l}", self.kernel_init, (d, 1))
-      b = self.param(f"bias_{l}", nn.initializers.zeros, (d,))
-      x = x0 * (x @ w) + b + x
+      w = self.param(f"kernel_{l}", self.kernel_init, (x0.shape[-1], 1))
+      x = x0 * (x @ w) + self.param(f"bias_{l}", nn.initializers.zeros, x0.shape[-1:]) + x
     return x
 
 
@@ -422,8 +370,7 @@ class Dice(nn.Module):
   def __call__(self, s: Array) -> Array:
     """s: [..., H] -> [..., H]."""
     alpha = self.param("alpha", nn.initializers.zeros, (s.shape[-1],))
-    mean = jnp.mean(s, axis=-1, keepdims=True)
-    var = jnp.var(s, axis=-1, keepdims=True)
+    mean, var = jnp.mean(s, axis=-1, keepdims=True), jnp.var(s, axis=-1, keepdims=True)
     p = jax.nn.sigmoid((s - mean) / jnp.sqrt(var + DICE_EPS))
     return p * s + (1.0 - p) * alpha * s
 
@@ -445,21 +392,17 @@ class LocalActivationUnit(nn.Module):
     x = MLP(self.hidden_dims, 0.0, self.kernel_init,
             activation="dice" if self.use_dice else "prelu", name="mlp")(x, deterministic=True)
     score = nn.Dense(1, kernel_init=self.kernel_init, name="score")(x)[..., 0]
-    if self.normalization == "softmax":
-      return masked_softmax(score, mask)
-    if self.normalization == "scaled_softmax":
-      return masked_softmax(score / np.sqrt(keys.shape[-1]), mask)
-    return jnp.where(mask, score, 0.0)
+    if self.normalization == "none":
+      return jnp.where(mask, score, 0.0)
+    scale = np.sqrt(keys.shape[-1]) if self.normalization == "scaled_softmax" else 1.0
+    return masked_softmax(score / scale, mask)
 
 
 class GRU(nn.Module):
   """DIEN's GRU (eq. 1) over a padded sequence or, given attention a, its AUGRU (eqs. 6-7):
-
     u = sigmoid(W^u i + U^u h + b^u),  r = sigmoid(W^r i + U^r h + b^r),
-    h~ = tanh(W^h i + r o (U^h h) + b^h),  u' = a u (AUGRU only),  h' = (1 - u') o h + u' o h~
-
-  The state is frozen on padded steps (final state = after the last valid one); outputs are 0.
-  """
+    h~ = tanh(W^h i + r o (U^h h) + b^h),  u' = a u (AUGRU only),  h' = (1 - u') o h + u' o h~.
+  The state is frozen on padded steps (final state = after the last valid one); outputs are 0."""
   hidden_dim: int
   kernel_init: nn.initializers.Initializer
   unroll: bool = False  # write out every step: faster forward, slower backward on a CPU
@@ -469,9 +412,8 @@ class GRU(nn.Module):
                attention: Array | None = None) -> tuple[Array, Array]:
     """inputs: [B, T, d]; mask: [B, T] bool; attention: [B, T] or None.
     Returns (outputs [B, T, H], final state [B, H])."""
-    h_dim = self.hidden_dim
-    x_proj = nn.Dense(3 * h_dim, kernel_init=self.kernel_init, name="input")(inputs)
-    kernel = self.param("recurrent_kernel", self.kernel_init, (h_dim, 3 * h_dim))
+    x_proj = nn.Dense(3 * self.hidden_dim, kernel_init=self.kernel_init, name="input")(inputs)
+    kernel = self.param("recurrent_kernel", self.kernel_init, (self.hidden_dim, x_proj.shape[-1]))
 
     def step(h, xs):
       x_t, m_t, a_t = xs  # x_t = [W^u i + b^u; W^r i + b^r; W^h i + b^h]: [B, 3H]
@@ -484,8 +426,7 @@ class GRU(nn.Module):
       h = jnp.where(m_t[:, None], (1.0 - u) * h + u * candidate, h)
       return h, h * m_t[:, None]
 
-    time_major = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # noqa: E731
-    h0 = jnp.zeros((inputs.shape[0], h_dim), x_proj.dtype)
-    final, outputs = jax.lax.scan(step, h0, (time_major(x_proj), time_major(mask),
-                                             time_major(attention)), unroll=self.unroll)
+    xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (x_proj, mask, attention))  # time major
+    h0 = jnp.zeros((inputs.shape[0], self.hidden_dim), x_proj.dtype)
+    final, outputs = jax.lax.scan(step, h0, xs, unroll=self.unroll)
     return jnp.swapaxes(outputs, 0, 1), final

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Literal
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mian_jax.errors import ConfigError
@@ -18,10 +17,9 @@ GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
 
 
 class MIAN(base.DeepModel):
-  """Embedding, multi-interactive and prediction layers. Call with a batch (data.pipeline's
-  gather_batch); returns (logits [B] float32, aux): aux["attention"] holds the weights "ibim"
-  [B, T], "iuim" [B, J], "icim" [B, K], "gim" [B, L] (parts: `gim_part_names()`) of the enabled
-  modules; aux["embedding_sq_norm"] [B], the squared norm of the embeddings looked up (L2)."""
+  """Embedding, multi-interactive and prediction layers: batch -> (logits [B] float32, aux),
+  aux["attention"] the enabled modules' weights "ibim" [B, T], "iuim" [B, J], "icim" [B, K],
+  "gim" [B, L] (`gim_part_names()`), aux["embedding_sq_norm"] [B] (for L2)."""
   num_heads: int
   ffn_dim_multiplier: int
   transformer: Literal[layers.TransformerNorm, "none"]  # Table 4
@@ -50,24 +48,22 @@ class MIAN(base.DeepModel):
     # Embedding layer, eqs. (1)-(2); candidate and behaviours share the item tables.
     e = self.embed(batch)
     e_i = layers.flatten_fields(e.item)                                     # [B, d_i]
-    e_b = base.flat(e.hist)                                                 # [B, T, d_b]
+    e_b = layers.flatten_fields(e.hist)                                     # [B, T, d_b]
     attention = {}
-    parts = {"e_i": e_i, "e_c": base.flat(e.context), "e_u": base.flat(e.user)}
+    parts = {"e_i": e_i, "e_c": layers.flatten_fields(e.context),
+             "e_u": layers.flatten_fields(e.user)}
     if e_b is not None:
-      parts["e_b"] = (layers.flatten_fields(e_b) if self.gim_behavior == "concat"
-                      else _masked_mean(e_b, e.mask))
+      parts["e_b"] = layers.flatten_fields(e_b if self.gim_behavior == "concat"
+                                           else layers.pool_sequence(e.hist, e.mask, "mean"))
 
     # Multi-interactive layer, §3.2.2.
     if self.use_ibim and e_b is not None:
-      parts["R_ibim"], attention["ibim"] = self._ibim(
-          e_i, base.candidate_query(self.features, e.item), e_b, e.mask, batch["hist_len"],
-          kernel_init, not train)
+      parts["R_ibim"], attention["ibim"] = self._ibim(e, e_i, e_b, batch["hist_len"], train)
       if oldest_first:  # report weights in storage order
         attention["ibim"] = layers.reverse_valid(attention["ibim"], batch["hist_len"])
-    if self.use_iuim and e.user is not None:
-      parts["R_iuim"], attention["iuim"] = self._field_interaction(e_i, e.user, "iuim")
-    if self.use_icim and e.context is not None:
-      parts["R_icim"], attention["icim"] = self._field_interaction(e_i, e.context, "icim")
+    for name, use, fields in (("iuim", self.use_iuim, e.user), ("icim", self.use_icim, e.context)):
+      if use and fields is not None:
+        parts[f"R_{name}"], attention[name] = self._field_interaction(e_i, fields, name)
 
     names = self.gim_part_names()
     assert set(names) == {p for p, x in parts.items() if x is not None}, (names, parts.keys())
@@ -86,17 +82,15 @@ class MIAN(base.DeepModel):
   def gim_part_names(self) -> tuple[str, ...]:
     """Names of the parts of r_g (eq. 14) this configuration builds, in order."""
     f = self.features
-    present = {"e_i": True, "e_c": bool(f.context_fields), "e_b": bool(f.behavior_fields),
-               "e_u": bool(f.user_fields),
-               "R_ibim": self.use_ibim and bool(f.behavior_fields),
-               "R_iuim": self.use_iuim and bool(f.user_fields),
-               "R_icim": self.use_icim and bool(f.context_fields)}
-    return tuple(p for p in GIM_PARTS if present[p])
+    b, u, c = bool(f.behavior_fields), bool(f.user_fields), bool(f.context_fields)
+    present = (True, c, b, u, self.use_ibim and b, self.use_iuim and u, self.use_icim and c)
+    return tuple(p for p, keep in zip(GIM_PARTS, present) if keep)
 
-  def _ibim(self, e_i, query, e_b, mask, lengths, kernel_init, deterministic):
-    """IBIM, eqs. (3)-(9). e_i: [B, d_i]; query: [B, d_b], the candidate's behaviour fields;
-    e_b: [B, T, d_b] in `history_layout` order; lengths: [B]. Returns (R_ibim, alpha_t [B, T])."""
-    t = e_b.shape[1]
+  def _ibim(self, e, e_i, e_b, lengths, train):
+    """IBIM, eqs. (3)-(9). e_i: [B, d_i]; e_b: [B, T, d_b] in `history_layout` order; lengths:
+    [B]. Returns (R_ibim, alpha_t [B, T])."""
+    kernel_init, mask, t = self.kernel_init(), e.mask, e_b.shape[1]
+    query = base.candidate_query(self.features, e.item)  # [B, d_b]
     h_b = e_b
     if self.transformer != "none":
       if e_b.shape[-1] % self.num_heads:
@@ -106,16 +100,15 @@ class MIAN(base.DeepModel):
       if self.position_embedding == "learned":  # indexed by recency (0 = most recent)
         table = self.param("position_embedding", nn.initializers.truncated_normal(self.init_std),
                            (t, e_b.shape[-1]))
+        recency = jnp.arange(t)[None, :]  # newest first: slot t is recency t
         if self.history_layout == "oldest_first":
-          recency = jnp.clip(lengths[:, None] - 1 - jnp.arange(t)[None, :], 0, t - 1)
-          h_b = h_b + table[recency]
-        else:  # newest first: slot t is recency t
-          h_b = h_b + table[None]
+          recency = jnp.clip(lengths[:, None] - 1 - recency, 0, t - 1)
+        h_b = h_b + table[recency]
       h_b = layers.TransformerBlock(
           num_heads=self.num_heads, ffn_dim=self.ffn_dim_multiplier * e_b.shape[-1],
           dropout_rate=self.dropout_rate, kernel_init=kernel_init, norm=self.transformer,
           dropout_rng=self.dropout_rng,
-          name="transformer")(h_b, mask, deterministic=deterministic)
+          name="transformer")(h_b, mask, deterministic=not train)
     parts = [jnp.broadcast_to(e_i[:, None, :], (*h_b.shape[:2], e_i.shape[-1])), h_b]
     if self.interaction_values == "concat_product":
       # In the embedding space the candidate shares with its behaviours (h_t is normalised).
@@ -135,8 +128,7 @@ class MIAN(base.DeepModel):
     """IUIM eqs. (10)-(11) / ICIM eqs. (12)-(13). e_fields: [B, J, D] -> ([B, d_v], [B, J]),
     d_v = d_i + D, or d_i + 2D with "concat_product" (+ (e_i P) * e^j, P: [d_i, D] learned)."""
     kernel_init = self.kernel_init()
-    shape = (*e_fields.shape[:2], e_i.shape[-1])
-    parts = [jnp.broadcast_to(e_i[:, None, :], shape), e_fields]
+    parts = [jnp.broadcast_to(e_i[:, None, :], (*e_fields.shape[:2], e_i.shape[-1])), e_fields]
     if self.interaction_values == "concat_product":
       projected = nn.Dense(e_fields.shape[-1], use_bias=False, kernel_init=kernel_init,
                            name=f"{name}_candidate_projection")(e_i)
@@ -144,9 +136,3 @@ class MIAN(base.DeepModel):
     return layers.AttentionPool(self.field_score_weights == "per_field", kernel_init,
                                 self.score_activation, name=f"{name}_attention")(
                                     jnp.concatenate(parts, -1))
-
-
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """[B, T, d] -> [B, d], the mean over valid positions (zeros for an empty history)."""
-  count = jnp.maximum(mask.sum(-1, keepdims=True), 1)
-  return (x * mask[..., None]).sum(1) / count
