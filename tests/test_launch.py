@@ -140,16 +140,22 @@ class FakeRuns:
     return [c for c in self.commands if c[2] == "mian_jax.main"]
 
 
+@pytest.fixture
+def fake(monkeypatch):
+  """FakeRuns in place of runner.launch, run from the repository root."""
+  monkeypatch.chdir(REPO)
+  runs = FakeRuns()
+  monkeypatch.setattr(runner, "launch", runs)
+  return runs
+
+
 def sweep_argv(out, *more):
   return ["--config=configs/synthetic.py", "--models=lr,wide_deep", "--seeds=0,1",
           f"--out={out}", *more, "--", *SWEEP_TINY]
 
 
 def test_a_faked_search_gives_every_model_n_trials_selects_on_validation_and_reads_test_once(
-    tmp_path, monkeypatch, capsys):
-  monkeypatch.chdir(REPO)
-  fake = FakeRuns()
-  monkeypatch.setattr(runner, "launch", fake)
+    tmp_path, capsys, fake):
   out = tmp_path / "sweep"
   summary = sweep.main(sweep_argv(out, "--trials=4"))
   printed = capsys.readouterr().out
@@ -189,10 +195,7 @@ def test_a_faked_search_gives_every_model_n_trials_selects_on_validation_and_rea
 
 
 def test_a_report_config_retrains_each_best_setting_there_and_reports_only_those_runs(
-    tmp_path, monkeypatch):
-  monkeypatch.chdir(REPO)
-  fake = FakeRuns()
-  monkeypatch.setattr(runner, "launch", fake)
+    tmp_path, monkeypatch, fake):
   calls = []
 
   def fake_run_all(runs, config_file, rerun_changed=False, echo=print):
@@ -221,11 +224,7 @@ def test_a_report_config_retrains_each_best_setting_there_and_reports_only_those
   assert "trained anew on `configs/movielens.py`, seeds 0,1,2" in (out / "summary.md").read_text()
 
 
-def test_the_pruner_stops_a_trial_below_the_median_and_it_counts_as_finished(
-    tmp_path, monkeypatch):
-  monkeypatch.chdir(REPO)
-  fake = FakeRuns()
-  monkeypatch.setattr(runner, "launch", fake)
+def test_the_pruner_stops_a_trial_below_the_median_and_it_counts_as_finished(tmp_path, fake):
   out = tmp_path / "sweep"
   sweep.main(["--config=configs/synthetic.py", "--models=lr", "--seeds=0,1", f"--out={out}",
               "--trials=6", "--prune_startup=1", "--", *SWEEP_TINY])
@@ -239,10 +238,7 @@ def test_the_pruner_stops_a_trial_below_the_median_and_it_counts_as_finished(
 
 
 def test_a_dead_workers_trial_and_an_interrupted_one_are_retried_with_the_same_parameters(
-    tmp_path, monkeypatch):
-  monkeypatch.chdir(REPO)
-  fake = FakeRuns()
-  monkeypatch.setattr(runner, "launch", fake)
+    tmp_path, monkeypatch, fake):
   out = tmp_path / "sweep"
   entries = sweep.plan(["lr"], "configs/synthetic.py", SWEEP_TINY)
   work = sweep.Sweep(entries, "configs/synthetic.py", [0], str(out),
@@ -438,10 +434,7 @@ def test_a_run_without_its_final_test_closes_on_validation():
   assert line.startswith("Done: valid AUC 0.7500 at step 6 (best).")
 
 
-def test_a_grid_is_searched_point_by_point_as_many_trials_as_points(tmp_path, monkeypatch):
-  monkeypatch.chdir(REPO)
-  fake = FakeRuns()
-  monkeypatch.setattr(runner, "launch", fake)
+def test_a_grid_is_searched_point_by_point_as_many_trials_as_points(tmp_path, fake):
   out = tmp_path / "grid"
   summary = sweep.main(["--config=configs/synthetic.py", "--models=lr", "--seeds=0",
                         f"--out={out}", "--grid=train.learning_rate=1e-3,3e-3,1e-2", "--",
