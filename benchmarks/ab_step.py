@@ -28,7 +28,6 @@ import time
 from absl import flags
 
 from benchmarks import common
-from mian_jax import writers
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -121,7 +120,7 @@ def main(argv=None) -> None:
         f"samples/s over {args.rounds} alternating rounds of {args.steps} steps")
   print(format_table(rows))
   if args.out:
-    writers.append_jsonl(args.out, rows)
+    common.append_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import time
 from absl import flags
 
 from benchmarks import common, throughput
-from mian_jax import writers
 
 BOOKS_EPOCH_SAMPLES = 8_900_000  # Amazon Books training samples per epoch (issue text, ~8.9 M)
 PAPER_BOOKS_EPOCH_S = 3_700  # MIAN, 4 K80 GPUs (§4.3 of the paper)
@@ -109,7 +108,7 @@ def main(argv=None) -> None:
         row["books_epoch_s"] = epoch_seconds(row["train_samples_per_s"])
         row["device_kind"] = jax.devices()[0].device_kind
         rows.append(row)
-        writers.append_jsonl(args.out, [row])
+        common.append_jsonl(args.out, [row])
         print(format_table([row]).splitlines()[-1], f"({time.perf_counter() - start:.0f}s)",
               flush=True)
   print()

@@ -5,8 +5,7 @@ set-up on arrays in memory, and the DeepCTR-Torch peer subprocess.
 A benchmark that trains on a prepared data directory uses `mian_jax.steps.setup`; one that
 measures on arrays it draws itself (throughput, ab_step, profile_step, roofline) uses
 `setup_arrays`, the same pieces (`steps.create_train_state`, `steps.make_train_step`,
-`steps.make_eval_step`) without a data directory. Results are appended with
-`mian_jax.writers.append_jsonl`.
+`steps.make_eval_step`) without a data directory. Results are appended with `append_jsonl`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
@@ -74,6 +73,13 @@ def usage_error(message: str) -> NoReturn:
   sys.exit(2)
 
 
+def append_jsonl(path: str, rows: Iterable[Mapping]) -> None:
+  """Appends one JSON object per row, one a line, to `path` (its directory created)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    f.writelines(json.dumps(dict(row)) + "\n" for row in rows)
+
+
 def define_model_flags(fv: flags.FlagValues, model: str, batch_size: int, optimizer: str,
                        vocab: str) -> None:
   """--model, --batch_size, --optimizer and --vocab with these defaults."""
@@ -82,7 +88,6 @@ def define_model_flags(fv: flags.FlagValues, model: str, batch_size: int, optimi
   flags.DEFINE_enum("optimizer", optimizer, list(OPTIMIZERS), "config.train.optimizer",
                     flag_values=fv)
   flags.DEFINE_enum("vocab", vocab, sorted(VOCABS), "vocabulary sizes (VOCABS)", flag_values=fv)
-
 
 
 def define_config_flag(fv: flags.FlagValues) -> None:

@@ -296,7 +296,6 @@ def main(argv=None) -> None:
   from mian_jax import cli, data, train  # noqa: PLC0415
   from mian_jax.data import pipeline  # noqa: PLC0415
   from mian_jax.data import schema as schema_lib  # noqa: PLC0415
-  from mian_jax import writers  # noqa: PLC0415
   from mian_jax.errors import MianError  # noqa: PLC0415
   cli.init_process()
   try:
@@ -354,7 +353,7 @@ def main(argv=None) -> None:
           record.update(peer_l2=l2, peer_dense_init=args.peer_dense_init,
                         peer_threads=peer_threads)
         records.append(record)
-        writers.append_jsonl(args.out, [record])
+        common.append_jsonl(args.out, [record])
         print(f"{model} {impl} seed {seed}: test AUC {record['test_auc']:.4f}, logloss "
               f"{record['test_logloss']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
   print()

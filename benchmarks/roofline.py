@@ -22,7 +22,6 @@ import numpy as np
 from absl import flags
 
 from benchmarks import common, compare_deepctr
-from mian_jax import writers
 
 # Passes over a table per dense Adam step: gradient (written, read), parameter, first and second
 # moment (each read and written).
@@ -113,7 +112,7 @@ def main(argv=None) -> None:
           f"| {row['table_mb']:.1f} | {row['dense_adam_mb_per_step']:.0f} "
           f"| {row['lazy_adam_mb_per_step_max']:.1f} | {row['flop_bound_ms']:.2f} "
           f"| {row['dense_adam_bound_ms']:.1f} |", flush=True)
-    writers.append_jsonl(args.out, [row])
+    common.append_jsonl(args.out, [row])
 
 
 if __name__ == "__main__":

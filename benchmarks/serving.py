@@ -290,7 +290,7 @@ def main(argv=None) -> None:
     config = workdir.load_config(args.config, args.overrides)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  from mian_jax import cli, models, writers  # noqa: PLC0415
+  from mian_jax import cli, models  # noqa: PLC0415
   from mian_jax.errors import MianError  # noqa: PLC0415
   names = [x for x in args.models.split(",") if x]
   unknown = sorted(set(names) - set(models.MODELS))
@@ -311,7 +311,7 @@ def main(argv=None) -> None:
       sys.exit(f"error: {' '.join(str(e).split())}")
     for row in measured:
       row.update(config=args.config, overrides=args.overrides)
-    writers.append_jsonl(args.out, measured)
+    common.append_jsonl(args.out, measured)
     rows += measured
     for row in measured:
       if row["measured"]:

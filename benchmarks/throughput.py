@@ -66,7 +66,6 @@ import numpy as np
 from absl import flags
 
 from benchmarks import common, compare_deepctr
-from mian_jax import writers
 
 PEER_MODELS = compare_deepctr.MODELS  # the models DeepCTR-Torch has
 # The measurements taken as the median over --repeats runs.
@@ -359,7 +358,7 @@ def main(argv=None) -> None:
                             data if args.peer and model in PEER_MODELS else None)
         for row in pair:
           rows.append(row)
-          writers.append_jsonl(args.out, [row])
+          common.append_jsonl(args.out, [row])
           label = row["impl"] + (" median" if args.repeats > 1 else "")
           print(format_row(row, label if args.peer else ""), flush=True)
     if args.peer:

@@ -48,24 +48,19 @@ _unhashed: weakref.WeakKeyDictionary[ocp.CheckpointManager, set[int]] = (
     weakref.WeakKeyDictionary())
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
-def best_checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints_best")
+def checkpoint_dir(workdir: str, best: bool = False) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints_best" if best else "checkpoints")
 
 
 def create_manager(workdir: str, checkpoint_config: ConfigDict, read_only: bool = False,
                    best: bool = False) -> ocp.CheckpointManager:
-  """The newest `checkpoint.max_to_keep` checkpoints, `<workdir>/checkpoints`; with `best`, the
-  best validation step's alone, `<workdir>/checkpoints_best`."""
+  """The manager of `checkpoint_dir(workdir, best)`: `checkpoint.max_to_keep` steps (`best`: 1)."""
   # cleanup_tmp_directories: a process killed mid-save leaves `<step>.orbax-checkpoint-tmp*`.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1 if best else checkpoint_config.max_to_keep, create=not read_only,
       read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager((best_checkpoint_dir if best else checkpoint_dir)(workdir),
-                               options=options, item_names=("state", "meta"))
+  return ocp.CheckpointManager(checkpoint_dir(workdir, best), options=options,
+                               item_names=("state", "meta"))
 
 
 def identity(run) -> dict[str, Any]:
@@ -86,8 +81,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def is_finite(state) -> bool:
-  """Whether every float leaf of the params and optimizer state is finite (the same answer in
-  every process: one jitted reduction with a replicated result)."""
+  """Whether every float leaf of params and optimizer state is finite (same on every process)."""
   return bool(np.asarray(_all_finite((state.params, state.opt_state)).addressable_data(0)))
 
 
@@ -163,19 +157,6 @@ def verify_checksums(step_dir: str) -> bool:
   return True
 
 
-def _verify_step(manager: ocp.CheckpointManager, step: int) -> None:
-  """Process 0 checks the step's checksums; every process raises DataError if they differ."""
-  error, step_dir = "", _step_dir(manager, step)
-  try:
-    if jax.process_index() == 0 and not verify_checksums(step_dir):
-      logging.info("Checkpoint %s has no %s (the run stopped before writing it); restoring it "
-                   "unverified", step_dir, CHECKSUM_FILE)
-  except DataError as e:
-    error = str(e)
-  if error := sharding.process_zero_verdict(error, "checksums differ (details in process 0's log)"):
-    raise DataError(error)
-
-
 def reconcile_best(best_manager: ocp.CheckpointManager, state,
                    meta: dict[str, Any]) -> dict[str, Any]:
   """`meta`, `checkpoints_best` made to hold exactly the step it calls best: a newer best step
@@ -206,10 +187,9 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
 def other_run_differences(meta: dict[str, Any], identity: dict[str, Any],
                           here: dict[str, tuple[int, ...]],
                           saved: dict[str, tuple[int, ...]]) -> list[str]:
-  """What makes a checkpoint another run's: parameters missing on either side or of another
-  shape (`here`, `saved`: {path name: shape}), then `identity` values (a None one, or one the
-  checkpoint's `meta` lacks, is not compared) it records otherwise, then, only if the
-  parameters agree (the optimizer's moments mirror them), the other state's differences."""
+  """What makes a checkpoint another run's: parameters missing or of another shape (`here`,
+  `saved`: {path name: shape}), `identity` values its `meta` records otherwise (None: not
+  compared), then, only if the parameters agree, the rest of the state's differences."""
   def tree_differences(params: bool):
     out = []
     for name in sorted(n for n in set(here) | set(saved) if n.startswith("params/") == params):
@@ -235,11 +215,18 @@ def other_run_differences(meta: dict[str, Any], identity: dict[str, Any],
 def _restore_step(manager, step: int, state, identity: dict[str, Any]):
   """Checksums (damage), then meta, identity and shapes (another run: OtherRunError, no array
   read, the saved shapes from orbax's metadata files), then the arrays."""
-  _verify_step(manager, step)
+  error, step_dir = "", _step_dir(manager, step)
+  try:  # process 0 checks the checksums; every process raises if they differ
+    if jax.process_index() == 0 and not verify_checksums(step_dir):
+      logging.info("Checkpoint %s has no %s (the run stopped before writing it); restoring it "
+                   "unverified", step_dir, CHECKSUM_FILE)
+  except DataError as e:
+    error = str(e)
+  if error := sharding.process_zero_verdict(error, "checksums differ (details in process 0's log)"):
+    raise DataError(error)
   meta = dict(manager.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))["meta"])
-  saved = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(_step_dir(manager, step)) / "state").tree
+  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
   if differences := other_run_differences(meta, identity, _shapes(_state_tree(state)),
                                           _shapes(saved)):
     data_differs = any(meta.get(k) not in (None, v) for k, v in identity.items() if v is not None)
@@ -259,11 +246,9 @@ def _restore_step(manager, step: int, state, identity: dict[str, Any]):
 
 def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
             workdir: str | None = None, identity: dict[str, Any] | None = None):
-  """(state, meta) restored into the structure and shardings of `state` (a fresh TrainState),
-  or None when none is readable. `step`: that step (DataError if missing or damaged), or None:
-  the resume order of the module docstring, damaged steps moved aside into `workdir` (None:
-  left). OtherRunError, moving nothing, if the checkpoint disagrees with `identity(run)`."""
-  identity = identity or {}
+  """(state, meta) restored into the structure and shardings of `state`, or None if none is
+  readable. `step`: that one (DataError if missing or damaged), or None: the resume order above,
+  damaged steps moved into `workdir` (if given). OtherRunError if `identity` disagrees."""
   finalize(manager)  # a save of this run lands and is hashed before it is read
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None and step not in steps:
@@ -272,30 +257,23 @@ def restore(manager: ocp.CheckpointManager, state, step: int | None = None,
   damaged, result = [], None
   for s in steps if step is None else [step]:
     try:
-      result = _restore_step(manager, s, state, identity)
+      result = _restore_step(manager, s, state, identity or {})
       break
     except OtherRunError:
-      raise  # before `_move_aside`: another run's checkpoints stay where they are
+      raise  # not moved aside: another run's checkpoints stay where they are
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
       if step is not None:
         raise DataError(f"checkpoint {step} in {manager.directory} is unreadable or damaged "
                         f"({describe(e)})") from None
       logging.warning("Checkpoint at step %d is damaged and is skipped (%s)", s, describe(e))
       damaged.append(s)
-  if damaged and workdir is not None:
-    _move_aside(manager, damaged, workdir)
-  return result
-
-
-def _move_aside(manager, steps, workdir):
-  """Moves unreadable step directories out of the manager's way, so their steps can be saved."""
-  if jax.process_index() == 0:
+  if damaged and workdir is not None:  # out of the manager's way, so their steps can be saved
     target = os.path.join(workdir, "checkpoints_damaged")
-    os.makedirs(target, exist_ok=True)
-    for s in steps:
-      source = _step_dir(manager, s)
+    for s in damaged if jax.process_index() == 0 else []:
+      source, dest = _step_dir(manager, s), os.path.join(target, f"{s}-{int(time.time())}")
       if os.path.exists(source):
-        dest = os.path.join(target, f"{s}-{int(time.time())}")
+        os.makedirs(target, exist_ok=True)
         shutil.move(source, dest)
         logging.warning("Moved damaged checkpoint %s to %s", source, dest)
-  manager.reload()
+    manager.reload()
+  return result

@@ -115,8 +115,7 @@ def _has_config() -> bool:
 
 def _unknown_key_message(argv: Sequence[str]) -> str | None:
   """'unknown config key a.b (did you mean a.c?)' for the first --config.<key> the config lacks,
-  matched whole (ml_collections suggests one part: "train" for trian.batchsize); None if there
-  is none or the config does not load."""
+  matched whole (ml_collections suggests one part); None if none or the config does not load."""
   args = flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)
   try:
     keys = list(flatten(flags.FLAGS["config"].parser.parse(flag_value(args, "config")).to_dict()))
@@ -134,10 +133,9 @@ def _unknown_key_message(argv: Sequence[str]) -> str | None:
 def describe_config(config: ConfigDict, name: str) -> str:
   """Every key of `config` (loaded from `name`, path[:arg]) with its value and comment (from
   config_defaults.py and the config file, the latter winning), one aligned line each."""
-  comments = {}
-  for path in (config_defaults.__file__, name.split(":", 1)[0]):
-    if path.endswith(".py") and os.path.isfile(path):
-      comments.update(config_comments(path))
+  comments = {key: comment for path in (config_defaults.__file__, name.split(":", 1)[0])
+              if path.endswith(".py") and os.path.isfile(path)
+              for key, comment in config_comments(path).items()}
   rows = [(key, repr(value), comments.get(key, ""))
           for key, value in flatten(config.to_dict()).items()]
   key_width = max((len(key) for key, _, _ in rows), default=0)
@@ -168,45 +166,35 @@ def config_comments(path: str) -> dict[str, str]:
     if token.type == tokenize.COMMENT:
       lines = trailing if token.line[:token.start[1]].strip() else alone
       lines[token.start[0]] = token.string.lstrip("#").strip()
-
-  functions = {n.name: n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
+  functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
   prefixes: dict[str, str] = {}  # function -> where its returned config lands
-  calls = []  # (caller, callee, key under the caller's config)
-  assignments = []  # (function, key under its config, first line, last line)
-  for function in functions.values():
-    statements = [(n, n.targets if isinstance(n, ast.Assign) else [n.target])
-                  for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.AnnAssign))]
-    names = {n.value.id: "" for n in ast.walk(function)
-             if isinstance(n, ast.Return) and isinstance(n.value, ast.Name)}
-    if "config" in [a.arg for a in function.args.args]:
-      names["config"] = ""
-    for statement, targets in sorted(statements, key=lambda s: s[0].lineno):  # aliases first
-      keys = [_key(t, names) for t in [*targets, statement.value]]
-      alias = next((k for k in keys if k is not None), None)  # what a name target stands for
-      for target, key in zip(targets, keys):
-        if isinstance(target, ast.Name) and alias is not None:
-          names.setdefault(target.id, alias)
-        elif key:
-          assignments.append((function.name, key, statement.lineno, statement.end_lineno))
-          callee = statement.value.func if isinstance(statement.value, ast.Call) else None
-          name = callee.id if isinstance(callee, ast.Name) else getattr(callee, "attr", None)
-          if name in functions:
-            calls.append((function.name, name, key))
-  for _ in range(3):  # nested builders
-    for caller, callee, key in calls:
-      prefixes[callee] = _join(prefixes.get(caller, ""), key)
-
-  found: dict[str, tuple[int, str]] = {}  # key -> (rank: trailing 0, above 1; comment)
-  for function, key, first, last in assignments:
-    key = _join(prefixes.get(function, ""), key)
-    above = first
-    while above - 1 in alone:  # the block of comment lines right above, up to a blank line
-      above -= 1
-    comment = next((trailing[i] for i in range(first, last + 1) if i in trailing), None)
-    candidate = (0, comment) if comment else (1, " ".join(alone[i] for i in range(above, first)))
-    if candidate[1] and (key not in found or candidate[0] < found[key][0]):
-      found[key] = candidate
-  return {key: comment for key, (_, comment) in found.items()}
+  for _ in range(3):  # a builder defined before its caller, nested builders
+    found = []  # (rank: trailing 0, above 1; order; key; comment)
+    for function in functions:
+      names = {n.value.id: prefixes.get(function.name, "") for n in ast.walk(function)
+               if isinstance(n, ast.Return) and isinstance(n.value, ast.Name)}
+      if "config" in [a.arg for a in function.args.args]:
+        names["config"] = ""
+      for statement in sorted((n for n in ast.walk(function)
+                               if isinstance(n, (ast.Assign, ast.AnnAssign))),
+                              key=lambda n: n.lineno):  # aliases first
+        targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+        keys = [_key(t, names) for t in [*targets, statement.value]]
+        alias = next((k for k in keys if k is not None), None)  # what a name target stands for
+        for target, key in zip(targets, keys):
+          if isinstance(target, ast.Name) and alias is not None:
+            names.setdefault(target.id, alias)
+          elif key:
+            if isinstance(statement.value, ast.Call):
+              prefixes[getattr(statement.value.func, "id", "")] = key  # a builder's config
+            first, above = statement.lineno, statement.lineno
+            while above - 1 in alone:  # the block of comment lines right above, to a blank line
+              above -= 1
+            comment = next((trailing[i] for i in range(first, statement.end_lineno + 1)
+                            if i in trailing), None)
+            found.append((0, len(found), key, comment) if comment else
+                         (1, len(found), key, " ".join(alone[i] for i in range(above, first))))
+  return {key: comment for _, _, key, comment in sorted(found, reverse=True) if comment}
 
 
 def _key(node: ast.expr, names: dict[str, str]) -> str | None:
@@ -217,11 +205,7 @@ def _key(node: ast.expr, names: dict[str, str]) -> str | None:
     node = node.value
   if not isinstance(node, ast.Name) or node.id not in names:
     return None
-  return _join(names[node.id], ".".join(reversed(attributes)))
-
-
-def _join(prefix: str, key: str) -> str:
-  return f"{prefix}.{key}" if prefix and key else prefix or key
+  return ".".join(filter(None, [names[node.id], *reversed(attributes)]))
 
 
 # What a collective's transport says when the process at the other end died.
@@ -251,8 +235,8 @@ def run_or_exit(fn, *args):
 
 
 def _quiet_libraries(record) -> bool:
-  """A log filter: drops orbax's INFO lines (every step of every save), and the tracebacks of a
-  full or read-only disk that orbax or asyncio log (`run_or_exit` reports it in one line)."""
+  """A log filter: drops orbax's INFO lines and the full or read-only disk tracebacks of orbax and
+  asyncio (`run_or_exit` says it in one line)."""
   from_orbax = "/orbax/" in record.pathname
   if ((from_orbax or record.name == "asyncio") and record.exc_info
       and file_system_error(record.exc_info[1]) is not None):
@@ -261,15 +245,13 @@ def _quiet_libraries(record) -> bool:
 
 
 def _no_backend_probes(record) -> bool:
-  """A log filter: drops JAX's INFO lines about backends it probed and skipped ("Unable to
-  initialize backend 'tpu'" on every machine without a TPU); warnings and errors stay."""
+  """A log filter: drops JAX's INFO lines "Unable to initialize backend 'tpu'" and the like."""
   return not (record.levelno <= py_logging.INFO
               and record.getMessage().startswith("Unable to initialize backend"))
 
 
 def init_process(argv: Sequence[str] = ()) -> None:
-  """What every entry point does first: refuses arguments besides the flags, quiets library
-  logs, joins a multi-process run when asked to, turns on the compilation cache."""
+  """First call of every entry point: no stray arguments, quiet logs, distributed, compile cache."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()

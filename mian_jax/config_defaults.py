@@ -126,8 +126,7 @@ def parse_arg(arg: str | None, allowed: dict[str, object]) -> dict[str, object]:
     if not sep or key not in allowed:
       raise ValueError(f"config argument {item!r}: expected key=value with key in "
                        f"{sorted(allowed)}")
-    default = allowed[key]
-    values[key] = type(default)(value) if not isinstance(default, bool) else value == "True"
+    values[key] = value == "True" if isinstance(allowed[key], bool) else type(allowed[key])(value)
   return values
 
 

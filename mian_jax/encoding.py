@@ -20,8 +20,6 @@ FIRST_ID = 2  # the first id of a value (data/schema.py: NUM_RESERVED_IDS)
 HASH_FUNCTION = "blake2b-8-le mod buckets"  # `stable_hash`, as encoders.json names it
 ENCODERS_FILE = "encoders.json"  # in vocab/: {"version", "note", "fields": {field: encoder}}
 LOOKUP_PREFIX = "lookup."  # vocab/lookup.<key field>.json
-_CALENDAR_UNITS = ("year", "month", "weekday", "hour")
-_SECONDS_PER_DAY = 86400
 
 
 def missing(value: Any) -> bool:
@@ -37,9 +35,8 @@ def tokens(values: Iterable[Any]) -> list[str | None]:
 
 
 def stable_hash(token: str) -> int:
-  """A string -> an int in [0, 2**64), the same in every process, Python version and machine
-  (unlike hash()): the 8-byte BLAKE2b digest of its UTF-8 bytes (lone surrogates, as
-  undecodable input bytes are kept, passed through), read little-endian."""
+  """A string -> an int in [0, 2**64), the same on every process and machine (unlike hash()): the
+  8-byte BLAKE2b digest, little-endian, of its UTF-8 bytes (lone surrogates passed through)."""
   digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest()
   return int.from_bytes(digest, "little")
 
@@ -81,9 +78,8 @@ class Vocabulary:
 
   def encode(self, values: Iterable[Any]) -> tuple[np.ndarray, int]:
     """Raw values (as str(value)) -> (int32 ids [N], number of unseen or missing ones: OOV_ID)."""
-    ids = self.ids
-    return _count_oov(np.fromiter((OOV_ID if t is None else ids.get(t, OOV_ID)
-                                   for t in tokens(values)), np.int32))
+    ids = self.ids  # None (missing) is not a key
+    return _count_oov(np.fromiter((ids.get(t, OOV_ID) for t in tokens(values)), np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +124,16 @@ def read_lookups(vocab_dir: str, read_json) -> dict[str, Lookup]:
 def calendar(unit: str, seconds: np.ndarray) -> np.ndarray:
   """UTC year, month 1..12, weekday 0..6 (Monday = 0) or hour of Unix seconds [N] (int64)."""
   s = np.floor(seconds).astype(np.int64)
-  days = np.floor_divide(s, _SECONDS_PER_DAY)
+  days = np.floor_divide(s, 86400)
   if unit == "year":
     return days.astype("datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
   if unit == "month":
     return days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12 + 1
   if unit == "weekday":
     return (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
-  return np.floor_divide(s, 3600) % 24
+  if unit == "hour":
+    return np.floor_divide(s, 3600) % 24
+  raise DataError(f"calendar unit {unit!r}: expected year, month, weekday or hour")
 
 
 def apply_encoder(encoder: Mapping[str, Any], raw: Sequence[Any]) -> np.ndarray:
@@ -167,8 +165,6 @@ def apply_encoder(encoder: Mapping[str, Any], raw: Sequence[Any]) -> np.ndarray:
       raise DataError(f"encoder {encoder}: a missing value has no bucket")
     return (bucket + encoder["first_id"]).astype(np.int32)
   if kind == "calendar":
-    if encoder["unit"] not in _CALENDAR_UNITS:
-      raise DataError(f"encoder {encoder}: unit must be one of {_CALENDAR_UNITS}")
     values = calendar(encoder["unit"], np.nan_to_num(x))
     return np.where(is_missing, None, values.astype(str).astype(object))
   if kind == "year_span":

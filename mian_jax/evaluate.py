@@ -66,18 +66,19 @@ def predict_columns(state, eval_step, columns, schema: schema_lib.Schema, split:
              for name in outputs[0].get("attention", {})}}
 
 
-def predict_split(state, eval_step, data_dir: str, schema: schema_lib.Schema, split: str,
-                  batch_size: int, mesh, rows: np.ndarray | None = None) -> dict[str, Any]:
-  """`predict_columns` of a whole split, or of its `rows` only, with its "label", "group_id"
-  and "extra.<name>" [N]."""
-  columns = schema_lib.load_split(data_dir, split, schema)
+def predict_split(run: steps.Run, state, split: str, rows: np.ndarray | None = None,
+                  eval_step=None) -> dict[str, Any]:
+  """`predict_columns` of a split (or of its `rows`), with its "label", "group_id", "extra.*";
+  by `eval_step` (default: the run's)."""
+  columns, schema = run.split(split), run.schema
   if rows is not None:  # the subset in memory, seen by the batching as a split of its own
     columns = {name: np.asarray(column[rows]) for name, column in columns.items()}
     sizes = dict(schema.num_examples, **{split: len(rows)})
     schema = dataclasses.replace(schema, num_examples=tuple(sizes.items()))
   if not schema.size(split):
-    raise DataError(f"split {split!r} of {data_dir} is empty")
-  result = predict_columns(state, eval_step, columns, schema, split, batch_size, mesh)
+    raise DataError(f"split {split!r} of {run.data_dir} is empty")
+  result = predict_columns(state, eval_step or run.eval_step, columns, schema, split,
+                           run.config.eval.batch_size, run.mesh)
   for name in ("label", "group_id", *(f"extra.{n}" for n in schema.extra_columns)):
     result[name] = np.asarray(columns[name])
   return result
@@ -85,8 +86,7 @@ def predict_split(state, eval_step, data_dir: str, schema: schema_lib.Schema, sp
 
 def split_metrics(predictions: dict[str, Any]) -> dict[str, float | int]:
   """Exact metrics of a split's predictions; NonFiniteLossError if a score is not finite."""
-  bad = int(np.sum(~np.isfinite(predictions["prob"])))
-  if bad:
+  if bad := int(np.sum(~np.isfinite(predictions["prob"]))):
     raise NonFiniteLossError(f"the model predicts non-finite scores for {bad} of "
                              f"{predictions['prob'].size} examples: its parameters are broken")
   return metrics_lib.compute_metrics(predictions["label"], predictions["prob"],
@@ -98,8 +98,7 @@ def evaluate_split(run: steps.Run, state, split: str, step: int, writer=None,
                    rows: np.ndarray | None = None) -> dict[str, Any]:
   """Exact metrics of `state` on a whole split, or on its `rows` ("<split>_subsample"), logged
   and written to `writer` (if any); with "step" and, for a subsample, "subsample": True."""
-  result = split_metrics(predict_split(state, run.eval_step, run.data_dir, run.schema, split,
-                                       run.config.eval.batch_size, run.mesh, rows=rows))
+  result = split_metrics(predict_split(run, state, split, rows=rows))
   result["step"], name = step, split
   if rows is not None:
     name, result["subsample"] = f"{split}_subsample", True
@@ -117,8 +116,7 @@ def scalars(name: str, result: dict[str, Any]) -> dict[str, float]:
           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
-# The stream of `valid_subsample`'s draws, apart from every other use of train.seed.
-_SUBSAMPLE_STREAM = 0x5ab5
+_SUBSAMPLE_STREAM = 0x5ab5  # `valid_subsample`'s draws, apart from other uses of train.seed
 
 
 def valid_subsample(group_id: np.ndarray, num_examples: int, seed: int) -> np.ndarray | None:
@@ -133,21 +131,17 @@ def valid_subsample(group_id: np.ndarray, num_examples: int, seed: int) -> np.nd
 
 
 def write_metrics(workdir: str, split: str, result: dict[str, Any], final: bool) -> None:
-  """Writes `eval/<split>_metrics_step<N>.json` and, if `final`, `eval/<split>_metrics.json`
-  (the run's reported result)."""
-  eval_dir = os.path.join(workdir, "eval")
-  writers.write_json_atomic(
-      os.path.join(eval_dir, f"{split}_metrics_step{result['step']}.json"), result)
-  if final:
-    writers.write_json_atomic(os.path.join(eval_dir, f"{split}_metrics.json"), result)
+  """Writes eval/<split>_metrics_step<N>.json and, if `final`, eval/<split>_metrics.json."""
+  names = [f"{split}_metrics_step{result['step']}"] + ([f"{split}_metrics"] if final else [])
+  for name in names:
+    writers.write_json_atomic(os.path.join(workdir, "eval", f"{name}.json"), result)
 
 
 def write_predictions(path: str, predictions: dict, run: steps.Run, split: str) -> None:
-  """Writes a split's per-example predictions atomically: `row`, the ids of the item and user_id
-  fields (`item.<name>`) and, with a vocabulary, their raw values (`<name>`; None for OOV), then
-  score, label, group_id, extras and attention."""
+  """Writes a split's predictions atomically: row, the item and user_id ids (`<group>.<name>`),
+  raw values (`<name>`, if in vocab/; None for OOV), score, label, group_id, extras, attention."""
   data_dir, schema, features = run.data_dir, run.schema, run.schema.features
-  split_columns = schema_lib.load_split(data_dir, split, schema, validate=False)
+  split_columns = run.split(split)
   columns: dict[str, Any] = {"row": np.arange(schema.size(split), dtype=np.int64)}
   fields = [f"item.{features.item_fields[0].name}"] + [
       f"user.{f.name}" for f in features.user_fields if f.name == "user_id"]
@@ -172,8 +166,7 @@ def write_predictions(path: str, predictions: dict, run: steps.Run, split: str) 
 
 
 def attention_names(run: steps.Run) -> dict[str, tuple[str, ...]]:
-  """What each attention module's weights are over: GIM's parts (if the model has a GIM),
-  IUIM's user fields, ICIM's context fields."""
+  """What each attention module weighs: GIM's parts (if any), IUIM's user, ICIM's context fields."""
   features = run.schema.features
   gim = {"gim": run.model.gim_part_names()} if hasattr(run.model, "gim_part_names") else {}
   return {**gim, "iuim": tuple(f.name for f in features.user_fields),
@@ -187,10 +180,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | str | None, split: str
   run, state, meta = workdir_lib.restore_run(workdir, step, config)
   eval_step = steps.make_eval_step(run.mesh, with_attention=with_predictions,
                                    state_sharding=sharding.shardings_of(state))
-  predictions = predict_split(state, eval_step, run.data_dir, run.schema, split,
-                              config.eval.batch_size, run.mesh)
-  result = split_metrics(predictions)
-  result["step"] = int(state.step)
+  predictions = predict_split(run, state, split, eval_step=eval_step)
+  result = {**split_metrics(predictions), "step": int(state.step)}
   if step == "best":
     result.update(selected="best", best_step=meta.get("best_step"),
                   best_valid_auc=meta.get("best_valid_auc"))

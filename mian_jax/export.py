@@ -26,8 +26,6 @@ from mian_jax import workdir as workdir_lib
 from mian_jax.data import pipeline
 from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, DataError, describe
-from mian_jax.serving import (EXPORT_FILE, FORMAT_VERSION, MANIFEST_FILE, PARAMS_FILE,
-                              SIGNATURE_FILE, VOCAB_DIR)
 
 SCHEMA_FILE = "schema.json"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what `jax.export` can lower for
@@ -43,10 +41,9 @@ def input_columns(schema: schema_lib.Schema) -> dict[str, tuple[str, tuple[int, 
 
 
 def export_scorer(state, schema: schema_lib.Schema, platforms: Sequence[str]):
-  """(score(params, inputs) -> {"prob": [B], "attention.<module>": [B, n]}, `steps.eval_step`
-  with attention on flat parameters {"<module>/.../<name>": array} and flat inputs, lowered with
-  a symbolic batch size for `platforms`; {platform this jaxlib cannot lower for, left out with a
-  warning: why}); ConfigError if none can be."""
+  """(score(params, inputs): `steps.eval_step` with attention on flat parameters {"a/b/c": array}
+  and flat inputs, lowered with a symbolic batch size for `platforms`; {platform this jaxlib
+  cannot lower for, left out with a warning: why}); ConfigError if none can be."""
   template = state.replace(params=None, opt_state=None)
 
   @jax.jit
@@ -93,24 +90,20 @@ def signature(exported, schema: schema_lib.Schema,
   inputs = [{"name": name, "dtype": dtype, "shape": list(shape),
              **({"range": ranges[name]} if name in ranges else {})}
             for name, (dtype, shape) in input_columns(schema).items()]
-  outputs = []
   avals = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
-  for name in sorted(avals, key=lambda n: (n != "prob", n)):
-    entry = {"name": name, "dtype": str(avals[name].dtype),
-             "shape": [int(d) for d in avals[name].shape[1:]]}
-    if name.startswith("attention."):
-      module = name[len("attention."):]
-      # a module missing from `attention_names` attends over the behaviour sequence
-      entry["over"] = list(attention_names[module]) if module in attention_names else "hist"
-    outputs.append(entry)
-  return {"format_version": FORMAT_VERSION, "batch_dimension": "b", "inputs": inputs,
+  outputs = [{"name": name, "dtype": str(avals[name].dtype),
+              "shape": [int(d) for d in avals[name].shape[1:]]}
+             for name in sorted(avals, key=lambda n: (n != "prob", n))]
+  for entry in outputs[1:]:  # "attention.<module>", over "hist" unless `attention_names` says
+    module = entry["name"].removeprefix("attention.")
+    entry["over"] = list(attention_names[module]) if module in attention_names else "hist"
+  return {"format_version": serving.FORMAT_VERSION, "batch_dimension": "b", "inputs": inputs,
           "ignored_inputs": [*NOT_INPUTS, *(f"extra.{n}" for n in schema.extra_columns)],
           "outputs": outputs}
 
 
 def _readable_by_all(directory: str) -> None:
-  """Gives `directory` (a mkdtemp, 0700) and its files the modes mkdir and open give under the
-  umask (typically 0755 / 0644), so that a serving account can read it."""
+  """Gives `directory` (a 0700 mkdtemp) and its files the umask's modes (e.g. 0755 / 0644)."""
   umask = os.umask(0)
   os.umask(umask)
   for root, _, files in os.walk(directory):
@@ -137,19 +130,17 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
   schema_lib.remove_stale_tmp(out)  # left by an export that died
   tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent)
   try:
-    with open(os.path.join(tmp, EXPORT_FILE), "wb") as f:
+    with open(os.path.join(tmp, serving.EXPORT_FILE), "wb") as f:
       f.write(exported.serialize())
-    np.savez(os.path.join(tmp, PARAMS_FILE), **params)
-    fileio.write_text_atomic(os.path.join(tmp, SIGNATURE_FILE),
+    np.savez(os.path.join(tmp, serving.PARAMS_FILE), **params)
+    fileio.write_text_atomic(os.path.join(tmp, serving.SIGNATURE_FILE),
                              json.dumps(signature_content, indent=2) + "\n")
     shutil.copyfile(os.path.join(data_dir, SCHEMA_FILE), os.path.join(tmp, SCHEMA_FILE))
     vocab_dir = os.path.join(data_dir, schema_lib.VOCAB_DIR)
     if os.path.isdir(vocab_dir):
-      shutil.copytree(vocab_dir, os.path.join(tmp, VOCAB_DIR))
-    files = {name: fileio.sha256_file(os.path.join(tmp, name))
-             for name in serving.export_files(tmp)}
-    fileio.write_text_atomic(os.path.join(tmp, MANIFEST_FILE),
-                             json.dumps({**manifest, "sha256": files}, indent=2) + "\n")
+      shutil.copytree(vocab_dir, os.path.join(tmp, serving.VOCAB_DIR))
+    fileio.write_text_atomic(os.path.join(tmp, serving.MANIFEST_FILE), json.dumps(
+        {**manifest, "sha256": serving.checksums(tmp)}, indent=2) + "\n")
     _readable_by_all(tmp)
     os.rename(tmp, out)  # replaces an empty `out`; fails if something was written there since
   except OSError as e:
@@ -172,7 +163,7 @@ def export_run(run: steps.Run, state, out: str, platforms: Sequence[str] = ("cpu
   """Exports `state` of `run` to `out`; returns the manifest."""
   meta = dict(meta or {})
   exported, skipped = export_scorer(state, run.schema, platforms)
-  manifest = {"format_version": FORMAT_VERSION, "model": run.config.model.name,
+  manifest = {"format_version": serving.FORMAT_VERSION, "model": run.config.model.name,
               "step": int(jax.device_get(state.step)),
               "data_checksum": meta.get("data_checksum", run.data_checksum),
               "schema_fingerprint": run.schema.fingerprint(),

@@ -8,6 +8,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 
+
 def cache_root() -> str:
   """Where prepared data sets are cached: $MIAN_JAX_CACHE, else ~/.cache/mian_jax."""
   default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
@@ -44,8 +45,7 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_text_atomic(path: str, text: str, *, fsync: bool = False) -> None:
-  """Writes `text` to `path` through `atomic_path` (its directory created if need be); with
-  `fsync`, the bytes reach the disk before the rename."""
+  """Writes `text` to `path` through `atomic_path` (its directory made); `fsync`: to disk first."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with atomic_path(path) as tmp, open(tmp, "w") as f:
     f.write(text)

@@ -29,8 +29,7 @@ from mian_jax.errors import ConfigError, DataError
 
 # data.source -> the module whose predict_reader / encode_records read and encode raw records.
 RAW_RECORD_SOURCES = {"tabular": "mian_jax.data.tabular", "amazon": "mian_jax.data.amazon",
-                      "amazon_like": "mian_jax.data.amazon",
-                      "movielens": "mian_jax.data.movielens"}
+                      "amazon_like": "mian_jax.data.amazon", "movielens": "mian_jax.data.movielens"}
 
 
 def output_format(path: str) -> str:
@@ -60,10 +59,9 @@ def read_input(path: str, tabular_config,
 def unlabelled_history_warning(config, records: records_lib.Records, path: str) -> str | None:
   """The warning for an input without a label column whose behaviours are the user's earlier
   clicks (tabular, behavior_rows="clicks"): every history is empty. None otherwise."""
-  if config.data.source != "tabular" or records.labelled:
-    return None
-  c = config.data.tabular
-  if (c.behavior_source, c.behavior_rows) != ("log", "clicks"):
+  c = config.data.get("tabular")  # only a tabular config has one
+  if (config.data.source != "tabular" or records.labelled
+      or (c.behavior_source, c.behavior_rows) != ("log", "clicks")):
     return None
   return (f"{os.path.basename(path)} has no label column {c.label!r}: no row is taken as a past "
           "click, so every behaviour history is empty (the run builds histories from the "
@@ -88,22 +86,10 @@ def output_table(records: records_lib.Records, reader, outputs: Mapping[str, np.
         over = [f"hist{k}" for k in range(weights.shape[1])]
       columns.update({f"{key}.{name}": weights[:, k].astype(np.float32)
                       for k, name in enumerate(over)})
-  clash = [name for name in columns if name in table.column_names]
-  if clash:
+  if clash := [name for name in columns if name in table.column_names]:
     raise DataError(f"the input's key column(s) {clash} have the name of an output column; "
                     "rename them in the input")
   return pa.table({**dict(zip(table.column_names, table.columns)), **columns})
-
-
-def write_table_atomic(table: pa.Table, path: str) -> None:
-  """Writes Parquet or CSV (by the extension) through a temporary file and a rename."""
-  fmt = output_format(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  try:
-    with fileio.atomic_path(path) as tmp:
-      (pq.write_table if fmt == "parquet" else pa_csv.write_csv)(table, tmp)
-  except OSError as e:
-    raise DataError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def predict(workdir: str, input_path: str, output_path: str, step: int | str = "latest",
@@ -116,7 +102,7 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
     raise ConfigError(f"--batch_size={batch_size}: expected a positive number of rows, or 0 "
                       "for the run's eval.batch_size")
   output_path = os.path.abspath(output_path)
-  output_format(output_path)
+  fmt = output_format(output_path)
   if output_path == os.path.abspath(input_path):
     raise ConfigError("--output must not be the --input file")
   started = time.monotonic()
@@ -146,8 +132,13 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
   schema = dataclasses.replace(run.schema, num_examples=(("predict", num_rows),))
   outputs = evaluate.predict_columns(state, eval_step, columns, schema, "predict", batch_size,
                                      run.mesh)
-  write_table_atomic(output_table(records, reader, outputs, evaluate.attention_names(run)),
-                     output_path)
+  table = output_table(records, reader, outputs, evaluate.attention_names(run))
+  os.makedirs(os.path.dirname(output_path), exist_ok=True)
+  try:
+    with fileio.atomic_path(output_path) as tmp:
+      (pq.write_table if fmt == "parquet" else pa_csv.write_csv)(table, tmp)
+  except OSError as e:
+    raise DataError(f"cannot write {output_path} ({e.strerror or e})") from None
   stats = {"workdir": os.path.abspath(workdir), "step": step,
            "input": os.path.abspath(input_path), "output": output_path,
            "rows_read": num_rows + int(bad["bad"]), "rows_scored": num_rows,

@@ -26,7 +26,6 @@ PARAMS_FILE = "params.npz"
 SIGNATURE_FILE = "signature.json"
 MANIFEST_FILE = "manifest.json"
 VOCAB_DIR = "vocab"
-_INT32 = np.iinfo(np.int32)
 
 
 def _read_json(path: str, versioned: bool = False) -> dict[str, Any]:
@@ -44,25 +43,25 @@ def _read_json(path: str, versioned: bool = False) -> dict[str, Any]:
   return content
 
 
-def export_files(export_dir: str) -> list[str]:
-  """Every file of an export directory but manifest.json (what its checksums cover)."""
-  return [path for path in fileio.relative_files(export_dir) if path != MANIFEST_FILE]
+def checksums(export_dir: str) -> dict[str, str]:
+  """{path: SHA-256} of every file of an export directory but manifest.json."""
+  return {path: fileio.sha256_file(os.path.join(export_dir, *path.split("/")))
+          for path in fileio.relative_files(export_dir) if path != MANIFEST_FILE}
 
 
 def check_files(export_dir: str, manifest: Mapping[str, Any]) -> None:
-  """Raises ValueError (one line, naming the file) unless the files of `export_dir` are
-  exactly those the manifest lists, each with its SHA-256."""
-  expected = manifest.get("sha256", {})
-  for name in sorted({*expected, *export_files(export_dir)}):
+  """ValueError (one line, naming the file) unless `export_dir` holds the manifest's checksums."""
+  expected, actual = manifest.get("sha256", {}), checksums(export_dir)
+  for name in sorted({*expected, *actual}):
     path = os.path.join(export_dir, *name.split("/"))
     if name not in expected:
       raise ValueError(f"{path} is not covered by the checksums in {MANIFEST_FILE}: a file was "
                        "added to the export, or it was written by an older version; export the "
                        "checkpoint again")
-    if not os.path.isfile(path):
+    if name not in actual:
       raise ValueError(f"{path} is missing: the export directory is incomplete; export the "
                        "checkpoint again")
-    if fileio.sha256_file(path) != expected[name]:
+    if actual[name] != expected[name]:
       raise ValueError(f"{path} differs from the checksum in {MANIFEST_FILE}: the export "
                        "was changed or damaged; export the checkpoint again")
 
@@ -123,14 +122,12 @@ class Scorer:
 
   def encode(self, records: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """{input: B raw values, hist.<name>: B lists, oldest first} -> (the batch `score` takes,
-    {field: unseen or missing values}) with vocab/ (docs/serving.md, "Encode raw values"); an
-    input a lookup gives (`derived_fields`) may be left out. ValueError (one line) otherwise."""
+    {field: unseen or missing values}) by vocab/ (docs/serving.md); `derived_fields` optional."""
     if self.vocab_dir is None:
       raise ValueError(f"{self.export_dir} has no {VOCAB_DIR}/ (its data were prepared before "
                        "vocabularies were saved): encode the ids yourself")
     wanted = [name for name in self._inputs if name != "hist_len"]
-    unknown = sorted(k for k in records if k not in wanted and k not in self._ignored)
-    if unknown:
+    if unknown := sorted(k for k in records if k not in wanted and k not in self._ignored):
       raise ValueError(f"unknown field {unknown[0]!r}; encode takes {', '.join(wanted)}")
     derived = {name: source for name, source in self.derived_fields().items()
                if name not in records and source[0] in records}
@@ -220,15 +217,13 @@ class Scorer:
     return self._vocabularies[field]
 
   def check_inputs(self, batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-    """(An encoded batch, flat {"item.item_id": [B], ...} or nested as `pipeline.gather_batch`
-    makes it, checked against signature.json and cast to its dtypes, B). ValueError (one line,
-    naming the field) for a missing or unknown input, a wrong dtype, shape or id, unequal B."""
+    """(An encoded batch, flat {"item.item_id": [B], ...} or nested, checked against and cast to
+    signature.json, B); a one-line ValueError naming the field for what does not fit."""
     flat = {k: v for k, v in batch.items() if not isinstance(v, Mapping)}
     flat.update({f"{key}.{name}": v for key, value in batch.items() if isinstance(value, Mapping)
                  for name, v in value.items()})
-    unknown = sorted(k for k in flat if k not in self._inputs and k not in self._ignored
-                     and not k.startswith("extra."))
-    if unknown:
+    if unknown := sorted(k for k in flat if k not in self._inputs and k not in self._ignored
+                         and not k.startswith("extra.")):
       raise ValueError(f"unknown input {unknown[0]!r}; the model reads "
                        f"{', '.join(self._inputs)}")
     inputs = {}
@@ -253,7 +248,7 @@ class Scorer:
       if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"input {name!r} holds {array.dtype} values; expected integer ids "
                          "(int32)")
-      low, high = spec.get("range", (_INT32.min, _INT32.max + 1))
+      low, high = spec.get("range", (-2**31, 2**31))  # int32
       if array.size and (array.min() < low or array.max() >= high):
         raise ValueError(f"input {name!r} holds values in [{array.min()}, {array.max()}]; "
                          f"expected [{low}, {high - 1}] (encode unseen values as the "
@@ -268,15 +263,14 @@ class Scorer:
     return array
 
   def score(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """{"prob": [B], "attention.<module>": [B, n], ...} (float32 NumPy) of an encoded batch
-    (`check_inputs`), padded to a power of two: one compilation per power of two met."""
+    """{"prob": [B], "attention.<module>": [B, n]} (float32) of an encoded batch (`check_inputs`),
+    padded to a power of two: one compilation per power of two met."""
     inputs, num_rows = self.check_inputs(batch)
     if num_rows == 0:
       return {x["name"]: np.zeros((0, *x["shape"]), x["dtype"])
               for x in self.signature["outputs"]}
     padded = 1 << (num_rows - 1).bit_length()  # the smallest power of two >= num_rows
-    if padded > num_rows:
-      rows = np.concatenate([np.arange(num_rows), np.zeros(padded - num_rows, np.int64)])
-      inputs = {name: array[rows] for name, array in inputs.items()}
+    if padded > num_rows:  # the pad rows repeat real ones
+      inputs = {name: array[np.arange(padded) % num_rows] for name, array in inputs.items()}
     out = jax.device_get(self._call(self._params, inputs))
     return {name: np.asarray(out[name])[:num_rows] for name in self.output_names}

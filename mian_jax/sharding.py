@@ -35,9 +35,8 @@ def create_mesh(devices=None, model: int = 1) -> jax.sharding.Mesh:
 
 
 def row_sharded_fields(features, sharding_config) -> frozenset[str]:
-  """The categorical fields whose tables are row-sharded: those with at least
-  `row_shard_min_rows` ids (when > 0) and those `row_shard_fields` names (ConfigError unless
-  categorical fields of the data)."""
+  """The categorical fields whose tables are row-sharded: those of `row_shard_min_rows` ids or
+  more (if > 0) and those `row_shard_fields` names (ConfigError unless categorical fields)."""
   categorical = {f.name: f.vocab_size for f in features.fields().values() if f.is_categorical}
   named = {x.strip() for x in sharding_config.row_shard_fields.split(",") if x.strip()}
   unknown = sorted(named - set(categorical))
@@ -60,10 +59,8 @@ def pad_rows(features, fields: frozenset[str], row_multiple: int):
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, tables):
-  """A NamedSharding for every leaf of `state` (or its `jax.eval_shape`): P("model", None) for
-  a leaf that is, or mirrors (an optimiser moment), one of `tables` (flattened parameter
-  paths), P() for the rest."""
-  tables = [tuple(t) for t in tables]
+  """A NamedSharding for every leaf of `state` (or its `jax.eval_shape`): P("model", None) for a
+  leaf that is, or mirrors (an optimiser moment), one of `tables` (path tuples), else P()."""
   rows, replicated = NamedSharding(mesh, P("model", None)), NamedSharding(mesh, P())
 
   def leaf(path, x):
@@ -111,8 +108,7 @@ class PackedBatch:
 
 
 def pack_to_global(batch, mesh):
-  """This process's part of a batch as a global `PackedBatch` sharded along "data" (as
-  `to_global` returns it if a leaf is not 4 bytes wide)."""
+  """This process's part of a batch as a global `PackedBatch` (`to_global`'s if not all 4-byte)."""
   leaves, treedef = jax.tree.flatten(batch)
   if not leaves or not all(x.dtype.itemsize == 4 and x.ndim >= 1 for x in leaves):
     return to_global(batch, mesh)

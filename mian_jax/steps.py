@@ -104,8 +104,7 @@ def _in_chunks(fn, batch, chunk: int):
 
 def create_train_state(model, tx, batch, rng: jax.Array, mesh,
                        row_sharded_fields: frozenset[str] = frozenset()) -> TrainState:
-  """A state initialised from `rng` and a sample batch, the tables of `row_sharded_fields` (and
-  their moments) row-sharded over "model" (`sharding.state_shardings`)."""
+  """A state initialised from `rng` and a sample batch; `row_sharded_fields`' tables row-sharded."""
 
   def init(rng):
     params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
@@ -194,19 +193,25 @@ class Run:
   state: TrainState
   train_step: Callable
   eval_step: Callable
+  splits: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
+
+  def split(self, name: str) -> dict[str, np.ndarray]:
+    """A split's memory-mapped columns, checked against the schema once per run."""
+    if name not in self.splits:
+      self.splits[name] = schema_lib.load_split(self.data_dir, name, self.schema)
+    return self.splits[name]
 
   def train_batches(self) -> pipeline.TrainBatches:
     """This process's training batches, in the order of `train.seed`."""
     return pipeline.TrainBatches(
-        schema_lib.load_split(self.data_dir, "train", self.schema), self.schema,
+        self.split("train"), self.schema,
         self.config.train.batch_size, seed=self.config.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def setup(config: ConfigDict, mesh: jax.sharding.Mesh | None = None,
           verify_data: bool = True) -> Run:
-  """The `Run` of `config` on `mesh` (default: every device), its data prepared (or found) and,
-  with `verify_data`, re-hashed (DataError if changed)."""
+  """The `Run` of `config` on `mesh` (default: all devices), the data re-hashed if `verify_data`."""
   mesh = sharding.create_mesh(model=config.sharding.model) if mesh is None else mesh
   data_dir, schema = data_lib.ensure_prepared(config.data)
   checksum = schema_lib.verify_dataset_checksum(data_dir) if verify_data else ""

@@ -25,7 +25,6 @@ from mian_jax import sharding
 from mian_jax import steps
 from mian_jax import workdir as workdir_lib
 from mian_jax import writers
-from mian_jax.data import schema as schema_lib
 from mian_jax.errors import ConfigError, NonFiniteLossError, Preempted
 
 
@@ -71,7 +70,7 @@ def closing_line(workdir: str, results: dict[str, dict[str, Any]]) -> str:
   return (f"Done: {split} AUC {shown['auc']:.4f} at step {shown['step']} ({shown['selected']}). "
           f"Metrics: {os.path.join(workdir, 'eval')}; checkpoints: "
           f"{checkpointing.checkpoint_dir(workdir)} (best: "
-          f"{checkpointing.best_checkpoint_dir(workdir)}); TensorBoard: "
+          f"{checkpointing.checkpoint_dir(workdir, best=True)}); TensorBoard: "
           f"{os.path.join(workdir, 'metrics')}; predictions: python -m mian_jax.evaluate "
           f"--workdir={workdir} --step=best --predictions")
 
@@ -94,9 +93,8 @@ def validation_every(train_config: ConfigDict, steps_per_epoch: int) -> int:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
-  """Trains (resuming from `workdir`), validates, keeps the best step and reports it: returns
-  {"valid": metrics, "test": metrics} of the reported parameters, each with "step", "selected",
-  "best_step", "best_valid_auc" and "last_step"."""
+  """Trains (resuming from `workdir`), validates and reports: {"valid", "test": metrics of the
+  reported step, with "step", "selected", "best_step", "best_valid_auc", "last_step"}."""
   config_checks.check_config(config, jax.device_count())
   workdir = os.path.abspath(workdir)
   workdir_lib.check_workdir_path(workdir)
@@ -107,7 +105,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     run = steps.setup(config)
     config_checks.check_validation_split(config, run.data_dir)
     for split in ("valid", "test"):  # a corrupt evaluation split fails now, not after training
-      schema_lib.load_split(run.data_dir, split, run.schema)
+      run.split(split)
     loop = Loop(run, workdir)
     try:
       return loop.train_and_report()
@@ -149,8 +147,7 @@ class Loop:
   def progress(self, step: int) -> dict[str, Any]:
     return dict(step=step, epoch=step // self.per_epoch,
                 examples_seen=step * self.config.train.batch_size,
-                schema_fingerprint=self.run.schema.fingerprint(),
-                data_checksum=self.run.data_checksum)
+                **checkpointing.identity(self.run))
 
   def check_pending(self, step: int) -> list[dict[str, float]]:
     """The `pending` metrics; NonFiniteLossError if a loss is non-finite or its cross-entropy
@@ -231,7 +228,7 @@ class Loop:
     total_steps = total_train_steps(config.train, self.per_epoch)
     eval_every = validation_every(config.train, self.per_epoch)
     if config.eval.periodic_valid_examples > 0:  # whole users, drawn from `train.seed`
-      group_id = schema_lib.load_split(run.data_dir, "valid", run.schema)["group_id"]
+      group_id = run.split("valid")["group_id"]
       self.valid_rows = evaluate.valid_subsample(
           np.asarray(group_id), config.eval.periodic_valid_examples, config.train.seed)
     state = self.restore()
@@ -287,9 +284,8 @@ class Loop:
     return self.report(state)
 
   def report(self, state) -> dict[str, dict[str, Any]]:
-    """Evaluates the step `eval.report_step` selects on valid and test (valid only with
-    `eval.final_test` off), reusing this process's validation of that step on the whole split,
-    and writes `eval/<split>_metrics.json`."""
+    """Evaluates the step `eval.report_step` selects on valid and (`eval.final_test`) test, reusing
+    this process's whole-split validation of it; writes `eval/<split>_metrics.json`."""
     meta, last_step, selected = self.meta, int(state.step), self.config.eval.report_step
     if selected == "best" and meta["best_step"] is None:
       logging.warning("No validation AUC was ever defined; reporting the last step")

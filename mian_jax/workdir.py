@@ -1,7 +1,6 @@
-"""A run's workdir: its lock (`hold`), its config loaded from a file and overrides
-(`load_config`), recorded in `config.json` (`recorded_config`), checked on a rerun (`check_rerun`:
-only `RESUMABLE_KEYS` may differ), and a checkpoint restored with it (`restore_run`, for
-evaluate, predict and export; training resumes in `train.Loop`).
+"""A run's workdir: its lock (`hold`), its config (`load_config`, recorded in `config.json`,
+checked on a rerun: only `RESUMABLE_KEYS` may differ) and its checkpoints for evaluate, predict
+and export (`restore_run`; training resumes in `train.Loop`).
 
 The lock: process 0's `flock` on `<workdir>/.lock` (kept: deleting it would let a third run lock
 a fresh file) while a run writes, since a second run's orbax manager would delete the first
@@ -88,8 +87,7 @@ def _try_lock(workdir: str) -> tuple[int | None, str]:
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
-  """Holds the workdir's lock (creating the workdir) for the body, on every process of a run;
-  WorkdirBusyError if another run holds it."""
+  """The workdir's lock (the workdir made if missing), on every process; WorkdirBusyError."""
   workdir = os.path.abspath(workdir)
   created = not os.path.exists(workdir)
   fd, busy = _try_lock(workdir) if jax.process_index() == 0 else (None, "")
@@ -184,10 +182,9 @@ def recorded_config(workdir: str) -> ConfigDict:
 
 
 def load_config(config: str | ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
-  """A config file ("configs/<x>.py[:arg]") or a ConfigDict with `--config.<key>=<value>`
-  overrides applied as `python -m mian_jax.main` applies them (locked: an unknown key or a
-  value of another type is an error), then checked (`config_checks`). ConfigError (one line)
-  for a flag that is no override, a bad key or value, a file that does not load."""
+  """A config file ("configs/<x>.py[:arg]") or ConfigDict with `--config.<key>=<value>` overrides
+  applied as `python -m mian_jax.main` does (locked), then checked (`config_checks`). ConfigError
+  (one line) for a flag that is no override, a bad key or value, a file that does not load."""
   for flag in overrides:
     if not flag.startswith("--config.") or "=" not in flag:
       raise ConfigError(f"{flag!r} is not a config override (--config.<key>=<value>)")
@@ -202,20 +199,14 @@ def load_config(config: str | ConfigDict, overrides: Sequence[str] = ()) -> Conf
       config_flags.DEFINE_config_dict("config", config.copy_and_resolve_references(),
                                       flag_values=flag_values, lock_config=True, sys_argv=argv)
     flag_values(argv)
-    config_checks.check_config(flag_values.config)
-  except ConfigError:
-    raise
   except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError,
           SyntaxError) as e:
-    raise ConfigError(_one_line(e)) from None
+    while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]  # ml_collections wraps a missing key's KeyError
+    prefix = "unknown config key " if isinstance(e, KeyError) else ""
+    raise ConfigError(prefix + one_line(e)) from None
+  config_checks.check_config(flag_values.config)
   return flag_values.config
-
-
-def _one_line(e: BaseException) -> str:
-  while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], BaseException):
-    e = e.args[0]  # ml_collections wraps a missing key's KeyError
-  text = one_line(e)
-  return f"unknown config key {text}" if isinstance(e, KeyError) else text
 
 
 def parse_step(text: str) -> int | str:
@@ -229,17 +220,15 @@ def parse_step(text: str) -> int | str:
 
 
 def restore_run(workdir: str, step: int | str = "latest", config: ConfigDict | None = None):
-  """(steps.Run, TrainState, meta) of checkpoint `step` ("latest", "best" from
-  `checkpoints_best`, or a step number) of the run in `workdir`, set up with its recorded config
-  or `config` (which must mean the same run). ConfigError for a config of another run,
-  DataError for no (readable) checkpoint or one trained on other data."""
+  """(steps.Run, TrainState, meta) of checkpoint `step` ("latest", "best" or a number) of the run
+  in `workdir`, with its recorded config or `config` (ConfigError if another run's); DataError
+  for no readable checkpoint or one trained on other data."""
   config = recorded_config(workdir) if config is None else config
   config_checks.check_config(config, jax.device_count())
   check_workdir_path(workdir)
   check_rerun(workdir, config.to_dict())
   best = step == "best"
-  directory = (checkpointing.best_checkpoint_dir if best else checkpointing.checkpoint_dir)(
-      workdir)
+  directory = checkpointing.checkpoint_dir(workdir, best)
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise DataError(f"no checkpoints in {workdir} (expected {directory})")
   run = steps.setup(config)

@@ -1,5 +1,5 @@
 """Metric writers (TensorBoard events and a JSON-lines file, through TensorBoard's TF-free
-writer: clu's import TensorFlow, docs/toolchain.md), atomic JSON and text writes, JSONL rows."""
+writer: clu's import TensorFlow, docs/toolchain.md), atomic JSON and text writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -80,13 +80,6 @@ def read_jsonl(path: str) -> list[dict]:
   return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]
 
 
-def append_jsonl(path: str, rows: Iterable[Mapping]) -> None:
-  """Appends one JSON object per row, one a line, to `path` (its directory created)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "a") as f:
-    f.writelines(json.dumps(dict(row)) + "\n" for row in rows)
-
-
 def write_text_atomic(path: str, text: str) -> None:
   """`fileio.write_text_atomic` on process 0 only."""
   if jax.process_index() == 0:
@@ -94,8 +87,7 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def write_json_atomic(path: str, content: dict, warn: bool = True) -> None:
-  """Writes strict JSON atomically on process 0, a non-finite number as null (with a warning
-  unless not `warn`)."""
+  """Strict JSON, atomically on process 0; a non-finite number as null (warned if `warn`)."""
   write_text_atomic(path, json.dumps(_finite_or_null(content, path if warn else ""), indent=2,
                                      sort_keys=True, allow_nan=False))
 
@@ -121,8 +113,7 @@ def hms(seconds: float) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                    numeric: Sequence[bool] | None = None, missing: str = "") -> str:
-  """A Markdown table ending in a newline: floats with 4 decimals (non-finite: `missing`),
-  `numeric` columns right-aligned."""
+  """A Markdown table: floats with 4 decimals (non-finite: `missing`), `numeric` right-aligned."""
   numeric = numeric or [False] * len(headers)
 
   def cell(value):

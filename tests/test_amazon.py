@@ -613,7 +613,7 @@ def _valid_copied_from_test(source, directory, stats=None):
   sizes = dict(schema.num_examples, valid=schema.size("test"))
   schema = dataclasses.replace(schema,
                                num_examples=tuple((s, sizes[s]) for s in schema_lib.SPLITS))
-  schema_lib.write_prepared(directory, schema, splits, extra_files={"stats.json": stats or {}})
+  schema_lib.write_prepared(directory, schema, splits, stats)
 
 
 def _prepared_config(directory):

@@ -26,7 +26,7 @@ def _valid_aucs(workdir):
 
 
 def _best_steps(workdir):
-  return sorted(int(s) for s in os.listdir(checkpointing.best_checkpoint_dir(workdir))
+  return sorted(int(s) for s in os.listdir(checkpointing.checkpoint_dir(workdir, best=True))
                 if s.isdigit())
 
 

@@ -83,8 +83,8 @@ def test_exported_scores_equal_in_process_scores(name, tmp_path, monkeypatch):
   monkeypatch.setattr(steps, "create_train_state", _random_state)
   run = steps.setup(tiny_config(**{"model.name": name}), verify_data=False)
   state = run.state
-  reference = evaluate.predict_split(state, steps.make_eval_step(run.mesh, with_attention=True),
-                                     run.data_dir, run.schema, "valid", 64, run.mesh)
+  reference = evaluate.predict_split(
+      run, state, "valid", eval_step=steps.make_eval_step(run.mesh, with_attention=True))
   # Scores that differ from row to row, so that a mix-up would show.
   assert np.isfinite(reference["prob"]).all() and reference["prob"].std() > 0.05
   manifest = export.export_run(run, state, str(tmp_path / "out"))
@@ -122,8 +122,8 @@ def test_the_command_exports_the_checkpoint_with_its_signature_and_manifest(trai
       (name, dtype, shape) for name, (dtype, shape) in export.input_columns(run.schema).items()]
   assert signature["outputs"] == [{"name": "prob", "dtype": "float32", "shape": []}]
   # Its scores are those of the checkpoint in process.
-  reference = evaluate.predict_split(state, steps.make_eval_step(run.mesh, with_attention=True),
-                                     run.data_dir, run.schema, "valid", 64, run.mesh)
+  reference = evaluate.predict_split(
+      run, state, "valid", eval_step=steps.make_eval_step(run.mesh, with_attention=True))
   columns = schema_lib.load_split(run.data_dir, "valid", run.schema)
   differences = _max_differences(serving.Scorer.load(out), reference, columns, run.schema, 37)
   assert max(differences.values()) < TOLERANCE, differences
@@ -328,7 +328,7 @@ def test_the_manifest_covers_every_file_and_the_directory_is_readable_by_all(tra
     for name in files:
       assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o644, name
   listed = _read(out, "manifest.json")["sha256"]
-  assert sorted(listed) == serving.export_files(out) and "signature.json" in listed
+  assert listed == serving.checksums(out) and "signature.json" in listed
   assert "manifest.json" not in listed
   for change, message in [
       (lambda d: (d / "schema.json").write_text((d / "schema.json").read_text() + " "),

@@ -117,8 +117,7 @@ def test_scores_of_the_test_period_reproduce_evaluate(trained, predicted):
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("MIAN_JAX_CACHE", trained.cache)
     run, state, _ = workdir_lib.restore_run(trained.workdir, "latest", config)
-  reference = evaluate.predict_split(state, run.eval_step, run.data_dir, run.schema, "test",
-                                     config.eval.batch_size, run.mesh)
+  reference = evaluate.predict_split(run, state, "test")
   # The prepared test split: the rows of the last 10% of time, in time order (distinct times).
   log = pd.DataFrame(trained.rows, columns=HEADER)
   ts = log["ts"].astype(np.int64).to_numpy()
@@ -418,8 +417,7 @@ def test_predict_on_a_movielens_workdir_reproduces_evaluate_on_the_test_period(t
   assert out[["user", "movie"]].values.tolist() == [r[:2] for r in rows]
   assert stats["rows_scored"] == len(rows) and stats["step"] == 4
   run, state, _ = workdir_lib.restore_run(str(tmp_path / "run"), "latest", config)
-  reference = evaluate.predict_split(state, run.eval_step, run.data_dir, run.schema, "test",
-                                     config.eval.batch_size, run.mesh)
+  reference = evaluate.predict_split(run, state, "test")
   seconds = np.array([r[3] for r in ratings])
   split = interaction_log.time_split(seconds, 0.2, 0.2)
   chronological = np.lexsort((np.arange(len(ratings)), [r[0] for r in ratings], seconds))

@@ -241,7 +241,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   with pytest.raises(NonFiniteLossError, match="not saved|non-finite"):
     train.train_and_evaluate(config, str(tmp_path))
   for directory in (checkpointing.checkpoint_dir(str(tmp_path)),
-                    checkpointing.best_checkpoint_dir(str(tmp_path))):
+                    checkpointing.checkpoint_dir(str(tmp_path), best=True)):
     assert not os.path.isdir(directory) or os.listdir(directory) == []
   assert not os.path.exists(tmp_path / "eval" / "test_metrics.json")
 

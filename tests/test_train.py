@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mian_jax import checkpointing, sharding, steps, train
+from mian_jax.data import schema as schema_lib
 from mian_jax.errors import NonFiniteLossError
 from tests.helpers import final_params, tiny_config, train_on_devices
 
@@ -145,3 +146,18 @@ def test_a_packed_batch_unpacks_exactly_and_trains_like_the_nested_one():
                                      rng)
   _, packed_metrics = run.train_step(state, packed, rng)
   assert float(nested_metrics["loss"]) == float(packed_metrics["loss"])
+
+
+def test_each_split_is_checked_once_per_run_however_often_it_is_validated(tmp_path, monkeypatch):
+  checked, validate = [], schema_lib.validate_columns
+  monkeypatch.setattr(schema_lib, "validate_columns",
+                      lambda schema, split, *args, **kwargs: (
+                          checked.append(split), validate(schema, split, *args, **kwargs))[1])
+  config = tiny_config(**{"train.num_train_steps": 12, "train.eval_every_steps": 4,
+                          "eval.periodic_valid_examples": 0})
+  steps.setup(config)  # prepares the data (its writes are checked block by block)
+  checked.clear()
+  train.train_and_evaluate(config, str(tmp_path))
+  valid_lines = (tmp_path / "metrics" / "metrics.jsonl").read_text().count('"valid/auc"')
+  assert valid_lines >= 3
+  assert sorted(checked) == ["test", "train", "valid"]  # not once per validation

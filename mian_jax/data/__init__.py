@@ -22,8 +22,7 @@ PREPARERS = {source: f"mian_jax.data.{source}"
              for source in ("synthetic", "amazon", "amazon_like", "movielens", "tabular")}
 
 
-# (source, protocol) -> the revision of its splits where they changed within a format version,
-# so copies prepared before are not reused (docs/data.md).
+# (source, protocol) -> the revision of splits changed within a format version (docs/data.md).
 SPLIT_REVISIONS = {(source, protocol): 2 for source in ("amazon", "amazon_like")
                    for protocol in ("din", "dien")}
 
@@ -32,9 +31,8 @@ def settings_key(data_config: ConfigDict) -> str:
   """A short hash of every data setting except where the result is stored."""
   settings = {k: v for k, v in data_config.to_dict().items() if k != "prepared_dir"}
   settings["format_version"] = schema_lib.FORMAT_VERSION  # a new format is prepared anew
-  revision = SPLIT_REVISIONS.get((data_config.source, data_config.get("protocol")))
-  if revision is not None:  # only there, so other settings keep their cached copies
-    settings["split_revision"] = revision
+  if revision := SPLIT_REVISIONS.get((data_config.source, data_config.get("protocol"))):
+    settings["split_revision"] = revision  # only there: other settings keep their cached copies
   blob = json.dumps(settings, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -83,9 +81,8 @@ def read_raw_manifest(directory: str) -> dict | None:
 
 
 def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, str | None]:
-  """(raw_manifest of the source's raw files, None); or, the files gone, (None, the one cached
-  copy of these settings) or (None, None) for a prepared `data.prepared_dir`. Else the source's
-  DataError, after a download where it can (Amazon)."""
+  """(raw_manifest, None); the raw files gone, (None, the one cached copy of these settings) or
+  (None, None) for a prepared `data.prepared_dir`; else the DataError (after any download)."""
   try:
     return raw_manifest(module.raw_files(data_config, download=False)), None
   except DataError as missing:
@@ -100,8 +97,7 @@ def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, st
       return None, copies[0]
     if data_config.prepared_dir and os.path.isfile(
         os.path.join(os.path.expanduser(data_config.prepared_dir), "schema.json")):
-      logging.warning("The raw files are missing (%s); using data.prepared_dir as it is",
-                      missing)
+      logging.warning("The raw files are missing (%s); using data.prepared_dir as it is", missing)
       return None, None
     if len(copies) > 1:
       raise DataError(f"{missing}; {len(copies)} prepared copies of these settings from "
@@ -111,8 +107,7 @@ def _raw_files_or_copy(data_config: ConfigDict, module) -> tuple[dict | None, st
 
 
 def ensure_prepared(data_config: ConfigDict) -> tuple[str, schema_lib.Schema]:
-  """(directory, schema) of the prepared data, prepared first if needed; a source with
-  `raw_files` is also keyed by their SHA-256. DataError / ConfigError if missing or mismatched."""
+  """(directory, schema) of the prepared data, prepared first if needed (keyed by any raw files)."""
   module = (importlib.import_module(PREPARERS[data_config.source])
             if data_config.source in PREPARERS else None)
   raw, directory = (_raw_files_or_copy(data_config, module) if hasattr(module, "raw_files")

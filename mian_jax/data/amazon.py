@@ -40,8 +40,7 @@ NO_PREVIOUS_GAP = len(GAP_EDGES_DAYS) + 1
 # din and dien: the share of the eligible users whose target is held out for validation.
 VALID_USER_SHARE = 0.1
 VALID_STREAM = 1  # the validation users are drawn from default_rng([data.seed, VALID_STREAM])
-# Target rows whose examples are built and written at once: bounds memory, and small enough
-# that the allocator reuses the blocks' memory (fresh large arrays cost page faults).
+# Target rows built and written at once: bounds memory; small, so the allocator reuses the pages.
 EXAMPLE_BLOCK = 1 << 14
 NEGATIVE_CHUNK = 1 << 20  # rows per chunk when checking negatives against the user's reviews
 EXTRA_BLOCK = 1 << 19  # target rows per call of the extra columns (e.g. amazon_like's click_prob)
@@ -54,14 +53,9 @@ def raw_file_names(dataset: str) -> tuple[str, str]:
   return f"reviews_{name}_5.json.gz", f"meta_{name}.json.gz"
 
 
-def default_raw_dir() -> str:
-  return os.path.join(cache_root(), "raw", "amazon")
-
-
 def raw_files(data_config: ConfigDict, download: bool = True) -> list[str]:
-  """[reviews, metadata] paths (`<name>.json.gz`, else `<name>.json`); downloads the missing ones
-  (with `download` False: DataError)."""
-  raw_dir = os.path.expanduser(data_config.raw_dir or default_raw_dir())
+  """[reviews, metadata] (.json.gz, else .json); downloads missing ones (or DataError)."""
+  raw_dir = os.path.expanduser(data_config.raw_dir or os.path.join(cache_root(), "raw", "amazon"))
   base_url = (data_config.get("base_url", SNAP_URL) or SNAP_URL).rstrip("/")
   paths = [os.path.join(raw_dir, name) for name in raw_file_names(data_config.dataset)]
   paths = [p[:-len(".gz")] if not os.path.isfile(p) and os.path.isfile(p[:-len(".gz")]) else p
@@ -70,8 +64,7 @@ def raw_files(data_config: ConfigDict, download: bool = True) -> list[str]:
   if missing and not download:
     raise DataError(f"amazon: {', '.join(p for _, p in missing)} not found")
   if missing:
-    logging.info("Amazon raw files missing under %s; downloading %d file(s)", raw_dir,
-                 len(missing))
+    logging.info("Amazon raw files missing under %s; downloading %d file(s)", raw_dir, len(missing))
     download_lib.ensure_files(missing)
   return paths
 
@@ -229,8 +222,7 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, ma
   cand = np.stack([reviews.item[rows], negatives[rows]], axis=1).reshape(-1)  # interleaved
   seconds = reviews.time[rows]
   gap_days = (seconds - reviews.time[np.maximum(rows - 1, 0)]) // SECONDS_PER_DAY
-  gap = np.where(pos >= 1, np.searchsorted(GAP_EDGES_DAYS, gap_days, side="right"),
-                 NO_PREVIOUS_GAP)
+  gap = np.where(pos >= 1, np.searchsorted(GAP_EDGES_DAYS, gap_days, side="right"), NO_PREVIOUS_GAP)
   return {
       "item.item_id": _ids(cand),
       "item.category": _ids(reviews.item_category[cand]),
@@ -251,10 +243,8 @@ def build_examples(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, ma
 def example_blocks(reviews: Reviews, rows: np.ndarray, negatives: np.ndarray, max_seq_len: int,
                    years: np.ndarray, extra_columns: ExtraColumns | None,
                    split: str) -> Iterator[dict[str, np.ndarray]]:
-  """`build_examples` and `extra_columns` of `rows`, EXAMPLE_BLOCK rows at a time (a split is
-  never held in memory whole), the extra columns of up to EXTRA_BLOCK rows at once."""
-  progress = amazon_raw.Progress(f"amazon: building {split} examples", 2 * len(rows),
-                                 "examples")
+  """`build_examples` of EXAMPLE_BLOCK `rows` at a time, `extra_columns` of EXTRA_BLOCK at once."""
+  progress = amazon_raw.Progress(f"amazon: building {split} examples", 2 * len(rows), "examples")
   pad = np.array([schema_lib.PAD_ID], np.int32)  # row R: the padding of the behaviours
   behaviors = tuple(np.concatenate([_ids(ids), pad])
                     for ids in (reviews.item, reviews.item_category[reviews.item]))
@@ -308,29 +298,10 @@ def vocabularies(reviews: Reviews, years: np.ndarray, protocol: str) -> dict[str
   }
 
 
-def make_schema(reviews: Reviews, num_years: int, max_seq_len: int,
-                sizes: Mapping[str, int], source: str,
-                extra_columns: tuple[str, ...] = ()) -> schema_lib.Schema:
-  cat = lambda name, size: schema_lib.Field(name, "categorical",  # noqa: E731
-                                            size + schema_lib.NUM_RESERVED_IDS)
-  features = schema_lib.FeatureSpec(
-      item_fields=(cat("item_id", reviews.num_items), cat("category", reviews.num_categories)),
-      behavior_fields=("item_id", "category"),
-      user_fields=(cat("user_id", reviews.num_users),
-                   cat("activity", len(ACTIVITY_EDGES) + 1)),
-      context_fields=(cat("year", num_years), cat("month", 12), cat("weekday", 7),
-                      cat("gap", NO_PREVIOUS_GAP + 1)),
-      max_seq_len=max_seq_len)
-  return schema_lib.Schema(features=features,
-                           num_examples=tuple((s, int(sizes[s])) for s in schema_lib.SPLITS),
-                           extra_columns=extra_columns, source=source)
-
-
 def predict_reader(data_config: ConfigDict) -> ConfigDict:
   """The columns of records to score (`mian_jax.predict`), as in the reviews; label 1: bought."""
   del data_config  # the same columns for every dataset and protocol
-  return records_lib.reader_config(user_id="reviewerID", item_id="asin",
-                                   timestamp="unixReviewTime", label="label")
+  return records_lib.reader_config(user_id="reviewerID", item_id="asin", timestamp="unixReviewTime")
 
 
 def behaviors_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.ndarray,
@@ -345,8 +316,7 @@ def behaviors_in_order(users: np.ndarray, seconds: np.ndarray, is_review: np.nda
 
 def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Review records -> (the columns of a prepared split, the unseen values per field). A row
-  with label 1 (or without labels) is a review, a behaviour of the reviewer's later rows."""
+  """Review records -> (split columns, unseen values per field); label 1 (or none): a review."""
   log = records.log
   categories = vocab.load_lookups(directory)["item.item_id"]
   asins, seconds = log["item.asin"].to_numpy(object), log["timestamp"].to_numpy(np.float64)
@@ -431,14 +401,12 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
   protocol = data_config.protocol
   check_choice("data.protocol", protocol, PROTOCOLS)
   started = time.time()
-  reviews, stats = load_reviews(reviews_path, meta_path, protocol,
-                                data_config.max_bad_row_ratio,
+  reviews, stats = load_reviews(reviews_path, meta_path, protocol, data_config.max_bad_row_ratio,
                                 data_config.get("drop_duplicate_reviews", True))
   seed = data_config.get("seed", 0)
   rng = np.random.default_rng(seed)
   with amazon_raw.stage("drawing targets and negatives"):
-    targets = protocol_targets(protocol, reviews, rng,
-                               np.random.default_rng([seed, VALID_STREAM]))
+    targets = protocol_targets(protocol, reviews, rng, np.random.default_rng([seed, VALID_STREAM]))
     # One negative per review row, as the references draw them.
     negatives = (popularity_negatives if protocol == "dien" else uniform_negatives)(
         rng, reviews, np.arange(len(reviews.item)))
@@ -465,14 +433,21 @@ def prepare_from_files(data_config: ConfigDict, reviews_path: str, meta_path: st
     first = next(splits["train"])  # its columns name the extra columns of the schema
     splits["train"] = itertools.chain([first], splits["train"])
     extra_names = tuple(sorted(k.split(".", 1)[1] for k in first if k.startswith("extra.")))
-    source = f"amazon({data_config.dataset}, protocol={protocol}, seed={seed})"
-    schema = make_schema(reviews, len(years), data_config.max_seq_len, sizes, source,
-                         extra_names)
+    cat = lambda name, size: schema_lib.Field(  # noqa: E731
+        name, "categorical", size + schema_lib.NUM_RESERVED_IDS)
+    features = schema_lib.FeatureSpec(
+        item_fields=(cat("item_id", reviews.num_items), cat("category", reviews.num_categories)),
+        behavior_fields=("item_id", "category"), max_seq_len=data_config.max_seq_len,
+        user_fields=(cat("user_id", reviews.num_users), cat("activity", len(ACTIVITY_EDGES) + 1)),
+        context_fields=(cat("year", len(years)), cat("month", 12), cat("weekday", 7),
+                        cat("gap", NO_PREVIOUS_GAP + 1)))
+    schema = schema_lib.Schema(
+        features, tuple((s, sizes[s]) for s in schema_lib.SPLITS), extra_names,
+        f"amazon({data_config.dataset}, protocol={protocol}, seed={seed})")
     write_vocabularies = functools.partial(vocab.write_vocabularies,
                                            **vocabularies(reviews, years, protocol))
-    stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
-                                                  extra_files={"stats.json": stats},
-                                                  write_vocabularies=write_vocabularies)
+    stats["checksum"] = schema_lib.write_prepared(directory, schema, splits, stats,
+                                                  write_vocabularies)
   logging.info("amazon: prepared %s in %.1fs: %d users, %d items, %d categories, samples %s, "
                "bad rows %s, repeated reviews dropped %d", directory, time.time() - started,
                reviews.num_users, reviews.num_items, reviews.num_categories, sizes,

@@ -135,8 +135,7 @@ def _day(date: str) -> int:
 
 
 def _top_k(rng: np.random.Generator, log_weights: np.ndarray, k: int) -> np.ndarray:
-  """[N, k] distinct indices per row of log_weights [N, C] (-inf: never), drawn without
-  replacement (Gumbel top-k)."""
+  """[N, k] distinct indices per row of log_weights [N, C] (-inf: never), by Gumbel top-k."""
   keys = log_weights + rng.gumbel(size=log_weights.shape)
   return np.argpartition(-keys, k - 1, axis=1)[:, :k]
 
@@ -218,8 +217,7 @@ def make_users(g: ConfigDict, rng: np.random.Generator,
              g.num_favourite_categories)
       for lo in range(0, g.num_users, rows)])
   alpha = np.full(g.num_favourite_categories, g.taste_concentration)
-  return {"favourites": favourites,
-          "taste_start": rng.dirichlet(alpha, g.num_users),
+  return {"favourites": favourites, "taste_start": rng.dirichlet(alpha, g.num_users),
           "taste_end": rng.dirichlet(alpha, g.num_users)}
 
 
@@ -392,8 +390,7 @@ def _sample_users(world: World, users: np.ndarray, catalogue, rng: np.random.Gen
                      + (mass[:, None, :] * (slots[:, None, :] == bought[:, :, None])).sum(2))
     z = total - bought_weight.sum(1)
     world.log_z[events] = np.log(z)
-    world.event_item[events] = _draw(rng, world, catalogue, appeal, slots, mass, bought,
-                                     z / total)
+    world.event_item[events] = _draw(rng, world, catalogue, appeal, slots, mass, bought, z / total)
 
 
 def sample_purchases(world: World, seed: int) -> None:
@@ -402,8 +399,7 @@ def sample_purchases(world: World, seed: int) -> None:
   order = np.argsort(-world.event_count, kind="stable")
   rows = max(1, CHUNK_ELEMENTS // world.num_categories)
   for chunk, lo in enumerate(range(0, len(order), rows)):
-    _sample_users(world, order[lo:lo + rows], catalogue,
-                  np.random.default_rng([seed, 3, chunk]))
+    _sample_users(world, order[lo:lo + rows], catalogue, np.random.default_rng([seed, 3, chunk]))
 
 
 def _names(count: int, multiplier: int, offset: int, modulus: int, fmt: str) -> np.ndarray:
@@ -484,8 +480,7 @@ def _meta_blocks(world: World, g: ConfigDict, rng: np.random.Generator):
 
 
 def generate(g: ConfigDict, directory: str) -> World:
-  """Generates the world and writes its `raw_paths` into `directory` atomically: through a
-  temporary sibling renamed to it (or, if it exists, whose files are, the truth last)."""
+  """Generates the world and writes its `raw_paths` into `directory` atomically (the truth last)."""
   started = time.time()
   world = make_world(g)
   sampled = time.time()

@@ -156,8 +156,7 @@ def review_of_line(line: str) -> tuple[str, object, object, object]:
 
 
 class _ReviewColumns:
-  """Reviews gathered block by block (each block's keys in first-seen order, its columns) and
-  line counts; `result` numbers the keys of all blocks at once."""
+  """Reviews gathered block by block, and line counts; `result` numbers all blocks' keys at once."""
 
   def __init__(self):
     self.blocks: list[tuple] = []  # (users, user [n], items, item [n], time [n], line [n])
@@ -194,8 +193,7 @@ class _ReviewColumns:
     return number - first_number + 1
 
   def add_block(self, block: bytes, first_number: int) -> int:
-    """Parses whole lines `block` (numbered from first_number) with pyarrow, or where pyarrow
-    cannot be trusted with it, in SPLIT_PIECES pieces or line by line; returns the lines."""
+    """Parses the lines `block` from line first_number (pyarrow where exact); returns the lines."""
     lines = self._add_arrow(block, first_number)
     if lines is not None:
       return lines

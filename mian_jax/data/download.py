@@ -49,8 +49,7 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
              timeout: float = 60.0, progress: bool = True) -> str:
   """Downloads `url` (http(s) or file) to `target` (kept if it verifies); returns `target`.
   size, sha256: expected, if known (else Content-Length is checked); progress: a tqdm bar on a
-  terminal. DataError (one line naming URL and target) for an unreachable URL, an HTTP error, a
-  truncated download or a size or checksum mismatch."""
+  terminal. Any failure: a one-line DataError naming URL and target."""
   from tqdm import tqdm  # noqa: PLC0415 - on use; a dependency of the pinned optuna
   if os.path.isfile(target):
     return _verified(target, url, size, sha256)
@@ -110,9 +109,8 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
   return _verified(part, url, size if size is not None else total, sha256, target)
 
 
-def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> list[str]:
-  """Downloads each missing (url, target) (`download(**kwargs)`); returns the targets, or
-  raises one DataError listing every file that failed, each URL and target said once."""
+def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> None:
+  """Downloads each missing (url, target); one DataError lists each failure's URL and target."""
   failures = []
   for url, target in files:
     try:
@@ -127,4 +125,3 @@ def ensure_files(files: Sequence[tuple[str, str]], **kwargs) -> list[str]:
       raise DataError(f"cannot download {len(failures)} files ({first.reason}); without network "
                       f"access fetch them by hand and rerun: {hand}")
     raise DataError(f"{len(failures)} downloads failed ({first}). Fetch by hand: {hand}")
-  return [target for _, target in files]

@@ -137,8 +137,7 @@ def encode(tokens: pd.Series, vocab: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class ListBehaviours:
-  """Behaviours given per example as list columns: flat raw values of each behaviour field and
-  row offsets (values of row i are flat[offsets[i]:offsets[i + 1]], oldest first)."""
+  """Behaviours as list columns: row i's values of f, oldest first, flat[f][offsets[i]:...]."""
   flat: dict[str, pd.Series]
   offsets: np.ndarray  # [N + 1] int64
 
@@ -171,9 +170,8 @@ def history_from_log(users: np.ndarray, ts: np.ndarray, mask: np.ndarray | None,
 
 def history_indices(log: pd.DataFrame, max_seq_len: int, mask: np.ndarray | None = None,
                     lists: ListBehaviours | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Each row's behaviours as `build_examples` builds them: (indices [N, T], int32 lengths [N]),
-  newest first, -1 = padding: log rows (`history_from_log`), or with `lists` positions in the flat
-  list values (the last T of the row's list, given oldest first)."""
+  """Each row's behaviours as `build_examples` builds them: (indices [N, T] newest first, -1 = pad,
+  int32 lengths [N]): log rows (`history_from_log`), or positions in `lists` (its last T)."""
   if lists is not None:
     lengths, t = np.minimum(np.diff(lists.offsets), max_seq_len), np.arange(max_seq_len)
     pos = (lists.offsets[1:] - 1)[:, None] - t
@@ -270,9 +268,8 @@ def build_examples(log: pd.DataFrame, groups: Mapping[str, Sequence[tuple[str, s
   rows = {s: out_order[split_code[out_order] == code] for code, s in enumerate(schema_lib.SPLITS)}
   splits = {s: {name: np.ascontiguousarray(a[r]) for name, a in columns.items()}
             for s, r in rows.items()}
-  schema = schema_lib.Schema(
-      features=features, source=source,
-      num_examples=tuple((s, len(splits[s]["label"])) for s in schema_lib.SPLITS))
+  num_examples = tuple((s, len(splits[s]["label"])) for s in schema_lib.SPLITS)
+  schema = schema_lib.Schema(features=features, num_examples=num_examples, source=source)
   for split in schema_lib.SPLITS:
     schema_lib.validate_columns(schema, split, splits[split])
   return schema, splits, info
@@ -286,7 +283,6 @@ def write_with_stats(directory: str, schema: schema_lib.Schema,
   stats = {**stats, "num_samples": {s: schema.size(s) for s in schema_lib.SPLITS},
            "positive_rate": {s: float(splits[s]["label"].mean()) if schema.size(s) else None
                              for s in schema_lib.SPLITS}}
-  stats["checksum"] = schema_lib.write_prepared(directory, schema, splits,
-                                                extra_files={"stats.json": stats},
-                                                write_vocabularies=write_vocabularies)
+  stats["checksum"] = schema_lib.write_prepared(directory, schema, splits, stats,
+                                                write_vocabularies)
   return stats

@@ -37,8 +37,7 @@ BEHAVIOR = ("movie_id", "genre")
 
 
 def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
-  """The variant's three raw files (the prepared-data cache is keyed by their bytes,
-  `mian_jax.data.raw_manifest`); DataError with instructions if missing (never downloaded)."""
+  """The variant's three raw files; DataError with instructions if missing (never downloaded)."""
   del download  # the user unzips the files (the error says from where)
   variant = data_config.movielens.variant
   if variant not in FILES:
@@ -59,9 +58,7 @@ def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
 
 
 def _read_100k(paths: list[str], bad: interaction_log.BadRows):
-  """(ratings, users, movies) of the 100K files (u.data, u.user, u.item)."""
-  ratings = interaction_log.read_delimited(
-      paths[0], "\t", ("user", "movie", "rating", "timestamp"), bad)
+  """(users, movies) of the 100K files u.user, u.item."""
   users = interaction_log.read_delimited(
       paths[1], "|", ("user", "age", "gender", "occupation", "zip"), bad)
   users = interaction_log.to_int(users, ("user", "age"), bad, "u.user")
@@ -76,13 +73,11 @@ def _read_100k(paths: list[str], bad: interaction_log.BadRows):
   movies["genre"] = np.where(flag_matrix.any(axis=1), np.asarray(GENRES_100K, object)[first],
                              "unknown")
   movies["year"] = pd.to_numeric(movies["release"].str.strip().str[-4:], errors="coerce")
-  return ratings, users, movies
+  return users, movies
 
 
 def _read_1m(paths: list[str], bad: interaction_log.BadRows):
-  """(ratings, users, movies) of the 1M files (ratings.dat, users.dat, movies.dat)."""
-  ratings = interaction_log.read_delimited(paths[0], "::",
-                                           ("user", "movie", "rating", "timestamp"), bad)
+  """(users, movies) of the 1M files users.dat, movies.dat."""
   users = interaction_log.read_delimited(paths[1], "::",
                                          ("user", "gender", "age_group", "occupation", "zip"), bad)
   users = interaction_log.to_int(users, ("user", "age_group"), bad, "users.dat")
@@ -92,15 +87,16 @@ def _read_1m(paths: list[str], bad: interaction_log.BadRows):
   movies["genre"] = movies["genre"].where(movies["genre"] != "", "unknown")
   movies["year"] = pd.to_numeric(movies["title"].str.extract(r"\((\d{4})\)\s*$")[0],
                                  errors="coerce")
-  return ratings, users, movies
+  return users, movies
 
 
 def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.DataFrame, dict]:
-  """(log, lookups): the joined log (interaction_log.py), one row per valid rating, and the
-  raw profile of every user and genre and release year of every movie, for vocab/."""
+  """(log, lookups): one row per valid rating; each user's profile, movie's genre and year."""
   c = data_config.movielens
-  reader = _read_100k if c.variant == "100k" else _read_1m
-  ratings, users, movies = reader(raw_files(data_config), bad)
+  paths = raw_files(data_config)
+  ratings = interaction_log.read_delimited(paths[0], "\t" if c.variant == "100k" else "::",
+                                           ("user", "movie", "rating", "timestamp"), bad)
+  users, movies = (_read_100k if c.variant == "100k" else _read_1m)(paths, bad)
   r_name, u_name, m_name = FILES[c.variant]
   users = interaction_log.drop_duplicate_keys(users, "user", bad, u_name)
   movies = interaction_log.drop_duplicate_keys(movies, "movie", bad, m_name)
@@ -118,16 +114,14 @@ def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.
   for hint in sorted(set(hints)):  # one reason per apparent unit (milliseconds, ...)
     mask = implausible.copy()
     mask[implausible] = hints == hint
-    bad.record(r_name, 0, mask, f"timestamp is not {timestamps.RANGE_TEXT}{hint}", lines,
-               seconds)
+    bad.record(r_name, 0, mask, f"timestamp is not {timestamps.RANGE_TEXT}{hint}", lines, seconds)
   ratings = ratings[ok & ~implausible].reset_index(drop=True)
   bad.check()
   for col in ("gender", "occupation", "zip"):
     users[col] = users[col].astype(str).str.strip()
   r = ratings.merge(users[["user", "age_group", "gender", "occupation", "zip"]], on="user",
                     how="left", validate="many_to_one")
-  r = r.merge(movies[["movie", "genre", "year"]], on="movie", how="left",
-              validate="many_to_one")
+  r = r.merge(movies[["movie", "genre", "year"]], on="movie", how="left", validate="many_to_one")
   seconds = r["timestamp"].to_numpy(np.float64)
   newest = interaction_log.history_from_log(pd.factorize(r["user"], sort=True)[0], seconds,
                                             None, 1)[0][:, 0]  # the previous rating, -1: none
@@ -224,11 +218,10 @@ def generate(data_config: ConfigDict):
       "bad_rows": bad.summary(),
   }
   write_vocabularies = functools.partial(
-      vocab.write_vocabularies, vocabularies=info["vocabularies"],
-      encoders=encoders(data_config), lookups=lookups,
-      note=(f"movielens-{c.variant}: user_id and movie_id are the ids of the raw files; the "
-            "lookups give each user's profile and each movie's genre and release year as "
-            "read from them"))
+      vocab.write_vocabularies, vocabularies=info["vocabularies"], encoders=encoders(data_config),
+      lookups=lookups, note=(f"movielens-{c.variant}: user_id and movie_id are the ids of the "
+                             "raw files; the lookups give each user's profile and each movie's "
+                             "genre and release year as read from them"))
   return schema, splits, stats, write_vocabularies
 
 
@@ -240,10 +233,8 @@ def predict_reader(data_config: ConfigDict) -> ConfigDict:
 
 def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Rating records -> (the columns of a prepared split, the unseen values per field). A row
-  with a label (every row, without a label column) is a rating and a behaviour of the user's
-  later rows; one with an empty label is a candidate to score. Profiles, genres and release
-  years come from the lookups in `directory`/vocab/."""
+  """Rating records -> (split columns, unseen values per field): a labelled row (all, without a
+  label column) is a rating, an unlabelled one a candidate; profiles etc. from vocab/'s lookups."""
   log = records.log
   lookups = vocab.load_lookups(directory)
   users, movies = log["user"].to_numpy(object), log["item.movie"].to_numpy(object)
@@ -256,8 +247,7 @@ def encode_records(records: records_lib.Records, directory: str,
   for key, values in (("item.movie_id", movies), ("user.user_id", users)):
     raw.update({field: lookups[key].get(field, values) for field in lookups[key].fields})
   raw.update({f"context.{unit}": seconds for unit in ("hour", "weekday", "month")})
-  return records_lib.encode(records, directory, raw, BEHAVIOR, indices,
-                            hist_len)
+  return records_lib.encode(records, directory, raw, BEHAVIOR, indices, hist_len)
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:

@@ -73,8 +73,7 @@ class TrainBatches:
 
   def iterate(self, start_step: int, end_step: int, prefetch: int = 2,
               transform=None) -> Iterator[dict]:
-    """Batches for steps [start_step, end_step), gathered and `transform`ed (e.g. copied to the
-    devices) `prefetch` steps ahead in a thread that close() stops (`prefetch_iterator`)."""
+    """Batches of steps [start_step, end_step), `transform`ed `prefetch` steps ahead (a thread)."""
     transform = transform or (lambda batch: batch)
     ahead = prefetch_iterator((transform(self.batch(s)) for s in range(start_step, end_step)),
                               prefetch)

@@ -211,8 +211,9 @@ def parse_fields(text: str, where: str) -> tuple[tuple[tuple[str, str], ...], di
 
 
 def config_fields(c: ConfigDict):
-  """The checked fields of a `data.tabular` config: ({group: ((name, kind), ...)}, behavior)."""
-  groups = {g: parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields")[0] for g in schema.GROUPS}
+  """A `data.tabular` config's fields: ({group: ((name, kind), ...)}, behavior, hash buckets)."""
+  parsed = {g: parse_fields(c[f"{g}_fields"], f"data.tabular.{g}_fields") for g in schema.GROUPS}
+  groups = {g: fields for g, (fields, _) in parsed.items()}
   if not groups["item"]:
     raise DataError("data.tabular.item_fields must name at least the item id column")
   behavior = tuple(x.strip() for x in c.behavior_fields.split(",") if x.strip())
@@ -224,7 +225,8 @@ def config_fields(c: ConfigDict):
       raise DataError(f"data.tabular.{key}={c[key]!r}; expected {choices[0]!r} or {choices[1]!r}")
   if groups["item"][0][1] != "categorical":
     raise DataError("data.tabular.item_fields: the first field (the item id) must be categorical")
-  return groups, behavior
+  return groups, behavior, {f"{g}.{f}": n for g, (_, hashed) in parsed.items()
+                            for f, n in hashed.items()}
 
 
 def _whole_numbers_as_text(col: pa.ChunkedArray, name: str, field: str) -> pd.Series:
@@ -273,9 +275,8 @@ def read_file(path: str, c: ConfigDict, groups, behavior, bad: interaction_log.B
             c.timestamp: "timestamp", **{f: f"{g}_fields" for g in groups for f, _ in groups[g]},
             **{col: "behavior_columns" for col in list_cols.values()}}
   if absent := [f"{col!r} ({key})" for col, key in needed.items() if col not in names]:
-    raise DataError(_separator_hint(table, name, c) or
-                    f"{name}: column(s) {', '.join(absent)} named in data.tabular not found; "
-                    f"the file has {names}")
+    raise DataError(_separator_hint(table, name, c) or f"{name}: column(s) {', '.join(absent)} "
+                    f"named in data.tabular not found; the file has {names}")
   if twice := [col for col in needed if names.count(col) > 1]:
     raise DataError(f"{name}: the header names column {twice[0]!r} "
                     f"{names.count(twice[0])} times; rename or drop the copies")
@@ -324,8 +325,7 @@ def read_file(path: str, c: ConfigDict, groups, behavior, bad: interaction_log.B
 
 
 def row_describer(sources):
-  """describe(i): where row i of the log comes from ("log.csv line 7"); sources: per file, in
-  log order, (name, lines or None, kept table rows)."""
+  """describe(i): where log row i comes from ("log.csv line 7"); sources: per file (read_file)."""
   offsets = np.cumsum([0] + [len(kept) for _, _, kept in sources])
 
   def describe(i: int) -> str:
@@ -363,9 +363,8 @@ class Records:
 
 def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.BadRows,
                  fmt: str | None = None) -> Records:
-  """One file of raw records (`fmt`, default by its `format`), read like a file of the log (bad
-  rows counted in `bad` and dropped; `bad.check()` is the caller's), the label optional."""
-  groups, behavior = config_fields(tabular_config)
+  """One file of records read like a file of the log, the label optional (no `bad.check()`)."""
+  groups, behavior, _ = config_fields(tabular_config)
   table, log, lists, source = read_file(path, tabular_config, groups, behavior, bad, fmt,
                                         label_optional=True)
   return Records(log=log, lists=list_behaviours([lists], behavior) if lists is not None else None,
@@ -374,11 +373,10 @@ def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.Bad
                  labelled=tabular_config.label in table.column_names)
 
 
-def reader_config(user_id: str, timestamp: str, item_id: str, label: str = "label") -> ConfigDict:
-  """A `data.tabular` config with which `read_records` reads another source's raw records
-  (predict): the given columns, the item id the only field, behaviours from the log."""
+def reader_config(user_id: str, timestamp: str, item_id: str) -> ConfigDict:
+  """The `data.tabular` config of another source's records (predict): the item id the only field."""
   return ConfigDict(dict(
-      format="auto", csv_sep=",", encoding="utf-8", label=label, user_id=user_id,
+      format="auto", csv_sep=",", encoding="utf-8", label="label", user_id=user_id,
       timestamp=timestamp, item_fields=f"{item_id}:categorical", user_fields="",
       context_fields="", behavior_fields=item_id, behavior_source="log", behavior_rows="all",
       behavior_columns="", list_sep="|"))

@@ -145,9 +145,8 @@ def schema_from_json(d: Mapping[str, Any], where: str = "schema.json") -> Schema
       raise DataError(f"{where}: duplicate field names in {g}_fields: {names}")
   features = FeatureSpec(**{f"{g}_fields": fs for g, fs in groups.items()},
                          behavior_fields=behavior, max_seq_len=max_seq_len)
-  return Schema(features=features, num_examples=num_examples,
-                extra_columns=tuple(str(x) for x in d.get("extra_columns", ())),
-                source=str(d.get("source", "")))
+  return Schema(features=features, num_examples=num_examples, source=str(d.get("source", "")),
+                extra_columns=tuple(str(x) for x in d.get("extra_columns", ())))
 
 
 def read_schema(directory: str) -> Schema:
@@ -166,12 +165,11 @@ def read_schema(directory: str) -> Schema:
 
 def write_prepared(directory: str, schema: Schema,
                    splits: Mapping[str, Mapping[str, np.ndarray]],
-                   extra_files: Mapping[str, Mapping[str, Any]] | None = None,
+                   stats: Mapping[str, Any] | None = None,
                    write_vocabularies: Callable[[str], None] | None = None) -> str:
   """Writes a prepared data set atomically (all of `directory` or nothing); returns its checksum.
-  splits: split -> column -> array (`schema.columns()`), or split -> iterable of row blocks.
-  extra_files: name -> JSON dict beside schema.json (stats.json always, with "checksum");
-  write_vocabularies(tmp) writes vocab/ before the checksum is taken."""
+  splits: split -> column -> array (`schema.columns()`), or split -> iterable of row blocks;
+  stats.json: `stats` and "checksum"; write_vocabularies(tmp) writes vocab/ before the checksum."""
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   remove_stale_tmp(directory)
@@ -184,11 +182,8 @@ def write_prepared(directory: str, schema: Schema,
     if write_vocabularies is not None:
       write_vocabularies(tmp)
     checksum = dataset_checksum(tmp)
-    files = dict(extra_files or {})
-    files["stats.json"] = {**files.get("stats.json", {}), "checksum": checksum}
-    for name, content in files.items():
-      with open(os.path.join(tmp, name), "w") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, "stats.json"), "w") as f:
+      json.dump({**(stats or {}), "checksum": checksum}, f, indent=2, sort_keys=True)
     try:  # the rename publishes everything at once
       os.rename(tmp, directory)
     except OSError as e:
@@ -279,8 +274,7 @@ def discard(directory: str) -> None:
 
 
 def dataset_checksum(directory: str) -> str:
-  """sha256 over schema.json, every column file of every split and every file under vocab/ (if
-  any), in a fixed order: equal for byte-identical data and vocabularies."""
+  """sha256 over schema.json and every file of the splits and vocab/ (if any), in a fixed order."""
   digest = hashlib.sha256()
   folders = [*SPLITS, *([VOCAB_DIR] if os.path.isdir(os.path.join(directory, VOCAB_DIR)) else [])]
   for name in ["schema.json"] + [os.path.join(d, name) for d in folders
@@ -293,8 +287,7 @@ def dataset_checksum(directory: str) -> str:
 
 
 def verify_dataset_checksum(directory: str) -> str:
-  """The directory's checksum; DataError if it differs from the one stats.json recorded at
-  preparation (a directory without one, e.g. hand-made, is accepted)."""
+  """The checksum; DataError if stats.json recorded another (none, e.g. hand-made: accepted)."""
   checksum = dataset_checksum(directory)
   try:
     with open(os.path.join(directory, "stats.json")) as f:

@@ -139,9 +139,7 @@ def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len
       "hist.item_id": hist(hist_item),
       "hist.category": hist(hist_category),
       "hist_len": lengths.astype(np.int32),
-      "user.gender": ids(world.gender[users]),
-      "user.age_group": ids(world.age_group[users]),
-      "user.occupation": ids(world.occupation[users]),
+      **{f"user.{f}": ids(getattr(world, f)[users]) for f in ("gender", "age_group", "occupation")},
       "context.season": ids(season),
       "context.hour": ids(hour),
       "context.weekday": ids(weekday),
@@ -150,24 +148,6 @@ def _generate_split(world: _World, rng: np.random.Generator, n: int, max_seq_len
       "group_id": users.astype(np.int64),
       "extra.click_prob": click_prob.astype(np.float32),
   }
-
-
-def make_schema(c: ConfigDict, max_seq_len: int) -> schema_lib.Schema:
-  cat = lambda name, size: schema_lib.Field(name, "categorical",  # noqa: E731
-                                            size + schema_lib.NUM_RESERVED_IDS)
-  features = schema_lib.FeatureSpec(
-      item_fields=(cat("item_id", c.num_items), cat("category", c.num_categories)),
-      behavior_fields=("item_id", "category"),
-      user_fields=(cat("gender", NUM_GENDERS), cat("age_group", NUM_AGE_GROUPS),
-                   cat("occupation", c.num_occupations)),
-      context_fields=(cat("season", NUM_SEASONS), cat("hour", NUM_HOURS),
-                      cat("weekday", NUM_WEEKDAYS), cat("days_since_last", NUM_RECENCY_BUCKETS)),
-      max_seq_len=max_seq_len)
-  return schema_lib.Schema(
-      features=features,
-      num_examples=tuple((s, c[f"num_{s}"]) for s in schema_lib.SPLITS),
-      extra_columns=("click_prob",),
-      source=f"synthetic(seed={c.seed})")
 
 
 def check_settings(c: ConfigDict, max_seq_len: int) -> None:
@@ -185,12 +165,22 @@ def check_settings(c: ConfigDict, max_seq_len: int) -> None:
 def generate(c: ConfigDict, max_seq_len: int):
   """Returns (schema, {split: columns}) for the synthetic settings `c`."""
   check_settings(c, max_seq_len)
-  rng = np.random.default_rng(c.seed)
-  world = _World(c, rng)
+  world = _World(c, np.random.default_rng(c.seed))
   splits = {split: _generate_split(world, np.random.default_rng([c.seed, i + 1]),
                                    c[f"num_{split}"], max_seq_len)
             for i, split in enumerate(schema_lib.SPLITS)}
-  return make_schema(c, max_seq_len), splits
+  cat = lambda name, size: schema_lib.Field(  # noqa: E731
+      name, "categorical", size + schema_lib.NUM_RESERVED_IDS)
+  features = schema_lib.FeatureSpec(
+      item_fields=(cat("item_id", c.num_items), cat("category", c.num_categories)),
+      behavior_fields=("item_id", "category"), max_seq_len=max_seq_len,
+      user_fields=(cat("gender", NUM_GENDERS), cat("age_group", NUM_AGE_GROUPS),
+                   cat("occupation", c.num_occupations)),
+      context_fields=(cat("season", NUM_SEASONS), cat("hour", NUM_HOURS),
+                      cat("weekday", NUM_WEEKDAYS), cat("days_since_last", NUM_RECENCY_BUCKETS)))
+  num_examples = tuple((s, c[f"num_{s}"]) for s in schema_lib.SPLITS)
+  return schema_lib.Schema(features, num_examples, ("click_prob",),
+                           f"synthetic(seed={c.seed})"), splits
 
 
 def prepare(data_config: ConfigDict, directory: str) -> None:

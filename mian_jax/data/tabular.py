@@ -30,8 +30,7 @@ def input_files(c: ConfigDict) -> list[tuple[str, int | None]]:
 
 
 def raw_files(data_config: ConfigDict, download: bool = False) -> list[str]:
-  """The files preparation reads, in order (the prepared-data cache is keyed by their bytes,
-  `mian_jax.data.raw_manifest`); DataError if one is missing (never downloaded)."""
+  """The files preparation reads, in order; DataError if one is missing (never downloaded)."""
   del download  # the user's own files
   paths = [path for path, _ in input_files(data_config.tabular)]
   if missing := [p for p in paths if not os.path.isfile(p)]:
@@ -51,8 +50,7 @@ def predict_reader(data_config: ConfigDict) -> ConfigDict:
 
 def encode_records(records: records_lib.Records, directory: str,
                    data_config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Records -> (the columns of a prepared split, with label, without group_id; the unseen or
-  missing values per categorical field), encoded and with behaviours as preparation builds them."""
+  """Records -> (a prepared split's columns but group_id; unseen or missing values per field)."""
   log = records.log
   raw = {f"{group}.{name}": log[f"{group}.{name}"].to_numpy(
              object if kind == "categorical" else np.float64)
@@ -67,7 +65,7 @@ def generate(data_config: ConfigDict):
   """(schema, {split: columns}, stats, write_vocabularies for `schema.write_prepared`)."""
   c = data_config.tabular
   bad = interaction_log.BadRows(data_config.max_bad_row_ratio)
-  groups, behavior = records_lib.config_fields(c)
+  groups, behavior, hashed = records_lib.config_fields(c)
   parts = [records_lib.read_file(path, c, groups, behavior, bad, split_code=code)
            for path, code in input_files(c)]
   bad.check()
@@ -77,9 +75,6 @@ def generate(data_config: ConfigDict):
                                               c.test_fraction)
   lists = (records_lib.list_behaviours([p[2] for p in parts], behavior)
            if c.behavior_source == "list" else None)
-  hashed = {f"{g}.{name}": n  # the hashed fields: {"item.brand": buckets}
-            for g in groups for name, n in records_lib.parse_fields(
-                c[f"{g}_fields"], f"data.tabular.{g}_fields")[1].items()}
   schema, splits, info = interaction_log.build_examples(
       log, groups, behavior, data_config.max_seq_len, f"tabular({c.path or c.train_path})",
       lists=lists, describe_row=records_lib.row_describer([p[3] for p in parts]),

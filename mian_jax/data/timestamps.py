@@ -27,6 +27,5 @@ def unit_hint(value) -> str:
 
 
 def describe(value, name: str = "timestamp") -> str:
-  """Why `value` is rejected, e.g. "timestamp 1388534400000 is not Unix seconds in 1970..2099;
-  it looks like milliseconds (divide by 1000)"."""
+  """Why `value` is rejected: "<name> <value> is not Unix seconds in 1970..2099" + `unit_hint`."""
   return f"{name} {value} is not {RANGE_TEXT}{unit_hint(value)}"

@@ -61,8 +61,7 @@ def write_vocabularies(directory: str, vocabularies: Mapping[str, Sequence[Any]]
 
 
 def _vocab_dir(directory: str) -> str:
-  """directory/vocab; DataError (one line) if it is missing: deleted or damaged, or never
-  written (prepared before vocabularies were saved)."""
+  """directory/vocab; a one-line DataError if it is missing (deleted, damaged or never written)."""
   path = os.path.join(directory, schema_lib.VOCAB_DIR)
   if os.path.isfile(os.path.join(path, ENCODERS_FILE)):
     return path
@@ -91,8 +90,7 @@ def _read_json(path: str) -> Any:
 
 
 def load_vocabularies(directory: str) -> dict[str, Vocabulary | HashedVocabulary]:
-  """field ("item.item_id") -> Vocabulary of a prepared directory, checked against its schema
-  (a hashed field: its HashedVocabulary); DataError (one line) for missing or bad files."""
+  """field -> Vocabulary (or HashedVocabulary) of a prepared directory, checked by its schema."""
   path = _vocab_dir(directory)
   schema = schema_lib.read_schema(directory)
   sizes = {name: x.vocab_size for name, x in schema.features.fields().items() if x.is_categorical}
@@ -112,9 +110,8 @@ def load_vocabularies(directory: str) -> dict[str, Vocabulary | HashedVocabulary
       encoding.check_hash_encoder(encoder)
       hashed = HashedVocabulary(field, int(encoder["buckets"]), int(encoder["first_id"]))
       if hashed.size != sizes[field]:
-        raise DataError(f"{path}/{ENCODERS_FILE}: {field} is hashed into {hashed.buckets} "
-                        f"buckets from id {hashed.first_id}, but the schema's vocab_size is "
-                        f"{sizes[field]}")
+        raise DataError(f"{path}/{ENCODERS_FILE}: {field} is hashed into {hashed.buckets} buckets "
+                        f"from id {hashed.first_id}, but the schema's vocab_size is {sizes[field]}")
       out[field] = hashed
   return out
 

@@ -37,8 +37,7 @@ def create_model(model_config: ConfigDict, features: FeatureSpec):
   wanted = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name", "features"}
   if missing := sorted(k for k in wanted if k not in model_config):
     raise ConfigError(f"config.model lacks {missing}, needed by model {model_config.name!r}")
-  kwargs = {k: model_config[k] for k in wanted}
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  kwargs = {k: tuple(v) if isinstance(v := model_config[k], list) else v for k in wanted}
   for name, allowed in literal_fields(cls).items():  # also for callers without config_checks
     check_choice(f"model.{name}", kwargs[name], allowed)
   return cls(features=features, **kwargs)

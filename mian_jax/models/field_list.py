@@ -12,8 +12,7 @@ from mian_jax.models import base, layers
 
 
 class LR(nn.Module):
-  """Logistic regression over all fields: logit = b + sum_f w_f(x_f), a behaviour field
-  contributing the `sequence_pooling` of its behaviours' weights. Returns (logits [B], aux)."""
+  """Logistic regression b + sum_f w_f(x_f) over all fields, behaviours' w by `sequence_pooling`."""
   features: FeatureSpec
   init_std: float
   sequence_pooling: layers.SequencePooling

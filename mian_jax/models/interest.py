@@ -58,10 +58,9 @@ class DIN(InterestModel):
 
 class DIEN(InterestModel):
   """Interest extractor GRU (eq. 1) with the auxiliary loss (eq. 3), a_t = softmax_t(h_t W e_a)
-  over valid t (eq. 5), interest evolving AUGRU (eqs. 6-7), its last valid state h'_T in the
-  MLP's input [e_u; e_i; h'_T; e_c] ("paper", Fig. 4) or [e_u; e_i; h'_T; e_c; s; s * e_a]
-  ("reference"), s = sum_t e_b^t over valid t. aux: "attention" {"dien": a_t [B, T]}, "aux_loss"
-  aux_loss_weight * L_aux (eq. 4) in training with use_aux_loss, else 0 (added to the loss)."""
+  over valid t (eq. 5), interest evolving AUGRU (eqs. 6-7); MLP over [e_u; e_i; h'_T; e_c]
+  ("paper", Fig. 4), + [s; s * e_a] ("reference"), s = sum_t e_b^t. aux: "attention" {"dien":
+  a_t [B, T]}, "aux_loss" aux_loss_weight * L_aux (eq. 4) if training with it, else 0."""
   gru_dim: int
   use_aux_loss: bool
   aux_loss_weight: float

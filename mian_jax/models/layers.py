@@ -49,16 +49,14 @@ def masked_softmax(scores: Array, mask: Array | None) -> Array:
 
 
 def mix32(x: Array) -> Array:
-  """lowbias32 (C. Wellons, "Prospecting for hash functions", 2018): a bijection of uint32 in
-  which every input bit flips each output bit with probability close to 1/2."""
+  """lowbias32 (C. Wellons, "Prospecting for hash functions", 2018), a bijection of uint32."""
   for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
     x = (x ^ (x >> shift)) * jnp.uint32(multiplier)
   return x ^ (x >> 16)
 
 
 def hash_bits(rng: Array, shape: tuple[int, ...]) -> Array:
-  """uint32 bits [*shape]: element i gets mix32(mix32(i ^ s0) ^ s1) for (s0, s1) drawn from
-  `rng`. Each step is a bijection, so the elements of one call never share a value."""
+  """uint32 bits [*shape]: mix32(mix32(i ^ s0) ^ s1) of element i, (s0, s1) drawn from `rng`."""
   size = int(np.prod(shape))
   if size >= 2**32:
     raise ValueError(f"hash dropout counts elements in uint32; {shape} has {size}")
@@ -90,8 +88,7 @@ class Dropout(nn.Module):
 
 
 def attention_with_dropout(rng_impl: DropoutRng):
-  """nn.dot_product_attention whose weights' dropout draws its bits with `rng_impl`; as flax's
-  broadcast_dropout=True, one [q_len, k_len] mask is shared by all examples and heads."""
+  """nn.dot_product_attention, its weights' dropout mask [Tq, Tk] (broadcast) from `rng_impl`."""
   if rng_impl == "threefry":
     return nn.dot_product_attention
 
@@ -111,8 +108,8 @@ SPARSE_ROWS = "sparse_rows"  # collection of row tables, see optim.value_and_gra
 
 
 class GroupEmbedding(nn.Module):
-  """Eq. (2): a categorical field looked up in its table V_i, a numeric x as x * v_i
-  ("linear", v_i learned) or [x, 0, ..., 0] ("pad"). Calls of one instance share tables."""
+  """Eq. (2): a categorical field from its table V_i, a numeric x as x * v_i ("linear") or
+  [x, 0, ..., 0] ("pad"). Calls of one instance share tables."""
   fields: tuple[Field, ...]
   embed_dim: int
   init_std: float
@@ -146,8 +143,7 @@ class GroupEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-  """Eq. (16): R_l = act(W_l R_{l-1} + b_l), then dropout, per hidden layer; act ReLU or, in
-  DIN and DIEN, PReLU (one slope, initially 0.25) or Dice."""
+  """Eq. (16): R_l = dropout(act(W_l R_{l-1} + b_l)); act ReLU, PReLU (slope 0.25) or Dice."""
   dims: tuple[int, ...]
   dropout_rate: float
   kernel_init: nn.initializers.Initializer
@@ -177,8 +173,8 @@ class AttentionPool(nn.Module):
   @nn.compact
   def __call__(self, values: Array, mask: Array | None = None,
                extra_scores: Array | None = None) -> tuple[Array, Array]:
-    """values: [B, N, d]; mask: [B, N] bool or None; extra_scores: [B, N] added inside the
-    activation (e.g. a bilinear query-key term). Returns (pooled [B, d], alpha [B, N])."""
+    """values: [B, N, d]; mask: [B, N] bool or None; extra_scores: [B, N] added inside act.
+    Returns (pooled [B, d], alpha [B, N])."""
     n, d = values.shape[-2:]
     if self.per_slot:  # n independent [d, 1] kernels, each initialised as a Dense kernel
       slot_init = lambda key, shape: jax.vmap(  # noqa: E731
@@ -291,8 +287,7 @@ DICE_EPS = 1e-8  # epsilon inside Dice's normalisation (Zhou et al. 2018, eq. 14
 
 
 def pool_sequence(hist: Array, mask: Array, mode: SequencePooling) -> Array:
-  """[B, T, F, D] -> [B, F, D]: sum or mean over valid positions (zeros for an empty history).
-  `hist` must be zero at padded positions, as `InputEmbedding` returns it."""
+  """[B, T, F, D] (zero at padding) -> [B, F, D]: sum or mean over valid positions, or 0."""
   # A contraction, not a masked jnp.sum: 3x faster on XLA's CPU backend (docs/performance.md).
   total = jnp.einsum("btfd,bt->bfd", hist, mask.astype(hist.dtype))
   if mode == "sum":
@@ -308,8 +303,8 @@ def stack_fields(e: FieldEmbeddings, pooling: SequencePooling) -> Array:
 
 
 class LinearTerm(nn.Module):
-  """The first-order / "wide" part b + sum_f w_f(x_f), `InputEmbedding` of width 1 over
-  `stack_fields`. Returns (logit part [B], sq_norm [B] of the weights looked up)."""
+  """The first-order / "wide" part b + sum_f w_f(x_f) over `stack_fields` of width 1.
+  Returns (logit part [B], sq_norm [B] of the weights looked up)."""
   features: FeatureSpec
   init_std: float
   sequence_pooling: SequencePooling = "mean"
@@ -322,8 +317,8 @@ class LinearTerm(nn.Module):
 
 
 def fm_second_order(v: Array) -> Array:
-  """FM's pairwise term (Rendle 2010; DeepFM eq. 2): sum_{i<j} <V_i, V_j> over fields,
-  computed as 0.5 * sum_d [(sum_f v_fd)^2 - sum_f v_fd^2]. v: [B, F, D] -> [B]."""
+  """FM's sum_{i<j} <V_i, V_j> (DeepFM eq. 2) as 0.5 sum_d [(sum_f v_fd)^2 - sum_f v_fd^2].
+  v: [B, F, D] -> [B]."""
   return 0.5 * jnp.sum(jnp.sum(v, axis=-2)**2 - jnp.sum(v**2, axis=-2), axis=-1)
 
 
@@ -343,9 +338,8 @@ class CrossNetwork(nn.Module):
 
 
 class CIN(nn.Module):
-  """xDeepFM's CIN (Lian et al. 2018, eqs. 6, 9), no activation, no "split half":
-  X^k_{h,*} = sum_{i=1}^{H_{k-1}} sum_{j=1}^{m} W^{k,h}_{ij} (X^{k-1}_{i,*} o X^0_{j,*}),
-  p^k_h = sum_d X^k_{h,d}, p+ = [p^1; ...; p^K]."""
+  """xDeepFM's CIN (eqs. 6, 9; no activation, no "split half"): p+ = [p^1; ...; p^K],
+  X^k_{h,*} = sum_{i,j} W^{k,h}_{ij} (X^{k-1}_{i,*} o X^0_{j,*}), p^k_h = sum_d X^k_{h,d}."""
   layer_sizes: tuple[int, ...]
   kernel_init: nn.initializers.Initializer
 
@@ -363,8 +357,8 @@ class CIN(nn.Module):
 
 
 class Dice(nn.Module):
-  """DIN's Dice (Zhou et al. 2018, eq. 14): f(s) = p(s) s + (1 - p(s)) alpha s with
-  p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps)), E, Var over each row's units, not the batch."""
+  """DIN's Dice (eq. 14): f(s) = p s + (1 - p) alpha s, p = sigmoid((s - E[s]) / sqrt(Var[s] +
+  eps)), E, Var over each row's units."""
 
   @nn.compact
   def __call__(self, s: Array) -> Array:
@@ -376,9 +370,8 @@ class Dice(nn.Module):
 
 
 class LocalActivationUnit(nn.Module):
-  """DIN's local activation unit (Zhou et al. 2018, eq. 3, Fig. 2): s_t = MLP([q; k_t; q - k_t;
-  q * k_t]), and a_t over valid t (zero elsewhere) = s_t ("none", the paper), softmax_t(s_t)
-  ("softmax") or softmax_t(s_t / sqrt(d)) ("scaled_softmax"); docs/baselines.md."""
+  """DIN's local activation unit (eq. 3, Fig. 2): s_t = MLP([q; k_t; q - k_t; q * k_t]); a_t =
+  s_t ("none"), softmax_t(s_t) or softmax_t(s_t / sqrt(d)) ("scaled_softmax"), 0 at padding."""
   hidden_dims: tuple[int, ...]
   kernel_init: nn.initializers.Initializer
   use_dice: bool = False
@@ -410,8 +403,7 @@ class GRU(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, mask: Array,
                attention: Array | None = None) -> tuple[Array, Array]:
-    """inputs: [B, T, d]; mask: [B, T] bool; attention: [B, T] or None.
-    Returns (outputs [B, T, H], final state [B, H])."""
+    """inputs: [B, T, d]; mask, attention: [B, T]. Returns (outputs [B, T, H], final [B, H])."""
     x_proj = nn.Dense(3 * self.hidden_dim, kernel_init=self.kernel_init, name="input")(inputs)
     kernel = self.param("recurrent_kernel", self.kernel_init, (self.hidden_dim, x_proj.shape[-1]))
 

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 from mian_jax.errors import ConfigError
 from mian_jax.models import base, layers
 
-# Names of the parts r_1..r_7 of eq. (14), in the paper's order.
-GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")
+GIM_PARTS = ("e_i", "e_c", "e_b", "e_u", "R_ibim", "R_iuim", "R_icim")  # r_1..r_7 of eq. (14)
 
 
 class MIAN(base.DeepModel):
@@ -107,8 +106,7 @@ class MIAN(base.DeepModel):
       h_b = layers.TransformerBlock(
           num_heads=self.num_heads, ffn_dim=self.ffn_dim_multiplier * e_b.shape[-1],
           dropout_rate=self.dropout_rate, kernel_init=kernel_init, norm=self.transformer,
-          dropout_rng=self.dropout_rng,
-          name="transformer")(h_b, mask, deterministic=not train)
+          dropout_rng=self.dropout_rng, name="transformer")(h_b, mask, deterministic=not train)
     parts = [jnp.broadcast_to(e_i[:, None, :], (*h_b.shape[:2], e_i.shape[-1])), h_b]
     if self.interaction_values == "concat_product":
       # In the embedding space the candidate shares with its behaviours (h_t is normalised).
