@@ -315,7 +315,7 @@ def test_dien_runs_its_grus_from_the_oldest_to_the_newest_behavior():
   assert (lengths >= 2).any()
   tables = p["embedding"]["item_embedding"]
 
-  def behaviours(order):  # [B, T, d_b] with each row's valid behaviours in `order`
+  def behaviors(order):  # [B, T, d_b] with each row's valid behaviours in `order`
     ids = {n: np.asarray(batch["hist"][n]) for n in f.behavior_fields}
     if order == "oldest_first":  # stored newest first (docs/data.md)
       ids = {n: np.asarray(layers.reverse_valid(jnp.asarray(v), lengths)) for n, v in ids.items()}
@@ -324,8 +324,8 @@ def test_dien_runs_its_grus_from_the_oldest_to_the_newest_behavior():
 
   gru = layers.GRU(SMALL["model.gru_dim"], INIT, unroll=True)
   run = lambda x: np.asarray(gru.apply({"params": params["interest_extractor"]}, x, mask)[0])  # noqa: E731
-  np.testing.assert_allclose(states, run(behaviours("oldest_first")), rtol=1e-5, atol=1e-6)
-  assert not np.allclose(states, run(behaviours("newest_first")), atol=1e-4)
+  np.testing.assert_allclose(states, run(behaviors("oldest_first")), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(states, run(behaviors("newest_first")), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- DIN/DIEN options
@@ -369,9 +369,9 @@ class _DIENBeforeTheSwitches(DIEN):
     batch = {**batch, "hist": {k: layers.reverse_valid(v, batch["hist_len"])
                                for k, v in batch["hist"].items()}}
     e = self.embed(batch)
-    behaviours = layers.flatten_fields(e.hist)
+    behaviors = layers.flatten_fields(e.hist)
     states, _ = layers.GRU(self.gru_dim, kernel_init, unroll=not train,
-                           name="interest_extractor")(behaviours, e.mask)
+                           name="interest_extractor")(behaviors, e.mask)
     e_a = candidate_query(f, e.item)
     w = self.param("attention_kernel", kernel_init, (self.gru_dim, e_a.shape[-1]))
     attention = layers.masked_softmax(jnp.einsum("bth,hd,bd->bt", states, w, e_a), e.mask)
@@ -385,7 +385,7 @@ class _DIENBeforeTheSwitches(DIEN):
                                                                      deterministic=not train)
     logits = nn.Dense(1, kernel_init=kernel_init, name="logit")(h)[:, 0]
     if self.use_aux_loss and self.is_initializing():
-      self._aux_loss(batch, states, behaviours, e.mask, kernel_init, train)
+      self._aux_loss(batch, states, behaviors, e.mask, kernel_init, train)
     return logits.astype(jnp.float32), {}
 
 

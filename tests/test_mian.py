@@ -219,7 +219,7 @@ def test_bilinear_score_is_the_additive_score_plus_e_i_M_h_t():
   assert not np.allclose(with_m, additive_logits, atol=1e-5)
 
 
-def _permute_valid_behaviours(batch, seed):
+def _permute_valid_behaviors(batch, seed):
   """Each row's valid behaviours in a random order (the same for every field), padding kept."""
   rng = np.random.default_rng(seed)
   order = np.tile(np.arange(batch["hist"]["item_id"].shape[1]), (len(batch["hist_len"]), 1))
@@ -237,7 +237,7 @@ def test_position_embedding_none_is_order_blind_and_learned_is_not():
   none, none_params, _, _ = _setup(**{"model.position_embedding": "none"})
   assert "position_embedding" in learned_params and "position_embedding" not in none_params
   assert set(learned_params) - set(none_params) == {"position_embedding"}
-  shuffled, order = _permute_valid_behaviours(batch, seed=1)
+  shuffled, order = _permute_valid_behaviors(batch, seed=1)
   assert any((order[r, :n] != np.arange(n)).any() and
              len(set(np.asarray(batch["hist"]["item_id"])[r, :n])) > 1
              for r, n in enumerate(batch["hist_len"]))

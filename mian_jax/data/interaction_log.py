@@ -136,7 +136,7 @@ def encode(tokens: pd.Series, vocab: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class ListBehaviours:
+class ListBehaviors:
   """Behaviours as list columns: row i's values of f, oldest first, flat[f][offsets[i]:...]."""
   flat: dict[str, pd.Series]
   offsets: np.ndarray  # [N + 1] int64
@@ -169,7 +169,7 @@ def history_from_log(users: np.ndarray, ts: np.ndarray, mask: np.ndarray | None,
 
 
 def history_indices(log: pd.DataFrame, max_seq_len: int, mask: np.ndarray | None = None,
-                    lists: ListBehaviours | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    lists: ListBehaviors | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Each row's behaviours as `build_examples` builds them: (indices [N, T] newest first, -1 = pad,
   int32 lengths [N]): log rows (`history_from_log`), or positions in `lists` (its last T)."""
   if lists is not None:
@@ -206,7 +206,7 @@ def standardise(values: np.ndarray, train: np.ndarray, where: str,
 def build_examples(log: pd.DataFrame, groups: Mapping[str, Sequence[tuple[str, str]]],
                    behavior: Sequence[str], max_seq_len: int, source: str,
                    behavior_mask: np.ndarray | None = None,
-                   lists: ListBehaviours | None = None,
+                   lists: ListBehaviors | None = None,
                    describe_row: Callable[[int], str] | None = None,
                    hash_buckets: Mapping[str, int] | None = None):
   """A log -> (schema, {split: columns} in (timestamp, user, log row) order, info: "vocab_sizes",

@@ -336,7 +336,7 @@ def row_describer(sources):
   return describe
 
 
-def list_behaviours(parts, behavior) -> interaction_log.ListBehaviours:
+def list_behaviors(parts, behavior) -> interaction_log.ListBehaviors:
   """Per file {field: ListArray} -> the behaviours of the concatenated rows (values stripped)."""
   flat, offsets = {}, None
   for b in behavior:
@@ -345,14 +345,14 @@ def list_behaviours(parts, behavior) -> interaction_log.ListBehaviours:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = pa.concat_arrays([pc.list_flatten(a).cast(pa.string()) for a in arrays])
     flat[b] = pd.Series(values.to_pandas(), dtype=object).str.strip()
-  return interaction_log.ListBehaviours(flat=flat, offsets=offsets)
+  return interaction_log.ListBehaviors(flat=flat, offsets=offsets)
 
 
 @dataclasses.dataclass(frozen=True)
 class Records:
   """The raw records of one file (`read_records`)."""
   log: pd.DataFrame  # the kept rows as a log (split 0, label NaN where unknown)
-  lists: interaction_log.ListBehaviours | None  # behavior_source="list": their list columns
+  lists: interaction_log.ListBehaviors | None  # behavior_source="list": their list columns
   table: pa.Table  # the file as read (raw values, every row)
   kept: np.ndarray  # [N] the table rows that `log` holds, in file order
   groups: dict[str, tuple[tuple[str, str], ...]]  # {"item" | "user" | "context": fields}
@@ -367,7 +367,7 @@ def read_records(path: str, tabular_config: ConfigDict, bad: interaction_log.Bad
   groups, behavior, _ = config_fields(tabular_config)
   table, log, lists, source = read_file(path, tabular_config, groups, behavior, bad, fmt,
                                         label_optional=True)
-  return Records(log=log, lists=list_behaviours([lists], behavior) if lists is not None else None,
+  return Records(log=log, lists=list_behaviors([lists], behavior) if lists is not None else None,
                  table=table, kept=source[2], groups=groups, behavior=behavior,
                  describe_row=row_describer([source]),
                  labelled=tabular_config.label in table.column_names)

@@ -73,7 +73,7 @@ def generate(data_config: ConfigDict):
   if c.path:
     log["split"] = interaction_log.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
                                               c.test_fraction)
-  lists = (records_lib.list_behaviours([p[2] for p in parts], behavior)
+  lists = (records_lib.list_behaviors([p[2] for p in parts], behavior)
            if c.behavior_source == "list" else None)
   schema, splits, info = interaction_log.build_examples(
       log, groups, behavior, data_config.max_seq_len, f"tabular({c.path or c.train_path})",

@@ -71,10 +71,10 @@ class DIEN(InterestModel):
     kernel_init = self.kernel_init()
     batch = base.oldest_first(batch)  # the GRUs read behaviours in time order
     e = self.embed(batch)
-    behaviours = layers.flatten_fields(e.hist)                             # [B, T, d_b]
+    behaviors = layers.flatten_fields(e.hist)                             # [B, T, d_b]
     # Unrolled at inference: same result, a much faster forward pass on a CPU.
     gru = functools.partial(layers.GRU, self.gru_dim, kernel_init, unroll=not train)
-    states, _ = gru(name="interest_extractor")(behaviours, e.mask)         # eq. 1: [B, T, H]
+    states, _ = gru(name="interest_extractor")(behaviors, e.mask)         # eq. 1: [B, T, H]
     e_a = base.candidate_query(self.features, e.item)                                  # [B, d_b]
     w = self.param("attention_kernel", kernel_init, (self.gru_dim, e_a.shape[-1]))
     attention = layers.masked_softmax(jnp.einsum("bth,hd,bd->bt", states, w, e_a),
@@ -89,27 +89,27 @@ class DIEN(InterestModel):
 
     aux_loss = jnp.zeros((), jnp.float32)
     if self.use_aux_loss and (train or self.is_initializing()):
-      aux_loss = self._aux_loss(batch, states, behaviours, e.mask, kernel_init, train)
+      aux_loss = self._aux_loss(batch, states, behaviors, e.mask, kernel_init, train)
     attention = layers.reverse_valid(attention, batch["hist_len"])  # back to storage order
     aux = {"attention": {"dien": attention}, "embedding_sq_norm": e.sq_norm}
     return logits.astype(jnp.float32), {**aux, "aux_loss": self.aux_loss_weight * aux_loss}
 
-  def _aux_loss(self, batch, states, behaviours, mask, kernel_init, train):
+  def _aux_loss(self, batch, states, behaviors, mask, kernel_init, train):
     """Eq. 3: h_t should score the next behaviour e_b^{t+1} above a sampled negative.
     states: [B, T, H]; behaviours: [B, T, d_b]; mask: [B, T]. Returns L_aux (scalar)."""
     net = _AuxiliaryNet(self.aux_mlp_dims, kernel_init, name="auxiliary_net")
     # At initialisation (not train) only the parameters are built: no random numbers needed.
-    negatives, usable = (self._sample_negatives(batch, behaviours, mask) if train
-                         else (behaviours, mask))
+    negatives, usable = (self._sample_negatives(batch, behaviors, mask) if train
+                         else (behaviors, mask))
     h = states[:, :-1]                                                     # h_t, t < T - 1
     weight = batch.get("weight", jnp.ones(mask.shape[:1], jnp.float32))[:, None]
     pair = mask[:, 1:] * weight                                            # e_b^{t+1} is valid
-    pos_loss = optax.sigmoid_binary_cross_entropy(net(h, behaviours[:, 1:]), 1.0)
+    pos_loss = optax.sigmoid_binary_cross_entropy(net(h, behaviors[:, 1:]), 1.0)
     neg_loss = optax.sigmoid_binary_cross_entropy(net(h, negatives[:, 1:]), 0.0)
     total = jnp.sum(pair * pos_loss) + jnp.sum(pair * usable[:, 1:] * neg_loss)
     return total / jnp.maximum(jnp.sum(pair), 1.0)
 
-  def _sample_negatives(self, batch, behaviours, mask):
+  def _sample_negatives(self, batch, behaviors, mask):
     """For each (b, t), a random valid position of a random row b' != b ("dropout" stream).
     Returns (negatives [B, T, d_b], usable [B, T]: b' != b has behaviours, differs from e_b^t)."""
     b, t = mask.shape
@@ -121,7 +121,7 @@ class DIEN(InterestModel):
     ids = [jnp.asarray(batch["hist"][name]) for name in self.features.behavior_fields]
     same = jnp.all(jnp.stack([x[rows, pos] == x for x in ids]), axis=0)  # [B, T]
     usable = (lengths > 0) & (rows != jnp.arange(b)[:, None]) & ~same
-    return behaviours[rows, pos], usable
+    return behaviors[rows, pos], usable
 
 
 class _AuxiliaryNet(nn.Module):
