@@ -1,8 +1,8 @@
 """A/B of config variants of one model's train step, in one process, in alternating rounds.
 
-  python -m benchmarks.ab_step --model=mian --batch_size=128 --vocab=electronics \
-      --variant=hash --variant="threefry: --config.model.dropout_rng=threefry" \
-      [--variant="no dropout: --config.model.dropout_rate=0.0"] [--rounds=5] [--steps=40] \
+  python -m benchmarks.ab_step --model=mian --batch_size=128 --vocab=electronics \\
+      --variant=hash --variant="threefry: --config.model.dropout_rng=threefry" \\
+      [--variant="no dropout: --config.model.dropout_rate=0.0"] [--rounds=5] [--steps=40] \\
       [--out=FILE]
 
 Each --variant is a name, then optionally a colon and the variant's config overrides, in the

@@ -2,7 +2,7 @@
 Books epoch costs.
 
   python -m benchmarks.accelerator --out=runs/accelerator.jsonl            # GPU/TPU, < 5 min
-  python -m benchmarks.accelerator --meshes=8x1,4x2,2x4,1x8 --batch_sizes=1024,8192 \
+  python -m benchmarks.accelerator --meshes=8x1,4x2,2x4,1x8 --batch_sizes=1024,8192 \\
       --out=runs/accelerator_meshes.jsonl                                  # 8 devices
   python -m benchmarks.accelerator --batch_sizes=128,256 --vocab=tiny --seconds=2  # CPU smoke
 

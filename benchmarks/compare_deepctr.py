@@ -6,7 +6,7 @@ size, learning rate and Adam settings, the same number of steps and even the sam
 scores both with mian_jax.metrics on the test split, prints a mean +- std table and appends
 one JSON line per (impl, model, seed) to --out.
 
-  python -m benchmarks.compare_deepctr --config=configs/synthetic.py --models=din,deepfm \
+  python -m benchmarks.compare_deepctr --config=configs/synthetic.py --models=din,deepfm \\
       --seeds=0,1,2 --out=runs/compare.jsonl [--config.train.num_epochs=2 --config.x=y ...]
 
 Any key of the config can be set with `--config.<key>=<value>`, as for `python -m

@@ -1,6 +1,6 @@
 """Where a train step's time goes, by model module: the JAX profiler, grouped by source.
 
-  python -m benchmarks.profile_step --model=mian --batch_size=128 --optimizer=lazy_adam \
+  python -m benchmarks.profile_step --model=mian --batch_size=128 --optimizer=lazy_adam \\
       [--vocab=electronics] [--depth=4] [--steps=20] [--trace_dir=/tmp/profile]
 
 Runs the train step of benchmarks/common.py's data and config, records `--steps` steps

@@ -1,8 +1,8 @@
 """Serving speed: latency at batch 1 and throughput at batch 1024 of an exported model
 (`mian_jax.serving.Scorer.score`) against the in-process jitted eval step, on the same rows.
 
-  python -m benchmarks.serving --config=configs/synthetic.py --models=mian,din \
-      --out=runs/serving.jsonl [--seconds=10] [--batch_sizes=1,1024] [--rounds=4] \
+  python -m benchmarks.serving --config=configs/synthetic.py --models=mian,din \\
+      --out=runs/serving.jsonl [--seconds=10] [--batch_sizes=1,1024] [--rounds=4] \\
       [--config.data.synthetic.num_train=20000 --config.x=y ...]
 
 For each model of --models, the config's data is prepared (or found) and `steps.setup` builds

@@ -1,8 +1,8 @@
 """Training and evaluation throughput of our models on Amazon-sized vocabularies (synthetic ids),
 optionally beside DeepCTR-Torch's DIN and DeepFM on the same arrays (--peer).
 
-  python -m benchmarks.throughput --models=mian,din --batch_sizes=128,1024 \
-      --vocab=electronics --out=runs/throughput.jsonl [--optimizer=lazy_adam] \
+  python -m benchmarks.throughput --models=mian,din --batch_sizes=128,1024 \\
+      --vocab=electronics --out=runs/throughput.jsonl [--optimizer=lazy_adam] \\
       [--peer [--repeats=3] [--peer_threads=N] [--peer_python=.venv-torch/bin/python]]
 
 --vocab: "electronics" (~63 k items, 801 categories, ~192 k users) or "books" (~368 k items,

@@ -1,9 +1,9 @@
 """Runs the Table 3 ablations, or Table 2's model comparison, over seeds; prints and plots it.
 
   python -m launch.ablations --config=configs/synthetic.py --seeds=0,1,2 --out=runs/ablations
-  python -m launch.ablations --variants=mian,lr,wide_deep,dcn,deepfm,xdeepfm,din,dien \
+  python -m launch.ablations --variants=mian,lr,wide_deep,dcn,deepfm,xdeepfm,din,dien \\
       --config=configs/movielens.py --out=runs/table2_ml100k
-  python -m launch.ablations --config=configs/amazon_like.py --seeds=0,1,2 \
+  python -m launch.ablations --config=configs/amazon_like.py --seeds=0,1,2 \\
       --variants='paper literal,paper literal + position_embedding=learned' --out=runs/departures
 
 Run it from the repository root, like `python -m mian_jax.main`. Each (variant, seed) is one

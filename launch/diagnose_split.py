@@ -1,7 +1,7 @@
 """How cold are the evaluation splits, and how much AUC does bias alone reach?
 
-  python -m launch.diagnose_split --config=configs/movielens.py \
-      [--predictions=mian=runs/a.parquet,din=runs/b.parquet] [--predictions_split=test] \
+  python -m launch.diagnose_split --config=configs/movielens.py \\
+      [--predictions=mian=runs/a.parquet,din=runs/b.parquet] [--predictions_split=test] \\
       [--item_field=item_id] [--out=DIR] [--config.x=y ...]
 
 Per evaluation split: sizes, positive rate, shares of cold users (no train example), cold items

@@ -1,6 +1,6 @@
 """Figure 6 of the paper: GIM's attention weights over its parts for a random sample of cases.
 
-  python -m launch.figure6 --workdir=runs/table4/mian/seed0 [--cases=14] [--seed=0] \
+  python -m launch.figure6 --workdir=runs/table4/mian/seed0 [--cases=14] [--seed=0] \\
       [--split=test] [--step=best|latest|N]
 
 --workdir is a finished or interrupted MIAN training run with GIM on. The weights come from the

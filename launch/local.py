@@ -1,6 +1,6 @@
 """Starts N processes of one multi-process run on this machine (JAX's distributed runtime).
 
-  python -m launch.local --num_processes=2 [--cpu_devices_per_process=1] [--timeout=0] \
+  python -m launch.local --num_processes=2 [--cpu_devices_per_process=1] [--timeout=0] \\
       [--port=0] [--module=mian_jax.main] -- --config=configs/synthetic.py --workdir=runs/two
 
 Every process runs `python -m <module> <arguments after -->` with MIAN_JAX_DISTRIBUTED=1 and

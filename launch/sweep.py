@@ -1,10 +1,10 @@
 """Every model searched with the same budget (Optuna), each reported at its best validation
 setting; test is read once, for that setting (Table 2).
 
-  python -m launch.sweep --config=configs/amazon_like.py --models=mian,din,dien --trials=20 \
-      --seeds=0,1,2 --out=runs/sweep [--storage=PATH_OR_URL] [--rerun_changed] \
+  python -m launch.sweep --config=configs/amazon_like.py --models=mian,din,dien --trials=20 \\
+      --seeds=0,1,2 --out=runs/sweep [--storage=PATH_OR_URL] [--rerun_changed] \\
       [-- --config.train.eval_every_epochs=0.2]
-  python -m launch.sweep --config=configs/synthetic.py --space=grid \
+  python -m launch.sweep --config=configs/synthetic.py --space=grid \\
       --grid='train.learning_rate=1e-3,3e-3;model.embed_dim=8,16' --seeds=0,1 --out=runs/grid
 
 Run it from the repository root, like `python -m mian_jax.main`. Each model (or entry of

@@ -1,6 +1,6 @@
 """Table 4 of the paper: MIAN with a pre-LN, a post-LN or no Transformer in IBIM, over seeds.
 
-  python -m launch.table4 --config=configs/synthetic.py --seeds=0,1,2 --out=runs/table4 \
+  python -m launch.table4 --config=configs/synthetic.py --seeds=0,1,2 --out=runs/table4 \\
       [--rerun_changed] [-- --config.train.num_epochs=0.5 ...]
   python -m launch.figure5 --runs=runs/table4     # Figure 5 from the same runs
 

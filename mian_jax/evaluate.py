@@ -3,7 +3,7 @@ that evaluates a checkpoint of a run (its recorded config unless --config is giv
 `<workdir>/eval/<split>_metrics_step<N>.json` and, with --predictions, its predictions
 `<split>_predictions_step<N>.parquet` (docs/training.md says their columns):
 
-  python -m mian_jax.evaluate --workdir=runs/synthetic [--step=latest|best|N] \
+  python -m mian_jax.evaluate --workdir=runs/synthetic [--step=latest|best|N] \\
       [--split=valid|test] [--predictions] [--config=configs/synthetic.py] [--config.k=v ...]
 """
 

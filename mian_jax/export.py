@@ -1,7 +1,7 @@
 """Exports a checkpoint as a scoring function that runs without the model code (`jax.export`),
 which `serving.Scorer` loads with only jax and numpy (docs/serving.md, "The export directory").
 
-  python -m mian_jax.export --workdir=runs/synthetic --out=exports/synthetic \
+  python -m mian_jax.export --workdir=runs/synthetic --out=exports/synthetic \\
       [--step=best|latest|N] [--platforms=cpu,cuda]
 """
 

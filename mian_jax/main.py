@@ -1,6 +1,6 @@
 """Trains and evaluates a model; rerunning with the same --workdir resumes.
 
-  python -m mian_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
+  python -m mian_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \\
       [--config.train.batch_size=256 ...]
   python -m mian_jax.main --workdir=runs/synthetic [--config.train.num_epochs=2]   # resume
 

@@ -1,7 +1,7 @@
 """Scores raw records with a trained checkpoint: rows of your own logs in, one score per row out
 (docs/serving.md, "Predict": what each source reads, what is written).
 
-  python -m mian_jax.predict --workdir=runs/mine --input=new.csv --output=scores.parquet \
+  python -m mian_jax.predict --workdir=runs/mine --input=new.csv --output=scores.parquet \\
       [--step=latest|best|N] [--attention] [--skip_bad_rows] [--batch_size=N]
 """
 

@@ -1,6 +1,6 @@
 """Prepares a data set without training; prints its statistics and checksum.
 
-  python -m mian_jax.prepare --config=configs/movielens.py \
+  python -m mian_jax.prepare --config=configs/movielens.py \\
       [--config.data.prepared_dir=/data/prepared/ml100k]
 
 An already prepared directory (docs/data.md) is not rebuilt: its checksum is recomputed and

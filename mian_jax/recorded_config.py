@@ -1,6 +1,6 @@
 """A config file that returns the config a workdir was trained with: its `config.json`.
 
-  python -m mian_jax.evaluate --config=mian_jax/recorded_config.py:runs/table4/mian/seed0 \
+  python -m mian_jax.evaluate --config=mian_jax/recorded_config.py:runs/table4/mian/seed0 \\
       --workdir=runs/table4/mian/seed0 --step=best --split=test --predictions
 
 Entry points add it themselves when given a --workdir but no --config
