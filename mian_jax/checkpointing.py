@@ -9,7 +9,6 @@ start from the config's seed. docs/training.md, "Checkpoints and resume", says m
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -28,8 +27,8 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from mian_jax import sharding
-from mian_jax.errors import (DataError, DiskFullError, NonFiniteStateError, describe,
-                             file_system_error, first_of)
+from mian_jax.errors import (DataError, NonFiniteStateError, describe, file_system_error,
+                             first_of)
 from mian_jax.fileio import relative_files, sha256_file, write_text_atomic
 
 # Inside each step directory: orbax ignores it, and deletes or moves it with its step.
@@ -98,31 +97,29 @@ def save(manager: ocp.CheckpointManager, state, meta: dict[str, Any]) -> None:
         f"and was NOT saved to {manager.directory}; {where} (lower train.learning_rate or "
         "check the data for extreme values)")
   finalize(manager)
-  with _disk_full_in_one_line(manager):
+  with _named_file_system_error(manager):
     manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
   _unhashed.setdefault(manager, set()).add(step)
 
 
 @contextlib.contextmanager
-def _disk_full_in_one_line(manager: ocp.CheckpointManager) -> Iterator[None]:
-  """Raises DiskFullError (one line) for an error of a full disk, not orbax's traceback."""
+def _named_file_system_error(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """A full or read-only disk's error as an OSError naming the checkpoint directory, for
+  `cli.run_or_exit` to say in one line (not orbax's traceback)."""
   try:
     yield
   except Exception as e:  # noqa: BLE001 - orbax wraps the OSError
-    cause = file_system_error(e)
-    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-      raise DiskFullError(f"disk full: a checkpoint save to {manager.directory} failed "
-                          f"({cause.strerror}); free space on that file system and rerun the "
-                          "same command: it resumes from the last complete checkpoint") from None
-    raise
+    if (cause := file_system_error(e)) is None:
+      raise
+    raise OSError(cause.errno, cause.strerror, cause.filename or str(manager.directory)) from None
 
 
 def finalize(manager: ocp.CheckpointManager) -> None:
   """Waits for the manager's saves to land (collective), then process 0 writes the checksum
   file of each step this process saved that is still on disk. Cheap when nothing is pending."""
   steps = _unhashed.pop(manager, set())
-  with _disk_full_in_one_line(manager):  # a background save failed
+  with _named_file_system_error(manager):  # a background save failed
     manager.wait_until_finished()
   for step in sorted(steps) if jax.process_index() == 0 else []:
     step_dir = _step_dir(manager, step)

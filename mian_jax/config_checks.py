@@ -12,13 +12,10 @@ from ml_collections import ConfigDict
 
 from mian_jax import models, optim, steps
 from mian_jax.errors import ConfigError, check_choice
-from mian_jax.models import MODELS
 
-# The step whose metrics a run reports (read by train.Loop.report).
-REPORT_STEPS = ("best", "last")
 # key -> allowed values of every string-valued choice in the configs.
 CHOICES = {**models.CHOICES, "train.l2_scope": steps.L2_SCOPES,
-           "train.optimizer": optim.OPTIMIZERS, "eval.report_step": REPORT_STEPS}
+           "train.optimizer": optim.OPTIMIZERS, "eval.report_step": ("best", "last")}
 POSITIVE = ("model.embed_dim", "model.num_heads", "model.ffn_dim_multiplier", "model.gim_dim",
             "model.gru_dim", "train.batch_size", "train.learning_rate",
             "train.log_every_steps", "eval.batch_size", "checkpoint.every_steps",
@@ -39,8 +36,7 @@ def _is_int(value) -> bool:
 
 def check_config(config: ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError for the first out-of-range or inconsistent value."""
-  if config.model.name not in MODELS:
-    raise ConfigError(f"config.model.name={config.model.name!r} is not one of {sorted(MODELS)}")
+  check_choice("model.name", config.model.name, tuple(sorted(models.MODELS)))
   for key, allowed in CHOICES.items():
     check_choice(key, config[key], allowed)
   for keys, sign, fails in ((POSITIVE, ">", operator.le), (NON_NEGATIVE, ">=", operator.lt)):

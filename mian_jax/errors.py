@@ -32,10 +32,6 @@ class NonFiniteStateError(NonFiniteLossError):
   """The train state to be saved held NaN or infinite values; it was not saved."""
 
 
-class DiskFullError(MianError):
-  """A write failed for want of space (or quota); what was saved before is intact."""
-
-
 class WorkdirBusyError(MianError):
   """Another run holds the workdir's lock."""
 

@@ -146,8 +146,7 @@ def write_export(out: str, exported, params: Mapping[str, np.ndarray],
   except OSError as e:
     raise DataError(f"cannot write the export to {out} ({e.strerror or e})") from None
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename
 
 
 def parse_platforms(text: str) -> tuple[str, ...]:

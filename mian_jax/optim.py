@@ -154,10 +154,8 @@ def localize_ids(batch, fields: dict[tuple[str, str], int]):
     rank = jnp.cumsum(is_first, dtype=jnp.int32) - 1  # slot of each first occurrence
     slots = rank[first]
     size = min(flat.shape[0], vocab_size)  # static: at most this many distinct ids
-    start = 0
-    for (g, f), a in zip(keys, arrays):
-      new[g][f] = slots[start:start + a.size].reshape(a.shape).astype(a.dtype)
-      start += a.size
+    for (g, f), a, part in zip(keys, arrays, jnp.split(slots, [arrays[0].size])):
+      new[g][f] = part.reshape(a.shape).astype(a.dtype)
     distinct[(group, field)] = jnp.full((size,), vocab_size, jnp.int32).at[
         jnp.where(is_first, rank, size)].set(flat, mode="drop")
   return new, distinct

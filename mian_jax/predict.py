@@ -32,15 +32,6 @@ RAW_RECORD_SOURCES = {"tabular": "mian_jax.data.tabular", "amazon": "mian_jax.da
                       "amazon_like": "mian_jax.data.amazon", "movielens": "mian_jax.data.movielens"}
 
 
-def output_format(path: str) -> str:
-  """"parquet" or "csv", by the file's extension; ConfigError for another."""
-  fmt = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}.get(
-      os.path.splitext(path)[1].lower())
-  if fmt is None:
-    raise ConfigError(f"--output={path}: expected a .parquet, .pq or .csv file")
-  return fmt
-
-
 def read_input(path: str, tabular_config,
                skip_bad_rows: bool) -> tuple[records_lib.Records, dict[str, Any]]:
   """(The records of `path`, {"bad": count, "reasons": {reason: count}, "first_bad": "line 7
@@ -102,7 +93,10 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
     raise ConfigError(f"--batch_size={batch_size}: expected a positive number of rows, or 0 "
                       "for the run's eval.batch_size")
   output_path = os.path.abspath(output_path)
-  fmt = output_format(output_path)
+  write = {".parquet": pq.write_table, ".pq": pq.write_table, ".csv": pa_csv.write_csv}.get(
+      os.path.splitext(output_path)[1].lower())
+  if write is None:
+    raise ConfigError(f"--output={output_path}: expected a .parquet, .pq or .csv file")
   if output_path == os.path.abspath(input_path):
     raise ConfigError("--output must not be the --input file")
   started = time.monotonic()
@@ -136,7 +130,7 @@ def predict(workdir: str, input_path: str, output_path: str, step: int | str = "
   os.makedirs(os.path.dirname(output_path), exist_ok=True)
   try:
     with fileio.atomic_path(output_path) as tmp:
-      (pq.write_table if fmt == "parquet" else pa_csv.write_csv)(table, tmp)
+      write(table, tmp)
   except OSError as e:
     raise DataError(f"cannot write {output_path} ({e.strerror or e})") from None
   stats = {"workdir": os.path.abspath(workdir), "step": step,

@@ -97,7 +97,6 @@ class Scorer:
     self.input_names = tuple(self._inputs)
     self.output_names = tuple(x["name"] for x in self.signature["outputs"])
     self._call = jax.jit(exported.call)
-    self._vocabularies: dict[str, encoding.Vocabulary | None] = {}  # read on first use
 
   @classmethod
   def load(cls, export_dir: str, device: jax.Device | None = None) -> Scorer:
@@ -163,7 +162,7 @@ class Scorer:
         continue
       field = _item_field(name)
       try:
-        ids, unseen[name] = encoding.encode_field(field, self._vocabulary(field),
+        ids, unseen[name] = encoding.encode_field(field, self._vocabularies.get(field),
                                                   self._encoders.get(field), raw[name])
       except ValueError as e:
         raise ValueError(f"field {name!r}: {e}") from None
@@ -207,14 +206,14 @@ class Scorer:
   def _encoders(self) -> dict[str, Any]:
     return _read_json(os.path.join(self.vocab_dir, encoding.ENCODERS_FILE))["fields"]
 
-  def _vocabulary(self, field: str) -> encoding.Vocabulary | None:
-    """vocab/<field>.json, read once; None for a field without one (hashed, computed)."""
-    if field not in self._vocabularies:
-      path = os.path.join(self.vocab_dir, f"{field}.json")
-      content = _read_json(path) if os.path.isfile(path) else None
-      self._vocabularies[field] = content and encoding.Vocabulary(
-          field, tuple(content["values"]), int(content["first_id"]))
-    return self._vocabularies[field]
+  @functools.cached_property
+  def _vocabularies(self) -> dict[str, encoding.Vocabulary]:
+    """field -> vocab/<field>.json of the inputs' fields that have one (not hashed, computed)."""
+    paths = {field: os.path.join(self.vocab_dir, f"{field}.json")
+             for field in map(_item_field, self._inputs)}
+    contents = {field: _read_json(path) for field, path in paths.items() if os.path.isfile(path)}
+    return {field: encoding.Vocabulary(field, tuple(c["values"]), int(c["first_id"]))
+            for field, c in contents.items()}
 
   def check_inputs(self, batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
     """(An encoded batch, flat {"item.item_id": [B], ...} or nested, checked against and cast to

@@ -98,13 +98,11 @@ class PackedBatch:
   treedef: Any
 
   def unpack(self):
-    leaves, start = [], 0
-    for shape, dtype in self.layout:
-      column = self.packed[:, start:start + math.prod(shape)]
-      leaves.append(jax.lax.bitcast_convert_type(column, jnp.dtype(dtype)).reshape(
-          (self.packed.shape[0],) + shape))
-      start += math.prod(shape)
-    return jax.tree.unflatten(self.treedef, leaves)
+    ends = np.cumsum([math.prod(shape) for shape, _ in self.layout])[:-1]
+    columns = jnp.split(self.packed, ends, axis=1)
+    return jax.tree.unflatten(self.treedef, [
+        jax.lax.bitcast_convert_type(c, jnp.dtype(dtype)).reshape(c.shape[:1] + shape)
+        for c, (shape, dtype) in zip(columns, self.layout)])
 
 
 def pack_to_global(batch, mesh):

@@ -98,9 +98,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   config_checks.check_config(config, jax.device_count())
   workdir = os.path.abspath(workdir)
   workdir_lib.check_workdir_path(workdir)
-  # The lock covers the checkpoint managers too: a second run's manager would delete the
-  # first one's save in flight as a leftover temporary directory.
-  with workdir_lib.hold(workdir):
+  with workdir_lib.hold(workdir):  # around the checkpoint managers too (workdir.py says why)
     workdir_lib.check_rerun(workdir, config.to_dict())
     run = steps.setup(config)
     config_checks.check_validation_split(config, run.data_dir)

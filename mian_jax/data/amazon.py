@@ -197,8 +197,7 @@ def protocol_targets(protocol: str, reviews: Reviews, rng: np.random.Generator,
   else:  # mian
     train = (pos >= 1) & (pos <= n - 3)
     valid = (pos >= 1) & (pos == n - 2)
-  return {"train": np.flatnonzero(train), "valid": np.flatnonzero(valid),
-          "test": np.flatnonzero(test)}
+  return {s: np.flatnonzero(m) for s, m in zip(schema_lib.SPLITS, (train, valid, test))}
 
 
 def _ids(x: np.ndarray) -> np.ndarray:

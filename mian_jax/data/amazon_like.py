@@ -190,11 +190,10 @@ def make_catalogue(g: ConfigDict, rng: np.random.Generator) -> dict[str, np.ndar
   order, cumulative, end = _category_cumulative(item_category, item_share)
   k = g.num_complement_items
   own = np.repeat(item_category, k)
-  target = own.copy()
+  target = own
   if num_cc:
     cross = rng.random(own.size) < g.complement_cross_share
-    pick = comp_cats[own, rng.integers(num_cc, size=own.size)]
-    target = np.where(cross, pick, own)
+    target = np.where(cross, comp_cats[own, rng.integers(num_cc, size=own.size)], own)
   complements = _draw_in_categories(rng, target, order, cumulative, end)
   self_item = np.repeat(np.arange(num_i), k)
   for _ in range(MAX_REJECTION_ROUNDS):
@@ -294,21 +293,16 @@ def _recent_purchases(world: World, events: np.ndarray) -> np.ndarray:
   return np.where(back[None, :] <= pos[:, None], world.event_item[np.maximum(index, 0)], -1)
 
 
-def _bought_before(world: World, events: np.ndarray, items: np.ndarray) -> np.ndarray:
-  """[P] whether the event's user bought the item at an earlier event."""
-  keys, review = world.purchase_index
-  wanted = world.event_user[events].astype(np.int64) * world.num_items + items
-  at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-  return (keys[at] == wanted) & (review[at] < events)
-
-
 def purchase_weight(world: World, events: np.ndarray, items: np.ndarray) -> np.ndarray:
   """[P] the unnormalised weight w_i of item items[p] at review events[p] (index into event_*)."""
   recent = _recent_purchases(world, events)
   appeal = category_appeal(world, events, recent[:, 0], world.item_category[items])
   slots, mass = complement_slots(world, recent)
   weight = appeal * world.item_share[items] + (mass * (slots == items[:, None])).sum(1)
-  return np.where(_bought_before(world, events, items), 0.0, weight)
+  keys, review = world.purchase_index  # 0 where the user bought the item at an earlier event
+  wanted = world.event_user[events].astype(np.int64) * world.num_items + items
+  at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+  return np.where((keys[at] == wanted) & (review[at] < events), 0.0, weight)
 
 
 def purchase_probability(world: World, events: np.ndarray, items: np.ndarray) -> np.ndarray:

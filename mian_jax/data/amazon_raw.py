@@ -344,12 +344,10 @@ _LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, MemoryError, RecursionErr
 def _literal_eval_line(text: str):
   """ast.literal_eval(text), None if malformed; lone surrogates (compile() rejects them) escaped."""
   try:
-    return ast.literal_eval(text)
-  except UnicodeEncodeError:
     try:
+      return ast.literal_eval(text)
+    except UnicodeEncodeError:
       return ast.literal_eval(text.translate(_SURROGATE_ESCAPES))
-    except _LITERAL_ERRORS:
-      return None
   except _LITERAL_ERRORS:
     return None
 

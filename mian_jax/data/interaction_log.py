@@ -239,9 +239,8 @@ def build_examples(log: pd.DataFrame, groups: Mapping[str, Sequence[tuple[str, s
       fields[group].append(schema_lib.Field(name, "numeric"))
       continue
     tokens = _as_tokens(log[col])
-    listed = None  # a behaviour field's list values
-    if group == "item" and name in behavior and lists is not None:
-      listed = _as_tokens(lists.flat[name])
+    listed = (_as_tokens(lists.flat[name])  # a behaviour field's list values
+              if group == "item" and name in behavior and lists is not None else None)
     if buckets := (hash_buckets or {}).get(col):  # ids 2 + hash mod buckets
       encode_tokens = functools.partial(encoding.hash_ids, buckets=buckets)
       info["encoders"][col] = {"kind": "hash", "buckets": buckets, "of": of,

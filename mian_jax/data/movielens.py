@@ -123,8 +123,7 @@ def read_log(data_config: ConfigDict, bad: interaction_log.BadRows) -> tuple[pd.
                     how="left", validate="many_to_one")
   r = r.merge(movies[["movie", "genre", "year"]], on="movie", how="left", validate="many_to_one")
   seconds = r["timestamp"].to_numpy(np.float64)
-  newest = interaction_log.history_from_log(pd.factorize(r["user"], sort=True)[0], seconds,
-                                            None, 1)[0][:, 0]  # the previous rating, -1: none
+  newest = interaction_log.history_indices(r, 1)[0][:, 0]  # the previous rating, -1: none
   gap = np.where(newest >= 0, seconds - seconds[newest], np.nan)
   year = (np.floor(r["year"] / 5) * 5).astype("Int64")  # 5-year spans, "1990-1994"
   when = pd.to_datetime(r["timestamp"], unit="s", utc=True)

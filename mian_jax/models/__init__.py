@@ -31,8 +31,7 @@ CHOICES = {f"model.{name}": allowed
 
 def create_model(model_config: ConfigDict, features: FeatureSpec):
   """Builds `MODELS[model_config.name]` from the config keys its fields name."""
-  if model_config.name not in MODELS:
-    raise ConfigError(f"unknown model.name {model_config.name!r}; expected one of {sorted(MODELS)}")
+  check_choice("model.name", model_config.name, tuple(sorted(MODELS)))
   cls = MODELS[model_config.name]
   wanted = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name", "features"}
   if missing := sorted(k for k in wanted if k not in model_config):
