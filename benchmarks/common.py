@@ -18,11 +18,13 @@ import sys
 import tempfile
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from absl import flags
 from ml_collections import ConfigDict
+
+from mian_jax.errors import usage_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (items, categories, users): Amazon 5-core sizes of Table 1 of the paper; "tiny": smoke tests.
@@ -46,31 +48,26 @@ def parse_flags(argv: Sequence[str] | None, usage: str,
                 config_overrides: bool = False) -> types.SimpleNamespace:
   """`argv` (None: sys.argv[1:]) parsed by absl against the flags `define(fv)` declares on a
   fresh FlagValues, so that main(argv) can run many times in one process. Returns the values;
-  as attribute `rest` (if named) the arguments after a `--` (absl stops there) and any other
-  non-flag argument, which are an error otherwise; with `config_overrides`, as `overrides`
-  the `--config.<key>=<value>` flags given anywhere. --help prints `usage` and the flags; a
-  bad flag is one line `error: ...` and exit status 2."""
+  as attribute `rest` (if named) the arguments after a `--`; with `config_overrides`, as
+  `overrides` the `--config.<key>=<value>` flags given anywhere. Any other argument, a bad flag
+  or a missing `--` part is one line `error: ...` and exit status 2; --help prints `usage`."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  argv, after = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (
+      argv, [])
   fv = flags.FlagValues()
   define(fv)
-  if _HELP.intersection(argv[:argv.index("--")] if "--" in argv else argv):
+  if _HELP.intersection(argv):
     print(f"{usage.strip()}\n\nflags:\n{fv.get_help(include_special_flags=False)}")
     sys.exit(0)
   overrides = [a for a in argv if config_overrides and a.startswith("--config.")]
   try:
-    remaining = fv(["", *(a for a in argv if a not in overrides)])[1:]
+    stray = fv(["", *(a for a in argv if a not in overrides)])[1:]
   except flags.Error as e:
     usage_error(str(e))
-  if remaining and rest is None:
-    usage_error(f"unrecognized arguments: {' '.join(remaining)}")
-  return types.SimpleNamespace(**fv.flag_values_dict(), **({rest: remaining} if rest else {}),
+  if stray or (after and rest is None):
+    usage_error(f"unrecognized arguments: {' '.join(stray or after)}")
+  return types.SimpleNamespace(**fv.flag_values_dict(), **({rest: after} if rest else {}),
                                **({"overrides": overrides} if config_overrides else {}))
-
-
-def usage_error(message: str) -> NoReturn:
-  """`error: <message>` on one line of stderr, exit status 2 (a usage error)."""
-  print(f"error: {' '.join(message.split())}", file=sys.stderr)
-  sys.exit(2)
 
 
 def append_jsonl(path: str, rows: Iterable[Mapping]) -> None:

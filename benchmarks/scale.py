@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def prepare(args) -> dict:
     sys.exit(f"the preparation failed (status {measured['returncode']}); see {log}")
   with open(log) as f:
     result = json.loads(f.read().strip().splitlines()[-1])
+  shutil.rmtree(os.path.join(args.out, "prepared"), ignore_errors=True)  # an earlier run's
   os.replace(os.path.join(args.out, "prepared-mian"), os.path.join(args.out, "prepared"))
   return {**result, "load_average": round(load, 1)}
 
@@ -103,6 +105,8 @@ def summarise_run(records: list[dict], train_examples: int, evals_per_epoch: int
         periodic.append(r["time"] - last_train[r["step"]])
     elif "valid/auc" in r:
       full = r
+  if prefix == "valid/":  # the last validation of the whole split is also the reported one
+    full = next((r for r in reversed(records) if "valid/auc" in r), None)
   previous = max((r["time"] for r in records if r is not full and r.get("step") == full["step"]),
                  default=None) if full else None
   epoch_s = train_examples / rate
@@ -207,8 +211,9 @@ def main(argv=None) -> dict:
   runs = []
   for model in args.models.split(","):
     runs.append(train(args, model, train_examples))
+    last = runs[-1]["curve"][-1] if runs[-1]["curve"] else (0, float("nan"))
     print(f"{model}: {runs[-1]['samples_per_s']:,.0f} samples/s, validation AUC "
-          f"{runs[-1]['curve'][-1][1]:.4f} at step {runs[-1]['curve'][-1][0]}", flush=True)
+          f"{last[1]:.4f} at step {last[0]}", flush=True)
   text = report(args, prepared, runs)
   result = {"size": args.size, "steps": args.steps, "cores": os.cpu_count(),
             "prepare": prepared, "runs": runs}

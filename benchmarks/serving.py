@@ -142,8 +142,7 @@ def measure_peer(run, config, batch_sizes: Sequence[int], seconds: float, rounds
   """DeepCTR-Torch's predict and forward pass on `run`'s valid rows (module docstring): one
   row per (call, batch size), as `measure_model`'s rows."""
   from benchmarks import throughput  # noqa: PLC0415
-  from mian_jax.data import schema as schema_lib  # noqa: PLC0415
-  train = schema_lib.load_split(run.data_dir, "train", run.schema)
+  train = run.split("train")
   request = throughput.peer_request(config, run.schema, train, run.data_dir, seconds, threads)
   request.update(mode="predict", batch_sizes=list(batch_sizes), rounds=rounds,
                  warmup_calls=WARMUP_CALLS, distinct_batches=DISTINCT_BATCHES)

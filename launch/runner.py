@@ -39,6 +39,7 @@ from absl import flags
 from benchmarks.common import parse_flags, usage_error  # noqa: F401  (every tool's flags)
 from mian_jax.writers import hms, markdown_table  # noqa: F401  (the launchers' tables)
 from mian_jax import workdir as workdir_lib
+from mian_jax.errors import first_of
 
 
 class LaunchError(Exception):
@@ -139,8 +140,7 @@ def check_workdirs(runs: Sequence[Run], configs: Sequence[dict], rerun_changed: 
       os.rename(run.workdir, aside)
       echo(f"{run.label}: config changed ({'; '.join(differences)}); moved to {aside}")
       continue
-    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more"
-                                          if len(differences) > 4 else "")
+    shown = first_of(differences, 4)
     raise LaunchError(f"{run.workdir} was run with another config ({shown}); pass "
                       "--rerun_changed to move it aside and run again, or use another --out")
 

@@ -29,7 +29,7 @@ from ml_collections import ConfigDict
 from mian_jax import sharding
 from mian_jax.errors import (DataError, NonFiniteStateError, describe, file_system_error,
                              first_of)
-from mian_jax.fileio import relative_files, sha256_file, write_text_atomic
+from mian_jax.fileio import sha256_file, sha256_files, write_text_atomic
 
 # Inside each step directory: orbax ignores it, and deletes or moves it with its step.
 CHECKSUM_FILE = "sha256sums.json"
@@ -124,8 +124,7 @@ def finalize(manager: ocp.CheckpointManager) -> None:
   for step in sorted(steps) if jax.process_index() == 0 else []:
     step_dir = _step_dir(manager, step)
     if os.path.isdir(step_dir):  # else rotated away or moved aside since
-      files = {p: sha256_file(os.path.join(step_dir, p)) for p in relative_files(step_dir)
-               if not p.startswith(CHECKSUM_FILE)}  # nor its temporary copy
+      files = sha256_files(step_dir, skip=CHECKSUM_FILE)
       write_text_atomic(os.path.join(step_dir, CHECKSUM_FILE),
                         json.dumps({"algorithm": "sha256", "files": files}, indent=1), fsync=True)
 

@@ -21,19 +21,13 @@ from ml_collections import ConfigDict
 
 from mian_jax import config_defaults, fileio
 from mian_jax.errors import (ConfigError, MianError, file_system_error, file_system_message,
-                             one_line)
+                             one_line, usage_error)
 
 flags.DEFINE_bool(
     "show_config", False,
     "Print every config key with its value and its comment from the config source, then exit "
     "without running. Any key can be set with --config.<key>=<value> (e.g. "
     "--config.train.batch_size=256); such overrides are applied before printing.")
-
-
-def _fail(message: str) -> None:
-  """Exits with `error: <message>` on one line and status 2 (a usage error)."""
-  print(f"error: {' '.join(message.split())}", file=sys.stderr)
-  sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -52,20 +46,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     text = str(e)
     if "Traceback" in text:  # an exception inside get_config(arg): keep flag and last line
       text = f"{text.split(': ', 1)[0]}: {text.strip().splitlines()[-1].strip()}"
-    _fail(text)
+    usage_error(text)
   except (KeyError, AttributeError) as e:  # misspelt --config.<key>
-    _fail(_unknown_key_message(argv) or f"unknown config key {one_line(e)}")
+    usage_error(_unknown_key_message(argv) or f"unknown config key {one_line(e)}")
   except OSError as e:  # config file missing or broken
     last = (str(e).strip() or type(e).__name__).splitlines()[-1].strip()
-    _fail(f"cannot load the config file: {last}")
+    usage_error(f"cannot load the config file: {last}")
   except SyntaxError as e:  # a config file that is not valid Python
     where = f"{e.filename} line {e.lineno}" if e.filename else "the config file"
-    _fail(f"{where}: SyntaxError: {e.msg}")
+    usage_error(f"{where}: SyntaxError: {e.msg}")
   except (ValueError, TypeError) as e:  # get_config(arg) rejected its argument
-    _fail(f"{type(e).__name__}: {one_line(e)}")
+    usage_error(f"{type(e).__name__}: {one_line(e)}")
   if flags.FLAGS.show_config:
     if not _has_config():
-      _fail("--show_config needs --config=<config file>")
+      usage_error("--show_config needs --config=<config file>")
     try:
       sys.stdout.write(describe_config(flags.FLAGS.config, flags.FLAGS["config"].config_filename))
       sys.stdout.flush()
@@ -104,7 +98,7 @@ def require_run(argv: Sequence[str]) -> None:
   `workdir.with_recorded_config`: none recorded) exits with `error: no run in WORKDIR` (2)."""
   if flag_value(argv[1:], "config") is None and (workdir := flag_value(argv[1:], "workdir")):
     state = "does not exist" if not os.path.exists(workdir) else "holds no config.json"
-    _fail(f"no run in {workdir} (it {state}); pass the --workdir of a training run "
+    usage_error(f"no run in {workdir} (it {state}); pass the --workdir of a training run "
           "(python -m mian_jax.main --config=... --workdir=...)")
 
 
@@ -276,14 +270,14 @@ def _closed_loop_callback(unraisable) -> bool:
 def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_quiet_libraries)  # a second addFilter is a no-op
   py_logging.getLogger("jax._src.xla_bridge").addFilter(_no_backend_probes)
-  if getattr(sys.unraisablehook, "__wrapped__", None) is None:
+  if not getattr(sys.unraisablehook, "mian_jax", False):
     previous = sys.unraisablehook
 
     def hook(unraisable):  # printed by the interpreter, not logged: no log filter sees it
       if not _closed_loop_callback(unraisable):
         previous(unraisable)
 
-    hook.__wrapped__ = previous
+    hook.mian_jax = True
     sys.unraisablehook = hook
 
 

@@ -4,6 +4,8 @@ import errno
 import os
 import re
 import signal
+import sys
+from typing import NoReturn
 
 
 class MianError(Exception):
@@ -83,6 +85,12 @@ def one_line(e: BaseException) -> str:
   """The message of `e` on one line (KeyError's repr quoting removed)."""
   text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
   return " ".join(text.split())
+
+
+def usage_error(message: str) -> NoReturn:
+  """Exits with `error: <message>` on one line of stderr and status 2 (a usage error)."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
 
 
 def first_of(items: list[str], shown: int) -> str:

@@ -160,6 +160,7 @@ def parse_platforms(text: str) -> tuple[str, ...]:
 def export_run(run: steps.Run, state, out: str, platforms: Sequence[str] = ("cpu", "cuda"),
                meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Exports `state` of `run` to `out`; returns the manifest."""
+  check_out_dir(out)  # before the lowering, which takes a while
   meta = dict(meta or {})
   exported, skipped = export_scorer(state, run.schema, platforms)
   manifest = {"format_version": serving.FORMAT_VERSION, "model": run.config.model.name,

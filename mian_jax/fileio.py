@@ -31,6 +31,13 @@ def relative_files(directory: str) -> list[str]:
                 for root, _, files in os.walk(directory) for name in files)
 
 
+def sha256_files(directory: str, skip: str) -> dict[str, str]:
+  """{relative path: SHA-256} of every file under `directory` whose path does not start with
+  `skip` (the file that records them, and its temporary copy)."""
+  return {path: sha256_file(os.path.join(directory, *path.split("/")))
+          for path in relative_files(directory) if not path.startswith(skip)}
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary sibling of `path` to write; renamed onto `path` when the block ends

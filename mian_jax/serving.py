@@ -45,8 +45,7 @@ def _read_json(path: str, versioned: bool = False) -> dict[str, Any]:
 
 def checksums(export_dir: str) -> dict[str, str]:
   """{path: SHA-256} of every file of an export directory but manifest.json."""
-  return {path: fileio.sha256_file(os.path.join(export_dir, *path.split("/")))
-          for path in fileio.relative_files(export_dir) if path != MANIFEST_FILE}
+  return fileio.sha256_files(export_dir, skip=MANIFEST_FILE)
 
 
 def check_files(export_dir: str, manifest: Mapping[str, Any]) -> None:
@@ -270,6 +269,7 @@ class Scorer:
               for x in self.signature["outputs"]}
     padded = 1 << (num_rows - 1).bit_length()  # the smallest power of two >= num_rows
     if padded > num_rows:  # the pad rows repeat real ones
-      inputs = {name: array[np.arange(padded) % num_rows] for name, array in inputs.items()}
+      index = np.arange(padded) % num_rows
+      inputs = {name: array[index] for name, array in inputs.items()}
     out = jax.device_get(self._call(self._params, inputs))
     return {name: np.asarray(out[name])[:num_rows] for name in self.output_names}

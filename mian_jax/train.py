@@ -59,8 +59,10 @@ class StopSignals:
 
   def requested(self, step: int) -> int:
     """The signal number to stop for (0: none), the same on every process."""
-    if jax.process_count() == 1 or step % self.sync_every:
-      return self.signum if jax.process_count() == 1 else 0
+    if jax.process_count() == 1:
+      return self.signum
+    if step % self.sync_every:
+      return 0
     return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
 
 
@@ -164,6 +166,10 @@ class Loop:
           "(lower train.learning_rate or check the data for extreme values)")
     return history
 
+  def stopped_early(self) -> bool:
+    """Whether `train.early_stopping_patience` validations in a row gave no better AUC."""
+    return 0 < self.config.train.early_stopping_patience <= self.meta["evals_since_best"]
+
   def save(self, state, step: int) -> None:
     self.check_pending(step)
     self.meta.update(self.progress(step))
@@ -231,8 +237,7 @@ class Loop:
           np.asarray(group_id), config.eval.periodic_valid_examples, config.train.seed)
     state = self.restore()
     start_step = int(state.step)
-    patience = config.train.early_stopping_patience
-    if 0 < patience <= self.meta["evals_since_best"]:  # no better AUC in `patience` validations
+    if self.stopped_early():
       logging.info("Stopped early at step %d (best validation AUC %s at step %s); not "
                    "training further", start_step, self.meta["best_valid_auc"],
                    self.meta["best_step"])
@@ -262,7 +267,7 @@ class Loop:
         if step % eval_every == 0 or last:
           self.validate(state, step)
           t_window = time.perf_counter()  # evaluation time is not training throughput
-        stop = 0 < patience <= self.meta["evals_since_best"]
+        stop = self.stopped_early()
         signum = signals.requested(step)
         if step % config.checkpoint.every_steps == 0 or last or stop or signum:
           self.save(state, step)
@@ -270,7 +275,8 @@ class Loop:
           raise Preempted(signum, step, workdir)
         if stop:
           logging.info("Early stopping at step %d: no better validation AUC in %d "
-                       "evaluations (best %s at step %s)", step, patience,
+                       "evaluations (best %s at step %s)", step,
+                       config.train.early_stopping_patience,
                        self.meta["best_valid_auc"], self.meta["best_step"])
           break
 

@@ -530,8 +530,10 @@ def click_prob_columns(world: World, protocol: str, reviews: amazon.Reviews, row
       or not np.array_equal(world.event_day[events] * amazon.SECONDS_PER_DAY, reviews.time[rows])):
     raise DataError("amazon_like: the reviews do not match the truth file; delete the raw "
                     "directory to generate it again")
-  uniform = 1.0 / (reviews.num_items - reviews.count[reviews.user[rows]])
-  popular = np.bincount(reviews.item, minlength=reviews.num_items) / len(reviews.item)
+  if protocol == "dien":
+    popular = np.bincount(reviews.item, minlength=reviews.num_items) / len(reviews.item)
+  else:
+    uniform = 1.0 / (reviews.num_items - reviews.count[reviews.user[rows]])
   columns = []
   for items, dense in ((positive, reviews.item[rows]), (negative, negatives)):
     p = purchase_probability(world, events, items)

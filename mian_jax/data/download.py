@@ -34,12 +34,12 @@ def _verified(path: str, url: str, size: int | None, sha256: str | None,
   if size is not None and actual != size:
     problem = f"expected {size} bytes, got {actual}"
   elif sha256 is not None and (digest := sha256_file(path)) != sha256.lower():
-    problem = (f"sha256 {digest} does not match the expected {sha256.lower()}; the partial file "
-               "was removed, retry")
+    problem = f"sha256 {digest} does not match the expected {sha256.lower()}"
   if problem and target:
     os.remove(path)
   if problem:
-    raise DataError(f"download of {url} to {path}: {problem}")
+    what = "the partial file was removed, retry" if target else "delete it and download again"
+    raise DataError(f"download of {url} to {path}: {problem}; {what}")
   if target:
     os.replace(path, target)
   return target or path
@@ -50,7 +50,7 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
   """Downloads `url` (http(s) or file) to `target` (kept if it verifies); returns `target`.
   size, sha256: expected, if known (else Content-Length is checked); progress: a tqdm bar on a
   terminal. Any failure: a one-line DataError naming URL and target."""
-  from tqdm import tqdm  # noqa: PLC0415 - on use; a dependency of the pinned optuna
+  from tqdm import tqdm  # noqa: PLC0415 - only when downloading
   if os.path.isfile(target):
     return _verified(target, url, size, sha256)
   os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)

@@ -41,9 +41,11 @@ class BadRows:
       return
     entry["bad"] += count
     entry["reasons"][reason] = entry["reasons"].get(reason, 0) + count
+    if entry["first_bad"] is not None and not self.earliest:
+      return  # a line number may need a scan of the file: only look it up when it is used
     i = int(np.flatnonzero(bad)[0])
     at = int(line_numbers[i]) if line_numbers is not None else i + 1
-    if entry["first_bad"] is None or (self.earliest and at < self._first_at[name]):
+    if entry["first_bad"] is None or at < self._first_at[name]:
       text = ""
       if lines is not None:
         value = lines[i].item() if isinstance(lines[i], np.generic) else lines[i]

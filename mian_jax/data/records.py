@@ -111,7 +111,10 @@ def read_table(path: str, c: ConfigDict, bad: interaction_log.BadRows, fmt: str 
   lines = CsvLines(path, c.encoding, total + 1, np.arange(2, total + 2))
   bad.record(os.path.basename(path), total, skipped, "wrong number of fields", lines,
              {int(number) - 2: text for number, text in invalid if number})
-  return table, dataclasses.replace(lines, records=lines.records[~skipped])
+  kept = dataclasses.replace(lines, records=lines.records[~skipped])
+  if "starts" in vars(lines):  # the file was scanned for the bad rows above: not twice
+    vars(kept)["starts"] = lines.starts
+  return table, kept
 
 
 def _json_text(value):

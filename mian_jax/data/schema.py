@@ -242,7 +242,11 @@ def remove_stale_tmp(directory: str) -> list[str]:
   same_name = f".tmp-{os.path.basename(os.path.abspath(directory))}-"
   this_host = re.compile(rf"\.tmp-.+-{re.escape(_host())}-(\d+)-[a-z0-9_]{{8}}")
   removed = []
-  for name in os.listdir(parent) if os.path.isdir(parent) else []:
+  try:
+    names = os.listdir(parent)
+  except OSError:  # missing, or writable but not listable: nothing to clean up
+    return removed
+  for name in names:
     path = os.path.join(parent, name)
     owner = this_host.fullmatch(name)
     if not (owner or name.startswith(same_name)) or os.path.islink(path) or not os.path.isdir(path):

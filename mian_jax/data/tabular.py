@@ -66,18 +66,21 @@ def generate(data_config: ConfigDict):
   c = data_config.tabular
   bad = interaction_log.BadRows(data_config.max_bad_row_ratio)
   groups, behavior, hashed = records_lib.config_fields(c)
-  parts = [records_lib.read_file(path, c, groups, behavior, bad, split_code=code)
+  # (log, lists, row source) of each file; its raw table is dropped at once (memory)
+  parts = [records_lib.read_file(path, c, groups, behavior, bad, split_code=code)[1:]
            for path, code in input_files(c)]
   bad.check()
-  log = pd.concat([p[1] for p in parts], ignore_index=True)
+  log = pd.concat([p[0] for p in parts], ignore_index=True)
   if c.path:
     log["split"] = interaction_log.time_split(log["timestamp"].to_numpy(), c.valid_fraction,
                                               c.test_fraction)
-  lists = (records_lib.list_behaviors([p[2] for p in parts], behavior)
+  lists = (records_lib.list_behaviors([p[1] for p in parts], behavior)
            if c.behavior_source == "list" else None)
+  describe_row = records_lib.row_describer([p[2] for p in parts])
+  del parts  # each file's log is in `log` now
   schema, splits, info = interaction_log.build_examples(
       log, groups, behavior, data_config.max_seq_len, f"tabular({c.path or c.train_path})",
-      lists=lists, describe_row=records_lib.row_describer([p[3] for p in parts]),
+      lists=lists, describe_row=describe_row,
       behavior_mask=behavior_mask(log, c.behavior_rows), hash_buckets=hashed)
   split_text = (f"global time split: last {c.test_fraction:.0%} of rows by timestamp = test, "
                 f"the {c.valid_fraction:.0%} before = valid" if c.path
